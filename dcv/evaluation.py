@@ -1,0 +1,243 @@
+"""What a checkpoint can do: target accuracy, prior-capability probe scores, and KL to the base model.
+
+- **Target accuracy**: greedy generation on the chat-templated test prompts, scored by the same parser
+  and reward RL trains with (`dcv.tasks.answers`).
+- **Probe scores**: accuracy (LD > 0) and mean logit difference at the last position of the clean prompts.
+  Items are batched by length, so no prompt is padded and every LD is exact.
+- **KL(base || model)**: continuations sampled once from the base model on target prompts, then the
+  token-mean of the full-vocabulary forward KL over those continuation tokens (RL's Razor's forgetting
+  predictor). The samples are a `KLReference`, built once per experiment and reused for every checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dcv.config import EvaluationConfig
+from dcv.tasks.answers import has_answer_tag, score_answer
+from dcv.tasks.items import ProbeItem, ProbeSet, QAItem
+
+
+@dataclass(frozen=True)
+class TargetScore:
+    accuracy: float
+    format_rate: float  # share of answers using the <answer>X</answer> tag
+    n_items: int
+
+
+@dataclass(frozen=True)
+class ProbeScore:
+    probe: str
+    accuracy: float
+    mean_ld: float
+    n_items: int
+
+
+@dataclass(frozen=True)
+class KLReference:
+    """Base-model samples on target prompts: left-padded prompt + right-padded continuation."""
+
+    input_ids: torch.Tensor  # [n, prompt_len + completion_len]
+    attention_mask: torch.Tensor  # [n, prompt_len + completion_len]
+    completion_mask: torch.Tensor  # [n, completion_len], 1 on continuation tokens up to and including EOS
+
+
+def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, so a padded row computes what the unpadded row would."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _batches(n: int, batch_size: int) -> Iterator[slice]:
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
+
+
+def _device(model: PreTrainedModel) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def last_position_logits(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """[batch, vocab] logits at the last position of unpadded, equal-length prompts [batch, pos]."""
+    return model(input_ids=input_ids.to(_device(model)), logits_to_keep=1).logits[:, -1].float()
+
+
+def probe_logit_diffs(
+    model: PreTrainedModel, items: Sequence[ProbeItem], batch_size: int, corrupted: bool = False
+) -> torch.Tensor:
+    """LD = logit(correct) - logit(wrong) per item, in item order: [n_items]."""
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for index, item in enumerate(items):
+        by_length[len(item.clean_ids)].append(index)
+    out = torch.empty(len(items))
+    for indices in by_length.values():
+        for part in _batches(len(indices), batch_size):
+            chunk = [items[i] for i in indices[part]]
+            ids = torch.tensor([it.corrupt_ids if corrupted else it.clean_ids for it in chunk])
+            logits = last_position_logits(model, ids).cpu()
+            rows = torch.arange(len(chunk))
+            correct = torch.tensor([it.correct_id for it in chunk])
+            wrong = torch.tensor([it.wrong_id for it in chunk])
+            out[torch.tensor(indices[part])] = logits[rows, correct] - logits[rows, wrong]
+    return out
+
+
+def evaluate_probe(model: PreTrainedModel, probe: ProbeSet, batch_size: int) -> ProbeScore:
+    ld = probe_logit_diffs(model, probe.items, batch_size)
+    return ProbeScore(probe.name, float((ld > 0).float().mean()), float(ld.mean()), len(probe))
+
+
+def chat_prompts(tokenizer: PreTrainedTokenizerBase, items: Sequence[QAItem]) -> list[str]:
+    return [
+        tokenizer.apply_chat_template(list(it.messages), tokenize=False, add_generation_prompt=True) for it in items
+    ]
+
+
+def _left_padded(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> dict[str, torch.Tensor]:
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+
+
+@torch.inference_mode()
+def generate_completions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[QAItem],
+    batch_size: int,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    num_return_sequences: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Generate for every item; returns (padded prompt+completion ids, their attention masks, texts).
+
+    Greedy unless ``do_sample`` (then plain ancestral sampling at temperature 1, no top-k/top-p, so the
+    samples follow the model's own distribution). Callers seed the RNG.
+    """
+    prompts = chat_prompts(tokenizer, items)
+    sequences, masks, texts = [], [], []
+    for part in tqdm(list(_batches(len(prompts), batch_size)), desc="generate", leave=False):
+        enc = _left_padded(tokenizer, prompts[part])
+        enc = {k: v.to(_device(model)) for k, v in enc.items()}
+        sampling = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if do_sample else {
+            "do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=num_return_sequences,
+            pad_token_id=tokenizer.pad_token_id,
+            **sampling,
+        ).cpu()
+        prompt_len = enc["input_ids"].shape[1]
+        prompt_mask = enc["attention_mask"].cpu().repeat_interleave(num_return_sequences, dim=0)
+        completion = out[:, prompt_len:]
+        completion_mask = _until_eos(completion, tokenizer.eos_token_id)
+        sequences.append(F.pad(out, (0, max_new_tokens - completion.shape[1]), value=tokenizer.pad_token_id))
+        masks.append(F.pad(torch.cat([prompt_mask, completion_mask], dim=1), (0, max_new_tokens - completion.shape[1])))
+        texts += tokenizer.batch_decode(completion, skip_special_tokens=True)
+    width = max(s.shape[1] for s in sequences)
+    # Batches differ in prompt length: left-pad them all to one width.
+    ids = torch.cat([F.pad(s, (width - s.shape[1], 0), value=tokenizer.pad_token_id) for s in sequences])
+    mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for m in masks])
+    return ids, mask, texts
+
+
+def _until_eos(completion: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 on tokens up to and including the first EOS of each row, 0 after it: [batch, new_tokens]."""
+    is_eos = (completion == eos_id).long()
+    after_eos = (is_eos.cumsum(-1) - is_eos) > 0
+    return (~after_eos).long()
+
+
+def evaluate_target(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[QAItem],
+    batch_size: int,
+    max_new_tokens: int,
+) -> TargetScore:
+    _, _, texts = generate_completions(model, tokenizer, items, batch_size, max_new_tokens)
+    correct = [score_answer(text, item.gold) for text, item in zip(texts, items, strict=True)]
+    tagged = [has_answer_tag(text) for text in texts]
+    return TargetScore(sum(correct) / len(items), sum(tagged) / len(items), len(items))
+
+
+def sample_kl_reference(
+    base_model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[QAItem],
+    cfg: EvaluationConfig,
+) -> KLReference:
+    """Sample ``cfg.kl_samples_per_prompt`` continuations per prompt from the base model (seeded)."""
+    items = list(items)[: cfg.kl_prompts]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.kl_seed)
+        ids, mask, _ = generate_completions(
+            base_model, tokenizer, items, cfg.batch_size, cfg.kl_max_new_tokens,
+            do_sample=True, num_return_sequences=cfg.kl_samples_per_prompt,
+        )
+    completion_mask = mask[:, -cfg.kl_max_new_tokens :]
+    return KLReference(ids, mask, completion_mask)
+
+
+@torch.inference_mode()
+def _continuation_log_probs(model: PreTrainedModel, ref: KLReference, rows: slice) -> torch.Tensor:
+    """Log-probs [batch, completion_len, vocab] the model assigns to each continuation position."""
+    n_new = ref.completion_mask.shape[1]
+    mask = ref.attention_mask[rows].to(_device(model))
+    logits = model(
+        input_ids=ref.input_ids[rows].to(_device(model)),
+        attention_mask=mask,
+        position_ids=position_ids_for(mask),
+        logits_to_keep=n_new + 1,
+    ).logits[:, :-1]  # position t predicts token t + 1
+    return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
+def kl_to_base(base_model: PreTrainedModel, model: PreTrainedModel, ref: KLReference, batch_size: int) -> float:
+    """Token-mean forward KL(base || model) over the base model's sampled continuations."""
+    total, count = 0.0, 0.0
+    for rows in _batches(ref.input_ids.shape[0], batch_size):
+        base_lp = _continuation_log_probs(base_model, ref, rows)
+        model_lp = _continuation_log_probs(model, ref, rows)
+        kl = (base_lp.exp() * (base_lp - model_lp)).sum(-1)  # [batch, completion_len]
+        weight = ref.completion_mask[rows].float()
+        total += float((kl * weight).sum())
+        count += float(weight.sum())
+    return total / max(count, 1.0)
+
+
+def evaluate_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: EvaluationConfig,
+    target_items: Sequence[QAItem],
+    probes: Sequence[ProbeSet],
+    base_model: PreTrainedModel | None = None,
+    kl_reference: KLReference | None = None,
+) -> dict[str, float]:
+    """All of a checkpoint's scores as flat metric names (``target/accuracy``, ``probe/ioi/mean_ld``, ...)."""
+    target = evaluate_target(model, tokenizer, target_items, cfg.batch_size, cfg.max_new_tokens)
+    metrics = {
+        "target/accuracy": target.accuracy,
+        "target/format_rate": target.format_rate,
+        "target/n_items": float(target.n_items),
+    }
+    for probe in tqdm(probes, desc="probes", leave=False):
+        score = evaluate_probe(model, probe, cfg.batch_size)
+        metrics[f"probe/{probe.name}/accuracy"] = score.accuracy
+        metrics[f"probe/{probe.name}/mean_ld"] = score.mean_ld
+        metrics[f"probe/{probe.name}/n_items"] = float(score.n_items)
+    if base_model is not None and kl_reference is not None:
+        metrics["kl_to_base"] = kl_to_base(base_model, model, kl_reference, cfg.batch_size)
+    return metrics

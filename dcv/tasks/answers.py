@@ -1,0 +1,69 @@
+"""One answer parser and one reward function, shared by RL training and evaluation.
+
+>>> parse_answer("Iron is Fe, so <answer>C</answer>")
+'C'
+>>> parse_answer("The answer is (B).")
+'B'
+>>> parse_answer("I cannot decide") is None
+True
+>>> reward(["<answer>A</answer>", "B"], gold=["A", "A"])
+[1.0, 0.0]
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from dcv.tasks.items import LETTERS
+
+ANSWER_TAG = re.compile(r"<answer>\s*([A-Za-z])\s*</answer>", re.IGNORECASE)
+# The tolerant fallback: the text ends in a lone capital letter, maybe wrapped or punctuated: "C", "(C).",
+# "Answer: **C**". Capitals only, so that a trailing article ("a") is not read as option A.
+LONE_FINAL_LETTER = re.compile(r"(?:^|[\s(\[*:])([A-Z])[\s)\].*:!]*$")
+
+
+def parse_answer(text: str, letters: str = LETTERS) -> str | None:
+    """The chosen option letter, or None when the text commits to none of ``letters``.
+
+    The last ``<answer>X</answer>`` tag wins (a model may revise itself); without a tag, a lone capital
+    letter at the very end is accepted. A letter outside ``letters`` counts as no answer.
+    """
+    tags = ANSWER_TAG.findall(text)
+    if tags:
+        letter = tags[-1].upper()
+        return letter if letter in letters else None
+    match = LONE_FINAL_LETTER.search(text.strip())
+    if match and match.group(1) in letters:
+        return match.group(1)
+    return None
+
+
+def has_answer_tag(text: str) -> bool:
+    return ANSWER_TAG.search(text) is not None
+
+
+def completion_text(completion: Any) -> str:
+    """TRL passes completions as strings, or as conversations (a list of message dicts)."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list):
+        return "".join(m.get("content", "") for m in completion if isinstance(m, dict))
+    raise TypeError(f"completion must be a string or a list of messages, got {type(completion).__name__}")
+
+
+def score_answer(text: str, gold: str, format_bonus: float = 0.0) -> float:
+    """1 if the parsed answer is ``gold`` else 0, plus ``format_bonus`` when the answer tag is used."""
+    correct = float(parse_answer(text) == gold)
+    return correct + (format_bonus if has_answer_tag(text) else 0.0)
+
+
+def reward(completions: Sequence[Any], gold: Sequence[str], format_bonus: float = 0.0, **_: Any) -> list[float]:
+    """TRL reward function: ``gold`` arrives from the dataset column of the same name."""
+    if len(completions) != len(gold):
+        raise ValueError(f"{len(completions)} completions but {len(gold)} gold answers")
+    return [score_answer(completion_text(c), g, format_bonus) for c, g in zip(completions, gold, strict=True)]
+
+
+REWARD_FUNCTIONS: dict[str, Callable[..., list[float]]] = {"accuracy": reward}

@@ -1,0 +1,184 @@
+"""Chemistry multiple-choice QA generated from real element data (``periodictable``).
+
+Every question kind is a pure function of the element (or compound) and a seeded RNG, so the same seed
+gives the same items, options and option order on every machine. The pool of distinct questions is
+shuffled once and cut into test (first) and train (next), so no question text is in both splits.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import periodictable
+
+from dcv.config import TargetTaskConfig
+from dcv.tasks.items import LETTERS, QAItem, build_messages
+
+# Period p spans atomic numbers PERIOD_STARTS[p-1] .. PERIOD_STARTS[p] - 1.
+PERIOD_STARTS = (1, 3, 11, 19, 37, 55, 87, 119)
+# La, Ac, Lu, Lr sit in group 3 or in the f block depending on the table; ask nothing about them.
+AMBIGUOUS_POSITION = {57, 71, 89, 103}
+MAX_Z = 103  # heavier elements have no chemistry a QA item could ask about
+
+# (name, formula) of common compounds; molar masses come from periodictable's formula parser.
+COMPOUNDS = (
+    ("water", "H2O"), ("carbon dioxide", "CO2"), ("methane", "CH4"), ("ammonia", "NH3"),
+    ("sodium chloride", "NaCl"), ("sulfuric acid", "H2SO4"), ("nitric acid", "HNO3"),
+    ("hydrogen chloride", "HCl"), ("glucose", "C6H12O6"), ("ethanol", "C2H6O"),
+    ("calcium carbonate", "CaCO3"), ("sodium hydroxide", "NaOH"), ("potassium permanganate", "KMnO4"),
+    ("sodium bicarbonate", "NaHCO3"), ("hydrogen peroxide", "H2O2"), ("ozone", "O3"), ("benzene", "C6H6"),
+    ("acetic acid", "C2H4O2"), ("magnesium oxide", "MgO"), ("iron(III) oxide", "Fe2O3"),
+    ("aluminium oxide", "Al2O3"), ("copper(II) sulfate", "CuSO4"), ("silver nitrate", "AgNO3"),
+    ("potassium chloride", "KCl"), ("calcium chloride", "CaCl2"), ("phosphoric acid", "H3PO4"),
+    ("sucrose", "C12H22O11"), ("propane", "C3H8"), ("butane", "C4H10"), ("ethylene", "C2H4"),
+    ("acetylene", "C2H2"), ("carbon monoxide", "CO"), ("nitrogen dioxide", "NO2"), ("sulfur dioxide", "SO2"),
+    ("urea", "CH4N2O"), ("methanol", "CH4O"), ("acetone", "C3H6O"), ("sodium sulfate", "Na2SO4"),
+    ("potassium nitrate", "KNO3"), ("ammonium chloride", "NH4Cl"), ("calcium hydroxide", "Ca(OH)2"),
+    ("barium sulfate", "BaSO4"), ("zinc oxide", "ZnO"), ("lithium hydroxide", "LiOH"),
+    ("hydrogen fluoride", "HF"), ("nitrous oxide", "N2O"), ("silicon dioxide", "SiO2"),
+    ("potassium hydroxide", "KOH"), ("magnesium sulfate", "MgSO4"), ("sodium carbonate", "Na2CO3"),
+)
+# Distractor masses: the correct mass with one O, H, C or N atom too many or too few (a miscount).
+MISCOUNT_OFFSETS = (15.999, -15.999, 1.008, -1.008, 12.011, -12.011, 14.007, -14.007)
+
+
+@dataclass(frozen=True)
+class Element:
+    number: int
+    symbol: str
+    name: str
+    period: int
+    group: int | None  # None for the f block
+    block: str
+
+
+def table_position(z: int) -> tuple[int, int | None, str]:
+    """(period, group, block) of atomic number ``z`` in the 18-column table (La-Yb / Ac-No as f block)."""
+    if not 1 <= z < PERIOD_STARTS[-1]:
+        raise ValueError(f"atomic number {z} is outside 1..118")
+    period = next(p for p in range(1, 8) if z < PERIOD_STARTS[p])
+    k = z - PERIOD_STARTS[period - 1] + 1  # 1-based column within the period's row
+    if period == 1:
+        return (1, 1, "s") if z == 1 else (1, 18, "s")
+    if k <= 2:
+        return period, k, "s"
+    if period <= 3:
+        return period, k + 10, "p"
+    if period <= 5:
+        return period, k, ("d" if k <= 12 else "p")
+    if k <= 16:
+        return period, None, "f"
+    group = k - 14
+    return period, group, ("d" if group <= 12 else "p")
+
+
+def load_elements() -> list[Element]:
+    elements = []
+    for el in periodictable.elements:
+        if 1 <= el.number <= MAX_Z:
+            period, group, block = table_position(el.number)
+            elements.append(Element(el.number, el.symbol, el.name.capitalize(), period, group, block))
+    return elements
+
+
+def molar_mass(formula: str) -> float:
+    return float(periodictable.formula(formula).mass)
+
+
+def _choose_options(correct: str, distractors: list[str], rng: random.Random) -> tuple[tuple[str, ...], str]:
+    """Four distinct options (correct + 3 distractors) in a seeded order, and the gold letter."""
+    unique = [d for d in dict.fromkeys(distractors) if d != correct][:3]
+    if len(unique) < 3:
+        raise ValueError(f"not enough distinct distractors for {correct!r}: {distractors}")
+    options = [correct, *unique]
+    rng.shuffle(options)
+    return tuple(options), LETTERS[options.index(correct)]
+
+
+def _shuffled(rng: random.Random, values: list) -> list:
+    values = list(values)
+    rng.shuffle(values)
+    return values
+
+
+def _near(elements: list[Element], el: Element, rng: random.Random, key: Callable[[Element], str]) -> list[str]:
+    """Values of ``key`` for other elements near ``el`` in the table: plausible, not random, distractors."""
+    pool = [e for e in elements if e.number != el.number and abs(e.number - el.number) <= 8]
+    rng.shuffle(pool)
+    return [key(e) for e in pool]
+
+
+def _element_questions(elements: list[Element], kinds: set[str]) -> Iterator[tuple[str, str, Callable]]:
+    """(kind, question, make_options(rng)) for every element and requested kind."""
+    for el in elements:
+        if "symbol_to_name" in kinds:
+            yield "symbol_to_name", f"Which element has the chemical symbol {el.symbol}?", (
+                lambda rng, el=el: (el.name, _near(elements, el, rng, lambda e: e.name)))
+        if "name_to_symbol" in kinds:
+            yield "name_to_symbol", f"What is the chemical symbol of {el.name.lower()}?", (
+                lambda rng, el=el: (el.symbol, _near(elements, el, rng, lambda e: e.symbol)))
+        if "atomic_number" in kinds:
+            yield "atomic_number", f"What is the atomic number of {el.name.lower()}?", (
+                lambda rng, el=el: (str(el.number), [str(el.number + d) for d in _shuffled(rng, [d for d in (-4, -3, -2, -1, 1, 2, 3, 4) if el.number + d >= 1])]))
+        if "element_from_number" in kinds:
+            yield "element_from_number", f"Which element has atomic number {el.number}?", (
+                lambda rng, el=el: (el.name, _near(elements, el, rng, lambda e: e.name)))
+        if "period" in kinds:
+            yield "period", f"In which period of the periodic table is {el.name.lower()}?", (
+                lambda rng, el=el: (f"Period {el.period}", [f"Period {p}" for p in _shuffled(rng, [p for p in range(1, 8) if p != el.period])]))
+        if el.number in AMBIGUOUS_POSITION:
+            continue
+        if "group" in kinds and el.group is not None:
+            yield "group", f"In which group of the periodic table is {el.name.lower()}?", (
+                lambda rng, el=el: (f"Group {el.group}", [f"Group {g}" for g in _shuffled(rng, [g for g in range(1, 19) if g != el.group and abs(g - el.group) <= 5])]))
+        if "block" in kinds:
+            yield "block", f"In which block of the periodic table is {el.name.lower()}?", (
+                lambda rng, el=el: (f"{el.block}-block", [f"{b}-block" for b in "spdf" if b != el.block]))
+
+
+def _compound_questions(kinds: set[str]) -> Iterator[tuple[str, str, Callable]]:
+    if "molar_mass" not in kinds:
+        return
+    for name, formula in COMPOUNDS:
+        mass = molar_mass(formula)
+        yield "molar_mass", f"What is the molar mass of {name} ({formula})?", (
+            lambda rng, mass=mass: (f"{mass:.2f} g/mol", [f"{mass + d:.2f} g/mol" for d in _shuffled(rng, [d for d in MISCOUNT_OFFSETS if mass + d > 0])]))
+
+
+def question_pool(kinds: list[str]) -> list[tuple[str, str, Callable]]:
+    """Every distinct (kind, question, option maker) the requested kinds can generate, in table order."""
+    kind_set = set(kinds)
+    pool = [*_element_questions(load_elements(), kind_set), *_compound_questions(kind_set)]
+    seen: set[str] = set()
+    return [q for q in pool if not (q[1] in seen or seen.add(q[1]))]
+
+
+def build_chemistry_splits(cfg: TargetTaskConfig) -> tuple[list[QAItem], list[QAItem]]:
+    """(train, test) items; raises a ValueError naming the fields when the pool is too small."""
+    pool = question_pool(list(cfg.kinds))
+    needed = cfg.n_train + cfg.n_test
+    if needed > len(pool):
+        raise ValueError(
+            f"target_task.n_train + target_task.n_test = {needed} exceeds the {len(pool)} distinct chemistry "
+            f"questions of kinds {list(cfg.kinds)}; lower them or add kinds"
+        )
+    order = list(range(len(pool)))
+    random.Random(cfg.seed).shuffle(order)
+    items = []
+    for index in order[:needed]:
+        kind, question, make_options = pool[index]
+        # One RNG per question, seeded by its text: an item's options don't depend on which others were drawn.
+        rng = random.Random(f"{cfg.seed}:{question}")
+        correct, distractors = make_options(rng)
+        options, gold = _choose_options(correct, distractors, rng)
+        items.append(QAItem(
+            id=f"chem-{index:04d}",
+            kind=kind,
+            question=question,
+            options=options,
+            gold=gold,
+            messages=build_messages(cfg.system_prompt, question, options),
+        ))
+    return items[cfg.n_test:], items[: cfg.n_test]
