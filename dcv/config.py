@@ -59,9 +59,9 @@ class TinyModelConfig(Section):
     @model_validator(mode="after")
     def _heads_divide(self) -> TinyModelConfig:
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+            raise ValueError(f"num_heads: {self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} must be a multiple of num_heads={self.num_heads}")
+            raise ValueError(f"hidden_size: {self.hidden_size} must be a multiple of num_heads={self.num_heads}")
         return self
 
 
@@ -180,8 +180,8 @@ class RLConfig(Section):
     def _groups_fit_batch(self) -> RLConfig:
         if self.per_device_batch_size % self.num_generations:
             raise ValueError(
-                f"per_device_batch_size={self.per_device_batch_size} must be a multiple of "
-                f"num_generations={self.num_generations}: every prompt's group must fit in one batch"
+                f"num_generations: per_device_batch_size={self.per_device_batch_size} must be a multiple of "
+                f"num_generations={self.num_generations}, so every prompt's group fits in one batch"
             )
         return self
 
@@ -262,9 +262,9 @@ class ResourcesConfig(Section):
     @model_validator(mode="after")
     def _gpu_consistent(self) -> ResourcesConfig:
         if self.use_gpu and self.gpus_per_worker == 0:
-            raise ValueError("gpus_per_worker must be > 0 when use_gpu is true")
+            raise ValueError("gpus_per_worker: must be > 0 when use_gpu is true")
         if not self.use_gpu and self.gpus_per_worker > 0:
-            raise ValueError("gpus_per_worker > 0 needs use_gpu: true")
+            raise ValueError("use_gpu: gpus_per_worker > 0 needs use_gpu: true")
         return self
 
 
@@ -324,7 +324,13 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "missing":
         return f"{_dotted(loc)}: required field is missing"
     message = error["msg"].removeprefix("Value error, ")
-    return f"{_dotted(loc)}: {message} (got {error.get('input')!r})"
+    # Section validators name their field first ("source: ..."): fold it into the dotted path.
+    field = re.match(r"^([\w.]+): (.*)$", message, re.DOTALL)
+    if error["type"] == "value_error" and field:
+        loc, message = (*loc, field.group(1)), field.group(2)
+    value = error.get("input")
+    got = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"{_dotted(loc)}: {message}{got}"
 
 
 def parse_config(raw: Any, source: str = "<config>") -> ExperimentConfig:

@@ -4,6 +4,10 @@
 'C'
 >>> parse_answer("The answer is (B).")
 'B'
+>>> parse_answer("C. Terbium")
+'C'
+>>> parse_answer("A. Be\\nB. Mg\\nC. F\\nD. Ca") is None
+True
 >>> parse_answer("I cannot decide") is None
 True
 >>> reward(["<answer>A</answer>", "B"], gold=["A", "A"])
@@ -19,6 +23,10 @@ from typing import Any
 from dcv.tasks.items import LETTERS
 
 ANSWER_TAG = re.compile(r"<answer>\s*([A-Za-z])\s*</answer>", re.IGNORECASE)
+# "The correct answer is D." / "Answer: (B)": small instruct models state their choice this way.
+ANSWER_PHRASE = re.compile(r"\banswer\s*(?:is|:)\s*(?:option\s*)?[(*]*([A-Z])\b", re.IGNORECASE)
+# A line that starts with an option marker: "C. Terbium", "(B) 29", "D) Ca".
+OPTION_LINE = re.compile(r"^\s*[(*]*([A-Z])[.):](?:\s|$)", re.MULTILINE)
 # The tolerant fallback: the text ends in a lone capital letter, maybe wrapped or punctuated: "C", "(C).",
 # "Answer: **C**". Capitals only, so that a trailing article ("a") is not read as option A.
 LONE_FINAL_LETTER = re.compile(r"(?:^|[\s(\[*:])([A-Z])[\s)\].*:!]*$")
@@ -27,13 +35,25 @@ LONE_FINAL_LETTER = re.compile(r"(?:^|[\s(\[*:])([A-Z])[\s)\].*:!]*$")
 def parse_answer(text: str, letters: str = LETTERS) -> str | None:
     """The chosen option letter, or None when the text commits to none of ``letters``.
 
-    The last ``<answer>X</answer>`` tag wins (a model may revise itself); without a tag, a lone capital
-    letter at the very end is accepted. A letter outside ``letters`` counts as no answer.
+    In order of precedence: the last ``<answer>X</answer>`` tag (a model may revise itself); the last
+    "answer is X" / "answer: X"; a reply whose only option-marked line is its first ("C. Terbium"; a reply
+    that lists several options chose none); a lone capital letter at the very end. The fallbacks exist
+    because a small base model answers "C. Terbium" and never a tag: without them its reward is always 0
+    and GRPO has no signal. A letter outside ``letters`` counts as no answer.
     """
     tags = ANSWER_TAG.findall(text)
     if tags:
         letter = tags[-1].upper()
         return letter if letter in letters else None
+    phrases = ANSWER_PHRASE.findall(text)
+    if phrases:
+        letter = phrases[-1].upper()
+        return letter if letter in letters else None
+    option_lines = OPTION_LINE.findall(text)
+    if len(option_lines) == 1 and OPTION_LINE.match(text):
+        return option_lines[0] if option_lines[0] in letters else None
+    if option_lines:
+        return None
     match = LONE_FINAL_LETTER.search(text.strip())
     if match and match.group(1) in letters:
         return match.group(1)

@@ -1,0 +1,61 @@
+"""Shared fixtures. Models are session-scoped and read-only: a test that changes weights copies them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dcv.config import ExperimentConfig, ModelConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The real SmolLM2 tokenizer (the tiny model shares it); converts the GGUF once per machine."""
+    from dcv.models import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name="tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tokenizer):
+    from dcv.models import load_model
+
+    return load_model(ModelConfig(name="tiny"), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct and its tokenizer (tests using it are marked slow)."""
+    from dcv.models import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(ModelConfig(name="smollm2-135m-instruct"))
+
+
+def tiny_config_dict(storage: Path) -> dict:
+    """The demo config shrunk to the tiny model and a few items, stored under ``storage``."""
+    raw = yaml.safe_load(DEMO_CONFIG.read_text())
+    raw["name"] = "tiny-test"
+    raw["model"] = {"name": "tiny"}
+    raw["target_task"].update(n_train=16, n_test=8)
+    raw["probes"] = [{"name": name, "n_items": 8, "seed": 0} for name in ("ioi", "capitals", "greater_than", "induction")]
+    raw["evaluation"].update(batch_size=8, max_new_tokens=8, kl_prompts=4, kl_max_new_tokens=8)
+    raw["storage"] = {"root": str(storage)}
+    raw["tracking"] = {"experiment_name": "tiny-test"}
+    return raw
+
+
+@pytest.fixture
+def tiny_config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(tmp_path / "storage")))
+    return path
+
+
+@pytest.fixture
+def tiny_config(tiny_config_file: Path) -> ExperimentConfig:
+    return load_config(tiny_config_file)

@@ -1,0 +1,138 @@
+"""Config validation: every malformed file exits 2 from `dcv validate` and names the field and file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dcv.cli import main
+from dcv.config import ConfigError, apply_overrides, load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def demo_raw() -> dict:
+    return yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+
+
+def edit(path: str, value):
+    def apply(raw: dict) -> dict:
+        *parents, leaf = path.split(".")
+        node = raw
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+        return raw
+
+    return apply
+
+
+def delete(path: str):
+    def apply(raw: dict) -> dict:
+        *parents, leaf = path.split(".")
+        node = raw
+        for part in parents:
+            node = node[part]
+        del node[leaf]
+        return raw
+
+    return apply
+
+
+MALFORMED = [
+    # (case id, change to the demo config, text the error must contain)
+    ("wrong type", edit("sft.max_steps", "many"), "sft.max_steps"),
+    ("unknown top-level key", edit("sfft", {"max_steps": 3}), "sfft: unknown key"),
+    ("unknown nested key", edit("sft.learning_rat", 1e-5), "sft.learning_rat: unknown key"),
+    ("missing model", delete("model"), "model: required field is missing"),
+    ("missing model name", delete("model.name"), "model.name: required field is missing"),
+    ("bad model path", edit("model.name", "./no/such/folder"), "model.name"),
+    ("not a hub id", edit("model.name", "not a model!"), "model.name"),
+    ("negative lr", edit("sft.learning_rate", -1e-5), "sft.learning_rate"),
+    ("zero rl lr", edit("rl.learning_rate", 0), "rl.learning_rate"),
+    ("empty seed list", edit("sweep.seeds", []), "sweep.seeds"),
+    ("duplicate seeds", edit("sweep.seeds", [1, 1]), "sweep.seeds"),
+    ("empty probes", edit("probes", []), "probes: List should have at least 1"),
+    ("unknown probe", edit("probes", [{"name": "sarcasm"}]), "probes[0].name"),
+    ("duplicate probe", edit("probes", [{"name": "ioi"}, {"name": "ioi"}]), "probes: each probe may appear once"),
+    ("probe n_items zero", edit("probes", [{"name": "ioi", "n_items": 0}]), "probes[0].n_items"),
+    ("unknown chemistry kind", edit("target_task.kinds", ["alchemy"]), "target_task.kinds[0]"),
+    ("sciknoweval without source", edit("target_task.name", "sciknoweval"), "target_task.source"),
+    ("missing sciknoweval file", lambda r: {**r, "target_task": {**r["target_task"], "name": "sciknoweval",
+                                                                 "source": "./missing.jsonl"}}, "target_task.source: no file"),
+    ("group larger than batch", edit("rl.num_generations", 3), "rl.num_generations"),
+    ("unknown rollout backend", edit("rl.rollout.backend", "sglang"), "rl.rollout.backend"),
+    ("unknown patching method", edit("patching.methods", ["guess"]), "patching.methods[0]"),
+    ("tau out of range", edit("circuits.tau", 3.0), "circuits.tau"),
+    ("gpu without gpus", edit("resources.use_gpu", True), "resources.gpus_per_worker"),
+    ("credentials in tracking uri", edit("tracking.uri", "http://alice:s3cret@mlflow:5000"), "tracking.uri"),
+    ("negative eval batch", edit("evaluation.batch_size", -4), "evaluation.batch_size"),
+    ("section is a list", edit("sft", [1, 2]), "sft: Input should be"),
+    ("empty sweep grid values", edit("sweep.grid", {"sft.max_steps": []}), "sweep.grid.sft.max_steps: empty"),
+]
+
+
+@pytest.mark.parametrize("change,expected", [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED])
+def test_malformed_config_exits_2_and_names_field(tmp_path, capsys, change, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(change(demo_raw())))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err
+    assert str(path) in err
+
+
+def test_not_yaml_and_not_mapping_and_missing_file(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    assert main(["validate", str(broken)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("just a string\n")
+    assert main(["validate", str(scalar)]) == 2
+    assert "top level must be a mapping" in capsys.readouterr().err
+    assert main(["validate", str(tmp_path / "absent.yaml")]) == 2
+    assert "no such config file" in capsys.readouterr().err
+
+
+def test_every_problem_is_reported_at_once():
+    raw = demo_raw()
+    raw["sft"]["learning_rate"] = -1
+    raw["sweep"]["seeds"] = []
+    raw["bogus"] = 1
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, "x.yaml")
+    text = str(info.value)
+    assert all(field in text for field in ("sft.learning_rate", "sweep.seeds", "bogus"))
+    assert len(info.value.problems) == 3
+
+
+def test_valid_config_exits_0(capsys):
+    assert main(["validate", str(REPO / "configs" / "demo.yaml")]) == 0
+    assert "ok" in capsys.readouterr().out
+
+
+def test_overrides_set_dotted_fields_and_are_validated(tmp_path):
+    raw = apply_overrides(demo_raw(), ["sft.max_steps=7", "sweep.seeds=[3, 4]", "model.name=tiny"])
+    cfg = parse_config(raw)
+    assert (cfg.sft.max_steps, cfg.sweep.seeds, cfg.model.name) == (7, [3, 4], "tiny")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(demo_raw()))
+    with pytest.raises(ConfigError, match="sft.max_steps"):
+        load_config(path, ["sft.max_steps=-1"])
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_config(path, ["sft.max_steps"])
+
+
+def test_config_is_frozen():
+    cfg = parse_config(demo_raw())
+    with pytest.raises(ValueError):
+        cfg.sft.max_steps = 3
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.probes
