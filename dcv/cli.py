@@ -80,9 +80,10 @@ def run_eval(cfg: ExperimentConfig, model_cfg) -> dict[str, float]:
     print(format_scores(model_cfg.name, metrics, probes))
     print(f"evaluated in {seconds:.1f} s; probe items kept / generated: "
           + ", ".join(f"{p.name} {len(p)}/{p.n_candidates}" for p in probes))
-    with tracking.child_run(cfg, f"eval:{model_cfg.name}", tags={"dcv.stage": "eval", "dcv.model": model_cfg.name}):
-        tracking.log_params({"eval.model": model_cfg.name})
-        tracking.log_metrics({**metrics, "eval/seconds": seconds})
+    tags = {"dcv.stage": "eval", "dcv.model": model_cfg.name}
+    with tracking.child_run(cfg, f"eval:{model_cfg.name}", tags=tags) as run:
+        run.log_params({"eval.model": model_cfg.name})
+        run.log_metrics({**metrics, "eval/seconds": seconds})
     print(f"logged to MLflow at {tracking_uri} (experiment {cfg.tracking.experiment_name!r})")
     return metrics
 

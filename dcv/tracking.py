@@ -1,5 +1,8 @@
 """MLflow tracking: the only module that calls ``mlflow``.
 
+It uses an explicit ``MlflowClient`` per run, never the fluent API's global active run: a Ray worker,
+a Tune trial and the driver each log to their own run without touching process-wide state.
+
 Run hierarchy: one **parent run** per experiment (found again by its tags, so reruns reuse it), and
 **child runs** beneath it (one per evaluation, trial, or stage). The tracking URI is, in order:
 ``tracking.uri`` from the config, ``$MLFLOW_TRACKING_URI``, else a SQLite database inside the storage
@@ -11,13 +14,17 @@ Credentials for a tracking server come from the environment (``MLFLOW_TRACKING_U
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from dcv.config import ExperimentConfig, config_to_dict
 
@@ -37,6 +44,10 @@ def local_storage_root(cfg: ExperimentConfig) -> Path:
     return Path(cfg.storage.root.removeprefix("file://")).expanduser().resolve()
 
 
+def default_tracking_uri(cfg: ExperimentConfig) -> str:
+    return f"sqlite:///{local_storage_root(cfg) / 'mlflow.db'}"
+
+
 def resolve_tracking_uri(cfg: ExperimentConfig) -> str:
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
@@ -46,9 +57,8 @@ def resolve_tracking_uri(cfg: ExperimentConfig) -> str:
             f"tracking.uri: storage.root={cfg.storage.root!r} is an object store, which cannot hold the default "
             "SQLite database; set tracking.uri or MLFLOW_TRACKING_URI to a tracking server"
         )
-    root = local_storage_root(cfg)
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
+    local_storage_root(cfg).mkdir(parents=True, exist_ok=True)
+    return default_tracking_uri(cfg)
 
 
 def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -63,68 +73,81 @@ def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def _experiment_id(cfg: ExperimentConfig, client: MlflowClient) -> str:
+def config_params(cfg: ExperimentConfig) -> dict[str, str]:
+    return flatten_params(config_to_dict(cfg))
+
+
+@dataclass(frozen=True)
+class RunLogger:
+    """Logs to one MLflow run through an explicit client: no global state, safe in any process."""
+
+    client: MlflowClient
+    run_id: str
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        batch = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
+        for start in range(0, len(batch), 100):  # MLflow accepts at most 100 params per batch
+            self.client.log_batch(self.run_id, params=batch[start : start + 100])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+
+
+def _experiment_id(cfg: ExperimentConfig, client: MlflowClient, uri: str) -> str:
     name = cfg.tracking.experiment_name
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     artifact_location = None
-    if not (cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")):
+    if uri == default_tracking_uri(cfg):
         # With the default SQLite store, keep artifacts in storage (MLflow's default is ./mlruns in the cwd).
         artifact_location = (local_storage_root(cfg) / "mlartifacts").as_uri()
     try:
         return client.create_experiment(name, artifact_location=artifact_location)
-    except mlflow.exceptions.MlflowException:
+    except MlflowException:
         # Another process created it between our lookup and create.
         return client.get_experiment_by_name(name).experiment_id
 
 
-def get_or_create_parent_run(cfg: ExperimentConfig) -> str:
-    """The id of this experiment's parent run; the same id on every rerun of the same config name."""
-    mlflow.set_tracking_uri(resolve_tracking_uri(cfg))
-    client = MlflowClient()
-    experiment_id = _experiment_id(cfg, client)
+def get_or_create_parent_run(cfg: ExperimentConfig) -> RunLogger:
+    """This experiment's parent run; the same run on every rerun of a config with the same name."""
+    uri = resolve_tracking_uri(cfg)
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = _experiment_id(cfg, client, uri)
     found = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{PARENT_TAG}` = 'true' and tags.`{EXPERIMENT_TAG}` = '{cfg.name}'",
         max_results=1,
     )
     if found:
-        return found[0].info.run_id
-    run = client.create_run(
-        experiment_id, run_name=cfg.name, tags={PARENT_TAG: "true", EXPERIMENT_TAG: cfg.name}
-    )
-    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in config_params(cfg).items()])
-    return run.info.run_id
-
-
-def config_params(cfg: ExperimentConfig) -> dict[str, str]:
-    return flatten_params(config_to_dict(cfg))
+        return RunLogger(client, found[0].info.run_id)
+    run = client.create_run(experiment_id, run_name=cfg.name, tags={PARENT_TAG: "true", EXPERIMENT_TAG: cfg.name})
+    parent = RunLogger(client, run.info.run_id)
+    parent.log_params(config_params(cfg))
+    return parent
 
 
 @contextmanager
-def child_run(
-    cfg: ExperimentConfig, run_name: str, tags: Mapping[str, str] | None = None
-) -> Iterator[mlflow.ActiveRun]:
-    """Start a child run of the experiment's parent run, with the config as params."""
-    parent_id = get_or_create_parent_run(cfg)
-    experiment_id = MlflowClient().get_run(parent_id).info.experiment_id
-    all_tags = {EXPERIMENT_TAG: cfg.name, **(tags or {})}
-    with mlflow.start_run(
-        experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_id, tags=all_tags
-    ) as run:
-        mlflow.log_params(config_params(cfg))
-        yield run
-
-
-def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
-    """Log to the active run; MLflow metric names may not contain some characters, '/' is fine."""
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
-
-
-def log_params(params: Mapping[str, Any]) -> None:
-    mlflow.log_params({k: str(v)[:MAX_PARAM_LENGTH] for k, v in params.items()})
-
-
-def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
-    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+def child_run(cfg: ExperimentConfig, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[RunLogger]:
+    """A child run of the experiment's parent run, with the config as params; FAILED if the body raises."""
+    parent = get_or_create_parent_run(cfg)
+    client = parent.client
+    experiment_id = client.get_run(parent.run_id).info.experiment_id
+    run = client.create_run(
+        experiment_id,
+        run_name=run_name,
+        tags={MLFLOW_PARENT_RUN_ID: parent.run_id, EXPERIMENT_TAG: cfg.name, **(tags or {})},
+    )
+    logger = RunLogger(client, run.info.run_id)
+    logger.log_params(config_params(cfg))
+    try:
+        yield logger
+    except BaseException:
+        client.set_terminated(run.info.run_id, status="FAILED")
+        raise
+    client.set_terminated(run.info.run_id, status="FINISHED")

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from dcv.config import EvaluationConfig, ModelConfig, ProbeConfig, TargetTaskConfig
+from dcv.evaluation import (
+    KLReference,
+    _until_eos,
+    evaluate_model,
+    evaluate_probe,
+    kl_to_base,
+    probe_logit_diffs,
+    sample_kl_reference,
+)
+from dcv.models import load_model
+from dcv.tasks import load_target_splits
+from dcv.tasks.probes import build_probe
+
+EVAL = EvaluationConfig(batch_size=4, max_new_tokens=6, kl_prompts=6, kl_max_new_tokens=8, kl_seed=0)
+
+
+@pytest.fixture(scope="module")
+def test_items():
+    return load_target_splits(TargetTaskConfig(n_train=8, n_test=6))[1]
+
+
+def test_logit_diffs_match_one_prompt_at_a_time(tiny_model, tokenizer):
+    probe = build_probe(ProbeConfig(name="ioi", n_items=10), tokenizer)
+    batched = probe_logit_diffs(tiny_model, probe.items, batch_size=3)
+    for item, ld in zip(probe.items, batched, strict=True):
+        with torch.inference_mode():
+            logits = tiny_model(torch.tensor([item.clean_ids])).logits[0, -1]
+        assert ld == pytest.approx(float(logits[item.correct_id] - logits[item.wrong_id]), abs=1e-4)
+    corrupted = probe_logit_diffs(tiny_model, probe.items, batch_size=3, corrupted=True)
+    assert not torch.allclose(batched, corrupted)
+    score = evaluate_probe(tiny_model, probe, batch_size=3)
+    assert score.accuracy == pytest.approx(float((batched > 0).float().mean()))
+    assert score.n_items == len(probe)
+
+
+def test_kl_of_a_model_with_itself_is_zero(tiny_model, tokenizer, test_items):
+    twin = load_model(ModelConfig(name="tiny"), tokenizer)  # a separate instance with the same weights
+    ref = sample_kl_reference(tiny_model, tokenizer, test_items, EVAL)
+    assert ref.completion_mask.sum() > 0
+    assert kl_to_base(tiny_model, twin, ref, batch_size=4) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_grows_with_the_change_and_is_seeded(tiny_model, tokenizer, test_items):
+    ref = sample_kl_reference(tiny_model, tokenizer, test_items, EVAL)
+    assert torch.equal(ref.input_ids, sample_kl_reference(tiny_model, tokenizer, test_items, EVAL).input_ids)
+    kls = []
+    for scale in (0.01, 0.1):
+        changed = copy.deepcopy(tiny_model)
+        with torch.no_grad():
+            for p in changed.parameters():
+                p.add_(torch.randn_like(p, generator=torch.Generator().manual_seed(0)) * scale)
+        kls.append(kl_to_base(tiny_model, changed, ref, batch_size=4))
+    assert 0 < kls[0] < kls[1]
+
+
+def test_padding_does_not_change_kl(tiny_model, tokenizer, test_items):
+    """Rows are left-padded to the longest prompt; the same rows without padding must score the same."""
+    ref = sample_kl_reference(tiny_model, tokenizer, test_items, EVAL)
+    assert (ref.attention_mask[:, 0] == 0).any(), "the test needs at least one padded row"
+    changed = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        changed.lm_head.weight.mul_(1.5)
+    padded = [kl_to_base(tiny_model, changed, KLReference(ref.input_ids[i : i + 1], ref.attention_mask[i : i + 1],
+                                                          ref.completion_mask[i : i + 1]), batch_size=1)
+              for i in range(len(ref.input_ids))]
+    unpadded = []
+    for i in range(len(ref.input_ids)):
+        start = int((ref.attention_mask[i] == 0).long().argmin())  # first real token
+        row = KLReference(ref.input_ids[i : i + 1, start:], ref.attention_mask[i : i + 1, start:],
+                          ref.completion_mask[i : i + 1])
+        unpadded.append(kl_to_base(tiny_model, changed, row, batch_size=1))
+    assert padded == pytest.approx(unpadded, rel=1e-4)
+    assert kl_to_base(tiny_model, changed, ref, batch_size=6) > 0
+
+
+def test_until_eos_masks_after_the_first_eos():
+    completion = torch.tensor([[5, 6, 2, 2, 2], [5, 6, 7, 8, 9], [2, 4, 2, 4, 4]])
+    assert _until_eos(completion, eos_id=2).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+
+
+def test_evaluate_model_reports_every_metric(tiny_model, tokenizer, test_items):
+    probes = [build_probe(ProbeConfig(name=n, n_items=4), tokenizer) for n in ("ioi", "induction")]
+    ref = sample_kl_reference(tiny_model, tokenizer, test_items, EVAL)
+    metrics = evaluate_model(tiny_model, tokenizer, EVAL, test_items, probes, tiny_model, ref)
+    assert set(metrics) == {
+        "target/accuracy", "target/format_rate", "target/n_items", "kl_to_base",
+        "probe/ioi/accuracy", "probe/ioi/mean_ld", "probe/ioi/n_items",
+        "probe/induction/accuracy", "probe/induction/mean_ld", "probe/induction/n_items",
+    }
+    assert 0 <= metrics["target/accuracy"] <= 1 and metrics["target/n_items"] == 6
+    assert metrics["kl_to_base"] == pytest.approx(0.0, abs=1e-6)
