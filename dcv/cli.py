@@ -1,7 +1,7 @@
 """The ``dcv`` command.
 
-    dcv validate CONFIG                      check a config; exit 0, or print every problem and exit 2
-    dcv eval CONFIG [--model M] [--set k=v]  score a model on the target task and every probe; log to MLflow
+dcv validate CONFIG                      check a config; exit 0, or print every problem and exit 2
+dcv eval CONFIG [--model M] [--set k=v]  score a model on the target task and every probe; log to MLflow
 """
 
 from __future__ import annotations
@@ -23,11 +23,21 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a config file")
     validate.add_argument("config")
 
-    evaluate = commands.add_parser("eval", help="score a model: target accuracy, probes, KL to the config's base")
+    evaluate = commands.add_parser(
+        "eval", help="score a model: target accuracy, probes, KL to the config's base"
+    )
     evaluate.add_argument("config")
-    evaluate.add_argument("--model", help="model to score (local folder, hub id, built-in name); default model.name")
-    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                          help="override a config field by dotted path (repeatable)")
+    evaluate.add_argument(
+        "--model", help="model to score (local folder, hub id, built-in name); default model.name"
+    )
+    evaluate.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field by dotted path (repeatable)",
+    )
     return parser
 
 
@@ -36,14 +46,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = list(getattr(args, "overrides", []))
     try:
         cfg = load_config(args.config, overrides)
-        model_cfg = cfg.model if not getattr(args, "model", None) else load_config(
-            args.config, [*overrides, f"model.name={args.model}"]).model
+        model_cfg = (
+            cfg.model
+            if not getattr(args, "model", None)
+            else load_config(args.config, [*overrides, f"model.name={args.model}"]).model
+        )
     except ConfigError as exc:
         print(f"dcv {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.command == "validate":
-        print(f"{args.config}: ok (model {cfg.model.name}, target {cfg.target_task.name}, "
-              f"probes {', '.join(p.name for p in cfg.probes)})")
+        print(
+            f"{args.config}: ok (model {cfg.model.name}, target {cfg.target_task.name}, "
+            f"probes {', '.join(p.name for p in cfg.probes)})"
+        )
         return 0
     try:
         run_eval(cfg, model_cfg)
@@ -78,8 +93,10 @@ def run_eval(cfg: ExperimentConfig, model_cfg) -> dict[str, float]:
     seconds = time.perf_counter() - start
 
     print(format_scores(model_cfg.name, metrics, probes))
-    print(f"evaluated in {seconds:.1f} s; probe items kept / generated: "
-          + ", ".join(f"{p.name} {len(p)}/{p.n_candidates}" for p in probes))
+    print(
+        f"evaluated in {seconds:.1f} s; probe items kept / generated: "
+        + ", ".join(f"{p.name} {len(p)}/{p.n_candidates}" for p in probes)
+    )
     tags = {"dcv.stage": "eval", "dcv.model": model_cfg.name}
     with tracking.child_run(cfg, f"eval:{model_cfg.name}", tags=tags) as run:
         run.log_params({"eval.model": model_cfg.name})
@@ -90,8 +107,10 @@ def run_eval(cfg: ExperimentConfig, model_cfg) -> dict[str, float]:
 
 def format_scores(model_name: str, metrics: dict[str, float], probes) -> str:
     rows = [("target", int(metrics["target/n_items"]), metrics["target/accuracy"], None)]
-    rows += [(f"probe:{p.name}", len(p), metrics[f"probe/{p.name}/accuracy"], metrics[f"probe/{p.name}/mean_ld"])
-             for p in probes]
+    rows += [
+        (f"probe:{p.name}", len(p), metrics[f"probe/{p.name}/accuracy"], metrics[f"probe/{p.name}/mean_ld"])
+        for p in probes
+    ]
     lines = [f"model {model_name}", f"{'task':<20}{'items':>7}{'accuracy':>10}{'mean LD':>10}"]
     for task, n, accuracy, ld in rows:
         lines.append(f"{task:<20}{n:>7}{accuracy:>10.3f}{'' if ld is None else f'{ld:.3f}':>10}")

@@ -59,9 +59,13 @@ class TinyModelConfig(Section):
     @model_validator(mode="after")
     def _heads_divide(self) -> TinyModelConfig:
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads: {self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+            raise ValueError(
+                f"num_heads: {self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size: {self.hidden_size} must be a multiple of num_heads={self.num_heads}")
+            raise ValueError(
+                f"hidden_size: {self.hidden_size} must be a multiple of num_heads={self.num_heads}"
+            )
         return self
 
 
@@ -79,7 +83,9 @@ class ModelConfig(Section):
             return name
         if is_local_path(name):
             if not (Path(name).expanduser() / "config.json").is_file():
-                raise ValueError(f"no HF model folder at {Path(name).expanduser().resolve()} (no config.json)")
+                raise ValueError(
+                    f"no HF model folder at {Path(name).expanduser().resolve()} (no config.json)"
+                )
             return name
         if not HUB_ID.match(name):
             raise ValueError(
@@ -166,7 +172,9 @@ class RLConfig(Section):
     per_device_batch_size: PositiveInt = 8
     gradient_accumulation_steps: PositiveInt = 1
     num_generations: Annotated[int, Field(ge=2)] = 8
-    beta: Annotated[float, Field(ge=0)] = Field(0.0, description="KL coefficient; 0 skips the reference model")
+    beta: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="KL coefficient; 0 skips the reference model"
+    )
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
     num_iterations: PositiveInt = Field(1, description="policy updates per generation batch")
     temperature: PositiveFloat = 1.0
@@ -215,7 +223,9 @@ class SweepConfig(Section):
 
 
 class PatchingConfig(Section):
-    methods: list[Literal["exact", "attribution", "ig"]] = Field(default_factory=lambda: ["exact"], min_length=1)
+    methods: list[Literal["exact", "attribution", "ig"]] = Field(
+        default_factory=lambda: ["exact"], min_length=1
+    )
     ig_steps: PositiveInt = 8
     batch_size: PositiveInt = 16
     head_chunk_size: PositiveInt = 32
@@ -235,7 +245,8 @@ class CircuitsConfig(Section):
 
 class TrackingConfig(Section):
     uri: str | None = Field(
-        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db"
+        None,
+        description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db",
     )
     experiment_name: str = "dcv"
 
@@ -243,7 +254,9 @@ class TrackingConfig(Section):
     @classmethod
     def _no_credentials(cls, uri: str | None) -> str | None:
         if uri and re.match(r"^\w+://[^/@]+:[^/@]+@", uri):
-            raise ValueError("credentials in the URI; set MLFLOW_TRACKING_USERNAME/PASSWORD in the environment")
+            raise ValueError(
+                "credentials in the URI; set MLFLOW_TRACKING_USERNAME/PASSWORD in the environment"
+            )
         return uri
 
 
@@ -257,7 +270,9 @@ class ResourcesConfig(Section):
     cpus_per_worker: PositiveFloat = 1.0
     gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
     max_failures: NonNegativeInt = 1
-    torch_threads: PositiveInt | None = Field(None, description="intra-op threads per process; None = torch default")
+    torch_threads: PositiveInt | None = Field(
+        None, description="intra-op threads per process; None = torch default"
+    )
 
     @model_validator(mode="after")
     def _gpu_consistent(self) -> ResourcesConfig:
@@ -336,7 +351,9 @@ def _describe(error: dict[str, Any]) -> str:
 def parse_config(raw: Any, source: str = "<config>") -> ExperimentConfig:
     """Validate a plain dict; every problem is reported, each naming ``source`` and the dotted field."""
     if not isinstance(raw, dict):
-        raise ConfigError([f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}"])
+        raise ConfigError(
+            [f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}"]
+        )
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
@@ -358,7 +375,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "<config>") -> dict[str, Any]:
-    """Return a copy of ``raw`` with each ``dotted.key=value`` set; values are parsed as YAML scalars/lists."""
+    """A copy of ``raw`` with each ``dotted.key=value`` set; values are parsed as YAML (scalars, lists)."""
     import copy
 
     out = copy.deepcopy(raw)

@@ -96,7 +96,8 @@ def evaluate_probe(model: PreTrainedModel, probe: ProbeSet, batch_size: int) -> 
 
 def chat_prompts(tokenizer: PreTrainedTokenizerBase, items: Sequence[QAItem]) -> list[str]:
     return [
-        tokenizer.apply_chat_template(list(it.messages), tokenize=False, add_generation_prompt=True) for it in items
+        tokenizer.apply_chat_template(list(it.messages), tokenize=False, add_generation_prompt=True)
+        for it in items
     ]
 
 
@@ -129,8 +130,11 @@ def generate_completions(
     for part in tqdm(list(_batches(len(prompts), batch_size)), desc="generate", leave=False):
         enc = _left_padded(tokenizer, prompts[part])
         enc = {k: v.to(_device(model)) for k, v in enc.items()}
-        sampling = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if do_sample else {
-            "do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+        sampling = (
+            {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+            if do_sample
+            else {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+        )
         out = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
@@ -143,7 +147,9 @@ def generate_completions(
         completion = out[:, prompt_len:]
         completion_mask = _until_eos(completion, tokenizer.eos_token_id)
         sequences.append(F.pad(out, (0, max_new_tokens - completion.shape[1]), value=tokenizer.pad_token_id))
-        masks.append(F.pad(torch.cat([prompt_mask, completion_mask], dim=1), (0, max_new_tokens - completion.shape[1])))
+        masks.append(
+            F.pad(torch.cat([prompt_mask, completion_mask], dim=1), (0, max_new_tokens - completion.shape[1]))
+        )
         texts += tokenizer.batch_decode(completion, skip_special_tokens=True)
     width = max(s.shape[1] for s in sequences)
     # Batches differ in prompt length: left-pad them all to one width.
@@ -183,8 +189,13 @@ def sample_kl_reference(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.kl_seed)
         ids, mask, _ = generate_completions(
-            base_model, tokenizer, items, cfg.batch_size, cfg.kl_max_new_tokens,
-            do_sample=True, num_return_sequences=cfg.kl_samples_per_prompt,
+            base_model,
+            tokenizer,
+            items,
+            cfg.batch_size,
+            cfg.kl_max_new_tokens,
+            do_sample=True,
+            num_return_sequences=cfg.kl_samples_per_prompt,
         )
     completion_mask = mask[:, -cfg.kl_max_new_tokens :]
     return KLReference(ids, mask, completion_mask)
@@ -204,7 +215,9 @@ def _continuation_log_probs(model: PreTrainedModel, ref: KLReference, rows: slic
     return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
-def kl_to_base(base_model: PreTrainedModel, model: PreTrainedModel, ref: KLReference, batch_size: int) -> float:
+def kl_to_base(
+    base_model: PreTrainedModel, model: PreTrainedModel, ref: KLReference, batch_size: int
+) -> float:
     """Token-mean forward KL(base || model) over the base model's sampled continuations."""
     total, count = 0.0, 0.0
     for rows in _batches(ref.input_ids.shape[0], batch_size):

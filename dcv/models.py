@@ -132,7 +132,7 @@ def resolve_model_source(cfg: ModelConfig) -> str:
         folder = Path(cfg.name).expanduser()
         if not (folder / "config.json").is_file():
             raise ModelSourceError(
-                f"model.name={cfg.name!r}: no HF model folder at {folder.resolve()} (looked for config.json); "
+                f"model.name={cfg.name!r}: no HF model folder at {folder.resolve()} (no config.json); "
                 "give a folder written by save_pretrained, a hub id, or one of " + ", ".join(BUILTIN_MODELS)
             )
         return str(folder)

@@ -54,8 +54,8 @@ def resolve_tracking_uri(cfg: ExperimentConfig) -> str:
         return uri
     if is_remote_storage(cfg.storage.root):
         raise ValueError(
-            f"tracking.uri: storage.root={cfg.storage.root!r} is an object store, which cannot hold the default "
-            "SQLite database; set tracking.uri or MLFLOW_TRACKING_URI to a tracking server"
+            f"tracking.uri: storage.root={cfg.storage.root!r} is an object store, which cannot hold the "
+            "default SQLite database; set tracking.uri or MLFLOW_TRACKING_URI to a tracking server"
         )
     local_storage_root(cfg).mkdir(parents=True, exist_ok=True)
     return default_tracking_uri(cfg)
@@ -126,14 +126,18 @@ def get_or_create_parent_run(cfg: ExperimentConfig) -> RunLogger:
     )
     if found:
         return RunLogger(client, found[0].info.run_id)
-    run = client.create_run(experiment_id, run_name=cfg.name, tags={PARENT_TAG: "true", EXPERIMENT_TAG: cfg.name})
+    run = client.create_run(
+        experiment_id, run_name=cfg.name, tags={PARENT_TAG: "true", EXPERIMENT_TAG: cfg.name}
+    )
     parent = RunLogger(client, run.info.run_id)
     parent.log_params(config_params(cfg))
     return parent
 
 
 @contextmanager
-def child_run(cfg: ExperimentConfig, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[RunLogger]:
+def child_run(
+    cfg: ExperimentConfig, run_name: str, tags: Mapping[str, str] | None = None
+) -> Iterator[RunLogger]:
     """A child run of the experiment's parent run, with the config as params; FAILED if the body raises."""
     parent = get_or_create_parent_run(cfg)
     client = parent.client

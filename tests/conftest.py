@@ -42,7 +42,9 @@ def tiny_config_dict(storage: Path) -> dict:
     raw["name"] = "tiny-test"
     raw["model"] = {"name": "tiny"}
     raw["target_task"].update(n_train=16, n_test=8)
-    raw["probes"] = [{"name": name, "n_items": 8, "seed": 0} for name in ("ioi", "capitals", "greater_than", "induction")]
+    raw["probes"] = [
+        {"name": name, "n_items": 8, "seed": 0} for name in ("ioi", "capitals", "greater_than", "induction")
+    ]
     raw["evaluation"].update(batch_size=8, max_new_tokens=8, kl_prompts=4, kl_max_new_tokens=8)
     raw["storage"] = {"root": str(storage)}
     raw["tracking"] = {"experiment_name": "tiny-test"}

@@ -39,7 +39,9 @@ def test_dcv_eval_tiny_prints_scores_and_logs_to_mlflow(tiny_config_file, tmp_pa
 
 
 def test_dcv_eval_of_another_model_reports_kl_to_base(tiny_config_file, tmp_path):
-    result = run_dcv("eval", str(tiny_config_file), "--model", "tiny", "--set", "model.tiny.seed=1", cwd=tmp_path)
+    result = run_dcv(
+        "eval", str(tiny_config_file), "--model", "tiny", "--set", "model.tiny.seed=1", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     # --set changes the base too, so the model scored equals the base: no KL line
     assert "KL(base || model)" not in result.stdout

@@ -68,14 +68,25 @@ def test_padding_does_not_change_kl(tiny_model, tokenizer, test_items):
     changed = copy.deepcopy(tiny_model)
     with torch.no_grad():
         changed.lm_head.weight.mul_(1.5)
-    padded = [kl_to_base(tiny_model, changed, KLReference(ref.input_ids[i : i + 1], ref.attention_mask[i : i + 1],
-                                                          ref.completion_mask[i : i + 1]), batch_size=1)
-              for i in range(len(ref.input_ids))]
+    padded = [
+        kl_to_base(
+            tiny_model,
+            changed,
+            KLReference(
+                ref.input_ids[i : i + 1], ref.attention_mask[i : i + 1], ref.completion_mask[i : i + 1]
+            ),
+            batch_size=1,
+        )
+        for i in range(len(ref.input_ids))
+    ]
     unpadded = []
     for i in range(len(ref.input_ids)):
         start = int((ref.attention_mask[i] == 0).long().argmin())  # first real token
-        row = KLReference(ref.input_ids[i : i + 1, start:], ref.attention_mask[i : i + 1, start:],
-                          ref.completion_mask[i : i + 1])
+        row = KLReference(
+            ref.input_ids[i : i + 1, start:],
+            ref.attention_mask[i : i + 1, start:],
+            ref.completion_mask[i : i + 1],
+        )
         unpadded.append(kl_to_base(tiny_model, changed, row, batch_size=1))
     assert padded == pytest.approx(unpadded, rel=1e-4)
     assert kl_to_base(tiny_model, changed, ref, batch_size=6) > 0
@@ -91,9 +102,16 @@ def test_evaluate_model_reports_every_metric(tiny_model, tokenizer, test_items):
     ref = sample_kl_reference(tiny_model, tokenizer, test_items, EVAL)
     metrics = evaluate_model(tiny_model, tokenizer, EVAL, test_items, probes, tiny_model, ref)
     assert set(metrics) == {
-        "target/accuracy", "target/format_rate", "target/n_items", "kl_to_base",
-        "probe/ioi/accuracy", "probe/ioi/mean_ld", "probe/ioi/n_items",
-        "probe/induction/accuracy", "probe/induction/mean_ld", "probe/induction/n_items",
+        "target/accuracy",
+        "target/format_rate",
+        "target/n_items",
+        "kl_to_base",
+        "probe/ioi/accuracy",
+        "probe/ioi/mean_ld",
+        "probe/ioi/n_items",
+        "probe/induction/accuracy",
+        "probe/induction/mean_ld",
+        "probe/induction/n_items",
     }
     assert 0 <= metrics["target/accuracy"] <= 1 and metrics["target/n_items"] == 6
     assert metrics["kl_to_base"] == pytest.approx(0.0, abs=1e-6)

@@ -46,14 +46,20 @@ def test_no_dcv_module_imports_ray_jobs():
 
 
 def test_ray_is_imported_only_where_allowed():
-    offenders = [m for m, imps in modules().items()
-                 if any(i.split(".")[0] == "ray" for i in imps) and not under(m, RAY_ALLOWED)]
+    offenders = [
+        m
+        for m, imps in modules().items()
+        if any(i.split(".")[0] == "ray" for i in imps) and not under(m, RAY_ALLOWED)
+    ]
     assert not offenders
 
 
 def test_only_tracking_imports_mlflow():
-    offenders = [m for m, imps in modules().items()
-                 if any(i.split(".")[0] == "mlflow" for i in imps) and m != "dcv.tracking"]
+    offenders = [
+        m
+        for m, imps in modules().items()
+        if any(i.split(".")[0] == "mlflow" for i in imps) and m != "dcv.tracking"
+    ]
     assert not offenders
 
 

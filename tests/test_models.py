@@ -14,11 +14,11 @@ def test_tiny_model_is_seeded_gqa_llama(tokenizer, tiny_model):
     assert config.vocab_size == len(tokenizer)
     same = load_model(ModelConfig(name="tiny"), tokenizer)
     other = load_model(ModelConfig(name="tiny", tiny=TinyModelConfig(seed=1)), tokenizer)
-    for (name, a), b, c in zip(tiny_model.state_dict().items(), same.state_dict().values(),
-                               other.state_dict().values(), strict=True):
+    for (name, a), b in zip(tiny_model.state_dict().items(), same.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    assert not torch.equal(tiny_model.model.layers[0].self_attn.q_proj.weight,
-                           other.model.layers[0].self_attn.q_proj.weight)
+    assert not torch.equal(
+        tiny_model.model.layers[0].self_attn.q_proj.weight, other.model.layers[0].self_attn.q_proj.weight
+    )
 
 
 def test_building_tiny_leaves_the_global_rng_alone(tokenizer):
@@ -37,7 +37,9 @@ def test_chat_template_renders_for_builtin_and_saved_models(tokenizer, tiny_mode
     folder = save_model(tiny_model, tokenizer, tmp_path / "tiny-hf")
     cfg = ModelConfig(name=str(folder))
     reloaded_tokenizer = load_tokenizer(cfg)
-    assert reloaded_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == text
+    assert (
+        reloaded_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == text
+    )
     reloaded = load_model(cfg)
     ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
     with torch.inference_mode():

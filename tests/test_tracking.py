@@ -11,7 +11,9 @@ from tests.conftest import tiny_config_dict
 
 
 def test_flatten_params():
-    flat = tracking.flatten_params({"sft": {"learning_rate": 1e-5, "rollout": {"backend": "hf"}}, "seeds": [0, 1]})
+    flat = tracking.flatten_params(
+        {"sft": {"learning_rate": 1e-5, "rollout": {"backend": "hf"}}, "seeds": [0, 1]}
+    )
     assert flat == {"sft.learning_rate": "1e-05", "sft.rollout.backend": "hf", "seeds": "[0, 1]"}
 
 

@@ -79,7 +79,9 @@ def score_answer(text: str, gold: str, format_bonus: float = 0.0) -> float:
     return correct + (format_bonus if has_answer_tag(text) else 0.0)
 
 
-def reward(completions: Sequence[Any], gold: Sequence[str], format_bonus: float = 0.0, **_: Any) -> list[float]:
+def reward(
+    completions: Sequence[Any], gold: Sequence[str], format_bonus: float = 0.0, **_: Any
+) -> list[float]:
     """TRL reward function: ``gold`` arrives from the dataset column of the same name."""
     if len(completions) != len(gold):
         raise ValueError(f"{len(completions)} completions but {len(gold)} gold answers")

@@ -24,21 +24,56 @@ MAX_Z = 103  # heavier elements have no chemistry a QA item could ask about
 
 # (name, formula) of common compounds; molar masses come from periodictable's formula parser.
 COMPOUNDS = (
-    ("water", "H2O"), ("carbon dioxide", "CO2"), ("methane", "CH4"), ("ammonia", "NH3"),
-    ("sodium chloride", "NaCl"), ("sulfuric acid", "H2SO4"), ("nitric acid", "HNO3"),
-    ("hydrogen chloride", "HCl"), ("glucose", "C6H12O6"), ("ethanol", "C2H6O"),
-    ("calcium carbonate", "CaCO3"), ("sodium hydroxide", "NaOH"), ("potassium permanganate", "KMnO4"),
-    ("sodium bicarbonate", "NaHCO3"), ("hydrogen peroxide", "H2O2"), ("ozone", "O3"), ("benzene", "C6H6"),
-    ("acetic acid", "C2H4O2"), ("magnesium oxide", "MgO"), ("iron(III) oxide", "Fe2O3"),
-    ("aluminium oxide", "Al2O3"), ("copper(II) sulfate", "CuSO4"), ("silver nitrate", "AgNO3"),
-    ("potassium chloride", "KCl"), ("calcium chloride", "CaCl2"), ("phosphoric acid", "H3PO4"),
-    ("sucrose", "C12H22O11"), ("propane", "C3H8"), ("butane", "C4H10"), ("ethylene", "C2H4"),
-    ("acetylene", "C2H2"), ("carbon monoxide", "CO"), ("nitrogen dioxide", "NO2"), ("sulfur dioxide", "SO2"),
-    ("urea", "CH4N2O"), ("methanol", "CH4O"), ("acetone", "C3H6O"), ("sodium sulfate", "Na2SO4"),
-    ("potassium nitrate", "KNO3"), ("ammonium chloride", "NH4Cl"), ("calcium hydroxide", "Ca(OH)2"),
-    ("barium sulfate", "BaSO4"), ("zinc oxide", "ZnO"), ("lithium hydroxide", "LiOH"),
-    ("hydrogen fluoride", "HF"), ("nitrous oxide", "N2O"), ("silicon dioxide", "SiO2"),
-    ("potassium hydroxide", "KOH"), ("magnesium sulfate", "MgSO4"), ("sodium carbonate", "Na2CO3"),
+    ("water", "H2O"),
+    ("carbon dioxide", "CO2"),
+    ("methane", "CH4"),
+    ("ammonia", "NH3"),
+    ("sodium chloride", "NaCl"),
+    ("sulfuric acid", "H2SO4"),
+    ("nitric acid", "HNO3"),
+    ("hydrogen chloride", "HCl"),
+    ("glucose", "C6H12O6"),
+    ("ethanol", "C2H6O"),
+    ("calcium carbonate", "CaCO3"),
+    ("sodium hydroxide", "NaOH"),
+    ("potassium permanganate", "KMnO4"),
+    ("sodium bicarbonate", "NaHCO3"),
+    ("hydrogen peroxide", "H2O2"),
+    ("ozone", "O3"),
+    ("benzene", "C6H6"),
+    ("acetic acid", "C2H4O2"),
+    ("magnesium oxide", "MgO"),
+    ("iron(III) oxide", "Fe2O3"),
+    ("aluminium oxide", "Al2O3"),
+    ("copper(II) sulfate", "CuSO4"),
+    ("silver nitrate", "AgNO3"),
+    ("potassium chloride", "KCl"),
+    ("calcium chloride", "CaCl2"),
+    ("phosphoric acid", "H3PO4"),
+    ("sucrose", "C12H22O11"),
+    ("propane", "C3H8"),
+    ("butane", "C4H10"),
+    ("ethylene", "C2H4"),
+    ("acetylene", "C2H2"),
+    ("carbon monoxide", "CO"),
+    ("nitrogen dioxide", "NO2"),
+    ("sulfur dioxide", "SO2"),
+    ("urea", "CH4N2O"),
+    ("methanol", "CH4O"),
+    ("acetone", "C3H6O"),
+    ("sodium sulfate", "Na2SO4"),
+    ("potassium nitrate", "KNO3"),
+    ("ammonium chloride", "NH4Cl"),
+    ("calcium hydroxide", "Ca(OH)2"),
+    ("barium sulfate", "BaSO4"),
+    ("zinc oxide", "ZnO"),
+    ("lithium hydroxide", "LiOH"),
+    ("hydrogen fluoride", "HF"),
+    ("nitrous oxide", "N2O"),
+    ("silicon dioxide", "SiO2"),
+    ("potassium hydroxide", "KOH"),
+    ("magnesium sulfate", "MgSO4"),
+    ("sodium carbonate", "Na2CO3"),
 )
 # Distractor masses: the correct mass with one O, H, C or N atom too many or too few (a miscount).
 MISCOUNT_OFFSETS = (15.999, -15.999, 1.008, -1.008, 12.011, -12.011, 14.007, -14.007)
@@ -103,7 +138,9 @@ def _shuffled(rng: random.Random, values: list) -> list:
     return values
 
 
-def _near(elements: list[Element], el: Element, rng: random.Random, key: Callable[[Element], str]) -> list[str]:
+def _near(
+    elements: list[Element], el: Element, rng: random.Random, key: Callable[[Element], str]
+) -> list[str]:
     """Values of ``key`` for other elements near ``el`` in the table: plausible, not random, distractors."""
     pool = [e for e in elements if e.number != el.number and abs(e.number - el.number) <= 8]
     rng.shuffle(pool)
@@ -114,28 +151,74 @@ def _element_questions(elements: list[Element], kinds: set[str]) -> Iterator[tup
     """(kind, question, make_options(rng)) for every element and requested kind."""
     for el in elements:
         if "symbol_to_name" in kinds:
-            yield "symbol_to_name", f"Which element has the chemical symbol {el.symbol}?", (
-                lambda rng, el=el: (el.name, _near(elements, el, rng, lambda e: e.name)))
+            yield (
+                "symbol_to_name",
+                f"Which element has the chemical symbol {el.symbol}?",
+                (lambda rng, el=el: (el.name, _near(elements, el, rng, lambda e: e.name))),
+            )
         if "name_to_symbol" in kinds:
-            yield "name_to_symbol", f"What is the chemical symbol of {el.name.lower()}?", (
-                lambda rng, el=el: (el.symbol, _near(elements, el, rng, lambda e: e.symbol)))
+            yield (
+                "name_to_symbol",
+                f"What is the chemical symbol of {el.name.lower()}?",
+                (lambda rng, el=el: (el.symbol, _near(elements, el, rng, lambda e: e.symbol))),
+            )
         if "atomic_number" in kinds:
-            yield "atomic_number", f"What is the atomic number of {el.name.lower()}?", (
-                lambda rng, el=el: (str(el.number), [str(el.number + d) for d in _shuffled(rng, [d for d in (-4, -3, -2, -1, 1, 2, 3, 4) if el.number + d >= 1])]))
+            yield (
+                "atomic_number",
+                f"What is the atomic number of {el.name.lower()}?",
+                (
+                    lambda rng, el=el: (
+                        str(el.number),
+                        [
+                            str(el.number + d)
+                            for d in _shuffled(
+                                rng, [d for d in (-4, -3, -2, -1, 1, 2, 3, 4) if el.number + d >= 1]
+                            )
+                        ],
+                    )
+                ),
+            )
         if "element_from_number" in kinds:
-            yield "element_from_number", f"Which element has atomic number {el.number}?", (
-                lambda rng, el=el: (el.name, _near(elements, el, rng, lambda e: e.name)))
+            yield (
+                "element_from_number",
+                f"Which element has atomic number {el.number}?",
+                (lambda rng, el=el: (el.name, _near(elements, el, rng, lambda e: e.name))),
+            )
         if "period" in kinds:
-            yield "period", f"In which period of the periodic table is {el.name.lower()}?", (
-                lambda rng, el=el: (f"Period {el.period}", [f"Period {p}" for p in _shuffled(rng, [p for p in range(1, 8) if p != el.period])]))
+            yield (
+                "period",
+                f"In which period of the periodic table is {el.name.lower()}?",
+                (
+                    lambda rng, el=el: (
+                        f"Period {el.period}",
+                        [f"Period {p}" for p in _shuffled(rng, [p for p in range(1, 8) if p != el.period])],
+                    )
+                ),
+            )
         if el.number in AMBIGUOUS_POSITION:
             continue
         if "group" in kinds and el.group is not None:
-            yield "group", f"In which group of the periodic table is {el.name.lower()}?", (
-                lambda rng, el=el: (f"Group {el.group}", [f"Group {g}" for g in _shuffled(rng, [g for g in range(1, 19) if g != el.group and abs(g - el.group) <= 5])]))
+            yield (
+                "group",
+                f"In which group of the periodic table is {el.name.lower()}?",
+                (
+                    lambda rng, el=el: (
+                        f"Group {el.group}",
+                        [
+                            f"Group {g}"
+                            for g in _shuffled(
+                                rng, [g for g in range(1, 19) if g != el.group and abs(g - el.group) <= 5]
+                            )
+                        ],
+                    )
+                ),
+            )
         if "block" in kinds:
-            yield "block", f"In which block of the periodic table is {el.name.lower()}?", (
-                lambda rng, el=el: (f"{el.block}-block", [f"{b}-block" for b in "spdf" if b != el.block]))
+            yield (
+                "block",
+                f"In which block of the periodic table is {el.name.lower()}?",
+                (lambda rng, el=el: (f"{el.block}-block", [f"{b}-block" for b in "spdf" if b != el.block])),
+            )
 
 
 def _compound_questions(kinds: set[str]) -> Iterator[tuple[str, str, Callable]]:
@@ -143,8 +226,19 @@ def _compound_questions(kinds: set[str]) -> Iterator[tuple[str, str, Callable]]:
         return
     for name, formula in COMPOUNDS:
         mass = molar_mass(formula)
-        yield "molar_mass", f"What is the molar mass of {name} ({formula})?", (
-            lambda rng, mass=mass: (f"{mass:.2f} g/mol", [f"{mass + d:.2f} g/mol" for d in _shuffled(rng, [d for d in MISCOUNT_OFFSETS if mass + d > 0])]))
+        yield (
+            "molar_mass",
+            f"What is the molar mass of {name} ({formula})?",
+            (
+                lambda rng, mass=mass: (
+                    f"{mass:.2f} g/mol",
+                    [
+                        f"{mass + d:.2f} g/mol"
+                        for d in _shuffled(rng, [d for d in MISCOUNT_OFFSETS if mass + d > 0])
+                    ],
+                )
+            ),
+        )
 
 
 def question_pool(kinds: list[str]) -> list[tuple[str, str, Callable]]:
@@ -173,12 +267,14 @@ def build_chemistry_splits(cfg: TargetTaskConfig) -> tuple[list[QAItem], list[QA
         rng = random.Random(f"{cfg.seed}:{question}")
         correct, distractors = make_options(rng)
         options, gold = _choose_options(correct, distractors, rng)
-        items.append(QAItem(
-            id=f"chem-{index:04d}",
-            kind=kind,
-            question=question,
-            options=options,
-            gold=gold,
-            messages=build_messages(cfg.system_prompt, question, options),
-        ))
-    return items[cfg.n_test:], items[: cfg.n_test]
+        items.append(
+            QAItem(
+                id=f"chem-{index:04d}",
+                kind=kind,
+                question=question,
+                options=options,
+                gold=gold,
+                messages=build_messages(cfg.system_prompt, question, options),
+            )
+        )
+    return items[cfg.n_test :], items[: cfg.n_test]

@@ -26,7 +26,9 @@ class QAItem:
         if not 2 <= len(self.options) <= len(LETTERS):
             raise ValueError(f"item {self.id}: {len(self.options)} options; dcv supports 2 to {len(LETTERS)}")
         if self.gold not in LETTERS[: len(self.options)]:
-            raise ValueError(f"item {self.id}: gold {self.gold!r} is not one of {LETTERS[: len(self.options)]}")
+            raise ValueError(
+                f"item {self.id}: gold {self.gold!r} is not one of {LETTERS[: len(self.options)]}"
+            )
 
     @property
     def target(self) -> str:
@@ -74,7 +76,9 @@ class ProbeItem:
                 f"({len(self.clean_ids)} vs {len(self.corrupt_ids)} tokens): {self.clean_text!r}"
             )
         if self.correct_id == self.wrong_id:
-            raise ValueError(f"{self.probe}: correct and wrong answers are the same token in {self.clean_text!r}")
+            raise ValueError(
+                f"{self.probe}: correct and wrong answers are the same token in {self.clean_text!r}"
+            )
 
 
 @dataclass(frozen=True)

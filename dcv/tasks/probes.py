@@ -30,11 +30,49 @@ from dcv.tasks.items import ProbeItem, ProbeSet
 Candidate = tuple[str, str, str, str]
 
 NAMES = (
-    "Mary", "John", "Tom", "James", "Sarah", "Michael", "David", "Lisa", "Emma", "Anna", "Paul", "Mark",
-    "Kate", "Laura", "Peter", "Daniel", "Jessica", "Robert", "Susan", "Emily", "George", "Alice", "Henry",
-    "Rachel", "Steven", "Linda", "Kevin", "Helen", "Frank", "Amy",
+    "Mary",
+    "John",
+    "Tom",
+    "James",
+    "Sarah",
+    "Michael",
+    "David",
+    "Lisa",
+    "Emma",
+    "Anna",
+    "Paul",
+    "Mark",
+    "Kate",
+    "Laura",
+    "Peter",
+    "Daniel",
+    "Jessica",
+    "Robert",
+    "Susan",
+    "Emily",
+    "George",
+    "Alice",
+    "Henry",
+    "Rachel",
+    "Steven",
+    "Linda",
+    "Kevin",
+    "Helen",
+    "Frank",
+    "Amy",
 )
-PLACES = ("store", "park", "school", "hospital", "office", "restaurant", "station", "garden", "beach", "market")
+PLACES = (
+    "store",
+    "park",
+    "school",
+    "hospital",
+    "office",
+    "restaurant",
+    "station",
+    "garden",
+    "beach",
+    "market",
+)
 OBJECTS = ("drink", "book", "gift", "ring", "letter", "bottle", "ball", "key", "snack", "flower")
 IOI_TEMPLATES = (
     "When {a} and {b} went to the {place}, {c} gave a {obj} to",
@@ -43,7 +81,18 @@ IOI_TEMPLATES = (
     "While {a} and {b} were working at the {place}, {c} gave a {obj} to",
     "Friends {a} and {b} found a {obj} at the {place}. {c} gave the {obj} to",
 )
-EVENTS = ("war", "drought", "reign", "expedition", "project", "dynasty", "famine", "siege", "journey", "strike")
+EVENTS = (
+    "war",
+    "drought",
+    "reign",
+    "expedition",
+    "project",
+    "dynasty",
+    "famine",
+    "siege",
+    "journey",
+    "strike",
+)
 # A two-shot prefix fixes the answer format; its countries are excluded from the items.
 CAPITALS_SHOTS = (("Japan", "Tokyo"), ("Italy", "Rome"))
 CAPITALS_PREFIX = "".join(f"The capital of {c} is {cap}. " for c, cap in CAPITALS_SHOTS)
@@ -87,7 +136,8 @@ def capitals_candidates(rng: random.Random, tokenizer: PreTrainedTokenizerBase) 
         return f"{CAPITALS_PREFIX}The capital of {country} is"
 
     usable = [
-        (c, cap) for c, cap in capital_pairs()
+        (c, cap)
+        for c, cap in capital_pairs()
         if _single_token(tokenizer, f" {cap}") is not None and (c, cap) not in CAPITALS_SHOTS
     ]
     by_length: dict[int, list[tuple[str, str]]] = {}
@@ -153,7 +203,9 @@ def _word_tokens(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return words
 
 
-def _tokenize_candidate(name: str, tokenizer: PreTrainedTokenizerBase, candidate: Candidate) -> ProbeItem | None:
+def _tokenize_candidate(
+    name: str, tokenizer: PreTrainedTokenizerBase, candidate: Candidate
+) -> ProbeItem | None:
     clean, corrupt, correct, wrong = candidate
     correct_id, wrong_id = _single_token(tokenizer, correct), _single_token(tokenizer, wrong)
     clean_ids, corrupt_ids = _ids(tokenizer, clean), _ids(tokenizer, corrupt)
@@ -187,7 +239,9 @@ def build_probe(cfg: ProbeConfig, tokenizer: PreTrainedTokenizerBase) -> ProbeSe
             seen.add(item.clean_text)
             items.append(item)
     if not items:
-        raise ValueError(f"probes[{cfg.name}]: no candidate tokenizes to single-token answers and equal lengths")
+        raise ValueError(
+            f"probes[{cfg.name}]: no candidate tokenizes to single-token answers and equal lengths"
+        )
     return ProbeSet(cfg.name, tuple(items), n_candidates)
 
 

@@ -86,7 +86,9 @@ def row_to_item(row: dict[str, Any], where: str, system_prompt: str) -> QAItem |
 
 def build_sciknoweval_splits(cfg: TargetTaskConfig) -> tuple[list[QAItem], list[QAItem]]:
     if cfg.source is None:
-        raise ValueError("target_task.source: sciknoweval needs a local .json/.jsonl file or a hub dataset id")
+        raise ValueError(
+            "target_task.source: sciknoweval needs a local .json/.jsonl file or a hub dataset id"
+        )
     rows = read_rows(cfg.source, cfg.domain)
     items: list[QAItem] = []
     seen: set[str] = set()

@@ -51,7 +51,10 @@ def test_format_bonus_only_with_the_tag():
 
 
 def test_reward_accepts_conversational_completions_and_extra_columns():
-    completions = [[{"role": "assistant", "content": "<answer>D</answer>"}], [{"role": "assistant", "content": "A"}]]
+    completions = [
+        [{"role": "assistant", "content": "<answer>D</answer>"}],
+        [{"role": "assistant", "content": "A"}],
+    ]
     assert reward(completions, gold=["D", "B"], prompts=["p1", "p2"], kind=["x", "y"]) == [1.0, 0.0]
     assert completion_text("plain") == "plain"
 
@@ -59,3 +62,11 @@ def test_reward_accepts_conversational_completions_and_extra_columns():
 def test_reward_rejects_mismatched_lengths():
     with pytest.raises(ValueError, match="2 completions but 1 gold"):
         reward(["A", "B"], gold=["A"])
+
+
+def test_docstring_examples_hold():
+    import doctest
+
+    import dcv.tasks.answers
+
+    assert doctest.testmod(dcv.tasks.answers).failed == 0

@@ -17,7 +17,9 @@ def test_probe_items_are_valid_contrast_pairs(tokenizer, name):
         assert item.correct_id != item.wrong_id
         if name != "induction":  # text probes: the ids are exactly the tokenized text
             assert list(item.clean_ids) == tokenizer(item.clean_text, add_special_tokens=False)["input_ids"]
-            assert list(item.corrupt_ids) == tokenizer(item.corrupt_text, add_special_tokens=False)["input_ids"]
+            assert (
+                list(item.corrupt_ids) == tokenizer(item.corrupt_text, add_special_tokens=False)["input_ids"]
+            )
     assert len({item.clean_text for item in probe.items}) == len(probe)
 
 

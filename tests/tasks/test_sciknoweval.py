@@ -45,10 +45,15 @@ def test_local_jsonl_maps_to_items(tmp_path):
 
 
 def test_two_choice_rows_are_kept(tmp_path):
-    rows = [sciknoweval_row(i, choices={"text": ["yes", "no"], "label": ["A", "B"]}, answerKey="B",
-                            type="mcq-2-choices") for i in range(4)]
-    cfg = TargetTaskConfig(name="sciknoweval", source=str(write_jsonl(tmp_path / "a.jsonl", rows)), n_train=3,
-                           n_test=1)
+    rows = [
+        sciknoweval_row(
+            i, choices={"text": ["yes", "no"], "label": ["A", "B"]}, answerKey="B", type="mcq-2-choices"
+        )
+        for i in range(4)
+    ]
+    cfg = TargetTaskConfig(
+        name="sciknoweval", source=str(write_jsonl(tmp_path / "a.jsonl", rows)), n_train=3, n_test=1
+    )
     train, _ = load_target_splits(cfg)
     assert all(len(i.options) == 2 and i.gold == "B" for i in train)
 
@@ -64,8 +69,9 @@ def test_two_choice_rows_are_kept(tmp_path):
 def test_malformed_row_names_the_row(tmp_path, bad, message):
     rows = [sciknoweval_row(i) for i in range(5)]
     rows[3] = {**rows[3], **bad}
-    cfg = TargetTaskConfig(name="sciknoweval", source=str(write_jsonl(tmp_path / "b.jsonl", rows)), n_train=2,
-                           n_test=1)
+    cfg = TargetTaskConfig(
+        name="sciknoweval", source=str(write_jsonl(tmp_path / "b.jsonl", rows)), n_train=2, n_test=1
+    )
     with pytest.raises(DatasetRowError, match=rf"b.jsonl row 3: .*{message}"):
         load_target_splits(cfg)
 
@@ -73,8 +79,9 @@ def test_malformed_row_names_the_row(tmp_path, bad, message):
 def test_missing_field_and_bad_json_are_named(tmp_path):
     row = sciknoweval_row(0)
     del row["answerKey"]
-    cfg = TargetTaskConfig(name="sciknoweval", source=str(write_jsonl(tmp_path / "c.jsonl", [row])), n_train=1,
-                           n_test=1)
+    cfg = TargetTaskConfig(
+        name="sciknoweval", source=str(write_jsonl(tmp_path / "c.jsonl", [row])), n_train=1, n_test=1
+    )
     with pytest.raises(DatasetRowError, match="row 0: missing field 'answerKey'"):
         load_target_splits(cfg)
     broken = tmp_path / "d.jsonl"
