@@ -26,7 +26,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check dcv tests ray_jobs bench
+	$(BIN)/ruff check dcv tests
+	$(BIN)/ruff format --check dcv tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -74,7 +74,7 @@ def run_eval(cfg: ExperimentConfig, model_cfg) -> dict[str, float]:
 
     from dcv import tracking
     from dcv.evaluation import evaluate_model, sample_kl_reference
-    from dcv.models import load_model, load_model_and_tokenizer
+    from dcv.models import load_model, load_tokenizer
     from dcv.tasks import load_target_splits
     from dcv.tasks.probes import build_probes
 
@@ -83,8 +83,9 @@ def run_eval(cfg: ExperimentConfig, model_cfg) -> dict[str, float]:
     _, test_items = load_target_splits(cfg.target_task)
     tracking_uri = tracking.resolve_tracking_uri(cfg)
     start = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(model_cfg)
+    tokenizer = load_tokenizer(model_cfg)
     probes = build_probes(cfg.probes, tokenizer)
+    model = load_model(model_cfg, tokenizer)
     base_model = kl_reference = None
     if model_cfg.name != cfg.model.name:
         base_model = load_model(cfg.model, tokenizer)

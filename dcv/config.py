@@ -20,6 +20,7 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
 
 BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny")
+RUN_NAME = r"^[A-Za-z0-9][\w.-]*$"  # names are used in MLflow filters and storage paths
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PROBE_NAMES = ("ioi", "capitals", "greater_than", "induction")
 CHEMISTRY_KINDS = (
@@ -204,7 +205,7 @@ class SweepConfig(Section):
     )
     max_concurrent_trials: PositiveInt = 1
     scheduler: Literal["none", "asha"] = "none"
-    name: str = "sweep"
+    name: str = Field("sweep", pattern=RUN_NAME)
 
     @field_validator("seeds")
     @classmethod
@@ -270,9 +271,6 @@ class ResourcesConfig(Section):
     cpus_per_worker: PositiveFloat = 1.0
     gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
     max_failures: NonNegativeInt = 1
-    torch_threads: PositiveInt | None = Field(
-        None, description="intra-op threads per process; None = torch default"
-    )
 
     @model_validator(mode="after")
     def _gpu_consistent(self) -> ResourcesConfig:
@@ -284,7 +282,7 @@ class ResourcesConfig(Section):
 
 
 class ExperimentConfig(Section):
-    name: str = "dcv"
+    name: str = Field("dcv", pattern=RUN_NAME)
     model: ModelConfig
     target_task: TargetTaskConfig = TargetTaskConfig()
     probes: list[ProbeConfig] = Field(min_length=1)

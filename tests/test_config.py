@@ -80,6 +80,7 @@ MALFORMED = [
     ("credentials in tracking uri", edit("tracking.uri", "http://alice:s3cret@mlflow:5000"), "tracking.uri"),
     ("negative eval batch", edit("evaluation.batch_size", -4), "evaluation.batch_size"),
     ("section is a list", edit("sft", [1, 2]), "sft: Input should be"),
+    ("name unsafe for paths", edit("name", "../etc"), "name: String should match pattern"),
     ("empty sweep grid values", edit("sweep.grid", {"sft.max_steps": []}), "sweep.grid.sft.max_steps: empty"),
 ]
 
