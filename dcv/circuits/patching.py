@@ -1,0 +1,267 @@
+"""Head effects: how much each attention head carries a probe's behaviour.
+
+Clean run: the model on the clean prompts. Corrupted run: the same model on the corrupted prompts (same
+token length, the information the task needs removed). Patching head h means running the clean prompts
+with h's output (``blocks.L.attn.hook_z[:, :, h]``) taken from the corrupted run. With LD the logit
+difference (correct - wrong answer token) at the last position, the effect of h on a set of items is
+
+    e_h = mean_i(LD_clean_i - LD_patched_i) / mean_i(LD_clean_i - LD_corrupt_i)
+
+1 means patching h alone removes the whole clean-vs-corrupted difference; 0 means h does not matter. The
+ratio of means (not the mean of per-item ratios) keeps items whose clean and corrupted LDs nearly agree
+from dominating; per-item numerators and denominators are kept (`item_effects`) so that confidence
+intervals can resample items.
+
+Three methods, one table shape:
+- ``exact``: activation patching. Heads of one layer are patched in one forward by expanding the batch
+  (one copy of the items per head); the run starts at the head's layer from the cached clean residual
+  stream and computes only positions from the first clean/corrupted difference, attending to cached clean
+  keys and values before it (`dcv.circuits.decoder`). Numerically the naive per-head loop.
+- ``attribution``: first-order estimate, (z_clean - z_corrupt) . dLD/dz at the clean run; one forward on
+  each prompt set and one backward per batch.
+- ``ig``: integrated gradients over the same node activations (EAP-IG style): the gradient is averaged
+  over ``steps`` points on the straight line from the corrupted to the clean input embeddings.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import polars as pl
+import torch
+from transformers import PreTrainedModel
+
+from dcv.circuits.decoder import DecoderCache, Prefix, check_heads, hook_z_name, model_shape, run_decoder
+from dcv.tasks.items import ProbeItem
+
+METHODS = ("exact", "attribution", "ig")
+# The head-effect table: one row per (model, probe, method, layer, head). Every stage reads these columns.
+EFFECT_SCHEMA = {
+    "model": pl.String,
+    "probe": pl.String,
+    "method": pl.String,
+    "layer": pl.Int32,
+    "head": pl.Int32,
+    "effect": pl.Float64,
+    "n_items": pl.Int32,
+}
+# Per-item parts of an effect (for bootstrap over items): effect = mean(delta) / mean(denominator).
+ITEM_SCHEMA = {
+    "layer": pl.Int32,
+    "head": pl.Int32,
+    "item": pl.Int32,
+    "delta": pl.Float64,
+    "denominator": pl.Float64,
+}
+
+Head = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ContrastBatch:
+    """Equal-length items: clean and corrupted ids [n, pos], answer ids [n], and their indices in the probe."""
+
+    clean: torch.Tensor
+    corrupt: torch.Tensor
+    correct: torch.Tensor
+    wrong: torch.Tensor
+    index: torch.Tensor
+
+    @property
+    def first_difference(self) -> int:
+        """The first position where any item's clean and corrupted prompts differ."""
+        differs = (self.clean != self.corrupt).any(dim=0).nonzero()
+        if len(differs) == 0:
+            raise ValueError("clean and corrupted prompts are identical: no contrast to patch")
+        return int(differs[0])
+
+    def logit_diff(self, logits: torch.Tensor) -> torch.Tensor:
+        """LD per row of last-position logits [rows, vocab]; rows repeat the batch's items."""
+        n = len(self.correct)
+        rows = torch.arange(logits.shape[0])
+        correct = self.correct.repeat(logits.shape[0] // n).to(logits.device)
+        wrong = self.wrong.repeat(logits.shape[0] // n).to(logits.device)
+        return logits[rows, correct] - logits[rows, wrong]
+
+
+def contrast_batches(items: Sequence[ProbeItem], batch_size: int) -> Iterator[ContrastBatch]:
+    """Items grouped by token length (no padding anywhere) and cut into batches of at most ``batch_size``."""
+    if not items:
+        raise ValueError("no probe items: head effects need at least one contrast pair")
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for index, item in enumerate(items):
+        by_length[len(item.clean_ids)].append(index)
+    for indices in by_length.values():
+        for start in range(0, len(indices), batch_size):
+            part = [items[i] for i in indices[start : start + batch_size]]
+            yield ContrastBatch(
+                clean=torch.tensor([it.clean_ids for it in part]),
+                corrupt=torch.tensor([it.corrupt_ids for it in part]),
+                correct=torch.tensor([it.correct_id for it in part]),
+                wrong=torch.tensor([it.wrong_id for it in part]),
+                index=torch.tensor(indices[start : start + batch_size]),
+            )
+
+
+@dataclass(frozen=True)
+class ItemEffects:
+    """Per-item parts of the head effects: delta[h, i] = LD_clean_i - LD_patched_hi; denominator[i]."""
+
+    heads: list[Head]
+    delta: torch.Tensor  # [n_heads, n_items]
+    denominator: torch.Tensor  # [n_items]
+
+    def effects(self) -> torch.Tensor:
+        """e_h = mean_i delta[h, i] / mean_i denominator[i], [n_heads]."""
+        return self.delta.mean(dim=1) / self.denominator.mean()
+
+
+@torch.inference_mode()
+def _exact_batch(model: PreTrainedModel, batch: ContrastBatch, heads: list[Head], chunk: int) -> torch.Tensor:
+    """delta [n_heads, n] for one batch; heads are grouped by layer, ``chunk`` heads per forward."""
+    clean, corrupt = DecoderCache(), DecoderCache()
+    ld_clean = batch.logit_diff(run_decoder(model, batch.clean, cache=clean))
+    run_decoder(model, batch.corrupt, cache=corrupt)
+    start = batch.first_difference
+    prefix = Prefix([k[:, :, :start] for k in clean.keys], [v[:, :, :start] for v in clean.values])
+    n = len(batch.correct)
+    delta = torch.empty(len(heads), n)
+    by_layer: dict[int, list[int]] = defaultdict(list)
+    for row, (layer, _) in enumerate(heads):
+        by_layer[layer].append(row)
+    for layer, rows in by_layer.items():
+        for part in range(0, len(rows), chunk):
+            chunk_rows = rows[part : part + chunk]
+            patched_heads = [heads[r][1] for r in chunk_rows]
+            z_corrupt = corrupt.z[layer][:, start:]  # [n, pos, head, d_head]
+
+            def patch(z: torch.Tensor, patched_heads: list[int] = patched_heads) -> torch.Tensor:
+                z = z.clone().view(len(patched_heads), n, *z.shape[1:])  # [copy, n, pos, head, d_head]
+                for copy, head in enumerate(patched_heads):
+                    z[copy, :, :, head] = z_corrupt[:, :, head]
+                return z.view(-1, *z.shape[2:])
+
+            logits = run_decoder(
+                model,
+                hidden=clean.resid_pre[layer][:, start:].repeat(len(chunk_rows), 1, 1),
+                start_layer=layer,
+                start_pos=start,
+                prefix=Prefix(prefix.keys, prefix.values, repeat=len(chunk_rows)),
+                z_hooks={hook_z_name(layer): patch},
+            )
+            ld_patched = batch.logit_diff(logits).view(len(chunk_rows), n).cpu()
+            delta[chunk_rows] = ld_clean.cpu() - ld_patched
+    return delta
+
+
+def _integrated_gradients_batch(
+    model: PreTrainedModel,
+    batch: ContrastBatch,
+    heads: list[Head],
+    steps: int,
+) -> torch.Tensor:
+    """delta [n_heads, n] ~ (z_clean - z_corrupt) . mean over alpha of dLD/dz at embeddings
+    corrupt + alpha (clean - corrupt), alpha = 1/steps .. 1. ``steps=1`` is attribution patching."""
+    with torch.no_grad():
+        clean, corrupt = DecoderCache(), DecoderCache()
+        run_decoder(model, batch.clean, cache=clean)
+        run_decoder(model, batch.corrupt, cache=corrupt)
+        embed = model.model.embed_tokens
+        emb_clean = embed(batch.clean.to(embed.weight.device))
+        emb_corrupt = embed(batch.corrupt.to(embed.weight.device))
+    grads = [torch.zeros_like(z) for z in clean.z]
+    for step in range(1, steps + 1):
+        alpha = step / steps
+        # Zero leaves added to every z: their gradient is the total derivative of LD with respect to z.
+        leaves = [torch.zeros_like(z, requires_grad=True) for z in clean.z]
+        hooks = {hook_z_name(layer): (lambda z, leaf=leaf: z + leaf) for layer, leaf in enumerate(leaves)}
+        with torch.enable_grad():
+            hidden = (emb_corrupt + alpha * (emb_clean - emb_corrupt)).clone()
+            ld = batch.logit_diff(run_decoder(model, hidden=hidden, z_hooks=hooks))
+            step_grads = torch.autograd.grad(ld.sum(), leaves)
+        for total, grad in zip(grads, step_grads, strict=True):
+            total += grad.detach() / steps
+    delta = torch.empty(len(heads), len(batch.correct))
+    for row, (layer, head) in enumerate(heads):
+        diff = clean.z[layer][:, :, head] - corrupt.z[layer][:, :, head]  # [n, pos, d_head]
+        delta[row] = (grads[layer][:, :, head] * diff).sum(dim=(1, 2)).float().cpu()
+    return delta
+
+
+def item_effects(
+    model: PreTrainedModel,
+    items: Sequence[ProbeItem],
+    method: str = "exact",
+    heads: list[Head] | None = None,
+    batch_size: int = 16,
+    head_chunk_size: int = 32,
+    ig_steps: int = 8,
+) -> ItemEffects:
+    """Per-item effect parts of ``heads`` (default: every head) on ``items`` by ``method``."""
+    if method not in METHODS:
+        raise ValueError(f"patching method {method!r} is unknown; choose one of {', '.join(METHODS)}")
+    heads = list(heads) if heads is not None else model_shape(model).heads
+    check_heads(model, heads)
+    delta = torch.empty(len(heads), len(items))
+    denominator = torch.empty(len(items))
+    for batch in contrast_batches(items, batch_size):
+        with torch.inference_mode():
+            ld_clean = batch.logit_diff(run_decoder(model, batch.clean)).cpu()
+            ld_corrupt = batch.logit_diff(run_decoder(model, batch.corrupt)).cpu()
+        denominator[batch.index] = ld_clean - ld_corrupt
+        if method == "exact":
+            delta[:, batch.index] = _exact_batch(model, batch, heads, head_chunk_size)
+        else:
+            steps = 1 if method == "attribution" else ig_steps
+            delta[:, batch.index] = _integrated_gradients_batch(model, batch, heads, steps)
+    return ItemEffects(heads, delta, denominator)
+
+
+def effects_table(effects: ItemEffects, model_id: str, probe: str, method: str) -> pl.DataFrame:
+    """The tidy head-effect table (EFFECT_SCHEMA) of one (model, probe, method)."""
+    values = effects.effects().tolist()
+    return pl.DataFrame(
+        {
+            "model": [model_id] * len(values),
+            "probe": [probe] * len(values),
+            "method": [method] * len(values),
+            "layer": [layer for layer, _ in effects.heads],
+            "head": [head for _, head in effects.heads],
+            "effect": values,
+            "n_items": [effects.delta.shape[1]] * len(values),
+        },
+        schema=EFFECT_SCHEMA,
+    )
+
+
+def item_table(effects: ItemEffects) -> pl.DataFrame:
+    """Per-item parts (ITEM_SCHEMA), long format: one row per (head, item)."""
+    n_heads, n_items = effects.delta.shape
+    return pl.DataFrame(
+        {
+            "layer": [layer for layer, _ in effects.heads for _ in range(n_items)],
+            "head": [head for _, head in effects.heads for _ in range(n_items)],
+            "item": list(range(n_items)) * n_heads,
+            "delta": effects.delta.flatten().tolist(),
+            "denominator": effects.denominator.repeat(n_heads).tolist(),
+        },
+        schema=ITEM_SCHEMA,
+    )
+
+
+def head_effects(
+    model: PreTrainedModel,
+    items: Sequence[ProbeItem],
+    model_id: str,
+    probe: str,
+    method: str = "exact",
+    heads: list[Head] | None = None,
+    batch_size: int = 16,
+    head_chunk_size: int = 32,
+    ig_steps: int = 8,
+) -> pl.DataFrame:
+    """Head effects of ``model`` on a probe's items as the tidy EFFECT_SCHEMA table."""
+    effects = item_effects(model, items, method, heads, batch_size, head_chunk_size, ig_steps)
+    return effects_table(effects, model_id, probe, method)
