@@ -52,8 +52,8 @@ def model_shape(model: PreTrainedModel) -> ModelShape:
     config = model.config
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
-            f"circuits: model type {config.model_type!r} is not supported; head patching re-states the decoder "
-            f"layer of {', '.join(SUPPORTED_MODEL_TYPES)} models"
+            f"circuits: model type {config.model_type!r} is not supported; head patching re-states the "
+            f"decoder layer of {', '.join(SUPPORTED_MODEL_TYPES)} models"
         )
     d_head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return ModelShape(
@@ -84,7 +84,7 @@ class DecoderCache:
 
 @dataclass(frozen=True)
 class Prefix:
-    """Cached clean keys/values of positions before ``start_pos``, shared by ``repeat`` copies of the batch."""
+    """Clean keys/values of the positions before ``start_pos``, shared by ``repeat`` copies of the batch."""
 
     keys: list[torch.Tensor]  # per layer, [batch, kv_head, start_pos, d_head]
     values: list[torch.Tensor]

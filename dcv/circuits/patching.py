@@ -61,7 +61,7 @@ Head = tuple[int, int]
 
 @dataclass(frozen=True)
 class ContrastBatch:
-    """Equal-length items: clean and corrupted ids [n, pos], answer ids [n], and their indices in the probe."""
+    """Equal-length items: clean and corrupted ids [n, pos], answer ids [n], their indices in the probe."""
 
     clean: torch.Tensor
     corrupt: torch.Tensor
@@ -137,7 +137,9 @@ def _exact_batch(model: PreTrainedModel, batch: ContrastBatch, heads: list[Head]
             patched_heads = [heads[r][1] for r in chunk_rows]
             z_corrupt = corrupt.z[layer][:, start:]  # [n, pos, head, d_head]
 
-            def patch(z: torch.Tensor, patched_heads: list[int] = patched_heads) -> torch.Tensor:
+            def patch(
+                z: torch.Tensor, patched_heads: list[int] = patched_heads, z_corrupt=z_corrupt
+            ) -> torch.Tensor:
                 z = z.clone().view(len(patched_heads), n, *z.shape[1:])  # [copy, n, pos, head, d_head]
                 for copy, head in enumerate(patched_heads):
                     z[copy, :, :, head] = z_corrupt[:, :, head]
