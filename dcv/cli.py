@@ -1,7 +1,17 @@
 """The ``dcv`` command.
 
-dcv validate CONFIG                      check a config; exit 0, or print every problem and exit 2
-dcv eval CONFIG [--model M] [--set k=v]  score a model on the target task and every probe; log to MLflow
+    dcv validate CONFIG                       check a config; exit 0, or print every problem and exit 2
+    dcv eval CONFIG [--model M]               target accuracy, every probe's accuracy and mean LD, KL to
+                                              the config's base model when M differs; logged to MLflow
+    dcv patch CONFIG --probe P [--model M] [--method exact|attribution|ig]
+                                              head effects on a probe: prints the top heads, writes the
+                                              table to <storage>/patching/cli/
+    dcv circuit CONFIG --probe P [--model M] [--method ...]
+                                              the probe's circuit from that table (computed if missing),
+                                              its faithfulness, and a layer x head heatmap PNG
+
+Every command takes ``--set dotted.key=value`` (repeatable) to override the config. Heavy imports
+(torch, transformers, mlflow) happen inside the commands, so ``dcv validate`` is instant.
 """
 
 from __future__ import annotations
@@ -10,34 +20,40 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
-from dcv.config import ConfigError, ExperimentConfig, load_config
+from dcv.config import ConfigError, ExperimentConfig, ModelConfig, load_config
 
 EXIT_BAD_INPUT = 2
+METHODS = ("exact", "attribution", "ig")  # dcv.circuits.patching.METHODS, named here without importing torch
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcv", description="Differential circuit vulnerability experiments")
     commands = parser.add_subparsers(dest="command", required=True)
-
     validate = commands.add_parser("validate", help="check a config file")
     validate.add_argument("config")
-
-    evaluate = commands.add_parser(
-        "eval", help="score a model: target accuracy, probes, KL to the config's base"
-    )
-    evaluate.add_argument("config")
-    evaluate.add_argument(
-        "--model", help="model to score (local folder, hub id, built-in name); default model.name"
-    )
-    evaluate.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field by dotted path (repeatable)",
-    )
+    helps = {
+        "eval": "score a model: target accuracy, probes, KL to the config's base",
+        "patch": "head effects of a model on a probe",
+        "circuit": "a probe's circuit and its faithfulness",
+    }
+    for name, text in helps.items():
+        command = commands.add_parser(name, help=text)
+        command.add_argument("config")
+        command.add_argument("--model", help="local folder, hub id or built-in name; default model.name")
+        command.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config field by dotted path (repeatable)",
+        )
+        if name != "eval":
+            command.add_argument("--probe", required=True, help="one of the config's probes")
+            command.add_argument("--method", default="exact", choices=METHODS)
+            command.add_argument("--top", type=int, default=15, help="how many heads to print")
     return parser
 
 
@@ -46,39 +62,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = list(getattr(args, "overrides", []))
     try:
         cfg = load_config(args.config, overrides)
-        model_cfg = (
-            cfg.model
-            if not getattr(args, "model", None)
-            else load_config(args.config, [*overrides, f"model.name={args.model}"]).model
-        )
+        model_cfg = cfg.model
+        if getattr(args, "model", None):
+            model_cfg = load_config(args.config, [*overrides, f"model.name={args.model}"]).model
     except ConfigError as exc:
         print(f"dcv {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.command == "validate":
-        print(
-            f"{args.config}: ok (model {cfg.model.name}, target {cfg.target_task.name}, "
-            f"probes {', '.join(p.name for p in cfg.probes)})"
-        )
+        probes = ", ".join(p.name for p in cfg.probes)
+        print(f"{args.config}: ok (model {cfg.model.name}, target {cfg.target_task.name}, probes {probes})")
         return 0
     try:
-        run_eval(cfg, model_cfg)
+        if args.command == "eval":
+            run_eval(cfg, model_cfg)
+        else:
+            if args.probe not in [p.name for p in cfg.probes]:
+                names = ", ".join(p.name for p in cfg.probes)
+                raise ValueError(f"--probe {args.probe!r} is not one of the config's probes ({names})")
+            if args.command == "patch":
+                run_patch(cfg, model_cfg, args.probe, args.method, args.top)
+            else:
+                run_circuit(cfg, model_cfg, args.probe, args.method)
     except (FileNotFoundError, ValueError) as exc:
         print(f"dcv {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
 
 
-def run_eval(cfg: ExperimentConfig, model_cfg) -> dict[str, float]:
-    """Evaluate ``model_cfg``'s model with ``cfg``'s tasks; KL is to ``cfg.model`` when they differ."""
+def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
+
+
+def run_eval(cfg: ExperimentConfig, model_cfg: ModelConfig) -> dict[str, float]:
+    """Evaluate ``model_cfg``'s model with ``cfg``'s tasks; KL is to ``cfg.model`` when they differ."""
     from dcv import tracking
     from dcv.evaluation import evaluate_model, sample_kl_reference
     from dcv.models import load_model, load_tokenizer
     from dcv.tasks import load_target_splits
     from dcv.tasks.probes import build_probes
 
-    hf_logging.disable_progress_bar()
+    _quiet_transformers()
     # Everything that can fail on bad input is built before the model is loaded.
     _, test_items = load_target_splits(cfg.target_task)
     tracking_uri = tracking.resolve_tracking_uri(cfg)
@@ -94,10 +119,8 @@ def run_eval(cfg: ExperimentConfig, model_cfg) -> dict[str, float]:
     seconds = time.perf_counter() - start
 
     print(format_scores(model_cfg.name, metrics, probes))
-    print(
-        f"evaluated in {seconds:.1f} s; probe items kept / generated: "
-        + ", ".join(f"{p.name} {len(p)}/{p.n_candidates}" for p in probes)
-    )
+    kept = ", ".join(f"{p.name} {len(p)}/{p.n_candidates}" for p in probes)
+    print(f"evaluated in {seconds:.1f} s; probe items kept / generated: {kept}")
     tags = {"dcv.stage": "eval", "dcv.model": model_cfg.name}
     with tracking.child_run(cfg, f"eval:{model_cfg.name}", tags=tags) as run:
         run.log_params({"eval.model": model_cfg.name})
@@ -119,6 +142,105 @@ def format_scores(model_name: str, metrics: dict[str, float], probes) -> str:
     if "kl_to_base" in metrics:
         lines.append(f"{'KL(base || model)':<20}{'':>7}{metrics['kl_to_base']:>10.4f}")
     return "\n".join(lines)
+
+
+def model_slug(name: str) -> str:
+    """A file-name-safe id of a model name or path."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name.strip("/")).strip("_.") or "model"
+
+
+def patch_table_path(cfg: ExperimentConfig, model_name: str, probe: str, method: str) -> Path:
+    from dcv.tracking import local_storage_root
+
+    return (
+        local_storage_root(cfg) / "patching" / "cli" / f"{model_slug(model_name)}__{probe}__{method}.parquet"
+    )
+
+
+def run_patch(cfg: ExperimentConfig, model_cfg: ModelConfig, probe: str, method: str, top: int):
+    """Head effects of one model on one probe; a valid table from an earlier run is reused, not redone."""
+    import polars as pl
+
+    from dcv.circuits.patching import EFFECT_SCHEMA, head_effects
+    from dcv.models import load_model, load_tokenizer
+    from dcv.storage import read_parquet, write_parquet
+    from dcv.tasks.probes import build_probe
+
+    _quiet_transformers()
+    path = patch_table_path(cfg, model_cfg.name, probe, method)
+    tokenizer = load_tokenizer(model_cfg)
+    items = build_probe(cfg.probe(probe), tokenizer).items
+    table = read_parquet(path)
+    if table is not None and table.schema == EFFECT_SCHEMA and table["n_items"][0] == len(items):
+        print(f"reusing {path}")
+    else:
+        model = load_model(model_cfg, tokenizer)
+        start = time.perf_counter()
+        table = head_effects(
+            model,
+            items,
+            model_cfg.name,
+            probe,
+            method,
+            batch_size=cfg.patching.batch_size,
+            head_chunk_size=cfg.patching.head_chunk_size,
+            ig_steps=cfg.patching.ig_steps,
+        )
+        seconds = time.perf_counter() - start
+        print(f"patched {table.height} heads x {len(items)} items ({method}) in {seconds:.1f} s")
+        write_parquet(table, path)
+    if top:
+        print(f"top heads of {model_cfg.name} on {probe} ({method}, {len(items)} items):")
+        print(f"{'layer':>6}{'head':>6}{'effect':>10}")
+        for layer, head, effect in (
+            table.sort(pl.col("effect").abs(), descending=True)
+            .head(top)
+            .select("layer", "head", "effect")
+            .iter_rows()
+        ):
+            print(f"{layer:>6}{head:>6}{effect:>10.3f}")
+        print(f"table: {path}")
+    return table, items
+
+
+def run_circuit(cfg: ExperimentConfig, model_cfg: ModelConfig, probe: str, method: str):
+    from dcv import tracking
+    from dcv.circuits.circuit import circuit_table, select_circuit
+    from dcv.models import load_model, load_tokenizer
+    from dcv.report import plot_head_heatmap
+    from dcv.storage import write_parquet
+
+    effects, items = run_patch(cfg, model_cfg, probe, method, top=0)
+    model = load_model(model_cfg, load_tokenizer(model_cfg))
+    circuit = select_circuit(model, items, effects, cfg.circuits, batch_size=cfg.patching.batch_size)
+    c = cfg.circuits
+    rule = (
+        f"top {c.top_k}"
+        if c.selection == "top_k"
+        else f"smallest top set with F >= {c.tau}, at most {c.k_max}"
+    )
+    missed = "" if circuit.reached_tau else f"; tau {c.tau} not reached"
+    print(
+        f"circuit of {model_cfg.name} on {probe} ({method}; {rule}): {len(circuit)} heads, "
+        f"faithfulness {circuit.faithfulness:.3f}{missed}"
+    )
+    print("heads (layer.head): " + " ".join(f"{layer}.{head}" for layer, head in circuit.heads))
+    print("faithfulness of the top-k sets: " + " ".join(f"{f:.2f}" for f in circuit.curve))
+    table_path = patch_table_path(cfg, model_cfg.name, probe, method)
+    circuit_path = write_parquet(circuit_table(circuit, effects), table_path.with_suffix(".circuit.parquet"))
+    png = plot_head_heatmap(
+        effects,
+        table_path.with_suffix(".heatmap.png"),
+        title=f"{model_cfg.name} / {probe} / {method}: {len(circuit)} heads, F = {circuit.faithfulness:.2f}",
+        marked=circuit.heads,
+    )
+    print(f"circuit: {circuit_path}\nheatmap: {png}")
+    tags = {"dcv.stage": "circuit", "dcv.model": model_cfg.name, "dcv.probe": probe}
+    with tracking.child_run(cfg, f"circuit:{model_cfg.name}:{probe}:{method}", tags=tags) as run:
+        run.log_metrics({"circuit/size": len(circuit), "circuit/faithfulness": circuit.faithfulness})
+        for path in (table_path, circuit_path, png):
+            run.log_artifact(path, artifact_path="circuits")
+    return circuit
 
 
 if __name__ == "__main__":

