@@ -38,13 +38,21 @@ def test_dcv_eval_tiny_prints_scores_and_logs_to_mlflow(tiny_config_file, tmp_pa
     assert not (tmp_path / "mlruns").exists()  # nothing written to the working directory
 
 
-def test_dcv_eval_of_another_model_reports_kl_to_base(tiny_config_file, tmp_path):
-    result = run_dcv(
-        "eval", str(tiny_config_file), "--model", "tiny", "--set", "model.tiny.seed=1", cwd=tmp_path
+def test_dcv_eval_of_another_model_reports_kl_to_base(tiny_config_file, tmp_path, tokenizer):
+    from dcv.config import ModelConfig, TinyModelConfig
+    from dcv.models import load_model, save_model
+
+    other = save_model(
+        load_model(ModelConfig(name="tiny", tiny=TinyModelConfig(seed=1)), tokenizer),
+        tokenizer,
+        tmp_path / "tiny-seed-1",
     )
+    result = run_dcv("eval", str(tiny_config_file), "--model", str(other), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    # --set changes the base too, so the model scored equals the base: no KL line
-    assert "KL(base || model)" not in result.stdout
+    kl_line = next(line for line in result.stdout.splitlines() if line.startswith("KL(base || model)"))
+    assert float(kl_line.split()[-1]) > 0.01
+    result = run_dcv("eval", str(tiny_config_file), "--model", str(tmp_path / "missing"), cwd=tmp_path)
+    assert result.returncode == 2 and "model.name" in result.stderr
 
 
 def test_dcv_eval_bad_config_exits_2_before_loading(tmp_path):
@@ -55,3 +63,24 @@ def test_dcv_eval_bad_config_exits_2_before_loading(tmp_path):
     assert "sft.learning_rate" in result.stderr and str(bad) in result.stderr
     result = run_dcv("eval", str(bad).replace("bad", "absent"), cwd=tmp_path)
     assert result.returncode == 2 and "no such config file" in result.stderr
+
+
+def test_dcv_patch_then_circuit_reuses_the_table(tiny_config_file, tmp_path):
+    result = run_dcv("patch", str(tiny_config_file), "--probe", "ioi", "--top", "3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "patched 8 heads x 8 items (exact)" in result.stdout
+    table = tmp_path / "storage" / "patching" / "cli" / "tiny__ioi__exact.parquet"
+    assert table.is_file()
+    stamp = table.stat().st_mtime_ns
+    result = run_dcv("circuit", str(tiny_config_file), "--probe", "ioi", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "reusing" in result.stdout and table.stat().st_mtime_ns == stamp  # not recomputed
+    assert "faithfulness" in result.stdout
+    assert (table.parent / "tiny__ioi__exact.heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    assert (table.parent / "tiny__ioi__exact.circuit.parquet").is_file()
+
+
+def test_dcv_patch_unknown_probe_exits_2(tiny_config_file, tmp_path):
+    result = run_dcv("patch", str(tiny_config_file), "--probe", "sarcasm", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--probe 'sarcasm' is not one of the config's probes" in result.stderr
