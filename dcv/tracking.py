@@ -97,6 +97,14 @@ class RunLogger:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
 
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+    @classmethod
+    def attach(cls, tracking_uri: str, run_id: str) -> RunLogger:
+        """Log to an existing run from another process (a Ray worker)."""
+        return cls(MlflowClient(tracking_uri=tracking_uri), run_id)
+
 
 def _experiment_id(cfg: ExperimentConfig, client: MlflowClient, uri: str) -> str:
     name = cfg.tracking.experiment_name
@@ -132,6 +140,36 @@ def get_or_create_parent_run(cfg: ExperimentConfig) -> RunLogger:
     parent = RunLogger(client, run.info.run_id)
     parent.log_params(config_params(cfg))
     return parent
+
+
+RUN_KEY_TAG = "dcv.run_key"
+
+
+def get_or_create_child_run(
+    cfg: ExperimentConfig, run_name: str, tags: Mapping[str, str] | None = None
+) -> RunLogger:
+    """The child run named ``run_name`` under the parent run: created once, found again on every rerun."""
+    parent = get_or_create_parent_run(cfg)
+    client = parent.client
+    experiment_id = client.get_run(parent.run_id).info.experiment_id
+    same_key = f"tags.`{RUN_KEY_TAG}` = '{run_name}'"
+    same_parent = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.run_id}'"
+    found = client.search_runs([experiment_id], filter_string=f"{same_key} and {same_parent}", max_results=1)
+    if found:
+        return RunLogger(client, found[0].info.run_id)
+    run = client.create_run(
+        experiment_id,
+        run_name=run_name,
+        tags={
+            MLFLOW_PARENT_RUN_ID: parent.run_id,
+            EXPERIMENT_TAG: cfg.name,
+            RUN_KEY_TAG: run_name,
+            **(tags or {}),
+        },
+    )
+    logger = RunLogger(client, run.info.run_id)
+    logger.log_params(config_params(cfg))
+    return logger
 
 
 @contextmanager

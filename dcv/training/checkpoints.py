@@ -1,0 +1,168 @@
+"""Evaluated checkpoints, the same for SFT and GRPO: the contract later stages read.
+
+Every ``eval_every`` optimizer steps (and at step 0, the base model) each worker hands Ray Train its part
+of an HF Trainer checkpoint (rank 0: model, tokenizer, optimizer, scheduler, trainer state; every rank:
+its RNG state) with ``ray.train.report``; Ray merges the parts into one checkpoint folder under
+``<storage>/trials/<trial>/`` with the step in its metadata. Rank 0 evaluates the model first (target
+accuracy, probe scores, KL to base from `dcv.evaluation`) and reports those metrics with the train loss
+or mean reward since the previous checkpoint, and logs them to the trial's MLflow run.
+
+A restarted worker resumes from ``ray.train.get_checkpoint()``: the HF Trainer restores model, optimizer,
+scheduler, RNG and step from the merged folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+
+from dcv.config import ExperimentConfig
+from dcv.evaluation import KLReference, evaluate_model, sample_kl_reference
+from dcv.models import load_model
+from dcv.tasks import load_target_splits
+from dcv.tasks.items import ProbeSet, QAItem
+from dcv.tasks.probes import build_probes
+from dcv.tracking import RunLogger
+
+METADATA_FILE = "dcv_checkpoint.json"  # inside each checkpoint folder: step, method, trial, metrics
+
+
+@dataclass
+class EvaluationKit:
+    """What rank 0 needs to evaluate a checkpoint; built once per worker process."""
+
+    cfg: ExperimentConfig
+    tokenizer: PreTrainedTokenizerBase
+    test_items: list[QAItem]
+    probes: list[ProbeSet]
+    base_model: PreTrainedModel
+    kl_reference: KLReference
+
+    @classmethod
+    def build(cls, cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> EvaluationKit:
+        _, test_items = load_target_splits(cfg.target_task)
+        base_model = load_model(cfg.model, tokenizer)
+        reference = sample_kl_reference(base_model, tokenizer, test_items, cfg.evaluation)
+        return cls(cfg, tokenizer, test_items, build_probes(cfg.probes, tokenizer), base_model, reference)
+
+    def evaluate(self, model: PreTrainedModel) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        try:
+            return evaluate_model(
+                model,
+                self.tokenizer,
+                self.cfg.evaluation,
+                self.test_items,
+                self.probes,
+                self.base_model,
+                self.kl_reference,
+            )
+        finally:
+            model.train(was_training)
+
+
+def is_rank_zero() -> bool:
+    return ray.train.get_context().get_world_rank() == 0
+
+
+def train_metric_since(log_history: list[dict[str, Any]], key: str, after_step: int) -> float | None:
+    """Mean of a logged train metric (``loss``, ``reward``) over steps after ``after_step``."""
+    values = [e[key] for e in log_history if key in e and e.get("step", 0) > after_step]
+    return sum(values) / len(values) if values else None
+
+
+class EvaluatedCheckpoints(TrainerCallback):
+    """HF Trainer callback: on every save, evaluate (rank 0) and report the checkpoint to Ray Train."""
+
+    def __init__(self, kit: EvaluationKit | None, method: str, trial: str, train_metric: str, log_run=None):
+        self.kit = kit  # None on ranks > 0
+        self.method = method
+        self.trial = trial
+        self.train_metric = train_metric  # "loss" for SFT, "reward" for GRPO
+        self.log_run = log_run  # RunLogger on rank 0, None elsewhere
+        self.last_step = 0
+
+    def report(self, step: int, folder: Path, model: PreTrainedModel, extra: dict[str, float]) -> None:
+        metrics: dict[str, float] = {"step": float(step), **extra}
+        if self.kit is not None:
+            metrics.update(self.kit.evaluate(model))
+            (folder / METADATA_FILE).write_text(
+                json.dumps({"step": step, "method": self.method, "trial": self.trial, "metrics": metrics})
+            )
+            if self.log_run is not None:
+                self.log_run.log_metrics(metrics, step=step)
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder))
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}")
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.last_step = state.global_step
+        if state.global_step > 0:
+            return
+        # Step 0 is the base model: a weights-only checkpoint, evaluated like the others.
+        folder = Path(tempfile.mkdtemp(prefix="dcv-step0-"))
+        try:
+            if self.kit is not None:
+                model.save_pretrained(folder)
+                self.kit.tokenizer.save_pretrained(folder)
+            self.report(0, folder, model, {})
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        step = state.global_step
+        folder = Path(args.output_dir) / f"checkpoint-{step}"
+        folder.mkdir(parents=True, exist_ok=True)  # ranks > 0 may have written nothing but their RNG state
+        extra = {}
+        value = train_metric_since(state.log_history, self.train_metric, self.last_step)
+        if value is not None:
+            extra[f"train/{self.train_metric}"] = value
+        self.report(step, folder, model, extra)
+        self.last_step = step
+        # Ray holds the persisted copy; the local one only costs disk.
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def restore_latest(output_dir: Path) -> str | None:
+    """Copy Ray Train's latest checkpoint into ``output_dir`` for the HF Trainer; None when starting fresh."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        meta_file = Path(folder) / METADATA_FILE
+        step = int(json.loads(meta_file.read_text())["step"]) if meta_file.exists() else 0
+        if step == 0 or not (Path(folder) / "trainer_state.json").exists():
+            return None  # the base-model checkpoint: nothing to resume
+        target = output_dir / f"checkpoint-{step}"
+        shutil.copytree(folder, target, dirs_exist_ok=True)
+    return str(target)
+
+
+def worker_output_dir(trial: str) -> Path:
+    """A local scratch folder per worker (rank in the name: each rank writes its own RNG state)."""
+    rank = ray.train.get_context().get_world_rank()
+    root = Path(os.environ.get("DCV_SCRATCH", tempfile.gettempdir())) / "dcv-train" / trial / f"rank{rank}"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def trial_logger(loop_config: dict[str, Any]) -> RunLogger | None:
+    """Rank 0 logs to the trial's MLflow run (created by the driver); other ranks log nothing."""
+    if not is_rank_zero() or not loop_config.get("run_id"):
+        return None
+    return RunLogger.attach(loop_config["tracking_uri"], loop_config["run_id"])
+
+
+def set_torch_threads(cpus_per_worker: float) -> None:
+    """One intra-op thread per CPU the worker asked for, so workers on one node don't oversubscribe."""
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, int(cpus_per_worker)))

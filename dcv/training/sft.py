@@ -1,0 +1,75 @@
+"""Supervised fine-tuning on the target task: TRL's SFTTrainer inside Ray Train workers.
+
+Run one trial with ``dcv train configs/demo.yaml --method sft``. Each worker builds, in order: model and
+tokenizer (the config's base model), the train split as prompt/completion conversations (so the loss
+covers the assistant's answer only, rendered with the model's own chat template), the TRL config (built
+here, inside the worker, because its ``__post_init__`` reads the world size), the trainer with the
+evaluated-checkpoint callback, and then trains, resuming from Ray Train's latest checkpoint if there is
+one. DDP over gloo on CPU and NCCL on GPU come from Ray Train's process group; ``sft.distributed: fsdp``
+shards the model for large models on GPUs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from datasets import Dataset
+from ray.train.huggingface.transformers import prepare_trainer
+from trl import SFTConfig, SFTTrainer
+
+from dcv.config import parse_config
+from dcv.models import load_model_and_tokenizer
+from dcv.tasks import load_target_splits
+from dcv.training.checkpoints import (
+    EvaluatedCheckpoints,
+    EvaluationKit,
+    is_rank_zero,
+    restore_latest,
+    set_torch_threads,
+    trial_logger,
+    worker_output_dir,
+)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    cfg = parse_config(loop_config["config"])
+    trial, seed = loop_config["trial"], loop_config["seed"]
+    set_torch_threads(cfg.resources.cpus_per_worker)
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    model.train()
+    train_items, _ = load_target_splits(cfg.target_task)
+    train_dataset = Dataset.from_list([item.to_row() for item in train_items])
+
+    output_dir = worker_output_dir(trial)
+    s = cfg.sft
+    args = SFTConfig(
+        output_dir=str(output_dir),
+        max_steps=s.max_steps,
+        learning_rate=s.learning_rate,
+        lr_scheduler_type=s.lr_scheduler,
+        warmup_steps=s.warmup_ratio,  # a float < 1 is a ratio of max_steps
+        weight_decay=s.weight_decay,
+        per_device_train_batch_size=s.per_device_batch_size,
+        gradient_accumulation_steps=s.gradient_accumulation_steps,
+        max_length=s.max_seq_length,
+        completion_only_loss=True,
+        seed=seed,
+        data_seed=seed,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=s.eval_every,
+        report_to="none",
+        use_cpu=not cfg.resources.use_gpu,
+        ddp_backend="nccl" if cfg.resources.use_gpu else "gloo",
+        bf16=cfg.model.dtype == "bfloat16",
+        fsdp="full_shard auto_wrap" if s.distributed == "fsdp" else "",
+        dataloader_num_workers=0,
+        disable_tqdm=not is_rank_zero(),
+    )
+    kit = EvaluationKit.build(cfg, tokenizer) if is_rank_zero() else None
+    callback = EvaluatedCheckpoints(kit, "sft", trial, "loss", log_run=trial_logger(loop_config))
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=[callback]
+    )
+    trainer = prepare_trainer(trainer)
+    trainer.train(resume_from_checkpoint=restore_latest(output_dir))

@@ -1,0 +1,122 @@
+"""One trial = one Ray Train run of one method at one (lr, seed): the driver side.
+
+``run_trial`` builds the ``TorchTrainer`` (workers, resources and failure policy from the config), points
+it at ``<storage>/trials/<trial>/``, and returns the trial's evaluated checkpoints. A trial that finished
+before is not run again: its ``trial.json`` (written last, atomically) lists the checkpoints. A trial that
+stopped part-way is rerun under the same name and storage, and its workers resume from the latest
+checkpoint (Ray Train V2's resume: ``ray.train.get_checkpoint()`` inside the loop).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from dcv import tracking
+from dcv.config import ExperimentConfig, config_to_dict
+from dcv.storage import atomic_path
+from dcv.training.checkpoints import METADATA_FILE
+
+METHODS = ("sft", "rl")
+TRIAL_FILE = "trial.json"
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    step: int
+    path: str
+    metrics: dict[str, float]
+
+
+def learning_rate(cfg: ExperimentConfig, method: str) -> float:
+    return cfg.sft.learning_rate if method == "sft" else cfg.rl.learning_rate
+
+
+def trial_name(cfg: ExperimentConfig, method: str, seed: int) -> str:
+    return f"{method}-lr{learning_rate(cfg, method):g}-seed{seed}"
+
+
+def trials_root(cfg: ExperimentConfig) -> Path:
+    return tracking.local_storage_root(cfg) / "trials"
+
+
+def list_checkpoints(trial_dir: Path) -> list[CheckpointRecord]:
+    """Evaluated checkpoints of a trial folder, by step (each folder's metadata names its step)."""
+    records = []
+    for meta in sorted(Path(trial_dir).glob(f"checkpoint_*/{METADATA_FILE}")):
+        data = json.loads(meta.read_text())
+        records.append(CheckpointRecord(int(data["step"]), str(meta.parent), data["metrics"]))
+    return sorted(records, key=lambda r: r.step)
+
+
+def finished_trial(cfg: ExperimentConfig, name: str) -> list[CheckpointRecord] | None:
+    path = trials_root(cfg) / name / TRIAL_FILE
+    if not path.is_file():
+        return None
+    return [CheckpointRecord(**r) for r in json.loads(path.read_text())["checkpoints"]]
+
+
+def run_trial(cfg: ExperimentConfig, method: str, seed: int | None = None) -> list[CheckpointRecord]:
+    """Train one trial (or return a finished one's checkpoints without training)."""
+    if method not in METHODS:
+        raise ValueError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    seed = cfg.sweep.seeds[0] if seed is None else seed
+    name = trial_name(cfg, method, seed)
+    done = finished_trial(cfg, name)
+    if done is not None:
+        return done
+    uri = tracking.resolve_tracking_uri(cfg)
+    lr = learning_rate(cfg, method)
+    tags = {"dcv.stage": "train", "dcv.method": method, "dcv.seed": str(seed), "dcv.lr": f"{lr:g}"}
+    run = tracking.get_or_create_child_run(cfg, name, tags=tags)
+    run.log_params({"trial.method": method, "trial.seed": seed, "trial.learning_rate": lr})
+    if method == "sft":
+        from dcv.training.sft import train_loop_per_worker
+    else:
+        from dcv.training.grpo import train_loop_per_worker
+    res = cfg.resources
+    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": config_to_dict(cfg),
+            "trial": name,
+            "seed": seed,
+            "tracking_uri": uri,
+            "run_id": run.run_id,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker=per_worker
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(trials_root(cfg)),
+            failure_config=FailureConfig(max_failures=res.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+        ),
+    )
+    try:
+        trainer.fit()
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    records = list_checkpoints(trials_root(cfg) / name)
+    with atomic_path(trials_root(cfg) / name / TRIAL_FILE) as tmp:
+        tmp.write_text(
+            json.dumps(
+                {
+                    "trial": name,
+                    "method": method,
+                    "seed": seed,
+                    "learning_rate": lr,
+                    "checkpoints": [asdict(r) for r in records],
+                },
+                indent=1,
+            )
+        )
+    run.finish()
+    return records
