@@ -9,6 +9,10 @@
     dcv circuit CONFIG --probe P [--model M] [--method ...]
                                               the probe's circuit from that table (computed if missing),
                                               its faithfulness, and a layer x head heatmap PNG
+    dcv train CONFIG --method sft|rl [--seed S]
+                                              one training trial on Ray Train (a local Ray is started on
+                                              127.0.0.1 unless RAY_ADDRESS names a cluster); prints its
+                                              evaluated checkpoints; a finished trial is not retrained
 
 Every command takes ``--set dotted.key=value`` (repeatable) to override the config. Heavy imports
 (torch, transformers, mlflow) happen inside the commands, so ``dcv validate`` is instant.
@@ -34,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a config file")
     validate.add_argument("config")
     helps = {
+        "train": "train one trial (SFT or GRPO) under Ray Train",
         "eval": "score a model: target accuracy, probes, KL to the config's base",
         "patch": "head effects of a model on a probe",
         "circuit": "a probe's circuit and its faithfulness",
@@ -50,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a config field by dotted path (repeatable)",
         )
-        if name != "eval":
+        if name == "train":
+            command.add_argument("--method", required=True, choices=("sft", "rl"))
+            command.add_argument("--seed", type=int, help="default: the first of sweep.seeds")
+        elif name != "eval":
             command.add_argument("--probe", required=True, help="one of the config's probes")
             command.add_argument("--method", default="exact", choices=METHODS)
             command.add_argument("--top", type=int, default=15, help="how many heads to print")
@@ -75,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "eval":
             run_eval(cfg, model_cfg)
+        elif args.command == "train":
+            run_train(cfg, args.method, args.seed)
         else:
             if args.probe not in [p.name for p in cfg.probes]:
                 names = ", ".join(p.name for p in cfg.probes)
@@ -87,6 +97,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dcv {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
+
+
+def init_ray() -> None:
+    """Connect to the cluster in RAY_ADDRESS, or start a local Ray bound to 127.0.0.1."""
+    import os
+
+    import ray
+
+    from dcv.training.trial import runtime_env_vars
+
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": runtime_env_vars(dict(os.environ))}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env)
+    else:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=runtime_env)
+
+
+def run_train(cfg: ExperimentConfig, method: str, seed: int | None):
+    from dcv.training.trial import finished_trial, run_trial, trial_name
+
+    seed = cfg.sweep.seeds[0] if seed is None else seed
+    name = trial_name(cfg, method, seed)
+    records = finished_trial(cfg, name)
+    if records is not None:
+        print(f"trial {name} finished before; not retraining")
+    else:
+        init_ray()
+        start = time.perf_counter()
+        records = run_trial(cfg, method, seed)
+        print(f"trial {name} trained in {time.perf_counter() - start:.0f} s")
+    train_key = "train/loss" if method == "sft" else "train/reward"
+    print(
+        f"{'step':>6}{'target acc':>12}{train_key:>14}{'KL to base':>12}  "
+        + "  ".join(p.name for p in cfg.probes)
+    )
+    for r in records:
+        m = r.metrics
+        train = f"{m[train_key]:.4f}" if train_key in m else "-"
+        probes = "  ".join(f"{m.get(f'probe/{p.name}/accuracy', float('nan')):.3f}" for p in cfg.probes)
+        print(
+            f"{r.step:>6}{m['target/accuracy']:>12.3f}{train:>14}{m.get('kl_to_base', 0.0):>12.4f}  {probes}"
+        )
+    print(f"checkpoints: {Path(records[-1].path).parent}")
+    return records
 
 
 def _quiet_transformers() -> None:

@@ -24,6 +24,20 @@ from dcv.training.checkpoints import METADATA_FILE
 METHODS = ("sft", "rl")
 TRIAL_FILE = "trial.json"
 
+# Environment for every Ray worker of a dcv job, in one place. A value already set in the environment
+# (e.g. by `ray job submit --runtime-env-json`) wins over these defaults.
+RUNTIME_ENV_DEFAULTS = {
+    # TRL warns on every GRPOTrainer built with rollout_func (experimental API, pinned to trl 1.16.x).
+    "TRL_EXPERIMENTAL_SILENCE": "1",
+    # HF tokenizers fork worker threads; inside Ray worker processes that only warns and oversubscribes.
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def runtime_env_vars(environ: dict[str, str]) -> dict[str, str]:
+    """The defaults above, overridden by values the user already set."""
+    return {key: environ.get(key, value) for key, value in RUNTIME_ENV_DEFAULTS.items()}
+
 
 @dataclass(frozen=True)
 class CheckpointRecord:
