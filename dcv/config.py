@@ -271,6 +271,9 @@ class ResourcesConfig(Section):
     cpus_per_worker: PositiveFloat = 1.0
     gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
     max_failures: NonNegativeInt = 1
+    torch_threads: PositiveInt | None = Field(
+        None, description="intra-op threads per training worker and rollout actor; None = torch's default"
+    )
 
     @model_validator(mode="after")
     def _gpu_consistent(self) -> ResourcesConfig:

@@ -61,3 +61,22 @@ def tiny_config_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_config(tiny_config_file: Path) -> ExperimentConfig:
     return load_config(tiny_config_file)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session, on loopback; shut down even when tests fail."""
+    import os
+
+    import ray
+
+    from dcv.training.trial import runtime_env_vars
+
+    ray.init(
+        num_cpus=4,
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        runtime_env={"env_vars": runtime_env_vars(dict(os.environ))},
+    )
+    yield ray
+    ray.shutdown()

@@ -162,7 +162,7 @@ def trial_logger(loop_config: dict[str, Any]) -> RunLogger | None:
     return RunLogger.attach(loop_config["tracking_uri"], loop_config["run_id"])
 
 
-def set_torch_threads(cpus_per_worker: float) -> None:
-    """One intra-op thread per CPU the worker asked for, so workers on one node don't oversubscribe."""
-    if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, int(cpus_per_worker)))
+def set_torch_threads(threads: int | None) -> None:
+    """``resources.torch_threads`` if set (several workers on one node should not oversubscribe it)."""
+    if threads:
+        torch.set_num_threads(threads)

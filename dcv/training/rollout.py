@@ -150,6 +150,8 @@ BACKENDS = {"hf": HFRolloutBackend, "vllm": VLLMRolloutBackend}
 class RolloutActor:
     def __init__(self, config: dict[str, Any]):
         cfg = parse_config(config)
+        if cfg.resources.torch_threads:
+            torch.set_num_threads(cfg.resources.torch_threads)
         self.backend = BACKENDS[cfg.rl.rollout.backend](cfg)
         self.version = 0
 

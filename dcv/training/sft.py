@@ -34,7 +34,7 @@ from dcv.training.checkpoints import (
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = parse_config(loop_config["config"])
     trial, seed = loop_config["trial"], loop_config["seed"]
-    set_torch_threads(cfg.resources.cpus_per_worker)
+    set_torch_threads(cfg.resources.torch_threads)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     model.train()
     train_items, _ = load_target_splits(cfg.target_task)
