@@ -104,6 +104,7 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(ray_cluster, tmp_path)
         assert time.monotonic() < deadline and thread.is_alive(), "no checkpoint at step 3"
         time.sleep(0.2)
     killed = _kill_a_training_worker()
+    assert not (trial_dir / "checkpoint_000012").exists()  # killed mid-run, not after the last step
     thread.join(timeout=600)
     assert "records" in result, f"the trial did not finish after worker {killed} was killed"
     records = result["records"]
