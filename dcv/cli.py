@@ -117,10 +117,11 @@ def init_ray() -> None:
 
 
 def run_train(cfg: ExperimentConfig, method: str, seed: int | None):
-    from dcv.training.trial import finished_trial, run_trial, trial_name
+    from dcv.training.trial import check_trial_config, finished_trial, run_trial, trial_name, trials_root
 
     seed = cfg.sweep.seeds[0] if seed is None else seed
     name = trial_name(cfg, method, seed)
+    check_trial_config(cfg, trials_root(cfg) / name)
     records = finished_trial(cfg, name)
     if records is not None:
         print(f"trial {name} finished before; not retraining")

@@ -25,7 +25,7 @@ import ray.train
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
-from dcv.config import ExperimentConfig
+from dcv.config import ExperimentConfig, RLConfig, SFTConfig
 from dcv.evaluation import KLReference, evaluate_model, sample_kl_reference
 from dcv.models import load_model
 from dcv.tasks import load_target_splits
@@ -130,6 +130,33 @@ class EvaluatedCheckpoints(TrainerCallback):
         self.last_step = step
         # Ray holds the persisted copy; the local one only costs disk.
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def shared_trainer_args(
+    cfg: ExperimentConfig, method: SFTConfig | RLConfig, seed: int, output_dir: Path
+) -> dict:
+    """HF TrainingArguments that SFT and GRPO share: schedule, seed, checkpoint cadence, device."""
+    return {
+        "output_dir": str(output_dir),
+        "max_steps": method.max_steps,
+        "learning_rate": method.learning_rate,
+        "lr_scheduler_type": method.lr_scheduler,
+        "warmup_steps": method.warmup_ratio,  # a float < 1 is a ratio of max_steps
+        "per_device_train_batch_size": method.per_device_batch_size,
+        "gradient_accumulation_steps": method.gradient_accumulation_steps,
+        "seed": seed,
+        "data_seed": seed,
+        "logging_steps": 1,
+        # Every save is an evaluated checkpoint (EvaluatedCheckpoints.on_save).
+        "save_strategy": "steps",
+        "save_steps": method.eval_every,
+        "report_to": "none",
+        "use_cpu": not cfg.resources.use_gpu,
+        "ddp_backend": "nccl" if cfg.resources.use_gpu else "gloo",
+        "bf16": cfg.model.dtype == "bfloat16",
+        "dataloader_num_workers": 0,
+        "disable_tqdm": not is_rank_zero(),
+    }
 
 
 def restore_latest(output_dir: Path) -> str | None:

@@ -29,6 +29,7 @@ from dcv.training.checkpoints import (
     is_rank_zero,
     restore_latest,
     set_torch_threads,
+    shared_trainer_args,
     trial_logger,
     worker_output_dir,
 )
@@ -104,30 +105,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     output_dir = worker_output_dir(trial)
     r = cfg.rl
     args = GRPOConfig(
-        output_dir=str(output_dir),
-        max_steps=r.max_steps,
-        learning_rate=r.learning_rate,
-        lr_scheduler_type=r.lr_scheduler,
-        warmup_steps=r.warmup_ratio,
-        per_device_train_batch_size=r.per_device_batch_size,
-        gradient_accumulation_steps=r.gradient_accumulation_steps,
+        **shared_trainer_args(cfg, r, seed, output_dir),
         num_generations=r.num_generations,
         num_iterations=r.num_iterations,
         beta=r.beta,
         loss_type=r.loss_type,
         temperature=r.temperature,
         max_completion_length=r.max_completion_length,
-        seed=seed,
-        data_seed=seed,
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=r.eval_every,
-        report_to="none",
-        use_cpu=not cfg.resources.use_gpu,
-        ddp_backend="nccl" if cfg.resources.use_gpu else "gloo",
-        bf16=cfg.model.dtype == "bfloat16",
-        dataloader_num_workers=0,
-        disable_tqdm=not is_rank_zero(),
     )
     kit = EvaluationKit.build(cfg, tokenizer) if is_rank_zero() else None
     callback = EvaluatedCheckpoints(kit, "rl", trial, "reward", log_run=trial_logger(loop_config))

@@ -26,6 +26,7 @@ from dcv.training.checkpoints import (
     is_rank_zero,
     restore_latest,
     set_torch_threads,
+    shared_trainer_args,
     trial_logger,
     worker_output_dir,
 )
@@ -41,30 +42,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_dataset = Dataset.from_list([item.to_row() for item in train_items])
 
     output_dir = worker_output_dir(trial)
-    s = cfg.sft
     args = SFTConfig(
-        output_dir=str(output_dir),
-        max_steps=s.max_steps,
-        learning_rate=s.learning_rate,
-        lr_scheduler_type=s.lr_scheduler,
-        warmup_steps=s.warmup_ratio,  # a float < 1 is a ratio of max_steps
-        weight_decay=s.weight_decay,
-        per_device_train_batch_size=s.per_device_batch_size,
-        gradient_accumulation_steps=s.gradient_accumulation_steps,
-        max_length=s.max_seq_length,
-        completion_only_loss=True,
-        seed=seed,
-        data_seed=seed,
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=s.eval_every,
-        report_to="none",
-        use_cpu=not cfg.resources.use_gpu,
-        ddp_backend="nccl" if cfg.resources.use_gpu else "gloo",
-        bf16=cfg.model.dtype == "bfloat16",
-        fsdp="full_shard auto_wrap" if s.distributed == "fsdp" else "",
-        dataloader_num_workers=0,
-        disable_tqdm=not is_rank_zero(),
+        **shared_trainer_args(cfg, cfg.sft, seed, output_dir),
+        weight_decay=cfg.sft.weight_decay,
+        max_length=cfg.sft.max_seq_length,
+        completion_only_loss=True,  # loss on the assistant's answer only
+        fsdp="full_shard auto_wrap" if cfg.sft.distributed == "fsdp" else "",
     )
     kit = EvaluationKit.build(cfg, tokenizer) if is_rank_zero() else None
     callback = EvaluatedCheckpoints(kit, "sft", trial, "loss", log_run=trial_logger(loop_config))

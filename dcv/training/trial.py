@@ -23,6 +23,9 @@ from dcv.training.checkpoints import METADATA_FILE
 
 METHODS = ("sft", "rl")
 TRIAL_FILE = "trial.json"
+TRIAL_CONFIG_FILE = "trial_config.json"  # the config a trial folder was started with
+# Sections that do not change what a trial trains or how it is evaluated.
+NOT_TRAINING = ("tracking", "patching", "circuits", "storage", "sweep")
 
 # Environment for every Ray worker of a dcv job, in one place. A value already set in the environment
 # (e.g. by `ray job submit --runtime-env-json`) wins over these defaults.
@@ -74,15 +77,41 @@ def finished_trial(cfg: ExperimentConfig, name: str) -> list[CheckpointRecord] |
     return [CheckpointRecord(**r) for r in json.loads(path.read_text())["checkpoints"]]
 
 
+def training_config(cfg: ExperimentConfig) -> dict:
+    return {k: v for k, v in config_to_dict(cfg).items() if k not in NOT_TRAINING}
+
+
+def check_trial_config(cfg: ExperimentConfig, trial_dir: Path) -> None:
+    """Refuse to resume or reuse a trial folder that was started with a different training config."""
+    path = trial_dir / TRIAL_CONFIG_FILE
+    if not path.is_file():
+        return
+    before, now = (
+        tracking.flatten_params(json.loads(path.read_text())),
+        tracking.flatten_params(training_config(cfg)),
+    )
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {before.get(k)} -> {now.get(k)}" for k in changed[:5])
+        raise ValueError(
+            f"{trial_dir} holds trial {trial_dir.name} trained with a different config ({details}); "
+            "use another storage.root or name, or delete that folder to retrain"
+        )
+
+
 def run_trial(cfg: ExperimentConfig, method: str, seed: int | None = None) -> list[CheckpointRecord]:
     """Train one trial (or return a finished one's checkpoints without training)."""
     if method not in METHODS:
         raise ValueError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     seed = cfg.sweep.seeds[0] if seed is None else seed
     name = trial_name(cfg, method, seed)
+    trial_dir = trials_root(cfg) / name
+    check_trial_config(cfg, trial_dir)
     done = finished_trial(cfg, name)
     if done is not None:
         return done
+    with atomic_path(trial_dir / TRIAL_CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(training_config(cfg), indent=1))
     uri = tracking.resolve_tracking_uri(cfg)
     lr = learning_rate(cfg, method)
     tags = {"dcv.stage": "train", "dcv.method": method, "dcv.seed": str(seed), "dcv.lr": f"{lr:g}"}
@@ -118,8 +147,8 @@ def run_trial(cfg: ExperimentConfig, method: str, seed: int | None = None) -> li
     except BaseException:
         run.finish("FAILED")
         raise
-    records = list_checkpoints(trials_root(cfg) / name)
-    with atomic_path(trials_root(cfg) / name / TRIAL_FILE) as tmp:
+    records = list_checkpoints(trial_dir)
+    with atomic_path(trial_dir / TRIAL_FILE) as tmp:
         tmp.write_text(
             json.dumps(
                 {

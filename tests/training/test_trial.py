@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from dcv import tracking
@@ -27,6 +30,10 @@ from tests.conftest import tiny_config_dict
 
 
 def train_config(storage: Path, workers: int, **method_overrides):
+    return parse_config(train_config_dict(storage, workers, **method_overrides))
+
+
+def train_config_dict(storage: Path, workers: int, **method_overrides) -> dict:
     raw = tiny_config_dict(storage)
     raw["resources"] = {"num_workers": workers, "cpus_per_worker": 1, "max_failures": 1}
     raw["sft"].update(max_steps=4, eval_every=2, per_device_batch_size=2)
@@ -40,7 +47,7 @@ def train_config(storage: Path, workers: int, **method_overrides):
     )
     for section, values in method_overrides.items():
         raw[section].update(values)
-    return parse_config(raw)
+    return raw
 
 
 @pytest.mark.parametrize("method", ["sft", "rl"])
@@ -83,6 +90,28 @@ def test_rerunning_a_finished_trial_does_not_train(ray_cluster, tmp_path):
     assert again == first
     assert {p: p.stat().st_mtime_ns for p in trial_dir.rglob("*")} == stamps
     assert finished_trial(cfg, trial_name(cfg, "sft", 0)) == first
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text(yaml.safe_dump(train_config_dict(tmp_path / "store", workers=1)))
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("dcv")),
+            "train",
+            str(config_file),
+            "--method",
+            "sft",
+            "--seed",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "finished before; not retraining" in result.stdout
+    assert f"{first[-1].step:>6}" in result.stdout
+    changed = train_config(tmp_path / "store", workers=1, sft={"max_steps": 6})
+    with pytest.raises(ValueError, match=r"different config \(sft.max_steps: 4 -> 6\)"):
+        run_trial(changed, "sft", seed=0)
 
 
 def _kill_a_training_worker() -> int:
