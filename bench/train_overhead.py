@@ -6,6 +6,7 @@ Both run the same SFT on the same data, steps, batch size and seed; neither eval
 Ray run saves once at the end, as the plain one does not). Tokens/s counts the tokens of the trained
 batches (TRL's ``num_tokens``) over the ``train()`` wall time, so model loading and Ray start-up are
 excluded from both; Ray Train's cost that remains is the process group, the worker process and reporting.
+The worker uses as many torch threads as the driver (Ray would otherwise pin OMP_NUM_THREADS).
 Run on an otherwise idle machine; the figure is a ratio of two runs made one after the other.
 
 The last line is ``BENCH ray_train_vs_trl <ratio>`` (>= 0.9 means Ray Train costs under 10%).
@@ -18,6 +19,7 @@ import tempfile
 import time
 
 import ray
+import torch
 from datasets import Dataset
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -26,6 +28,7 @@ from trl import SFTConfig, SFTTrainer
 from dcv.config import ModelConfig, TargetTaskConfig
 from dcv.models import load_model_and_tokenizer
 from dcv.tasks import load_target_splits
+from dcv.training.checkpoints import set_torch_threads
 
 
 def sft_run(model_name: str, steps: int, batch: int, output_dir: str) -> tuple[float, float]:
@@ -60,9 +63,14 @@ def sft_run(model_name: str, steps: int, batch: int, output_dir: str) -> tuple[f
 
 
 def ray_worker(config: dict) -> None:
+    set_torch_threads(config["threads"])  # as dcv's workers do (resources.torch_threads)
     sft_run(config["model"], 2, config["batch"], tempfile.mkdtemp())  # the same warm-up as the plain run
     tokens, seconds = sft_run(config["model"], config["steps"], config["batch"], tempfile.mkdtemp())
-    ray.train.report({"tokens": tokens, "seconds": seconds})
+    # Ray Train V2 keeps the metrics of reports that carry a checkpoint.
+    folder = tempfile.mkdtemp()
+    ray.train.report(
+        {"tokens": tokens, "seconds": seconds}, checkpoint=ray.train.Checkpoint.from_directory(folder)
+    )
 
 
 def main() -> None:
@@ -80,7 +88,12 @@ def main() -> None:
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
     result = TorchTrainer(
         ray_worker,
-        train_loop_config={"model": args.model, "steps": args.steps, "batch": args.batch},
+        train_loop_config={
+            "model": args.model,
+            "steps": args.steps,
+            "batch": args.batch,
+            "threads": torch.get_num_threads(),
+        },
         scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 2}),
         run_config=RunConfig(name="bench-train-overhead", storage_path=tempfile.mkdtemp()),
     ).fit()
