@@ -84,13 +84,22 @@ def train_metric_since(log_history: list[dict[str, Any]], key: str, after_step: 
 class EvaluatedCheckpoints(TrainerCallback):
     """HF Trainer callback: on every save, evaluate (rank 0) and report the checkpoint to Ray Train."""
 
-    def __init__(self, kit: EvaluationKit | None, method: str, trial: str, train_metric: str, log_run=None):
+    def __init__(
+        self,
+        kit: EvaluationKit | None,
+        method: str,
+        trial: str,
+        train_metric: str,
+        resuming: bool,
+        log_run=None,
+    ):
         self.kit = kit  # None on ranks > 0
         self.method = method
         self.trial = trial
         self.train_metric = train_metric  # "loss" for SFT, "reward" for GRPO
+        # HF calls on_train_begin before it restores the trainer state, so the callback must be told.
+        self.resuming = resuming
         self.log_run = log_run  # RunLogger on rank 0, None elsewhere
-        self.last_step = 0
 
     def report(self, step: int, folder: Path, model: PreTrainedModel, extra: dict[str, float]) -> None:
         metrics: dict[str, float] = {"step": float(step), **extra}
@@ -99,14 +108,15 @@ class EvaluatedCheckpoints(TrainerCallback):
             (folder / METADATA_FILE).write_text(
                 json.dumps({"step": step, "method": self.method, "trial": self.trial, "metrics": metrics})
             )
-            if self.log_run is not None:
-                self.log_run.log_metrics(metrics, step=step)
         checkpoint = ray.train.Checkpoint.from_directory(str(folder))
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}")
+        # After the report: a step is logged once its checkpoint is persisted (a worker killed in between
+        # re-evaluates that step after resuming, and MLflow then holds it twice).
+        if self.log_run is not None:
+            self.log_run.log_metrics(metrics, step=step)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.last_step = state.global_step
-        if state.global_step > 0:
+        if self.resuming:
             return
         # Step 0 is the base model: a weights-only checkpoint, evaluated like the others.
         folder = Path(tempfile.mkdtemp(prefix="dcv-step0-"))
@@ -123,11 +133,10 @@ class EvaluatedCheckpoints(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{step}"
         folder.mkdir(parents=True, exist_ok=True)  # ranks > 0 may have written nothing but their RNG state
         extra = {}
-        value = train_metric_since(state.log_history, self.train_metric, self.last_step)
+        value = train_metric_since(state.log_history, self.train_metric, step - args.save_steps)
         if value is not None:
             extra[f"train/{self.train_metric}"] = value
         self.report(step, folder, model, extra)
-        self.last_step = step
         # Ray holds the persisted copy; the local one only costs disk.
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -114,7 +114,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         max_completion_length=r.max_completion_length,
     )
     kit = EvaluationKit.build(cfg, tokenizer) if is_rank_zero() else None
-    callback = EvaluatedCheckpoints(kit, "rl", trial, "reward", log_run=trial_logger(loop_config))
+    resume_from = restore_latest(output_dir)
+    callback = EvaluatedCheckpoints(
+        kit, "rl", trial, "reward", resuming=resume_from is not None, log_run=trial_logger(loop_config)
+    )
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=[make_reward(cfg.target_task.format_bonus)],
@@ -125,4 +128,4 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         rollout_func=make_rollout_func(pool, cfg, tokenizer, seed, publishes=is_rank_zero()),
     )
     trainer = prepare_trainer(trainer)
-    trainer.train(resume_from_checkpoint=restore_latest(output_dir))
+    trainer.train(resume_from_checkpoint=resume_from)

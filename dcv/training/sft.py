@@ -50,9 +50,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         fsdp="full_shard auto_wrap" if cfg.sft.distributed == "fsdp" else "",
     )
     kit = EvaluationKit.build(cfg, tokenizer) if is_rank_zero() else None
-    callback = EvaluatedCheckpoints(kit, "sft", trial, "loss", log_run=trial_logger(loop_config))
+    resume_from = restore_latest(output_dir)
+    callback = EvaluatedCheckpoints(
+        kit, "sft", trial, "loss", resuming=resume_from is not None, log_run=trial_logger(loop_config)
+    )
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=[callback]
     )
     trainer = prepare_trainer(trainer)
-    trainer.train(resume_from_checkpoint=restore_latest(output_dir))
+    trainer.train(resume_from_checkpoint=resume_from)

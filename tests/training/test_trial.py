@@ -128,19 +128,32 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(ray_cluster, tmp_path)
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(records=run_trial(cfg, "sft", seed=0)))
     thread.start()
+    snapshot = trial_dir / "checkpoint_manager_snapshot.json"
     deadline = time.monotonic() + 300
-    while not (trial_dir / "checkpoint_000003").exists():
-        assert time.monotonic() < deadline and thread.is_alive(), "no checkpoint at step 3"
-        time.sleep(0.2)
+    # Kill once Ray Train has registered the step-3 checkpoint, so the restart must resume from it.
+    while not (snapshot.exists() and '"checkpoint_000003"' in snapshot.read_text()):
+        assert time.monotonic() < deadline and thread.is_alive(), "no registered checkpoint at step 3"
+        time.sleep(0.1)
     killed = _kill_a_training_worker()
     assert not (trial_dir / "checkpoint_000012").exists()  # killed mid-run, not after the last step
     thread.join(timeout=600)
     assert "records" in result, f"the trial did not finish after worker {killed} was killed"
     records = result["records"]
     assert [r.step for r in records] == [0, 3, 6, 9, 12]
+    assert records[0].metrics["kl_to_base"] == pytest.approx(0.0, abs=1e-6)  # step 0 is still the base model
     state = json.loads((Path(records[-1].path) / "trainer_state.json").read_text())
     logged_steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
     # Every step logged exactly once: resumed after a checkpoint, nothing lost, nothing counted twice.
     assert logged_steps == list(range(1, 13))
     assert (trial_dir / TRIAL_FILE).is_file()
     assert list_checkpoints(trial_dir) == records
+    # The restart resumed after a checkpoint: step 0 was evaluated once (a restart from scratch, or a
+    # resume that re-reported the base, would log it twice). A step whose checkpoint was being persisted
+    # when the worker died is evaluated again after the resume, so later steps may appear twice.
+    client = MlflowClient(tracking.resolve_tracking_uri(cfg))
+    run = client.search_runs(
+        [client.get_experiment_by_name("tiny-test").experiment_id],
+        filter_string=f"tags.`dcv.run_key` = '{trial_name(cfg, 'sft', 0)}'",
+    )[0]
+    logged = [m.step for m in client.get_metric_history(run.info.run_id, "target/accuracy")]
+    assert logged.count(0) == 1 and set(logged) == {0, 3, 6, 9, 12}
