@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
@@ -65,18 +66,18 @@ def tiny_config(tiny_config_file: Path) -> ExperimentConfig:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray for the whole session, on loopback; shut down even when tests fail."""
+    """One local Ray for the whole session, on loopback; yields its marker; shut down even when tests fail."""
     import os
 
     import ray
 
     from dcv.training.trial import runtime_env_vars
 
+    # A marker in every worker's environment, so a test can tell this session's Ray processes from others'.
+    session = uuid.uuid4().hex
+    env_vars = {**runtime_env_vars(dict(os.environ)), "DCV_TEST_RAY_SESSION": session}
     ray.init(
-        num_cpus=4,
-        _node_ip_address="127.0.0.1",
-        include_dashboard=False,
-        runtime_env={"env_vars": runtime_env_vars(dict(os.environ))},
+        num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, runtime_env={"env_vars": env_vars}
     )
-    yield ray
+    yield session
     ray.shutdown()

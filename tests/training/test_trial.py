@@ -114,12 +114,19 @@ def test_rerunning_a_finished_trial_does_not_train(ray_cluster, tmp_path):
         run_trial(changed, "sft", seed=0)
 
 
-def _kill_a_training_worker() -> int:
+def _kill_a_training_worker(session: str) -> int:
+    """SIGKILL a Ray Train worker of this test session's Ray (never another Ray on the machine)."""
     for process in psutil.process_iter(["pid", "cmdline"]):
-        if any("RayTrainWorker" in part for part in process.info["cmdline"] or []):
-            os.kill(process.info["pid"], signal.SIGKILL)
-            return process.info["pid"]
-    raise AssertionError("no RayTrainWorker process found")
+        if not any("RayTrainWorker" in part for part in process.info["cmdline"] or []):
+            continue
+        try:
+            if process.environ().get("DCV_TEST_RAY_SESSION") != session:
+                continue
+        except psutil.Error:
+            continue
+        os.kill(process.info["pid"], signal.SIGKILL)
+        return process.info["pid"]
+    raise AssertionError("no RayTrainWorker process of this session found")
 
 
 def test_killed_worker_resumes_from_the_latest_checkpoint(ray_cluster, tmp_path):
@@ -134,7 +141,7 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(ray_cluster, tmp_path)
     while not (snapshot.exists() and '"checkpoint_000003"' in snapshot.read_text()):
         assert time.monotonic() < deadline and thread.is_alive(), "no registered checkpoint at step 3"
         time.sleep(0.1)
-    killed = _kill_a_training_worker()
+    killed = _kill_a_training_worker(ray_cluster)
     assert not (trial_dir / "checkpoint_000012").exists()  # killed mid-run, not after the last step
     thread.join(timeout=600)
     assert "records" in result, f"the trial did not finish after worker {killed} was killed"
