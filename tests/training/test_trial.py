@@ -84,9 +84,7 @@ def test_rerunning_a_finished_trial_does_not_train(ray_cluster, tmp_path):
     first = run_trial(cfg, "sft", seed=0)
     trial_dir = trials_root(cfg) / trial_name(cfg, "sft", 0)
     stamps = {p: p.stat().st_mtime_ns for p in trial_dir.rglob("*")}
-    start = time.perf_counter()
     again = run_trial(cfg, "sft", seed=0)
-    assert time.perf_counter() - start < 5  # no worker group was started
     assert again == first
     assert {p: p.stat().st_mtime_ns for p in trial_dir.rglob("*")} == stamps
     assert finished_trial(cfg, trial_name(cfg, "sft", 0)) == first
