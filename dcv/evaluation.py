@@ -69,23 +69,60 @@ def last_position_logits(model: PreTrainedModel, input_ids: torch.Tensor) -> tor
     return model(input_ids=input_ids.to(_device(model)), logits_to_keep=1).logits[:, -1].float()
 
 
+@dataclass(frozen=True)
+class ContrastBatch:
+    """Equal-length items: clean and corrupted ids [n, pos], answer ids [n], their indices in the probe."""
+
+    clean: torch.Tensor
+    corrupt: torch.Tensor
+    correct: torch.Tensor
+    wrong: torch.Tensor
+    index: torch.Tensor
+
+    @property
+    def first_difference(self) -> int:
+        """The first position where any item's clean and corrupted prompts differ."""
+        differs = (self.clean != self.corrupt).any(dim=0).nonzero()
+        if len(differs) == 0:
+            raise ValueError("clean and corrupted prompts are identical: no contrast to patch")
+        return int(differs[0])
+
+    def logit_diff(self, logits: torch.Tensor) -> torch.Tensor:
+        """LD per row of last-position logits [rows, vocab]; rows repeat the batch's items."""
+        n = len(self.correct)
+        rows = torch.arange(logits.shape[0])
+        correct = self.correct.repeat(logits.shape[0] // n).to(logits.device)
+        wrong = self.wrong.repeat(logits.shape[0] // n).to(logits.device)
+        return logits[rows, correct] - logits[rows, wrong]
+
+
+def contrast_batches(items: Sequence[ProbeItem], batch_size: int) -> Iterator[ContrastBatch]:
+    """Items grouped by token length (no padding anywhere) and cut into batches of at most ``batch_size``."""
+    if not items:
+        raise ValueError("no probe items: head effects need at least one contrast pair")
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for index, item in enumerate(items):
+        by_length[len(item.clean_ids)].append(index)
+    for indices in by_length.values():
+        for start in range(0, len(indices), batch_size):
+            part = [items[i] for i in indices[start : start + batch_size]]
+            yield ContrastBatch(
+                clean=torch.tensor([it.clean_ids for it in part]),
+                corrupt=torch.tensor([it.corrupt_ids for it in part]),
+                correct=torch.tensor([it.correct_id for it in part]),
+                wrong=torch.tensor([it.wrong_id for it in part]),
+                index=torch.tensor(indices[start : start + batch_size]),
+            )
+
+
 def probe_logit_diffs(
     model: PreTrainedModel, items: Sequence[ProbeItem], batch_size: int, corrupted: bool = False
 ) -> torch.Tensor:
     """LD = logit(correct) - logit(wrong) per item, in item order: [n_items]."""
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for index, item in enumerate(items):
-        by_length[len(item.clean_ids)].append(index)
     out = torch.empty(len(items))
-    for indices in by_length.values():
-        for part in _batches(len(indices), batch_size):
-            chunk = [items[i] for i in indices[part]]
-            ids = torch.tensor([it.corrupt_ids if corrupted else it.clean_ids for it in chunk])
-            logits = last_position_logits(model, ids).cpu()
-            rows = torch.arange(len(chunk))
-            correct = torch.tensor([it.correct_id for it in chunk])
-            wrong = torch.tensor([it.wrong_id for it in chunk])
-            out[torch.tensor(indices[part])] = logits[rows, correct] - logits[rows, wrong]
+    for batch in contrast_batches(items, batch_size):
+        logits = last_position_logits(model, batch.corrupt if corrupted else batch.clean)
+        out[batch.index] = batch.logit_diff(logits).cpu()
     return out
 
 
@@ -94,10 +131,13 @@ def evaluate_probe(model: PreTrainedModel, probe: ProbeSet, batch_size: int) -> 
     return ProbeScore(probe.name, float((ld > 0).float().mean()), float(ld.mean()), len(probe))
 
 
-def chat_prompts(tokenizer: PreTrainedTokenizerBase, items: Sequence[QAItem]) -> list[str]:
+def chat_prompts(tokenizer: PreTrainedTokenizerBase, conversations: Sequence) -> list[str]:
+    """Chat-templated prompt strings ending where the assistant answers; QAItems or message lists."""
     return [
-        tokenizer.apply_chat_template(list(it.messages), tokenize=False, add_generation_prompt=True)
-        for it in items
+        tokenizer.apply_chat_template(
+            list(c.messages if isinstance(c, QAItem) else c), tokenize=False, add_generation_prompt=True
+        )
+        for c in conversations
     ]
 
 

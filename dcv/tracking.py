@@ -112,7 +112,7 @@ def _experiment_id(cfg: ExperimentConfig, client: MlflowClient, uri: str) -> str
     if experiment is not None:
         return experiment.experiment_id
     artifact_location = None
-    if uri == default_tracking_uri(cfg):
+    if not is_remote_storage(cfg.storage.root) and uri == default_tracking_uri(cfg):
         # With the default SQLite store, keep artifacts in storage (MLflow's default is ./mlruns in the cwd).
         artifact_location = (local_storage_root(cfg) / "mlartifacts").as_uri()
     try:
@@ -145,51 +145,44 @@ def get_or_create_parent_run(cfg: ExperimentConfig) -> RunLogger:
 RUN_KEY_TAG = "dcv.run_key"
 
 
+def _create_child_run(cfg: ExperimentConfig, run_name: str, tags: Mapping[str, str]) -> RunLogger:
+    parent = get_or_create_parent_run(cfg)
+    experiment_id = parent.client.get_run(parent.run_id).info.experiment_id
+    run = parent.client.create_run(
+        experiment_id,
+        run_name=run_name,
+        tags={MLFLOW_PARENT_RUN_ID: parent.run_id, EXPERIMENT_TAG: cfg.name, **tags},
+    )
+    logger = RunLogger(parent.client, run.info.run_id)
+    logger.log_params(config_params(cfg))
+    return logger
+
+
 def get_or_create_child_run(
     cfg: ExperimentConfig, run_name: str, tags: Mapping[str, str] | None = None
 ) -> RunLogger:
     """The child run named ``run_name`` under the parent run: created once, found again on every rerun."""
     parent = get_or_create_parent_run(cfg)
-    client = parent.client
-    experiment_id = client.get_run(parent.run_id).info.experiment_id
+    experiment_id = parent.client.get_run(parent.run_id).info.experiment_id
     same_key = f"tags.`{RUN_KEY_TAG}` = '{run_name}'"
     same_parent = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.run_id}'"
-    found = client.search_runs([experiment_id], filter_string=f"{same_key} and {same_parent}", max_results=1)
-    if found:
-        return RunLogger(client, found[0].info.run_id)
-    run = client.create_run(
-        experiment_id,
-        run_name=run_name,
-        tags={
-            MLFLOW_PARENT_RUN_ID: parent.run_id,
-            EXPERIMENT_TAG: cfg.name,
-            RUN_KEY_TAG: run_name,
-            **(tags or {}),
-        },
+    found = parent.client.search_runs(
+        [experiment_id], filter_string=f"{same_key} and {same_parent}", max_results=1
     )
-    logger = RunLogger(client, run.info.run_id)
-    logger.log_params(config_params(cfg))
-    return logger
+    if found:
+        return RunLogger(parent.client, found[0].info.run_id)
+    return _create_child_run(cfg, run_name, {RUN_KEY_TAG: run_name, **(tags or {})})
 
 
 @contextmanager
 def child_run(
     cfg: ExperimentConfig, run_name: str, tags: Mapping[str, str] | None = None
 ) -> Iterator[RunLogger]:
-    """A child run of the experiment's parent run, with the config as params; FAILED if the body raises."""
-    parent = get_or_create_parent_run(cfg)
-    client = parent.client
-    experiment_id = client.get_run(parent.run_id).info.experiment_id
-    run = client.create_run(
-        experiment_id,
-        run_name=run_name,
-        tags={MLFLOW_PARENT_RUN_ID: parent.run_id, EXPERIMENT_TAG: cfg.name, **(tags or {})},
-    )
-    logger = RunLogger(client, run.info.run_id)
-    logger.log_params(config_params(cfg))
+    """A new child run of the parent run, with the config as params; FAILED if the body raises."""
+    logger = _create_child_run(cfg, run_name, dict(tags or {}))
     try:
         yield logger
     except BaseException:
-        client.set_terminated(run.info.run_id, status="FAILED")
+        logger.finish("FAILED")
         raise
-    client.set_terminated(run.info.run_id, status="FINISHED")
+    logger.finish()

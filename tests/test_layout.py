@@ -68,3 +68,8 @@ def test_the_rules_see_real_imports():
     found = modules()
     assert "dcv.config" in found["dcv.models"]
     assert "mlflow.tracking" in found["dcv.tracking"]
+
+
+def test_ray_actors_are_defined_only_in_rollout():
+    defining = [module_name(path) for path in PACKAGE.rglob("*.py") if "@ray.remote" in path.read_text()]
+    assert defining == ["dcv.training.rollout"]

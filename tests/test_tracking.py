@@ -60,3 +60,13 @@ def test_parent_run_is_reused_and_children_nest(tmp_path, monkeypatch):
     assert child.data.metrics["probe/ioi/accuracy"] == 0.5
     assert client.get_run(parent).data.params["model.name"] == "tiny"
     assert (tmp_path / "store" / "mlflow.db").is_file()
+
+
+def test_object_store_with_a_tracking_uri_logs(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'server.db'}"
+    raw = {**tiny_config_dict(tmp_path), "storage": {"root": "s3://bucket/dcv"}, "tracking": {"uri": uri}}
+    cfg = parse_config(raw)
+    with tracking.child_run(cfg, "on-object-store") as run:
+        run.log_metrics({"x": 1.0})
+    assert MlflowClient(uri).get_run(run.run_id).data.metrics["x"] == 1.0

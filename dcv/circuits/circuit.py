@@ -21,8 +21,9 @@ import torch
 from transformers import PreTrainedModel
 
 from dcv.circuits.decoder import DecoderCache, Prefix, check_heads, hook_z_name, model_shape, run_decoder
-from dcv.circuits.patching import Head, contrast_batches
+from dcv.circuits.patching import Head
 from dcv.config import CircuitsConfig
+from dcv.evaluation import contrast_batches
 from dcv.tasks.items import ProbeItem
 
 CIRCUIT_SCHEMA = {

@@ -26,7 +26,7 @@ Three methods, one table shape:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import polars as pl
@@ -34,6 +34,7 @@ import torch
 from transformers import PreTrainedModel
 
 from dcv.circuits.decoder import DecoderCache, Prefix, check_heads, hook_z_name, model_shape, run_decoder
+from dcv.evaluation import ContrastBatch, contrast_batches
 from dcv.tasks.items import ProbeItem
 
 METHODS = ("exact", "attribution", "ig")
@@ -57,52 +58,6 @@ ITEM_SCHEMA = {
 }
 
 Head = tuple[int, int]
-
-
-@dataclass(frozen=True)
-class ContrastBatch:
-    """Equal-length items: clean and corrupted ids [n, pos], answer ids [n], their indices in the probe."""
-
-    clean: torch.Tensor
-    corrupt: torch.Tensor
-    correct: torch.Tensor
-    wrong: torch.Tensor
-    index: torch.Tensor
-
-    @property
-    def first_difference(self) -> int:
-        """The first position where any item's clean and corrupted prompts differ."""
-        differs = (self.clean != self.corrupt).any(dim=0).nonzero()
-        if len(differs) == 0:
-            raise ValueError("clean and corrupted prompts are identical: no contrast to patch")
-        return int(differs[0])
-
-    def logit_diff(self, logits: torch.Tensor) -> torch.Tensor:
-        """LD per row of last-position logits [rows, vocab]; rows repeat the batch's items."""
-        n = len(self.correct)
-        rows = torch.arange(logits.shape[0])
-        correct = self.correct.repeat(logits.shape[0] // n).to(logits.device)
-        wrong = self.wrong.repeat(logits.shape[0] // n).to(logits.device)
-        return logits[rows, correct] - logits[rows, wrong]
-
-
-def contrast_batches(items: Sequence[ProbeItem], batch_size: int) -> Iterator[ContrastBatch]:
-    """Items grouped by token length (no padding anywhere) and cut into batches of at most ``batch_size``."""
-    if not items:
-        raise ValueError("no probe items: head effects need at least one contrast pair")
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for index, item in enumerate(items):
-        by_length[len(item.clean_ids)].append(index)
-    for indices in by_length.values():
-        for start in range(0, len(indices), batch_size):
-            part = [items[i] for i in indices[start : start + batch_size]]
-            yield ContrastBatch(
-                clean=torch.tensor([it.clean_ids for it in part]),
-                corrupt=torch.tensor([it.corrupt_ids for it in part]),
-                correct=torch.tensor([it.correct_id for it in part]),
-                wrong=torch.tensor([it.wrong_id for it in part]),
-                index=torch.tensor(indices[start : start + batch_size]),
-            )
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ True
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from dcv.tasks.items import LETTERS
@@ -86,6 +86,3 @@ def reward(
     if len(completions) != len(gold):
         raise ValueError(f"{len(completions)} completions but {len(gold)} gold answers")
     return [score_answer(completion_text(c), g, format_bonus) for c, g in zip(completions, gold, strict=True)]
-
-
-REWARD_FUNCTIONS: dict[str, Callable[..., list[float]]] = {"accuracy": reward}

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from datasets import Dataset
 from ray.train.huggingface.transformers import prepare_trainer
 from trl import GRPOConfig, GRPOTrainer
 
 from dcv.config import ExperimentConfig, parse_config
+from dcv.evaluation import chat_prompts
 from dcv.models import load_model_and_tokenizer
 from dcv.tasks import load_target_splits
 from dcv.tasks.answers import reward
@@ -57,9 +57,7 @@ def make_rollout_func(pool: RolloutPool, cfg: ExperimentConfig, tokenizer, seed:
             pool.publish(trainer.accelerator.unwrap_model(trainer.model), version)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # no rank generates before the actors hold this step's weights
-        texts = [
-            tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts
-        ]
+        texts = chat_prompts(tokenizer, prompts)
         groups: list[tuple[str, int]] = []
         for text in texts:
             if groups and groups[-1][0] == text:
@@ -94,7 +92,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = parse_config(loop_config["config"])
     trial, seed = loop_config["trial"], loop_config["seed"]
     set_torch_threads(cfg.resources.torch_threads)
-    torch.manual_seed(seed)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     model.train()
     train_items, _ = load_target_splits(cfg.target_task)

@@ -103,6 +103,8 @@ def run_trial(cfg: ExperimentConfig, method: str, seed: int | None = None) -> li
     """Train one trial (or return a finished one's checkpoints without training)."""
     if method not in METHODS:
         raise ValueError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    if method == "rl" and cfg.rl.init == "sft":
+        raise ValueError("rl.init=sft: GRPO from an SFT checkpoint is not built yet; use rl.init=base")
     seed = cfg.sweep.seeds[0] if seed is None else seed
     name = trial_name(cfg, method, seed)
     trial_dir = trials_root(cfg) / name
