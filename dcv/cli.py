@@ -13,6 +13,12 @@
                                               one training trial on Ray Train (a local Ray is started on
                                               127.0.0.1 unless RAY_ADDRESS names a cluster); prints its
                                               evaluated checkpoints; a finished trial is not retrained
+    dcv sweep CONFIG                          a Ray Tune sweep: every (method, lr, seed, grid) trial of the
+                                              config's sweep section; resumes when rerun; writes the results
+                                              table to <storage>/results/checkpoints.{parquet,csv}
+    dcv patch-all CONFIG [--probe P ...]      head effects of the base model and every checkpoint of the
+                                              sweep's results table, on a Ray Data actor pool; writes
+                                              <storage>/patching/effects.parquet; finished items are skipped
 
 Every command takes ``--set dotted.key=value`` (repeatable) to override the config. Heavy imports
 (torch, transformers, mlflow) happen inside the commands, so ``dcv validate`` is instant.
@@ -42,11 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
         "eval": "score a model: target accuracy, probes, KL to the config's base",
         "patch": "head effects of a model on a probe",
         "circuit": "a probe's circuit and its faithfulness",
+        "sweep": "a Ray Tune sweep of training trials (method x lr x seed x grid)",
     }
     for name, text in helps.items():
         command = commands.add_parser(name, help=text)
         command.add_argument("config")
-        command.add_argument("--model", help="local folder, hub id or built-in name; default model.name")
+        if name != "sweep":
+            command.add_argument("--model", help="local folder, hub id or built-in name; default model.name")
         command.add_argument(
             "--set",
             dest="overrides",
@@ -58,10 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             command.add_argument("--method", required=True, choices=("sft", "rl"))
             command.add_argument("--seed", type=int, help="default: the first of sweep.seeds")
-        elif name != "eval":
+        elif name not in ("eval", "sweep"):
             command.add_argument("--probe", required=True, help="one of the config's probes")
             command.add_argument("--method", default="exact", choices=METHODS)
             command.add_argument("--top", type=int, default=15, help="how many heads to print")
+    patch_all = commands.add_parser("patch-all", help="head effects of every checkpoint on a Ray actor pool")
+    patch_all.add_argument("config")
+    patch_all.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    patch_all.add_argument("--probe", dest="probes", action="append", help="only this probe (repeatable)")
     return parser
 
 
@@ -85,6 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_eval(cfg, model_cfg)
         elif args.command == "train":
             run_train(cfg, args.method, args.seed)
+        elif args.command == "sweep":
+            run_sweep_command(cfg)
+        elif args.command == "patch-all":
+            run_patch_all(cfg, args.probes)
         else:
             if args.probe not in [p.name for p in cfg.probes]:
                 names = ", ".join(p.name for p in cfg.probes)
@@ -113,10 +129,28 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env)
     else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=runtime_env)
+        if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+            # Ray 2.60 turns token auth on for a new local Ray unless RAY_AUTH_MODE says otherwise.
+            raise ValueError(
+                f"[ray] RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}: dcv keeps Ray token auth on, since "
+                "anyone who reaches a Ray port can run code as you; unset RAY_AUTH_MODE or set it to token"
+            )
+        # Ray 2.60 swaps a loopback _node_ip_address for the machine's routable address, and its GCS and
+        # raylet then listen on every interface, unless "Ray clusters" are off (a switch named for
+        # Windows/macOS, read once at import, hence also the constant). Off, they listen on 127.0.0.1 only.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+        # address="local": always a new local Ray, never one that another `ray start` left on this machine.
+        ray.init(
+            address="local", _node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=runtime_env
+        )
 
 
 def run_train(cfg: ExperimentConfig, method: str, seed: int | None):
+    from dcv import tracking
+
+    # A tracking server that is down or refuses our credentials fails here, before Ray or any storage write.
+    tracking.check_tracking_server(tracking.resolve_tracking_uri(cfg))
     from dcv.training.trial import check_trial_config, finished_trial, run_trial, trial_name, trials_root
 
     seed = cfg.sweep.seeds[0] if seed is None else seed
@@ -144,6 +178,47 @@ def run_train(cfg: ExperimentConfig, method: str, seed: int | None):
         )
     print(f"checkpoints: {Path(records[-1].path).parent}")
     return records
+
+
+def run_patch_all(cfg: ExperimentConfig, probes: list[str] | None):
+    """Head effects of the base model and every results-table checkpoint (dcv.circuits.pipeline)."""
+    from dcv.circuits.pipeline import build_work_items, run_pipeline
+    from dcv.results import read_results
+    from dcv.tracking import local_storage_root
+
+    _quiet_transformers()
+    build_work_items(cfg, read_results(local_storage_root(cfg)), probes)  # bad input fails before Ray starts
+    init_ray()
+    start = time.perf_counter()
+    run = run_pipeline(cfg, probes)
+    print(
+        f"patch-all: {run.computed} items computed, {run.skipped} skipped, {run.total} in all "
+        f"({run.table.height} rows) in {time.perf_counter() - start:.1f} s\ntable: {run.path}"
+    )
+    return run
+
+
+def run_sweep_command(cfg: ExperimentConfig):
+    import polars as pl
+
+    from dcv import tracking
+    from dcv.results import RESULTS_FILE, results_dir
+    from dcv.training.sweep import check_plan, plan_trials, run_sweep
+
+    specs = plan_trials(cfg)
+    check_plan(cfg, specs)  # every trial's config, before Ray starts
+    # A tracking server that is down or refuses our credentials fails here, before any trial starts.
+    tracking.check_tracking_server(tracking.resolve_tracking_uri(cfg))
+    print(f"sweep {cfg.sweep.name}: {len(specs)} trials ({', '.join(s.name for s in specs)})")
+    init_ray()
+    start = time.perf_counter()
+    table = run_sweep(cfg)
+    print(f"sweep {cfg.sweep.name} done in {time.perf_counter() - start:.0f} s: {table.height} checkpoints")
+    columns = [c for c in ("trial", "step", "target/accuracy", "kl_to_base") if c in table.columns]
+    with pl.Config(tbl_rows=40, tbl_width_chars=120):
+        print(table.select(columns))
+    print(f"results: {results_dir(tracking.local_storage_root(cfg)) / RESULTS_FILE}")
+    return table
 
 
 def _quiet_transformers() -> None:

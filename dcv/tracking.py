@@ -14,12 +14,14 @@ Credentials for a tracking server come from the environment (``MLFLOW_TRACKING_U
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
@@ -186,3 +188,91 @@ def child_run(
         logger.finish("FAILED")
         raise
     logger.finish()
+
+
+class TrackingServerError(ValueError):
+    """The tracking server cannot be used; a ValueError, so the CLI reports it like any bad setting."""
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` without the user and password it may carry (``http://***@host:5000``), for messages."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+def _connection_failure(exc: BaseException, timeouts: tuple[float, float]) -> str:
+    """A short, secret-free reason from the requests error behind an MLflow request failure."""
+    import requests
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, requests.Timeout) or (
+            isinstance(seen, requests.ConnectionError) and "timed out" in str(seen)
+        ):
+            return f"no answer within {timeouts[0]:g} s (connect) / {timeouts[1]:g} s (reply)"
+        if isinstance(seen, requests.ConnectionError):
+            errno = re.search(r"\[Errno -?\d+\] [^\"')]+", str(seen))
+            return f"cannot connect ({errno.group(0) if errno else type(seen).__name__})"
+        seen = seen.__cause__ or seen.__context__
+    return type(exc).__name__
+
+
+def check_tracking_server(uri: str, connect_timeout: float = 5.0, read_timeout: float = 30.0) -> None:
+    """Fail fast when an http(s) tracking server is down or refuses this process's credentials.
+
+    One authenticated read (search one experiment), no retries. A refused connection fails at once, an
+    unreachable host after ``connect_timeout`` seconds; a busy server may take a few seconds to check a
+    password (MLflow hashes it on every request unless its auth cache is on), hence the longer
+    ``read_timeout``. Credentials come from the environment as for every MLflow request
+    (``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD`` or ``MLFLOW_TRACKING_TOKEN``). Other URIs (a SQLite
+    file, a folder) are not checked.
+    """
+    if urlsplit(uri).scheme not in ("http", "https"):
+        return
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    where = f"[tracking] uri={redact_uri(uri)}"
+    todo = (
+        "start it (mlflow/serve, see mlflow/README.md) or point tracking.uri / MLFLOW_TRACKING_URI "
+        "at a running server"
+    )
+    endpoint = "/api/2.0/mlflow/experiments/search"
+    timeouts = (connect_timeout, read_timeout)
+    try:
+        response = http_request(
+            get_default_host_creds(uri),
+            endpoint,
+            "GET",
+            max_retries=0,
+            backoff_factor=0,
+            timeout=timeouts,
+            raise_on_status=False,
+            params={"max_results": 1},
+        )
+    except MlflowException as exc:
+        raise TrackingServerError(
+            f"{where}: the MLflow tracking server does not answer: {_connection_failure(exc, timeouts)}; "
+            f"every dcv stage logs there, so nothing was started; {todo}"
+        ) from None
+    if response.status_code in (401, 403):
+        who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        sent = (
+            f"user {who!r}"
+            if who
+            else "a token"
+            if os.environ.get("MLFLOW_TRACKING_TOKEN")
+            else "no credentials"
+        )
+        raise TrackingServerError(
+            f"{where}: the tracking server refused the request (HTTP {response.status_code}, {sent}); "
+            "it needs a user allowed to log runs; export MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (never put them in the config or the URI)"
+        )
+    if response.status_code != 200:
+        raise TrackingServerError(
+            f"{where}: GET {endpoint} answered HTTP {response.status_code}; that is not a working MLflow "
+            f"tracking server; {todo}"
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
 from pathlib import Path
 
@@ -35,6 +36,13 @@ def smollm2():
     from dcv.models import load_model_and_tokenizer
 
     return load_model_and_tokenizer(ModelConfig(name="smollm2-135m-instruct"))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for servers a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tiny_config_dict(storage: Path) -> dict:
@@ -76,8 +84,13 @@ def ray_cluster():
     # A marker in every worker's environment, so a test can tell this session's Ray processes from others'.
     session = uuid.uuid4().hex
     env_vars = {**runtime_env_vars(dict(os.environ)), "DCV_TEST_RAY_SESSION": session}
+    # address="local": a new Ray of our own, never a cluster that a `ray start` left on this machine.
     ray.init(
-        num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, runtime_env={"env_vars": env_vars}
+        address="local",
+        num_cpus=4,
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        runtime_env={"env_vars": env_vars},
     )
     yield session
     ray.shutdown()

@@ -7,7 +7,15 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dcv"
 # Lower layers may not import these higher ones.
-LOWER = ("dcv.config", "dcv.storage", "dcv.models", "dcv.tasks", "dcv.evaluation", "dcv.tracking")
+LOWER = (
+    "dcv.config",
+    "dcv.storage",
+    "dcv.results",
+    "dcv.models",
+    "dcv.tasks",
+    "dcv.evaluation",
+    "dcv.tracking",
+)
 HIGHER = ("dcv.training", "dcv.circuits", "dcv.report", "dcv.cli")
 # Modules allowed to import ray (everything else is testable without a cluster).
 RAY_ALLOWED = ("dcv.cli", "dcv.training", "dcv.circuits.pipeline")

@@ -201,6 +201,9 @@ class RolloutPool:
                 get_if_exists=True,
                 num_cpus=rollout.num_cpus,
                 num_gpus=rollout.num_gpus,
+                # Not inside the learner's placement group: under Tune the learner's group captures its
+                # children, and a rollout actor would wait forever for a CPU its learner already holds.
+                scheduling_strategy="DEFAULT",
             ).remote(config)
             for i in range(rollout.num_actors)
         ]

@@ -10,8 +10,10 @@ checkpoint (Ray Train V2's resume: ``ray.train.get_checkpoint()`` inside the loo
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -99,14 +101,24 @@ def check_trial_config(cfg: ExperimentConfig, trial_dir: Path) -> None:
         )
 
 
-def run_trial(cfg: ExperimentConfig, method: str, seed: int | None = None) -> list[CheckpointRecord]:
-    """Train one trial (or return a finished one's checkpoints without training)."""
+def run_trial(
+    cfg: ExperimentConfig,
+    method: str,
+    seed: int | None = None,
+    name: str | None = None,
+    callbacks: Sequence[Any] = (),
+) -> list[CheckpointRecord]:
+    """Train one trial (or return a finished one's checkpoints without training).
+
+    ``name`` defaults to ``trial_name(cfg, method, seed)`` (a sweep adds its grid values); ``callbacks``
+    are Ray Train callbacks (a sweep passes Tune's ``TuneReportCallback``).
+    """
     if method not in METHODS:
         raise ValueError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if method == "rl" and cfg.rl.init == "sft":
         raise ValueError("rl.init=sft: GRPO from an SFT checkpoint is not built yet; use rl.init=base")
     seed = cfg.sweep.seeds[0] if seed is None else seed
-    name = trial_name(cfg, method, seed)
+    name = name or trial_name(cfg, method, seed)
     trial_dir = trials_root(cfg) / name
     check_trial_config(cfg, trial_dir)
     done = finished_trial(cfg, name)
@@ -142,6 +154,7 @@ def run_trial(cfg: ExperimentConfig, method: str, seed: int | None = None) -> li
             storage_path=str(trials_root(cfg)),
             failure_config=FailureConfig(max_failures=res.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),
+            callbacks=list(callbacks),
         ),
     )
     try:

@@ -1,0 +1,81 @@
+"""The results table: one row per (trial, evaluated checkpoint). The contract later stages read.
+
+The sweep writes it (``<storage>/results/checkpoints.parquet`` and ``.csv``); the patching pipeline takes
+its work items from it and the analysis joins its rows. Fixed columns:
+
+    trial           str    trial name (``<method>-lr<lr>-seed<seed>[-<grid suffix>]``), unique per sweep
+    method          str    "sft" | "rl"
+    learning_rate   f64
+    seed            i64
+    init            str    where the trial started: "base" (or "sft:<trial>@<step>" for RL after SFT)
+    step            i64    optimizer step of the checkpoint; 0 is the base model's weights
+    checkpoint      str    path of the HF-format checkpoint folder (loadable with ``from_pretrained``)
+
+then one f64 column per evaluated metric, named as the trial's MLflow metric (``target/accuracy``,
+``target/format_rate``, ``probe/<name>/accuracy``, ``probe/<name>/mean_ld``, ``kl_to_base``,
+``train/loss`` for SFT, ``train/reward`` for RL; null where a method or step has none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from dcv.storage import atomic_path, read_parquet, write_parquet
+
+KEY_COLUMNS = ("trial", "method", "learning_rate", "seed", "init", "step", "checkpoint")
+KEY_SCHEMA = {
+    "trial": pl.String,
+    "method": pl.String,
+    "learning_rate": pl.Float64,
+    "seed": pl.Int64,
+    "init": pl.String,
+    "step": pl.Int64,
+    "checkpoint": pl.String,
+}
+RESULTS_FILE = "checkpoints.parquet"
+# Per-checkpoint counts are not results; they stay in the checkpoint's metadata and MLflow.
+DROPPED_METRICS = ("step",)
+
+
+def results_dir(storage_root: Path) -> Path:
+    return Path(storage_root) / "results"
+
+
+def build_results_table(rows: Iterable[Mapping[str, Any]]) -> pl.DataFrame:
+    """A table from rows holding the key columns plus a ``metrics`` mapping; sorted by trial and step."""
+    records = []
+    for row in rows:
+        missing = [c for c in KEY_COLUMNS if c not in row]
+        if missing:
+            raise ValueError(f"results row {dict(row)!r}: missing key columns {missing}")
+        metrics = {k: float(v) for k, v in row.get("metrics", {}).items() if k not in DROPPED_METRICS}
+        records.append({**{c: row[c] for c in KEY_COLUMNS}, **metrics})
+    metric_names = sorted({k for r in records for k in r} - set(KEY_COLUMNS))
+    schema = {**KEY_SCHEMA, **dict.fromkeys(metric_names, pl.Float64)}
+    table = pl.DataFrame(records, schema=schema) if records else pl.DataFrame(schema=schema)
+    return table.sort("trial", "step")
+
+
+def write_results(table: pl.DataFrame, storage_root: Path) -> Path:
+    """Write the table as parquet and CSV (each atomically); returns the parquet path."""
+    folder = results_dir(storage_root)
+    path = write_parquet(table, folder / RESULTS_FILE)
+    with atomic_path(folder / "checkpoints.csv") as tmp:
+        table.write_csv(tmp)
+    return path
+
+
+def read_results(storage_root: Path) -> pl.DataFrame:
+    """The sweep's results table; a clear error when the sweep has not written it yet."""
+    path = results_dir(storage_root) / RESULTS_FILE
+    table = read_parquet(path)
+    if table is None:
+        raise FileNotFoundError(f"{path}: no results table; run the sweep first (dcv sweep CONFIG)")
+    missing = [c for c in KEY_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: not a dcv results table (missing columns {missing})")
+    return table

@@ -1,0 +1,182 @@
+"""A sweep: Ray Tune runs many trials (method x learning rate x seed x grid), each one Ray Train run.
+
+Run it with ``dcv sweep configs/demo.yaml`` (local Ray) or, on a cluster,
+``ray job submit --working-dir . -- python -m ray_jobs.sweep --config configs/demo.yaml``.
+
+The trial plan is explicit: ``plan_trials`` expands ``sweep.methods`` x the method's learning rates x
+``sweep.seeds`` x ``sweep.grid`` (other config fields by dotted path; a ``sft.*`` or ``rl.*`` key varies
+only that method's trials). Each Tune trial is a small driver function (a sliver of a CPU: Ray Train
+V2's workers ask for their own) that builds and fits the trial's ``TorchTrainer`` through ``run_trial``,
+with Tune's ``TuneReportCallback`` forwarding every evaluated checkpoint's metrics to Tune (and to ASHA).
+
+Resuming: rerunning the same command with the same storage and ``sweep.name`` restores the Tune
+experiment (``Tuner.restore``); finished trials are not rerun, unfinished ones resume from their latest
+checkpoint (``run_trial``'s own resume), and each trial's MLflow child run is found again by its name.
+A sweep folder started with another plan is refused. When Tune is done, the results table
+(``dcv.results``) is written from the trial folders and logged to the sweep's MLflow parent run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from dcv import tracking
+from dcv.config import ExperimentConfig, apply_overrides, config_to_dict, parse_config
+from dcv.results import build_results_table, write_results
+from dcv.storage import atomic_path
+from dcv.training.trial import finished_trial, list_checkpoints, run_trial, trials_root
+
+# The trial driver only waits on its TorchTrainer, whose workers ask for their own CPUs/GPUs. Tune refuses
+# an empty request, so it takes a sliver of a CPU: trials never starve their own workers of a core.
+TRIAL_DRIVER_RESOURCES = {"CPU": 0.01}
+PLAN_FILE = "dcv_plan.json"  # beside Tune's experiment state: the trials this sweep folder was started with
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One point of the sweep: what a trial trains, and the name its folder and MLflow run carry."""
+
+    name: str
+    method: str
+    learning_rate: float
+    seed: int
+    overrides: tuple[tuple[str, Any], ...]  # (dotted path, value), applied on top of the sweep's config
+
+    def config(self, cfg: ExperimentConfig) -> ExperimentConfig:
+        raw = config_to_dict(cfg)
+        lr_field = f"{self.method}.learning_rate={self.learning_rate!r}"
+        raw = apply_overrides(raw, [lr_field, *(f"{k}={json.dumps(v)}" for k, v in self.overrides)])
+        return parse_config(raw, source=f"sweep trial {self.name}")
+
+
+def _grid_suffix(overrides: tuple[tuple[str, Any], ...]) -> str:
+    parts = [f"{path.rsplit('.', 1)[-1]}{value}" for path, value in overrides]
+    return "".join(f"-{re.sub(r'[^A-Za-z0-9_.-]', '_', p)}" for p in parts)
+
+
+def plan_trials(cfg: ExperimentConfig) -> list[TrialSpec]:
+    """Every trial of the sweep, in a fixed order (method, lr, grid, seed)."""
+    specs = []
+    for method in cfg.sweep.methods:
+        rates = cfg.sweep.sft_learning_rates if method == "sft" else cfg.sweep.rl_learning_rates
+        other = "rl." if method == "sft" else "sft."
+        grid = {k: v for k, v in cfg.sweep.grid.items() if not k.startswith(other)}
+        for lr, values in itertools.product(rates, itertools.product(*grid.values())):
+            overrides = tuple(zip(grid, values, strict=True))
+            for seed in cfg.sweep.seeds:
+                name = f"{method}-lr{lr:g}-seed{seed}{_grid_suffix(overrides)}"
+                specs.append(TrialSpec(name, method, lr, seed, overrides))
+    return specs
+
+
+def check_plan(cfg: ExperimentConfig, specs: list[TrialSpec]) -> None:
+    """Validate every trial's config before any compute; a sweep folder keeps the plan it started with."""
+    for spec in specs:
+        spec.config(cfg)  # raises ConfigError naming the trial and the field
+    path = sweep_dir(cfg) / PLAN_FILE
+    plan = [asdict(s) for s in specs]
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != json.loads(json.dumps(plan)):
+            old, new = {p["name"] for p in before}, {p["name"] for p in plan}
+            raise ValueError(
+                f"sweep.name={cfg.sweep.name!r}: {path.parent} holds a sweep with other trials "
+                f"(only before: {sorted(old - new)[:5]}, only now: {sorted(new - old)[:5]}); "
+                "use another sweep.name or storage.root, or delete that folder to start over"
+            )
+
+
+def sweep_dir(cfg: ExperimentConfig) -> Path:
+    return tracking.local_storage_root(cfg) / "sweeps" / cfg.sweep.name
+
+
+def train_trial(tune_config: dict[str, Any]) -> None:
+    """The Tune trainable: one trial's driver. Finished trials only report their last checkpoint."""
+    cfg = parse_config(tune_config["config"])
+    raw = tune_config["spec"]
+    spec = TrialSpec(**{**raw, "overrides": tuple(tuple(o) for o in raw["overrides"])})
+    trial_cfg = spec.config(cfg)
+    done = finished_trial(trial_cfg, spec.name)
+    if done is not None:
+        tune.report({"step": float(done[-1].step), **done[-1].metrics})
+        return
+    run_trial(trial_cfg, spec.method, spec.seed, name=spec.name, callbacks=[TuneReportCallback()])
+
+
+def build_tuner(cfg: ExperimentConfig, specs: list[TrialSpec]) -> tune.Tuner:
+    """A new Tuner over ``specs``, or the restored one when this sweep ran (part-way) before."""
+    trainable = tune.with_resources(train_trial, TRIAL_DRIVER_RESOURCES)
+    folder = sweep_dir(cfg)
+    if tune.Tuner.can_restore(str(folder)):
+        return tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True)
+    scheduler = None
+    if cfg.sweep.scheduler == "asha":
+        scheduler = ASHAScheduler(metric="target/accuracy", mode="max", time_attr="step")
+    return tune.Tuner(
+        trainable,
+        param_space={
+            "config": config_to_dict(cfg),
+            "spec": tune.grid_search([asdict(s) for s in specs]),
+        },
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=cfg.sweep.max_concurrent_trials,
+            scheduler=scheduler,
+            trial_dirname_creator=lambda trial: trial.config["spec"]["name"],
+        ),
+        run_config=tune.RunConfig(name=cfg.sweep.name, storage_path=str(folder.parent), verbose=1),
+    )
+
+
+def collect_results(cfg: ExperimentConfig, specs: list[TrialSpec]) -> pl.DataFrame:
+    """The results table from the trial folders: every evaluated checkpoint of every trial."""
+    rows = []
+    for spec in specs:
+        for record in list_checkpoints(trials_root(cfg) / spec.name):
+            rows.append(
+                {
+                    "trial": spec.name,
+                    "method": spec.method,
+                    "learning_rate": spec.learning_rate,
+                    "seed": spec.seed,
+                    "init": "base",
+                    "step": record.step,
+                    "checkpoint": record.path,
+                    "metrics": record.metrics,
+                }
+            )
+    return build_results_table(rows)
+
+
+def run_sweep(cfg: ExperimentConfig) -> pl.DataFrame:
+    """Run (or resume) the sweep; returns the results table, also written to storage and MLflow."""
+    specs = plan_trials(cfg)
+    check_plan(cfg, specs)
+    parent = tracking.get_or_create_parent_run(cfg)  # before the trials, so they all find this one
+    parent.log_params({"sweep.trials": len(specs)})
+    folder = sweep_dir(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / PLAN_FILE) as tmp:
+        tmp.write_text(json.dumps([asdict(s) for s in specs], indent=1))
+    results = build_tuner(cfg, specs).fit()
+    table = collect_results(cfg, specs)
+    path = write_results(table, tracking.local_storage_root(cfg))
+    parent.log_artifact(path, artifact_path="results")
+    parent.log_artifact(path.with_suffix(".csv"), artifact_path="results")
+    failed = [r for r in results if r.error is not None]
+    if failed:
+        names = ", ".join(str(r.config["spec"]["name"]) for r in failed)
+        raise RuntimeError(
+            f"sweep {cfg.sweep.name}: {len(failed)} of {len(specs)} trials failed ({names}); "
+            f"first error: {failed[0].error}; rerun the same command to resume them"
+        )
+    return table

@@ -1,0 +1,333 @@
+"""The Ray Data patching pipeline on the tiny model: same numbers as a plain loop, survives a killed actor,
+and a killed driver's rerun computes only the unfinished items."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import polars as pl
+import psutil
+import pytest
+import torch
+import yaml
+
+from dcv.circuits.decoder import model_shape
+from dcv.circuits.patching import head_effects
+from dcv.circuits.pipeline import (
+    EFFECTS_SCHEMA,
+    build_work_items,
+    item_path,
+    items_dir,
+    read_item,
+    run_pipeline,
+    split_done,
+)
+from dcv.cli import main as dcv_main
+from dcv.config import ModelConfig, parse_config
+from dcv.models import load_model, save_model
+from dcv.results import build_results_table, write_results
+from dcv.tasks.probes import build_probe
+from tests.conftest import tiny_config_dict
+
+PROBES = ("ioi", "capitals")
+METHODS = ("exact", "attribution")
+CHUNK = 3  # 8 heads -> chunks of 3, 3, 2: a short last chunk is exercised
+KEYS = ["model", "probe", "method", "layer", "head"]
+# 3 models x 2 probes x 2 methods x 3 chunks
+N_ITEMS = 36
+
+
+def pipeline_config_dict(storage: Path, **patching) -> dict:
+    raw = tiny_config_dict(storage)
+    raw["probes"] = [{"name": name, "n_items": 8, "seed": 0} for name in PROBES]
+    raw["patching"] = {
+        "methods": list(METHODS),
+        "batch_size": 4,
+        "head_chunk_size": CHUNK,
+        "num_actors": 2,
+        "num_cpus_per_actor": 1,
+        **patching,
+    }
+    return raw
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_model, tokenizer, tmp_path_factory) -> pl.DataFrame:
+    """Two perturbed copies of the tiny model as HF folders, listed in a results table."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    rows = []
+    for index, (trial, step) in enumerate([("sft-lr1e-05-seed0", 10), ("rl-lr1e-06-seed0", 10)]):
+        model = copy.deepcopy(tiny_model)
+        generator = torch.Generator().manual_seed(index)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+        path = save_model(model, tokenizer, folder / f"{trial}-step{step}")
+        rows.append(
+            {
+                "trial": trial,
+                "method": trial.split("-")[0],
+                "learning_rate": 1e-5,
+                "seed": 0,
+                "init": "base",
+                "step": step,
+                "checkpoint": str(path),
+                "metrics": {"target/accuracy": 0.5},
+            }
+        )
+    return build_results_table(rows)
+
+
+def make_store(root: Path, results: pl.DataFrame, **patching):
+    """A config whose storage holds the results table; returns (config, config file)."""
+    raw = pipeline_config_dict(root / "store", **patching)
+    write_results(results, root / "store")
+    path = root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return parse_config(raw), path
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoints, tokenizer) -> pl.DataFrame:
+    """The plain loop: head_effects item by item (one chunk of heads at a time) in this process."""
+    cfg = parse_config(pipeline_config_dict(Path("unused")))
+    models = [("base", "base", 0, "tiny")] + [
+        (f"{trial}@{step}", trial, step, checkpoint)
+        for trial, step, checkpoint in checkpoints.select("trial", "step", "checkpoint").iter_rows()
+    ]
+    tables = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in each actor (num_cpus_per_actor=1), so the sums run in the same order
+    for model_id, trial, step, checkpoint in models:
+        model = load_model(ModelConfig(name=checkpoint), tokenizer)
+        heads = model_shape(model).heads
+        for probe in PROBES:
+            items = build_probe(cfg.probe(probe), tokenizer).items
+            for method in METHODS:
+                for start in range(0, len(heads), CHUNK):
+                    table = head_effects(
+                        model,
+                        items,
+                        model_id,
+                        probe,
+                        method,
+                        heads=heads[start : start + CHUNK],
+                        batch_size=4,
+                    )
+                    tables.append(
+                        table.with_columns(
+                            trial=pl.lit(trial), step=pl.lit(step, pl.Int64), checkpoint=pl.lit(checkpoint)
+                        )
+                    )
+    torch.set_num_threads(threads)
+    return pl.concat(tables).sort(KEYS)
+
+
+def assert_same_effects(table: pl.DataFrame, reference: pl.DataFrame) -> None:
+    assert table.schema == EFFECTS_SCHEMA
+    assert table.height == reference.height == 3 * len(PROBES) * len(METHODS) * 8
+    table = table.sort(KEYS)
+    key_columns = [c for c in EFFECTS_SCHEMA if c != "effect"]
+    assert table.select(key_columns).equals(reference.select(key_columns))
+    difference = (table["effect"] - reference["effect"]).abs().max()
+    assert difference < 1e-5, difference
+    assert table["effect"].is_finite().all() and table["effect"].n_unique() > table.height // 2
+
+
+def item_stamps(storage: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in items_dir(storage).glob("*.parquet")}
+
+
+def test_pipeline_equals_the_plain_loop_and_a_rerun_skips_everything(
+    ray_cluster, tmp_path, checkpoints, reference
+):
+    cfg, _ = make_store(tmp_path, checkpoints)
+    run = run_pipeline(cfg)
+    assert (run.total, run.skipped, run.computed) == (N_ITEMS, 0, N_ITEMS)
+    # Items are sorted by checkpoint: each of the 2 actors loads each of the 3 models at most once.
+    assert 3 <= run.model_loads <= 3 * 2
+    assert_same_effects(run.table, reference)
+    assert pl.read_parquet(run.path).equals(run.table)
+    assert set(run.table["model"]) == {"base", "sft-lr1e-05-seed0@10", "rl-lr1e-06-seed0@10"}
+
+    stamps = item_stamps(tmp_path / "store")
+    assert len(stamps) == N_ITEMS
+    again = run_pipeline(cfg)
+    assert (again.total, again.skipped, again.computed) == (N_ITEMS, N_ITEMS, 0)
+    assert again.table.equals(run.table)
+    assert item_stamps(tmp_path / "store") == stamps
+
+
+def _patch_actor_pids(marker: str, value: str) -> list[int]:
+    """PIDs of PatchItems actor processes whose environment carries ``marker=value`` (ours only)."""
+    pids = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if not any("PatchItems" in part for part in process.info["cmdline"] or []):
+            continue
+        try:
+            if process.environ().get(marker) == value:
+                pids.append(process.info["pid"])
+        except psutil.Error:
+            continue
+    return pids
+
+
+def test_a_killed_actor_is_restarted_and_the_table_is_the_same(ray_cluster, tmp_path, checkpoints, reference):
+    cfg, _ = make_store(tmp_path, checkpoints)
+    folder = items_dir(tmp_path / "store")
+    killed: dict = {}
+
+    def kill_an_actor_mid_run() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            done = len(list(folder.glob("*.parquet"))) if folder.is_dir() else 0
+            pids = _patch_actor_pids("DCV_TEST_RAY_SESSION", ray_cluster) if done else []
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.update(pid=pids[0], done=len(list(folder.glob("*.parquet"))))
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_an_actor_mid_run)
+    killer.start()
+    run = run_pipeline(cfg)
+    killer.join()
+    assert killed, "no PatchItems actor of this session was found while items were being computed"
+    assert 0 < killed["done"] < N_ITEMS, killed  # killed mid-run
+    assert not psutil.pid_exists(killed["pid"]) or psutil.Process(killed["pid"]).status() == "zombie"
+    assert (run.total, run.skipped, run.computed) == (N_ITEMS, 0, N_ITEMS)
+    assert_same_effects(run.table, reference)
+
+
+def _wait_for_no_processes(marker: str, value: str, seconds: float) -> None:
+    """Wait until no process carries ``marker=value``; then SIGKILL what is left (we started them)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        ours = []
+        for process in psutil.process_iter(["pid"]):
+            try:
+                if process.environ().get(marker) == value:
+                    ours.append(process)
+            except psutil.Error:
+                continue
+        if not ours:
+            return
+        if time.monotonic() > deadline:
+            for process in ours:
+                process.kill()
+            psutil.wait_procs(ours, timeout=10)
+            return
+        time.sleep(0.1)
+
+
+def test_a_killed_driver_reruns_only_unfinished_items(tmp_path, checkpoints, reference):
+    _, config_file = make_store(tmp_path, checkpoints)
+    storage = tmp_path / "store"
+    marker = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["DCV_TEST_PIPELINE_DRIVER"] = marker
+    command = [str(Path(sys.executable).with_name("dcv")), "patch-all", str(config_file)]
+    command += ["--set", "patching.num_actors=1"]  # one actor: items finish one by one, a wide window to kill
+
+    with open(tmp_path / "first.log", "w") as log:
+        driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 90
+        while len(item_stamps(storage)) < 2:
+            assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the first run wrote no item files"
+            time.sleep(0.01)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    # The driver's Ray (raylet, actor) shares its fate; wait until every process of that run is gone.
+    _wait_for_no_processes("DCV_TEST_PIPELINE_DRIVER", marker, seconds=30)
+    before = item_stamps(storage)
+    assert 0 < len(before) < N_ITEMS, len(before)
+
+    rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=150)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    summary = re.search(r"patch-all: (\d+) items computed, (\d+) skipped, (\d+) in all", rerun.stdout)
+    assert summary, rerun.stdout[-3000:]
+    computed, skipped, total = map(int, summary.groups())
+    assert (total, skipped, computed) == (N_ITEMS, len(before), N_ITEMS - len(before))
+    after = item_stamps(storage)
+    assert len(after) == N_ITEMS
+    assert {name: after[name] for name in before} == before  # finished items were not rewritten
+    assert f"{N_ITEMS}/{N_ITEMS} items done ({len(before)} skipped)" in rerun.stdout
+    assert_same_effects(pl.read_parquet(storage / "patching" / "effects.parquet"), reference)
+
+
+def test_bad_input_is_a_clear_error_before_any_compute(ray_cluster, tmp_path, checkpoints, capsys):
+    cfg, config_file = make_store(tmp_path, checkpoints)
+    (tmp_path / "store" / "results" / "checkpoints.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match=r"results/checkpoints\.parquet: no results table"):
+        run_pipeline(cfg)
+    assert dcv_main(["patch-all", str(config_file)]) == 2
+    assert "no results table" in capsys.readouterr().err
+
+    missing = checkpoints.with_columns(
+        pl.when(pl.col("trial") == "rl-lr1e-06-seed0")
+        .then(pl.lit(str(tmp_path / "gone")))
+        .otherwise(pl.col("checkpoint"))
+        .alias("checkpoint")
+    )
+    write_results(missing, tmp_path / "store")
+    with pytest.raises(
+        FileNotFoundError, match=rf"trial='rl-lr1e-06-seed0' step=10: checkpoint='{tmp_path}/gone'"
+    ):
+        run_pipeline(cfg)
+
+    write_results(checkpoints, tmp_path / "store")
+    with pytest.raises(
+        ValueError, match=r"\['greater_than'\] are not in the config's probes; choose from ioi"
+    ):
+        run_pipeline(cfg, probes=["ioi", "greater_than"])
+    with pytest.raises(
+        ValueError, match=r"patching.num_actors=64 x patching.num_cpus_per_actor=1.0 needs 64"
+    ):
+        run_pipeline(cfg.model_copy(update={"patching": cfg.patching.model_copy(update={"num_actors": 64})}))
+    assert not (tmp_path / "store" / "patching").exists()
+
+
+def test_work_grid_ids_are_stable_and_follow_the_config(tmp_path, checkpoints):
+    cfg, _ = make_store(tmp_path, checkpoints)
+    work = build_work_items(cfg, checkpoints)
+    assert work.height == N_ITEMS and work["item_id"].n_unique() == N_ITEMS
+    assert work.equals(build_work_items(cfg, checkpoints))
+    # Sorted by checkpoint: each checkpoint's items are contiguous, so an actor rarely reloads.
+    assert work["checkpoint"].rle_id().n_unique() == 3
+    assert sorted(set(zip(work["head_start"], work["head_end"], strict=True))) == [(0, 3), (3, 6), (6, 8)]
+    changed = cfg.model_copy(update={"probes": [p.model_copy(update={"n_items": 9}) for p in cfg.probes]})
+    assert not set(build_work_items(changed, checkpoints)["item_id"]) & set(work["item_id"])
+    only_ioi = build_work_items(cfg, checkpoints, probes=["ioi"])
+    assert set(only_ioi["item_id"]) < set(work["item_id"]) and only_ioi.height == N_ITEMS // 2
+
+
+def test_an_invalid_item_file_counts_as_unfinished(tmp_path, checkpoints, tiny_model, tokenizer):
+    cfg, _ = make_store(tmp_path, checkpoints)
+    storage = tmp_path / "store"
+    work = build_work_items(cfg, checkpoints, probes=["ioi"]).head(3)
+    items = build_probe(cfg.probe("ioi"), tokenizer).items
+    good = head_effects(
+        tiny_model, items, "base", "ioi", "exact", heads=[(0, 0), (0, 1), (0, 2)]
+    ).with_columns(trial=pl.lit("base"), step=pl.lit(0, pl.Int64), checkpoint=pl.lit("tiny"))
+    ids = work["item_id"].to_list()
+    items_dir(storage).mkdir(parents=True)
+    good.write_parquet(item_path(storage, ids[0]))  # valid
+    good.head(2).write_parquet(item_path(storage, ids[1]))  # a row short
+    item_path(storage, ids[2]).write_bytes(b"PAR1 truncated")  # unreadable
+    assert read_item(item_path(storage, ids[0]), 3) is not None
+    assert read_item(item_path(storage, ids[0]).with_name("absent.parquet"), 3) is None
+    assert read_item(item_path(storage, ids[0]), 4) is None
+    good.drop("trial").write_parquet(tmp_path / "wrong_schema.parquet")
+    assert read_item(tmp_path / "wrong_schema.parquet", 3) is None
+    pending, done = split_done(work, storage)
+    assert done["item_id"].to_list() == ids[:1] and pending["item_id"].to_list() == ids[1:]

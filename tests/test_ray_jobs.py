@@ -1,0 +1,157 @@
+"""`ray job submit` of the ray_jobs/ entrypoints against a real Ray head on 127.0.0.1 with token auth."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from dcv.config import parse_config
+from dcv.results import read_results
+from dcv.training.sweep import plan_trials
+from tests.conftest import REPO, free_port
+from tests.training.test_sweep import sweep_config_dict
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A Ray head started like a cluster's (`ray start --head`), loopback only, token auth on.
+
+    Yields (dashboard address, environment with the token). Its own temp dir, so no other `ray.init()` on
+    this machine finds it through /tmp/ray/ray_current_cluster.
+    """
+    temp_dir = Path("/tmp") / f"dcv-ray-{uuid.uuid4().hex[:8]}"  # Ray's socket paths must stay short
+    token = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",  # the job's `python` is this venv's
+    )
+    dashboard_port = free_port()
+    started = subprocess.run(
+        [
+            RAY,
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={free_port()}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            "--num-cpus=4",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert started.returncode == 0, started.stderr[-3000:]
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        wait_for_job_agent(address, env)
+        yield address, env
+    finally:
+        stop_ray_head(temp_dir)
+
+
+def wait_for_job_agent(address: str, env: dict[str, str], timeout_s: float = 420) -> None:
+    """Until the head's job agent has registered, a submission fails with "No available agent"."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        probe = subprocess.run(
+            [RAY, "job", "submit", "--address", address, "--", "python", "-c", "pass"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if probe.returncode == 0:
+            return
+        assert "No available agent" in probe.stderr, probe.stderr[-3000:]
+        assert time.monotonic() < deadline, "the Ray head's job agent never came up"
+        time.sleep(1)
+
+
+def stop_ray_head(temp_dir: Path) -> None:
+    """Stop this head only: `ray stop` would kill every Ray on the machine, this session's too."""
+    head = [p for p in psutil.process_iter(["cmdline"]) if str(temp_dir) in " ".join(p.info["cmdline"] or [])]
+    processes = {c for p in head for c in _with_children(p)}
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(list(processes), timeout=20)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _with_children(process: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [process, *process.children(recursive=True)]
+    except psutil.Error:
+        return [process]
+
+
+def test_job_submission_without_the_token_is_refused(ray_head):
+    address, env = ray_head
+    no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
+    listed = subprocess.run(
+        [RAY, "job", "list", "--address", address], env=no_token, capture_output=True, text=True, timeout=120
+    )
+    assert listed.returncode != 0
+    assert "auth" in (listed.stdout + listed.stderr).lower()
+
+
+def test_sweep_submitted_as_a_ray_job(ray_head, tmp_path):
+    address, env = ray_head
+    raw = sweep_config_dict(tmp_path / "store", methods=["sft"], sft_learning_rates=[1e-5], seeds=[0])
+    config_file = tmp_path / "sweep.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    submitted = subprocess.run(
+        [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(REPO),
+            "--",
+            "python",
+            "-m",
+            "ray_jobs.sweep",
+            "--config",
+            str(config_file),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0, output[-4000:]
+    assert "succeeded" in output.lower()
+    cfg = parse_config(raw)
+    (spec,) = plan_trials(cfg)
+    table = read_results((tmp_path / "store").resolve())
+    assert table["trial"].unique().to_list() == [spec.name] and table["step"].to_list() == [0, 1, 2]
+    client = MlflowClient(f"sqlite:///{(tmp_path / 'store').resolve() / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment_name)
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`dcv.stage` = 'train'")
+    assert [r.data.tags["dcv.run_key"] for r in runs] == [spec.name]
+    assert runs[0].info.status == "FINISHED"

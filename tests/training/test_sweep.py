@@ -1,0 +1,146 @@
+"""Ray Tune sweeps of tiny-model trials: the plan, the results table, MLflow, and resuming a killed driver."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from dcv import tracking
+from dcv.config import parse_config
+from dcv.results import KEY_COLUMNS, read_results
+from dcv.training.sweep import check_plan, plan_trials, run_sweep
+from dcv.training.trial import TRIAL_FILE, trials_root
+from tests.training.test_trial import train_config_dict
+
+DCV = str(Path(sys.executable).with_name("dcv"))
+
+
+def sweep_config_dict(storage: Path, **sweep) -> dict:
+    raw = train_config_dict(storage, workers=1)
+    raw["sft"].update(max_steps=2, eval_every=1)
+    raw["sweep"] = {
+        "methods": ["sft", "rl"],
+        "sft_learning_rates": [1e-5, 3e-5],
+        "rl_learning_rates": [1e-6, 3e-6],
+        "seeds": [0, 1],
+        "max_concurrent_trials": 2,
+        "name": "tiny-sweep",
+        **sweep,
+    }
+    return raw
+
+
+def train_child_runs(cfg) -> list:
+    client = MlflowClient(tracking.resolve_tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment_name)
+    return client.search_runs([experiment.experiment_id], filter_string="tags.`dcv.stage` = 'train'")
+
+
+def test_plan_expands_methods_rates_seeds_and_grid(tmp_path):
+    cfg = parse_config(sweep_config_dict(tmp_path, grid={"sft.max_steps": [2, 3], "evaluation.kl_seed": [0]}))
+    specs = plan_trials(cfg)
+    # sft: 2 lrs x 2 max_steps x 2 seeds; rl: 2 lrs x 2 seeds (an sft.* key does not vary RL trials).
+    assert len(specs) == 8 + 4
+    assert len({s.name for s in specs}) == len(specs)
+    assert "sft-lr3e-05-seed1-max_steps3-kl_seed0" in {s.name for s in specs}
+    rl = [s for s in specs if s.method == "rl"]
+    assert all(dict(s.overrides) == {"evaluation.kl_seed": 0} for s in rl)
+    assert {s.learning_rate for s in rl} == {1e-6, 3e-6}
+    trial_cfg = specs[0].config(cfg)
+    assert trial_cfg.sft.learning_rate == specs[0].learning_rate and trial_cfg.sft.max_steps == 2
+
+
+def test_a_grid_value_that_breaks_the_config_is_refused_before_compute(tmp_path):
+    cfg = parse_config(sweep_config_dict(tmp_path, grid={"sft.max_steps": [2, -1]}))
+    with pytest.raises(ValueError, match=r"sweep trial sft-lr1e-05-seed0-max_steps-1.*sft.max_steps"):
+        check_plan(cfg, plan_trials(cfg))
+    assert not trials_root(cfg).exists()
+
+
+def test_sweep_of_two_methods_two_rates_two_seeds(ray_cluster, tmp_path):
+    cfg = parse_config(sweep_config_dict(tmp_path / "store"))
+    table = run_sweep(cfg)
+    specs = plan_trials(cfg)
+    assert len(specs) == 8
+    expected = {(s.name, step) for s in specs for step in (0, 1, 2)}
+    assert set(zip(table["trial"], table["step"], strict=True)) == expected
+    assert table.height == len(expected)
+    assert read_results(tracking.local_storage_root(cfg)).equals(table)
+    assert list(table.columns[: len(KEY_COLUMNS)]) == list(KEY_COLUMNS)
+    assert table.filter(pl.col("step") == 0)["kl_to_base"].abs().max() < 1e-6  # step 0 is the base model
+    assert table.filter(pl.col("method") == "sft", pl.col("step") > 0)["kl_to_base"].min() > 0  # SFT moved
+    for row in table.iter_rows(named=True):
+        assert (Path(row["checkpoint"]) / "model.safetensors").is_file()
+        assert row["learning_rate"] in (1e-5, 3e-5) if row["method"] == "sft" else (1e-6, 3e-6)
+    assert table.filter(pl.col("method") == "sft", pl.col("step") > 0)["train/loss"].is_not_null().all()
+    assert table.filter(pl.col("method") == "rl", pl.col("step") > 0)["train/reward"].is_not_null().all()
+
+    runs = train_child_runs(cfg)
+    assert sorted(r.data.tags["dcv.run_key"] for r in runs) == sorted(s.name for s in specs)
+    parent_ids = {r.data.tags["mlflow.parentRunId"] for r in runs}
+    assert len(parent_ids) == 1
+    for run in runs:
+        spec = next(s for s in specs if s.name == run.data.tags["dcv.run_key"])
+        assert run.data.tags["dcv.method"] == spec.method and run.data.tags["dcv.seed"] == str(spec.seed)
+        assert float(run.data.tags["dcv.lr"]) == spec.learning_rate
+        assert run.info.status == "FINISHED"
+    client = MlflowClient(tracking.resolve_tracking_uri(cfg))
+    artifacts = {a.path for a in client.list_artifacts(parent_ids.pop(), "results")}
+    assert artifacts == {"results/checkpoints.parquet", "results/checkpoints.csv"}
+
+    # A second run of the finished sweep trains nothing and duplicates no MLflow run.
+    stamps = {p: p.stat().st_mtime_ns for p in trials_root(cfg).rglob("checkpoint_*/*")}
+    again = run_sweep(cfg)
+    assert again.equals(table)
+    assert {p: p.stat().st_mtime_ns for p in trials_root(cfg).rglob("checkpoint_*/*")} == stamps
+    assert len(train_child_runs(cfg)) == len(specs)
+
+
+def test_killed_sweep_driver_resumes_without_repeating_finished_trials(tmp_path):
+    storage = tmp_path / "store"
+    raw = sweep_config_dict(storage, methods=["sft"], sft_learning_rates=[1e-5], max_concurrent_trials=1)
+    raw["sft"].update(max_steps=6, eval_every=2)
+    config_file = tmp_path / "sweep.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    cfg = parse_config(raw)
+    first, second = (trials_root(cfg) / s.name for s in plan_trials(cfg))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen(
+        [DCV, "sweep", str(config_file)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the kill takes the driver's local Ray with it
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (first / TRIAL_FILE).exists():
+            assert driver.poll() is None, "the sweep driver exited before the first trial finished"
+            assert time.monotonic() < deadline, "the first trial did not finish in time"
+            time.sleep(0.2)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert not (second / TRIAL_FILE).exists()  # killed mid-sweep
+    stamps = {p: p.stat().st_mtime_ns for p in first.rglob("*")}
+
+    result = subprocess.run(
+        [DCV, "sweep", str(config_file)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in first.rglob("*")} == stamps  # the finished trial was not rerun
+    assert json.loads((second / TRIAL_FILE).read_text())["checkpoints"][-1]["step"] == 6
+    table = read_results(storage.resolve())
+    assert table.height == 2 * 4 and set(table["trial"]) == {first.name, second.name}
+    runs = train_child_runs(cfg)
+    assert sorted(r.data.tags["dcv.run_key"] for r in runs) == sorted([first.name, second.name])
