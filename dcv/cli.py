@@ -182,19 +182,32 @@ def run_train(cfg: ExperimentConfig, method: str, seed: int | None):
 
 def run_patch_all(cfg: ExperimentConfig, probes: list[str] | None):
     """Head effects of the base model and every results-table checkpoint (dcv.circuits.pipeline)."""
+    from dcv import tracking
     from dcv.circuits.pipeline import build_work_items, run_pipeline
     from dcv.results import read_results
-    from dcv.tracking import local_storage_root
 
     _quiet_transformers()
-    build_work_items(cfg, read_results(local_storage_root(cfg)), probes)  # bad input fails before Ray starts
+    build_work_items(cfg, read_results(tracking.local_storage_root(cfg)), probes)  # bad input: before Ray
+    tracking.check_tracking_server(tracking.resolve_tracking_uri(cfg))
     init_ray()
     start = time.perf_counter()
     run = run_pipeline(cfg, probes)
+    seconds = time.perf_counter() - start
     print(
         f"patch-all: {run.computed} items computed, {run.skipped} skipped, {run.total} in all "
-        f"({run.table.height} rows) in {time.perf_counter() - start:.1f} s\ntable: {run.path}"
+        f"({run.table.height} rows) in {seconds:.1f} s\ntable: {run.path}"
     )
+    with tracking.child_run(cfg, "patch-all", tags={"dcv.stage": "patch"}) as logged:
+        logged.log_metrics(
+            {
+                "patch/items": run.total,
+                "patch/computed": run.computed,
+                "patch/skipped": run.skipped,
+                "patch/rows": run.table.height,
+                "patch/seconds": seconds,
+            }
+        )
+        logged.log_artifact(run.path, artifact_path="patching")
     return run
 
 

@@ -19,6 +19,7 @@ import psutil
 import pytest
 import torch
 import yaml
+from mlflow.tracking import MlflowClient
 
 from dcv.circuits.decoder import model_shape
 from dcv.circuits.patching import head_effects
@@ -32,7 +33,7 @@ from dcv.circuits.pipeline import (
     split_done,
 )
 from dcv.cli import main as dcv_main
-from dcv.config import ModelConfig, parse_config
+from dcv.config import ModelConfig, load_config, parse_config
 from dcv.models import load_model, save_model
 from dcv.results import build_results_table, write_results
 from dcv.tasks.probes import build_probe
@@ -263,6 +264,12 @@ def test_a_killed_driver_reruns_only_unfinished_items(tmp_path, checkpoints, ref
     assert {name: after[name] for name in before} == before  # finished items were not rewritten
     assert f"{N_ITEMS}/{N_ITEMS} items done ({len(before)} skipped)" in rerun.stdout
     assert_same_effects(pl.read_parquet(storage / "patching" / "effects.parquet"), reference)
+    # Only the finished run logged to MLflow: one child run, counting what it computed.
+    client = MlflowClient(f"sqlite:///{storage.resolve() / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(load_config(config_file).tracking.experiment_name)
+    (logged,) = client.search_runs([experiment.experiment_id], filter_string="tags.`dcv.stage` = 'patch'")
+    assert logged.info.status == "FINISHED"
+    assert logged.data.metrics["patch/computed"] == N_ITEMS - len(before)
 
 
 def test_bad_input_is_a_clear_error_before_any_compute(ray_cluster, tmp_path, checkpoints, capsys):
