@@ -262,7 +262,20 @@ class TrackingConfig(Section):
 
 
 class StorageConfig(Section):
-    root: str = Field("runs/demo", description="local folder or object-store URI for checkpoints and tables")
+    root: str = Field(
+        "runs/demo",
+        description="local folder (relative to where the command runs) or object-store URI for checkpoints "
+        "and tables",
+    )
+
+    @field_validator("root")
+    @classmethod
+    def _absolute_folder(cls, root: str) -> str:
+        # Made absolute once, where the config is loaded: Ray Tune runs each trial in its own working
+        # directory, where a relative folder would name another place.
+        if "://" in root and not root.startswith("file://"):
+            return root
+        return str(Path(root.removeprefix("file://")).expanduser().resolve())
 
 
 class ResourcesConfig(Section):

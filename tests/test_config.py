@@ -9,6 +9,7 @@ import yaml
 
 from dcv.cli import main
 from dcv.config import ConfigError, apply_overrides, load_config, parse_config
+from tests.conftest import DEMO_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,3 +148,10 @@ def test_config_is_frozen():
 def test_shipped_configs_validate(path):
     cfg = load_config(path)
     assert cfg.probes
+
+
+def test_a_relative_storage_root_is_made_absolute_where_the_config_is_loaded(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(DEMO_CONFIG, ["storage.root=runs/x"])
+    assert cfg.storage.root == str(tmp_path / "runs" / "x")
+    assert load_config(DEMO_CONFIG, ["storage.root=s3://bucket/runs"]).storage.root == "s3://bucket/runs"

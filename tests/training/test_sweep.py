@@ -106,17 +106,24 @@ def test_sweep_of_two_methods_two_rates_two_seeds(ray_cluster, tmp_path):
     assert len(train_child_runs(cfg)) == len(specs)
 
 
-def test_killed_sweep_driver_resumes_without_repeating_finished_trials(tmp_path):
+def test_killed_sweep_driver_resumes_without_repeating_finished_trials(tmp_path, monkeypatch):
     storage = tmp_path / "store"
-    raw = sweep_config_dict(storage, methods=["sft"], sft_learning_rates=[1e-5], max_concurrent_trials=1)
+    # A relative storage root, as in configs/demo.yaml: Tune runs each trial in a working dir of its own,
+    # so the trials land in the right folder only if the root was made absolute where the command ran.
+    raw = sweep_config_dict(
+        Path("store"), methods=["sft"], sft_learning_rates=[1e-5], max_concurrent_trials=1
+    )
     raw["sft"].update(max_steps=6, eval_every=2)
     config_file = tmp_path / "sweep.yaml"
     config_file.write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)  # the test's own view of the config resolves "store" there too
     cfg = parse_config(raw)
+    assert cfg.storage.root == str(storage.resolve())
     first, second = (trials_root(cfg) / s.name for s in plan_trials(cfg))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     driver = subprocess.Popen(
         [DCV, "sweep", str(config_file)],
+        cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: the kill takes the driver's local Ray with it
@@ -135,7 +142,7 @@ def test_killed_sweep_driver_resumes_without_repeating_finished_trials(tmp_path)
     stamps = {p: p.stat().st_mtime_ns for p in first.rglob("*")}
 
     result = subprocess.run(
-        [DCV, "sweep", str(config_file)], capture_output=True, text=True, env=env, timeout=600
+        [DCV, "sweep", str(config_file)], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in first.rglob("*")} == stamps  # the finished trial was not rerun
