@@ -6,7 +6,9 @@ Both run the same SFT on the same data, steps, batch size and seed; neither eval
 Ray run saves once at the end, as the plain one does not). Tokens/s counts the tokens of the trained
 batches (TRL's ``num_tokens``) over the ``train()`` wall time, so model loading and Ray start-up are
 excluded from both; Ray Train's cost that remains is the process group, the worker process and reporting.
-The worker uses as many torch threads as the driver (Ray would otherwise pin OMP_NUM_THREADS).
+The worker uses as many torch threads as the driver (Ray would otherwise pin OMP_NUM_THREADS) and runs at
+the driver's OS priority (Ray otherwise nices its workers to 15, which on a shared machine measures the
+other tenants, not Ray Train).
 Run on an otherwise idle machine; the figure is a ratio of two runs made one after the other.
 
 The last line is ``BENCH ray_train_vs_trl <ratio>`` (>= 0.9 means Ray Train costs under 10%).
@@ -85,7 +87,14 @@ def main() -> None:
     plain = tokens / seconds
     print(f"TRL SFTTrainer alone: {tokens:.0f} tokens in {seconds:.1f} s = {plain:.0f} tokens/s")
 
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
+    # Ray starts its workers at OS niceness 15 (so its own daemons stay responsive). The plain run above has
+    # niceness 0; on a machine with any other load that gap, not Ray Train, would decide the ratio.
+    ray.init(
+        address="local",
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        _system_config={"worker_niceness": 0},
+    )
     result = TorchTrainer(
         ray_worker,
         train_loop_config={
