@@ -50,6 +50,13 @@ def ray_head(tmp_path_factory):
             f"--port={free_port()}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard_port}",
+            # Every fixed default port elsewhere too: this session's own Ray (conftest) already holds
+            # 52365 for its dashboard agent, and a second agent on it never registers ("No available agent").
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
             "--num-cpus=4",
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
@@ -68,7 +75,7 @@ def ray_head(tmp_path_factory):
         stop_ray_head(temp_dir)
 
 
-def wait_for_job_agent(address: str, env: dict[str, str], timeout_s: float = 420) -> None:
+def wait_for_job_agent(address: str, env: dict[str, str], timeout_s: float = 180) -> None:
     """Until the head's job agent has registered, a submission fails with "No available agent"."""
     deadline = time.monotonic() + timeout_s
     while True:
