@@ -37,7 +37,7 @@ KEY_SCHEMA = {
     "checkpoint": pl.String,
 }
 RESULTS_FILE = "checkpoints.parquet"
-# Per-checkpoint counts are not results; they stay in the checkpoint's metadata and MLflow.
+# The metrics also carry the step, which is already a key column.
 DROPPED_METRICS = ("step",)
 
 
