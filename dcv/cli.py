@@ -16,6 +16,10 @@
     dcv sweep CONFIG                          a Ray Tune sweep: every (method, lr, seed, grid) trial of the
                                               config's sweep section; resumes when rerun; writes the results
                                               table to <storage>/results/checkpoints.{parquet,csv}
+    dcv run CONFIG                            the whole experiment: base snapshot, sweep, patching, circuits,
+                                              analysis and report (each stage resumes; see dcv.experiment);
+                                              prints where the report and the MLflow store are
+    dcv report RUN_DIR                        the report again from a run's stored analysis tables
     dcv patch-all CONFIG [--probe P ...]      head effects of the base model and every checkpoint of the
                                               sweep's results table, on a Ray Data actor pool; writes
                                               <storage>/patching/effects.parquet; finished items are skipped
@@ -74,11 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     patch_all.add_argument("config")
     patch_all.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     patch_all.add_argument("--probe", dest="probes", action="append", help="only this probe (repeatable)")
+    run = commands.add_parser("run", help="the whole experiment: sweep, patching, circuits, analysis, report")
+    run.add_argument("config")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    report = commands.add_parser("report", help="rebuild a run's report from its stored tables")
+    report.add_argument("run_dir", help="the run's storage.root (holds experiment_config.json)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "report":
+        try:
+            run_report(Path(args.run_dir))
+        except (FileNotFoundError, ValueError, ConfigError) as exc:
+            print(f"dcv report: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        return 0
     overrides = list(getattr(args, "overrides", []))
     try:
         cfg = load_config(args.config, overrides)
@@ -99,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_train(cfg, args.method, args.seed)
         elif args.command == "sweep":
             run_sweep_command(cfg)
+        elif args.command == "run":
+            run_experiment_command(cfg)
         elif args.command == "patch-all":
             run_patch_all(cfg, args.probes)
         else:
@@ -183,7 +201,7 @@ def run_train(cfg: ExperimentConfig, method: str, seed: int | None):
 def run_patch_all(cfg: ExperimentConfig, probes: list[str] | None):
     """Head effects of the base model and every results-table checkpoint (dcv.circuits.pipeline)."""
     from dcv import tracking
-    from dcv.circuits.pipeline import build_work_items, run_pipeline
+    from dcv.circuits.pipeline import build_work_items, log_pipeline_run, run_pipeline
     from dcv.results import read_results
 
     _quiet_transformers()
@@ -197,17 +215,7 @@ def run_patch_all(cfg: ExperimentConfig, probes: list[str] | None):
         f"patch-all: {run.computed} items computed, {run.skipped} skipped, {run.total} in all "
         f"({run.table.height} rows) in {seconds:.1f} s\ntable: {run.path}"
     )
-    with tracking.child_run(cfg, "patch-all", tags={"dcv.stage": "patch"}) as logged:
-        logged.log_metrics(
-            {
-                "patch/items": run.total,
-                "patch/computed": run.computed,
-                "patch/skipped": run.skipped,
-                "patch/rows": run.table.height,
-                "patch/seconds": seconds,
-            }
-        )
-        logged.log_artifact(run.path, artifact_path="patching")
+    log_pipeline_run(cfg, run, seconds)
     return run
 
 
@@ -232,6 +240,50 @@ def run_sweep_command(cfg: ExperimentConfig):
         print(table.select(columns))
     print(f"results: {results_dir(tracking.local_storage_root(cfg)) / RESULTS_FILE}")
     return table
+
+
+def _open_instructions(storage: Path, report_html: Path, tracking_uri: str) -> str:
+    from dcv.tracking import redact_uri
+
+    ui = (
+        f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+        if tracking_uri.startswith("sqlite:")
+        else f"open {redact_uri(tracking_uri)} in a browser"
+    )
+    return (
+        f"report: {report_html}\n        {report_html.with_suffix('.md')} "
+        f"(figures in {report_html.parent / 'figures'})\n"
+        f"tables: {storage / 'analysis'}\nMLflow store: {redact_uri(tracking_uri)}\n"
+        f"MLflow UI: {ui}   (then http://127.0.0.1:5000)"
+    )
+
+
+def run_experiment_command(cfg: ExperimentConfig):
+    """``dcv run``: every stage of dcv.experiment on the local Ray (or RAY_ADDRESS's cluster)."""
+    from dcv import tracking
+    from dcv.experiment import run_experiment
+    from dcv.training.sweep import check_plan, plan_trials
+
+    _quiet_transformers()
+    check_plan(cfg, plan_trials(cfg))  # every trial's config, before Ray starts or anything is written
+    tracking.check_tracking_server(tracking.resolve_tracking_uri(cfg))
+    init_ray()
+    start = time.perf_counter()
+    run = run_experiment(cfg)
+    stages = ", ".join(f"{name} {s:.0f} s" for name, s in run.stage_seconds.items())
+    print(f"experiment {cfg.name} done in {time.perf_counter() - start:.0f} s ({stages})")
+    print(_open_instructions(run.storage, run.report_html, run.tracking_uri))
+    return run
+
+
+def run_report(run_dir: Path):
+    from dcv import tracking
+    from dcv.experiment import load_run_config, rebuild_report
+
+    cfg = load_run_config(run_dir)
+    md, page = rebuild_report(run_dir)
+    print(_open_instructions(tracking.local_storage_root(cfg), page, tracking.resolve_tracking_uri(cfg)))
+    return md, page
 
 
 def _quiet_transformers() -> None:

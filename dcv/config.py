@@ -224,7 +224,7 @@ class SweepConfig(Section):
 
 
 class PatchingConfig(Section):
-    methods: list[Literal["exact", "attribution", "ig"]] = Field(
+    methods: list[Literal["exact", "attribution", "ig", "mask"]] = Field(
         default_factory=lambda: ["exact"], min_length=1
     )
     ig_steps: PositiveInt = 8
@@ -235,6 +235,41 @@ class PatchingConfig(Section):
     num_gpus_per_actor: Annotated[float, Field(ge=0)] = 0.0
 
 
+class MaskConfig(Section):
+    """Learned-mask circuit discovery (the seed paper's protocol; ``dcv.circuits.mask``).
+
+    One logit per head, m_h = sigmoid(logit_h / T); the loss is the normalised logit-difference drop
+    (1 - faithfulness of the soft mask)^2 plus ``l1_penalty * mean(m)``. Since the penalty is on the *mean*
+    mask, switching one head off saves ``l1_penalty / n_heads``.
+    """
+
+    lr: PositiveFloat = Field(0.1, description="Adam learning rate of the mask logits")
+    steps: PositiveInt = Field(200, description="optimiser steps, one minibatch of items each")
+    l1_penalty: PositiveFloat = Field(
+        0.1,
+        description="weight of mean(m); larger gives smaller circuits at lower faithfulness. The fit term "
+        "is (1 - F)^2, so a head stays on while its share of the LD gap is worth more than the penalty; "
+        "0.1 keeps the planted heads of the known-answer test fully on (0.5 left one at 0.65)",
+    )
+    t_start: PositiveFloat = Field(1.0, description="temperature of the first step")
+    t_end: PositiveFloat = Field(
+        0.05, description="temperature of the last step (annealed geometrically); low ends masks near 0 or 1"
+    )
+    logit_init: PositiveFloat = Field(
+        3.0, description="initial logit of every head: m starts at sigmoid(logit_init / t_start), near 1"
+    )
+    seed: int = Field(0, description="seeds the item order and minibatch order")
+
+    @model_validator(mode="after")
+    def _anneals_down(self) -> MaskConfig:
+        if self.t_end > self.t_start:
+            raise ValueError(
+                f"t_end: {self.t_end} must be <= t_start={self.t_start}; the temperature is annealed down "
+                "so that masks end near 0 or 1"
+            )
+        return self
+
+
 class CircuitsConfig(Section):
     selection: Literal["faithfulness", "top_k"] = "faithfulness"
     tau: Annotated[float, Field(gt=0, le=2)] = 0.8
@@ -242,6 +277,7 @@ class CircuitsConfig(Section):
     top_k: PositiveInt = 20
     n_bootstrap: PositiveInt = 1000
     ci_level: Annotated[float, Field(gt=0, lt=1)] = 0.95
+    mask: MaskConfig = Field(default_factory=MaskConfig)
 
 
 class TrackingConfig(Section):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import html
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,3 +46,313 @@ def plot_head_heatmap(
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return Path(path)
+
+
+# --- the experiment report -------------------------------------------------------------------------
+
+METHOD_COLORS = {"sft": "tab:red", "rl": "tab:blue"}
+LINESTYLES = ("-", "--", ":", "-.")
+FIGURES = ("adaptation", "forgetting", "pareto", "preservation", "vulnerability_vs_forgetting")
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def _band(ax, frame: pl.DataFrame, y: str, keys: Sequence[str], label_of) -> None:
+    """One line per ``keys`` group: the mean of ``y`` over its runs per step, shaded min-max over runs."""
+    for index, (key, group) in enumerate(frame.group_by(keys, maintain_order=True)):
+        stats = group.group_by("step").agg(
+            pl.col(y).mean().alias("mean"), pl.col(y).min().alias("low"), pl.col(y).max().alias("high")
+        )
+        stats = stats.sort("step")
+        color = METHOD_COLORS.get(key[0], "tab:gray")
+        style = LINESTYLES[index % len(LINESTYLES)]
+        ax.plot(stats["step"], stats["mean"], style, color=color, marker="o", ms=3, label=label_of(key))
+        ax.fill_between(stats["step"], stats["low"], stats["high"], color=color, alpha=0.15)
+
+
+def _lr_label(key) -> str:
+    return f"{key[0].upper()} lr {key[1]:g}"
+
+
+def plot_adaptation(summary: pl.DataFrame, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    _band(ax, summary, "target_accuracy", ["training", "learning_rate"], _lr_label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("target accuracy")
+    ax.set_title("Adaptation: target-task accuracy (mean, band = min-max over seeds)", fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_forgetting(summary: pl.DataFrame, path: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, column, label in (
+        (axes[0], "forgetting", "forgetting (probe accuracy drop)"),
+        (axes[1], "forgetting_ld", "forgetting (mean logit-difference drop)"),
+    ):
+        _band(ax, summary, column, ["training", "learning_rate"], _lr_label)
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Forgetting of prior capabilities (mean over probes)", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_pareto(summary: pl.DataFrame, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    seen = set()
+    for (_, training), run in summary.group_by("trial", "training", maintain_order=True):
+        run = run.sort("step")
+        label = training.upper() if training not in seen else None
+        seen.add(training)
+        color = METHOD_COLORS.get(training, "tab:gray")
+        ax.plot(run["forgetting_ld"], run["target_accuracy"], "-o", color=color, ms=3, alpha=0.7, label=label)
+    ax.set_xlabel("prior-task forgetting (mean LD drop; lower is better)")
+    ax.set_ylabel("new-task accuracy")
+    ax.set_title("New task vs prior tasks (each run's checkpoints in step order)", fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_preservation(checkpoints: pl.DataFrame, path: Path) -> Path:
+    probes = checkpoints["probe"].unique().sort().to_list()
+    fig, axes = plt.subplots(1, len(probes), figsize=(3.2 * len(probes), 3.2), squeeze=False)
+    for ax, probe in zip(axes[0], probes, strict=True):
+        rows = checkpoints.filter(pl.col("probe") == probe)
+        _band(ax, rows, "preservation", ["training"], lambda key: key[0].upper())
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(probe, fontsize=9)
+        ax.set_xlabel("optimizer step")
+    axes[0][0].set_ylabel("base-circuit preservation")
+    axes[0][0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_vulnerability_vs_forgetting(checkpoints: pl.DataFrame, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    tuned = checkpoints.filter(pl.col("step") > 0)
+    markers = dict(zip(tuned["probe"].unique().sort().to_list(), "osD^vP*X", strict=False))
+    for (training, probe), rows in tuned.group_by("training", "probe", maintain_order=True):
+        ax.scatter(
+            rows["circuit_vulnerability"],
+            rows["forgetting_ld"],
+            color=METHOD_COLORS.get(training, "tab:gray"),
+            marker=markers[probe],
+            s=18,
+            alpha=0.75,
+            label=f"{training.upper()} {probe}",
+        )
+    ax.set_xlabel("circuit vulnerability V(M)")
+    ax.set_ylabel("forgetting (LD drop)")
+    ax.set_title("Circuit vulnerability vs forgetting (fine-tuned checkpoints)", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    return _save(fig, path)
+
+
+def plot_dcv_heatmap(dcv_heads: pl.DataFrame, shape: tuple[int, int], path: Path, title: str) -> Path:
+    """DCV_h of the base-circuit heads on the full layer x head grid (other heads blank)."""
+    grid = pl.DataFrame(
+        {
+            "layer": [la for la in range(shape[0]) for _ in range(shape[1])],
+            "head": list(range(shape[1])) * shape[0],
+        },
+        schema={"layer": pl.Int32, "head": pl.Int32},
+    ).join(dcv_heads.select("layer", "head", "dcv"), on=["layer", "head"], how="left")
+    return plot_head_heatmap(
+        grid.with_columns(pl.col("dcv").fill_null(float("nan"))), path, title, value="dcv"
+    )
+
+
+def headline_rows(headline: pl.DataFrame, patching: str) -> pl.DataFrame:
+    """The headline as a wide table: one row per (matching point, metric), SFT / RL / SFT-RL with CIs."""
+    rows = headline.filter(pl.col("patching") == patching)
+    if rows.is_empty():
+        return pl.DataFrame()
+    rows = rows.with_columns(
+        pl.format("{} = {}", pl.col("matched_by"), pl.col("matched_at").round(3)).alias("matched at"),
+        pl.format(
+            "{} [{}, {}]",
+            pl.col("mean").round_sig_figs(3),
+            pl.col("ci_low").round_sig_figs(3),
+            pl.col("ci_high").round_sig_figs(3),
+        ).alias("cell"),
+    )
+    runs = (
+        rows.filter(pl.col("training") != "sft-rl")
+        .group_by("matched at", "training")
+        .agg(pl.col("n_runs").first())
+        .pivot(on="training", index="matched at", values="n_runs")
+        .select("matched at", pl.format("{}/{}", "sft", "rl").alias("runs (SFT/RL)"))
+    )
+    return (
+        rows.pivot(on="training", index=["matched at", "metric"], values="cell")
+        .rename({"sft": "SFT", "rl": "RL", "sft-rl": "SFT - RL"}, strict=False)
+        .join(runs, on="matched at", how="left")
+    )
+
+
+def verdicts(headline: pl.DataFrame, patching: str) -> list[str]:
+    """One sentence per matching point: which way each SFT - RL difference points, and whether its CI
+    excludes zero. Generated from the numbers, so it says what the data says, either way."""
+    names = {
+        "target_accuracy": "target accuracy",
+        "forgetting": "forgetting (accuracy)",
+        "forgetting_ld": "forgetting (LD)",
+        "preservation": "circuit preservation",
+        "circuit_vulnerability": "circuit vulnerability",
+        "base_circuit_faithfulness": "base-circuit faithfulness",
+        "kl_to_base": "KL to base",
+    }
+    rows = headline.filter((pl.col("patching") == patching) & (pl.col("training") == "sft-rl"))
+    out = []
+    for (by, at), group in rows.group_by("matched_by", "matched_at", maintain_order=True):
+        parts = []
+        for metric, mean, low, high in group.select("metric", "mean", "ci_low", "ci_high").iter_rows():
+            if metric not in names or (by == "accuracy" and metric == "target_accuracy"):
+                continue
+            sign = "higher" if mean > 0 else "lower" if mean < 0 else "equal"
+            sure = "CI excludes 0" if low > 0 or high < 0 else "CI includes 0"
+            parts.append(f"{names[metric]} {sign} under SFT ({mean:+.3g}, {sure})")
+        out.append(f"At matched {by} = {at:.3g}: " + "; ".join(parts) + ".")
+    return out
+
+
+def _markdown_table(frame: pl.DataFrame) -> str:
+    if frame.is_empty():
+        return "_(no rows)_"
+
+    def text(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(text(v) for v in row) + " |" for row in frame.iter_rows()]
+    return "\n".join(lines)
+
+
+def _html_table(frame: pl.DataFrame) -> str:
+    if frame.is_empty():
+        return "<p><em>(no rows)</em></p>"
+
+    def text(v):
+        return html.escape(f"{v:.4g}" if isinstance(v, float) else str(v))
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in frame.columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{text(v)}</td>" for v in row) + "</tr>" for row in frame.iter_rows()
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render(blocks: Sequence[tuple[str, object]], folder: Path, title: str) -> tuple[Path, Path]:
+    """``report.md`` (figures beside it) and a self-contained ``report.html`` (figures embedded)."""
+    md, body = [f"# {title}", ""], []
+    for kind, value in blocks:
+        if kind == "h2":
+            md += [f"## {value}", ""]
+            body.append(f"<h2>{html.escape(str(value))}</h2>")
+        elif kind == "p":
+            md += [str(value), ""]
+            body.append(f"<p>{html.escape(str(value))}</p>")
+        elif kind == "table":
+            md += [_markdown_table(value), ""]
+            body.append(_html_table(value))
+        elif kind == "img":
+            path = Path(value)
+            md += [f"![{path.stem}]({path.relative_to(folder)})", ""]
+            data = base64.b64encode(path.read_bytes()).decode()
+            body.append(f'<figure><img alt="{path.stem}" src="data:image/png;base64,{data}"></figure>')
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
+        "font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}"
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(body)}</body></html>"
+    )
+    md_path, html_path = folder / "report.md", folder / "report.html"
+    with atomic_path(md_path) as tmp:
+        tmp.write_text("\n".join(md))
+    with atomic_path(html_path) as tmp:
+        tmp.write_text(page)
+    return md_path, html_path
+
+
+def build_report(
+    tables: dict[str, pl.DataFrame], folder: Path, title: str, about: Sequence[str], stage_seconds: dict
+) -> tuple[Path, Path, list[Path]]:
+    """Every figure and the report (markdown + HTML) from the analysis tables, into ``folder``."""
+    folder = Path(folder)
+    figures = folder / "figures"
+    summary, checkpoints = tables["summary"], tables["checkpoints"]
+    patchings = checkpoints["patching"].unique().sort().to_list()
+    primary = patchings[0]
+    main = summary.filter(pl.col("patching") == primary)
+    main_checkpoints = checkpoints.filter(pl.col("patching") == primary)
+    pngs = [
+        plot_adaptation(main, figures / "adaptation.png"),
+        plot_forgetting(main, figures / "forgetting.png"),
+        plot_pareto(main, figures / "pareto.png"),
+        plot_preservation(main_checkpoints, figures / "preservation.png"),
+        plot_vulnerability_vs_forgetting(main_checkpoints, figures / "vulnerability_vs_forgetting.png"),
+    ]
+    base = tables["base_circuits"]
+    dcv_heads = tables["dcv_heads"]
+    heatmaps = []
+    if not dcv_heads.is_empty():
+        shape = (int(base["n_layers"][0]), int(base["heads_per_layer"][0]))
+        for (probe, patching), rows in dcv_heads.group_by("probe", "patching", maintain_order=True):
+            point = rows.filter(pl.col("by") == "accuracy")
+            if point.is_empty():
+                point = rows.filter(pl.col("value") == rows["value"].max())
+            by, value = point["by"][0], point["value"][0]
+            heatmaps.append(
+                plot_dcv_heatmap(
+                    point,
+                    shape,
+                    figures / f"dcv_{probe}_{patching}.png",
+                    f"DCV = v(SFT) - v(RL), {probe} ({patching}), matched {by} = {value:.3g}",
+                )
+            )
+    headline = tables["headline"]
+    blocks: list[tuple[str, object]] = [("p", line) for line in about]
+    blocks += [("h2", f"Headline: SFT vs RL (patching method {primary})")]
+    blocks += [("p", line) for line in verdicts(headline, primary)]
+    blocks += [("table", headline_rows(headline, primary))]
+    blocks += [("h2", "Base circuits"), ("table", base)]
+    blocks += [("h2", "Circuit vulnerability vs forgetting (Spearman over fine-tuned checkpoints)")]
+    blocks += [("table", tables["correlations"])]
+    if not dcv_heads.is_empty():
+        top = (
+            dcv_heads.filter(pl.col("by") == "accuracy")
+            .sort(pl.col("dcv").abs(), descending=True)
+            .group_by("probe", "patching", maintain_order=True)
+            .head(5)
+        )
+        blocks += [("h2", "Heads with the largest |DCV| at matched target accuracy"), ("table", top)]
+    blocks += [("h2", "Figures")] + [("img", p) for p in pngs + heatmaps]
+    per_step = summary.select(
+        "trial",
+        "step",
+        "patching",
+        "target_accuracy",
+        "kl_to_base",
+        "forgetting",
+        "forgetting_ld",
+        "preservation",
+        "circuit_vulnerability",
+    )
+    blocks += [("h2", "Every checkpoint (means over probes)"), ("table", per_step)]
+    if stage_seconds:
+        times = pl.DataFrame(
+            {"stage": list(stage_seconds), "seconds": [float(v) for v in stage_seconds.values()]}
+        )
+        blocks += [("h2", "Stage wall times (last run of each stage)"), ("table", times)]
+    md_path, html_path = render(blocks, folder, title)
+    return md_path, html_path, pngs + heatmaps

@@ -16,9 +16,15 @@ LOWER = (
     "dcv.evaluation",
     "dcv.tracking",
 )
-HIGHER = ("dcv.training", "dcv.circuits", "dcv.report", "dcv.cli")
+HIGHER = ("dcv.training", "dcv.circuits", "dcv.analysis", "dcv.report", "dcv.experiment", "dcv.cli")
 # Modules allowed to import ray (everything else is testable without a cluster).
-RAY_ALLOWED = ("dcv.cli", "dcv.training", "dcv.circuits.pipeline")
+RAY_ALLOWED = (
+    "dcv.cli",
+    "dcv.experiment",
+    "dcv.training",
+    "dcv.circuits.pipeline",
+    "dcv.circuits.model_circuits",
+)
 
 
 def module_name(path: Path) -> str:

@@ -11,6 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
+import polars as pl
 import psutil
 import pytest
 import yaml
@@ -124,41 +125,84 @@ def test_job_submission_without_the_token_is_refused(ray_head):
     assert "auth" in (listed.stdout + listed.stderr).lower()
 
 
-def test_sweep_submitted_as_a_ray_job(ray_head, tmp_path):
-    address, env = ray_head
-    raw = sweep_config_dict(tmp_path / "store", methods=["sft"], sft_learning_rates=[1e-5], seeds=[0])
-    config_file = tmp_path / "sweep.yaml"
-    config_file.write_text(yaml.safe_dump(raw))
+def experiment_config_dict(storage: Path) -> dict:
+    """One SFT and one RL trial of the tiny model, patched by attribution: the whole pipeline, small."""
+    raw = sweep_config_dict(storage, sft_learning_rates=[1e-5], rl_learning_rates=[1e-6], seeds=[0])
+    raw["name"] = "tiny-experiment"
+    raw["rl"].update(max_steps=2, eval_every=1)
+    raw["patching"].update(methods=["attribution"], num_actors=1, head_chunk_size=8)
+    raw["circuits"].update(k_max=4, n_bootstrap=100)
+    return raw
+
+
+def submit(address: str, env: dict[str, str], config_file: Path) -> str:
     submitted = subprocess.run(
-        [
-            RAY,
-            "job",
-            "submit",
-            "--address",
-            address,
-            "--working-dir",
-            str(REPO),
-            "--",
-            "python",
-            "-m",
-            "ray_jobs.sweep",
-            "--config",
-            str(config_file),
-        ],
+        [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--"]
+        + ["python", "ray_jobs/experiment.py", "--config", str(config_file)],
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
     output = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0, output[-4000:]
     assert "succeeded" in output.lower()
-    cfg = parse_config(raw)
-    (spec,) = plan_trials(cfg)
-    table = read_results((tmp_path / "store").resolve())
-    assert table["trial"].unique().to_list() == [spec.name] and table["step"].to_list() == [0, 1, 2]
-    client = MlflowClient(f"sqlite:///{(tmp_path / 'store').resolve() / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment_name)
-    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`dcv.stage` = 'train'")
-    assert [r.data.tags["dcv.run_key"] for r in runs] == [spec.name]
-    assert runs[0].info.status == "FINISHED"
+    return output
+
+
+def test_experiment_submitted_as_a_ray_job(ray_head, tmp_path):
+    """sweep -> patching -> circuits -> analysis -> report through `ray job submit`; a resubmission
+    trains and patches nothing again; `dcv report` rebuilds the report from the stored tables."""
+    address, env = ray_head
+    storage = (tmp_path / "store").resolve()
+    raw = experiment_config_dict(storage)
+    config_file = tmp_path / "experiment.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    output = submit(address, env, config_file)
+    for stage in ("base", "sweep", "patching", "circuits", "analysis", "report"):
+        assert f"{stage}] done in" in output
+    assert "mlflow ui --backend-store-uri sqlite:///" in output
+
+    report = storage / "report"
+    assert "Headline: SFT vs RL" in (report / "report.md").read_text()
+    page = (report / "report.html").read_text()
+    figures = sorted(p.name for p in (report / "figures").glob("*.png"))
+    assert {"adaptation.png", "forgetting.png", "pareto.png", "preservation.png"} <= set(figures)
+    assert any(name.startswith("dcv_") for name in figures)
+    assert page.count("data:image/png;base64,") == len(figures)
+    table = read_results(storage)
+    assert sorted(table["trial"].unique()) == sorted(s.name for s in plan_trials(parse_config(raw)))
+    summary = pl.read_parquet(storage / "analysis" / "summary.parquet")
+    assert summary.height == table.height  # one row per evaluated checkpoint (one patching method)
+
+    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(raw["tracking"]["experiment_name"])
+    runs = client.search_runs([experiment.experiment_id])
+    stages = sorted(r.data.tags.get("dcv.stage", "parent") for r in runs)
+    assert stages == ["parent", "patch", "train", "train"]
+    parent = next(r for r in runs if "dcv.stage" not in r.data.tags)
+    assert any(k.startswith("headline/attribution/step/circuit_vulnerability") for k in parent.data.metrics)
+    logged = [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
+    assert "report/report.html" in logged and "report/report.md" in logged
+
+    # Resubmitted: nothing is trained or patched again, and the checkpoints are untouched.
+    checkpoints = {p: p.stat().st_mtime_ns for p in (storage / "trials").rglob("model.safetensors")}
+    items = {p: p.stat().st_mtime_ns for p in (storage / "patching" / "items").glob("*.parquet")}
+    again = submit(address, env, config_file)
+    assert "2 finished before (skipped), 0 to train" in again
+    assert f"{len(items)} finished before (skipped), 0 to compute" in again
+    assert {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints
+    assert {p: p.stat().st_mtime_ns for p in items} == items
+
+    # `dcv report` rebuilds the report from the stored tables, computing nothing.
+    analysis = {p: p.stat().st_mtime_ns for p in (storage / "analysis").glob("*.parquet")}
+    (report / "report.md").unlink()
+    rebuilt = subprocess.run(
+        [str(Path(sys.executable).with_name("dcv")), "report", str(storage)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    assert (report / "report.md").is_file()
+    assert {p: p.stat().st_mtime_ns for p in analysis} == analysis

@@ -28,6 +28,8 @@ row per (model, probe, method, layer, head), EFFECTS_SCHEMA:
     trial       str    the results table's trial; "base" for the base model
     step        i64    the checkpoint's optimizer step; 0 for the base model
     checkpoint  str    HF folder of the checkpoint; ``cfg.model.name`` for the base model
+    item_delta  list[f64]  per probe item: LD_clean - LD_patched
+    item_denominator  list[f64]  per probe item: LD_clean - LD_corrupt
 
 The first seven columns are ``dcv.circuits.patching.EFFECT_SCHEMA``; the numbers come from
 ``dcv.circuits.patching.head_effects``, the only patching implementation. This module never starts Ray:
@@ -52,7 +54,17 @@ from dcv.results import read_results
 from dcv.storage import read_parquet, write_parquet
 
 BASE_MODEL = "base"
-EFFECTS_SCHEMA = {**EFFECT_SCHEMA, "trial": pl.String, "step": pl.Int64, "checkpoint": pl.String}
+MASK = "mask"  # dcv.circuits.mask.METHOD, named here without importing torch
+EFFECTS_SCHEMA = {
+    **EFFECT_SCHEMA,
+    "trial": pl.String,
+    "step": pl.Int64,
+    "checkpoint": pl.String,
+    # Per-item parts of the effect (effect = mean(item_delta) / mean(item_denominator)), so the analysis
+    # can bootstrap over probe items without patching again.
+    "item_delta": pl.List(pl.Float64),
+    "item_denominator": pl.List(pl.Float64),
+}
 # The work grid: one row per item; heads are head_start..head_end-1 in (layer, head) order.
 WORK_SCHEMA = {
     "item_id": pl.String,
@@ -102,6 +114,7 @@ def build_item_id(
         "method": method,
         "heads": list(heads),
         "ig_steps": cfg.patching.ig_steps if method == "ig" else None,
+        "mask": cfg.circuits.mask.model_dump(mode="json") if method == MASK else None,
     }
     digest = hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()[:12]
     return f"{_slug(model)}__{probe}__{method}__h{heads[0]:05d}-{heads[1]:05d}__{digest}"
@@ -119,18 +132,28 @@ def model_head_grid(model_cfg: ModelConfig) -> tuple[int, int]:
     return config.num_hidden_layers, config.num_attention_heads
 
 
+def checkpoint_model(trial: str, step: int, init: str) -> str:
+    """The model id of a results-table row. A trial's step 0 from ``init`` "base" holds the base model's
+    own weights (saved before the first step), so it is the base model: patched once, for every trial."""
+    return BASE_MODEL if step == 0 and init == "base" else f"{trial}@{step}"
+
+
 def list_models(cfg: ExperimentConfig, results: pl.DataFrame) -> pl.DataFrame:
     """The base model and every results-table checkpoint (model, trial, step, checkpoint); a missing
-    checkpoint folder is an error naming the path and its row."""
+    checkpoint folder is an error naming the path and its row. A trial's step 0 from ``init`` "base" is
+    the base model, not patched again."""
     rows = [{"model": BASE_MODEL, "trial": BASE_MODEL, "step": 0, "checkpoint": cfg.model.name}]
-    for trial, step, checkpoint in results.select("trial", "step", "checkpoint").iter_rows():
+    for trial, step, checkpoint, init in results.select("trial", "step", "checkpoint", "init").iter_rows():
+        if checkpoint_model(trial, step, init) == BASE_MODEL:
+            continue
         folder = Path(checkpoint).expanduser()
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(
                 f"results table row trial={trial!r} step={step}: checkpoint={checkpoint!r} is not an HF "
                 f"model folder ({folder / 'config.json'} is missing); rerun the sweep or fix the table"
             )
-        rows.append({"model": f"{trial}@{step}", "trial": trial, "step": step, "checkpoint": checkpoint})
+        model = checkpoint_model(trial, step, init)
+        rows.append({"model": model, "trial": trial, "step": step, "checkpoint": checkpoint})
     models = pl.DataFrame(rows, schema={k: WORK_SCHEMA[k] for k in ("model", "trial", "step", "checkpoint")})
     duplicated = models.filter(pl.col("model").is_duplicated())["model"].unique().to_list()
     if duplicated:
@@ -163,8 +186,10 @@ def build_work_items(
         total = n_layers * n_heads
         for probe in probe_names:
             for method in cfg.patching.methods:
-                for start in range(0, total, size):
-                    heads = (start, min(start + size, total))
+                # One mask is learned over all heads together: a mask item is never split into chunks.
+                chunk = total if method == MASK else size
+                for start in range(0, total, chunk):
+                    heads = (start, min(start + chunk, total))
                     rows.append(
                         {
                             "item_id": build_item_id(cfg, model, checkpoint, probe, method, heads),
@@ -208,24 +233,43 @@ def split_done(work: pl.DataFrame, storage_root: Path) -> tuple[pl.DataFrame, pl
 
 
 def compute_item(model, items: Sequence, item: dict, cfg: ExperimentConfig) -> pl.DataFrame:
-    """One item's rows (EFFECTS_SCHEMA) from ``head_effects`` on the item's heads."""
-    from dcv.circuits.patching import head_effects
+    """One item's rows (EFFECTS_SCHEMA): ``item_effects`` on the item's heads, or learned masks."""
+    from dcv.circuits.patching import effects_table, item_effects
 
-    table = head_effects(
-        model,
-        items,
-        str(item["model"]),
-        str(item["probe"]),
-        str(item["method"]),
-        heads=item_heads(item),
-        batch_size=cfg.patching.batch_size,
-        head_chunk_size=cfg.patching.head_chunk_size,
-        ig_steps=cfg.patching.ig_steps,
-    )
+    if item["method"] == MASK:
+        from dcv.circuits.mask import mask_effects
+
+        table = mask_effects(
+            model,
+            items,
+            cfg.circuits.mask,
+            str(item["model"]),
+            str(item["probe"]),
+            item_heads(item),
+            batch_size=cfg.patching.batch_size,
+        )
+        # A mask has no per-item parts: one pseudo-item whose ratio is the mask value.
+        delta = [[v] for v in table["effect"].to_list()]
+        denominator = [[1.0]] * table.height
+    else:
+        effects = item_effects(
+            model,
+            items,
+            str(item["method"]),
+            heads=item_heads(item),
+            batch_size=cfg.patching.batch_size,
+            head_chunk_size=cfg.patching.head_chunk_size,
+            ig_steps=cfg.patching.ig_steps,
+        )
+        table = effects_table(effects, str(item["model"]), str(item["probe"]), str(item["method"]))
+        delta = effects.delta.double().tolist()
+        denominator = [effects.denominator.double().tolist()] * table.height
     return table.with_columns(
         pl.lit(str(item["trial"]), pl.String).alias("trial"),
         pl.lit(int(item["step"]), pl.Int64).alias("step"),
         pl.lit(str(item["checkpoint"]), pl.String).alias("checkpoint"),
+        pl.Series("item_delta", delta, dtype=pl.List(pl.Float64)),
+        pl.Series("item_denominator", denominator, dtype=pl.List(pl.Float64)),
     ).select(list(EFFECTS_SCHEMA))
 
 
@@ -395,3 +439,20 @@ def run_pipeline(
     table = read_effects(storage, work)
     path = write_parquet(table, patching_dir(storage) / EFFECTS_FILE)
     return PipelineRun(table, total, skipped, computed, loads, path)
+
+
+def log_pipeline_run(cfg: ExperimentConfig, run: PipelineRun, seconds: float) -> None:
+    """The run's counts and its effects table in a new MLflow child run (tag dcv.stage=patch)."""
+    from dcv import tracking
+
+    with tracking.child_run(cfg, "patch-all", tags={"dcv.stage": "patch"}) as logged:
+        logged.log_metrics(
+            {
+                "patch/items": run.total,
+                "patch/computed": run.computed,
+                "patch/skipped": run.skipped,
+                "patch/rows": run.table.height,
+                "patch/seconds": seconds,
+            }
+        )
+        logged.log_artifact(run.path, artifact_path="patching")

@@ -13,6 +13,7 @@ scheduler, RNG and step from the merged folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -28,10 +29,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from dcv.config import ExperimentConfig, RLConfig, SFTConfig
 from dcv.evaluation import KLReference, evaluate_model, sample_kl_reference
 from dcv.models import load_model
+from dcv.storage import atomic_path
 from dcv.tasks import load_target_splits
 from dcv.tasks.items import ProbeSet, QAItem
 from dcv.tasks.probes import build_probes
-from dcv.tracking import RunLogger
+from dcv.tracking import RunLogger, local_storage_root
 
 METADATA_FILE = "dcv_checkpoint.json"  # inside each checkpoint folder: step, method, trial, metrics
 
@@ -53,6 +55,30 @@ class EvaluationKit:
         base_model = load_model(cfg.model, tokenizer)
         reference = sample_kl_reference(base_model, tokenizer, test_items, cfg.evaluation)
         return cls(cfg, tokenizer, test_items, build_probes(cfg.probes, tokenizer), base_model, reference)
+
+    def base_scores_file(self) -> Path:
+        """Where the base model's scores are kept, keyed by everything that decides them."""
+        decides = {
+            "model": self.cfg.model.model_dump(mode="json", exclude={"cache_dir"}),
+            "evaluation": self.cfg.evaluation.model_dump(mode="json"),
+            "target_task": self.cfg.target_task.model_dump(mode="json"),
+            "probes": [p.model_dump(mode="json") for p in self.cfg.probes],
+        }
+        digest = hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()[:16]
+        return local_storage_root(self.cfg) / "base_scores" / f"{digest}.json"
+
+    def evaluate_base(self, model: PreTrainedModel) -> dict[str, float]:
+        """Step 0's scores: the base model's, the same in every trial that starts from it, so evaluated
+        by the first such trial and read back by the others (greedy decoding: nothing is random)."""
+        path = self.base_scores_file()
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+        metrics = self.evaluate(model)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(metrics))
+        return metrics
 
     def evaluate(self, model: PreTrainedModel) -> dict[str, float]:
         was_training = model.training
@@ -104,7 +130,8 @@ class EvaluatedCheckpoints(TrainerCallback):
     def report(self, step: int, folder: Path, model: PreTrainedModel, extra: dict[str, float]) -> None:
         metrics: dict[str, float] = {"step": float(step), **extra}
         if self.kit is not None:
-            metrics.update(self.kit.evaluate(model))
+            from_base = step == 0 and (self.method == "sft" or self.kit.cfg.rl.init == "base")
+            metrics.update(self.kit.evaluate_base(model) if from_base else self.kit.evaluate(model))
             (folder / METADATA_FILE).write_text(
                 json.dumps({"step": step, "method": self.method, "trial": self.trial, "metrics": metrics})
             )

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
@@ -113,6 +114,36 @@ def train_trial(tune_config: dict[str, Any]) -> None:
     run_trial(trial_cfg, spec.method, spec.seed, name=spec.name, callbacks=[TuneReportCallback()])
 
 
+def trial_resources(cfg: ExperimentConfig, method: str) -> dict[str, float]:
+    """What one trial holds while it runs: its Tune driver, its learners and, for RL, its rollout actors."""
+    res = cfg.resources
+    need = {
+        "CPU": TRIAL_DRIVER_RESOURCES["CPU"] + res.num_workers * res.cpus_per_worker,
+        "GPU": res.num_workers * res.gpus_per_worker,
+    }
+    if method == "rl":
+        rollout = cfg.rl.rollout
+        need["CPU"] += rollout.num_actors * rollout.num_cpus
+        need["GPU"] += rollout.num_actors * rollout.num_gpus
+    return need
+
+
+def concurrent_trials(cfg: ExperimentConfig, specs: list[TrialSpec], cluster: dict[str, float]) -> int:
+    """``sweep.max_concurrent_trials``, lowered so that that many of the largest trials fit the cluster.
+
+    Why: an RL trial takes its learner's CPU first and its rollout actors' later; two RL trials that each
+    got a learner on a cluster with room for only one rollout actor wait for each other forever. A
+    cluster that cannot fit even one trial now is left alone (an autoscaler adds nodes on demand).
+    """
+    largest: dict[str, float] = {}
+    for spec in specs:
+        for key, value in trial_resources(spec.config(cfg), spec.method).items():
+            largest[key] = max(largest.get(key, 0.0), value)
+    fits = [int(cluster.get(key, 0.0) // value) for key, value in largest.items() if value > 0]
+    cap = min(fits) if fits else cfg.sweep.max_concurrent_trials
+    return min(cfg.sweep.max_concurrent_trials, cap) if cap >= 1 else cfg.sweep.max_concurrent_trials
+
+
 def build_tuner(cfg: ExperimentConfig, specs: list[TrialSpec]) -> tune.Tuner:
     """A new Tuner over ``specs``, or the restored one when this sweep ran (part-way) before."""
     trainable = tune.with_resources(train_trial, TRIAL_DRIVER_RESOURCES)
@@ -129,7 +160,7 @@ def build_tuner(cfg: ExperimentConfig, specs: list[TrialSpec]) -> tune.Tuner:
             "spec": tune.grid_search([asdict(s) for s in specs]),
         },
         tune_config=tune.TuneConfig(
-            max_concurrent_trials=cfg.sweep.max_concurrent_trials,
+            max_concurrent_trials=concurrent_trials(cfg, specs, ray.cluster_resources()),
             scheduler=scheduler,
             trial_dirname_creator=lambda trial: trial.config["spec"]["name"],
         ),

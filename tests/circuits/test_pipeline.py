@@ -137,10 +137,16 @@ def assert_same_effects(table: pl.DataFrame, reference: pl.DataFrame) -> None:
     assert table.schema == EFFECTS_SCHEMA
     assert table.height == reference.height == 3 * len(PROBES) * len(METHODS) * 8
     table = table.sort(KEYS)
-    key_columns = [c for c in EFFECTS_SCHEMA if c != "effect"]
+    key_columns = [c for c in EFFECTS_SCHEMA if c not in ("effect", "item_delta", "item_denominator")]
     assert table.select(key_columns).equals(reference.select(key_columns))
     difference = (table["effect"] - reference["effect"]).abs().max()
     assert difference < 1e-5, difference
+    # The stored per-item parts give back the effect (the analysis bootstraps items from them).
+    from_parts = table.select(
+        (pl.col("item_delta").list.mean() / pl.col("item_denominator").list.mean()).alias("e")
+    )["e"]
+    assert ((from_parts - table["effect"]).abs().max()) < 1e-6
+    assert (table["item_delta"].list.len() == table["n_items"]).all()
     assert table["effect"].is_finite().all() and table["effect"].n_unique() > table.height // 2
 
 

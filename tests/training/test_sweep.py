@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from dcv import tracking
 from dcv.config import parse_config
 from dcv.results import KEY_COLUMNS, read_results
-from dcv.training.sweep import check_plan, plan_trials, run_sweep
+from dcv.training.sweep import check_plan, concurrent_trials, plan_trials, run_sweep
 from dcv.training.trial import TRIAL_FILE, trials_root
 from tests.training.test_trial import train_config_dict
 
@@ -151,3 +151,17 @@ def test_killed_sweep_driver_resumes_without_repeating_finished_trials(tmp_path,
     assert table.height == 2 * 4 and set(table["trial"]) == {first.name, second.name}
     runs = train_child_runs(cfg)
     assert sorted(r.data.tags["dcv.run_key"] for r in runs) == sorted([first.name, second.name])
+
+
+def test_concurrency_is_lowered_to_what_the_cluster_fits(tmp_path):
+    cfg = parse_config(sweep_config_dict(tmp_path, max_concurrent_trials=3))
+    specs = plan_trials(cfg)
+    # An RL trial holds its driver (0.01 CPU), a learner CPU and a rollout-actor CPU: two of them
+    # deadlock on 2.5 CPUs, each learner waiting for a rollout actor's CPU.
+    assert concurrent_trials(cfg, specs, {"CPU": 2.5}) == 1
+    assert concurrent_trials(cfg, specs, {"CPU": 5.0}) == 2  # 2.01 CPUs each
+    assert concurrent_trials(cfg, specs, {"CPU": 64.0}) == 3
+    sft_only = [s for s in specs if s.method == "sft"]
+    assert concurrent_trials(cfg, sft_only, {"CPU": 2.5}) == 2
+    # Room for no trial at all now: left to the autoscaler.
+    assert concurrent_trials(cfg, specs, {"CPU": 1.0}) == 3

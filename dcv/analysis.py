@@ -1,0 +1,381 @@
+"""The analysis: from the results, patching and circuits tables to the numbers the report shows.
+
+Pure polars/numpy on stored tables (no model, no Ray), so ``dcv report`` can rebuild it all. Tables
+(``analyze`` returns them by name; ``write_analysis`` stores each as parquet and CSV under
+``<storage>/analysis/``):
+
+- ``base_circuits``: per probe and patching method, the base circuit (size out of all heads,
+  faithfulness, whether it reached tau, its heads).
+- ``checkpoints``: per (trial, step, probe, patching method): target accuracy, KL to base, the probe's
+  accuracy and mean LD, forgetting = base score - checkpoint score (``forgetting`` on accuracy,
+  ``forgetting_ld`` on mean LD), the checkpoint's own circuit size, preservation P = |C_base ∩ C_M| /
+  |C_base|, the Spearman of all heads' effects with the base, F(C_base, M) and circuit vulnerability V(M).
+  A trial's step 0 from the base is the base model (everything 0 or 1 there).
+- ``summary``: per (trial, step, patching method), the means over probes.
+- ``dcv_heads``: per probe, patching method and matching point (``by`` = step | accuracy), DCV_h =
+  v_h(SFT) - v_h(RL) of every base-circuit head, with bootstrap CIs over seeds and probe items.
+- ``correlations``: Spearman of V(M) with forgetting across fine-tuned checkpoints, per probe (and the
+  mean over probes), per method and pooled.
+- ``headline``: SFT vs RL at matched target accuracy and at the last matched step: each metric's mean
+  over runs with a bootstrap CI over runs, and the SFT - RL difference.
+
+Runs of one method at several learning rates are pooled as replicates of that method: the comparison
+is meant to be at matched target accuracy, where the learning rate matters through where a run gets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from dcv.circuits.model_circuits import base_circuits, circuit_heads
+from dcv.circuits.pipeline import BASE_MODEL, checkpoint_model
+from dcv.circuits.vulnerability import (
+    Checkpoint,
+    ItemParts,
+    circuit_vulnerability,
+    dcv_table,
+    effect_spearman,
+    head_vulnerability,
+    interpolation_weights,
+    preservation,
+)
+from dcv.config import ExperimentConfig
+from dcv.storage import atomic_path, read_parquet, write_parquet
+
+TABLES = ("base_circuits", "checkpoints", "summary", "dcv_heads", "correlations", "headline")
+# The per-checkpoint metrics the headline compares between methods (columns of ``summary``).
+HEADLINE_METRICS = (
+    "target_accuracy",
+    "forgetting",
+    "forgetting_ld",
+    "preservation",
+    "base_circuit_faithfulness",
+    "circuit_vulnerability",
+    "kl_to_base",
+)
+TRAINING_METHODS = ("sft", "rl")
+
+
+def analysis_dir(storage_root: Path) -> Path:
+    return Path(storage_root) / "analysis"
+
+
+def _with_model(results: pl.DataFrame) -> pl.DataFrame:
+    models = [checkpoint_model(t, s, i) for t, s, i in results.select("trial", "step", "init").iter_rows()]
+    return results.with_columns(pl.Series("model", models, dtype=pl.String))
+
+
+def base_scores(results: pl.DataFrame, probes: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """{probe: (accuracy, mean LD)} of the base model: a step-0 row of a trial started from the base."""
+    base = results.filter((pl.col("step") == 0) & (pl.col("init") == "base"))
+    if base.is_empty():
+        raise ValueError("the results table has no step-0 row of a trial started from the base model")
+    row = base.row(0, named=True)
+    return {p: (row[f"probe/{p}/accuracy"], row[f"probe/{p}/mean_ld"]) for p in probes}
+
+
+def base_circuit_table(circuits: pl.DataFrame, shape: tuple[int, int]) -> pl.DataFrame:
+    """The base circuits; ``shape`` is the model's (layers, heads per layer)."""
+    base = circuits.filter(pl.col("model") == BASE_MODEL)
+    return base.select(
+        "probe",
+        "method",
+        "size",
+        pl.lit(shape[0] * shape[1], pl.Int32).alias("n_heads_total"),
+        pl.lit(shape[0], pl.Int32).alias("n_layers"),
+        pl.lit(shape[1], pl.Int32).alias("heads_per_layer"),
+        "faithfulness",
+        "reached_tau",
+        pl.struct("layers", "heads")
+        .map_elements(
+            lambda r: " ".join(f"{la}.{h}" for la, h in zip(r["layers"], r["heads"], strict=True)),
+            return_dtype=pl.String,
+        )
+        .alias("circuit"),
+    ).sort("probe", "method")
+
+
+def checkpoint_table(
+    cfg: ExperimentConfig, results: pl.DataFrame, effects: pl.DataFrame, circuits: pl.DataFrame
+) -> pl.DataFrame:
+    probes = [p.name for p in cfg.probes]
+    base = base_scores(results, probes)
+    reference = base_circuits(circuits)
+    own = {(r["model"], r["probe"], r["method"]): r for r in circuits.iter_rows(named=True)}
+    by_model = {key: frame for key, frame in effects.group_by("model", "probe", "method")}
+    rows = []
+    for row in _with_model(results).iter_rows(named=True):
+        for probe in probes:
+            for method in cfg.patching.methods:
+                key = (row["model"], probe, method)
+                if key not in own:
+                    raise ValueError(f"no circuit for model {row['model']} probe {probe} ({method}); rerun")
+                base_heads = reference[(probe, method)]
+                base_effects = by_model[(BASE_MODEL, probe, method)]
+                model_effects = by_model[key]
+                vulnerability = head_vulnerability(base_effects, model_effects, base_heads)
+                accuracy, mean_ld = row[f"probe/{probe}/accuracy"], row[f"probe/{probe}/mean_ld"]
+                rows.append(
+                    {
+                        "trial": row["trial"],
+                        "training": row["method"],
+                        "learning_rate": row["learning_rate"],
+                        "seed": row["seed"],
+                        "step": row["step"],
+                        "model": row["model"],
+                        "target_accuracy": row["target/accuracy"],
+                        "kl_to_base": row.get("kl_to_base") or 0.0,
+                        "probe": probe,
+                        "patching": method,
+                        "probe_accuracy": accuracy,
+                        "probe_mean_ld": mean_ld,
+                        "forgetting": base[probe][0] - accuracy,
+                        "forgetting_ld": base[probe][1] - mean_ld,
+                        "circuit_size": own[key]["size"],
+                        "preservation": preservation(base_heads, circuit_heads(own[key])),
+                        "effect_spearman": effect_spearman(base_effects, model_effects),
+                        "base_circuit_faithfulness": own[key]["base_circuit_faithfulness"],
+                        "circuit_vulnerability": circuit_vulnerability(vulnerability),
+                    }
+                )
+    return pl.DataFrame(rows).sort("trial", "step", "probe", "patching")
+
+
+def summary_table(checkpoints: pl.DataFrame) -> pl.DataFrame:
+    keys = ["trial", "training", "learning_rate", "seed", "step", "model", "patching"]
+    return (
+        checkpoints.group_by(keys, maintain_order=True)
+        .agg(
+            pl.col("target_accuracy").first(),
+            pl.col("kl_to_base").first(),
+            *[
+                pl.col(c).mean()
+                for c in (
+                    "forgetting",
+                    "forgetting_ld",
+                    "preservation",
+                    "base_circuit_faithfulness",
+                    "circuit_vulnerability",
+                )
+            ],
+        )
+        .sort("trial", "step", "patching")
+    )
+
+
+def _item_parts(effects: pl.DataFrame, heads: Sequence[tuple[int, int]]) -> ItemParts:
+    lookup = {(la, h): d for la, h, d in effects.select("layer", "head", "item_delta").iter_rows()}
+    delta = np.array([lookup[head] for head in heads], dtype=np.float64)
+    return ItemParts(delta, np.asarray(effects["item_denominator"][0], dtype=np.float64))
+
+
+def _runs(summary: pl.DataFrame, patching: str, training: str) -> list[pl.DataFrame]:
+    rows = summary.filter((pl.col("patching") == patching) & (pl.col("training") == training))
+    return [frame.sort("step") for _, frame in rows.group_by("trial", maintain_order=True)]
+
+
+def matched_accuracy(summary: pl.DataFrame, patching: str) -> float | None:
+    """The target accuracy both methods reach: min over methods of the best step-mean accuracy."""
+    best = []
+    for training in TRAINING_METHODS:
+        rows = summary.filter((pl.col("patching") == patching) & (pl.col("training") == training))
+        if rows.is_empty():
+            return None
+        best.append(rows.group_by("step").agg(pl.col("target_accuracy").mean())["target_accuracy"].max())
+    return float(min(best))
+
+
+def common_steps(summary: pl.DataFrame, patching: str) -> list[int]:
+    """Steps after 0 evaluated by both methods."""
+    steps = [
+        set(summary.filter((pl.col("patching") == patching) & (pl.col("training") == t))["step"].to_list())
+        for t in TRAINING_METHODS
+    ]
+    return sorted(s for s in steps[0] & steps[1] if s > 0)
+
+
+def dcv_heads_table(
+    cfg: ExperimentConfig, effects: pl.DataFrame, circuits: pl.DataFrame, summary: pl.DataFrame
+) -> pl.DataFrame:
+    reference = base_circuits(circuits)
+    by_model = {key: frame for key, frame in effects.group_by("model", "probe", "method")}
+    frames = []
+    for (probe, method), heads in sorted(reference.items()):
+        if not heads:
+            continue
+        base = _item_parts(by_model[(BASE_MODEL, probe, method)], heads)
+
+        def runs(training: str, probe=probe, method=method, heads=heads) -> list[list[Checkpoint]]:
+            return [
+                [
+                    Checkpoint(step, accuracy, _item_parts(by_model[(model, probe, method)], heads))
+                    for step, accuracy, model in run.select("step", "target_accuracy", "model").iter_rows()
+                ]
+                for run in _runs(summary, method, training)
+            ]
+
+        sft, rl = runs("sft"), runs("rl")
+        if not sft or not rl:
+            continue
+        level = matched_accuracy(summary, method)
+        for by, values in (("step", common_steps(summary, method)), ("accuracy", [level])):
+            try:
+                table = dcv_table(
+                    base, heads, sft, rl, by, values, cfg.circuits.n_bootstrap, cfg.circuits.ci_level
+                )
+            except ValueError:
+                continue  # no such point reached by both methods
+            frames.append(table.with_columns(pl.lit(probe).alias("probe"), pl.lit(method).alias("patching")))
+    if not frames:
+        return pl.DataFrame()
+    return pl.concat(frames).select("probe", "patching", pl.exclude("probe", "patching"))
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float | None:
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    rx, ry = pl.Series(x).rank("average").to_numpy(), pl.Series(y).rank("average").to_numpy()
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def correlation_table(checkpoints: pl.DataFrame, summary: pl.DataFrame) -> pl.DataFrame:
+    """Spearman of V(M) with forgetting over fine-tuned checkpoints (step > 0)."""
+    tuned_probes = checkpoints.filter(pl.col("step") > 0)
+    tuned_mean = summary.filter(pl.col("step") > 0).with_columns(pl.lit("mean").alias("probe"))
+    rows = []
+    for frame in (tuned_probes, tuned_mean):
+        for (probe, patching), group in frame.group_by("probe", "patching", maintain_order=True):
+            for training in (*TRAINING_METHODS, "pooled"):
+                rows_of = group if training == "pooled" else group.filter(pl.col("training") == training)
+                v = rows_of["circuit_vulnerability"].to_numpy()
+                rows.append(
+                    {
+                        "probe": probe,
+                        "patching": patching,
+                        "training": training,
+                        "n_checkpoints": rows_of.height,
+                        "spearman_forgetting": _spearman(v, rows_of["forgetting"].to_numpy()),
+                        "spearman_forgetting_ld": _spearman(v, rows_of["forgetting_ld"].to_numpy()),
+                    }
+                )
+    schema = {
+        "probe": pl.String,
+        "patching": pl.String,
+        "training": pl.String,
+        "n_checkpoints": pl.Int64,
+        "spearman_forgetting": pl.Float64,
+        "spearman_forgetting_ld": pl.Float64,
+    }
+    return pl.DataFrame(rows, schema=schema).sort("probe", "patching", "training")
+
+
+def _at(run: pl.DataFrame, by: str, value: float) -> dict[str, float] | None:
+    """A run's HEADLINE_METRICS interpolated where it first reaches ``value`` of ``by``."""
+    column = "target_accuracy" if by == "accuracy" else "step"
+    weights = interpolation_weights([float(x) for x in run[column].to_list()], value)
+    if weights is None:
+        return None
+    return {m: sum(w * float(run[m][j]) for j, w in weights) for m in HEADLINE_METRICS}
+
+
+def headline_table(summary: pl.DataFrame, n_bootstrap: int, ci_level: float, seed: int = 0) -> pl.DataFrame:
+    """SFT, RL and SFT - RL at matched target accuracy and at the last matched step, with CIs over runs."""
+    rng = np.random.default_rng(seed)
+    alpha = (1 - ci_level) / 2
+    rows = []
+    for patching in summary["patching"].unique().sort().to_list():
+        points = []
+        level = matched_accuracy(summary, patching)
+        if level is not None:
+            points.append(("accuracy", level))
+        steps = common_steps(summary, patching)
+        if steps:
+            points.append(("step", float(steps[-1])))
+        for by, value in points:
+            values = {}
+            for training in TRAINING_METHODS:
+                at = [_at(run, by, value) for run in _runs(summary, patching, training)]
+                values[training] = [a for a in at if a is not None]
+            if not values["sft"] or not values["rl"]:
+                continue
+            for metric in HEADLINE_METRICS:
+                sft = np.array([a[metric] for a in values["sft"]])
+                rl = np.array([a[metric] for a in values["rl"]])
+                boot_sft = sft[rng.integers(0, len(sft), (n_bootstrap, len(sft)))].mean(axis=1)
+                boot_rl = rl[rng.integers(0, len(rl), (n_bootstrap, len(rl)))].mean(axis=1)
+                for training, point, boot, n in (
+                    ("sft", sft.mean(), boot_sft, len(sft)),
+                    ("rl", rl.mean(), boot_rl, len(rl)),
+                    ("sft-rl", sft.mean() - rl.mean(), boot_sft - boot_rl, min(len(sft), len(rl))),
+                ):
+                    rows.append(
+                        {
+                            "patching": patching,
+                            "matched_by": by,
+                            "matched_at": value,
+                            "metric": metric,
+                            "training": training,
+                            "mean": float(point),
+                            "ci_low": float(np.quantile(boot, alpha)),
+                            "ci_high": float(np.quantile(boot, 1 - alpha)),
+                            "n_runs": n,
+                        }
+                    )
+    schema = {
+        "patching": pl.String,
+        "matched_by": pl.String,
+        "matched_at": pl.Float64,
+        "metric": pl.String,
+        "training": pl.String,
+        "mean": pl.Float64,
+        "ci_low": pl.Float64,
+        "ci_high": pl.Float64,
+        "n_runs": pl.Int64,
+    }
+    return pl.DataFrame(rows, schema=schema)
+
+
+def analyze(
+    cfg: ExperimentConfig, results: pl.DataFrame, effects: pl.DataFrame, circuits: pl.DataFrame
+) -> dict[str, pl.DataFrame]:
+    """Every analysis table (TABLES) from the stored results, effects and circuits tables."""
+    heads = effects.filter(pl.col("model") == BASE_MODEL)
+    shape = (int(heads["layer"].max()) + 1, int(heads["head"].max()) + 1)
+    checkpoints = checkpoint_table(cfg, results, effects, circuits)
+    summary = summary_table(checkpoints)
+    c = cfg.circuits
+    return {
+        "base_circuits": base_circuit_table(circuits, shape),
+        "checkpoints": checkpoints,
+        "summary": summary,
+        "dcv_heads": dcv_heads_table(cfg, effects, circuits, summary),
+        "correlations": correlation_table(checkpoints, summary),
+        "headline": headline_table(summary, c.n_bootstrap, c.ci_level),
+    }
+
+
+def write_analysis(tables: dict[str, pl.DataFrame], storage_root: Path) -> list[Path]:
+    """Each table as ``<storage>/analysis/<name>.parquet`` and ``.csv`` (atomic); returns the paths."""
+    paths = []
+    for name, table in tables.items():
+        path = write_parquet(table, analysis_dir(storage_root) / f"{name}.parquet")
+        with atomic_path(path.with_suffix(".csv")) as tmp:
+            table.write_csv(tmp)
+        paths += [path, path.with_suffix(".csv")]
+    return paths
+
+
+def read_analysis(storage_root: Path) -> dict[str, pl.DataFrame]:
+    """The stored analysis tables; a missing one is an error naming its path."""
+    tables = {}
+    for name in TABLES:
+        path = analysis_dir(storage_root) / f"{name}.parquet"
+        table = read_parquet(path)
+        if table is None:
+            raise FileNotFoundError(f"{path}: analysis table missing; run `dcv run CONFIG` first")
+        tables[name] = table
+    return tables

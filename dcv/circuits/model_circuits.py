@@ -1,0 +1,213 @@
+"""The circuits stage: every model's own circuit per probe, and how faithful the base circuit stays in it.
+
+For each model of the patching table (the base model and every checkpoint), probe and patching method:
+
+- the model's own circuit C_T(M) (``select_circuit`` on M's own head effects), its size and faithfulness;
+- F(C_T(base), M): the base circuit's faithfulness in M (DESIGN.md, "Preservation").
+
+Both need the model's forward passes, so they run where the model is: one Ray task per model (CPU or GPU
+as ``patching`` asks), the base model first (its circuits are the reference the others are scored
+against). One file per model, ``<storage>/circuits/models/<model>__<hash>.parquet`` (CIRCUITS_SCHEMA),
+written atomically; the hash covers the checkpoint, the circuit rule, the probes and, for checkpoints,
+the base circuits, so a rerun skips finished models and a changed config recomputes. The assembled
+table is ``<storage>/circuits/circuits.parquet``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import polars as pl
+
+from dcv.circuits.pipeline import BASE_MODEL, MASK
+from dcv.config import ExperimentConfig, parse_config
+from dcv.storage import read_parquet, write_parquet
+
+CIRCUITS_SCHEMA = {
+    "model": pl.String,
+    "trial": pl.String,
+    "step": pl.Int64,
+    "probe": pl.String,
+    "method": pl.String,  # patching method whose effects ranked the heads
+    "size": pl.Int32,
+    "faithfulness": pl.Float64,  # F(C_T(M), M)
+    "reached_tau": pl.Boolean,
+    "base_circuit_faithfulness": pl.Float64,  # F(C_T(base), M)
+    "layers": pl.List(pl.Int32),  # the circuit's heads, largest |effect| first
+    "heads": pl.List(pl.Int32),
+}
+CIRCUITS_FILE = "circuits.parquet"
+
+Head = tuple[int, int]
+
+
+def circuits_dir(storage_root: Path) -> Path:
+    return Path(storage_root) / "circuits"
+
+
+def circuit_heads(row: dict) -> list[Head]:
+    """A CIRCUITS_SCHEMA row's heads as (layer, head), largest |effect| first."""
+    return list(zip(row["layers"], row["heads"], strict=True))
+
+
+def base_circuits(table: pl.DataFrame) -> dict[tuple[str, str], list[Head]]:
+    """{(probe, method): base circuit heads} from a CIRCUITS_SCHEMA table."""
+    return {
+        (row["probe"], row["method"]): circuit_heads(row)
+        for row in table.filter(pl.col("model") == BASE_MODEL).iter_rows(named=True)
+    }
+
+
+def model_circuits(
+    model,
+    probe_items: dict[str, list],
+    effects: pl.DataFrame,
+    cfg: ExperimentConfig,
+    reference: dict[tuple[str, str], list[Head]] | None,
+) -> pl.DataFrame:
+    """CIRCUITS_SCHEMA rows of one model: one per (probe, method) in its ``effects``.
+
+    ``reference`` holds the base circuits; None means this model is the base (F of its own circuit).
+    """
+    from dcv.circuits.circuit import Circuit, faithfulness, select_circuit
+    from dcv.circuits.mask import mask_circuit
+
+    rows = []
+    keys = effects.select("model", "trial", "step", "probe", "method").unique().sort("probe", "method")
+    for model_id, trial, step, probe, method in keys.iter_rows():
+        table = effects.filter((pl.col("probe") == probe) & (pl.col("method") == method))
+        items = probe_items[probe]
+        if method == MASK:
+            # The learned masks are the circuit ({h : m_h >= 0.5}); faithfulness scores it like any other.
+            heads = mask_circuit(table)
+            f = faithfulness(model, items, [set(heads)], cfg.patching.batch_size)[0] if heads else 0.0
+            circuit = Circuit(probe, tuple(heads), f, f >= cfg.circuits.tau, (f,))
+        else:
+            circuit = select_circuit(model, items, table, cfg.circuits, batch_size=cfg.patching.batch_size)
+        if reference is None:
+            base_f = circuit.faithfulness
+        else:
+            base_f = faithfulness(model, items, [set(reference[(probe, method)])], cfg.patching.batch_size)[0]
+        rows.append(
+            {
+                "model": model_id,
+                "trial": trial,
+                "step": step,
+                "probe": probe,
+                "method": method,
+                "size": len(circuit),
+                "faithfulness": circuit.faithfulness,
+                "reached_tau": circuit.reached_tau,
+                "base_circuit_faithfulness": base_f,
+                "layers": [layer for layer, _ in circuit.heads],
+                "heads": [head for _, head in circuit.heads],
+            }
+        )
+    return pl.DataFrame(rows, schema=CIRCUITS_SCHEMA)
+
+
+def model_file(cfg: ExperimentConfig, storage_root: Path, model: str, checkpoint: str, reference) -> Path:
+    decides = {
+        "checkpoint": checkpoint,
+        "model_config": cfg.model.model_dump(mode="json", exclude={"cache_dir"}),
+        "circuits": cfg.circuits.model_dump(mode="json"),
+        "probes": [p.model_dump(mode="json") for p in cfg.probes],
+        "methods": cfg.patching.methods,
+        "reference": None
+        if reference is None
+        else sorted((f"{p}/{m}", h) for (p, m), h in reference.items()),
+    }
+    digest = hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()[:12]
+    slug = "".join(c if c.isalnum() or c in "-." else "_" for c in model)
+    return circuits_dir(storage_root) / "models" / f"{slug}__{digest}.parquet"
+
+
+def _finished(path: Path, n_rows: int) -> pl.DataFrame | None:
+    table = read_parquet(path)
+    if table is None or table.schema != CIRCUITS_SCHEMA or table.height != n_rows:
+        return None
+    return table
+
+
+def compute_model_circuits(
+    cfg_dict: dict,
+    model: str,
+    checkpoint: str,
+    effects: pl.DataFrame,
+    probe_items: dict[str, list],
+    reference: dict[tuple[str, str], list[Head]] | None,
+    path: str,
+) -> int:
+    """One model's circuits, written to ``path``: the body of a Ray task."""
+    import torch
+
+    from dcv.circuits.pipeline import load_item_model
+
+    cfg = parse_config(cfg_dict)
+    torch.set_num_threads(max(1, int(cfg.patching.num_cpus_per_actor)))
+    device = "cuda" if cfg.patching.num_gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+    loaded = load_item_model(cfg, model, checkpoint).to(device)
+    table = model_circuits(loaded, probe_items, effects, cfg, reference)
+    write_parquet(table, Path(path))
+    return table.height
+
+
+def run_circuits(
+    cfg: ExperimentConfig,
+    effects: pl.DataFrame,
+    storage_root: Path,
+    progress: Callable[[str], None] = print,
+) -> pl.DataFrame:
+    """Every model's circuits (base first, then the checkpoints in parallel Ray tasks); needs Ray."""
+    import ray
+
+    from dcv.models import load_tokenizer
+    from dcv.tasks.probes import build_probe
+
+    models = effects.select("model", "checkpoint").unique().sort("model")
+    if BASE_MODEL not in models["model"].to_list():
+        raise ValueError("the patching table has no base-model rows; rerun the patching stage")
+    effects = effects.drop("item_delta", "item_denominator", strict=False)
+    n_rows = effects.select("probe", "method").unique().height
+    tokenizer = load_tokenizer(cfg.model)
+    probes = effects["probe"].unique().to_list()
+    probe_items = {name: list(build_probe(cfg.probe(name), tokenizer).items) for name in probes}
+    task = ray.remote(compute_model_circuits).options(
+        num_cpus=cfg.patching.num_cpus_per_actor, num_gpus=cfg.patching.num_gpus_per_actor
+    )
+    start = time.monotonic()
+
+    def launch(model: str, checkpoint: str, reference) -> tuple[Path, object | None]:
+        path = model_file(cfg, storage_root, model, checkpoint, reference)
+        if _finished(path, n_rows) is not None:
+            return path, None
+        rows = effects.filter(pl.col("model") == model)
+        return path, task.remote(
+            cfg.model_dump(mode="json"), model, checkpoint, rows, probe_items, reference, str(path)
+        )
+
+    base_checkpoint = models.filter(pl.col("model") == BASE_MODEL)["checkpoint"][0]
+    base_path, base_ref = launch(BASE_MODEL, base_checkpoint, None)
+    if base_ref is not None:
+        progress("circuits: base model first (the reference for every checkpoint)")
+        ray.get(base_ref)
+    reference = base_circuits(pl.read_parquet(base_path))
+    launched = [launch(m, c, reference) for m, c in models.iter_rows() if m != BASE_MODEL]
+    paths = [base_path] + [path for path, _ in launched]
+    pending = [ref for _, ref in launched if ref is not None]
+    skipped = int(base_ref is None) + sum(ref is None for _, ref in launched)
+    finished, computed = len(paths) - len(pending), int(base_ref is not None)
+    progress(f"circuits: {len(paths)} models, {skipped} finished before (skipped), {len(pending)} to compute")
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)
+        finished, computed = finished + 1, computed + 1
+        eta = (time.monotonic() - start) / computed * len(pending)
+        progress(f"circuits: {finished}/{len(paths)} models done, ETA {eta:.0f} s")
+    table = pl.concat([pl.read_parquet(path) for path in paths]).sort("model", "probe", "method")
+    write_parquet(table, circuits_dir(storage_root) / CIRCUITS_FILE)
+    return table

@@ -1,0 +1,236 @@
+"""The whole experiment in one call: base snapshot -> sweep -> patching -> circuits -> analysis -> report.
+
+Every stage resumes: the base snapshot is written once; the sweep skips finished trials (and restores
+Tune's state for unfinished ones); the patching pipeline and the circuits stage skip finished items and
+models; the analysis and the report are cheap and always rebuilt from the stored tables. Storage layout
+(under ``storage.root``):
+
+    experiment_config.json   the config this run uses (the base model named by its snapshot folder)
+    base/                    the base model as an HF folder (what every stage loads as the base)
+    trials/, sweeps/         the sweep (dcv.training.sweep); results/checkpoints.parquet its table
+    patching/                head effects (dcv.circuits.pipeline)
+    circuits/                every model's circuits (dcv.circuits.model_circuits)
+    analysis/                the analysis tables (dcv.analysis), parquet and CSV
+    report/                  report.md, report.html, figures/*.png
+    stage_seconds.json       wall time of each stage in its last run
+
+Needs a connected Ray (``dcv run`` and ``ray_jobs/experiment.py`` connect one); never starts it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from dcv import tracking
+from dcv.analysis import analyze, read_analysis, write_analysis
+from dcv.config import ExperimentConfig, config_to_dict, parse_config
+from dcv.results import read_results, write_results
+from dcv.storage import atomic_path
+
+STAGES = ("base", "sweep", "patching", "circuits", "analysis", "report")
+CONFIG_FILE = "experiment_config.json"
+SOURCE_FILE = "dcv_source.json"  # inside base/: the model config the snapshot was made from
+STAGE_SECONDS_FILE = "stage_seconds.json"
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ExperimentRun:
+    storage: Path
+    report_md: Path
+    report_html: Path
+    tracking_uri: str
+    stage_seconds: dict[str, float]
+
+
+def prepare_base(cfg: ExperimentConfig, storage: Path) -> ExperimentConfig:
+    """Write the base model once to ``<storage>/base/``; the config every later stage uses names it.
+
+    A snapshot made from another model config is refused (that storage belongs to another experiment).
+    """
+    from dcv.models import load_model_and_tokenizer, save_model
+
+    folder = storage / "base"
+    source = cfg.model.model_dump(mode="json", exclude={"cache_dir"})
+    marker = folder / SOURCE_FILE
+    if marker.is_file():
+        made_from = json.loads(marker.read_text())
+        if made_from != source:
+            raise ValueError(
+                f"{folder}: the base snapshot was made from model {made_from} but the config asks for "
+                f"{source}; use another storage.root, or delete {folder} to start over"
+            )
+    else:
+        model, tokenizer = load_model_and_tokenizer(cfg.model)
+        with atomic_path(folder) as tmp:
+            save_model(model, tokenizer, tmp)
+            (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=1))
+    snapshot = cfg.model.model_copy(update={"name": str(folder), "revision": None})
+    return cfg.model_copy(update={"model": snapshot})
+
+
+def _watch_trials(cfg: ExperimentConfig, names: list[str], progress: Progress, stop: threading.Event) -> None:
+    """A progress line whenever another trial finishes (its trial.json appears), with an ETA."""
+    from dcv.training.trial import TRIAL_FILE, trials_root
+
+    def finished() -> int:
+        return sum((trials_root(cfg) / name / TRIAL_FILE).is_file() for name in names)
+
+    start, before = time.monotonic(), finished()
+    last = before
+    while not stop.wait(5.0):
+        now = finished()
+        if now != last:
+            last = now
+            done_here = now - before
+            eta = (time.monotonic() - start) / done_here * (len(names) - now) if done_here else float("nan")
+            progress(f"sweep: {now}/{len(names)} trials finished, ETA {eta:.0f} s")
+
+
+def sweep_stage(cfg: ExperimentConfig, storage: Path, progress: Progress) -> pl.DataFrame:
+    """Run the sweep, or only collect its table when every trial finished before."""
+    from dcv.training.sweep import check_plan, collect_results, plan_trials, run_sweep
+    from dcv.training.trial import finished_trial
+
+    specs = plan_trials(cfg)
+    check_plan(cfg, specs)
+    done = [spec.name for spec in specs if finished_trial(spec.config(cfg), spec.name) is not None]
+    todo = len(specs) - len(done)
+    progress(f"sweep: {len(specs)} trials, {len(done)} finished before (skipped), {todo} to train")
+    if len(done) == len(specs):
+        table = collect_results(cfg, specs)
+        write_results(table, storage)
+        return table
+    stop = threading.Event()
+    watcher = threading.Thread(
+        target=_watch_trials, args=(cfg, [s.name for s in specs], progress, stop), daemon=True
+    )
+    watcher.start()
+    try:
+        return run_sweep(cfg)
+    finally:
+        stop.set()
+
+
+def _record(storage: Path, seconds: dict[str, float]) -> None:
+    path = storage / STAGE_SECONDS_FILE
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(seconds, indent=1))
+
+
+def _about(cfg: ExperimentConfig, storage: Path, results: pl.DataFrame) -> list[str]:
+    marker = storage / "base" / SOURCE_FILE
+    source = json.loads(marker.read_text())["name"] if marker.is_file() else cfg.model.name
+    trials = results.select("trial", "method").unique()
+    counts = {m: trials.filter(pl.col("method") == m).height for m in ("sft", "rl")}
+    return [
+        f"Experiment {cfg.name}: base model {source}, target task {cfg.target_task.name}, "
+        f"probes {', '.join(p.name for p in cfg.probes)}; {counts['sft']} SFT and {counts['rl']} RL runs, "
+        f"{results.height} evaluated checkpoints; patching {', '.join(cfg.patching.methods)}; circuits by "
+        f"{cfg.circuits.selection} (tau {cfg.circuits.tau}, at most {cfg.circuits.k_max} heads).",
+        "Forgetting = base score - checkpoint score (accuracy: LD > 0; LD: mean logit difference). "
+        "Preservation = share of the base circuit's heads still in the checkpoint's circuit. Circuit "
+        "vulnerability V = |e_base|-weighted mean relative drop of the base-circuit heads' effects. "
+        "DCV_h = v_h(SFT) - v_h(RL). CIs: bootstrap over runs (headline) or runs and probe items (DCV).",
+    ]
+
+
+def report_stage(cfg: ExperimentConfig, storage: Path, seconds: dict[str, float]):
+    """Figures and report from the stored analysis tables, logged to the MLflow parent run."""
+    from dcv.report import build_report
+
+    tables = read_analysis(storage)
+    results = read_results(storage)
+    md, page, figures = build_report(
+        tables, storage / "report", f"dcv report: {cfg.name}", _about(cfg, storage, results), seconds
+    )
+    parent = tracking.get_or_create_parent_run(cfg)
+    parent.log_artifact(md, artifact_path="report")
+    parent.log_artifact(page, artifact_path="report")
+    for figure in figures:
+        parent.log_artifact(figure, artifact_path="report/figures")
+    headline = tables["headline"]
+    metrics = {
+        f"headline/{p}/{by}/{metric}/{training}": mean
+        for p, by, metric, training, mean in headline.select(
+            "patching", "matched_by", "metric", "training", "mean"
+        ).iter_rows()
+    }
+    metrics.update({f"stage_seconds/{name}": value for name, value in seconds.items()})
+    parent.log_metrics(metrics)
+    return md, page
+
+
+def run_experiment(cfg: ExperimentConfig, progress: Progress = print) -> ExperimentRun:
+    """Every stage in order, each resuming; needs a connected Ray."""
+    from dcv.circuits.model_circuits import run_circuits
+    from dcv.circuits.pipeline import log_pipeline_run, run_pipeline
+
+    storage = tracking.local_storage_root(cfg)
+    seconds: dict[str, float] = {}
+
+    def stage(name: str) -> float:
+        progress(f"[{STAGES.index(name) + 1}/{len(STAGES)} {name}] started")
+        return time.perf_counter()
+
+    def finished(name: str, start: float, detail: str = "") -> None:
+        seconds[name] = round(time.perf_counter() - start, 1)
+        progress(f"[{STAGES.index(name) + 1}/{len(STAGES)} {name}] done in {seconds[name]:.0f} s{detail}")
+
+    start = stage("base")
+    cfg = prepare_base(cfg, storage)
+    with atomic_path(storage / CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(config_to_dict(cfg), indent=1))
+    finished("base", start, f": {cfg.model.name}")
+
+    start = stage("sweep")
+    results = sweep_stage(cfg, storage, progress)
+    finished("sweep", start, f": {results.height} evaluated checkpoints")
+
+    start = stage("patching")
+    run = run_pipeline(cfg, progress=progress)
+    log_pipeline_run(cfg, run, time.perf_counter() - start)
+    finished("patching", start, f": {run.computed} items computed, {run.skipped} skipped")
+
+    start = stage("circuits")
+    circuits = run_circuits(cfg, run.table, storage, progress)
+    finished("circuits", start, f": {circuits.height} circuits")
+
+    start = stage("analysis")
+    tables = analyze(cfg, results, run.table, circuits)
+    paths = write_analysis(tables, storage)
+    parent = tracking.get_or_create_parent_run(cfg)
+    for path in paths:
+        parent.log_artifact(path, artifact_path="analysis")
+    finished("analysis", start, f": {len(tables)} tables in {paths[0].parent}")
+
+    start = stage("report")
+    md, page = report_stage(cfg, storage, dict(seconds))
+    finished("report", start, f": {page}")
+    _record(storage, seconds)
+    return ExperimentRun(storage, md, page, tracking.resolve_tracking_uri(cfg), seconds)
+
+
+def load_run_config(run_dir: Path) -> ExperimentConfig:
+    """The config a ``dcv run`` stored in its storage folder."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a dcv run folder (run `dcv run CONFIG` first)")
+    return parse_config(json.loads(path.read_text()), source=str(path))
+
+
+def rebuild_report(run_dir: Path) -> tuple[Path, Path]:
+    """The report again from the stored analysis tables (``dcv report RUN_DIR``): nothing recomputed."""
+    cfg = load_run_config(run_dir)
+    storage = tracking.local_storage_root(cfg)
+    path = storage / STAGE_SECONDS_FILE
+    seconds = json.loads(path.read_text()) if path.is_file() else {}
+    return report_stage(cfg, storage, seconds)

@@ -1,0 +1,32 @@
+"""The whole experiment as a Ray job: base snapshot, sweep, patching, circuits, analysis and report.
+
+    ray job submit --working-dir . -- python ray_jobs/experiment.py --config configs/demo.yaml [--set k=v ...]
+
+The same as ``dcv run CONFIG``: inside a job RAY_ADDRESS names the cluster and the driver joins it; run by
+hand without RAY_ADDRESS it starts a local Ray on 127.0.0.1. Every stage resumes, so resubmitting the same
+command after a failure or a kill continues where it stopped. ``ray_jobs/`` is not a package: run this
+file as a script or with ``python -m`` from the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# As a script, sys.path[0] is ray_jobs/; the repository root (the job's working dir) holds dcv.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dcv.cli import main  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="experiment YAML, e.g. configs/qwen2.5-3b.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    raise SystemExit(main(["run", args.config, *[f"--set={item}" for item in args.overrides]]))
