@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/dcv eval configs/demo.yaml
+	$(BIN)/dcv run configs/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -29,9 +29,12 @@ def plot_head_heatmap(
     grid = np.full((n_layers, n_heads), np.nan)
     for layer, head, v in effects.select("layer", "head", value).iter_rows():
         grid[layer, head] = v
-    limit = float(np.nanmax(np.abs(grid))) or 1.0
+    finite = np.abs(grid[np.isfinite(grid)])
+    limit = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
     fig, ax = plt.subplots(figsize=(1.2 + 0.45 * n_heads, 1.0 + 0.25 * n_layers))
-    image = ax.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", origin="lower")
+    cmap = plt.get_cmap("RdBu_r").copy()
+    cmap.set_bad("#dddddd")  # heads without a value (outside a circuit) in grey, apart from a value of 0
+    image = ax.imshow(grid, cmap=cmap, vmin=-limit, vmax=limit, aspect="auto", origin="lower")
     for layer, head in marked:
         ax.add_patch(
             plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.5)
@@ -170,6 +173,16 @@ def plot_dcv_heatmap(dcv_heads: pl.DataFrame, shape: tuple[int, int], path: Path
     )
 
 
+def dcv_point(rows: pl.DataFrame, base_accuracy: float) -> pl.DataFrame:
+    """One matching point's DCV rows: matched accuracy when the methods adapted past the base model;
+    otherwise that point is the base itself (DCV 0 everywhere), so the last step both reached."""
+    point = rows.filter((pl.col("by") == "accuracy") & (pl.col("value") > base_accuracy))
+    if point.is_empty():
+        steps = rows.filter(pl.col("by") == "step")
+        point = steps.filter(pl.col("value") == steps["value"].max())
+    return point
+
+
 def headline_rows(headline: pl.DataFrame, patching: str) -> pl.DataFrame:
     """The headline as a wide table: one row per (matching point, metric), SFT / RL / SFT-RL with CIs."""
     rows = headline.filter(pl.col("patching") == patching)
@@ -305,12 +318,11 @@ def build_report(
     base = tables["base_circuits"]
     dcv_heads = tables["dcv_heads"]
     heatmaps = []
+    base_accuracy = float(summary.filter(pl.col("step") == 0)["target_accuracy"].max())
     if not dcv_heads.is_empty():
         shape = (int(base["n_layers"][0]), int(base["heads_per_layer"][0]))
         for (probe, patching), rows in dcv_heads.group_by("probe", "patching", maintain_order=True):
-            point = rows.filter(pl.col("by") == "accuracy")
-            if point.is_empty():
-                point = rows.filter(pl.col("value") == rows["value"].max())
+            point = dcv_point(rows, base_accuracy)
             by, value = point["by"][0], point["value"][0]
             heatmaps.append(
                 plot_dcv_heatmap(
@@ -329,13 +341,15 @@ def build_report(
     blocks += [("h2", "Circuit vulnerability vs forgetting (Spearman over fine-tuned checkpoints)")]
     blocks += [("table", tables["correlations"])]
     if not dcv_heads.is_empty():
+        points = [dcv_point(rows, base_accuracy) for _, rows in dcv_heads.group_by("probe", "patching")]
         top = (
-            dcv_heads.filter(pl.col("by") == "accuracy")
+            pl.concat(points)
             .sort(pl.col("dcv").abs(), descending=True)
             .group_by("probe", "patching", maintain_order=True)
             .head(5)
+            .sort("probe", "patching")
         )
-        blocks += [("h2", "Heads with the largest |DCV| at matched target accuracy"), ("table", top)]
+        blocks += [("h2", "Heads with the largest |DCV| (the heatmaps' matching point)"), ("table", top)]
     blocks += [("h2", "Figures")] + [("img", p) for p in pngs + heatmaps]
     per_step = summary.select(
         "trial",

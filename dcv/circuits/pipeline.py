@@ -428,14 +428,16 @@ def run_pipeline(
             # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a killed actor
             # is restarted and its item retried (tests/circuits/test_pipeline.py kills one).
         )
-        last = 0.0
+        last, started = 0.0, time.monotonic()
         for row in results.iter_rows():
             computed += 1
             loads += int(row["loaded"])
             # A line per item while they are few or slow; at most one every 2 s at paper scale.
             if computed == pending.height or time.monotonic() - last >= 2.0:
                 last = time.monotonic()
-                progress(f"patching: {skipped + computed}/{total} items done ({skipped} skipped)")
+                eta = (time.monotonic() - started) / computed * (pending.height - computed)
+                done = skipped + computed
+                progress(f"patching: {done}/{total} items done ({skipped} skipped), ETA {eta:.0f} s")
     table = read_effects(storage, work)
     path = write_parquet(table, patching_dir(storage) / EFFECTS_FILE)
     return PipelineRun(table, total, skipped, computed, loads, path)

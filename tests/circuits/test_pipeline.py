@@ -145,7 +145,8 @@ def assert_same_effects(table: pl.DataFrame, reference: pl.DataFrame) -> None:
     from_parts = table.select(
         (pl.col("item_delta").list.mean() / pl.col("item_denominator").list.mean()).alias("e")
     )["e"]
-    assert ((from_parts - table["effect"]).abs().max()) < 1e-6
+    # float32 on the model side, float64 here: equal to float32 rounding.
+    assert ((from_parts - table["effect"]).abs() / (1 + table["effect"].abs())).max() < 1e-5
     assert (table["item_delta"].list.len() == table["n_items"]).all()
     assert table["effect"].is_finite().all() and table["effect"].n_unique() > table.height // 2
 
@@ -331,7 +332,13 @@ def test_an_invalid_item_file_counts_as_unfinished(tmp_path, checkpoints, tiny_m
     items = build_probe(cfg.probe("ioi"), tokenizer).items
     good = head_effects(
         tiny_model, items, "base", "ioi", "exact", heads=[(0, 0), (0, 1), (0, 2)]
-    ).with_columns(trial=pl.lit("base"), step=pl.lit(0, pl.Int64), checkpoint=pl.lit("tiny"))
+    ).with_columns(
+        pl.lit("base").alias("trial"),
+        pl.lit(0, pl.Int64).alias("step"),
+        pl.lit("tiny").alias("checkpoint"),
+        pl.Series("item_delta", [[0.0]] * 3, dtype=pl.List(pl.Float64)),
+        pl.Series("item_denominator", [[1.0]] * 3, dtype=pl.List(pl.Float64)),
+    )
     ids = work["item_id"].to_list()
     items_dir(storage).mkdir(parents=True)
     good.write_parquet(item_path(storage, ids[0]))  # valid
