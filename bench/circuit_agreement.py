@@ -49,11 +49,19 @@ def main() -> None:
     parser.add_argument("--l1", type=float, default=None, help="mask l1_penalty (default: the config's)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. circuits.selection=faithfulness (the demo config picks top_k)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
     overrides = {k: v for k, v in (("steps", args.steps), ("l1_penalty", args.l1)) if v}
     mask_cfg = cfg.circuits.mask.model_validate({**cfg.circuits.mask.model_dump(), **overrides})
     model, tokenizer = load_model_and_tokenizer(cfg.model)
