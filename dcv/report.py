@@ -55,7 +55,6 @@ def plot_head_heatmap(
 
 METHOD_COLORS = {"sft": "tab:red", "rl": "tab:blue"}
 LINESTYLES = ("-", "--", ":", "-.")
-FIGURES = ("adaptation", "forgetting", "pareto", "preservation", "vulnerability_vs_forgetting")
 
 
 def _save(fig, path: Path) -> Path:
@@ -237,15 +236,16 @@ def verdicts(headline: pl.DataFrame, patching: str) -> list[str]:
     return out
 
 
+def _cell_text(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _markdown_table(frame: pl.DataFrame) -> str:
     if frame.is_empty():
         return "_(no rows)_"
 
-    def text(v):
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
     lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(text(v) for v in row) + " |" for row in frame.iter_rows()]
+    lines += ["| " + " | ".join(_cell_text(v) for v in row) + " |" for row in frame.iter_rows()]
     return "\n".join(lines)
 
 
@@ -253,13 +253,9 @@ def _html_table(frame: pl.DataFrame) -> str:
     if frame.is_empty():
         return "<p><em>(no rows)</em></p>"
 
-    def text(v):
-        return html.escape(f"{v:.4g}" if isinstance(v, float) else str(v))
-
     head = "".join(f"<th>{html.escape(c)}</th>" for c in frame.columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{text(v)}</td>" for v in row) + "</tr>" for row in frame.iter_rows()
-    )
+    cells = ("".join(f"<td>{html.escape(_cell_text(v))}</td>" for v in row) for row in frame.iter_rows())
+    body = "".join(f"<tr>{row}</tr>" for row in cells)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import polars as pl
 
-from dcv.circuits.pipeline import BASE_MODEL, MASK
+from dcv.circuits.pipeline import BASE_MODEL, MASK, file_slug
 from dcv.config import ExperimentConfig, parse_config
 from dcv.storage import read_parquet, write_parquet
 
@@ -122,8 +122,7 @@ def model_file(cfg: ExperimentConfig, storage_root: Path, model: str, checkpoint
         else sorted((f"{p}/{m}", h) for (p, m), h in reference.items()),
     }
     digest = hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()[:12]
-    slug = "".join(c if c.isalnum() or c in "-." else "_" for c in model)
-    return circuits_dir(storage_root) / "models" / f"{slug}__{digest}.parquet"
+    return circuits_dir(storage_root) / "models" / f"{file_slug(model)}__{digest}.parquet"
 
 
 def _finished(path: Path, n_rows: int) -> pl.DataFrame | None:

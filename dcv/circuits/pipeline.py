@@ -94,7 +94,8 @@ def item_path(storage_root: Path, item_id: str) -> Path:
     return items_dir(storage_root) / f"{item_id}.parquet"
 
 
-def _slug(text: str) -> str:
+def file_slug(text: str) -> str:
+    """``text`` safe as part of a file name."""
     return "".join(c if c.isalnum() or c in "-." else "_" for c in text).strip("_.") or "model"
 
 
@@ -117,7 +118,7 @@ def build_item_id(
         "mask": cfg.circuits.mask.model_dump(mode="json") if method == MASK else None,
     }
     digest = hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{_slug(model)}__{probe}__{method}__h{heads[0]:05d}-{heads[1]:05d}__{digest}"
+    return f"{file_slug(model)}__{probe}__{method}__h{heads[0]:05d}-{heads[1]:05d}__{digest}"
 
 
 def model_head_grid(model_cfg: ModelConfig) -> tuple[int, int]:
