@@ -66,7 +66,7 @@ def main() -> None:
     mask_cfg = cfg.circuits.mask.model_validate({**cfg.circuits.mask.model_dump(), **overrides})
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     probe_cfg = cfg.probe(args.probe).model_copy(update={"n_items": args.items})
-    items = list(build_probe(probe_cfg, tokenizer).items)
+    items = list(build_probe(probe_cfg, tokenizer, cfg.target_task).items)
     split = torch.randperm(len(items), generator=torch.Generator().manual_seed(0)).tolist()
     halves = [[items[i] for i in split[: len(items) // 2]], [items[i] for i in split[len(items) // 2 :]]]
     c = cfg.circuits

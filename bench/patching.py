@@ -27,7 +27,7 @@ import torch
 
 from dcv.circuits.decoder import model_shape
 from dcv.circuits.patching import item_effects
-from dcv.config import ModelConfig, ProbeConfig
+from dcv.config import ModelConfig, ProbeConfig, TargetTaskConfig
 from dcv.models import load_model_and_tokenizer
 from dcv.tasks.probes import build_probe
 
@@ -87,7 +87,8 @@ def main() -> None:
 
     model, tokenizer = load_model_and_tokenizer(ModelConfig(name=args.model))
     model.requires_grad_(False)
-    probe = build_probe(ProbeConfig(name=args.probe, n_items=args.items * 4, seed=0), tokenizer)
+    probe_cfg = ProbeConfig(name=args.probe, n_items=args.items * 4, seed=0)
+    probe = build_probe(probe_cfg, tokenizer, TargetTaskConfig())
     length = Counter(len(it.clean_ids) for it in probe.items).most_common(1)[0][0]
     items = [it for it in probe.items if len(it.clean_ids) == length][: args.items]
     clean = torch.tensor([it.clean_ids for it in items])

@@ -18,6 +18,15 @@ Pure polars/numpy on stored tables (no model, no Ray), so ``dcv report`` can reb
   mean over probes), per method and pooled.
 - ``headline``: SFT vs RL at matched target accuracy and at the last matched step: each metric's mean
   over runs with a bootstrap CI over runs, and the SFT - RL difference.
+- ``noise_floor``: the base circuit against itself from disjoint halves of the probe items (and another
+  mask seed), ``dcv.circuits.noise_floor``; its halves' preservation and Jaccard stand beside every
+  checkpoint's preservation (``noise_floor_*`` columns, ``within_noise_floor``).
+- ``after_sft``: each GRPO-after-SFT checkpoint beside the SFT checkpoint it started from (its step 0).
+- ``paper``: per discovery method, circuit size, base-circuit retention (%) and faithfulness of the base
+  model and of each method's final checkpoints, beside the seed paper's figures.
+
+``dcv_heads`` also carries ``effect_gap`` = DCV_h |e_h(base)| = e_h(RL) - e_h(SFT) (for masks the seed
+paper's m_h(RL) - m_h(SFT)) and ``sft_weakened`` = effect_gap > ``circuits.mask.weakened_delta``.
 
 Runs of one method at several learning rates are pooled as replicates of that method: the comparison
 is meant to be at matched target accuracy, where the learning rate matters through where a run gets.
@@ -46,7 +55,17 @@ from dcv.circuits.vulnerability import (
 from dcv.config import ExperimentConfig
 from dcv.storage import atomic_path, read_parquet, write_parquet
 
-TABLES = ("base_circuits", "checkpoints", "summary", "dcv_heads", "correlations", "headline")
+TABLES = (
+    "base_circuits",
+    "checkpoints",
+    "summary",
+    "dcv_heads",
+    "correlations",
+    "headline",
+    "noise_floor",
+    "after_sft",
+    "paper",
+)
 # The per-checkpoint metrics the headline compares between methods (columns of ``summary``).
 HEADLINE_METRICS = (
     "target_accuracy",
@@ -58,6 +77,14 @@ HEADLINE_METRICS = (
     "kl_to_base",
 )
 TRAINING_METHODS = ("sft", "rl")
+NOISE_FLOOR_COLUMNS = ("noise_floor_preservation", "noise_floor_jaccard")
+# The seed paper's figures (Qwen2.5-3B-Instruct, 576 heads, learned masks; DESIGN.md), set beside ours.
+PAPER = {
+    "circuit_size": {"base": 297.0, "sft": 265.0, "rl": 296.0},
+    "retention_pct": {"base": 100.0, "sft": 52.0, "rl": 68.0},
+    "faithfulness": {"base": 1.02, "sft": 1.04, "rl": 1.12},
+}
+PAPER_HEADS = 576
 
 
 def analysis_dir(storage_root: Path) -> Path:
@@ -100,9 +127,17 @@ def base_circuit_table(circuits: pl.DataFrame, shape: tuple[int, int]) -> pl.Dat
 
 
 def checkpoint_table(
-    cfg: ExperimentConfig, results: pl.DataFrame, effects: pl.DataFrame, circuits: pl.DataFrame
+    cfg: ExperimentConfig,
+    results: pl.DataFrame,
+    effects: pl.DataFrame,
+    circuits: pl.DataFrame,
+    noise_floor: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     probes = [p.name for p in cfg.probes]
+    floor = {}
+    if noise_floor is not None:
+        halves = noise_floor.filter(pl.col("kind") == "halves")
+        floor = {(r["probe"], r["method"]): r for r in halves.iter_rows(named=True)}
     base = base_scores(results, probes)
     reference = base_circuits(circuits)
     own = {(r["model"], r["probe"], r["method"]): r for r in circuits.iter_rows(named=True)}
@@ -123,6 +158,7 @@ def checkpoint_table(
                     {
                         "trial": row["trial"],
                         "training": row["method"],
+                        "init": row["init"],
                         "learning_rate": row["learning_rate"],
                         "seed": row["seed"],
                         "step": row["step"],
@@ -136,17 +172,25 @@ def checkpoint_table(
                         "forgetting": base[probe][0] - accuracy,
                         "forgetting_ld": base[probe][1] - mean_ld,
                         "circuit_size": own[key]["size"],
+                        "faithfulness": own[key]["faithfulness"],
                         "preservation": preservation(base_heads, circuit_heads(own[key])),
+                        "noise_floor_preservation": floor.get((probe, method), {}).get("preservation"),
+                        "noise_floor_jaccard": floor.get((probe, method), {}).get("jaccard"),
                         "effect_spearman": effect_spearman(base_effects, model_effects),
                         "base_circuit_faithfulness": own[key]["base_circuit_faithfulness"],
                         "circuit_vulnerability": circuit_vulnerability(vulnerability),
                     }
                 )
-    return pl.DataFrame(rows).sort("trial", "step", "probe", "patching")
+    table = pl.DataFrame(rows, schema_overrides=dict.fromkeys(NOISE_FLOOR_COLUMNS, pl.Float64))
+    return table.with_columns(
+        # Within the noise floor: the model keeps as much of the base circuit as the base keeps of itself
+        # from another half of the probe items, so it is not distinguishable from base.
+        (pl.col("preservation") >= pl.col("noise_floor_preservation")).alias("within_noise_floor")
+    ).sort("trial", "step", "probe", "patching")
 
 
 def summary_table(checkpoints: pl.DataFrame) -> pl.DataFrame:
-    keys = ["trial", "training", "learning_rate", "seed", "step", "model", "patching"]
+    keys = ["trial", "training", "init", "learning_rate", "seed", "step", "model", "patching"]
     return (
         checkpoints.group_by(keys, maintain_order=True)
         .agg(
@@ -160,6 +204,9 @@ def summary_table(checkpoints: pl.DataFrame) -> pl.DataFrame:
                     "preservation",
                     "base_circuit_faithfulness",
                     "circuit_vulnerability",
+                    "circuit_size",
+                    "faithfulness",
+                    *NOISE_FLOOR_COLUMNS,
                 )
             ],
         )
@@ -203,6 +250,7 @@ def dcv_heads_table(
 ) -> pl.DataFrame:
     reference = base_circuits(circuits)
     by_model = {key: frame for key, frame in effects.group_by("model", "probe", "method")}
+    weakened = cfg.circuits.mask.weakened_delta
     frames = []
     for (probe, method), heads in sorted(reference.items()):
         if not heads:
@@ -229,7 +277,13 @@ def dcv_heads_table(
                 )
             except ValueError:
                 continue  # no such point reached by both methods
-            frames.append(table.with_columns(pl.lit(probe).alias("probe"), pl.lit(method).alias("patching")))
+            base_effect = by_model[(BASE_MODEL, probe, method)].select("layer", "head", "effect")
+            # DCV_h |e_h(base)| = e_h(RL) - e_h(SFT): for masks the seed paper's m_h(RL) - m_h(SFT).
+            gap = (pl.col("dcv") * pl.col("base_effect").abs()).alias("effect_gap")
+            table = table.join(
+                base_effect.rename({"effect": "base_effect"}), on=["layer", "head"]
+            ).with_columns(pl.lit(probe).alias("probe"), pl.lit(method).alias("patching"), gap)
+            frames.append(table.with_columns((pl.col("effect_gap") > weakened).alias("sft_weakened")))
     if not frames:
         return pl.DataFrame()
     return pl.concat(frames).select("probe", "patching", pl.exclude("probe", "patching"))
@@ -339,13 +393,95 @@ def headline_table(summary: pl.DataFrame, n_bootstrap: int, ci_level: float, see
     return pl.DataFrame(rows, schema=schema)
 
 
+def after_sft_table(summary: pl.DataFrame) -> pl.DataFrame:
+    """GRPO after SFT against the SFT checkpoint it started from (its own step 0): does RL restore the
+    base circuits (preservation up, V down) or only stop their loss?"""
+    columns = ("target_accuracy", "forgetting", "preservation", "circuit_vulnerability")
+    runs = summary.filter(pl.col("init").str.starts_with("sft:"))
+    start = runs.filter(pl.col("step") == 0).select(
+        "trial", "patching", *[pl.col(c).alias(f"{c}_start") for c in columns]
+    )
+    return (
+        runs.filter(pl.col("step") > 0)
+        .join(start, on=["trial", "patching"], how="inner")
+        .select(
+            "trial",
+            "init",
+            "step",
+            "patching",
+            *[x for c in columns for x in (pl.col(f"{c}_start"), pl.col(c))],
+            (pl.col("preservation") > pl.col("preservation_start")).alias("restores_circuit"),
+        )
+        .sort("trial", "step", "patching")
+    )
+
+
+def final_checkpoints(summary: pl.DataFrame) -> pl.DataFrame:
+    """The last evaluated step of every fine-tuned run."""
+    last = summary.group_by("trial", "patching").agg(pl.col("step").max())
+    return summary.filter(pl.col("step") > 0).join(last, on=["trial", "patching", "step"], how="semi")
+
+
+def paper_table(summary: pl.DataFrame) -> pl.DataFrame:
+    """Per discovery method, ours beside the seed paper's: circuit size, base-circuit retention (%) and
+    faithfulness of the base model and of each method's final checkpoints (means over runs and probes)."""
+    base = summary.filter(pl.col("model") == BASE_MODEL)
+    final = final_checkpoints(summary)
+    rows = []
+    for patching in sorted(summary["patching"].unique().to_list()):
+        models = {"base": base.filter(pl.col("patching") == patching)} | {
+            t: final.filter((pl.col("patching") == patching) & (pl.col("training") == t))
+            for t in TRAINING_METHODS
+        }
+        floor = base.filter(pl.col("patching") == patching)["noise_floor_preservation"].drop_nulls()
+        for quantity, column, scale in (
+            ("circuit_size", "circuit_size", 1.0),
+            ("retention_pct", "preservation", 100.0),
+            ("faithfulness", "faithfulness", 1.0),
+        ):
+            means = {m: (scale * f[column].mean() if f.height else None) for m, f in models.items()}
+            rows.append(
+                {
+                    "patching": patching,
+                    "quantity": quantity,
+                    **means,
+                    "n_runs_sft": models["sft"].height,
+                    "n_runs_rl": models["rl"].height,
+                    "noise_floor_retention_pct": 100.0 * floor.mean()
+                    if quantity == "retention_pct" and floor.len()
+                    else None,
+                    **{f"paper_{m}": PAPER[quantity][m] for m in ("base", "sft", "rl")},
+                }
+            )
+    schema = {
+        "patching": pl.String,
+        "quantity": pl.String,
+        "base": pl.Float64,
+        "sft": pl.Float64,
+        "rl": pl.Float64,
+        "n_runs_sft": pl.Int64,
+        "n_runs_rl": pl.Int64,
+        "noise_floor_retention_pct": pl.Float64,
+        "paper_base": pl.Float64,
+        "paper_sft": pl.Float64,
+        "paper_rl": pl.Float64,
+    }
+    return pl.DataFrame(rows, schema=schema)
+
+
 def analyze(
-    cfg: ExperimentConfig, results: pl.DataFrame, effects: pl.DataFrame, circuits: pl.DataFrame
+    cfg: ExperimentConfig,
+    results: pl.DataFrame,
+    effects: pl.DataFrame,
+    circuits: pl.DataFrame,
+    noise_floor: pl.DataFrame | None = None,
 ) -> dict[str, pl.DataFrame]:
-    """Every analysis table (TABLES) from the stored results, effects and circuits tables."""
+    """Every analysis table (TABLES) from the stored results, effects, circuits and noise-floor tables."""
+    from dcv.circuits.noise_floor import NOISE_FLOOR_SCHEMA
+
     heads = effects.filter(pl.col("model") == BASE_MODEL)
     shape = (int(heads["layer"].max()) + 1, int(heads["head"].max()) + 1)
-    checkpoints = checkpoint_table(cfg, results, effects, circuits)
+    checkpoints = checkpoint_table(cfg, results, effects, circuits, noise_floor)
     summary = summary_table(checkpoints)
     c = cfg.circuits
     return {
@@ -355,6 +491,9 @@ def analyze(
         "dcv_heads": dcv_heads_table(cfg, effects, circuits, summary),
         "correlations": correlation_table(checkpoints, summary),
         "headline": headline_table(summary, c.n_bootstrap, c.ci_level),
+        "noise_floor": pl.DataFrame(schema=NOISE_FLOOR_SCHEMA) if noise_floor is None else noise_floor,
+        "after_sft": after_sft_table(summary),
+        "paper": paper_table(summary),
     }
 
 

@@ -306,7 +306,7 @@ def run_eval(cfg: ExperimentConfig, model_cfg: ModelConfig) -> dict[str, float]:
     tracking_uri = tracking.resolve_tracking_uri(cfg)
     start = time.perf_counter()
     tokenizer = load_tokenizer(model_cfg)
-    probes = build_probes(cfg.probes, tokenizer)
+    probes = build_probes(cfg.probes, tokenizer, cfg.target_task)
     model = load_model(model_cfg, tokenizer)
     base_model = kl_reference = None
     if model_cfg.name != cfg.model.name:
@@ -366,7 +366,7 @@ def run_patch(cfg: ExperimentConfig, model_cfg: ModelConfig, probe: str, method:
     _quiet_transformers()
     path = patch_table_path(cfg, model_cfg.name, probe, method)
     tokenizer = load_tokenizer(model_cfg)
-    items = build_probe(cfg.probe(probe), tokenizer).items
+    items = build_probe(cfg.probe(probe), tokenizer, cfg.target_task).items
     table = read_parquet(path)
     if table is not None and table.schema == EFFECT_SCHEMA and table["n_items"][0] == len(items):
         print(f"reusing {path}")

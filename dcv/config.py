@@ -22,7 +22,7 @@ Probability = Annotated[float, Field(ge=0, le=1)]
 BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny")
 RUN_NAME = r"^[A-Za-z0-9][\w.-]*$"  # names are used in MLflow filters and storage paths
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-PROBE_NAMES = ("ioi", "capitals", "greater_than", "induction")
+PROBE_NAMES = ("ioi", "capitals", "greater_than", "induction", "chem")
 CHEMISTRY_KINDS = (
     "symbol_to_name",
     "name_to_symbol",
@@ -33,6 +33,10 @@ CHEMISTRY_KINDS = (
     "block",
     "molar_mass",
 )
+# lm-eval task families scored by running the model's code: a task is in a family when its name is the
+# family or starts with "<family>_". These cover all 35 tasks lm-eval 0.4.13 marks `unsafe_code: true`
+# (checked against its task index); local task YAMLs with that flag are caught by dcv.benchmarks.
+CODE_EXECUTING_TASK_FAMILIES = ("humaneval", "mbpp", "cruxeval", "longproc")
 
 
 class ConfigError(ValueError):
@@ -182,7 +186,17 @@ class RLConfig(Section):
     max_completion_length: PositiveInt = 32
     max_steps: PositiveInt = 100
     eval_every: PositiveInt = 25
-    init: Literal["base", "sft"] = "base"
+    init: Literal["base", "sft"] = Field(
+        "base", description="GRPO starts from the base model or from an SFT trial's checkpoint (seed paper)"
+    )
+    init_trial: str | None = Field(
+        None,
+        pattern=RUN_NAME,
+        description="rl.init=sft: the SFT trial to start from; default: the sweep's SFT trial of that seed",
+    )
+    init_step: NonNegativeInt | None = Field(
+        None, description="rl.init=sft: the SFT checkpoint step to start from; default the trial's last"
+    )
     rollout: RolloutConfig = RolloutConfig()
 
     @model_validator(mode="after")
@@ -192,6 +206,10 @@ class RLConfig(Section):
                 f"num_generations: per_device_batch_size={self.per_device_batch_size} must be a multiple of "
                 f"num_generations={self.num_generations}, so every prompt's group fits in one batch"
             )
+        if self.init == "base":
+            for field in ("init_trial", "init_step"):
+                if getattr(self, field) is not None:
+                    raise ValueError(f"{field}: only meaningful with rl.init=sft (rl.init is 'base')")
         return self
 
 
@@ -259,6 +277,10 @@ class MaskConfig(Section):
         3.0, description="initial logit of every head: m starts at sigmoid(logit_init / t_start), near 1"
     )
     seed: int = Field(0, description="seeds the item order and minibatch order")
+    weakened_delta: Annotated[float, Field(ge=0)] = Field(
+        0.1,
+        description="a base-circuit head is weakened by SFT relative to RL when m(SFT) < m(RL) - delta",
+    )
 
     @model_validator(mode="after")
     def _anneals_down(self) -> MaskConfig:
@@ -278,6 +300,56 @@ class CircuitsConfig(Section):
     n_bootstrap: PositiveInt = 1000
     ci_level: Annotated[float, Field(gt=0, lt=1)] = 0.95
     mask: MaskConfig = Field(default_factory=MaskConfig)
+    noise_floor: bool = Field(
+        True,
+        description="find each base circuit again from disjoint halves of the probe items (and another "
+        "mask seed): the base-vs-base agreement every preservation figure is read against",
+    )
+
+
+class BenchmarksConfig(Section):
+    """Standard retention benchmarks (lm-eval-harness) on every model of the results table."""
+
+    tasks: list[str] = Field(
+        default_factory=list, description="lm-eval task or group names; empty skips the stage"
+    )
+    include_path: str | None = Field(
+        None,
+        description="folder of extra lm-eval task YAMLs (e.g. configs/benchmarks), relative to where the "
+        "command runs; their data_files are relative to the YAML's folder",
+    )
+    limit: PositiveInt | None = Field(None, description="rows per task; None = every row")
+    batch_size: PositiveInt = 8
+    num_fewshot: NonNegativeInt = Field(0, description="a task whose YAML sets num_fewshot: 0 keeps 0")
+    allow_code_execution: bool = Field(
+        False, description="let tasks that run model-written code (humaneval, mbpp, ...) execute it"
+    )
+    num_cpus: PositiveFloat = Field(1.0, description="Ray CPUs per model's benchmark task")
+    num_gpus: Annotated[float, Field(ge=0)] = Field(0.0, description="Ray GPUs per model's benchmark task")
+
+    @field_validator("include_path")
+    @classmethod
+    def _existing_folder(cls, include_path: str | None) -> str | None:
+        if include_path is None:
+            return None
+        # Made absolute where the config is loaded, as storage.root: Ray tasks run elsewhere.
+        folder = Path(include_path).expanduser().resolve()
+        if not folder.is_dir():
+            raise ValueError(f"no folder at {folder}")
+        return str(folder)
+
+    @model_validator(mode="after")
+    def _code_execution_allowed(self) -> BenchmarksConfig:
+        duplicated = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+        if duplicated:
+            raise ValueError(f"tasks: duplicates {duplicated}")
+        executing = [t for t in self.tasks if runs_model_code(t)]
+        if executing and not self.allow_code_execution:
+            raise ValueError(
+                f"tasks: {executing} are scored by executing model-written code; set "
+                "benchmarks.allow_code_execution: true to run it on this machine (better in a sandbox)"
+            )
+        return self
 
 
 class TrackingConfig(Section):
@@ -344,6 +416,7 @@ class ExperimentConfig(Section):
     sweep: SweepConfig = SweepConfig()
     patching: PatchingConfig = PatchingConfig()
     circuits: CircuitsConfig = CircuitsConfig()
+    benchmarks: BenchmarksConfig = BenchmarksConfig()
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()
     resources: ResourcesConfig = ResourcesConfig()
@@ -356,6 +429,17 @@ class ExperimentConfig(Section):
             raise ValueError(f"each probe may appear once; got {names}")
         return probes
 
+    @model_validator(mode="after")
+    def _chem_probe_needs_chemistry(self) -> ExperimentConfig:
+        # The chem probe's pairs are built from the generated chemistry questions; with another target
+        # task it would measure a task the model is not fine-tuned on.
+        if "chem" in [p.name for p in self.probes] and self.target_task.name != "chemistry":
+            raise ValueError(
+                f"probes: the chem probe needs target_task.name: chemistry (got {self.target_task.name!r}); "
+                "drop chem from probes or use the chemistry task"
+            )
+        return self
+
     def probe(self, name: str) -> ProbeConfig:
         for p in self.probes:
             if p.name == name:
@@ -366,6 +450,11 @@ class ExperimentConfig(Section):
 def is_local_path(name: str) -> bool:
     """A model name is a local folder if it exists or is spelled like a path, not a hub id."""
     return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().is_dir()
+
+
+def runs_model_code(task: str) -> bool:
+    """Whether an lm-eval task is scored by running model-written code (CODE_EXECUTING_TASK_FAMILIES)."""
+    return any(task == family or task.startswith(family + "_") for family in CODE_EXECUTING_TASK_FAMILIES)
 
 
 def _looks_like_file(source: str) -> bool:

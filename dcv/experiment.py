@@ -32,7 +32,7 @@ from dcv import tracking
 from dcv.analysis import analyze, read_analysis, write_analysis
 from dcv.config import ExperimentConfig, config_to_dict, parse_config
 from dcv.results import read_results, write_results
-from dcv.storage import atomic_path
+from dcv.storage import atomic_path, read_parquet
 
 STAGES = ("base", "sweep", "patching", "circuits", "analysis", "report")
 CONFIG_FILE = "experiment_config.json"
@@ -171,7 +171,8 @@ def report_stage(cfg: ExperimentConfig, storage: Path, seconds: dict[str, float]
 
 def run_experiment(cfg: ExperimentConfig, progress: Progress = print) -> ExperimentRun:
     """Every stage in order, each resuming; needs a connected Ray."""
-    from dcv.circuits.model_circuits import run_circuits
+    from dcv.circuits.model_circuits import circuits_dir, run_circuits
+    from dcv.circuits.noise_floor import NOISE_FLOOR_FILE
     from dcv.circuits.pipeline import log_pipeline_run, run_pipeline
 
     storage = tracking.local_storage_root(cfg)
@@ -205,7 +206,9 @@ def run_experiment(cfg: ExperimentConfig, progress: Progress = print) -> Experim
     finished("circuits", start, f": {circuits.height} circuits")
 
     start = stage("analysis")
-    tables = analyze(cfg, results, run.table, circuits)
+    tables = analyze(
+        cfg, results, run.table, circuits, read_parquet(circuits_dir(storage) / NOISE_FLOOR_FILE)
+    )
     paths = write_analysis(tables, storage)
     parent = tracking.get_or_create_parent_run(cfg)
     for path in paths:

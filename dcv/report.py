@@ -128,6 +128,10 @@ def plot_preservation(checkpoints: pl.DataFrame, path: Path) -> Path:
     fig, axes = plt.subplots(1, len(probes), figsize=(3.2 * len(probes), 3.2), squeeze=False)
     for ax, probe in zip(axes[0], probes, strict=True):
         rows = checkpoints.filter(pl.col("probe") == probe)
+        floor = rows["noise_floor_preservation"].drop_nulls()
+        if floor.len():
+            # Where the base circuit found from one half of the items stands against the other half's.
+            ax.axhspan(float(floor[0]), 1.0, color="tab:gray", alpha=0.15, label="base vs base (noise floor)")
         _band(ax, rows, "preservation", ["training"], lambda key: key[0].upper())
         ax.set_ylim(-0.05, 1.05)
         ax.set_title(probe, fontsize=9)
@@ -334,6 +338,26 @@ def build_report(
     blocks += [("p", line) for line in verdicts(headline, primary)]
     blocks += [("table", headline_rows(headline, primary))]
     blocks += [("h2", "Base circuits"), ("table", base)]
+    blocks += [
+        ("h2", "Beside the seed paper (paper_*: Qwen2.5-3B-Instruct, 576 heads, learned masks)"),
+        (
+            "p",
+            "Ours: the base model and the final checkpoint of every run (means over runs and probes); "
+            "retention = share of the base circuit's heads in the model's own circuit; faithfulness of "
+            "the model's own circuit. noise_floor_retention_pct: the base circuit from one half of the "
+            "probe items against the other half's; retention above it is not distinguishable from base.",
+        ),
+        ("table", tables["paper"]),
+    ]
+    if not tables["noise_floor"].is_empty():
+        blocks += [("h2", "Noise floor of circuit discovery (base model against itself)")]
+        blocks += [("table", tables["noise_floor"])]
+    if not tables["after_sft"].is_empty():
+        blocks += [
+            ("h2", "GRPO after SFT against its SFT start point"),
+            ("p", "restores_circuit: preservation above the SFT checkpoint it started from."),
+            ("table", tables["after_sft"]),
+        ]
     blocks += [("h2", "Circuit vulnerability vs forgetting (Spearman over fine-tuned checkpoints)")]
     blocks += [("table", tables["correlations"])]
     if not dcv_heads.is_empty():
@@ -356,6 +380,7 @@ def build_report(
         "forgetting",
         "forgetting_ld",
         "preservation",
+        "noise_floor_preservation",
         "circuit_vulnerability",
     )
     blocks += [("h2", "Every checkpoint (means over probes)"), ("table", per_step)]

@@ -9,6 +9,7 @@ import pytest
 
 from dcv.analysis import analyze, read_analysis, write_analysis
 from dcv.circuits.model_circuits import CIRCUITS_SCHEMA
+from dcv.circuits.noise_floor import NOISE_FLOOR_SCHEMA
 from dcv.circuits.pipeline import EFFECTS_SCHEMA
 from dcv.config import parse_config
 from dcv.report import build_report
@@ -121,10 +122,17 @@ def circuits_table() -> pl.DataFrame:
     return pl.DataFrame(rows, schema=CIRCUITS_SCHEMA)
 
 
+def noise_floor_table() -> pl.DataFrame:
+    row = {"probe": "ioi", "method": "exact", "kind": "halves", "n_items": 2, "size_a": 2, "size_b": 2}
+    return pl.DataFrame(
+        [{**row, "jaccard": 0.6, "preservation": 0.75, "effect_spearman": 0.9}], schema=NOISE_FLOOR_SCHEMA
+    )
+
+
 @pytest.fixture(scope="module")
 def tables(tmp_path_factory) -> dict[str, pl.DataFrame]:
     cfg = config(tmp_path_factory.mktemp("analysis"))
-    return analyze(cfg, results_table(), effects_table(), circuits_table())
+    return analyze(cfg, results_table(), effects_table(), circuits_table(), noise_floor_table())
 
 
 def test_per_checkpoint_metrics(tables):
@@ -175,6 +183,73 @@ def test_dcv_per_head_and_correlations(tables):
     assert pooled["n_checkpoints"][0] == 8
 
 
+def test_noise_floor_beside_preservation(tables):
+    rows = tables["checkpoints"]
+    assert (rows["noise_floor_preservation"] == 0.75).all() and (rows["noise_floor_jaccard"] == 0.6).all()
+    # SFT at step 4 keeps half the base circuit: below the base's agreement with itself (0.75).
+    sft4 = rows.filter((pl.col("training") == "sft") & (pl.col("step") == 4))
+    assert not sft4["within_noise_floor"].any()
+    assert rows.filter(pl.col("training") == "rl")["within_noise_floor"].all()
+
+
+def test_paper_comparison_table(tables):
+    paper = {r["quantity"]: r for r in tables["paper"].iter_rows(named=True)}
+    assert paper["circuit_size"]["base"] == 2 and paper["circuit_size"]["paper_base"] == 297
+    # Final checkpoints (step 4): SFT keeps 1 of 2 base heads, RL both.
+    assert paper["retention_pct"]["sft"] == pytest.approx(50.0)
+    assert paper["retention_pct"]["rl"] == pytest.approx(100.0)
+    assert paper["retention_pct"]["noise_floor_retention_pct"] == pytest.approx(75.0)
+    assert paper["faithfulness"]["rl"] == pytest.approx(0.9) and paper["retention_pct"]["n_runs_sft"] == 2
+
+
+def test_heads_weakened_by_sft_relative_to_rl(tables):
+    dcv = tables["dcv_heads"].filter(pl.col("by") == "step")
+    gap = {(r["value"], r["layer"], r["head"]): r for r in dcv.iter_rows(named=True)}
+    # effect_gap = e(RL) - e(SFT): head 0.0 at step 4: 0.95 - 0.6; head 0.1 at step 2: 0.5 * (0.975 - 0.8).
+    assert gap[(4.0, 0, 0)]["effect_gap"] == pytest.approx(0.35) and gap[(4.0, 0, 0)]["sft_weakened"]
+    assert gap[(2.0, 0, 1)]["effect_gap"] == pytest.approx(0.0875)
+    assert not gap[(2.0, 0, 1)]["sft_weakened"]  # below the default delta of 0.1
+
+
+def test_rl_after_sft_against_its_start_point(tmp_path):
+    """An RL run started from sft-seed0@4 that restores the lost head: compared with that checkpoint."""
+    trial, start = "rl-after-sft", "sft:sft-seed0@4"
+    extra = []
+    for step, accuracy in ((0, 0.75), (2, 0.8)):
+        extra.append(
+            {
+                "trial": trial,
+                "method": "rl",
+                "learning_rate": 1e-6,
+                "seed": 0,
+                "init": start,
+                "step": step,
+                "checkpoint": f"/ckpt/{trial}/{step}",
+                "metrics": {
+                    "target/accuracy": accuracy,
+                    "probe/ioi/accuracy": 0.8,
+                    "probe/ioi/mean_ld": 2.4 if step == 0 else 3.6,
+                    "kl_to_base": 0.4,
+                },
+            }
+        )
+    results = pl.concat([results_table(), build_results_table(extra)]).sort("trial", "step")
+    effects = pl.concat(
+        [effects_table(), pl.DataFrame(effect_rows(f"{trial}@2", trial, 2, 0.9), schema=EFFECTS_SCHEMA)]
+    )
+    circuit = circuits_table().filter(pl.col("model") == "rl-seed0@2")
+    circuits = pl.concat(
+        [circuits_table(), circuit.with_columns(model=pl.lit(f"{trial}@2"), trial=pl.lit(trial))]
+    )
+    after = analyze(config(tmp_path), results, effects, circuits)["after_sft"]
+    row = after.row(0, named=True)
+    assert after.height == 1 and row["trial"] == trial and row["init"] == start and row["step"] == 2
+    assert row["preservation_start"] == pytest.approx(0.5) and row["preservation"] == pytest.approx(1.0)
+    assert row["restores_circuit"]
+    assert row["circuit_vulnerability_start"] == pytest.approx(0.4)
+    assert row["circuit_vulnerability"] == pytest.approx(0.1)
+
+
 def test_missing_base_row_is_an_error(tmp_path):
     results = results_table().filter(pl.col("step") > 0)
     with pytest.raises(ValueError, match="no step-0 row"):
@@ -193,6 +268,7 @@ def test_report_from_stored_tables(tables, tmp_path):
         assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = md.read_text()
     assert "Headline: SFT vs RL" in text and "circuit_vulnerability" in text
+    assert "Beside the seed paper" in text and "Noise floor of circuit discovery" in text
     assert "](figures/adaptation.png)" in text
     assert "circuit vulnerability higher under SFT (+0.11, CI excludes 0)" in text
     html = page.read_text()

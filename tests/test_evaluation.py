@@ -28,7 +28,7 @@ def test_items():
 
 
 def test_logit_diffs_match_one_prompt_at_a_time(tiny_model, tokenizer):
-    probe = build_probe(ProbeConfig(name="ioi", n_items=10), tokenizer)
+    probe = build_probe(ProbeConfig(name="ioi", n_items=10), tokenizer, TargetTaskConfig())
     batched = probe_logit_diffs(tiny_model, probe.items, batch_size=3)
     for item, ld in zip(probe.items, batched, strict=True):
         with torch.inference_mode():
@@ -98,7 +98,10 @@ def test_until_eos_masks_after_the_first_eos():
 
 
 def test_evaluate_model_reports_every_metric(tiny_model, tokenizer, test_items):
-    probes = [build_probe(ProbeConfig(name=n, n_items=4), tokenizer) for n in ("ioi", "induction")]
+    probes = [
+        build_probe(ProbeConfig(name=n, n_items=4), tokenizer, TargetTaskConfig())
+        for n in ("ioi", "induction")
+    ]
     ref = sample_kl_reference(tiny_model, tokenizer, test_items, EVAL)
     metrics = evaluate_model(tiny_model, tokenizer, EVAL, test_items, probes, tiny_model, ref)
     assert set(metrics) == {

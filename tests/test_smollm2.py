@@ -17,7 +17,7 @@ def test_base_model_solves_the_demo_probes(smollm2, name):
     model, tokenizer = smollm2
     cfg = load_config(DEMO_CONFIG)
     # 64 items whatever the demo's (smaller) probe size, so the accuracy bound means something.
-    probe = build_probe(cfg.probe(name).model_copy(update={"n_items": 64}), tokenizer)
+    probe = build_probe(cfg.probe(name).model_copy(update={"n_items": 64}), tokenizer, cfg.target_task)
     assert len(probe) >= 40
     score = evaluate_probe(model, probe, batch_size=32)
     assert score.accuracy >= 0.7, score

@@ -125,9 +125,10 @@ def model_file(cfg: ExperimentConfig, storage_root: Path, model: str, checkpoint
     return circuits_dir(storage_root) / "models" / f"{file_slug(model)}__{digest}.parquet"
 
 
-def _finished(path: Path, n_rows: int) -> pl.DataFrame | None:
+def _finished(path: Path, schema: dict, n_rows: int | None) -> pl.DataFrame | None:
+    """The table at ``path`` if it is complete (the schema, and ``n_rows`` rows unless None)."""
     table = read_parquet(path)
-    if table is None or table.schema != CIRCUITS_SCHEMA or table.height != n_rows:
+    if table is None or table.schema != schema or (n_rows is not None and table.height != n_rows):
         return None
     return table
 
@@ -155,34 +156,55 @@ def compute_model_circuits(
     return table.height
 
 
+def compute_noise_floor(
+    cfg_dict: dict, checkpoint: str, effects: pl.DataFrame, probe_items: dict[str, list], path: str
+) -> int:
+    """The base model's noise floor (``dcv.circuits.noise_floor``), written to ``path``: a Ray task."""
+    import torch
+
+    from dcv.circuits.noise_floor import noise_floor
+    from dcv.circuits.pipeline import load_item_model
+
+    cfg = parse_config(cfg_dict)
+    torch.set_num_threads(max(1, int(cfg.patching.num_cpus_per_actor)))
+    device = "cuda" if cfg.patching.num_gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+    table = noise_floor(load_item_model(cfg, BASE_MODEL, checkpoint).to(device), probe_items, effects, cfg)
+    write_parquet(table, Path(path))
+    return table.height
+
+
 def run_circuits(
     cfg: ExperimentConfig,
     effects: pl.DataFrame,
     storage_root: Path,
     progress: Callable[[str], None] = print,
 ) -> pl.DataFrame:
-    """Every model's circuits (base first, then the checkpoints in parallel Ray tasks); needs Ray."""
+    """Every model's circuits (base first, then the checkpoints in parallel Ray tasks, beside them the
+    base model's noise floor when ``circuits.noise_floor``); needs Ray."""
     import ray
 
+    from dcv.circuits.noise_floor import NOISE_FLOOR_FILE, NOISE_FLOOR_SCHEMA
     from dcv.models import load_tokenizer
     from dcv.tasks.probes import build_probe
 
     models = effects.select("model", "checkpoint").unique().sort("model")
     if BASE_MODEL not in models["model"].to_list():
         raise ValueError("the patching table has no base-model rows; rerun the patching stage")
+    base_parts = effects.filter(pl.col("model") == BASE_MODEL)  # the noise floor splits its per-item parts
     effects = effects.drop("item_delta", "item_denominator", strict=False)
     n_rows = effects.select("probe", "method").unique().height
     tokenizer = load_tokenizer(cfg.model)
     probes = effects["probe"].unique().to_list()
-    probe_items = {name: list(build_probe(cfg.probe(name), tokenizer).items) for name in probes}
-    task = ray.remote(compute_model_circuits).options(
-        num_cpus=cfg.patching.num_cpus_per_actor, num_gpus=cfg.patching.num_gpus_per_actor
-    )
+    probe_items = {
+        name: list(build_probe(cfg.probe(name), tokenizer, cfg.target_task).items) for name in probes
+    }
+    resources = {"num_cpus": cfg.patching.num_cpus_per_actor, "num_gpus": cfg.patching.num_gpus_per_actor}
+    task = ray.remote(compute_model_circuits).options(**resources)
     start = time.monotonic()
 
     def launch(model: str, checkpoint: str, reference) -> tuple[Path, object | None]:
         path = model_file(cfg, storage_root, model, checkpoint, reference)
-        if _finished(path, n_rows) is not None:
+        if _finished(path, CIRCUITS_SCHEMA, n_rows) is not None:
             return path, None
         rows = effects.filter(pl.col("model") == model)
         return path, task.remote(
@@ -196,17 +218,27 @@ def run_circuits(
         ray.get(base_ref)
     reference = base_circuits(pl.read_parquet(base_path))
     launched = [launch(m, c, reference) for m, c in models.iter_rows() if m != BASE_MODEL]
-    paths = [base_path] + [path for path, _ in launched]
+    floor_path = model_file(cfg, storage_root, "noise_floor", base_checkpoint, None)
+    if cfg.circuits.noise_floor:
+        if _finished(floor_path, NOISE_FLOOR_SCHEMA, None) is None:
+            args = (cfg.model_dump(mode="json"), base_checkpoint, base_parts, probe_items, str(floor_path))
+            launched.append((floor_path, ray.remote(compute_noise_floor).options(**resources).remote(*args)))
+        else:
+            launched.append((floor_path, None))
+    n_jobs = 1 + len(launched)
     pending = [ref for _, ref in launched if ref is not None]
-    skipped = int(base_ref is None) + sum(ref is None for _, ref in launched)
-    finished, computed = len(paths) - len(pending), int(base_ref is not None)
-    progress(f"circuits: {len(paths)} models, {skipped} finished before (skipped), {len(pending)} to compute")
+    finished, computed = n_jobs - len(pending), int(base_ref is not None)
+    progress(f"circuits: {n_jobs} jobs (models and noise floor), {finished} finished before (skipped)")
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         ray.get(ready)
         finished, computed = finished + 1, computed + 1
         eta = (time.monotonic() - start) / computed * len(pending)
-        progress(f"circuits: {finished}/{len(paths)} models done, ETA {eta:.0f} s")
+        progress(f"circuits: {finished}/{n_jobs} done, ETA {eta:.0f} s")
+    paths = [base_path] + [path for path, _ in launched if path != floor_path]
     table = pl.concat([pl.read_parquet(path) for path in paths]).sort("model", "probe", "method")
     write_parquet(table, circuits_dir(storage_root) / CIRCUITS_FILE)
+    floor = read_parquet(floor_path) if cfg.circuits.noise_floor else None
+    floor = pl.DataFrame(schema=NOISE_FLOOR_SCHEMA) if floor is None else floor
+    write_parquet(floor, circuits_dir(storage_root) / NOISE_FLOOR_FILE)
     return table

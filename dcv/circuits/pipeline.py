@@ -134,9 +134,12 @@ def model_head_grid(model_cfg: ModelConfig) -> tuple[int, int]:
 
 
 def checkpoint_model(trial: str, step: int, init: str) -> str:
-    """The model id of a results-table row. A trial's step 0 from ``init`` "base" holds the base model's
-    own weights (saved before the first step), so it is the base model: patched once, for every trial."""
-    return BASE_MODEL if step == 0 and init == "base" else f"{trial}@{step}"
+    """The model id of a results-table row. A trial's step 0 holds the weights it started from (saved
+    before the first step): the base model for ``init`` "base", the SFT checkpoint ``<sft trial>@<step>``
+    for "sft:<sft trial>@<step>" (GRPO after SFT), so each model is patched once."""
+    if step != 0:
+        return f"{trial}@{step}"
+    return BASE_MODEL if init == "base" else init.removeprefix("sft:")
 
 
 def list_models(cfg: ExperimentConfig, results: pl.DataFrame) -> pl.DataFrame:
@@ -144,16 +147,22 @@ def list_models(cfg: ExperimentConfig, results: pl.DataFrame) -> pl.DataFrame:
     checkpoint folder is an error naming the path and its row. A trial's step 0 from ``init`` "base" is
     the base model, not patched again."""
     rows = [{"model": BASE_MODEL, "trial": BASE_MODEL, "step": 0, "checkpoint": cfg.model.name}]
+    # Step 0 of a trial is the model it started from: the base model, or an SFT checkpoint that is usually
+    # its own trial's row (listed from a step-0 row only when that trial is not in the table).
+    listed = results.select(pl.concat_str("trial", pl.lit("@"), "step")).to_series().to_list()
     for trial, step, checkpoint, init in results.select("trial", "step", "checkpoint", "init").iter_rows():
-        if checkpoint_model(trial, step, init) == BASE_MODEL:
+        model = checkpoint_model(trial, step, init)
+        if model == BASE_MODEL or (step == 0 and model in listed):
             continue
+        if step == 0:
+            trial, step = model.rsplit("@", 1)[0], int(model.rsplit("@", 1)[1])
+            listed.append(model)
         folder = Path(checkpoint).expanduser()
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(
                 f"results table row trial={trial!r} step={step}: checkpoint={checkpoint!r} is not an HF "
                 f"model folder ({folder / 'config.json'} is missing); rerun the sweep or fix the table"
             )
-        model = checkpoint_model(trial, step, init)
         rows.append({"model": model, "trial": trial, "step": step, "checkpoint": checkpoint})
     models = pl.DataFrame(rows, schema={k: WORK_SCHEMA[k] for k in ("model", "trial", "step", "checkpoint")})
     duplicated = models.filter(pl.col("model").is_duplicated())["model"].unique().to_list()
@@ -411,7 +420,9 @@ def run_pipeline(
     if pending.height:
         tokenizer = load_tokenizer(cfg.model)
         names = pending["probe"].unique().to_list()
-        probe_items = {name: list(build_probe(cfg.probe(name), tokenizer).items) for name in names}
+        probe_items = {
+            name: list(build_probe(cfg.probe(name), tokenizer, cfg.target_task).items) for name in names
+        }
         p = cfg.patching
         # One item per block and per batch: Ray Data hands items to actors one at a time (finest load
         # balance, a killed actor loses one item), in checkpoint order (an actor rarely reloads).

@@ -3,6 +3,10 @@
 Every question kind is a pure function of the element (or compound) and a seeded RNG, so the same seed
 gives the same items, options and option order on every machine. The pool of distinct questions is
 shuffled once and cut into test (first) and train (next), so no question text is in both splits.
+
+For circuit discovery on the task itself, each question the model is not trained on has counterfactuals:
+the same question about another entity of its kind whose answer is another of its options, so only the
+entity and the gold letter change (the ``chem`` probe in ``dcv.tasks.probes``).
 """
 
 from __future__ import annotations
@@ -77,6 +81,8 @@ COMPOUNDS = (
 )
 # Distractor masses: the correct mass with one O, H, C or N atom too many or too few (a miscount).
 MISCOUNT_OFFSETS = (15.999, -15.999, 1.008, -1.008, 12.011, -12.011, 14.007, -14.007)
+# A pool entry: (kind, question, make_options(rng) -> (correct answer, distractors)).
+PoolEntry = tuple[str, str, Callable]
 
 
 @dataclass(frozen=True)
@@ -241,7 +247,7 @@ def _compound_questions(kinds: set[str]) -> Iterator[tuple[str, str, Callable]]:
         )
 
 
-def question_pool(kinds: list[str]) -> list[tuple[str, str, Callable]]:
+def question_pool(kinds: list[str]) -> list[PoolEntry]:
     """Every distinct (kind, question, option maker) the requested kinds can generate, in table order."""
     kind_set = set(kinds)
     pool = [*_element_questions(load_elements(), kind_set), *_compound_questions(kind_set)]
@@ -249,32 +255,87 @@ def question_pool(kinds: list[str]) -> list[tuple[str, str, Callable]]:
     return [q for q in pool if not (q[1] in seen or seen.add(q[1]))]
 
 
+def split_order(cfg: TargetTaskConfig, pool_size: int) -> tuple[list[int], list[int], list[int]]:
+    """Pool indices of (test, train, unused): one seeded shuffle, cut into test first, then train.
+
+    Raises a ValueError naming the fields when the pool is too small.
+    """
+    needed = cfg.n_train + cfg.n_test
+    if needed > pool_size:
+        raise ValueError(
+            f"target_task.n_train + target_task.n_test = {needed} exceeds the {pool_size} distinct chemistry "
+            f"questions of kinds {list(cfg.kinds)}; lower them or add kinds"
+        )
+    order = list(range(pool_size))
+    random.Random(cfg.seed).shuffle(order)
+    return order[: cfg.n_test], order[cfg.n_test : needed], order[needed:]
+
+
+def build_item(cfg: TargetTaskConfig, pool: list[PoolEntry], index: int) -> QAItem:
+    kind, question, make_options = pool[index]
+    # One RNG per question, seeded by its text: an item's options don't depend on which others were drawn.
+    rng = random.Random(f"{cfg.seed}:{question}")
+    correct, distractors = make_options(rng)
+    options, gold = _choose_options(correct, distractors, rng)
+    return QAItem(
+        id=f"chem-{index:04d}",
+        kind=kind,
+        question=question,
+        options=options,
+        gold=gold,
+        messages=build_messages(cfg.system_prompt, question, options),
+    )
+
+
 def build_chemistry_splits(cfg: TargetTaskConfig) -> tuple[list[QAItem], list[QAItem]]:
     """(train, test) items; raises a ValueError naming the fields when the pool is too small."""
     pool = question_pool(list(cfg.kinds))
-    needed = cfg.n_train + cfg.n_test
-    if needed > len(pool):
-        raise ValueError(
-            f"target_task.n_train + target_task.n_test = {needed} exceeds the {len(pool)} distinct chemistry "
-            f"questions of kinds {list(cfg.kinds)}; lower them or add kinds"
-        )
-    order = list(range(len(pool)))
-    random.Random(cfg.seed).shuffle(order)
-    items = []
-    for index in order[:needed]:
-        kind, question, make_options = pool[index]
-        # One RNG per question, seeded by its text: an item's options don't depend on which others were drawn.
-        rng = random.Random(f"{cfg.seed}:{question}")
-        correct, distractors = make_options(rng)
-        options, gold = _choose_options(correct, distractors, rng)
-        items.append(
-            QAItem(
-                id=f"chem-{index:04d}",
-                kind=kind,
-                question=question,
-                options=options,
-                gold=gold,
-                messages=build_messages(cfg.system_prompt, question, options),
+    test, train, _ = split_order(cfg, len(pool))
+    return [build_item(cfg, pool, i) for i in train], [build_item(cfg, pool, i) for i in test]
+
+
+def counterfactual_items(
+    item: QAItem, questions_by_answer: dict[tuple[str, str], list[tuple[int, str]]], system_prompt: str
+) -> list[QAItem]:
+    """The item's question about other entities of its kind whose answer is another of its options.
+
+    The options stay as they are, so only the entity in the question and the gold letter change. An
+    item none of whose distractors is another entity's answer (most molar masses) has none.
+    """
+    counterfactuals = []
+    for letter, option in zip(LETTERS, item.options, strict=False):
+        if letter == item.gold:
+            continue
+        # Every pool question has one answer, so a question answered by a distractor is another entity's.
+        for index, question in questions_by_answer.get((item.kind, option), []):
+            counterfactuals.append(
+                QAItem(
+                    id=f"{item.id}-cf-{index:04d}",
+                    kind=item.kind,
+                    question=question,
+                    options=item.options,
+                    gold=letter,
+                    messages=build_messages(system_prompt, question, item.options),
+                )
             )
-        )
-    return items[cfg.n_test :], items[: cfg.n_test]
+    return counterfactuals
+
+
+def build_counterfactual_pairs(cfg: TargetTaskConfig) -> list[tuple[QAItem, list[QAItem]]]:
+    """(item, its counterfactuals) for every question the model is not trained on, in the split order.
+
+    Those are the test split and then the pool questions neither split drew; train questions never
+    appear as items (a counterfactual question may be any pool question of the same kind).
+    """
+    pool = question_pool(list(cfg.kinds))
+    test, _, unused = split_order(cfg, len(pool))
+    questions_by_answer: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    for index, (kind, question, make_options) in enumerate(pool):
+        # The correct answer is the first value an option maker returns; it does not depend on the RNG.
+        answer = make_options(random.Random(0))[0]
+        questions_by_answer.setdefault((kind, answer), []).append((index, question))
+    pairs = []
+    for index in test + unused:
+        item = build_item(cfg, pool, index)
+        pairs.append((item, counterfactual_items(item, questions_by_answer, cfg.system_prompt)))
+    return pairs

@@ -11,6 +11,10 @@ wrong answer token; the metric is LD = logit(correct) - logit(wrong) at the last
   (earlier). Corruption: the start year's tens digit becomes 0 ("1702"), as in Hanna et al. 2023.
 - ``induction``: a random token sequence and its repeat, cut mid-way -> the next token of the repeat vs
   the token at that place in a different random prefix, which the corrupted prompt uses instead.
+- ``chem``: the target task's own counterfactual pairs. The chat-templated prompt of a chemistry question
+  the model is not trained on, followed by ``<answer>`` -> its gold letter vs the gold letter of a
+  counterfactual: the same question about another entity whose answer is another of the same options
+  ("symbol Na?" vs "symbol Mg?" with options A. Sodium B. Magnesium ...), which the corrupted prompt asks.
 
 Candidates are generated in a seeded order; a candidate whose answers are not single tokens or whose two
 prompts differ in token length under the model's tokenizer is dropped, and the count is kept.
@@ -23,8 +27,10 @@ from collections.abc import Callable, Iterator
 
 from transformers import PreTrainedTokenizerBase
 
-from dcv.config import ProbeConfig
-from dcv.tasks.items import ProbeItem, ProbeSet
+from dcv.config import ProbeConfig, TargetTaskConfig
+from dcv.evaluation import chat_prompts
+from dcv.tasks.chemistry import build_counterfactual_pairs
+from dcv.tasks.items import LETTERS, ProbeItem, ProbeSet
 
 # (clean text, corrupted text, correct answer, wrong answer); answers carry their leading space.
 Candidate = tuple[str, str, str, str]
@@ -98,6 +104,9 @@ CAPITALS_SHOTS = (("Japan", "Tokyo"), ("Italy", "Rome"))
 CAPITALS_PREFIX = "".join(f"The capital of {c} is {cap}. " for c, cap in CAPITALS_SHOTS)
 INDUCTION_PREFIX_LEN = 10
 INDUCTION_REPEAT_LEN = 5
+# The chem prompts end where the model writes its letter: right after the opening tag it is asked for.
+ANSWER_OPEN = "<answer>"
+MAX_CANDIDATES_PER_ITEM = 20
 
 
 def ioi_candidates(rng: random.Random) -> Iterator[Candidate]:
@@ -183,6 +192,46 @@ def induction_items(rng: random.Random, tokenizer: PreTrainedTokenizerBase, n: i
         )
 
 
+def chem_items(
+    rng: random.Random, tokenizer: PreTrainedTokenizerBase, target_task: TargetTaskConfig, n_items: int
+) -> tuple[list[ProbeItem], int]:
+    """Up to ``n_items`` chem items and the number of (item, counterfactual) pairs tried to find them.
+
+    Items are taken in a seeded order; for each, its counterfactuals are tried in a seeded order until one
+    tokenizes to the same length. Prompts are exactly what evaluation feeds the model, plus ``<answer>``.
+    """
+    letter_ids = {letter: _single_token(tokenizer, letter) for letter in LETTERS}
+    if None in letter_ids.values():
+        raise ValueError(f"probes[chem]: the letters {LETTERS} are not single tokens for this tokenizer")
+    pairs = build_counterfactual_pairs(target_task)
+    rng.shuffle(pairs)
+    items: list[ProbeItem] = []
+    n_candidates = 0
+    for item, counterfactuals in pairs:
+        if len(items) == n_items or n_candidates >= n_items * MAX_CANDIDATES_PER_ITEM:
+            break
+        clean = chat_prompts(tokenizer, [item])[0] + ANSWER_OPEN
+        clean_ids = _ids(tokenizer, clean)
+        for counterfactual in rng.sample(counterfactuals, len(counterfactuals)):
+            n_candidates += 1
+            corrupt = chat_prompts(tokenizer, [counterfactual])[0] + ANSWER_OPEN
+            corrupt_ids = _ids(tokenizer, corrupt)
+            if len(corrupt_ids) == len(clean_ids):
+                items.append(
+                    ProbeItem(
+                        probe="chem",
+                        clean_ids=tuple(clean_ids),
+                        corrupt_ids=tuple(corrupt_ids),
+                        correct_id=letter_ids[item.gold],
+                        wrong_id=letter_ids[counterfactual.gold],
+                        clean_text=clean,
+                        corrupt_text=corrupt,
+                    )
+                )
+                break
+    return items, n_candidates
+
+
 def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -214,23 +263,13 @@ def _tokenize_candidate(
     return ProbeItem(name, tuple(clean_ids), tuple(corrupt_ids), correct_id, wrong_id, clean, corrupt)
 
 
-MAX_CANDIDATES_PER_ITEM = 20
-
-
-def build_probe(cfg: ProbeConfig, tokenizer: PreTrainedTokenizerBase) -> ProbeSet:
-    """``cfg.n_items`` items (fewer if the generator runs dry), deterministic by ``cfg.seed``."""
-    rng = random.Random(f"{cfg.name}:{cfg.seed}")
-    if cfg.name == "induction":
-        return ProbeSet(cfg.name, tuple(induction_items(rng, tokenizer, cfg.n_items)), cfg.n_items)
-    generators: dict[str, Callable[[], Iterator[Candidate]]] = {
-        "ioi": lambda: ioi_candidates(rng),
-        "capitals": lambda: capitals_candidates(rng, tokenizer),
-        "greater_than": lambda: greater_than_candidates(rng),
-    }
+def _kept_candidates(
+    cfg: ProbeConfig, tokenizer: PreTrainedTokenizerBase, candidates: Iterator[Candidate]
+) -> tuple[list[ProbeItem], int]:
     items: list[ProbeItem] = []
     seen: set[str] = set()
     n_candidates = 0
-    for candidate in generators[cfg.name]():
+    for candidate in candidates:
         if len(items) == cfg.n_items or n_candidates >= cfg.n_items * MAX_CANDIDATES_PER_ITEM:
             break
         n_candidates += 1
@@ -238,6 +277,33 @@ def build_probe(cfg: ProbeConfig, tokenizer: PreTrainedTokenizerBase) -> ProbeSe
         if item is not None and item.clean_text not in seen:
             seen.add(item.clean_text)
             items.append(item)
+    return items, n_candidates
+
+
+def build_probe(
+    cfg: ProbeConfig, tokenizer: PreTrainedTokenizerBase, target_task: TargetTaskConfig
+) -> ProbeSet:
+    """``cfg.n_items`` items (fewer if the generator runs dry), deterministic by ``cfg.seed``.
+
+    ``target_task`` matters only to ``chem``, whose items are that task's questions.
+    """
+    rng = random.Random(f"{cfg.name}:{cfg.seed}")
+    if cfg.name == "induction":
+        return ProbeSet(cfg.name, tuple(induction_items(rng, tokenizer, cfg.n_items)), cfg.n_items)
+    if cfg.name == "chem":
+        if target_task.name != "chemistry":
+            raise ValueError(
+                f"probes[chem]: target_task.name={target_task.name!r}; the chem probe is built from the "
+                "generated chemistry questions, so it needs target_task.name: chemistry"
+            )
+        items, n_candidates = chem_items(rng, tokenizer, target_task, cfg.n_items)
+    else:
+        generators: dict[str, Callable[[], Iterator[Candidate]]] = {
+            "ioi": lambda: ioi_candidates(rng),
+            "capitals": lambda: capitals_candidates(rng, tokenizer),
+            "greater_than": lambda: greater_than_candidates(rng),
+        }
+        items, n_candidates = _kept_candidates(cfg, tokenizer, generators[cfg.name]())
     if not items:
         raise ValueError(
             f"probes[{cfg.name}]: no candidate tokenizes to single-token answers and equal lengths"
@@ -245,5 +311,7 @@ def build_probe(cfg: ProbeConfig, tokenizer: PreTrainedTokenizerBase) -> ProbeSe
     return ProbeSet(cfg.name, tuple(items), n_candidates)
 
 
-def build_probes(cfgs: list[ProbeConfig], tokenizer: PreTrainedTokenizerBase) -> list[ProbeSet]:
-    return [build_probe(cfg, tokenizer) for cfg in cfgs]
+def build_probes(
+    cfgs: list[ProbeConfig], tokenizer: PreTrainedTokenizerBase, target_task: TargetTaskConfig
+) -> list[ProbeSet]:
+    return [build_probe(cfg, tokenizer, target_task) for cfg in cfgs]

@@ -54,7 +54,8 @@ class EvaluationKit:
         _, test_items = load_target_splits(cfg.target_task)
         base_model = load_model(cfg.model, tokenizer)
         reference = sample_kl_reference(base_model, tokenizer, test_items, cfg.evaluation)
-        return cls(cfg, tokenizer, test_items, build_probes(cfg.probes, tokenizer), base_model, reference)
+        probes = build_probes(cfg.probes, tokenizer, cfg.target_task)
+        return cls(cfg, tokenizer, test_items, probes, base_model, reference)
 
     def base_scores_file(self) -> Path:
         """Where the base model's scores are kept, keyed by everything that decides them."""

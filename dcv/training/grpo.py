@@ -92,7 +92,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = parse_config(loop_config["config"])
     trial, seed = loop_config["trial"], loop_config["seed"]
     set_torch_threads(cfg.resources.torch_threads)
-    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    start = loop_config.get("init_checkpoint")
+    # GRPO after SFT: the policy starts from the SFT checkpoint; the evaluation's base stays cfg.model.
+    start_model = cfg.model if start is None else cfg.model.model_copy(update={"name": start})
+    model, tokenizer = load_model_and_tokenizer(start_model)
     model.train()
     train_items, _ = load_target_splits(cfg.target_task)
     rows = [item.to_row() for item in train_items]

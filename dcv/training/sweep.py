@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from dcv import tracking
 from dcv.config import ExperimentConfig, apply_overrides, config_to_dict, parse_config
 from dcv.results import build_results_table, write_results
 from dcv.storage import atomic_path
-from dcv.training.trial import finished_trial, list_checkpoints, run_trial, trials_root
+from dcv.training.trial import finished_trial, list_checkpoints, run_trial, trial_init, trials_root
 
 # The trial driver only waits on its TorchTrainer, whose workers ask for their own CPUs/GPUs. Tune refuses
 # an empty request, so it takes a sliver of a CPU: trials never starve their own workers of a core.
@@ -66,7 +66,12 @@ def _grid_suffix(overrides: tuple[tuple[str, Any], ...]) -> str:
 
 
 def plan_trials(cfg: ExperimentConfig) -> list[TrialSpec]:
-    """Every trial of the sweep, in a fixed order (method, lr, grid, seed)."""
+    """Every trial of the sweep, in a fixed order (method, lr, grid, seed).
+
+    With ``rl.init=sft`` and no ``rl.init_trial``, each RL trial starts from the sweep's first SFT trial
+    of its seed (named in its overrides, so its config says where it starts) and its name ends in
+    ``-after-sft``.
+    """
     specs = []
     for method in cfg.sweep.methods:
         rates = cfg.sweep.sft_learning_rates if method == "sft" else cfg.sweep.rl_learning_rates
@@ -77,7 +82,43 @@ def plan_trials(cfg: ExperimentConfig) -> list[TrialSpec]:
             for seed in cfg.sweep.seeds:
                 name = f"{method}-lr{lr:g}-seed{seed}{_grid_suffix(overrides)}"
                 specs.append(TrialSpec(name, method, lr, seed, overrides))
-    return specs
+    return [_with_start(cfg, spec, specs) for spec in specs]
+
+
+def _with_start(cfg: ExperimentConfig, spec: TrialSpec, specs: list[TrialSpec]) -> TrialSpec:
+    if spec.method != "rl" or spec.config(cfg).rl.init != "sft":
+        return spec
+    if spec.config(cfg).rl.init_trial is not None:
+        return replace(spec, name=f"{spec.name}-after-sft")
+    sft = next((s for s in specs if s.method == "sft" and s.seed == spec.seed), None)
+    if sft is None:
+        raise ValueError(
+            f"rl.init_trial: rl.init=sft, but the sweep has no SFT trial of seed {spec.seed} for trial "
+            f"{spec.name} to start from; add 'sft' to sweep.methods or name a finished SFT trial in "
+            "rl.init_trial"
+        )
+    overrides = (*spec.overrides, ("rl.init_trial", sft.name))
+    return replace(spec, name=f"{spec.name}-after-sft", overrides=overrides)
+
+
+def start_trial(cfg: ExperimentConfig, spec: TrialSpec) -> str | None:
+    """The SFT trial of this sweep that ``spec`` starts from (it must finish first), else None."""
+    trial_cfg = spec.config(cfg)
+    if spec.method != "rl" or trial_cfg.rl.init != "sft":
+        return None
+    return trial_cfg.rl.init_trial
+
+
+def sweep_phases(cfg: ExperimentConfig, specs: list[TrialSpec]) -> list[list[TrialSpec]]:
+    """Trials that start from the base model first; then those that start from one of them (RL after SFT).
+
+    Two Tune runs rather than one where RL trials wait: a waiting trial would hold a concurrency slot
+    its own SFT trial may need, and could not tell that SFT trial failed.
+    """
+    names = {s.name for s in specs}
+    later = [s for s in specs if start_trial(cfg, s) in names]
+    first = [s for s in specs if s not in later]
+    return [phase for phase in (first, later) if phase]
 
 
 def check_plan(cfg: ExperimentConfig, specs: list[TrialSpec]) -> None:
@@ -144,10 +185,15 @@ def concurrent_trials(cfg: ExperimentConfig, specs: list[TrialSpec], cluster: di
     return min(cfg.sweep.max_concurrent_trials, cap) if cap >= 1 else cfg.sweep.max_concurrent_trials
 
 
-def build_tuner(cfg: ExperimentConfig, specs: list[TrialSpec]) -> tune.Tuner:
-    """A new Tuner over ``specs``, or the restored one when this sweep ran (part-way) before."""
+def build_tuner(cfg: ExperimentConfig, specs: list[TrialSpec], phase: int = 0) -> tune.Tuner:
+    """A new Tuner over ``specs``, or the restored one when this sweep ran (part-way) before.
+
+    Phase 0 is Tune experiment ``sweep.name``; phase 1 (RL after SFT) is ``<sweep.name>-after-sft``.
+    """
     trainable = tune.with_resources(train_trial, TRIAL_DRIVER_RESOURCES)
     folder = sweep_dir(cfg)
+    name = cfg.sweep.name if phase == 0 else f"{cfg.sweep.name}-after-sft"
+    folder = folder.parent / name
     if tune.Tuner.can_restore(str(folder)):
         return tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True)
     scheduler = None
@@ -164,7 +210,7 @@ def build_tuner(cfg: ExperimentConfig, specs: list[TrialSpec]) -> tune.Tuner:
             scheduler=scheduler,
             trial_dirname_creator=lambda trial: trial.config["spec"]["name"],
         ),
-        run_config=tune.RunConfig(name=cfg.sweep.name, storage_path=str(folder.parent), verbose=1),
+        run_config=tune.RunConfig(name=name, storage_path=str(folder.parent), verbose=1),
     )
 
 
@@ -179,7 +225,7 @@ def collect_results(cfg: ExperimentConfig, specs: list[TrialSpec]) -> pl.DataFra
                     "method": spec.method,
                     "learning_rate": spec.learning_rate,
                     "seed": spec.seed,
-                    "init": "base",
+                    "init": trial_init(trials_root(cfg) / spec.name),
                     "step": record.step,
                     "checkpoint": record.path,
                     "metrics": record.metrics,
@@ -198,16 +244,17 @@ def run_sweep(cfg: ExperimentConfig) -> pl.DataFrame:
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / PLAN_FILE) as tmp:
         tmp.write_text(json.dumps([asdict(s) for s in specs], indent=1))
-    results = build_tuner(cfg, specs).fit()
-    table = collect_results(cfg, specs)
-    path = write_results(table, tracking.local_storage_root(cfg))
-    parent.log_artifact(path, artifact_path="results")
-    parent.log_artifact(path.with_suffix(".csv"), artifact_path="results")
-    failed = [r for r in results if r.error is not None]
-    if failed:
-        names = ", ".join(str(r.config["spec"]["name"]) for r in failed)
-        raise RuntimeError(
-            f"sweep {cfg.sweep.name}: {len(failed)} of {len(specs)} trials failed ({names}); "
-            f"first error: {failed[0].error}; rerun the same command to resume them"
-        )
+    for phase, phase_specs in enumerate(sweep_phases(cfg, specs)):
+        results = build_tuner(cfg, phase_specs, phase).fit()
+        table = collect_results(cfg, specs)
+        path = write_results(table, tracking.local_storage_root(cfg))
+        parent.log_artifact(path, artifact_path="results")
+        parent.log_artifact(path.with_suffix(".csv"), artifact_path="results")
+        failed = [r for r in results if r.error is not None]
+        if failed:
+            names = ", ".join(str(r.config["spec"]["name"]) for r in failed)
+            raise RuntimeError(
+                f"sweep {cfg.sweep.name}: {len(failed)} of {len(specs)} trials failed ({names}); "
+                f"first error: {failed[0].error}; rerun the same command to resume them"
+            )
     return table

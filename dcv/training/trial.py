@@ -79,6 +79,37 @@ def finished_trial(cfg: ExperimentConfig, name: str) -> list[CheckpointRecord] |
     return [CheckpointRecord(**r) for r in json.loads(path.read_text())["checkpoints"]]
 
 
+def trial_init(trial_dir: Path) -> str:
+    """Where a trial started ("base" or "sft:<trial>@<step>"); "base" for folders from before it was kept."""
+    path = Path(trial_dir) / TRIAL_FILE
+    if path.is_file():
+        return json.loads(path.read_text()).get("init", "base")
+    return "base"
+
+
+def start_point(cfg: ExperimentConfig, method: str, seed: int) -> tuple[str, str | None]:
+    """(init label, checkpoint folder) a trial starts from: ("base", None), or for GRPO after SFT
+    ("sft:<trial>@<step>", that checkpoint). The SFT trial must have finished: an RL trial never starts
+    from a checkpoint its SFT run could still replace."""
+    if method == "sft" or cfg.rl.init == "base":
+        return "base", None
+    sft_trial = cfg.rl.init_trial or trial_name(cfg, "sft", seed)
+    records = finished_trial(cfg, sft_trial)
+    if records is None:
+        raise ValueError(
+            f"rl.init_trial: SFT trial {sft_trial!r} has not finished under {trials_root(cfg)}; "
+            f"train it first (dcv train CONFIG --method sft) or name another with rl.init_trial"
+        )
+    steps = [r.step for r in records]
+    step = max(steps) if cfg.rl.init_step is None else cfg.rl.init_step
+    if step not in steps:
+        raise ValueError(
+            f"rl.init_step: SFT trial {sft_trial!r} has no checkpoint at step {step} (it has {steps})"
+        )
+    record = next(r for r in records if r.step == step)
+    return f"sft:{sft_trial}@{step}", record.path
+
+
 def training_config(cfg: ExperimentConfig) -> dict:
     return {k: v for k, v in config_to_dict(cfg).items() if k not in NOT_TRAINING}
 
@@ -115,9 +146,8 @@ def run_trial(
     """
     if method not in METHODS:
         raise ValueError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
-    if method == "rl" and cfg.rl.init == "sft":
-        raise ValueError("rl.init=sft: GRPO from an SFT checkpoint is not built yet; use rl.init=base")
     seed = cfg.sweep.seeds[0] if seed is None else seed
+    init, init_checkpoint = start_point(cfg, method, seed)
     name = name or trial_name(cfg, method, seed)
     trial_dir = trials_root(cfg) / name
     check_trial_config(cfg, trial_dir)
@@ -130,7 +160,9 @@ def run_trial(
     lr = learning_rate(cfg, method)
     tags = {"dcv.stage": "train", "dcv.method": method, "dcv.seed": str(seed), "dcv.lr": f"{lr:g}"}
     run = tracking.get_or_create_child_run(cfg, name, tags=tags)
-    run.log_params({"trial.method": method, "trial.seed": seed, "trial.learning_rate": lr})
+    run.log_params(
+        {"trial.method": method, "trial.seed": seed, "trial.learning_rate": lr, "trial.init": init}
+    )
     if method == "sft":
         from dcv.training.sft import train_loop_per_worker
     else:
@@ -145,6 +177,7 @@ def run_trial(
             "seed": seed,
             "tracking_uri": uri,
             "run_id": run.run_id,
+            "init_checkpoint": init_checkpoint,
         },
         scaling_config=ScalingConfig(
             num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker=per_worker
@@ -171,6 +204,7 @@ def run_trial(
                     "method": method,
                     "seed": seed,
                     "learning_rate": lr,
+                    "init": init,
                     "checkpoints": [asdict(r) for r in records],
                 },
                 indent=1,

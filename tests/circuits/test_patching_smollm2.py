@@ -7,7 +7,7 @@ import torch
 
 from dcv.circuits.decoder import model_shape
 from dcv.circuits.patching import item_effects
-from dcv.config import ProbeConfig
+from dcv.config import ProbeConfig, TargetTaskConfig
 from dcv.tasks.probes import build_probe
 from tests.circuits.conftest import bridge_of, naive_patched_deltas
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("probe", ["ioi", "capitals"])
 def test_exact_equals_naive_loop_on_smollm2(smollm2, probe):
     model, tokenizer = smollm2
-    items = build_probe(ProbeConfig(name=probe, n_items=4, seed=0), tokenizer).items
+    items = build_probe(ProbeConfig(name=probe, n_items=4, seed=0), tokenizer, TargetTaskConfig()).items
     # Every layer, a different head in each: the loop costs one full forward per (head, item).
     shape = model_shape(model)
     heads = [(layer, (layer * 4) % shape.n_heads) for layer in range(shape.n_layers)]

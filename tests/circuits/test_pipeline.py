@@ -112,7 +112,7 @@ def reference(checkpoints, tokenizer) -> pl.DataFrame:
         model = load_model(ModelConfig(name=checkpoint), tokenizer)
         heads = model_shape(model).heads
         for probe in PROBES:
-            items = build_probe(cfg.probe(probe), tokenizer).items
+            items = build_probe(cfg.probe(probe), tokenizer, cfg.target_task).items
             for method in METHODS:
                 for start in range(0, len(heads), CHUNK):
                     table = head_effects(
@@ -329,7 +329,7 @@ def test_an_invalid_item_file_counts_as_unfinished(tmp_path, checkpoints, tiny_m
     cfg, _ = make_store(tmp_path, checkpoints)
     storage = tmp_path / "store"
     work = build_work_items(cfg, checkpoints, probes=["ioi"]).head(3)
-    items = build_probe(cfg.probe("ioi"), tokenizer).items
+    items = build_probe(cfg.probe("ioi"), tokenizer, cfg.target_task).items
     good = head_effects(
         tiny_model, items, "base", "ioi", "exact", heads=[(0, 0), (0, 1), (0, 2)]
     ).with_columns(

@@ -12,14 +12,17 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
 
 from dcv import tracking
-from dcv.config import parse_config
+from dcv.circuits.pipeline import checkpoint_model
+from dcv.config import ConfigError, parse_config
 from dcv.results import KEY_COLUMNS, read_results
-from dcv.training.sweep import check_plan, concurrent_trials, plan_trials, run_sweep
-from dcv.training.trial import TRIAL_FILE, trials_root
+from dcv.training.sweep import check_plan, concurrent_trials, plan_trials, run_sweep, sweep_phases
+from dcv.training.trial import TRIAL_FILE, start_point, trials_root
 from tests.training.test_trial import train_config_dict
 
 DCV = str(Path(sys.executable).with_name("dcv"))
@@ -67,34 +70,61 @@ def test_a_grid_value_that_breaks_the_config_is_refused_before_compute(tmp_path)
     assert not trials_root(cfg).exists()
 
 
-def test_sweep_of_two_methods_and_two_sft_rates(ray_cluster, tmp_path):
-    # Seeds expand like rates (test_plan_expands_methods_rates_seeds_and_grid); one keeps this run short.
-    cfg = parse_config(sweep_config_dict(tmp_path / "store", rl_learning_rates=[1e-6], seeds=[0]))
+def test_rl_after_sft_plan_and_errors(tmp_path):
+    raw = sweep_config_dict(tmp_path, rl_learning_rates=[1e-6])
+    raw["rl"]["init"] = "sft"
+    cfg = parse_config(raw)
+    specs = plan_trials(cfg)
+    rl = [s for s in specs if s.method == "rl"]
+    # Each RL trial starts from the sweep's first SFT trial of its seed, and waits for it (phase 2).
+    assert [s.name for s in rl] == ["rl-lr1e-06-seed0-after-sft", "rl-lr1e-06-seed1-after-sft"]
+    assert [dict(s.overrides)["rl.init_trial"] for s in rl] == ["sft-lr1e-05-seed0", "sft-lr1e-05-seed1"]
+    phases = sweep_phases(cfg, specs)
+    assert [[s.method for s in phase] for phase in phases] == [["sft"] * 4, ["rl"] * 2]
+    only_rl = parse_config({**raw, "sweep": {**raw["sweep"], "methods": ["rl"]}})
+    with pytest.raises(
+        ValueError, match="rl.init_trial: rl.init=sft, but the sweep has no SFT trial of seed 0"
+    ):
+        plan_trials(only_rl)
+    with pytest.raises(ValueError, match="rl.init_trial: SFT trial 'sft-lr1e-05-seed0' has not finished"):
+        start_point(rl[0].config(cfg), "rl", 0)
+    with pytest.raises(ConfigError, match="rl.init_step: only meaningful with rl.init=sft"):
+        parse_config({**raw, "rl": {**raw["rl"], "init": "base", "init_step": 2}})
+
+
+def test_sweep_chains_rl_after_sft(ray_cluster, tmp_path):
+    """SFT, then GRPO from SFT's last checkpoint (the seed paper's protocol), in one sweep."""
+    raw = sweep_config_dict(
+        tmp_path / "store", sft_learning_rates=[1e-5], rl_learning_rates=[1e-6], seeds=[0]
+    )
+    raw["rl"]["init"] = "sft"
+    cfg = parse_config(raw)
     table = run_sweep(cfg)
     specs = plan_trials(cfg)
-    assert len(specs) == 3
+    assert [s.name for s in specs] == ["sft-lr1e-05-seed0", "rl-lr1e-06-seed0-after-sft"]
     expected = {(s.name, step) for s in specs for step in (0, 1, 2)}
-    assert set(zip(table["trial"], table["step"], strict=True)) == expected
-    assert table.height == len(expected)
+    assert set(zip(table["trial"], table["step"], strict=True)) == expected and table.height == len(expected)
     assert read_results(tracking.local_storage_root(cfg)).equals(table)
     assert list(table.columns[: len(KEY_COLUMNS)]) == list(KEY_COLUMNS)
-    assert table.filter(pl.col("step") == 0)["kl_to_base"].abs().max() < 1e-6  # step 0 is the base model
-    assert table.filter(pl.col("method") == "sft", pl.col("step") > 0)["kl_to_base"].min() > 0  # SFT moved
-    for row in table.iter_rows(named=True):
-        assert (Path(row["checkpoint"]) / "model.safetensors").is_file()
-        assert row["learning_rate"] in ((1e-5, 3e-5) if row["method"] == "sft" else (1e-6,))
-    assert table.filter(pl.col("method") == "sft", pl.col("step") > 0)["train/loss"].is_not_null().all()
-    assert table.filter(pl.col("method") == "rl", pl.col("step") > 0)["train/reward"].is_not_null().all()
+    sft, rl = (table.filter(pl.col("method") == m).sort("step") for m in ("sft", "rl"))
+    assert (sft["init"] == "base").all() and (rl["init"] == "sft:sft-lr1e-05-seed0@2").all()
+    assert sft["kl_to_base"][0] == pytest.approx(0.0, abs=1e-6) and sft["kl_to_base"][2] > 0  # SFT moved
+    # RL's step 0 is SFT's last checkpoint: the same weights, so the same scores.
+    start, last_sft = (
+        load_file(Path(p) / "model.safetensors") for p in (rl["checkpoint"][0], sft["checkpoint"][2])
+    )
+    assert start.keys() == last_sft.keys() and all(torch.equal(start[k], last_sft[k]) for k in start)
+    assert rl["kl_to_base"][0] == pytest.approx(sft["kl_to_base"][2], rel=1e-5)
+    assert rl["target/accuracy"][0] == sft["target/accuracy"][2]
+    assert rl.filter(pl.col("step") > 0)["train/reward"].is_not_null().all()
+    assert checkpoint_model("rl-lr1e-06-seed0-after-sft", 0, rl["init"][0]) == "sft-lr1e-05-seed0@2"
 
     runs = train_child_runs(cfg)
     assert sorted(r.data.tags["dcv.run_key"] for r in runs) == sorted(s.name for s in specs)
     parent_ids = {r.data.tags["mlflow.parentRunId"] for r in runs}
-    assert len(parent_ids) == 1
-    for run in runs:
-        spec = next(s for s in specs if s.name == run.data.tags["dcv.run_key"])
-        assert run.data.tags["dcv.method"] == spec.method and run.data.tags["dcv.seed"] == str(spec.seed)
-        assert float(run.data.tags["dcv.lr"]) == spec.learning_rate
-        assert run.info.status == "FINISHED"
+    assert len(parent_ids) == 1 and all(run.info.status == "FINISHED" for run in runs)
+    rl_run = next(r for r in runs if r.data.tags["dcv.method"] == "rl")
+    assert rl_run.data.params["trial.init"] == "sft:sft-lr1e-05-seed0@2"
     client = MlflowClient(tracking.resolve_tracking_uri(cfg))
     artifacts = {a.path for a in client.list_artifacts(parent_ids.pop(), "results")}
     assert artifacts == {"results/checkpoints.parquet", "results/checkpoints.csv"}
