@@ -22,6 +22,8 @@ Pure polars/numpy on stored tables (no model, no Ray), so ``dcv report`` can reb
   mask seed), ``dcv.circuits.noise_floor``; its halves' preservation and Jaccard stand beside every
   checkpoint's preservation (``noise_floor_*`` columns, ``within_noise_floor``).
 - ``after_sft``: each GRPO-after-SFT checkpoint beside the SFT checkpoint it started from (its step 0).
+- ``benchmarks``: every checkpoint's lm-eval scores; ``forgetting_bench`` in ``checkpoints`` and
+  ``summary`` is the mean over benchmarks of base accuracy - checkpoint accuracy.
 - ``paper``: per discovery method, circuit size, base-circuit retention (%) and faithfulness of the base
   model and of each method's final checkpoints, beside the seed paper's figures.
 
@@ -65,6 +67,7 @@ TABLES = (
     "noise_floor",
     "after_sft",
     "paper",
+    "benchmarks",
 )
 # The per-checkpoint metrics the headline compares between methods (columns of ``summary``).
 HEADLINE_METRICS = (
@@ -75,6 +78,7 @@ HEADLINE_METRICS = (
     "base_circuit_faithfulness",
     "circuit_vulnerability",
     "kl_to_base",
+    "forgetting_bench",
 )
 TRAINING_METHODS = ("sft", "rl")
 NOISE_FLOOR_COLUMNS = ("noise_floor_preservation", "noise_floor_jaccard")
@@ -134,6 +138,8 @@ def checkpoint_table(
     noise_floor: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     probes = [p.name for p in cfg.probes]
+    bench = bench_columns(results)
+    base_bench = results.filter((pl.col("step") == 0) & (pl.col("init") == "base")).head(1)
     floor = {}
     if noise_floor is not None:
         halves = noise_floor.filter(pl.col("kind") == "halves")
@@ -152,7 +158,10 @@ def checkpoint_table(
                 base_heads = reference[(probe, method)]
                 base_effects = by_model[(BASE_MODEL, probe, method)]
                 model_effects = by_model[key]
-                vulnerability = head_vulnerability(base_effects, model_effects, base_heads)
+                # An empty base circuit (the base model does not do the probe): nothing to preserve.
+                vulnerability = (
+                    head_vulnerability(base_effects, model_effects, base_heads) if base_heads else None
+                )
                 accuracy, mean_ld = row[f"probe/{probe}/accuracy"], row[f"probe/{probe}/mean_ld"]
                 rows.append(
                     {
@@ -171,22 +180,47 @@ def checkpoint_table(
                         "probe_mean_ld": mean_ld,
                         "forgetting": base[probe][0] - accuracy,
                         "forgetting_ld": base[probe][1] - mean_ld,
+                        "forgetting_bench": _bench_forgetting(base_bench, row, bench),
                         "circuit_size": own[key]["size"],
                         "faithfulness": own[key]["faithfulness"],
-                        "preservation": preservation(base_heads, circuit_heads(own[key])),
+                        "preservation": preservation(base_heads, circuit_heads(own[key]))
+                        if base_heads
+                        else None,
                         "noise_floor_preservation": floor.get((probe, method), {}).get("preservation"),
                         "noise_floor_jaccard": floor.get((probe, method), {}).get("jaccard"),
                         "effect_spearman": effect_spearman(base_effects, model_effects),
                         "base_circuit_faithfulness": own[key]["base_circuit_faithfulness"],
-                        "circuit_vulnerability": circuit_vulnerability(vulnerability),
+                        "circuit_vulnerability": None
+                        if vulnerability is None
+                        else circuit_vulnerability(vulnerability),
                     }
                 )
-    table = pl.DataFrame(rows, schema_overrides=dict.fromkeys(NOISE_FLOOR_COLUMNS, pl.Float64))
+    nullable = dict.fromkeys(
+        (*NOISE_FLOOR_COLUMNS, "forgetting_bench", "preservation", "circuit_vulnerability"), pl.Float64
+    )
+    table = pl.DataFrame(rows, schema_overrides=nullable)
     return table.with_columns(
         # Within the noise floor: the model keeps as much of the base circuit as the base keeps of itself
         # from another half of the probe items, so it is not distinguishable from base.
         (pl.col("preservation") >= pl.col("noise_floor_preservation")).alias("within_noise_floor")
     ).sort("trial", "step", "probe", "patching")
+
+
+def bench_columns(results: pl.DataFrame) -> list[str]:
+    """The results table's lm-eval accuracy columns (``bench/<task>/acc``), one per benchmark."""
+    return [c for c in results.columns if c.startswith("bench/") and c.endswith("/acc")]
+
+
+def _bench_forgetting(base: pl.DataFrame, row: dict, columns: list[str]) -> float | None:
+    """Mean over benchmarks of base accuracy - checkpoint accuracy; None without benchmark scores."""
+    drops = [base[c][0] - row[c] for c in columns if not base.is_empty() and None not in (base[c][0], row[c])]
+    return float(np.mean(drops)) if drops else None
+
+
+def benchmark_table(results: pl.DataFrame) -> pl.DataFrame:
+    """Every checkpoint's lm-eval scores (the results table's ``bench/`` columns)."""
+    columns = [c for c in results.columns if c.startswith("bench/")]
+    return results.select("trial", "method", "init", "step", *columns).sort("trial", "step")
 
 
 def summary_table(checkpoints: pl.DataFrame) -> pl.DataFrame:
@@ -196,6 +230,7 @@ def summary_table(checkpoints: pl.DataFrame) -> pl.DataFrame:
         .agg(
             pl.col("target_accuracy").first(),
             pl.col("kl_to_base").first(),
+            pl.col("forgetting_bench").first(),
             *[
                 pl.col(c).mean()
                 for c in (
@@ -327,13 +362,13 @@ def correlation_table(checkpoints: pl.DataFrame, summary: pl.DataFrame) -> pl.Da
     return pl.DataFrame(rows, schema=schema).sort("probe", "patching", "training")
 
 
-def _at(run: pl.DataFrame, by: str, value: float) -> dict[str, float] | None:
-    """A run's HEADLINE_METRICS interpolated where it first reaches ``value`` of ``by``."""
+def _at(run: pl.DataFrame, by: str, value: float, metrics: Sequence[str]) -> dict[str, float] | None:
+    """A run's ``metrics`` interpolated where it first reaches ``value`` of ``by``."""
     column = "target_accuracy" if by == "accuracy" else "step"
     weights = interpolation_weights([float(x) for x in run[column].to_list()], value)
     if weights is None:
         return None
-    return {m: sum(w * float(run[m][j]) for j, w in weights) for m in HEADLINE_METRICS}
+    return {m: sum(w * float(run[m][j]) for j, w in weights) for m in metrics}
 
 
 def headline_table(summary: pl.DataFrame, n_bootstrap: int, ci_level: float, seed: int = 0) -> pl.DataFrame:
@@ -342,6 +377,9 @@ def headline_table(summary: pl.DataFrame, n_bootstrap: int, ci_level: float, see
     alpha = (1 - ci_level) / 2
     rows = []
     for patching in summary["patching"].unique().sort().to_list():
+        # Metrics a method has everywhere (no benchmarks configured, or no base circuit: left out).
+        of_method = summary.filter(pl.col("patching") == patching)
+        metrics = [m for m in HEADLINE_METRICS if of_method[m].null_count() == 0]
         points = []
         level = matched_accuracy(summary, patching)
         if level is not None:
@@ -352,11 +390,11 @@ def headline_table(summary: pl.DataFrame, n_bootstrap: int, ci_level: float, see
         for by, value in points:
             values = {}
             for training in TRAINING_METHODS:
-                at = [_at(run, by, value) for run in _runs(summary, patching, training)]
+                at = [_at(run, by, value, metrics) for run in _runs(summary, patching, training)]
                 values[training] = [a for a in at if a is not None]
             if not values["sft"] or not values["rl"]:
                 continue
-            for metric in HEADLINE_METRICS:
+            for metric in metrics:
                 sft = np.array([a[metric] for a in values["sft"]])
                 rl = np.array([a[metric] for a in values["rl"]])
                 boot_sft = sft[rng.integers(0, len(sft), (n_bootstrap, len(sft)))].mean(axis=1)
@@ -439,7 +477,8 @@ def paper_table(summary: pl.DataFrame) -> pl.DataFrame:
             ("retention_pct", "preservation", 100.0),
             ("faithfulness", "faithfulness", 1.0),
         ):
-            means = {m: (scale * f[column].mean() if f.height else None) for m, f in models.items()}
+            means = {m: f[column].mean() for m, f in models.items()}  # None when no value
+            means = {m: None if v is None else scale * v for m, v in means.items()}
             rows.append(
                 {
                     "patching": patching,
@@ -493,6 +532,7 @@ def analyze(
         "headline": headline_table(summary, c.n_bootstrap, c.ci_level),
         "noise_floor": pl.DataFrame(schema=NOISE_FLOOR_SCHEMA) if noise_floor is None else noise_floor,
         "after_sft": after_sft_table(summary),
+        "benchmarks": benchmark_table(results),
         "paper": paper_table(summary),
     }
 

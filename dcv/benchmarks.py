@@ -42,7 +42,7 @@ from typing import Any
 
 import polars as pl
 
-from dcv.circuits.pipeline import BASE_MODEL, checkpoint_model, file_slug
+from dcv.circuits.pipeline import BASE_MODEL, checkpoint_model, file_slug, list_models
 from dcv.config import BenchmarksConfig, ConfigError, ExperimentConfig
 from dcv.storage import atomic_path, write_parquet
 
@@ -207,7 +207,7 @@ def local_task_index(include_path: str | None) -> dict:
 def default_task_names() -> frozenset[str]:
     """Every task, group and tag name lm-eval ships, cached per lm-eval version.
 
-    Indexing lm-eval's ~14,700 task YAMLs takes 14 s on a 2-core machine (measured), and the names only
+    Indexing lm-eval's ~14,700 task YAMLs takes 12-14 s on a 2-core machine (measured); the names only
     change with the lm-eval version, so the list is kept in ``<dcv cache>/lm_eval/<version>-task-names.json``.
     """
     from dcv.models import default_cache_dir
@@ -375,34 +375,24 @@ def run_benchmarks(model_dir: Path, cfg: BenchmarksConfig, device: str = "cpu") 
             if name.startswith(f"{METRIC_PREFIX}/{task}/")
         )
         print(f"benchmarks: {model_dir.name}: {task}: {shown} ({counts['effective']} rows)")
-    print(f"benchmarks: {model_dir.name}: {len(cfg.tasks)} tasks in {time.monotonic() - start:.1f} s")
+    print(f"benchmarks: {model_dir.name}: {len(cfg.tasks)} task(s) in {time.monotonic() - start:.1f} s")
     return scores
 
 
 # ---------------------------------------------------------------- the stage
 
 
-def list_benchmark_models(results: pl.DataFrame) -> pl.DataFrame:
-    """(model, trial, step, checkpoint) of every distinct model of a results table. The base model is the
-    first trial's step-0 folder (every trial from "base" saved the same weights there); a missing folder is
-    an error naming its row."""
-    rows: dict[str, dict] = {}
-    table = results.select("trial", "step", "init", "checkpoint").sort("trial", "step")
-    for trial, step, init, checkpoint in table.iter_rows():
-        model = checkpoint_model(trial, step, init)
-        if model in rows and model != BASE_MODEL:
-            raise ValueError(f"results table: (trial={trial!r}, step={step}) appears more than once")
-        if model in rows:
-            continue
-        if not (Path(checkpoint).expanduser() / "config.json").is_file():
-            raise FileNotFoundError(
-                f"results table row trial={trial!r} step={step}: checkpoint={checkpoint!r} is not an HF "
-                "model folder (no config.json); rerun the sweep or fix the table"
-            )
-        shown_trial = BASE_MODEL if model == BASE_MODEL else trial
-        rows[model] = {"model": model, "trial": shown_trial, "step": step, "checkpoint": checkpoint}
-    schema = {k: SCORES_SCHEMA.get(k, pl.String) for k in ("model", "trial", "step", "checkpoint")}
-    return pl.DataFrame(list(rows.values()), schema=schema).sort("model")
+def list_benchmark_models(cfg: ExperimentConfig, results: pl.DataFrame) -> pl.DataFrame:
+    """(model, trial, step, checkpoint) of every distinct model of a results table (``list_models``: a
+    missing folder is an error naming its row). lm-eval loads folders, so the base model is read from a
+    trial's step-0 folder from "base" (the same weights) when the config names a built-in model."""
+    models = list_models(cfg, results)
+    base_rows = results.filter((pl.col("step") == 0) & (pl.col("init") == "base"))
+    if base_rows.is_empty():
+        return models
+    folder = pl.lit(base_rows["checkpoint"][0])
+    checkpoint = pl.when(pl.col("model") == BASE_MODEL).then(folder).otherwise(pl.col("checkpoint"))
+    return models.with_columns(checkpoint.alias("checkpoint"))
 
 
 def local_files_digest(include_path: str | None) -> str | None:
@@ -471,7 +461,7 @@ def run_benchmark_stage(
     if not bench.tasks:
         return pl.DataFrame(schema=SCORES_SCHEMA)
     check_benchmarks(bench)
-    models = list_benchmark_models(results)
+    models = list_benchmark_models(cfg, results)
     import ray
 
     task = ray.remote(compute_model_benchmarks).options(num_cpus=bench.num_cpus, num_gpus=bench.num_gpus)

@@ -266,6 +266,10 @@ def run_experiment_command(cfg: ExperimentConfig):
 
     _quiet_transformers()
     check_plan(cfg, plan_trials(cfg))  # every trial's config, before Ray starts or anything is written
+    if cfg.benchmarks.tasks:
+        from dcv.benchmarks import check_benchmarks
+
+        check_benchmarks(cfg.benchmarks)  # task names and local rows, before any model is loaded
     tracking.check_tracking_server(tracking.resolve_tracking_uri(cfg))
     init_ray()
     start = time.perf_counter()

@@ -1,4 +1,5 @@
-"""The whole experiment in one call: base snapshot -> sweep -> patching -> circuits -> analysis -> report.
+"""The whole experiment in one call: base snapshot -> sweep -> benchmarks -> patching -> circuits ->
+analysis -> report.
 
 Every stage resumes: the base snapshot is written once; the sweep skips finished trials (and restores
 Tune's state for unfinished ones); the patching pipeline and the circuits stage skip finished items and
@@ -8,6 +9,7 @@ models; the analysis and the report are cheap and always rebuilt from the stored
     experiment_config.json   the config this run uses (the base model named by its snapshot folder)
     base/                    the base model as an HF folder (what every stage loads as the base)
     trials/, sweeps/         the sweep (dcv.training.sweep); results/checkpoints.parquet its table
+    benchmarks/              lm-eval scores per model (dcv.benchmarks), joined into the results table
     patching/                head effects (dcv.circuits.pipeline)
     circuits/                every model's circuits (dcv.circuits.model_circuits)
     analysis/                the analysis tables (dcv.analysis), parquet and CSV
@@ -34,7 +36,7 @@ from dcv.config import ExperimentConfig, config_to_dict, parse_config
 from dcv.results import read_results, write_results
 from dcv.storage import atomic_path, read_parquet
 
-STAGES = ("base", "sweep", "patching", "circuits", "analysis", "report")
+STAGES = ("base", "sweep", "benchmarks", "patching", "circuits", "analysis", "report")
 CONFIG_FILE = "experiment_config.json"
 SOURCE_FILE = "dcv_source.json"  # inside base/: the model config the snapshot was made from
 STAGE_SECONDS_FILE = "stage_seconds.json"
@@ -120,6 +122,28 @@ def sweep_stage(cfg: ExperimentConfig, storage: Path, progress: Progress) -> pl.
         stop.set()
 
 
+def benchmarks_stage(
+    cfg: ExperimentConfig, storage: Path, results: pl.DataFrame, progress: Progress
+) -> tuple[pl.DataFrame, int]:
+    """lm-eval scores of every model, joined into the results table (one ``bench/<task>/<metric>`` column
+    each, stored again) and logged to each trial's MLflow run at the checkpoint's step."""
+    from dcv.benchmarks import join_benchmarks, run_benchmark_stage
+
+    if not cfg.benchmarks.tasks:
+        return results, 0
+    scores = run_benchmark_stage(cfg, results, storage, progress)
+    results = join_benchmarks(results, scores)
+    write_results(results, storage)
+    columns = [c for c in results.columns if c.startswith("bench/")]
+    for (trial,), rows in results.group_by("trial", maintain_order=True):
+        run = tracking.get_or_create_child_run(cfg, trial)
+        if set(columns) <= set(run.client.get_run(run.run_id).data.metrics):
+            continue  # logged by an earlier run of this stage
+        for row in rows.iter_rows(named=True):
+            run.log_metrics({c: row[c] for c in columns if row[c] is not None}, step=row["step"])
+    return results, scores.height
+
+
 def _record(storage: Path, seconds: dict[str, float]) -> None:
     path = storage / STAGE_SECONDS_FILE
     with atomic_path(path) as tmp:
@@ -195,6 +219,10 @@ def run_experiment(cfg: ExperimentConfig, progress: Progress = print) -> Experim
     start = stage("sweep")
     results = sweep_stage(cfg, storage, progress)
     finished("sweep", start, f": {results.height} evaluated checkpoints")
+
+    start = stage("benchmarks")
+    results, n_scores = benchmarks_stage(cfg, storage, results, progress)
+    finished("benchmarks", start, f": {n_scores} scores" if cfg.benchmarks.tasks else ": none configured")
 
     start = stage("patching")
     run = run_pipeline(cfg, progress=progress)

@@ -93,17 +93,20 @@ def plot_adaptation(summary: pl.DataFrame, path: Path) -> Path:
 
 
 def plot_forgetting(summary: pl.DataFrame, path: Path) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, column, label in (
-        (axes[0], "forgetting", "forgetting (probe accuracy drop)"),
-        (axes[1], "forgetting_ld", "forgetting (mean logit-difference drop)"),
-    ):
+    panels = [
+        ("forgetting", "forgetting (probe accuracy drop)"),
+        ("forgetting_ld", "forgetting (mean logit-difference drop)"),
+    ]
+    if summary["forgetting_bench"].null_count() < summary.height:
+        panels.append(("forgetting_bench", "forgetting (benchmark accuracy drop)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6))
+    for ax, (column, label) in zip(axes, panels, strict=True):
         _band(ax, summary, column, ["training", "learning_rate"], _lr_label)
         ax.axhline(0, color="black", linewidth=0.5)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(label)
     axes[0].legend(fontsize=7)
-    fig.suptitle("Forgetting of prior capabilities (mean over probes)", fontsize=9)
+    fig.suptitle("Forgetting of prior capabilities (means over probes / benchmarks)", fontsize=9)
     return _save(fig, path)
 
 
@@ -349,6 +352,9 @@ def build_report(
         ),
         ("table", tables["paper"]),
     ]
+    if len(tables["benchmarks"].columns) > 4:
+        blocks += [("h2", "Standard benchmarks (lm-eval) of every checkpoint")]
+        blocks += [("table", tables["benchmarks"])]
     if not tables["noise_floor"].is_empty():
         blocks += [("h2", "Noise floor of circuit discovery (base model against itself)")]
         blocks += [("table", tables["noise_floor"])]
@@ -379,6 +385,7 @@ def build_report(
         "kl_to_base",
         "forgetting",
         "forgetting_ld",
+        "forgetting_bench",
         "preservation",
         "noise_floor_preservation",
         "circuit_vulnerability",

@@ -13,7 +13,8 @@ its work items from it and the analysis joins its rows. Fixed columns:
 
 then one f64 column per evaluated metric, named as the trial's MLflow metric (``target/accuracy``,
 ``target/format_rate``, ``probe/<name>/accuracy``, ``probe/<name>/mean_ld``, ``kl_to_base``,
-``train/loss`` for SFT, ``train/reward`` for RL; null where a method or step has none).
+``train/loss`` for SFT, ``train/reward`` for RL; null where a method or step has none), and after the
+benchmarks stage one column per lm-eval score, ``bench/<task>/<metric>`` (``dcv.benchmarks``).
 """
 
 from __future__ import annotations

@@ -55,6 +55,8 @@ def results_table() -> pl.DataFrame:
                             "probe/ioi/accuracy": 1.0 - (1 - SCALE[method][i]) / 2,
                             "probe/ioi/mean_ld": 4.0 * SCALE[method][i],
                             "kl_to_base": 1.0 - SCALE[method][i],
+                            "bench/t/acc": 0.5 * SCALE[method][i],
+                            "bench/t/acc_norm": 0.0,  # not an accuracy column: left out of forgetting
                         },
                     }
                 )
@@ -145,6 +147,7 @@ def test_per_checkpoint_metrics(tables):
     assert sft4["forgetting_ld"] == pytest.approx(4.0 * 0.4)
     assert sft4["forgetting"] == pytest.approx(0.2)
     assert sft4["effect_spearman"] == pytest.approx(1.0)
+    assert sft4["forgetting_bench"] == pytest.approx(0.5 - 0.5 * 0.6)
     base = rows.filter(pl.col("step") == 0)
     assert (base["circuit_vulnerability"].abs() < 1e-12).all() and (base["preservation"] == 1.0).all()
 
@@ -163,6 +166,7 @@ def test_headline_at_matched_accuracy_and_step(tables):
     assert at["matched_at"] == pytest.approx(0.45)
     assert at["mean"] == pytest.approx(0.16 - 0.05)
     assert value("accuracy", "target_accuracy", "sft")["mean"] == pytest.approx(0.45)
+    assert value("step", "forgetting_bench", "sft")["mean"] == pytest.approx(0.2)
     last = value("step", "circuit_vulnerability", "sft-rl")
     assert last["matched_at"] == 4 and last["mean"] == pytest.approx(0.4 - 0.05)
     assert last["n_runs"] == 2
@@ -233,7 +237,7 @@ def test_rl_after_sft_against_its_start_point(tmp_path):
                 },
             }
         )
-    results = pl.concat([results_table(), build_results_table(extra)]).sort("trial", "step")
+    results = pl.concat([results_table(), build_results_table(extra)], how="diagonal").sort("trial", "step")
     effects = pl.concat(
         [effects_table(), pl.DataFrame(effect_rows(f"{trial}@2", trial, 2, 0.9), schema=EFFECTS_SCHEMA)]
     )
@@ -248,6 +252,20 @@ def test_rl_after_sft_against_its_start_point(tmp_path):
     assert row["restores_circuit"]
     assert row["circuit_vulnerability_start"] == pytest.approx(0.4)
     assert row["circuit_vulnerability"] == pytest.approx(0.1)
+
+
+def test_a_probe_the_base_model_cannot_do_has_nothing_to_preserve(tmp_path):
+    """An empty base circuit (e.g. learned masks all 0): preservation and V are null, not an error."""
+    circuits = circuits_table().with_columns(
+        layers=pl.when(pl.col("model") == "base").then(pl.lit([], pl.List(pl.Int32))).otherwise("layers"),
+        heads=pl.when(pl.col("model") == "base").then(pl.lit([], pl.List(pl.Int32))).otherwise("heads"),
+    )
+    tables = analyze(config(tmp_path), results_table(), effects_table(), circuits)
+    assert tables["checkpoints"]["preservation"].is_null().all()
+    assert tables["checkpoints"]["circuit_vulnerability"].is_null().all()
+    assert tables["dcv_heads"].is_empty()
+    metrics = set(tables["headline"]["metric"])
+    assert "preservation" not in metrics and "forgetting" in metrics
 
 
 def test_missing_base_row_is_an_error(tmp_path):

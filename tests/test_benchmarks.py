@@ -186,8 +186,9 @@ def test_join_gives_every_row_its_models_scores():
 
 
 def test_a_missing_checkpoint_folder_names_its_row(tmp_path):
+    cfg = parse_config(tiny_config_dict(tmp_path / "storage"))
     with pytest.raises(FileNotFoundError, match=r"trial='sft-a' step=4"):
-        list_benchmark_models(results_table({("sft-a", 4): tmp_path / "gone"}))
+        list_benchmark_models(cfg, results_table({("sft-a", 4): tmp_path / "gone"}))
 
 
 def test_stage_runs_each_model_once_and_a_rerun_computes_nothing(ray_cluster, tiny_model_dir, tmp_path):

@@ -132,6 +132,11 @@ def experiment_config_dict(storage: Path) -> dict:
     raw["rl"].update(max_steps=2, eval_every=1)
     raw["patching"].update(methods=["attribution"], num_actors=1, head_chunk_size=8)
     raw["circuits"].update(k_max=4, n_bootstrap=100)
+    raw["benchmarks"] = {
+        "tasks": ["dcv_winogrande"],
+        "include_path": str(REPO / "configs/benchmarks"),
+        "limit": 2,
+    }
     return raw
 
 
@@ -159,7 +164,7 @@ def test_experiment_submitted_as_a_ray_job(ray_head, tmp_path):
     config_file = tmp_path / "experiment.yaml"
     config_file.write_text(yaml.safe_dump(raw))
     output = submit(address, env, config_file)
-    for stage in ("base", "sweep", "patching", "circuits", "analysis", "report"):
+    for stage in ("base", "sweep", "benchmarks", "patching", "circuits", "analysis", "report"):
         assert f"{stage}] done in" in output
     assert "mlflow ui --backend-store-uri sqlite:///" in output
 
@@ -174,12 +179,21 @@ def test_experiment_submitted_as_a_ray_job(ray_head, tmp_path):
     assert sorted(table["trial"].unique()) == sorted(s.name for s in plan_trials(parse_config(raw)))
     summary = pl.read_parquet(storage / "analysis" / "summary.parquet")
     assert summary.height == table.height  # one row per evaluated checkpoint (one patching method)
+    # lm-eval scored every model once; each checkpoint's row carries its model's score.
+    assert table["bench/dcv_winogrande/acc"].is_between(0, 1).all()
+    assert summary["forgetting_bench"].is_not_null().all()
+    assert len(list((storage / "benchmarks").glob("*.json"))) == 1 + 2 + 2  # base + 2 steps per trial
+    noise_floor = pl.read_parquet(storage / "analysis" / "noise_floor.parquet")
+    assert noise_floor.height == 4 and (noise_floor["kind"] == "halves").all()  # one row per probe
+    assert noise_floor["jaccard"].is_between(0, 1).all() and (noise_floor["n_items"] >= 2).all()
 
     client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(raw["tracking"]["experiment_name"])
     runs = client.search_runs([experiment.experiment_id])
     stages = sorted(r.data.tags.get("dcv.stage", "parent") for r in runs)
     assert stages == ["parent", "patch", "train", "train"]
+    trained = [r for r in runs if r.data.tags.get("dcv.stage") == "train"]
+    assert all("bench/dcv_winogrande/acc" in r.data.metrics for r in trained)
     parent = next(r for r in runs if "dcv.stage" not in r.data.tags)
     assert any(k.startswith("headline/attribution/step/circuit_vulnerability") for k in parent.data.metrics)
     logged = [a.path for a in client.list_artifacts(parent.info.run_id, "report")]

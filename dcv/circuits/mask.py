@@ -22,6 +22,7 @@ The result is the head-effect table (EFFECT_SCHEMA) with method ``mask`` and eff
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -114,10 +115,14 @@ def learn_masks(
     # D, the loss's normaliser: one number over all items (a ratio of means, as in head effects).
     gap = float(sum((c.ld_clean - c.ld_corrupt).sum() for c in cached)) / len(items)
     if not gap > 0:
-        raise ValueError(
-            f"mask: mean LD_clean - LD_corrupt is {gap:.4g} over {len(items)} items; the clean prompts must "
-            "favour the correct answer more than the corrupted ones for a mask to have anything to keep"
+        # The model does not do the task on these items (a base model that cannot, or a checkpoint that
+        # forgot it): there is no behaviour to keep, so no head is in the circuit.
+        warnings.warn(
+            f"mask: mean LD_clean - LD_corrupt is {gap:.4g} over {len(items)} items (the clean prompts do "
+            "not favour the correct answer more than the corrupted ones): every mask is 0, no circuit",
+            stacklevel=2,
         )
+        return torch.zeros(len(heads))
     device = next(model.parameters()).device
     layers = torch.tensor([layer for layer, _ in heads], device=device)
     head_index = torch.tensor([head for _, head in heads], device=device)

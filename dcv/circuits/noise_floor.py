@@ -61,11 +61,12 @@ def subset_effects(effects: pl.DataFrame, items: Sequence[int]) -> pl.DataFrame:
     return effects.with_columns(pl.Series("effect", deltas.mean(axis=1) / denominator))
 
 
-def agreement(a: Sequence[Head], b: Sequence[Head]) -> tuple[float, float]:
-    """(Jaccard, preservation) of two circuits; preservation is symmetrised (mean of both directions)."""
+def agreement(a: Sequence[Head], b: Sequence[Head]) -> tuple[float | None, float | None]:
+    """(Jaccard, preservation) of two circuits; preservation is symmetrised (mean of both directions).
+    Two empty circuits (no behaviour found on either half) agree on nothing: (None, None)."""
     sa, sb = set(a), set(b)
     if not sa and not sb:
-        return 1.0, 1.0
+        return None, None
     shared = len(sa & sb)
     directions = [shared / len(s) for s in (sa, sb) if s]
     return shared / len(sa | sb), float(np.mean(directions))

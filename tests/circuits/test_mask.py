@@ -111,13 +111,15 @@ def test_temperature_must_anneal_down(tmp_path):
         parse_config(raw)
 
 
-def test_bad_inputs_are_clear_errors(planted_model, planted_items):
+def test_bad_inputs_are_clear_errors_and_no_behaviour_is_no_circuit(planted_model, planted_items):
     swapped = [
         ProbeItem(it.probe, it.corrupt_ids, it.clean_ids, it.correct_id, it.wrong_id, "", "")
         for it in planted_items
     ]
-    with pytest.raises(ValueError, match="mean LD_clean - LD_corrupt is"):
-        mask_effects(planted_model, swapped, FAST, "planted", "planted")
+    # A model that does not do the task (here: prompts swapped) has nothing to keep: an empty circuit.
+    with pytest.warns(UserWarning, match="mean LD_clean - LD_corrupt is .* every mask is 0"):
+        table = mask_effects(planted_model, swapped, FAST, "planted", "planted")
+    assert (table["effect"] == 0).all() and mask_circuit(table) == []
     with pytest.raises(ValueError, match="no probe items"):
         mask_effects(planted_model, [], FAST, "planted", "planted")
     with pytest.raises(ValueError, match="heads repeat"):

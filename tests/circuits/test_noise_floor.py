@@ -40,6 +40,7 @@ def test_subset_effects_are_ratios_of_the_halves_means():
 def test_agreement_of_two_circuits():
     assert agreement([(0, 0), (0, 1)], [(0, 0), (1, 1), (1, 2), (1, 3)]) == pytest.approx((0.2, 0.375))
     assert agreement([(0, 0)], [(0, 0)]) == (1.0, 1.0)
+    assert agreement([], []) == (None, None)
 
 
 def test_planted_heads_agree_with_themselves(planted_model, planted_items, tmp_path):
