@@ -151,7 +151,9 @@ def test_shipped_configs_validate(path):
 
 
 def test_a_relative_storage_root_is_made_absolute_where_the_config_is_loaded(tmp_path, monkeypatch):
+    (tmp_path / "configs" / "benchmarks").mkdir(parents=True)  # benchmarks.include_path resolves alike
     monkeypatch.chdir(tmp_path)
     cfg = load_config(DEMO_CONFIG, ["storage.root=runs/x"])
     assert cfg.storage.root == str(tmp_path / "runs" / "x")
+    assert cfg.benchmarks.include_path == str(tmp_path / "configs" / "benchmarks")
     assert load_config(DEMO_CONFIG, ["storage.root=s3://bucket/runs"]).storage.root == "s3://bucket/runs"
