@@ -129,7 +129,8 @@ def experiment_config_dict(storage: Path) -> dict:
     """One SFT and one RL trial of the tiny model, patched by attribution: the whole pipeline, small."""
     raw = sweep_config_dict(storage, sft_learning_rates=[1e-5], rl_learning_rates=[1e-6], seeds=[0])
     raw["name"] = "tiny-experiment"
-    raw["rl"].update(max_steps=2, eval_every=1)
+    raw["sft"].update(max_steps=2, eval_every=2)
+    raw["rl"].update(max_steps=2, eval_every=2)
     raw["patching"].update(methods=["attribution"], num_actors=1, head_chunk_size=8)
     raw["circuits"].update(k_max=4, n_bootstrap=100)
     raw["benchmarks"] = {
@@ -182,7 +183,7 @@ def test_experiment_submitted_as_a_ray_job(ray_head, tmp_path):
     # lm-eval scored every model once; each checkpoint's row carries its model's score.
     assert table["bench/dcv_winogrande/acc"].is_between(0, 1).all()
     assert summary["forgetting_bench"].is_not_null().all()
-    assert len(list((storage / "benchmarks").glob("*.json"))) == 1 + 2 + 2  # base + 2 steps per trial
+    assert len(list((storage / "benchmarks").glob("*.json"))) == 1 + 1 + 1  # base + step 2 of each trial
     noise_floor = pl.read_parquet(storage / "analysis" / "noise_floor.parquet")
     assert noise_floor.height == 4 and (noise_floor["kind"] == "halves").all()  # one row per probe
     assert noise_floor["jaccard"].is_between(0, 1).all() and (noise_floor["n_items"] >= 2).all()

@@ -98,24 +98,25 @@ def test_sweep_chains_rl_after_sft(ray_cluster, tmp_path):
         tmp_path / "store", sft_learning_rates=[1e-5], rl_learning_rates=[1e-6], seeds=[0]
     )
     raw["rl"]["init"] = "sft"
+    raw["sft"]["eval_every"] = raw["rl"]["eval_every"] = 2  # checkpoints at steps 0 and 2 only
     cfg = parse_config(raw)
     table = run_sweep(cfg)
     specs = plan_trials(cfg)
     assert [s.name for s in specs] == ["sft-lr1e-05-seed0", "rl-lr1e-06-seed0-after-sft"]
-    expected = {(s.name, step) for s in specs for step in (0, 1, 2)}
+    expected = {(s.name, step) for s in specs for step in (0, 2)}
     assert set(zip(table["trial"], table["step"], strict=True)) == expected and table.height == len(expected)
     assert read_results(tracking.local_storage_root(cfg)).equals(table)
     assert list(table.columns[: len(KEY_COLUMNS)]) == list(KEY_COLUMNS)
     sft, rl = (table.filter(pl.col("method") == m).sort("step") for m in ("sft", "rl"))
     assert (sft["init"] == "base").all() and (rl["init"] == "sft:sft-lr1e-05-seed0@2").all()
-    assert sft["kl_to_base"][0] == pytest.approx(0.0, abs=1e-6) and sft["kl_to_base"][2] > 0  # SFT moved
+    assert sft["kl_to_base"][0] == pytest.approx(0.0, abs=1e-6) and sft["kl_to_base"][1] > 0  # SFT moved
     # RL's step 0 is SFT's last checkpoint: the same weights, so the same scores.
     start, last_sft = (
-        load_file(Path(p) / "model.safetensors") for p in (rl["checkpoint"][0], sft["checkpoint"][2])
+        load_file(Path(p) / "model.safetensors") for p in (rl["checkpoint"][0], sft["checkpoint"][1])
     )
     assert start.keys() == last_sft.keys() and all(torch.equal(start[k], last_sft[k]) for k in start)
-    assert rl["kl_to_base"][0] == pytest.approx(sft["kl_to_base"][2], rel=1e-5)
-    assert rl["target/accuracy"][0] == sft["target/accuracy"][2]
+    assert rl["kl_to_base"][0] == pytest.approx(sft["kl_to_base"][1], rel=1e-5)
+    assert rl["target/accuracy"][0] == sft["target/accuracy"][1]
     assert rl.filter(pl.col("step") > 0)["train/reward"].is_not_null().all()
     assert checkpoint_model("rl-lr1e-06-seed0-after-sft", 0, rl["init"][0]) == "sft-lr1e-05-seed0@2"
 
@@ -144,7 +145,7 @@ def test_killed_sweep_driver_resumes_without_repeating_finished_trials(tmp_path,
     raw = sweep_config_dict(
         Path("store"), methods=["sft"], sft_learning_rates=[1e-5], max_concurrent_trials=1
     )
-    raw["sft"].update(max_steps=6, eval_every=2)
+    raw["sft"].update(max_steps=4, eval_every=2)
     config_file = tmp_path / "sweep.yaml"
     config_file.write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)  # the test's own view of the config resolves "store" there too
@@ -177,9 +178,9 @@ def test_killed_sweep_driver_resumes_without_repeating_finished_trials(tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in first.rglob("*")} == stamps  # the finished trial was not rerun
-    assert json.loads((second / TRIAL_FILE).read_text())["checkpoints"][-1]["step"] == 6
+    assert json.loads((second / TRIAL_FILE).read_text())["checkpoints"][-1]["step"] == 4
     table = read_results(storage.resolve())
-    assert table.height == 2 * 4 and set(table["trial"]) == {first.name, second.name}
+    assert table.height == 2 * 3 and set(table["trial"]) == {first.name, second.name}
     runs = train_child_runs(cfg)
     assert sorted(r.data.tags["dcv.run_key"] for r in runs) == sorted([first.name, second.name])
 
