@@ -42,7 +42,7 @@ from typing import Any
 
 import polars as pl
 
-from dcv.circuits.pipeline import BASE_MODEL, checkpoint_model, file_slug, list_models
+from dcv.circuits.pipeline import BASE_MODEL, checkpoint_model, file_slug, list_models, wait_for_tasks
 from dcv.config import BenchmarksConfig, ConfigError, ExperimentConfig
 from dcv.storage import atomic_path, write_parquet
 
@@ -465,7 +465,6 @@ def run_benchmark_stage(
     import ray
 
     task = ray.remote(compute_model_benchmarks).options(num_cpus=bench.num_cpus, num_gpus=bench.num_gpus)
-    start = time.monotonic()
 
     def launch(model: str, checkpoint: str) -> tuple[Path, object | None]:
         path = benchmark_file(bench, storage_root, model, checkpoint)
@@ -479,13 +478,7 @@ def run_benchmark_stage(
         f"benchmarks: {len(launched)} models, {len(launched) - len(pending)} finished before (skipped), "
         f"{len(pending)} to compute"
     )
-    finished, computed = len(launched) - len(pending), 0
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        ray.get(ready)
-        finished, computed = finished + 1, computed + 1
-        eta = (time.monotonic() - start) / computed * len(pending)
-        progress(f"benchmarks: {finished}/{len(launched)} models done, ETA {eta:.0f} s")
+    wait_for_tasks(pending, "benchmarks", len(launched), progress)
     rows = []
     for (model, trial, step, _), (path, _) in zip(models.iter_rows(), launched, strict=True):
         scores = read_finished(path)

@@ -6,10 +6,12 @@ import socket
 import uuid
 from pathlib import Path
 
+import polars as pl
 import pytest
 import yaml
 
 from dcv.config import ExperimentConfig, ModelConfig, load_config
+from dcv.results import build_results_table
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
@@ -59,6 +61,23 @@ def tiny_config_dict(storage: Path) -> dict:
     raw["tracking"] = {"experiment_name": "tiny-test"}
     raw.pop("benchmarks", None)  # lm-eval runs only where a test asks for it
     return raw
+
+
+def results_of(checkpoints: dict[tuple[str, int], Path]) -> pl.DataFrame:
+    """A results table of {(trial, step): HF folder}, method from the trial name, all from "base"."""
+    return build_results_table(
+        {
+            "trial": trial,
+            "method": trial.split("-")[0],
+            "learning_rate": 1e-5,
+            "seed": 0,
+            "init": "base",
+            "step": step,
+            "checkpoint": str(path),
+            "metrics": {"target/accuracy": 0.5},
+        }
+        for (trial, step), path in checkpoints.items()
+    )
 
 
 @pytest.fixture

@@ -26,8 +26,7 @@ from dcv.benchmarks import (
 )
 from dcv.config import BenchmarksConfig, ConfigError, parse_config
 from dcv.models import save_model
-from dcv.results import build_results_table
-from tests.conftest import REPO, tiny_config_dict
+from tests.conftest import REPO, results_of, tiny_config_dict
 
 LOCAL = REPO / "configs" / "benchmarks"
 LOCAL_TASKS = ["dcv_hellaswag", "dcv_winogrande", "dcv_truthfulqa_mc2", "dcv_mmlu"]
@@ -153,24 +152,8 @@ def test_flatten_results_drops_stderr_and_the_none_filter():
     }
 
 
-def results_table(checkpoints: dict[tuple[str, int], Path]) -> pl.DataFrame:
-    return build_results_table(
-        {
-            "trial": trial,
-            "method": trial.split("-")[0],
-            "learning_rate": 1e-5,
-            "seed": 0,
-            "init": "base",
-            "step": step,
-            "checkpoint": str(path),
-            "metrics": {"target/accuracy": 0.5},
-        }
-        for (trial, step), path in checkpoints.items()
-    )
-
-
 def test_join_gives_every_row_its_models_scores():
-    results = results_table({("sft-a", 0): Path("/a0"), ("sft-a", 4): Path("/a4"), ("rl-b", 0): Path("/b0")})
+    results = results_of({("sft-a", 0): Path("/a0"), ("sft-a", 4): Path("/a4"), ("rl-b", 0): Path("/b0")})
     scores = pl.DataFrame(
         [
             {"model": "base", "trial": "base", "step": 0, "metric": "bench/t/acc", "value": 0.5},
@@ -188,12 +171,12 @@ def test_join_gives_every_row_its_models_scores():
 def test_a_missing_checkpoint_folder_names_its_row(tmp_path):
     cfg = parse_config(tiny_config_dict(tmp_path / "storage"))
     with pytest.raises(FileNotFoundError, match=r"trial='sft-a' step=4"):
-        list_benchmark_models(cfg, results_table({("sft-a", 4): tmp_path / "gone"}))
+        list_benchmark_models(cfg, results_of({("sft-a", 4): tmp_path / "gone"}))
 
 
 def test_stage_runs_each_model_once_and_a_rerun_computes_nothing(ray_cluster, tiny_model_dir, tmp_path):
     checkpoints = {("sft-a", 0): tiny_model_dir, ("sft-a", 4): tiny_model_dir, ("rl-b", 0): tiny_model_dir}
-    results = results_table(checkpoints)
+    results = results_of(checkpoints)
     raw = tiny_config_dict(tmp_path / "storage")
     raw["benchmarks"] = {
         "tasks": ["dcv_winogrande", "dcv_mmlu"],
@@ -224,5 +207,5 @@ def test_stage_runs_each_model_once_and_a_rerun_computes_nothing(ray_cluster, ti
 
 def test_no_tasks_means_no_stage(tmp_path):
     cfg = parse_config(tiny_config_dict(tmp_path))
-    table = run_benchmark_stage(cfg, results_table({}), tmp_path)
+    table = run_benchmark_stage(cfg, results_of({}), tmp_path)
     assert table.is_empty() and not benchmarks_dir(tmp_path).exists()

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
 
-from dcv.circuits.pipeline import BASE_MODEL, MASK, file_slug
+from dcv.circuits.pipeline import BASE_MODEL, MASK, file_slug, wait_for_tasks
 from dcv.config import ExperimentConfig, parse_config
 from dcv.storage import read_parquet, write_parquet
 
@@ -200,7 +199,6 @@ def run_circuits(
     }
     resources = {"num_cpus": cfg.patching.num_cpus_per_actor, "num_gpus": cfg.patching.num_gpus_per_actor}
     task = ray.remote(compute_model_circuits).options(**resources)
-    start = time.monotonic()
 
     def launch(model: str, checkpoint: str, reference) -> tuple[Path, object | None]:
         path = model_file(cfg, storage_root, model, checkpoint, reference)
@@ -227,14 +225,9 @@ def run_circuits(
             launched.append((floor_path, None))
     n_jobs = 1 + len(launched)
     pending = [ref for _, ref in launched if ref is not None]
-    finished, computed = n_jobs - len(pending), int(base_ref is not None)
-    progress(f"circuits: {n_jobs} jobs (models and noise floor), {finished} finished before (skipped)")
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        ray.get(ready)
-        finished, computed = finished + 1, computed + 1
-        eta = (time.monotonic() - start) / computed * len(pending)
-        progress(f"circuits: {finished}/{n_jobs} done, ETA {eta:.0f} s")
+    skipped = int(base_ref is None) + len(launched) - len(pending)
+    progress(f"circuits: {n_jobs} jobs (models and noise floor), {skipped} finished before (skipped)")
+    wait_for_tasks(pending, "circuits", n_jobs, progress)
     paths = [base_path] + [path for path, _ in launched if path != floor_path]
     table = pl.concat([pl.read_parquet(path) for path in paths]).sort("model", "probe", "method")
     write_parquet(table, circuits_dir(storage_root) / CIRCUITS_FILE)

@@ -392,6 +392,23 @@ class PipelineRun:
     path: Path  # <storage>/patching/effects.parquet
 
 
+def wait_for_tasks(
+    refs: list, label: str, total: int, progress: Callable[[str], None], start: float | None = None
+) -> None:
+    """Wait for Ray task ``refs`` (the unfinished ones of ``total`` jobs), printing done counts and an ETA
+    from the time per task so far; a failed task raises here."""
+    import ray
+
+    start = time.monotonic() if start is None else start
+    pending, finished, computed = list(refs), total - len(refs), 0
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)
+        finished, computed = finished + 1, computed + 1
+        eta = (time.monotonic() - start) / computed * len(pending)
+        progress(f"{label}: {finished}/{total} done, ETA {eta:.0f} s")
+
+
 def run_pipeline(
     cfg: ExperimentConfig,
     probes: Sequence[str] | None = None,

@@ -35,9 +35,9 @@ from dcv.circuits.pipeline import (
 from dcv.cli import main as dcv_main
 from dcv.config import ModelConfig, load_config, parse_config
 from dcv.models import load_model, save_model
-from dcv.results import build_results_table, write_results
+from dcv.results import write_results
 from dcv.tasks.probes import build_probe
-from tests.conftest import tiny_config_dict
+from tests.conftest import results_of, tiny_config_dict
 
 PROBES = ("ioi", "capitals")
 METHODS = ("exact", "attribution")
@@ -65,7 +65,7 @@ def pipeline_config_dict(storage: Path, **patching) -> dict:
 def checkpoints(tiny_model, tokenizer, tmp_path_factory) -> pl.DataFrame:
     """Two perturbed copies of the tiny model as HF folders, listed in a results table."""
     folder = tmp_path_factory.mktemp("checkpoints")
-    rows = []
+    folders = {}
     for index, (trial, step) in enumerate([("sft-lr1e-05-seed0", 10), ("rl-lr1e-06-seed0", 10)]):
         model = copy.deepcopy(tiny_model)
         generator = torch.Generator().manual_seed(index)
@@ -73,19 +73,8 @@ def checkpoints(tiny_model, tokenizer, tmp_path_factory) -> pl.DataFrame:
             for param in model.parameters():
                 param.add_(0.05 * torch.randn(param.shape, generator=generator))
         path = save_model(model, tokenizer, folder / f"{trial}-step{step}")
-        rows.append(
-            {
-                "trial": trial,
-                "method": trial.split("-")[0],
-                "learning_rate": 1e-5,
-                "seed": 0,
-                "init": "base",
-                "step": step,
-                "checkpoint": str(path),
-                "metrics": {"target/accuracy": 0.5},
-            }
-        )
-    return build_results_table(rows)
+        folders[(trial, step)] = path
+    return results_of(folders)
 
 
 def make_store(root: Path, results: pl.DataFrame, **patching):
