@@ -32,11 +32,26 @@ CHEMISTRY_KINDS = (
     "group",
     "block",
     "molar_mass",
+    "electrons",
+    "atom_count",
 )
 # lm-eval task families scored by running the model's code: a task is in a family when its name is the
 # family or starts with "<family>_". These cover all 35 tasks lm-eval 0.4.13 marks `unsafe_code: true`
 # (checked against its task index); local task YAMLs with that flag are caught by dcv.benchmarks.
 CODE_EXECUTING_TASK_FAMILIES = ("humaneval", "mbpp", "cruxeval", "longproc")
+# The default system prompt of each target_task.answer_format.
+ANSWER_INSTRUCTIONS = {
+    "letter": (
+        "You are a careful chemistry assistant. Answer the multiple-choice question with the letter of "
+        "the correct option inside answer tags, for example <answer>B</answer>."
+    ),
+    # A small model cannot bind option letters to what it knows (SmolLM2-135M stays at chance when trained
+    # on letters) but can copy the right option's text: dcv measures that, not the model's letter binding.
+    "option": (
+        "You are a careful chemistry assistant. Answer the multiple-choice question with the text of "
+        "the correct option inside answer tags, for example <answer>Fe</answer>."
+    ),
+}
 
 
 class ConfigError(ValueError):
@@ -113,10 +128,20 @@ class TargetTaskConfig(Section):
     )
     domain: str = Field("Chemistry", description="sciknoweval only: the hub config / `domain` to keep")
     format_bonus: Annotated[float, Field(ge=0)] = 0.0
-    system_prompt: str = (
-        "You are a careful chemistry assistant. Answer the multiple-choice question with the letter of "
-        "the correct option inside answer tags, for example <answer>B</answer>."
+    answer_format: Literal["letter", "option"] = Field(
+        "letter",
+        description="what goes inside the answer tags: the option's letter (<answer>B</answer>) or its text "
+        "(<answer>Fe</answer>); SFT trains on it and the default system prompt asks for it",
     )
+    system_prompt: str = Field(None, description="default: ANSWER_INSTRUCTIONS[answer_format]")  # type: ignore[assignment]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_system_prompt(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("system_prompt") is None:
+            fmt = data.get("answer_format", "letter")
+            data = {**data, "system_prompt": ANSWER_INSTRUCTIONS.get(fmt, ANSWER_INSTRUCTIONS["letter"])}
+        return data
 
     @model_validator(mode="after")
     def _source_fits_task(self) -> TargetTaskConfig:
@@ -437,6 +462,12 @@ class ExperimentConfig(Section):
             raise ValueError(
                 f"probes: the chem probe needs target_task.name: chemistry (got {self.target_task.name!r}); "
                 "drop chem from probes or use the chemistry task"
+            )
+        if "chem" in [p.name for p in self.probes] and self.target_task.answer_format != "letter":
+            # Its contrast is the letter after "<answer>": with option-text answers that is not the decision.
+            raise ValueError(
+                "probes: the chem probe compares answer letters and needs target_task.answer_format: letter "
+                f"(got {self.target_task.answer_format!r})"
             )
         return self
 

@@ -28,7 +28,7 @@ from dcv.tasks.items import ProbeItem, ProbeSet, QAItem
 @dataclass(frozen=True)
 class TargetScore:
     accuracy: float
-    format_rate: float  # share of answers using the <answer>X</answer> tag
+    format_rate: float  # share of answers inside <answer></answer> tags
     n_items: int
 
 
@@ -213,7 +213,10 @@ def evaluate_target(
     max_new_tokens: int,
 ) -> TargetScore:
     _, _, texts = generate_completions(model, tokenizer, items, batch_size, max_new_tokens)
-    correct = [score_answer(text, item.gold) for text, item in zip(texts, items, strict=True)]
+    correct = [
+        score_answer(text, item.gold, options=item.options, answer_format=item.answer_format)
+        for text, item in zip(texts, items, strict=True)
+    ]
     tagged = [has_answer_tag(text) for text in texts]
     return TargetScore(sum(correct) / len(items), sum(tagged) / len(items), len(items))
 

@@ -64,6 +64,16 @@ MALFORMED = [
     ),
     ("probe n_items zero", edit("probes", [{"name": "ioi", "n_items": 0}]), "probes[0].n_items"),
     ("unknown chemistry kind", edit("target_task.kinds", ["alchemy"]), "target_task.kinds[0]"),
+    ("unknown answer format", edit("target_task.answer_format", "essay"), "target_task.answer_format"),
+    (
+        "chem probe with option answers",
+        lambda r: {
+            **r,
+            "probes": [{"name": "chem"}],
+            "target_task": {**r["target_task"], "answer_format": "option"},
+        },
+        "probes: the chem probe compares answer letters",
+    ),
     ("sciknoweval without source", edit("target_task.name", "sciknoweval"), "target_task.source"),
     (
         "missing sciknoweval file",

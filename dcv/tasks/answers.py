@@ -12,6 +12,12 @@ True
 True
 >>> reward(["<answer>A</answer>", "B"], gold=["A", "A"])
 [1.0, 0.0]
+>>> chosen_letter("<answer> fe </answer>", options=("Mn", "Fe", "Co", "Ni"), answer_format="option")
+'B'
+>>> chosen_letter("<answer>C</answer>", options=("B", "C", "N", "O"), answer_format="option")
+'B'
+>>> chosen_letter("<answer>C</answer>", options=("B", "C", "N", "O"))
+'C'
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any
 from dcv.tasks.items import LETTERS
 
 ANSWER_TAG = re.compile(r"<answer>\s*([A-Za-z])\s*</answer>", re.IGNORECASE)
+ANSWER_CONTENT = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
 # "The correct answer is D." / "Answer: (B)": small instruct models state their choice this way.
 ANSWER_PHRASE = re.compile(r"\banswer\s*(?:is|:)\s*(?:option\s*)?[(*]*([A-Z])\b", re.IGNORECASE)
 # A line that starts with an option marker: "C. Terbium", "(B) 29", "D) Ca".
@@ -60,8 +67,25 @@ def parse_answer(text: str, letters: str = LETTERS) -> str | None:
     return None
 
 
+def chosen_letter(text: str, options: Sequence[str] = (), answer_format: str = "letter") -> str | None:
+    """The letter of the option ``text`` commits to, or None.
+
+    With ``answer_format="option"`` the last answer tag names an option by its text (case and surrounding
+    space ignored); its text wins over a letter, since an option may itself be a letter (the symbol C).
+    Anything else is read as a letter by ``parse_answer``.
+    """
+    if answer_format == "option":
+        tags = ANSWER_CONTENT.findall(text)
+        if tags:
+            said = tags[-1].strip().casefold()
+            for letter, option in zip(LETTERS, options, strict=False):
+                if option.strip().casefold() == said:
+                    return letter
+    return parse_answer(text, LETTERS[: len(options)] if options else LETTERS)
+
+
 def has_answer_tag(text: str) -> bool:
-    return ANSWER_TAG.search(text) is not None
+    return ANSWER_CONTENT.search(text) is not None
 
 
 def completion_text(completion: Any) -> str:
@@ -73,16 +97,33 @@ def completion_text(completion: Any) -> str:
     raise TypeError(f"completion must be a string or a list of messages, got {type(completion).__name__}")
 
 
-def score_answer(text: str, gold: str, format_bonus: float = 0.0) -> float:
-    """1 if the parsed answer is ``gold`` else 0, plus ``format_bonus`` when the answer tag is used."""
-    correct = float(parse_answer(text) == gold)
+def score_answer(
+    text: str,
+    gold: str,
+    format_bonus: float = 0.0,
+    options: Sequence[str] = (),
+    answer_format: str = "letter",
+) -> float:
+    """1 if the chosen option is ``gold`` else 0, plus ``format_bonus`` when the answer tags are used."""
+    correct = float(chosen_letter(text, options, answer_format) == gold)
     return correct + (format_bonus if has_answer_tag(text) else 0.0)
 
 
 def reward(
-    completions: Sequence[Any], gold: Sequence[str], format_bonus: float = 0.0, **_: Any
+    completions: Sequence[Any],
+    gold: Sequence[str],
+    format_bonus: float = 0.0,
+    options: Sequence[Sequence[str]] | None = None,
+    answer_format: Sequence[str] | None = None,
+    **_: Any,
 ) -> list[float]:
-    """TRL reward function: ``gold`` arrives from the dataset column of the same name."""
+    """TRL reward function: ``gold``, ``options`` and ``answer_format`` arrive as the dataset's columns."""
     if len(completions) != len(gold):
         raise ValueError(f"{len(completions)} completions but {len(gold)} gold answers")
-    return [score_answer(completion_text(c), g, format_bonus) for c, g in zip(completions, gold, strict=True)]
+    n = len(gold)
+    options = options if options is not None else [()] * n
+    answer_format = answer_format if answer_format is not None else ["letter"] * n
+    return [
+        score_answer(completion_text(c), g, format_bonus, o, f)
+        for c, g, o, f in zip(completions, gold, options, answer_format, strict=True)
+    ]

@@ -128,6 +128,11 @@ def molar_mass(formula: str) -> float:
     return float(periodictable.formula(formula).mass)
 
 
+def formula_atoms(formula: str) -> dict[str, int]:
+    """Element name -> number of its atoms in ``formula``: {"hydrogen": 2, "oxygen": 1} for H2O."""
+    return {element.name: int(count) for element, count in periodictable.formula(formula).atoms.items()}
+
+
 def _choose_options(correct: str, distractors: list[str], rng: random.Random) -> tuple[tuple[str, ...], str]:
     """Four distinct options (correct + 3 distractors) in a seeded order, and the gold letter."""
     unique = [d for d in dict.fromkeys(distractors) if d != correct][:3]
@@ -227,6 +232,37 @@ def _element_questions(elements: list[Element], kinds: set[str]) -> Iterator[tup
             )
 
 
+def _count_options(rng: random.Random, count: int) -> tuple[str, list[str]]:
+    """A count and nearby positive counts as distractors (off by one to four)."""
+    near = [count + d for d in (-4, -3, -2, -1, 1, 2, 3, 4) if count + d >= 1]
+    return str(count), [str(n) for n in _shuffled(rng, near)]
+
+
+def _reading_questions(elements: list[Element], kinds: set[str]) -> Iterator[tuple[str, str, Callable]]:
+    """Questions whose answer can be read from the question itself, given one rule of chemistry.
+
+    A model that knows no element data (SmolLM2-135M does not: its answers on the fact kinds are at chance)
+    can still learn the rule from the train split and apply it to unseen elements and formulas.
+    """
+    if "electrons" in kinds:
+        for el in elements:
+            # A neutral atom has as many electrons as protons: the atomic number.
+            yield (
+                "electrons",
+                f"How many electrons does a neutral atom of {el.name.lower()} "
+                f"(atomic number {el.number}) have?",
+                (lambda rng, el=el: _count_options(rng, el.number)),
+            )
+    if "atom_count" in kinds:
+        for name, formula in COMPOUNDS:
+            for element, count in formula_atoms(formula).items():
+                yield (
+                    "atom_count",
+                    f"How many {element} atoms does the formula {formula} ({name}) contain?",
+                    (lambda rng, count=count: _count_options(rng, count)),
+                )
+
+
 def _compound_questions(kinds: set[str]) -> Iterator[tuple[str, str, Callable]]:
     if "molar_mass" not in kinds:
         return
@@ -250,7 +286,12 @@ def _compound_questions(kinds: set[str]) -> Iterator[tuple[str, str, Callable]]:
 def question_pool(kinds: list[str]) -> list[PoolEntry]:
     """Every distinct (kind, question, option maker) the requested kinds can generate, in table order."""
     kind_set = set(kinds)
-    pool = [*_element_questions(load_elements(), kind_set), *_compound_questions(kind_set)]
+    elements = load_elements()
+    pool = [
+        *_element_questions(elements, kind_set),
+        *_compound_questions(kind_set),
+        *_reading_questions(elements, kind_set),
+    ]
     seen: set[str] = set()
     return [q for q in pool if not (q[1] in seen or seen.add(q[1]))]
 
@@ -284,6 +325,7 @@ def build_item(cfg: TargetTaskConfig, pool: list[PoolEntry], index: int) -> QAIt
         options=options,
         gold=gold,
         messages=build_messages(cfg.system_prompt, question, options),
+        answer_format=cfg.answer_format,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 LETTERS = "ABCD"
+ANSWER_FORMATS = ("letter", "option")  # what the model writes inside <answer></answer>
 
 
 @dataclass(frozen=True)
@@ -12,7 +13,8 @@ class QAItem:
     """A multiple-choice question of the target task, ready for a chat template.
 
     ``messages`` is the prompt (system + user turns); the model answers ``<answer>X</answer>`` where X
-    is ``gold``, the letter of the right entry of ``options``.
+    is ``gold``, the letter of the right entry of ``options``, or with ``answer_format="option"`` that
+    entry's text.
     """
 
     id: str
@@ -21,6 +23,7 @@ class QAItem:
     options: tuple[str, ...]
     gold: str
     messages: tuple[dict[str, str], ...] = field(compare=False)
+    answer_format: str = "letter"
 
     def __post_init__(self) -> None:
         if not 2 <= len(self.options) <= len(LETTERS):
@@ -29,20 +32,27 @@ class QAItem:
             raise ValueError(
                 f"item {self.id}: gold {self.gold!r} is not one of {LETTERS[: len(self.options)]}"
             )
+        if self.answer_format not in ANSWER_FORMATS:
+            raise ValueError(
+                f"item {self.id}: answer_format {self.answer_format!r} is not one of {ANSWER_FORMATS}"
+            )
 
     @property
     def target(self) -> str:
         """The assistant turn SFT trains on."""
-        return f"<answer>{self.gold}</answer>"
+        answer = self.gold if self.answer_format == "letter" else self.options[LETTERS.index(self.gold)]
+        return f"<answer>{answer}</answer>"
 
     def to_row(self) -> dict:
-        """A row for TRL datasets: conversational ``prompt``/``completion`` plus the reward's ``gold``."""
+        """A row for TRL datasets: conversational ``prompt``/``completion`` plus what the reward reads."""
         return {
             "id": self.id,
             "kind": self.kind,
             "prompt": [dict(m) for m in self.messages],
             "completion": [{"role": "assistant", "content": self.target}],
             "gold": self.gold,
+            "options": list(self.options),
+            "answer_format": self.answer_format,
         }
 
 

@@ -52,7 +52,9 @@ def read_rows(source: str, domain: str) -> list[dict[str, Any]]:
     return list(load_dataset(source, domain, split="test"))
 
 
-def row_to_item(row: dict[str, Any], where: str, system_prompt: str) -> QAItem | None:
+def row_to_item(
+    row: dict[str, Any], where: str, system_prompt: str, answer_format: str = "letter"
+) -> QAItem | None:
     """The QAItem of one row, None for a non-multiple-choice row; DatasetRowError if malformed."""
     if not isinstance(row, dict):
         raise DatasetRowError(f"{where}: expected an object, got {type(row).__name__}")
@@ -81,6 +83,7 @@ def row_to_item(row: dict[str, Any], where: str, system_prompt: str) -> QAItem |
         options=tuple(texts),
         gold=gold,
         messages=build_messages(system_prompt, question, tuple(texts)),
+        answer_format=answer_format,
     )
 
 
@@ -95,7 +98,7 @@ def build_sciknoweval_splits(cfg: TargetTaskConfig) -> tuple[list[QAItem], list[
     for index, row in enumerate(rows):
         if isinstance(row, dict) and row.get("domain") not in (None, cfg.domain):
             continue
-        item = row_to_item(row, f"{cfg.source} row {index}", cfg.system_prompt)
+        item = row_to_item(row, f"{cfg.source} row {index}", cfg.system_prompt, cfg.answer_format)
         if item is not None and item.question not in seen:
             seen.add(item.question)
             items.append(item)

@@ -37,8 +37,8 @@ from dcv.training.rollout import RolloutPool
 
 
 def make_reward(format_bonus: float):
-    def accuracy_reward(completions, gold, **kwargs) -> list[float]:
-        return reward(completions, gold, format_bonus=format_bonus)
+    def accuracy_reward(completions, gold, options, answer_format, **kwargs) -> list[float]:
+        return reward(completions, gold, format_bonus, options, answer_format)
 
     return accuracy_reward
 
@@ -99,7 +99,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model.train()
     train_items, _ = load_target_splits(cfg.target_task)
     rows = [item.to_row() for item in train_items]
-    train_dataset = Dataset.from_list([{"prompt": r["prompt"], "gold": r["gold"]} for r in rows])
+    reward_columns = ("prompt", "gold", "options", "answer_format")
+    train_dataset = Dataset.from_list([{k: r[k] for k in reward_columns} for r in rows])
     pool = RolloutPool(cfg, trial)
 
     output_dir = worker_output_dir(trial)

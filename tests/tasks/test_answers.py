@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from dcv.tasks.answers import completion_text, parse_answer, reward, score_answer
+from dcv.tasks.answers import chosen_letter, completion_text, parse_answer, reward, score_answer
 
 PARSES = [
     ("<answer>C</answer>", "C"),
@@ -70,3 +70,37 @@ def test_docstring_examples_hold():
     import dcv.tasks.answers
 
     assert doctest.testmod(dcv.tasks.answers).failed == 0
+
+
+SYMBOLS = ("B", "C", "N", "O")
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("<answer>C</answer>", "B"),  # an option's text wins over the letter of the same name
+        ("<answer> o </answer>", "D"),  # case and spaces are ignored
+        ("<answer>N</answer> no: <answer>B</answer>", "A"),  # the last tag wins
+        ("<answer>Fe</answer>", None),  # not an option, not a letter
+        ("The answer is D", "D"),  # no tags: read as a letter
+    ],
+)
+def test_option_answers_name_an_option_by_its_text(text, expected):
+    assert chosen_letter(text, SYMBOLS, answer_format="option") == expected
+
+
+def test_letter_answers_ignore_option_text():
+    assert chosen_letter("<answer>C</answer>", SYMBOLS) == "C"
+    assert chosen_letter("<answer>Fe</answer>", ("Mn", "Fe", "Co", "Ni")) is None
+
+
+def test_reward_reads_option_columns():
+    options = [["24", "26", "25", "28"], ["24", "26", "25", "28"], SYMBOLS]
+    completions = ["<answer>26</answer>", "<answer>B</answer>", "<answer>B</answer>"]
+    formats = ["option", "letter", "option"]
+    assert reward(completions, gold=["B", "B", "B"], options=options, answer_format=formats) == [
+        1.0,
+        1.0,
+        0.0,
+    ]
+    assert score_answer("<answer>26</answer>", "B", 0.1, options[0], "option") == pytest.approx(1.1)

@@ -4,7 +4,15 @@ import pytest
 
 from dcv.config import CHEMISTRY_KINDS, TargetTaskConfig
 from dcv.tasks import load_target_splits
-from dcv.tasks.chemistry import COMPOUNDS, load_elements, molar_mass, question_pool, table_position
+from dcv.tasks.chemistry import (
+    COMPOUNDS,
+    build_item,
+    formula_atoms,
+    load_elements,
+    molar_mass,
+    question_pool,
+    table_position,
+)
 from dcv.tasks.items import LETTERS
 
 
@@ -95,3 +103,38 @@ def test_rows_carry_prompt_completion_and_gold():
     row = load_target_splits(TargetTaskConfig(n_train=1, n_test=1))[0][0].to_row()
     assert row["completion"] == [{"role": "assistant", "content": f"<answer>{row['gold']}</answer>"}]
     assert [m["role"] for m in row["prompt"]] == ["system", "user"]
+
+
+def test_reading_kinds_answer_from_the_question():
+    pool = question_pool(["electrons", "atom_count"])
+    assert len(pool) == len(load_elements()) + sum(len(formula_atoms(f)) for _, f in COMPOUNDS)
+    train, test = load_target_splits(
+        TargetTaskConfig(kinds=["electrons", "atom_count"], n_train=150, n_test=50)
+    )
+    checked = set()
+    for item in train + test:
+        answer = item.options[LETTERS.index(item.gold)]
+        if item.kind == "electrons":
+            assert f"(atomic number {answer})" in item.question
+        else:
+            assert item.question.startswith("How many ") and " atoms does the formula " in item.question
+        assert all(o.isdigit() and int(o) >= 1 for o in item.options)
+        checked.add(item.kind)
+    assert checked == {"electrons", "atom_count"}
+    [index] = [
+        i for i, (_, q, _) in enumerate(pool) if q.startswith("How many oxygen atoms does the formula H2SO4")
+    ]
+    item = build_item(TargetTaskConfig(), pool, index)
+    assert item.options[LETTERS.index(item.gold)] == "4"
+    assert formula_atoms("Ca(OH)2") == {"calcium": 1, "oxygen": 2, "hydrogen": 2}
+
+
+def test_option_answers_train_on_the_option_text():
+    cfg = TargetTaskConfig(kinds=["name_to_symbol"], n_train=4, n_test=1, answer_format="option")
+    train, _ = load_target_splits(cfg)
+    for item in train:
+        row = item.to_row()
+        answer = item.options[LETTERS.index(item.gold)]
+        assert row["completion"][0]["content"] == f"<answer>{answer}</answer>"
+        assert (row["options"], row["answer_format"]) == (list(item.options), "option")
+        assert "text of the correct option" in row["prompt"][0]["content"]
