@@ -1,6 +1,6 @@
 """SFT throughput under Ray Train (1 worker) against TRL's SFTTrainer alone in one process.
 
-    .venv/bin/python bench/train_overhead.py [--model smollm2-135m-instruct] [--steps 12]
+    .venv/bin/python bench/train_overhead.py [--model smollm2-135m-instruct] [--steps 12] [--threads 1]
 
 Both run the same SFT on the same data, steps, batch size and seed; neither evaluates or checkpoints (the
 Ray run saves once at the end, as the plain one does not). Tokens/s counts the tokens of the trained
@@ -11,12 +11,18 @@ the driver's OS priority (Ray otherwise nices its workers to 15, which on a shar
 other tenants, not Ray Train).
 Run on an otherwise idle machine; the figure is a ratio of two runs made one after the other.
 
+``--threads`` sets both runs' torch threads (default: one fewer than the machine's cores, at least 1). With
+as many threads as cores, Ray's own processes (GCS, raylet, the Train controller) preempt one torch thread
+now and then and the others wait for it at every parallel region; that stall, not Ray Train, then decides
+the ratio (0.685 with 2 threads on 2 cores). dcv's demo runs each trial on 1 thread for the same reason.
+
 The last line is ``BENCH ray_train_vs_trl <ratio>`` (>= 0.9 means Ray Train costs under 10%).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 
@@ -80,7 +86,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     sft_run(args.model, 2, args.batch, tempfile.mkdtemp())  # warm-up: caches, kernels
     tokens, seconds = sft_run(args.model, args.steps, args.batch, tempfile.mkdtemp())
@@ -101,9 +109,11 @@ def main() -> None:
             "model": args.model,
             "steps": args.steps,
             "batch": args.batch,
-            "threads": torch.get_num_threads(),
+            "threads": args.threads,
         },
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 2}),
+        scaling_config=ScalingConfig(
+            num_workers=1, use_gpu=False, resources_per_worker={"CPU": args.threads}
+        ),
         run_config=RunConfig(name="bench-train-overhead", storage_path=tempfile.mkdtemp()),
     ).fit()
     ray.shutdown()
@@ -112,6 +122,7 @@ def main() -> None:
         f"SFTTrainer in a Ray Train worker: {result.metrics['tokens']:.0f} tokens in "
         f"{result.metrics['seconds']:.1f} s = {under_ray:.0f} tokens/s"
     )
+    print(f"torch threads: {args.threads} in both runs")
     print(f"BENCH ray_train_vs_trl {under_ray / plain:.3f}")
 
 

@@ -72,7 +72,9 @@ def chosen_letter(text: str, options: Sequence[str] = (), answer_format: str = "
 
     With ``answer_format="option"`` the last answer tag names an option by its text (case and surrounding
     space ignored); its text wins over a letter, since an option may itself be a letter (the symbol C).
-    Anything else is read as a letter by ``parse_answer``.
+    Without tags, a reply that names exactly one option's text as a whole word chose it ("C. Es" chose Es,
+    whatever C is): a small model states what it knows but binds letters at chance, and without this its
+    reward carries no signal of what it knows. Anything else is read as a letter by ``parse_answer``.
     """
     if answer_format == "option":
         tags = ANSWER_CONTENT.findall(text)
@@ -81,6 +83,14 @@ def chosen_letter(text: str, options: Sequence[str] = (), answer_format: str = "
             for letter, option in zip(LETTERS, options, strict=False):
                 if option.strip().casefold() == said:
                     return letter
+        else:
+            named = [
+                letter
+                for letter, option in zip(LETTERS, options, strict=False)
+                if option.strip() and re.search(rf"(?<!\w){re.escape(option.strip())}(?!\w)", text)
+            ]
+            if len(named) == 1:
+                return named[0]
     return parse_answer(text, LETTERS[: len(options)] if options else LETTERS)
 
 

@@ -82,11 +82,26 @@ SYMBOLS = ("B", "C", "N", "O")
         ("<answer> o </answer>", "D"),  # case and spaces are ignored
         ("<answer>N</answer> no: <answer>B</answer>", "A"),  # the last tag wins
         ("<answer>Fe</answer>", None),  # not an option, not a letter
-        ("The answer is D", "D"),  # no tags: read as a letter
+        ("The answer is D", "D"),  # no tags, no option named: read as a letter
+        ("<answer>Fe</answer> so O", None),  # a tag that names no option is not rescued by the text
     ],
 )
 def test_option_answers_name_an_option_by_its_text(text, expected):
     assert chosen_letter(text, SYMBOLS, answer_format="option") == expected
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("C. Fe", "B"),  # no tags: the one option named wins over the letter
+        ("The chemical symbol for iron is Fe.", "B"),
+        ("Iron (Fe), not cobalt", "B"),  # whole words, case as written: "cobalt" is not Co
+        ("Fe or Co? The answer is D", "D"),  # two options named: read as a letter
+        ("Fermium", None),  # Fe inside a word is not Fe
+    ],
+)
+def test_untagged_option_answers_are_read_by_the_option_named(text, expected):
+    assert chosen_letter(text, ("Mn", "Fe", "Co", "Ni"), answer_format="option") == expected
 
 
 def test_letter_answers_ignore_option_text():
