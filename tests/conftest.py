@@ -55,7 +55,8 @@ def tiny_config_dict(storage: Path) -> dict:
     raw["target_task"].update(n_train=16, n_test=8)
     # The demo's schedule, pinned: tests name trials by learning rate and count checkpoints.
     raw["sft"].update(learning_rate=3e-5, max_steps=4, eval_every=4)
-    raw["sweep"].update(sft_learning_rates=[3e-5])
+    raw["rl"].update(learning_rate=3e-6, max_steps=4, eval_every=4)
+    raw["sweep"].update(sft_learning_rates=[3e-5], rl_learning_rates=[3e-6])
     raw["probes"] = [
         {"name": name, "n_items": 8, "seed": 0} for name in ("ioi", "capitals", "greater_than", "induction")
     ]
