@@ -11,10 +11,10 @@ the driver's OS priority (Ray otherwise nices its workers to 15, which on a shar
 other tenants, not Ray Train).
 Run on an otherwise idle machine; the figure is a ratio of two runs made one after the other.
 
-``--threads`` sets both runs' torch threads (default: one fewer than the machine's cores, at least 1). With
-as many threads as cores, Ray's own processes (GCS, raylet, the Train controller) preempt one torch thread
-now and then and the others wait for it at every parallel region; that stall, not Ray Train, then decides
-the ratio (0.685 with 2 threads on 2 cores). dcv's demo runs each trial on 1 thread for the same reason.
+``--threads`` sets both runs' torch threads (default: one fewer than the machine's cores, at least 1), as
+dcv's demo runs each trial on 1 thread. With as many threads as cores, Ray's own processes (GCS, raylet,
+the Train controller) compete with torch for the cores, and that, not Ray Train's work, can decide the
+ratio: on the 2-core development machine 2 threads gave 0.685 (2026-11-25), 1 thread 1.013 (2026-11-30).
 
 The last line is ``BENCH ray_train_vs_trl <ratio>`` (>= 0.9 means Ray Train costs under 10%).
 """
