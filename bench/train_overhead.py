@@ -13,8 +13,8 @@ Run on an otherwise idle machine; the figure is a ratio of two runs made one aft
 
 ``--threads`` sets both runs' torch threads (default: one fewer than the machine's cores, at least 1), as
 dcv's demo runs each trial on 1 thread. With as many threads as cores, Ray's own processes (GCS, raylet,
-the Train controller) compete with torch for the cores, and that, not Ray Train's work, can decide the
-ratio: on the 2-core development machine 2 threads gave 0.685 (2026-11-25), 1 thread 1.013 (2026-11-30).
+the Train controller) compete with torch for the cores. On the 2-core development machine: 2 threads gave
+0.685 on 2026-11-25 and 0.921 on 2026-11-30; 1 thread gave 1.013 on 2026-11-30.
 
 The last line is ``BENCH ray_train_vs_trl <ratio>`` (>= 0.9 means Ray Train costs under 10%).
 """
