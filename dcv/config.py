@@ -39,6 +39,7 @@ CHEMISTRY_KINDS = (
 # family or starts with "<family>_". These cover all 35 tasks lm-eval 0.4.13 marks `unsafe_code: true`
 # (checked against its task index); local task YAMLs with that flag are caught by dcv.benchmarks.
 CODE_EXECUTING_TASK_FAMILIES = ("humaneval", "mbpp", "cruxeval", "longproc")
+ANSWER_FORMATS = ("letter", "option")  # what the model writes inside <answer></answer>
 # The default system prompt of each target_task.answer_format.
 ANSWER_INSTRUCTIONS = {
     "letter": (
@@ -128,7 +129,7 @@ class TargetTaskConfig(Section):
     )
     domain: str = Field("Chemistry", description="sciknoweval only: the hub config / `domain` to keep")
     format_bonus: Annotated[float, Field(ge=0)] = 0.0
-    answer_format: Literal["letter", "option"] = Field(
+    answer_format: Literal[ANSWER_FORMATS] = Field(
         "letter",
         description="what goes inside the answer tags: the option's letter (<answer>B</answer>) or its text "
         "(<answer>Fe</answer>); SFT trains on it and the default system prompt asks for it",

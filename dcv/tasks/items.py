@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dcv.config import ANSWER_FORMATS
+
 LETTERS = "ABCD"
-ANSWER_FORMATS = ("letter", "option")  # what the model writes inside <answer></answer>
 
 
 @dataclass(frozen=True)
