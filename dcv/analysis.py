@@ -37,26 +37,34 @@ is meant to be at matched target accuracy, where the learning rate matters throu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from dcv.circuits.model_circuits import base_circuits, circuit_heads
-from dcv.circuits.pipeline import BASE_MODEL, checkpoint_model
-from dcv.circuits.vulnerability import (
-    Checkpoint,
-    ItemParts,
-    circuit_vulnerability,
-    dcv_table,
-    effect_spearman,
-    head_vulnerability,
-    interpolation_weights,
-    preservation,
-)
+from dcv.circuits.competence import Competence, base_competence
+from dcv.circuits.model_circuits import circuit_heads
+from dcv.circuits.noise_floor import NOISE_FLOOR_SCHEMA, bootstrap_floor, floor_row
+from dcv.circuits.pipeline import BASE_MODEL, MASK, checkpoint_model
+from dcv.circuits.vulnerability import effect_spearman
 from dcv.config import ExperimentConfig
+from dcv.matched import (
+    MDE_FACTOR,
+    TRAINING_METHODS,
+    Layout,
+    Point,
+    ProbeParts,
+    ProbeReference,
+    Run,
+    checkpoint_numbers,
+    compare,
+    grid,
+    interval,
+)
 from dcv.storage import atomic_path, read_parquet, write_parquet
 
+Head = tuple[int, int]
 TABLES = (
     "base_circuits",
     "checkpoints",
@@ -69,19 +77,32 @@ TABLES = (
     "paper",
     "benchmarks",
 )
-# The per-checkpoint metrics the headline compares between methods (columns of ``summary``).
+# The per-checkpoint numbers the headline compares between methods (``dcv.matched.Layout`` names).
 HEADLINE_METRICS = (
     "target_accuracy",
+    "kl_to_base",
     "forgetting",
     "forgetting_ld",
-    "preservation",
-    "base_circuit_faithfulness",
-    "circuit_vulnerability",
-    "kl_to_base",
     "forgetting_bench",
+    "preservation",
+    "jaccard",
+    "circuit_vulnerability",
+    "circuit_vulnerability_abs",
+    "base_circuit_faithfulness",
+    "n_lost",
 )
-TRAINING_METHODS = ("sft", "rl")
-NOISE_FLOOR_COLUMNS = ("noise_floor_preservation", "noise_floor_jaccard")
+NOISE_FLOOR_COLUMNS = ("noise_floor_preservation", "noise_floor_jaccard", "noise_floor_vulnerability")
+MATCHED_ON = {"accuracy": "target_accuracy", "kl": "kl_to_base"}  # the number each axis matches on
+TARGET_PROBE = "chem"  # the target task's own probe: reported on its own, never in prior-capability means
+TARGET_ITEMS = "target/item_correct"  # results-table column: per test item, 1 if answered correctly
+NULLABLE = (
+    *NOISE_FLOOR_COLUMNS,
+    "forgetting_bench",
+    "preservation",
+    "jaccard",
+    "circuit_vulnerability",
+    "circuit_vulnerability_abs",
+)
 # The seed paper's figures (Qwen2.5-3B-Instruct, 576 heads, learned masks; DESIGN.md), set beside ours.
 PAPER = {
     "circuit_size": {"base": 297.0, "sft": 265.0, "rl": 296.0},
@@ -100,18 +121,27 @@ def _with_model(results: pl.DataFrame) -> pl.DataFrame:
     return results.with_columns(pl.Series("model", models, dtype=pl.String))
 
 
-def base_scores(results: pl.DataFrame, probes: Sequence[str]) -> dict[str, tuple[float, float]]:
-    """{probe: (accuracy, mean LD)} of the base model: a step-0 row of a trial started from the base."""
-    base = results.filter((pl.col("step") == 0) & (pl.col("init") == "base"))
-    if base.is_empty():
-        raise ValueError("the results table has no step-0 row of a trial started from the base model")
-    row = base.row(0, named=True)
-    return {p: (row[f"probe/{p}/accuracy"], row[f"probe/{p}/mean_ld"]) for p in probes}
-
-
-def base_circuit_table(circuits: pl.DataFrame, shape: tuple[int, int]) -> pl.DataFrame:
-    """The base circuits; ``shape`` is the model's (layers, heads per layer)."""
-    base = circuits.filter(pl.col("model") == BASE_MODEL)
+def base_circuit_table(circuits: pl.DataFrame, shape: tuple[int, int], inputs: Sequence) -> pl.DataFrame:
+    """The base circuits with the competence guard; ``shape`` is the model's (layers, heads per layer)."""
+    guard = [
+        {
+            "probe": ref.name,
+            "method": data.method,
+            "base_accuracy": data.competence[ref.name].accuracy,
+            "base_gap": data.competence[ref.name].gap,
+            "gap_ci_low": data.competence[ref.name].gap_ci_low,
+            "gap_ci_high": data.competence[ref.name].gap_ci_high,
+            "n_items": data.competence[ref.name].n_items,
+            "competent": data.competence[ref.name].competent,
+            "in_means": ref.in_means,
+            "excluded_because": _excluded_because(ref, data.competence[ref.name], data.circuits[ref.name]),
+        }
+        for data in inputs
+        for ref in data.refs
+    ]
+    base = circuits.filter(pl.col("model") == BASE_MODEL).join(
+        pl.DataFrame(guard), on=["probe", "method"], how="left"
+    )
     return base.select(
         "probe",
         "method",
@@ -127,42 +157,197 @@ def base_circuit_table(circuits: pl.DataFrame, shape: tuple[int, int]) -> pl.Dat
             return_dtype=pl.String,
         )
         .alias("circuit"),
+        "base_accuracy",
+        "base_gap",
+        "gap_ci_low",
+        "gap_ci_high",
+        "n_items",
+        "competent",
+        "in_means",
+        "excluded_because",
     ).sort("probe", "method")
 
 
-def checkpoint_table(
-    cfg: ExperimentConfig,
-    results: pl.DataFrame,
-    effects: pl.DataFrame,
-    circuits: pl.DataFrame,
-    noise_floor: pl.DataFrame | None = None,
-) -> pl.DataFrame:
+def _excluded_because(ref, competence: Competence, circuit: dict) -> str:
+    """Why a probe is left out of the means over prior capabilities ("" when it is in them)."""
+    if not competence.competent:
+        return f"the base model cannot do it: {competence.reason}"
+    if not ref.circuit.size:
+        return "empty base circuit"
+    if ref.name == TARGET_PROBE:
+        return "the target task's own probe (reported on its own)"
+    if not circuit["reached_tau"]:
+        return f"its circuit did not reach tau (faithfulness {circuit['faithfulness']:.3g})"
+    return ""
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything the matched comparison and the per-checkpoint tables of one patching method read."""
+
+    method: str
+    refs: list[ProbeReference]
+    layout: Layout
+    points: dict[str, Point]  # model id -> point (the base model included)
+    rows: list[dict]  # the results table's rows with their model id
+    competence: dict[str, Competence]
+    circuits: dict[str, dict]  # probe -> the base circuit's CIRCUITS_SCHEMA row
+    n_layers: int
+
+
+def _item_list(row: dict, column: str) -> np.ndarray | None:
+    values = row.get(column)
+    return None if values is None else np.asarray(values, dtype=np.float64)
+
+
+def _probe_parts(frame: pl.DataFrame, item_ld: np.ndarray | None) -> ProbeParts:
+    frame = frame.sort("layer", "head")
+    delta = np.array(frame["item_delta"].to_list(), dtype=np.float64)
+    return ProbeParts(delta, np.asarray(frame["item_denominator"][0], dtype=np.float64), item_ld)
+
+
+def _indices(frame: pl.DataFrame, heads: Sequence[Head]) -> np.ndarray:
+    """Rows of ``heads`` in the frame's (layer, head) order, as in ``ProbeParts.delta``."""
+    ordered = frame.sort("layer", "head")
+    index = {(la, h): i for i, (la, h) in enumerate(zip(ordered["layer"], ordered["head"], strict=True))}
+    return np.array([index[h] for h in heads], dtype=np.int64)
+
+
+def _competence(cfg: ExperimentConfig, effects: pl.DataFrame, base_row: dict) -> dict[str, Competence]:
+    """Per probe, from the base model's per-item gaps of a patching method (masks have none: one
+    pseudo-item, so with masks alone only the accuracy is checked)."""
+    out = {}
+    base = effects.filter(pl.col("model") == BASE_MODEL)
+    for probe in cfg.probes:
+        rows = base.filter(pl.col("probe") == probe.name)
+        gaps = rows.filter(pl.col("method") != MASK)
+        source = gaps if not gaps.is_empty() else rows
+        out[probe.name] = base_competence(
+            np.asarray(source["item_denominator"][0], dtype=np.float64),
+            float(base_row[f"probe/{probe.name}/accuracy"]),
+            probe.min_accuracy,
+            cfg.circuits.n_bootstrap,
+            cfg.circuits.ci_level,
+        )
+    return out
+
+
+def build_inputs(
+    cfg: ExperimentConfig, results: pl.DataFrame, effects: pl.DataFrame, circuits: pl.DataFrame, method: str
+) -> Inputs:
+    """Probe references and every model's point for one patching method, from the stored tables."""
     probes = [p.name for p in cfg.probes]
+    base_row = _base_row(results)
+    competence = _competence(cfg, effects, base_row)
+    own = {
+        (r["model"], r["probe"]): r for r in circuits.filter(pl.col("method") == method).iter_rows(named=True)
+    }
+    by_model = {
+        key: frame for key, frame in effects.filter(pl.col("method") == method).group_by("model", "probe")
+    }
+    refs = []
+    for probe in cfg.probes:
+        key = (BASE_MODEL, probe.name)
+        if key not in by_model or key not in own:
+            raise ValueError(f"no base-model effects or circuit for probe {probe.name} ({method}); rerun")
+        frame = by_model[key]
+        heads = circuit_heads(own[key])
+        usable = competence[probe.name].competent and bool(heads)
+        refs.append(
+            ProbeReference(
+                probe.name,
+                _probe_parts(frame, _item_list(base_row, f"probe/{probe.name}/item_ld")),
+                _indices(frame, heads) if usable else np.zeros(0, np.int64),
+                probe.lost_fraction,
+                in_means=usable and bool(own[key]["reached_tau"]) and probe.name != TARGET_PROBE,
+                in_forgetting=competence[probe.name].competent and probe.name != TARGET_PROBE,
+                base_score=(
+                    base_row[f"probe/{probe.name}/accuracy"],
+                    base_row[f"probe/{probe.name}/mean_ld"],
+                ),
+            )
+        )
     bench = bench_columns(results)
     base_bench = results.filter((pl.col("step") == 0) & (pl.col("init") == "base")).head(1)
-    floor = {}
-    if noise_floor is not None:
-        halves = noise_floor.filter(pl.col("kind") == "halves")
-        floor = {(r["probe"], r["method"]): r for r in halves.iter_rows(named=True)}
-    base = base_scores(results, probes)
-    reference = base_circuits(circuits)
-    own = {(r["model"], r["probe"], r["method"]): r for r in circuits.iter_rows(named=True)}
-    by_model = {key: frame for key, frame in effects.group_by("model", "probe", "method")}
-    rows = []
+    in_means = [r.name for r in refs if r.in_means]
+    points, rows = {}, []
     for row in _with_model(results).iter_rows(named=True):
-        for probe in probes:
-            for method in cfg.patching.methods:
-                key = (row["model"], probe, method)
-                if key not in own:
-                    raise ValueError(f"no circuit for model {row['model']} probe {probe} ({method}); rerun")
-                base_heads = reference[(probe, method)]
-                base_effects = by_model[(BASE_MODEL, probe, method)]
-                model_effects = by_model[key]
-                # An empty base circuit (the base model does not do the probe): nothing to preserve.
-                vulnerability = (
-                    head_vulnerability(base_effects, model_effects, base_heads) if base_heads else None
-                )
-                accuracy, mean_ld = row[f"probe/{probe}/accuracy"], row[f"probe/{probe}/mean_ld"]
+        model = row["model"]
+        rows.append(row)
+        if model in points:
+            continue
+        missing = [p for p in probes if (model, p) not in own or (model, p) not in by_model]
+        if missing:
+            raise ValueError(f"no effects or circuit for model {model} probe {missing[0]} ({method}); rerun")
+        faithful = [own[(model, p)]["base_circuit_faithfulness"] for p in in_means]
+        points[model] = Point(
+            step=row["step"],
+            kl=row.get("kl_to_base") or 0.0,
+            accuracy=row["target/accuracy"],
+            correct=_item_list(row, TARGET_ITEMS),
+            probes={
+                p: _probe_parts(by_model[(model, p)], _item_list(row, f"probe/{p}/item_ld")) for p in probes
+            },
+            circuit={p: _indices(by_model[(model, p)], circuit_heads(own[(model, p)])) for p in probes},
+            probe_scores={p: (row[f"probe/{p}/accuracy"], row[f"probe/{p}/mean_ld"]) for p in probes},
+            fixed={
+                "forgetting_bench": _bench_forgetting(base_bench, row, bench),
+                "base_circuit_faithfulness": float(np.mean(faithful)) if faithful else float("nan"),
+            },
+        )
+    fixed = ("forgetting_bench", "base_circuit_faithfulness")
+    circuit_rows = {p: own[(BASE_MODEL, p)] for p in probes}
+    n_layers = int(effects.filter(pl.col("model") == BASE_MODEL)["layer"].max()) + 1
+    return Inputs(method, refs, Layout.build(refs, fixed), points, rows, competence, circuit_rows, n_layers)
+
+
+def _base_row(results: pl.DataFrame) -> dict:
+    base = results.filter((pl.col("step") == 0) & (pl.col("init") == "base"))
+    if base.is_empty():
+        raise ValueError("the results table has no step-0 row of a trial started from the base model")
+    return base.row(0, named=True)
+
+
+def probe_status(ref: ProbeReference, competence: Competence, circuit: dict, lost: bool) -> str:
+    """What a checkpoint's row for a probe holds: ok, lost, or why the probe is not in the means."""
+    if not competence.competent:
+        return "not competent"
+    if not ref.circuit.size:
+        return "empty circuit"
+    if lost:
+        return "lost"
+    if ref.name == TARGET_PROBE:
+        return "target probe"
+    return "ok" if circuit["reached_tau"] else "below tau"
+
+
+def checkpoint_table(
+    cfg: ExperimentConfig, inputs: Sequence[Inputs], circuits: pl.DataFrame, noise_floor: pl.DataFrame
+) -> pl.DataFrame:
+    """One row per (trial, step, probe, patching method): the probe's numbers over all items."""
+    floor = {
+        (r["probe"], r["method"]): r
+        for r in noise_floor.filter(pl.col("kind") == "bootstrap").iter_rows(named=True)
+    }
+    own = {(r["model"], r["probe"], r["method"]): r for r in circuits.iter_rows(named=True)}
+    base_effects = {}
+    rows = []
+    for data in inputs:
+        numbers = {m: checkpoint_numbers(p, data.refs, data.layout) for m, p in data.points.items()}
+        for row in data.rows:
+            model, vector = row["model"], numbers[row["model"]]
+            for ref in data.refs:
+                key = (model, ref.name, data.method)
+                if (ref.name, data.method) not in base_effects:
+                    base_effects[(ref.name, data.method)] = _effects_frame(data.points[BASE_MODEL], ref)
+
+                def get(metric: str, ref=ref, vector=vector, layout=data.layout) -> float:
+                    return float(layout.scalar(vector, f"{ref.name}/{metric}"))
+
+                lost = bool(get("lost"))
+                status = probe_status(ref, data.competence[ref.name], data.circuits[ref.name], lost)
+                numbers_ok = status in ("ok", "below tau", "target probe")
+                nf = floor.get((ref.name, data.method), {})
                 rows.append(
                     {
                         "trial": row["trial"],
@@ -171,39 +356,53 @@ def checkpoint_table(
                         "learning_rate": row["learning_rate"],
                         "seed": row["seed"],
                         "step": row["step"],
-                        "model": row["model"],
+                        "model": model,
                         "target_accuracy": row["target/accuracy"],
                         "kl_to_base": row.get("kl_to_base") or 0.0,
-                        "probe": probe,
-                        "patching": method,
-                        "probe_accuracy": accuracy,
-                        "probe_mean_ld": mean_ld,
-                        "forgetting": base[probe][0] - accuracy,
-                        "forgetting_ld": base[probe][1] - mean_ld,
-                        "forgetting_bench": _bench_forgetting(base_bench, row, bench),
+                        "probe": ref.name,
+                        "patching": data.method,
+                        "status": status,
+                        "in_means": ref.in_means,
+                        "in_forgetting": ref.in_forgetting,
+                        "probe_accuracy": get("probe_accuracy"),
+                        "probe_mean_ld": get("probe_mean_ld"),
+                        "forgetting": get("forgetting"),
+                        "forgetting_ld": get("forgetting_ld"),
+                        "forgetting_bench": data.points[model].fixed["forgetting_bench"],
+                        "gap": get("gap"),
+                        "base_gap": data.competence[ref.name].gap,
+                        "lost": lost,
                         "circuit_size": own[key]["size"],
                         "faithfulness": own[key]["faithfulness"],
-                        "preservation": preservation(base_heads, circuit_heads(own[key]))
-                        if base_heads
-                        else None,
-                        "noise_floor_preservation": floor.get((probe, method), {}).get("preservation"),
-                        "noise_floor_jaccard": floor.get((probe, method), {}).get("jaccard"),
-                        "effect_spearman": effect_spearman(base_effects, model_effects),
+                        "preservation": get("preservation") if numbers_ok else None,
+                        "jaccard": get("jaccard") if numbers_ok else None,
+                        "effect_spearman": effect_spearman(
+                            base_effects[(ref.name, data.method)], _effects_frame(data.points[model], ref)
+                        ),
                         "base_circuit_faithfulness": own[key]["base_circuit_faithfulness"],
-                        "circuit_vulnerability": None
-                        if vulnerability is None
-                        else circuit_vulnerability(vulnerability),
+                        "circuit_vulnerability": get("circuit_vulnerability") if numbers_ok else None,
+                        "circuit_vulnerability_abs": get("circuit_vulnerability_abs")
+                        if ref.circuit.size
+                        else None,
+                        "noise_floor_preservation": nf.get("preservation"),
+                        "noise_floor_jaccard": nf.get("jaccard"),
+                        "noise_floor_vulnerability": nf.get("circuit_vulnerability"),
                     }
                 )
-    nullable = dict.fromkeys(
-        (*NOISE_FLOOR_COLUMNS, "forgetting_bench", "preservation", "circuit_vulnerability"), pl.Float64
-    )
-    table = pl.DataFrame(rows, schema_overrides=nullable)
+    table = pl.DataFrame(rows, schema_overrides=dict.fromkeys(NULLABLE, pl.Float64), infer_schema_length=None)
     return table.with_columns(
-        # Within the noise floor: the model keeps as much of the base circuit as the base keeps of itself
-        # from another half of the probe items, so it is not distinguishable from base.
+        # Not distinguishable from base: the model keeps as much of the base circuit as the base keeps of
+        # itself on a resample of its own items (the noise floor's 5th percentile).
         (pl.col("preservation") >= pl.col("noise_floor_preservation")).alias("within_noise_floor")
     ).sort("trial", "step", "probe", "patching")
+
+
+def _effects_frame(point: Point, ref: ProbeReference) -> pl.DataFrame:
+    """The point's effects on one probe as a (layer-free) frame for ``effect_spearman``."""
+    parts = point.probes[ref.name]
+    effect = parts.delta.mean(axis=1) / parts.denominator.mean()
+    index = list(range(len(effect)))
+    return pl.DataFrame({"layer": index, "head": [0] * len(index), "effect": effect})
 
 
 def bench_columns(results: pl.DataFrame) -> list[str]:
@@ -224,107 +423,203 @@ def benchmark_table(results: pl.DataFrame) -> pl.DataFrame:
 
 
 def summary_table(checkpoints: pl.DataFrame) -> pl.DataFrame:
+    """Per checkpoint and patching method, means over the probes in means (competent, circuit reached
+    tau, prior capabilities only): lost probes count in ``n_lost`` and in forgetting, not in P, J or V."""
     keys = ["trial", "training", "init", "learning_rate", "seed", "step", "model", "patching"]
+    first = ("target_accuracy", "kl_to_base", "forgetting_bench")
+    means = (
+        "forgetting",
+        "forgetting_ld",
+        "preservation",
+        "jaccard",
+        "base_circuit_faithfulness",
+        "circuit_vulnerability",
+        "circuit_vulnerability_abs",
+        "circuit_size",
+        "faithfulness",
+        *NOISE_FLOOR_COLUMNS,
+    )
+    every = checkpoints.group_by(keys, maintain_order=True).agg(*[pl.col(c).first() for c in first])
+    prior = checkpoints.filter(pl.col("in_means"))
+    aggregated = prior.group_by(keys, maintain_order=True).agg(
+        *[pl.col(c).mean() for c in means],
+        pl.col("lost").sum().cast(pl.Int64).alias("n_lost"),
+        pl.len().cast(pl.Int64).alias("n_probes"),
+    )
     return (
-        checkpoints.group_by(keys, maintain_order=True)
-        .agg(
-            pl.col("target_accuracy").first(),
-            pl.col("kl_to_base").first(),
-            pl.col("forgetting_bench").first(),
-            *[
-                pl.col(c).mean()
-                for c in (
-                    "forgetting",
-                    "forgetting_ld",
-                    "preservation",
-                    "base_circuit_faithfulness",
-                    "circuit_vulnerability",
-                    "circuit_size",
-                    "faithfulness",
-                    *NOISE_FLOOR_COLUMNS,
-                )
-            ],
-        )
+        every.join(aggregated, on=keys, how="left")
+        .with_columns(pl.col("n_probes").fill_null(0), pl.col("n_lost").fill_null(0))
         .sort("trial", "step", "patching")
     )
 
 
-def _item_parts(effects: pl.DataFrame, heads: Sequence[tuple[int, int]]) -> ItemParts:
-    lookup = {(la, h): d for la, h, d in effects.select("layer", "head", "item_delta").iter_rows()}
-    delta = np.array([lookup[head] for head in heads], dtype=np.float64)
-    return ItemParts(delta, np.asarray(effects["item_denominator"][0], dtype=np.float64))
-
-
-def _runs(summary: pl.DataFrame, patching: str, training: str) -> list[pl.DataFrame]:
-    rows = summary.filter((pl.col("patching") == patching) & (pl.col("training") == training))
-    return [frame.sort("step") for _, frame in rows.group_by("trial", maintain_order=True)]
-
-
-def matched_accuracy(summary: pl.DataFrame, patching: str) -> float | None:
-    """The target accuracy both methods reach: min over methods of the best step-mean accuracy."""
-    best = []
-    for training in TRAINING_METHODS:
-        rows = summary.filter((pl.col("patching") == patching) & (pl.col("training") == training))
-        if rows.is_empty():
-            return None
-        best.append(rows.group_by("step").agg(pl.col("target_accuracy").mean())["target_accuracy"].max())
-    return float(min(best))
-
-
-def common_steps(summary: pl.DataFrame, patching: str) -> list[int]:
-    """Steps after 0 evaluated by both methods."""
-    steps = [
-        set(summary.filter((pl.col("patching") == patching) & (pl.col("training") == t))["step"].to_list())
-        for t in TRAINING_METHODS
-    ]
-    return sorted(s for s in steps[0] & steps[1] if s > 0)
-
-
-def dcv_heads_table(
-    cfg: ExperimentConfig, effects: pl.DataFrame, circuits: pl.DataFrame, summary: pl.DataFrame
+def noise_floor_table(
+    cfg: ExperimentConfig, inputs: Sequence[Inputs], stored: pl.DataFrame | None
 ) -> pl.DataFrame:
-    reference = base_circuits(circuits)
-    by_model = {key: frame for key, frame in effects.group_by("model", "probe", "method")}
-    weakened = cfg.circuits.mask.weakened_delta
-    frames = []
-    for (probe, method), heads in sorted(reference.items()):
-        if not heads:
+    """The patching methods' floor from the base model's per-item parts, beside the masks' stored rows."""
+    rows = []
+    for data in inputs:
+        if data.method == MASK or not cfg.circuits.noise_floor:
             continue
-        base = _item_parts(by_model[(BASE_MODEL, probe, method)], heads)
+        base = data.points[BASE_MODEL]
+        for ref in data.refs:
+            if not ref.circuit.size:
+                continue
+            parts = base.probes[ref.name]
+            draws = bootstrap_floor(
+                parts.delta, parts.denominator, ref.circuit, cfg.circuits.noise_floor_resamples, seed=0
+            )
+            rows.append(
+                floor_row(ref.name, data.method, "bootstrap", parts.delta.shape[1], len(ref.circuit), draws)
+            )
+    computed = pl.DataFrame(rows, schema=NOISE_FLOOR_SCHEMA)
+    if stored is None or stored.is_empty() or stored.schema != NOISE_FLOOR_SCHEMA:
+        return computed
+    return pl.concat([computed, stored]).sort("probe", "method", "kind")
 
-        def runs(training: str, probe=probe, method=method, heads=heads) -> list[list[Checkpoint]]:
-            return [
-                [
-                    Checkpoint(step, accuracy, _item_parts(by_model[(model, probe, method)], heads))
-                    for step, accuracy, model in run.select("step", "target_accuracy", "model").iter_rows()
-                ]
-                for run in _runs(summary, method, training)
-            ]
 
-        sft, rl = runs("sft"), runs("rl")
-        if not sft or not rl:
+def run_list(inputs: Inputs, summary: pl.DataFrame) -> list[Run]:
+    """Every fine-tuning run as matched-comparison points; an RL-after-SFT run's step 0 is its SFT start
+    point, never a point of RL."""
+    runs = []
+    rows = summary.filter(pl.col("patching") == inputs.method)
+    for (trial,), frame in rows.group_by("trial", maintain_order=True):
+        frame = frame.sort("step")
+        method = frame["training"][0]
+        models = frame.filter(~((pl.col("step") == 0) & pl.col("init").str.starts_with("sft:")))["model"]
+        points = tuple(inputs.points[m] for m in models)
+        if points:
+            runs.append(Run(trial, method, points))
+    return runs
+
+
+HEADLINE_SCHEMA = {
+    "patching": pl.String,
+    "matched_by": pl.String,  # accuracy | kl | step
+    "matched_at": pl.Float64,
+    # "ok"; "insufficient runs" (fewer than analysis.min_runs runs of a method reach the level: no numbers);
+    # "no variation" (the CI holds one value: at least 95% of bootstrap draws agree, no interval to give)
+    "status": pl.String,
+    "metric": pl.String,
+    "training": pl.String,  # sft | rl | sft-rl
+    "mean": pl.Float64,
+    "ci_low": pl.Float64,
+    "ci_high": pl.Float64,
+    "se": pl.Float64,  # bootstrap standard error
+    "mde": pl.Float64,  # sft-rl: minimum detectable difference at 80% power, two-sided 5%
+    "n_resamples": pl.Int64,  # bootstrap draws in which both methods had a run at the level
+    "n_runs_sft": pl.Int64,
+    "n_runs_rl": pl.Int64,
+    "n_probe_items": pl.Int64,  # items per probe (the smallest probe's)
+    "n_target_items": pl.Int64,  # target test items resampled (0: not stored, accuracy not resampled)
+}
+
+
+def matched_tables(
+    cfg: ExperimentConfig, inputs: Inputs, summary: pl.DataFrame
+) -> tuple[list[dict], list[pl.DataFrame]]:
+    """(headline rows, dcv_heads frames) of one patching method on the matched grid."""
+    runs = run_list(inputs, summary)
+    base = inputs.points[BASE_MODEL]
+    a = cfg.analysis
+    levels = grid(runs, inputs.layout, base.accuracy, a.accuracy_step, a.kl_levels)
+    c = cfg.circuits
+    compared = compare(runs, inputs.refs, inputs.layout, levels, a.min_runs, c.n_bootstrap)
+    n_probe_items = min(ref.base.denominator.shape[0] for ref in inputs.refs)
+    n_target = max((p.correct.shape[0] for r in runs for p in r.points if p.correct is not None), default=0)
+    common = {
+        "patching": inputs.method,
+        "n_probe_items": n_probe_items,
+        "n_target_items": n_target,
+    }
+    rows, heads = [], []
+    for level in compared:
+        where = {**common, "matched_by": level.axis, "matched_at": level.value}
+        runs_of = {"n_runs_sft": level.n_runs["sft"], "n_runs_rl": level.n_runs["rl"]}
+        if not level.used:
+            rows.append({**where, **runs_of, "status": "insufficient runs"})
             continue
-        level = matched_accuracy(summary, method)
-        for by, values in (("step", common_steps(summary, method)), ("accuracy", [level])):
-            try:
-                table = dcv_table(
-                    base, heads, sft, rl, by, values, cfg.circuits.n_bootstrap, cfg.circuits.ci_level
+        bounds = {k: interval(v, c.ci_level) for k, v in level.draws.items()}
+        for metric in HEADLINE_METRICS:
+            if metric == MATCHED_ON.get(level.axis):
+                continue  # equal to the level by construction: not a comparison
+            at = inputs.layout.slices[metric].start
+            if not np.isfinite([level.mean[m][at] for m in TRAINING_METHODS]).all():
+                continue  # no such number here (no benchmarks, no probe in means)
+            for training in (*TRAINING_METHODS, "sft-rl"):
+                low, high, se, valid = (b[at] for b in bounds[training])
+                # The CI holds one value (e.g. no run lost a probe, or 95% of draws keep every circuit head):
+                # a fact about these runs and items, printed as such, never as an interval.
+                constant = bool(low == high)
+                mean = (
+                    level.mean["sft"][at] - level.mean["rl"][at]
+                    if training == "sft-rl"
+                    else level.mean[training][at]
                 )
-            except ValueError:
-                continue  # no such point reached by both methods
-            base_effect = by_model[(BASE_MODEL, probe, method)].select("layer", "head", "effect")
-            # DCV_h |e_h(base)| = e_h(RL) - e_h(SFT): for masks the seed paper's m_h(RL) - m_h(SFT).
-            gap = (pl.col("dcv") * pl.col("base_effect").abs()).alias("effect_gap")
-            table = table.join(
-                base_effect.rename({"effect": "base_effect"}), on=["layer", "head"]
-            ).with_columns(pl.lit(probe).alias("probe"), pl.lit(method).alias("patching"), gap)
-            frames.append(table.with_columns((pl.col("effect_gap") > weakened).alias("sft_weakened")))
-    if not frames:
-        return pl.DataFrame()
-    return pl.concat(frames).select("probe", "patching", pl.exclude("probe", "patching"))
+                rows.append(
+                    {
+                        **where,
+                        **runs_of,
+                        "status": "no variation" if constant else "ok",
+                        "metric": metric,
+                        "training": training,
+                        "mean": float(mean),
+                        "ci_low": float(low),
+                        "ci_high": float(high),
+                        "se": float(se),
+                        "mde": float(MDE_FACTOR * se) if training == "sft-rl" else None,
+                        "n_resamples": int(valid),
+                    }
+                )
+        heads += _dcv_heads(cfg, inputs, level, bounds["sft-rl"])
+    return rows, heads
+
+
+def _dcv_heads(cfg: ExperimentConfig, inputs: Inputs, level, bounds) -> list[pl.DataFrame]:
+    """DCV_h = v_h(SFT) - v_h(RL) of every base-circuit head at one used level, with its CI."""
+    frames = []
+    base = inputs.points[BASE_MODEL]
+    low, high, _, _ = bounds
+    for ref in inputs.refs:
+        if not ref.circuit.size:
+            continue
+        span = inputs.layout.slices[f"{ref.name}/v"]
+        frame = _effects_frame(base, ref)
+        base_effect = frame["effect"].to_numpy()[ref.circuit]
+        n_heads = base.probes[ref.name].delta.shape[0]
+        n_per_layer = n_heads // inputs.n_layers
+        dcv = level.mean["sft"][span] - level.mean["rl"][span]
+        frames.append(
+            pl.DataFrame(
+                {
+                    "probe": ref.name,
+                    "patching": inputs.method,
+                    "by": level.axis,
+                    "value": level.value,
+                    "layer": (ref.circuit // n_per_layer).astype(np.int32),
+                    "head": (ref.circuit % n_per_layer).astype(np.int32),
+                    "base_effect": base_effect,
+                    "dcv": dcv,
+                    "ci_low": low[span],
+                    "ci_high": high[span],
+                    "n_sft": level.n_runs["sft"],
+                    "n_rl": level.n_runs["rl"],
+                    "in_means": ref.in_means,
+                }
+            )
+            .with_columns(
+                # DCV_h |e_h(base)| = e_h(RL) - e_h(SFT) in the base direction: for masks the seed paper's
+                # m_h(RL) - m_h(SFT).
+                (pl.col("dcv") * pl.col("base_effect").abs()).alias("effect_gap")
+            )
+            .with_columns((pl.col("effect_gap") > cfg.circuits.mask.weakened_delta).alias("sft_weakened"))
+        )
+    return frames
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float | None:
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
     if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return None
     rx, ry = pl.Series(x).rank("average").to_numpy(), pl.Series(y).rank("average").to_numpy()
@@ -332,15 +627,15 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float | None:
 
 
 def correlation_table(checkpoints: pl.DataFrame, summary: pl.DataFrame) -> pl.DataFrame:
-    """Spearman of V(M) with forgetting over fine-tuned checkpoints (step > 0)."""
-    tuned_probes = checkpoints.filter(pl.col("step") > 0)
+    """Spearman of V(M) with forgetting over fine-tuned checkpoints (step > 0), probes in means."""
+    tuned_probes = checkpoints.filter((pl.col("step") > 0) & pl.col("in_means"))
     tuned_mean = summary.filter(pl.col("step") > 0).with_columns(pl.lit("mean").alias("probe"))
     rows = []
     for frame in (tuned_probes, tuned_mean):
         for (probe, patching), group in frame.group_by("probe", "patching", maintain_order=True):
             for training in (*TRAINING_METHODS, "pooled"):
                 rows_of = group if training == "pooled" else group.filter(pl.col("training") == training)
-                v = rows_of["circuit_vulnerability"].to_numpy()
+                v = rows_of["circuit_vulnerability"].cast(pl.Float64).fill_null(np.nan).to_numpy()
                 rows.append(
                     {
                         "probe": probe,
@@ -360,75 +655,6 @@ def correlation_table(checkpoints: pl.DataFrame, summary: pl.DataFrame) -> pl.Da
         "spearman_forgetting_ld": pl.Float64,
     }
     return pl.DataFrame(rows, schema=schema).sort("probe", "patching", "training")
-
-
-def _at(run: pl.DataFrame, by: str, value: float, metrics: Sequence[str]) -> dict[str, float] | None:
-    """A run's ``metrics`` interpolated where it first reaches ``value`` of ``by``."""
-    column = "target_accuracy" if by == "accuracy" else "step"
-    weights = interpolation_weights([float(x) for x in run[column].to_list()], value)
-    if weights is None:
-        return None
-    return {m: sum(w * float(run[m][j]) for j, w in weights) for m in metrics}
-
-
-def headline_table(summary: pl.DataFrame, n_bootstrap: int, ci_level: float, seed: int = 0) -> pl.DataFrame:
-    """SFT, RL and SFT - RL at matched target accuracy and at the last matched step, with CIs over runs."""
-    rng = np.random.default_rng(seed)
-    alpha = (1 - ci_level) / 2
-    rows = []
-    for patching in summary["patching"].unique().sort().to_list():
-        # Metrics a method has everywhere (no benchmarks configured, or no base circuit: left out).
-        of_method = summary.filter(pl.col("patching") == patching)
-        metrics = [m for m in HEADLINE_METRICS if of_method[m].null_count() == 0]
-        points = []
-        level = matched_accuracy(summary, patching)
-        if level is not None:
-            points.append(("accuracy", level))
-        steps = common_steps(summary, patching)
-        if steps:
-            points.append(("step", float(steps[-1])))
-        for by, value in points:
-            values = {}
-            for training in TRAINING_METHODS:
-                at = [_at(run, by, value, metrics) for run in _runs(summary, patching, training)]
-                values[training] = [a for a in at if a is not None]
-            if not values["sft"] or not values["rl"]:
-                continue
-            for metric in metrics:
-                sft = np.array([a[metric] for a in values["sft"]])
-                rl = np.array([a[metric] for a in values["rl"]])
-                boot_sft = sft[rng.integers(0, len(sft), (n_bootstrap, len(sft)))].mean(axis=1)
-                boot_rl = rl[rng.integers(0, len(rl), (n_bootstrap, len(rl)))].mean(axis=1)
-                for training, point, boot, n in (
-                    ("sft", sft.mean(), boot_sft, len(sft)),
-                    ("rl", rl.mean(), boot_rl, len(rl)),
-                    ("sft-rl", sft.mean() - rl.mean(), boot_sft - boot_rl, min(len(sft), len(rl))),
-                ):
-                    rows.append(
-                        {
-                            "patching": patching,
-                            "matched_by": by,
-                            "matched_at": value,
-                            "metric": metric,
-                            "training": training,
-                            "mean": float(point),
-                            "ci_low": float(np.quantile(boot, alpha)),
-                            "ci_high": float(np.quantile(boot, 1 - alpha)),
-                            "n_runs": n,
-                        }
-                    )
-    schema = {
-        "patching": pl.String,
-        "matched_by": pl.String,
-        "matched_at": pl.Float64,
-        "metric": pl.String,
-        "training": pl.String,
-        "mean": pl.Float64,
-        "ci_low": pl.Float64,
-        "ci_high": pl.Float64,
-        "n_runs": pl.Int64,
-    }
-    return pl.DataFrame(rows, schema=schema)
 
 
 def after_sft_table(summary: pl.DataFrame) -> pl.DataFrame:
@@ -515,22 +741,27 @@ def analyze(
     circuits: pl.DataFrame,
     noise_floor: pl.DataFrame | None = None,
 ) -> dict[str, pl.DataFrame]:
-    """Every analysis table (TABLES) from the stored results, effects, circuits and noise-floor tables."""
-    from dcv.circuits.noise_floor import NOISE_FLOOR_SCHEMA
-
+    """Every analysis table (TABLES) from the stored results, effects, circuits and (masks') noise-floor
+    tables."""
     heads = effects.filter(pl.col("model") == BASE_MODEL)
     shape = (int(heads["layer"].max()) + 1, int(heads["head"].max()) + 1)
-    checkpoints = checkpoint_table(cfg, results, effects, circuits, noise_floor)
+    inputs = [build_inputs(cfg, results, effects, circuits, m) for m in cfg.patching.methods]
+    floor = noise_floor_table(cfg, inputs, noise_floor)
+    checkpoints = checkpoint_table(cfg, inputs, circuits, floor)
     summary = summary_table(checkpoints)
-    c = cfg.circuits
+    headline, heads_frames = [], []
+    for data in inputs:
+        rows, frames = matched_tables(cfg, data, summary)
+        headline += rows
+        heads_frames += frames
     return {
-        "base_circuits": base_circuit_table(circuits, shape),
+        "base_circuits": base_circuit_table(circuits, shape, inputs),
         "checkpoints": checkpoints,
         "summary": summary,
-        "dcv_heads": dcv_heads_table(cfg, effects, circuits, summary),
+        "dcv_heads": pl.concat(heads_frames) if heads_frames else pl.DataFrame(),
         "correlations": correlation_table(checkpoints, summary),
-        "headline": headline_table(summary, c.n_bootstrap, c.ci_level),
-        "noise_floor": pl.DataFrame(schema=NOISE_FLOOR_SCHEMA) if noise_floor is None else noise_floor,
+        "headline": pl.DataFrame(headline, schema=HEADLINE_SCHEMA),
+        "noise_floor": floor,
         "after_sft": after_sft_table(summary),
         "benchmarks": benchmark_table(results),
         "paper": paper_table(summary),

@@ -20,6 +20,10 @@
                                               analysis and report (each stage resumes; see dcv.experiment);
                                               prints where the report and the MLflow store are
     dcv report RUN_DIR                        the report again from a run's stored analysis tables
+    dcv calibrate CONFIG [--probe P] [--k 1,2,3,5] [--alpha 0]
+                                              planted damage on the base model (top-k circuit heads, k
+                                              random heads, an exact copy) through the same patching,
+                                              circuits and analysis; prints and writes the table
     dcv patch-all CONFIG [--probe P ...]      head effects of the base model and every checkpoint of the
                                               sweep's results table, on a Ray Data actor pool; writes
                                               <storage>/patching/effects.parquet; finished items are skipped
@@ -81,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="the whole experiment: sweep, patching, circuits, analysis, report")
     run.add_argument("config")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    calibrate = commands.add_parser("calibrate", help="planted damage on the base: what dcv can detect")
+    calibrate.add_argument("config")
+    calibrate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    calibrate.add_argument("--probe", dest="probes", action="append", help="only this probe (repeatable)")
+    calibrate.add_argument("--k", help="comma-separated head counts, e.g. 1,2,3,5 (default calibration.k)")
+    calibrate.add_argument("--alpha", type=float, help="scale of the planted heads' output (default 0)")
     report = commands.add_parser("report", help="rebuild a run's report from its stored tables")
     report.add_argument("run_dir", help="the run's storage.root (holds experiment_config.json)")
     return parser
@@ -96,6 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         return 0
     overrides = list(getattr(args, "overrides", []))
+    if args.command == "calibrate":
+        overrides += [f"calibration.k=[{args.k}]"] if args.k else []
+        overrides += [f"calibration.alpha={args.alpha}"] if args.alpha is not None else []
     try:
         cfg = load_config(args.config, overrides)
         model_cfg = cfg.model
@@ -119,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_experiment_command(cfg)
         elif args.command == "patch-all":
             run_patch_all(cfg, args.probes)
+        elif args.command == "calibrate":
+            run_calibrate(cfg, args.probes)
         else:
             if args.probe not in [p.name for p in cfg.probes]:
                 names = ", ".join(p.name for p in cfg.probes)
@@ -280,6 +295,49 @@ def run_experiment_command(cfg: ExperimentConfig):
     return run
 
 
+def run_calibrate(cfg: ExperimentConfig, probes: list[str] | None):
+    """``dcv calibrate``: the base snapshot, then planted damage through patching and circuits."""
+    import polars as pl
+
+    from dcv import tracking
+    from dcv.calibration import CALIBRATION_FILE, calibration_dir, run_calibration
+    from dcv.circuits.pipeline import select_probes
+    from dcv.experiment import prepare_base
+
+    _quiet_transformers()
+    select_probes(cfg, probes)  # an unknown probe fails before anything starts
+    storage = tracking.local_storage_root(cfg)
+    init_ray()
+    start = time.perf_counter()
+    table = run_calibration(prepare_base(cfg, storage), storage, probes)
+    columns = [
+        "probe",
+        "kind",
+        "k",
+        "preservation",
+        "noise_floor_preservation",
+        "circuit_vulnerability_abs",
+        "v_ci_low",
+        "v_ci_high",
+        "planted_in_top_k",
+        "planted_in_top5",
+        "detected",
+        "flagged",
+    ]
+    with pl.Config(tbl_rows=60, tbl_cols=20, tbl_width_chars=200):
+        print(table.select(columns))
+    for (probe,), rows in table.group_by("probe", maintain_order=True):
+        row = rows.row(0, named=True)
+        print(
+            f"{probe}: minimum detectable damage k = {row['min_detectable_k']}; minimum detectable effect "
+            f"(one model, {row['n_items']} items): V {row['mde_vulnerability']:.3g}, "
+            f"P {row['mde_preservation']:.3g}, forgetting {row['mde_forgetting']:.3g}"
+        )
+    path = calibration_dir(storage) / CALIBRATION_FILE
+    print(f"calibrated in {time.perf_counter() - start:.0f} s; table: {path}")
+    return table
+
+
 def run_report(run_dir: Path):
     from dcv import tracking
     from dcv.experiment import load_run_config, rebuild_report
@@ -350,12 +408,24 @@ def model_slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name.strip("/")).strip("_.") or "model"
 
 
-def patch_table_path(cfg: ExperimentConfig, model_name: str, probe: str, method: str) -> Path:
+def patch_table_path(cfg: ExperimentConfig, model_cfg: ModelConfig, probe: str, method: str) -> Path:
+    """``<storage>/patching/cli/<model>__<probe>__<method>__<hash>.parquet``; the hash covers what decides
+    the table (the model's config, the probe's items, ig steps), so a changed config is never reused."""
+    import hashlib
+    import json
+
+    from dcv.circuits.pipeline import probe_key
     from dcv.tracking import local_storage_root
 
-    return (
-        local_storage_root(cfg) / "patching" / "cli" / f"{model_slug(model_name)}__{probe}__{method}.parquet"
-    )
+    decides = {
+        "model": model_cfg.model_dump(mode="json", exclude={"cache_dir"}),
+        **probe_key(cfg, probe),
+        "method": method,
+        "ig_steps": cfg.patching.ig_steps if method == "ig" else None,
+    }
+    digest = hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()[:12]
+    name = f"{model_slug(model_cfg.name)}__{probe}__{method}__{digest}.parquet"
+    return local_storage_root(cfg) / "patching" / "cli" / name
 
 
 def run_patch(cfg: ExperimentConfig, model_cfg: ModelConfig, probe: str, method: str, top: int):
@@ -368,7 +438,7 @@ def run_patch(cfg: ExperimentConfig, model_cfg: ModelConfig, probe: str, method:
     from dcv.tasks.probes import build_probe
 
     _quiet_transformers()
-    path = patch_table_path(cfg, model_cfg.name, probe, method)
+    path = patch_table_path(cfg, model_cfg, probe, method)
     tokenizer = load_tokenizer(model_cfg)
     items = build_probe(cfg.probe(probe), tokenizer, cfg.target_task).items
     table = read_parquet(path)
@@ -427,7 +497,7 @@ def run_circuit(cfg: ExperimentConfig, model_cfg: ModelConfig, probe: str, metho
     )
     print("heads (layer.head): " + " ".join(f"{layer}.{head}" for layer, head in circuit.heads))
     print("faithfulness of the top-k sets: " + " ".join(f"{f:.2f}" for f in circuit.curve))
-    table_path = patch_table_path(cfg, model_cfg.name, probe, method)
+    table_path = patch_table_path(cfg, model_cfg, probe, method)
     circuit_path = write_parquet(circuit_table(circuit, effects), table_path.with_suffix(".circuit.parquet"))
     png = plot_head_heatmap(
         effects,

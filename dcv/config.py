@@ -164,6 +164,16 @@ class ProbeConfig(Section):
     name: Literal[PROBE_NAMES]
     n_items: PositiveInt = 64
     seed: int = 0
+    min_accuracy: Probability = Field(
+        0.7,
+        description="competence guard: the base model must get at least this share of items right (LD > 0) "
+        "and its gap's item-bootstrap CI must lie above 0, or the probe is not used for circuits",
+    )
+    lost_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.25,
+        description="a checkpoint whose gap fell below this fraction of the base gap has lost the behaviour: "
+        "reported as 'lost' (and as forgetting), never as effects divided by a gap near 0",
+    )
 
 
 class EvaluationConfig(Section):
@@ -207,6 +217,12 @@ class RLConfig(Section):
         0.0, description="KL coefficient; 0 skips the reference model"
     )
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
+    scale_rewards: Literal["group", "batch", "none"] | None = Field(
+        None,
+        description="divide advantages by the reward std of the group, of the batch, or not at all; "
+        "default: 'none' for loss_type dr_grpo (Dr. GRPO drops the std, as the seed paper runs it), "
+        "TRL's 'group' otherwise",
+    )
     num_iterations: PositiveInt = Field(1, description="policy updates per generation batch")
     temperature: PositiveFloat = 1.0
     max_completion_length: PositiveInt = 32
@@ -328,9 +344,45 @@ class CircuitsConfig(Section):
     mask: MaskConfig = Field(default_factory=MaskConfig)
     noise_floor: bool = Field(
         True,
-        description="find each base circuit again from disjoint halves of the probe items (and another "
+        description="the base circuit against itself on bootstrap resamples of its probe items (and another "
         "mask seed): the base-vs-base agreement every preservation figure is read against",
     )
+    noise_floor_resamples: Annotated[int, Field(ge=20)] = Field(
+        200, description="B: bootstrap resamples of the probe items behind the noise floor (patching methods)"
+    )
+    mask_noise_floor_resamples: PositiveInt = Field(
+        3,
+        description="masks only: resamples whose masks are learned again (each costs a full mask fit), "
+        "beside one refit with the next seed",
+    )
+
+
+class AnalysisConfig(Section):
+    """The matched SFT-vs-RL comparison (DESIGN "Statistics")."""
+
+    accuracy_step: Annotated[float, Field(gt=0, le=0.5)] = Field(
+        0.05, description="target-accuracy levels of the matched grid: multiples of this above the base's"
+    )
+    kl_levels: PositiveInt = Field(
+        6, description="KL-to-base levels: evenly spaced up to the largest KL seen"
+    )
+    min_runs: Annotated[int, Field(ge=2)] = Field(
+        2, description="a matched level is used only where at least this many runs of each method reach it"
+    )
+
+
+class CalibrationConfig(Section):
+    """Planted damage on the base model, through the same patching, circuits and analysis (dcv calibrate)."""
+
+    enabled: bool = Field(False, description="run calibration as a stage of dcv run")
+    probes: list[Literal[PROBE_NAMES]] | None = Field(
+        None, description="probes to plant damage for; default every competent prior probe"
+    )
+    k: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 3, 5], min_length=1)
+    alpha: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.0, description="planted heads' o_proj input columns are scaled by alpha: 0 ablates, 0.5 halves"
+    )
+    seed: int = Field(0, description="draws the random non-circuit heads")
 
 
 class BenchmarksConfig(Section):
@@ -442,6 +494,8 @@ class ExperimentConfig(Section):
     sweep: SweepConfig = SweepConfig()
     patching: PatchingConfig = PatchingConfig()
     circuits: CircuitsConfig = CircuitsConfig()
+    analysis: AnalysisConfig = AnalysisConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
     benchmarks: BenchmarksConfig = BenchmarksConfig()
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()

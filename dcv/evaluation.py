@@ -4,6 +4,9 @@
   and reward RL trains with (`dcv.tasks.answers`).
 - **Probe scores**: accuracy (LD > 0) and mean logit difference at the last position of the clean prompts.
   Items are batched by length, so no prompt is padded and every LD is exact.
+- **Per-item scores**: the vectors behind those means (1.0/0.0 per target test item, LD_clean per probe
+  item, each in item order), for the analysis' bootstrap over items. ``evaluate_model_scores`` returns
+  them with the metrics; each mean is ``statistics.fmean`` of its vector, so the two agree exactly.
 - **KL(base || model)**: continuations sampled once from the base model on target prompts, then the
   token-mean of the full-vocabulary forward KL over those continuation tokens (RL's Razor's forgetting
   predictor). The samples are a `KLReference`, built once per experiment and reused for every checkpoint.
@@ -14,6 +17,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from statistics import fmean
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +34,7 @@ class TargetScore:
     accuracy: float
     format_rate: float  # share of answers inside <answer></answer> tags
     n_items: int
+    correct: tuple[float, ...]  # [n_items] 1.0 / 0.0 per test item, in item order
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,17 @@ class ProbeScore:
     accuracy: float
     mean_ld: float
     n_items: int
+    ld: tuple[float, ...]  # [n_items] LD_clean per probe item, in item order
+
+
+@dataclass(frozen=True)
+class ModelScores:
+    """A checkpoint's scores: flat scalar ``metrics`` (MLflow / Ray Train names, all floats) and the
+    per-item vectors behind them, ``item_scores``: ``target/correct`` [n_test] and ``probe/<name>/ld``
+    [n_probe], each in item order."""
+
+    metrics: dict[str, float]
+    item_scores: dict[str, list[float]]
 
 
 @dataclass(frozen=True)
@@ -127,8 +143,8 @@ def probe_logit_diffs(
 
 
 def evaluate_probe(model: PreTrainedModel, probe: ProbeSet, batch_size: int) -> ProbeScore:
-    ld = probe_logit_diffs(model, probe.items, batch_size)
-    return ProbeScore(probe.name, float((ld > 0).float().mean()), float(ld.mean()), len(probe))
+    ld = tuple(probe_logit_diffs(model, probe.items, batch_size).tolist())
+    return ProbeScore(probe.name, fmean(v > 0 for v in ld), fmean(ld), len(probe), ld)
 
 
 def chat_prompts(tokenizer: PreTrainedTokenizerBase, conversations: Sequence) -> list[str]:
@@ -213,12 +229,12 @@ def evaluate_target(
     max_new_tokens: int,
 ) -> TargetScore:
     _, _, texts = generate_completions(model, tokenizer, items, batch_size, max_new_tokens)
-    correct = [
+    correct = tuple(
         score_answer(text, item.gold, options=item.options, answer_format=item.answer_format)
         for text, item in zip(texts, items, strict=True)
-    ]
+    )
     tagged = [has_answer_tag(text) for text in texts]
-    return TargetScore(sum(correct) / len(items), sum(tagged) / len(items), len(items))
+    return TargetScore(fmean(correct), sum(tagged) / len(items), len(items), correct)
 
 
 def sample_kl_reference(
@@ -273,6 +289,35 @@ def kl_to_base(
     return total / max(count, 1.0)
 
 
+def evaluate_model_scores(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: EvaluationConfig,
+    target_items: Sequence[QAItem],
+    probes: Sequence[ProbeSet],
+    base_model: PreTrainedModel | None = None,
+    kl_reference: KLReference | None = None,
+) -> ModelScores:
+    """All of a checkpoint's scores: flat metrics (``target/accuracy``, ``probe/ioi/mean_ld``, ...) and
+    per-item vectors (``target/correct``, ``probe/ioi/ld``)."""
+    target = evaluate_target(model, tokenizer, target_items, cfg.batch_size, cfg.max_new_tokens)
+    metrics = {
+        "target/accuracy": target.accuracy,
+        "target/format_rate": target.format_rate,
+        "target/n_items": float(target.n_items),
+    }
+    item_scores = {"target/correct": list(target.correct)}
+    for probe in tqdm(probes, desc="probes", leave=False):
+        score = evaluate_probe(model, probe, cfg.batch_size)
+        metrics[f"probe/{probe.name}/accuracy"] = score.accuracy
+        metrics[f"probe/{probe.name}/mean_ld"] = score.mean_ld
+        metrics[f"probe/{probe.name}/n_items"] = float(score.n_items)
+        item_scores[f"probe/{probe.name}/ld"] = list(score.ld)
+    if base_model is not None and kl_reference is not None:
+        metrics["kl_to_base"] = kl_to_base(base_model, model, kl_reference, cfg.batch_size)
+    return ModelScores(metrics, item_scores)
+
+
 def evaluate_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -282,18 +327,6 @@ def evaluate_model(
     base_model: PreTrainedModel | None = None,
     kl_reference: KLReference | None = None,
 ) -> dict[str, float]:
-    """All of a checkpoint's scores as flat metric names (``target/accuracy``, ``probe/ioi/mean_ld``, ...)."""
-    target = evaluate_target(model, tokenizer, target_items, cfg.batch_size, cfg.max_new_tokens)
-    metrics = {
-        "target/accuracy": target.accuracy,
-        "target/format_rate": target.format_rate,
-        "target/n_items": float(target.n_items),
-    }
-    for probe in tqdm(probes, desc="probes", leave=False):
-        score = evaluate_probe(model, probe, cfg.batch_size)
-        metrics[f"probe/{probe.name}/accuracy"] = score.accuracy
-        metrics[f"probe/{probe.name}/mean_ld"] = score.mean_ld
-        metrics[f"probe/{probe.name}/n_items"] = float(score.n_items)
-    if base_model is not None and kl_reference is not None:
-        metrics["kl_to_base"] = kl_to_base(base_model, model, kl_reference, cfg.batch_size)
-    return metrics
+    """Only the flat metrics of ``evaluate_model_scores`` (what MLflow logs)."""
+    scores = evaluate_model_scores(model, tokenizer, cfg, target_items, probes, base_model, kl_reference)
+    return scores.metrics

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from dcv import tracking
@@ -36,7 +37,7 @@ from dcv.config import ExperimentConfig, config_to_dict, parse_config
 from dcv.results import read_results, write_results
 from dcv.storage import atomic_path, read_parquet
 
-STAGES = ("base", "sweep", "benchmarks", "patching", "circuits", "analysis", "report")
+STAGES = ("base", "sweep", "benchmarks", "patching", "circuits", "calibration", "analysis", "report")
 CONFIG_FILE = "experiment_config.json"
 SOURCE_FILE = "dcv_source.json"  # inside base/: the model config the snapshot was made from
 STAGE_SECONDS_FILE = "stage_seconds.json"
@@ -160,47 +161,79 @@ def _about(cfg: ExperimentConfig, storage: Path, results: pl.DataFrame) -> list[
         f"probes {', '.join(p.name for p in cfg.probes)}; {counts['sft']} SFT and {counts['rl']} RL runs, "
         f"{results.height} evaluated checkpoints; patching {', '.join(cfg.patching.methods)}; circuits by "
         f"{cfg.circuits.selection} (tau {cfg.circuits.tau}, at most {cfg.circuits.k_max} heads).",
-        "Forgetting = base score - checkpoint score (accuracy: LD > 0; LD: mean logit difference). "
-        "Preservation = share of the base circuit's heads still in the checkpoint's circuit. Circuit "
-        "vulnerability V = |e_base|-weighted mean relative drop of the base-circuit heads' effects. "
-        "DCV_h = v_h(SFT) - v_h(RL). CIs: bootstrap over runs (headline) or runs and probe items (DCV).",
+        "Forgetting = base score - checkpoint score (accuracy: LD > 0; LD: mean logit difference), over the "
+        "prior probes the base model does. Preservation P = share of the base circuit's heads still in the "
+        "checkpoint's circuit; Jaccard J = shared heads over all heads of both. v_h = sign(e_base) (e_base - "
+        "e_M) / |e_base| (positive = the head lost part of its base role); V = |e_base|-weighted mean of "
+        "v_h, "
+        "relative (e_M divided by the checkpoint's own gap) and absolute (divided by the base model's gap). "
+        "A checkpoint whose gap fell below probes[].lost_fraction of the base gap has lost the behaviour "
+        "('lost'): counted as forgetting, never as relative numbers. DCV_h = v_h(SFT) - v_h(RL). CIs: "
+        "hierarchical bootstrap over runs, probe items and target test items (the match is redone in each "
+        "draw).",
     ]
 
 
 def report_stage(cfg: ExperimentConfig, storage: Path, seconds: dict[str, float]):
     """Figures and report from the stored analysis tables, logged to the MLflow parent run."""
-    from dcv.report import build_report
+    from dcv.calibration import read_calibration
+    from dcv.report import answer_paragraphs, build_report
 
     tables = read_analysis(storage)
     results = read_results(storage)
+    calibration = read_calibration(storage)
     md, page, figures = build_report(
-        tables, storage / "report", f"dcv report: {cfg.name}", _about(cfg, storage, results), seconds
+        tables,
+        storage / "report",
+        f"dcv report: {cfg.name}",
+        _about(cfg, storage, results),
+        seconds,
+        calibration,
     )
     parent = tracking.get_or_create_parent_run(cfg)
     parent.log_artifact(md, artifact_path="report")
     parent.log_artifact(page, artifact_path="report")
     for figure in figures:
         parent.log_artifact(figure, artifact_path="report/figures")
-    headline = tables["headline"]
-    metrics = {
-        f"headline/{p}/{by}/{metric}/{training}": mean
-        for p, by, metric, training, mean in headline.select(
-            "patching", "matched_by", "metric", "training", "mean"
-        ).iter_rows()
-    }
-    metrics.update({f"stage_seconds/{name}": value for name, value in seconds.items()})
-    parent.log_metrics(metrics)
+    seconds_metrics = {f"stage_seconds/{name}": value for name, value in seconds.items()}
+    parent.log_metrics(headline_metrics(tables["headline"]) | seconds_metrics)
+    primary = cfg.patching.methods[0]
+    answer = answer_paragraphs(tables["headline"], tables["base_circuits"], primary, calibration)
+    parent.set_tag("dcv.answer", " ".join(answer)[:5000])
     return md, page
+
+
+def headline_metrics(headline: pl.DataFrame) -> dict[str, float]:
+    """The matched comparison as MLflow metrics: each used level's means, CI bounds and n per method
+    (``headline/<patching>/<axis>@<level>/<metric>/<sft|rl|sft-rl>/<mean|ci_low|ci_high|mde>``)."""
+    metrics = {}
+    for row in headline.filter(pl.col("status") != "insufficient runs").iter_rows(named=True):
+        level = f"{row['matched_by']}@{row['matched_at']:.4g}"
+        key = f"headline/{row['patching']}/{level}/{row['metric']}/{row['training']}"
+        for field in ("mean", "ci_low", "ci_high", "mde"):
+            if row[field] is not None and np.isfinite(row[field]):
+                metrics[f"{key}/{field}"] = float(row[field])
+        metrics[f"{key}/n_runs_sft"], metrics[f"{key}/n_runs_rl"] = row["n_runs_sft"], row["n_runs_rl"]
+    return metrics
 
 
 def run_experiment(cfg: ExperimentConfig, progress: Progress = print) -> ExperimentRun:
     """Every stage in order, each resuming; needs a connected Ray."""
+    storage = tracking.local_storage_root(cfg)
+    seconds: dict[str, float] = {}
+    parent = tracking.get_or_create_parent_run(cfg)
+    parent.restart()  # a rerun continues the same parent run; it ends FINISHED (or FAILED) with the run
+    try:
+        return _run_stages(cfg, storage, seconds, parent, progress)
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+
+
+def _run_stages(cfg: ExperimentConfig, storage: Path, seconds: dict[str, float], parent, progress: Progress):
     from dcv.circuits.model_circuits import circuits_dir, run_circuits
     from dcv.circuits.noise_floor import NOISE_FLOOR_FILE
     from dcv.circuits.pipeline import log_pipeline_run, run_pipeline
-
-    storage = tracking.local_storage_root(cfg)
-    seconds: dict[str, float] = {}
 
     def stage(name: str) -> float:
         progress(f"[{STAGES.index(name) + 1}/{len(STAGES)} {name}] started")
@@ -233,12 +266,20 @@ def run_experiment(cfg: ExperimentConfig, progress: Progress = print) -> Experim
     circuits = run_circuits(cfg, run.table, storage, progress)
     finished("circuits", start, f": {circuits.height} circuits")
 
+    start = stage("calibration")
+    if cfg.calibration.enabled:
+        from dcv.calibration import run_calibration
+
+        calibration = run_calibration(cfg, storage, progress=progress)
+        finished("calibration", start, f": {calibration.height} planted models measured")
+    else:
+        finished("calibration", start, ": off (calibration.enabled: false)")
+
     start = stage("analysis")
     tables = analyze(
         cfg, results, run.table, circuits, read_parquet(circuits_dir(storage) / NOISE_FLOOR_FILE)
     )
     paths = write_analysis(tables, storage)
-    parent = tracking.get_or_create_parent_run(cfg)
     for path in paths:
         parent.log_artifact(path, artifact_path="analysis")
     finished("analysis", start, f": {len(tables)} tables in {paths[0].parent}")
@@ -247,6 +288,7 @@ def run_experiment(cfg: ExperimentConfig, progress: Progress = print) -> Experim
     md, page = report_stage(cfg, storage, dict(seconds))
     finished("report", start, f": {page}")
     _record(storage, seconds)
+    parent.finish("FINISHED")
     return ExperimentRun(storage, md, page, tracking.resolve_tracking_uri(cfg), seconds)
 
 

@@ -133,7 +133,7 @@ def plot_preservation(checkpoints: pl.DataFrame, path: Path) -> Path:
         rows = checkpoints.filter(pl.col("probe") == probe)
         floor = rows["noise_floor_preservation"].drop_nulls()
         if floor.len():
-            # Where the base circuit found from one half of the items stands against the other half's.
+            # The base circuit against itself on resampled items (5th percentile): above it, no difference.
             ax.axhspan(float(floor[0]), 1.0, color="tab:gray", alpha=0.15, label="base vs base (noise floor)")
         _band(ax, rows, "preservation", ["training"], lambda key: key[0].upper())
         ax.set_ylim(-0.05, 1.05)
@@ -179,68 +179,188 @@ def plot_dcv_heatmap(dcv_heads: pl.DataFrame, shape: tuple[int, int], path: Path
     )
 
 
-def dcv_point(rows: pl.DataFrame, base_accuracy: float) -> pl.DataFrame:
-    """One matching point's DCV rows: matched accuracy when the methods adapted past the base model;
-    otherwise that point is the base itself (DCV 0 everywhere), so the last step both reached."""
-    point = rows.filter((pl.col("by") == "accuracy") & (pl.col("value") > base_accuracy))
-    if point.is_empty():
-        steps = rows.filter(pl.col("by") == "step")
-        point = steps.filter(pl.col("value") == steps["value"].max())
-    return point
+def dcv_point(rows: pl.DataFrame) -> pl.DataFrame:
+    """One matching point's DCV rows: the highest matched accuracy both methods reach with enough runs,
+    else the last matched step."""
+    for by in ("accuracy", "step", "kl"):
+        point = rows.filter(pl.col("by") == by)
+        if not point.is_empty():
+            return point.filter(pl.col("value") == point["value"].max())
+    return rows
+
+
+AXIS_NAMES = {"accuracy": "target accuracy", "kl": "KL to base", "step": "step"}
+METRIC_NAMES = {
+    "target_accuracy": "target accuracy",
+    "kl_to_base": "KL to base",
+    "forgetting": "forgetting (probe accuracy)",
+    "forgetting_ld": "forgetting (mean LD)",
+    "forgetting_bench": "forgetting (benchmarks)",
+    "preservation": "circuit preservation P",
+    "jaccard": "circuit Jaccard J",
+    "circuit_vulnerability": "circuit vulnerability V (relative)",
+    "circuit_vulnerability_abs": "circuit vulnerability V (absolute)",
+    "base_circuit_faithfulness": "base-circuit faithfulness",
+    "n_lost": "probes lost",
+}
+# The numbers the first paragraph states, in this order.
+ANSWER_METRICS = (
+    "circuit_vulnerability_abs",
+    "circuit_vulnerability",
+    "preservation",
+    "jaccard",
+    "forgetting",
+    "forgetting_ld",
+    "forgetting_bench",
+    "target_accuracy",
+    "kl_to_base",
+)
+
+
+def _g(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def representative_levels(headline: pl.DataFrame, patching: str) -> dict[str, float]:
+    """Per axis, the level the first paragraph reads: the highest level both methods reach with enough
+    runs (most adaptation, most drift, latest step)."""
+    used = headline.filter((pl.col("patching") == patching) & (pl.col("status") != "insufficient runs"))
+    return {
+        axis: float(rows["matched_at"].max())
+        for (axis,), rows in used.group_by("matched_by", maintain_order=True)
+    }
+
+
+def difference_sentence(row: dict) -> str:
+    """One SFT - RL difference with its CI and n, and what it may claim."""
+    name = METRIC_NAMES.get(row["metric"], row["metric"])
+    if row["status"] == "no variation":
+        return f"{name}: SFT - RL = {_g(row['mean'])} in at least 95% of bootstrap draws (no interval)"
+    cell = f"SFT - RL = {row['mean']:+.3g} [{_g(row['ci_low'])}, {_g(row['ci_high'])}]"
+    if row["ci_low"] > 0 or row["ci_high"] < 0:
+        verdict = "higher under SFT" if row["mean"] > 0 else "lower under SFT"
+    else:
+        verdict = f"not distinguishable at this power (minimum detectable difference {_g(row['mde'])})"
+    return f"{name}: {cell}, {verdict}"
+
+
+def answer_paragraphs(
+    headline: pl.DataFrame, base_circuits: pl.DataFrame, patching: str, calibration: pl.DataFrame | None
+) -> list[str]:
+    """The report's first section: the matched levels used, n per method, each SFT - RL difference with
+    its CI and verdict (or "insufficient runs"), what was left out, and what the experiment can detect."""
+    rows = headline.filter(pl.col("patching") == patching)
+    out = []
+    if rows.is_empty():
+        return ["No matched comparison: the results hold no fine-tuned run of one of the methods."]
+    items = rows.row(0, named=True)
+    counts = f"{items['n_probe_items']} items per probe, " + (
+        f"{items['n_target_items']} target test items"
+        if items["n_target_items"]
+        else "target items not resampled"
+    )
+    levels = representative_levels(headline, patching)
+    if not levels:
+        best = rows.select(pl.col("n_runs_sft").max(), pl.col("n_runs_rl").max()).row(0)
+        out.append(
+            "Insufficient runs: no level of target accuracy, KL to base or step is reached by at least 2 "
+            f"runs of each method (at best {best[0]} SFT and {best[1]} RL runs reach a level), so this "
+            f"experiment makes no SFT-vs-RL claim ({patching} patching; {counts})."
+        )
+    for axis, value in levels.items():
+        at = rows.filter((pl.col("matched_by") == axis) & (pl.col("matched_at") == value))
+        diff = {r["metric"]: r for r in at.filter(pl.col("training") == "sft-rl").iter_rows(named=True)}
+        used = rows.filter((pl.col("matched_by") == axis) & (pl.col("status") != "insufficient runs"))
+        short = rows.filter((pl.col("matched_by") == axis) & (pl.col("status") == "insufficient runs"))
+        first = at.row(0, named=True)
+        levels_text = ", ".join(_g(v) for v in sorted(used["matched_at"].unique().to_list()))
+        sentences = [difference_sentence(diff[m]) for m in ANSWER_METRICS if m in diff]
+        out.append(
+            f"Matched at {AXIS_NAMES[axis]} = {_g(value)} (n = {first['n_runs_sft']} SFT and "
+            f"{first['n_runs_rl']} RL runs; {counts}; 95% CIs from the hierarchical bootstrap over runs, "
+            "probe items and target items): "
+            + "; ".join(sentences)
+            + f". Levels used on this axis: {levels_text}"
+            + (f"; {short.height} more levels have insufficient runs." if short.height else ".")
+        )
+    left_out = base_circuits.filter((pl.col("method") == patching) & ~pl.col("in_means"))
+    for row in left_out.iter_rows(named=True):
+        out.append(f"Probe {row['probe']} is left out of the means: {row['excluded_because']}.")
+    out.append("What this experiment can detect: " + detection_sentence(calibration, rows))
+    return out
+
+
+def detection_sentence(calibration: pl.DataFrame | None, headline: pl.DataFrame) -> str:
+    """The calibration's minimum detectable damage and the headline's minimum detectable differences."""
+    parts = []
+    if calibration is None or calibration.is_empty():
+        parts.append("no planted-damage calibration was run (calibration.enabled: false, or `dcv calibrate`)")
+    else:
+        for probe, rows in calibration.group_by("probe", maintain_order=True):
+            k = rows["min_detectable_k"][0]
+            parts.append(
+                f"on {probe[0]}, ablating the top {k} circuit head(s) is the smallest damage detected"
+                if k is not None
+                else f"on {probe[0]}, no planted damage up to {rows['k'].max()} heads was detected"
+            )
+        copy = calibration.filter(pl.col("kind") == "copy")
+        if not copy.is_empty():
+            flagged = int(copy["flagged"].sum())
+            parts.append(f"the exact copy of the base was flagged {flagged} time(s) (false positives)")
+    mde = headline.filter((pl.col("training") == "sft-rl") & pl.col("mde").is_not_null())
+    for metric in ("circuit_vulnerability_abs", "preservation", "forgetting"):
+        rows = mde.filter(pl.col("metric") == metric)
+        if not rows.is_empty():
+            parts.append(
+                f"SFT - RL differences in {METRIC_NAMES[metric]} below {_g(rows['mde'].min())}-"
+                f"{_g(rows['mde'].max())} cannot be seen at these counts (80% power)"
+            )
+    return "; ".join(parts) + "."
 
 
 def headline_rows(headline: pl.DataFrame, patching: str) -> pl.DataFrame:
-    """The headline as a wide table: one row per (matching point, metric), SFT / RL / SFT-RL with CIs."""
-    rows = headline.filter(pl.col("patching") == patching)
+    """The headline at each axis's representative level as a wide table: SFT / RL / SFT-RL with CIs and n."""
+    levels = representative_levels(headline, patching)
+    rows = headline.filter(
+        (pl.col("patching") == patching)
+        & (pl.col("status") != "insufficient runs")
+        & pl.struct("matched_by", "matched_at").map_elements(
+            lambda r: levels.get(r["matched_by"]) == r["matched_at"], return_dtype=pl.Boolean
+        )
+    )
     if rows.is_empty():
         return pl.DataFrame()
     rows = rows.with_columns(
         pl.format("{} = {}", pl.col("matched_by"), pl.col("matched_at").round(3)).alias("matched at"),
-        pl.format(
-            "{} [{}, {}]",
-            pl.col("mean").round_sig_figs(3),
-            pl.col("ci_low").round_sig_figs(3),
-            pl.col("ci_high").round_sig_figs(3),
-        ).alias("cell"),
+        pl.when(pl.col("status") == "no variation")
+        .then(pl.format("{} (no interval)", pl.col("mean").round_sig_figs(3)))
+        .otherwise(
+            pl.format(
+                "{} [{}, {}]",
+                pl.col("mean").round_sig_figs(3),
+                pl.col("ci_low").round_sig_figs(3),
+                pl.col("ci_high").round_sig_figs(3),
+            )
+        )
+        .alias("cell"),
+        pl.format("{}/{}", "n_runs_sft", "n_runs_rl").alias("runs (SFT/RL)"),
     )
-    runs = (
-        rows.filter(pl.col("training") != "sft-rl")
-        .group_by("matched at", "training")
-        .agg(pl.col("n_runs").first())
-        .pivot(on="training", index="matched at", values="n_runs")
-        .select("matched at", pl.format("{}/{}", "sft", "rl").alias("runs (SFT/RL)"))
+    return rows.pivot(on="training", index=["matched at", "metric", "runs (SFT/RL)"], values="cell").rename(
+        {"sft": "SFT", "rl": "RL", "sft-rl": "SFT - RL"}, strict=False
     )
+
+
+def level_table(headline: pl.DataFrame, patching: str) -> pl.DataFrame:
+    """Every level of the matched grid: how many runs of each method reach it and whether it is used."""
     return (
-        rows.pivot(on="training", index=["matched at", "metric"], values="cell")
-        .rename({"sft": "SFT", "rl": "RL", "sft-rl": "SFT - RL"}, strict=False)
-        .join(runs, on="matched at", how="left")
+        headline.filter(pl.col("patching") == patching)
+        .group_by("matched_by", "matched_at", maintain_order=True)
+        .agg(
+            pl.col("n_runs_sft").first(),
+            pl.col("n_runs_rl").first(),
+            (pl.col("status") == "insufficient runs").all().alias("insufficient runs"),
+        )
     )
-
-
-def verdicts(headline: pl.DataFrame, patching: str) -> list[str]:
-    """One sentence per matching point: which way each SFT - RL difference points, and whether its CI
-    excludes zero. Generated from the numbers, so it says what the data says, either way."""
-    names = {
-        "target_accuracy": "target accuracy",
-        "forgetting": "forgetting (accuracy)",
-        "forgetting_ld": "forgetting (LD)",
-        "preservation": "circuit preservation",
-        "circuit_vulnerability": "circuit vulnerability",
-        "base_circuit_faithfulness": "base-circuit faithfulness",
-        "kl_to_base": "KL to base",
-    }
-    rows = headline.filter((pl.col("patching") == patching) & (pl.col("training") == "sft-rl"))
-    out = []
-    for (by, at), group in rows.group_by("matched_by", "matched_at", maintain_order=True):
-        parts = []
-        for metric, mean, low, high in group.select("metric", "mean", "ci_low", "ci_high").iter_rows():
-            if metric not in names or (by == "accuracy" and metric == "target_accuracy"):
-                continue
-            sign = "higher" if mean > 0 else "lower" if mean < 0 else "equal"
-            sure = "CI excludes 0" if low > 0 or high < 0 else "CI includes 0"
-            parts.append(f"{names[metric]} {sign} under SFT ({mean:+.3g}, {sure})")
-        out.append(f"At matched {by} = {at:.3g}: " + "; ".join(parts) + ".")
-    return out
 
 
 def _cell_text(value) -> str:
@@ -301,7 +421,12 @@ def render(blocks: Sequence[tuple[str, object]], folder: Path, title: str) -> tu
 
 
 def build_report(
-    tables: dict[str, pl.DataFrame], folder: Path, title: str, about: Sequence[str], stage_seconds: dict
+    tables: dict[str, pl.DataFrame],
+    folder: Path,
+    title: str,
+    about: Sequence[str],
+    stage_seconds: dict,
+    calibration: pl.DataFrame | None = None,
 ) -> tuple[Path, Path, list[Path]]:
     """Every figure and the report (markdown + HTML) from the analysis tables, into ``folder``."""
     folder = Path(folder)
@@ -321,11 +446,10 @@ def build_report(
     base = tables["base_circuits"]
     dcv_heads = tables["dcv_heads"]
     heatmaps = []
-    base_accuracy = float(summary.filter(pl.col("step") == 0)["target_accuracy"].max())
     if not dcv_heads.is_empty():
         shape = (int(base["n_layers"][0]), int(base["heads_per_layer"][0]))
         for (probe, patching), rows in dcv_heads.group_by("probe", "patching", maintain_order=True):
-            point = dcv_point(rows, base_accuracy)
+            point = dcv_point(rows)
             by, value = point["by"][0], point["value"][0]
             heatmaps.append(
                 plot_dcv_heatmap(
@@ -336,19 +460,26 @@ def build_report(
                 )
             )
     headline = tables["headline"]
-    blocks: list[tuple[str, object]] = [("p", line) for line in about]
-    blocks += [("h2", f"Headline: SFT vs RL (patching method {primary})")]
-    blocks += [("p", line) for line in verdicts(headline, primary)]
+    blocks: list[tuple[str, object]] = [("h2", f"The answer: SFT vs RL (patching method {primary})")]
+    blocks += [("p", line) for line in answer_paragraphs(headline, base, primary, calibration)]
     blocks += [("table", headline_rows(headline, primary))]
-    blocks += [("h2", "Base circuits"), ("table", base)]
+    blocks += [("h2", "About this experiment")] + [("p", line) for line in about]
+    blocks += [
+        ("h2", "Matched grid: runs of each method at every level"),
+        ("table", level_table(headline, primary)),
+    ]
+    if calibration is not None and not calibration.is_empty():
+        blocks += [("h2", "Calibration: planted damage on the base model"), ("table", calibration)]
+    blocks += [("h2", "Base circuits and the competence guard"), ("table", base)]
     blocks += [
         ("h2", "Beside the seed paper (paper_*: Qwen2.5-3B-Instruct, 576 heads, learned masks)"),
         (
             "p",
             "Ours: the base model and the final checkpoint of every run (means over runs and probes); "
             "retention = share of the base circuit's heads in the model's own circuit; faithfulness of "
-            "the model's own circuit. noise_floor_retention_pct: the base circuit from one half of the "
-            "probe items against the other half's; retention above it is not distinguishable from base.",
+            "the model's own circuit. noise_floor_retention_pct: the base circuit against the base model's "
+            "circuit on bootstrap resamples of its probe items (5th percentile); retention above it is not "
+            "distinguishable from base.",
         ),
         ("table", tables["paper"]),
     ]
@@ -367,7 +498,7 @@ def build_report(
     blocks += [("h2", "Circuit vulnerability vs forgetting (Spearman over fine-tuned checkpoints)")]
     blocks += [("table", tables["correlations"])]
     if not dcv_heads.is_empty():
-        points = [dcv_point(rows, base_accuracy) for _, rows in dcv_heads.group_by("probe", "patching")]
+        points = [dcv_point(rows) for _, rows in dcv_heads.group_by("probe", "patching")]
         top = (
             pl.concat(points)
             .sort(pl.col("dcv").abs(), descending=True)
@@ -387,10 +518,34 @@ def build_report(
         "forgetting_ld",
         "forgetting_bench",
         "preservation",
+        "jaccard",
         "noise_floor_preservation",
         "circuit_vulnerability",
+        "circuit_vulnerability_abs",
+        "n_lost",
     )
-    blocks += [("h2", "Every checkpoint (means over probes)"), ("table", per_step)]
+    blocks += [
+        ("h2", "Every checkpoint (means over probes in means; lost probes counted)"),
+        ("table", per_step),
+    ]
+    per_probe = checkpoints.filter(pl.col("step") > 0).select(
+        "trial",
+        "step",
+        "patching",
+        "probe",
+        "status",
+        "probe_accuracy",
+        "gap",
+        "base_gap",
+        "preservation",
+        "jaccard",
+        "circuit_vulnerability",
+        "circuit_vulnerability_abs",
+    )
+    blocks += [
+        ("h2", "Every fine-tuned checkpoint per probe (status: ok, lost, below tau, ...)"),
+        ("table", per_probe),
+    ]
     if stage_seconds:
         times = pl.DataFrame(
             {"stage": list(stage_seconds), "seconds": [float(v) for v in stage_seconds.values()]}

@@ -1,7 +1,7 @@
 """The results table: one row per (trial, evaluated checkpoint). The contract later stages read.
 
-The sweep writes it (``<storage>/results/checkpoints.parquet`` and ``.csv``); the patching pipeline takes
-its work items from it and the analysis joins its rows. Fixed columns:
+The sweep writes it (``<storage>/results/checkpoints.parquet``, and ``.csv`` without the list columns);
+the patching pipeline takes its work items from it and the analysis joins its rows. Fixed columns:
 
     trial           str    trial name (``<method>-lr<lr>-seed<seed>[-<grid suffix>]``), unique per sweep
     method          str    "sft" | "rl"
@@ -15,6 +15,16 @@ then one f64 column per evaluated metric, named as the trial's MLflow metric (``
 ``target/format_rate``, ``probe/<name>/accuracy``, ``probe/<name>/mean_ld``, ``kl_to_base``,
 ``train/loss`` for SFT, ``train/reward`` for RL; null where a method or step has none), and after the
 benchmarks stage one column per lm-eval score, ``bench/<task>/<metric>`` (``dcv.benchmarks``).
+
+Then the per-item scores behind the means, for the analysis' bootstrap over items (parquet only), from
+each checkpoint's ``item_scores`` (``dcv.evaluation.evaluate_model_scores``):
+
+    target/item_correct     list[f64]   1.0 / 0.0 per target test item, in test-item order; its mean is
+                                        ``target/accuracy``
+    probe/<name>/item_ld    list[f64]   LD_clean per probe item, in probe-item order; its mean is
+                                        ``probe/<name>/mean_ld``, its share > 0 ``probe/<name>/accuracy``
+
+null in rows whose checkpoint has none (runs from before they were kept); absent when no row has them.
 """
 
 from __future__ import annotations
@@ -42,31 +52,46 @@ RESULTS_FILE = "checkpoints.parquet"
 DROPPED_METRICS = ("step",)
 
 
+def item_column(key: str) -> str:
+    """The list column of a checkpoint's ``item_scores`` key: ``target/correct`` -> ``target/item_correct``,
+    ``probe/<name>/ld`` -> ``probe/<name>/item_ld``."""
+    head, _, last = key.rpartition("/")
+    return f"{head}/item_{last}"
+
+
 def results_dir(storage_root: Path) -> Path:
     return Path(storage_root) / "results"
 
 
 def build_results_table(rows: Iterable[Mapping[str, Any]]) -> pl.DataFrame:
-    """A table from rows holding the key columns plus a ``metrics`` mapping; sorted by trial and step."""
-    records = []
+    """A table from rows holding the key columns plus a ``metrics`` mapping and optionally an
+    ``item_scores`` one (lists of floats); sorted by trial and step."""
+    records, item_names = [], set()
     for row in rows:
         missing = [c for c in KEY_COLUMNS if c not in row]
         if missing:
             raise ValueError(f"results row {dict(row)!r}: missing key columns {missing}")
         metrics = {k: float(v) for k, v in row.get("metrics", {}).items() if k not in DROPPED_METRICS}
-        records.append({**{c: row[c] for c in KEY_COLUMNS}, **metrics})
-    metric_names = sorted({k for r in records for k in r} - set(KEY_COLUMNS))
-    schema = {**KEY_SCHEMA, **dict.fromkeys(metric_names, pl.Float64)}
+        items = {item_column(k): [float(x) for x in v] for k, v in (row.get("item_scores") or {}).items()}
+        item_names |= items.keys()
+        records.append({**{c: row[c] for c in KEY_COLUMNS}, **metrics, **items})
+    metric_names = sorted({k for r in records for k in r} - set(KEY_COLUMNS) - item_names)
+    schema = {
+        **KEY_SCHEMA,
+        **dict.fromkeys(metric_names, pl.Float64),
+        **dict.fromkeys(sorted(item_names), pl.List(pl.Float64)),
+    }
     table = pl.DataFrame(records, schema=schema) if records else pl.DataFrame(schema=schema)
     return table.sort("trial", "step")
 
 
 def write_results(table: pl.DataFrame, storage_root: Path) -> Path:
-    """Write the table as parquet and CSV (each atomically); returns the parquet path."""
+    """Write the table as parquet and CSV (each atomically); returns the parquet path. CSV has no list
+    type: it leaves the per-item columns out (the parquet holds them)."""
     folder = results_dir(storage_root)
     path = write_parquet(table, folder / RESULTS_FILE)
     with atomic_path(folder / "checkpoints.csv") as tmp:
-        table.write_csv(tmp)
+        table.select(pl.exclude(pl.List)).write_csv(tmp)
     return path
 
 

@@ -89,7 +89,11 @@ class RunLogger:
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        for start in range(0, len(batch), 1000):  # MLflow accepts at most 1000 metrics per batch
+            self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         batch = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
@@ -101,6 +105,10 @@ class RunLogger:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+    def restart(self) -> None:
+        """Mark a finished run RUNNING again (a rerun of the same experiment continues it)."""
+        self.client.update_run(self.run_id, status="RUNNING")
 
     @classmethod
     def attach(cls, tracking_uri: str, run_id: str) -> RunLogger:

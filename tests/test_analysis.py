@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -25,6 +26,18 @@ ACCURACY = {"sft": (0.25, 0.5, 0.75), "rl": (0.25, 0.35, 0.45)}
 # Effects of every head are the base's times this factor: SFT loses 20% per 2 steps, RL 2.5%.
 SCALE = {"sft": (1.0, 0.8, 0.6), "rl": (1.0, 0.975, 0.95)}
 N_ITEMS = 4
+N_TEST = 20  # target test items: every accuracy above is a whole number of them
+# Per-item noise of the patching parts: the base model's pattern, and another one for fine-tuned models
+# (same mean), so the item bootstrap moves effects and V.
+BASE_NOISE = (-0.1, 0.1, -0.05, 0.05)
+TUNED_NOISE = (0.1, -0.05, 0.05, -0.1)
+
+
+def correct(accuracy: float, seed: int) -> list[float]:
+    """Per-item correctness with the given accuracy; which items are right depends on the seed."""
+    k = round(accuracy * N_TEST)
+    right = [1.0] * k + [0.0] * (N_TEST - k)
+    return right[seed:] + right[:seed]
 
 
 def config(tmp_path: Path):
@@ -41,6 +54,7 @@ def results_table() -> pl.DataFrame:
         for seed in (0, 1):
             trial = f"{method}-seed{seed}"
             for i, step in enumerate(STEPS):
+                lds = item_lds(f"{trial}@{step}" if step else "base", SCALE[method][i])
                 rows.append(
                     {
                         "trial": trial,
@@ -52,22 +66,43 @@ def results_table() -> pl.DataFrame:
                         "checkpoint": f"/ckpt/{trial}/{step}",
                         "metrics": {
                             "target/accuracy": ACCURACY[method][i],
-                            "probe/ioi/accuracy": 1.0 - (1 - SCALE[method][i]) / 2,
-                            "probe/ioi/mean_ld": 4.0 * SCALE[method][i],
-                            "kl_to_base": 1.0 - SCALE[method][i],
-                            "bench/t/acc": 0.5 * SCALE[method][i],
+                            "probe/ioi/accuracy": float((np.array(lds) > 0).mean()),
+                            "probe/ioi/mean_ld": float(np.mean(lds)),
+                            "kl_to_base": (1.0 - SCALE[method][i]) * (1 + 0.2 * seed),
+                            "bench/t/acc": 0.5 * SCALE[method][i] * (1 - 0.02 * seed),
                             "bench/t/acc_norm": 0.0,  # not an accuracy column: left out of forgetting
+                        },
+                        "items": {
+                            "target/item_correct": correct(ACCURACY[method][i], seed),
+                            "probe/ioi/item_ld": lds,
                         },
                     }
                 )
-    return build_results_table(rows)
+    rows.sort(key=lambda r: (r["trial"], r["step"]))  # the table's order
+    table = build_results_table([{k: v for k, v in r.items() if k != "items"} for r in rows])
+    return table.with_columns(
+        pl.Series(name, [r["items"][name] for r in rows]).cast(pl.List(pl.Float64))
+        for name in ("target/item_correct", "probe/ioi/item_ld")
+    )
+
+
+def item_lds(model: str, scale: float) -> list[float]:
+    """Per-item clean LDs (mean 4 x scale); SFT at step 4 gets its first item wrong."""
+    noise = BASE_NOISE if model == "base" else TUNED_NOISE
+    lds = [4.0 * scale * (1 + d) for d in noise]
+    if model.startswith("sft") and model.endswith("@4"):
+        lds[0] = -1.0
+    return lds
 
 
 def effect_rows(model: str, trial: str, step: int, scale: float) -> list[dict]:
     rows = []
     for (layer, head), effect in zip(HEADS, BASE_EFFECTS, strict=True):
         # Per-item parts whose ratio of means is the effect: items differ, the mean does not.
-        delta = [effect * scale * (1 + d) for d in (-0.1, 0.1, -0.05, 0.05)]
+        noise = BASE_NOISE if model == "base" else TUNED_NOISE
+        if model.startswith("sft") and model.endswith("@4") and (layer, head) == (1, 0):
+            effect, scale = 0.35, 1.0  # above head (0, 1)'s 0.3: SFT's own circuit at step 4 is 0.0 and 1.0
+        delta = [effect * scale * (1 + d) for d in noise]
         rows.append(
             {
                 "model": model,
@@ -124,17 +159,10 @@ def circuits_table() -> pl.DataFrame:
     return pl.DataFrame(rows, schema=CIRCUITS_SCHEMA)
 
 
-def noise_floor_table() -> pl.DataFrame:
-    row = {"probe": "ioi", "method": "exact", "kind": "halves", "n_items": 2, "size_a": 2, "size_b": 2}
-    return pl.DataFrame(
-        [{**row, "jaccard": 0.6, "preservation": 0.75, "effect_spearman": 0.9}], schema=NOISE_FLOOR_SCHEMA
-    )
-
-
 @pytest.fixture(scope="module")
 def tables(tmp_path_factory) -> dict[str, pl.DataFrame]:
     cfg = config(tmp_path_factory.mktemp("analysis"))
-    return analyze(cfg, results_table(), effects_table(), circuits_table(), noise_floor_table())
+    return analyze(cfg, results_table(), effects_table(), circuits_table())
 
 
 def test_per_checkpoint_metrics(tables):
@@ -144,156 +172,142 @@ def test_per_checkpoint_metrics(tables):
     # Every circuit head keeps 60% of its base effect: v_h = 0.4 for each, so V = 0.4.
     assert sft4["circuit_vulnerability"] == pytest.approx(0.4)
     assert sft4["preservation"] == pytest.approx(0.5)
-    assert sft4["forgetting_ld"] == pytest.approx(4.0 * 0.4)
-    assert sft4["forgetting"] == pytest.approx(0.2)
-    assert sft4["effect_spearman"] == pytest.approx(1.0)
+    # Clean LDs 2.64, 2.28, 2.52, 2.16 with the first item now wrong (-1): mean 1.49, accuracy 0.75.
+    assert sft4["forgetting_ld"] == pytest.approx(4.0 - 1.49)
+    assert sft4["forgetting"] == pytest.approx(0.25)
+    assert sft4["jaccard"] == pytest.approx(1 / 3)
     assert sft4["forgetting_bench"] == pytest.approx(0.5 - 0.5 * 0.6)
     base = rows.filter(pl.col("step") == 0)
     assert (base["circuit_vulnerability"].abs() < 1e-12).all() and (base["preservation"] == 1.0).all()
 
 
-def test_headline_at_matched_accuracy_and_step(tables):
+def headline_row(headline: pl.DataFrame, by: str, at: float, metric: str, training: str) -> dict:
+    rows = headline.filter(
+        (pl.col("matched_by") == by)
+        & ((pl.col("matched_at") - at).abs() < 1e-9)
+        & (pl.col("metric") == metric)
+        & (pl.col("training") == training)
+    )
+    assert rows.height == 1, f"{by}={at} {metric} {training}: {rows.height} rows"
+    return rows.row(0, named=True)
+
+
+def test_headline_at_matched_accuracy(tables):
     headline = tables["headline"]
-
-    def value(by: str, metric: str, training: str) -> pl.DataFrame:
-        return headline.filter(
-            (pl.col("matched_by") == by) & (pl.col("metric") == metric) & (pl.col("training") == training)
-        ).row(0, named=True)
-
-    # Both methods reach 0.45 (RL's best): SFT at step 1.6 (0.8 of the way from 0.25 to 0.5), V = 0.16;
-    # RL at step 4, V = 0.05.
-    at = value("accuracy", "circuit_vulnerability", "sft-rl")
-    assert at["matched_at"] == pytest.approx(0.45)
-    assert at["mean"] == pytest.approx(0.16 - 0.05)
-    assert value("accuracy", "target_accuracy", "sft")["mean"] == pytest.approx(0.45)
-    assert value("step", "forgetting_bench", "sft")["mean"] == pytest.approx(0.2)
-    last = value("step", "circuit_vulnerability", "sft-rl")
-    assert last["matched_at"] == 4 and last["mean"] == pytest.approx(0.4 - 0.05)
-    assert last["n_runs"] == 2
-    # Seeds are identical here, so the bootstrap over runs cannot move the mean.
-    assert last["ci_low"] == pytest.approx(last["mean"]) and last["ci_high"] == pytest.approx(last["mean"])
-
-
-def test_dcv_per_head_and_correlations(tables):
-    dcv = tables["dcv_heads"].filter(pl.col("by") == "accuracy")
-    assert sorted(zip(dcv["layer"], dcv["head"], strict=True)) == BASE_CIRCUIT
-    assert dcv["dcv"].to_list() == pytest.approx([0.11, 0.11])
-    # Items differ by +-10%, so the item bootstrap gives a real interval around the point.
-    assert (dcv["ci_low"] < dcv["dcv"]).all() and (dcv["ci_high"] > dcv["dcv"]).all()
-    by_step = tables["dcv_heads"].filter(pl.col("by") == "step")
-    assert sorted(by_step["value"].unique().to_list()) == [2.0, 4.0]
-    pooled = tables["correlations"].filter((pl.col("probe") == "mean") & (pl.col("training") == "pooled"))
-    assert pooled["spearman_forgetting_ld"][0] == pytest.approx(1.0)
-    assert pooled["n_checkpoints"][0] == 8
+    # Both methods reach 0.45 (RL's best): SFT 0.8 of the way from step 0 (0.25) to step 2 (0.5), so
+    # V = 0.8 * 0.2 = 0.16; RL exactly at step 4, V = 0.05.
+    diff = headline_row(headline, "accuracy", 0.45, "circuit_vulnerability", "sft-rl")
+    assert diff["status"] == "ok" and diff["mean"] == pytest.approx(0.16 - 0.05)
+    assert diff["n_runs_sft"] == 2 and diff["n_runs_rl"] == 2
+    assert diff["n_probe_items"] == N_ITEMS and diff["n_target_items"] == N_TEST
+    # Runs, probe items and target items are resampled: a real interval around the point, an MDE beside it.
+    assert diff["ci_low"] < diff["mean"] < diff["ci_high"] and diff["mde"] > 0
+    assert headline_row(headline, "accuracy", 0.45, "forgetting_bench", "sft")["mean"] == pytest.approx(
+        0.8 * (0.5 - 0.5 * 0.8 * (1 - 0.01))
+    )
+    # The level is the matching variable: its own number is not a comparison.
+    assert headline.filter(
+        (pl.col("matched_by") == "accuracy") & (pl.col("metric") == "target_accuracy")
+    ).is_empty()
+    # Every CI of a used level has width (a zero-width CI is a bug, not a result); numbers equal in every
+    # draw (or in 95% of them) are said to be so: no run lost a probe, faithfulness 0.9 everywhere here, and
+    # below step 4 every circuit head is kept in nearly every draw.
+    ok = headline.filter(pl.col("status") == "ok")
+    assert (ok["ci_high"] > ok["ci_low"]).all(), ok.filter(pl.col("ci_high") <= pl.col("ci_low"))
+    constant = headline.filter(pl.col("status") == "no variation")
+    assert set(constant["metric"]) <= {
+        "n_lost",
+        "base_circuit_faithfulness",
+        "forgetting",
+        "preservation",
+        "jaccard",
+    }
+    assert (constant["ci_low"] == constant["ci_high"]).all()
 
 
-def test_noise_floor_beside_preservation(tables):
-    rows = tables["checkpoints"]
-    assert (rows["noise_floor_preservation"] == 0.75).all() and (rows["noise_floor_jaccard"] == 0.6).all()
-    # SFT at step 4 keeps half the base circuit: below the base's agreement with itself (0.75).
-    sft4 = rows.filter((pl.col("training") == "sft") & (pl.col("step") == 4))
-    assert not sft4["within_noise_floor"].any()
-    assert rows.filter(pl.col("training") == "rl")["within_noise_floor"].all()
+def test_levels_that_one_method_never_reaches_carry_no_numbers(tables):
+    accuracy = tables["headline"].filter(pl.col("matched_by") == "accuracy")
+    used = sorted(accuracy.filter(pl.col("status") == "ok")["matched_at"].unique().to_list())
+    assert used == pytest.approx([0.3, 0.35, 0.4, 0.45])  # multiples of 0.05 above the base's 0.25
+    short = accuracy.filter(pl.col("status") == "insufficient runs")
+    assert sorted(short["matched_at"].to_list()) == pytest.approx([0.5, 0.55, 0.6, 0.65, 0.7, 0.75])
+    assert (
+        (short["n_runs_rl"] == 0).all() and (short["n_runs_sft"] == 2).all() and short["mean"].is_null().all()
+    )
 
 
-def test_paper_comparison_table(tables):
-    paper = {r["quantity"]: r for r in tables["paper"].iter_rows(named=True)}
-    assert paper["circuit_size"]["base"] == 2 and paper["circuit_size"]["paper_base"] == 297
-    # Final checkpoints (step 4): SFT keeps 1 of 2 base heads, RL both.
-    assert paper["retention_pct"]["sft"] == pytest.approx(50.0)
-    assert paper["retention_pct"]["rl"] == pytest.approx(100.0)
-    assert paper["retention_pct"]["noise_floor_retention_pct"] == pytest.approx(75.0)
-    assert paper["faithfulness"]["rl"] == pytest.approx(0.9) and paper["retention_pct"]["n_runs_sft"] == 2
+def test_headline_at_matched_step(tables):
+    at4 = headline_row(tables["headline"], "step", 4.0, "circuit_vulnerability", "sft-rl")
+    assert at4["mean"] == pytest.approx(0.4 - 0.05)
+    kl = headline_row(tables["headline"], "step", 4.0, "kl_to_base", "sft")
+    assert (
+        kl["mean"] == pytest.approx(0.4 * 1.1)
+        and kl["ci_low"] == pytest.approx(0.4)
+        and kl["ci_high"] == pytest.approx(0.48)
+    )
 
 
-def test_heads_weakened_by_sft_relative_to_rl(tables):
-    dcv = tables["dcv_heads"].filter(pl.col("by") == "step")
-    gap = {(r["value"], r["layer"], r["head"]): r for r in dcv.iter_rows(named=True)}
-    # effect_gap = e(RL) - e(SFT): head 0.0 at step 4: 0.95 - 0.6; head 0.1 at step 2: 0.5 * (0.975 - 0.8).
-    assert gap[(4.0, 0, 0)]["effect_gap"] == pytest.approx(0.35) and gap[(4.0, 0, 0)]["sft_weakened"]
-    assert gap[(2.0, 0, 1)]["effect_gap"] == pytest.approx(0.0875)
-    assert not gap[(2.0, 0, 1)]["sft_weakened"]  # below the default delta of 0.1
+def test_one_run_of_a_method_at_every_level_gives_no_verdict(tmp_path):
+    cfg = config(tmp_path)
+    results = results_table().filter(pl.col("trial") != "rl-seed1")
+    effects = effects_table().filter(pl.col("trial") != "rl-seed1")
+    circuits = circuits_table().filter(pl.col("trial") != "rl-seed1")
+    tables = analyze(cfg, results, effects, circuits)
+    headline = tables["headline"]
+    assert (headline["status"] == "insufficient runs").all() and (headline["n_runs_rl"] <= 1).all()
+    assert headline["mean"].is_null().all() and tables["dcv_heads"].is_empty()
+    md, _, _ = build_report(tables, tmp_path / "report", "t", ["about"], {})
+    first = md.read_text().split("## ")[1]
+    assert "insufficient runs" in first and "CI excludes 0" not in first and "higher under SFT" not in first
 
 
-def test_rl_after_sft_against_its_start_point(tmp_path):
-    """An RL run started from sft-seed0@4 that restores the lost head: compared with that checkpoint."""
-    trial, start = "rl-after-sft", "sft:sft-seed0@4"
-    extra = []
-    for step, accuracy in ((0, 0.75), (2, 0.8)):
-        extra.append(
-            {
-                "trial": trial,
-                "method": "rl",
-                "learning_rate": 1e-6,
-                "seed": 0,
-                "init": start,
-                "step": step,
-                "checkpoint": f"/ckpt/{trial}/{step}",
-                "metrics": {
-                    "target/accuracy": accuracy,
-                    "probe/ioi/accuracy": 0.8,
-                    "probe/ioi/mean_ld": 2.4 if step == 0 else 3.6,
-                    "kl_to_base": 0.4,
-                },
-            }
+def test_rl_started_from_sft_is_never_matched_at_its_start(tmp_path):
+    """RL after SFT: each run's step 0 is the SFT checkpoint (accuracy 0.75). Matched on accuracy, RL
+    runs start above every level SFT reaches, so no level is used (old code matched RL's step 0)."""
+    cfg = config(tmp_path)
+    results, effects, circuits = results_table(), effects_table(), circuits_table()
+    results = results.filter(pl.col("method") == "sft")
+    effects = effects.filter(~pl.col("trial").str.starts_with("rl"))
+    circuits = circuits.filter(~pl.col("trial").str.starts_with("rl"))
+    rows, effect_rows_, circuit_rows = [], [], []
+    for seed in (0, 1):
+        trial = f"rl-after-sft-seed{seed}"
+        for step, accuracy in ((0, 0.75), (2, 0.8), (4, 0.85)):
+            rows.append(
+                {
+                    "trial": trial,
+                    "method": "rl",
+                    "learning_rate": 1e-6,
+                    "seed": seed,
+                    "init": f"sft:sft-seed{seed}@4",
+                    "step": step,
+                    "checkpoint": f"/ckpt/{trial}/{step}",
+                    "metrics": {
+                        "target/accuracy": accuracy,
+                        "probe/ioi/accuracy": 0.8,
+                        "probe/ioi/mean_ld": 2.4,
+                        "kl_to_base": 0.5 + 0.1 * step,
+                    },
+                }
+            )
+            if step:
+                effect_rows_ += effect_rows(f"{trial}@{step}", trial, step, 0.6)
+                row = circuits.filter(pl.col("model") == f"sft-seed{seed}@4").row(0, named=True)
+                circuit_rows.append({**row, "model": f"{trial}@{step}", "trial": trial, "step": step})
+    extra = build_results_table(rows).with_columns(
+        pl.Series("target/item_correct", [correct(r["metrics"]["target/accuracy"], 0) for r in rows]).cast(
+            pl.List(pl.Float64)
         )
-    results = pl.concat([results_table(), build_results_table(extra)], how="diagonal").sort("trial", "step")
-    effects = pl.concat(
-        [effects_table(), pl.DataFrame(effect_rows(f"{trial}@2", trial, 2, 0.9), schema=EFFECTS_SCHEMA)]
     )
-    circuit = circuits_table().filter(pl.col("model") == "rl-seed0@2")
-    circuits = pl.concat(
-        [circuits_table(), circuit.with_columns(model=pl.lit(f"{trial}@2"), trial=pl.lit(trial))]
-    )
-    after = analyze(config(tmp_path), results, effects, circuits)["after_sft"]
-    row = after.row(0, named=True)
-    assert after.height == 1 and row["trial"] == trial and row["init"] == start and row["step"] == 2
-    assert row["preservation_start"] == pytest.approx(0.5) and row["preservation"] == pytest.approx(1.0)
-    assert row["restores_circuit"]
-    assert row["circuit_vulnerability_start"] == pytest.approx(0.4)
-    assert row["circuit_vulnerability"] == pytest.approx(0.1)
-
-
-def test_a_probe_the_base_model_cannot_do_has_nothing_to_preserve(tmp_path):
-    """An empty base circuit (e.g. learned masks all 0): preservation and V are null, not an error."""
-    circuits = circuits_table().with_columns(
-        layers=pl.when(pl.col("model") == "base").then(pl.lit([], pl.List(pl.Int32))).otherwise("layers"),
-        heads=pl.when(pl.col("model") == "base").then(pl.lit([], pl.List(pl.Int32))).otherwise("heads"),
-    )
-    tables = analyze(config(tmp_path), results_table(), effects_table(), circuits)
-    assert tables["checkpoints"]["preservation"].is_null().all()
-    assert tables["checkpoints"]["circuit_vulnerability"].is_null().all()
-    assert tables["dcv_heads"].is_empty()
-    metrics = set(tables["headline"]["metric"])
-    assert "preservation" not in metrics and "forgetting" in metrics
-
-
-def test_missing_base_row_is_an_error(tmp_path):
-    results = results_table().filter(pl.col("step") > 0)
-    with pytest.raises(ValueError, match="no step-0 row"):
-        analyze(config(tmp_path), results, effects_table(), circuits_table())
-
-
-def test_report_from_stored_tables(tables, tmp_path):
-    write_analysis(tables, tmp_path)
-    stored = read_analysis(tmp_path)
-    assert stored["headline"].equals(tables["headline"])
-    md, page, figures = build_report(stored, tmp_path / "report", "test report", ["about"], {"sweep": 1.0})
-    names = {p.name for p in figures}
-    assert {"adaptation.png", "forgetting.png", "pareto.png", "preservation.png"} <= names
-    assert "dcv_ioi_exact.png" in names
-    for figure in figures:
-        assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    text = md.read_text()
-    assert "Headline: SFT vs RL" in text and "circuit_vulnerability" in text
-    assert "Beside the seed paper" in text and "Noise floor of circuit discovery" in text
-    assert "](figures/adaptation.png)" in text
-    assert "circuit vulnerability higher under SFT (+0.11, CI excludes 0)" in text
-    html = page.read_text()
-    assert html.count("data:image/png;base64,") == len(figures)
-    assert "<table>" in html
-
-
-def test_read_analysis_names_the_missing_table(tmp_path):
-    with pytest.raises(FileNotFoundError, match="base_circuits.parquet"):
-        read_analysis(tmp_path)
+    results = pl.concat([results, extra], how="diagonal_relaxed").sort("trial", "step")
+    effects = pl.concat([effects, pl.DataFrame(effect_rows_, schema=EFFECTS_SCHEMA)])
+    circuits = pl.concat([circuits, pl.DataFrame(circuit_rows, schema=CIRCUITS_SCHEMA)])
+    headline = analyze(cfg, results, effects, circuits)["headline"]
+    accuracy = headline.filter(pl.col("matched_by") == "accuracy")
+    assert not accuracy.is_empty() and (accuracy["status"] == "insufficient runs").all()
+    # Up to SFT's best (0.75) no RL run brackets a level; above it no SFT run does.
+    assert (accuracy.filter(pl.col("matched_at") <= 0.75 + 1e-9)["n_runs_rl"] == 0).all()
+    assert (accuracy.filter(pl.col("matched_at") > 0.75 + 1e-9)["n_runs_sft"] == 0).all()
+    # Matched on steps, RL's step 2 is its own checkpoint (effects 0.6 of base: V = 0.4), never the start.
+    rl2 = headline_row(headline, "step", 2.0, "circuit_vulnerability", "rl")
+    assert rl2["mean"] == pytest.approx(0.4)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
+
+from dcv.cli import patch_table_path
+from dcv.config import load_config, parse_config
+from tests.conftest import tiny_config_dict
 
 REPO = Path(__file__).resolve().parents[1]
 DCV = Path(sys.executable).with_name("dcv")
@@ -69,15 +74,40 @@ def test_dcv_patch_then_circuit_reuses_the_table(tiny_config_file, tmp_path):
     result = run_dcv("patch", str(tiny_config_file), "--probe", "ioi", "--top", "3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "patched 8 heads x 8 items (exact)" in result.stdout
-    table = tmp_path / "storage" / "patching" / "cli" / "tiny__ioi__exact.parquet"
+    cfg = load_config(tiny_config_file)
+    table = patch_table_path(cfg, cfg.model, "ioi", "exact")
+    assert table.parent == tmp_path / "storage" / "patching" / "cli"
+    assert table.name.startswith("tiny__ioi__exact__")
     assert table.is_file()
     stamp = table.stat().st_mtime_ns
     result = run_dcv("circuit", str(tiny_config_file), "--probe", "ioi", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "reusing" in result.stdout and table.stat().st_mtime_ns == stamp  # not recomputed
     assert "faithfulness" in result.stdout
-    assert (table.parent / "tiny__ioi__exact.heatmap.png").read_bytes()[:4] == b"\x89PNG"
-    assert (table.parent / "tiny__ioi__exact.circuit.parquet").is_file()
+    assert table.with_suffix(".heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    assert table.with_suffix(".circuit.parquet").is_file()
+
+
+def test_dcv_patch_tables_are_keyed_by_what_decides_them(tmp_path):
+    """A changed target task must not reuse chem's table (its items are the task's questions); other
+    probes, which never read the task, keep theirs. The probe's seed and ig steps are in the key too."""
+    raw = tiny_config_dict(tmp_path / "storage")
+    raw["probes"].append({"name": "chem", "n_items": 8, "seed": 0})
+    raw["target_task"]["answer_format"] = "letter"  # chem compares answer letters
+    other_task, reseeded = copy.deepcopy(raw), copy.deepcopy(raw)
+    other_task["target_task"]["seed"] += 1
+    reseeded["probes"][0]["seed"] = 1  # ioi
+    cfg, other_task, reseeded = parse_config(raw), parse_config(other_task), parse_config(reseeded)
+    more_steps = cfg.model_copy(update={"patching": cfg.patching.model_copy(update={"ig_steps": 16})})
+
+    def table(c, probe: str, method: str = "exact") -> Path:
+        return patch_table_path(c, c.model, probe, method)
+
+    assert table(cfg, "chem") != table(other_task, "chem")
+    assert table(cfg, "ioi") == table(other_task, "ioi")
+    assert table(cfg, "ioi") != table(reseeded, "ioi")
+    assert table(cfg, "ioi", "ig") != table(more_steps, "ioi", "ig")
+    assert table(cfg, "ioi") == table(more_steps, "ioi")
 
 
 def test_dcv_patch_unknown_probe_exits_2(tiny_config_file, tmp_path):

@@ -92,6 +92,39 @@ def test_padding_does_not_change_kl(tiny_model, tokenizer, test_items):
     assert kl_to_base(tiny_model, changed, ref, batch_size=6) > 0
 
 
+def hand_kl(p_model, q_model, ref: KLReference) -> float:
+    """Token-mean KL(p || q) over the reference's continuation tokens, one unpadded row at a time:
+    sum_v p(v | prefix) (log p(v | prefix) - log q(v | prefix)) at each token the completion mask keeps."""
+    n_new = ref.completion_mask.shape[1]
+    total, count = 0.0, 0
+    for i in range(ref.input_ids.shape[0]):
+        start = int(ref.attention_mask[i].argmax())  # the first real token (rows are left-padded)
+        ids = ref.input_ids[i : i + 1, start:]
+        with torch.inference_mode():
+            log_p = torch.log_softmax(p_model(ids).logits[0].double(), -1)
+            log_q = torch.log_softmax(q_model(ids).logits[0].double(), -1)
+        for j in range(n_new):
+            if ref.completion_mask[i, j]:
+                at = ids.shape[1] - n_new + j - 1  # the logits that predict continuation token j
+                total += float((log_p[at].exp() * (log_p[at] - log_q[at])).sum())
+                count += 1
+    return total / count
+
+
+def test_kl_to_base_is_kl_of_base_to_model_not_the_reverse(tiny_model, tokenizer, test_items):
+    ref = sample_kl_reference(tiny_model, tokenizer, test_items, EVAL)
+    assert (ref.attention_mask[:, 0] == 0).any() and ref.completion_mask.sum() > 0
+    # An untied, sharpened unembedding: the changed model is far more peaked than the near-uniform base,
+    # so the two directions differ (here KL(base || sharp) is about 0.74, KL(sharp || base) about 1.26).
+    sharp = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        sharp.lm_head.weight = torch.nn.Parameter(sharp.lm_head.weight * 8)
+    assert sharp.lm_head.weight.data_ptr() != sharp.model.embed_tokens.weight.data_ptr()
+    forward, reverse = hand_kl(tiny_model, sharp, ref), hand_kl(sharp, tiny_model, ref)
+    assert kl_to_base(tiny_model, sharp, ref, batch_size=4) == pytest.approx(forward, rel=1e-4)
+    assert abs(forward - reverse) > 0.2 * max(forward, reverse), (forward, reverse)
+
+
 def test_until_eos_masks_after_the_first_eos():
     completion = torch.tensor([[5, 6, 2, 2, 2], [5, 6, 7, 8, 9], [2, 4, 2, 4, 4]])
     assert _until_eos(completion, eos_id=2).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]

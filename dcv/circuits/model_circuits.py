@@ -8,9 +8,9 @@ For each model of the patching table (the base model and every checkpoint), prob
 Both need the model's forward passes, so they run where the model is: one Ray task per model (CPU or GPU
 as ``patching`` asks), the base model first (its circuits are the reference the others are scored
 against). One file per model, ``<storage>/circuits/models/<model>__<hash>.parquet`` (CIRCUITS_SCHEMA),
-written atomically; the hash covers the checkpoint, the circuit rule, the probes and, for checkpoints,
-the base circuits, so a rerun skips finished models and a changed config recomputes. The assembled
-table is ``<storage>/circuits/circuits.parquet``.
+written atomically; the hash covers the checkpoint, the circuit rule, the probes (with ``chem``, the
+target task its items come from) and, for checkpoints, the base circuits, so a rerun skips finished
+models and a changed config recomputes. The assembled table is ``<storage>/circuits/circuits.parquet``.
 """
 
 from __future__ import annotations
@@ -110,11 +110,14 @@ def model_circuits(
 
 
 def model_file(cfg: ExperimentConfig, storage_root: Path, model: str, checkpoint: str, reference) -> Path:
+    probe_names = {p.name for p in cfg.probes}
     decides = {
         "checkpoint": checkpoint,
         "model_config": cfg.model.model_dump(mode="json", exclude={"cache_dir"}),
         "circuits": cfg.circuits.model_dump(mode="json"),
         "probes": [p.model_dump(mode="json") for p in cfg.probes],
+        # chem's items are the target task's questions: a changed target task changes its circuits.
+        **({"target_task": cfg.target_task.model_dump(mode="json")} if "chem" in probe_names else {}),
         "methods": cfg.patching.methods,
         "reference": None
         if reference is None
@@ -156,18 +159,25 @@ def compute_model_circuits(
 
 
 def compute_noise_floor(
-    cfg_dict: dict, checkpoint: str, effects: pl.DataFrame, probe_items: dict[str, list], path: str
+    cfg_dict: dict,
+    checkpoint: str,
+    effects: pl.DataFrame,
+    probe_items: dict[str, list],
+    reference: dict[tuple[str, str], list[Head]],
+    path: str,
 ) -> int:
-    """The base model's noise floor (``dcv.circuits.noise_floor``), written to ``path``: a Ray task."""
+    """The learned masks' noise floor (``dcv.circuits.noise_floor.mask_noise_floor``), written to
+    ``path``: a Ray task. The patching methods' floor needs no model (``dcv.analysis``)."""
     import torch
 
-    from dcv.circuits.noise_floor import noise_floor
+    from dcv.circuits.noise_floor import mask_noise_floor
     from dcv.circuits.pipeline import load_item_model
 
     cfg = parse_config(cfg_dict)
     torch.set_num_threads(max(1, int(cfg.patching.num_cpus_per_actor)))
     device = "cuda" if cfg.patching.num_gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
-    table = noise_floor(load_item_model(cfg, BASE_MODEL, checkpoint).to(device), probe_items, effects, cfg)
+    model = load_item_model(cfg, BASE_MODEL, checkpoint).to(device)
+    table = mask_noise_floor(model, probe_items, effects, reference, cfg)
     write_parquet(table, Path(path))
     return table.height
 
@@ -177,9 +187,11 @@ def run_circuits(
     effects: pl.DataFrame,
     storage_root: Path,
     progress: Callable[[str], None] = print,
+    out_dir: Path | None = None,
 ) -> pl.DataFrame:
     """Every model's circuits (base first, then the checkpoints in parallel Ray tasks, beside them the
-    base model's noise floor when ``circuits.noise_floor``); needs Ray."""
+    learned masks' noise floor when ``circuits.noise_floor``); needs Ray. The assembled tables go to
+    ``out_dir`` (default ``<storage>/circuits``); per-model files are shared by every caller."""
     import ray
 
     from dcv.circuits.noise_floor import NOISE_FLOOR_FILE, NOISE_FLOOR_SCHEMA
@@ -189,9 +201,10 @@ def run_circuits(
     models = effects.select("model", "checkpoint").unique().sort("model")
     if BASE_MODEL not in models["model"].to_list():
         raise ValueError("the patching table has no base-model rows; rerun the patching stage")
-    base_parts = effects.filter(pl.col("model") == BASE_MODEL)  # the noise floor splits its per-item parts
+    base_masks = effects.filter((pl.col("model") == BASE_MODEL) & (pl.col("method") == MASK))
     effects = effects.drop("item_delta", "item_denominator", strict=False)
-    n_rows = effects.select("probe", "method").unique().height
+    # A model's file holds one row per (probe, method) it was patched on (calibration models: one probe).
+    n_rows = dict(effects.group_by("model").agg(pl.struct("probe", "method").n_unique()).iter_rows())
     tokenizer = load_tokenizer(cfg.model)
     probes = effects["probe"].unique().to_list()
     probe_items = {
@@ -202,7 +215,7 @@ def run_circuits(
 
     def launch(model: str, checkpoint: str, reference) -> tuple[Path, object | None]:
         path = model_file(cfg, storage_root, model, checkpoint, reference)
-        if _finished(path, CIRCUITS_SCHEMA, n_rows) is not None:
+        if _finished(path, CIRCUITS_SCHEMA, n_rows[model]) is not None:
             return path, None
         rows = effects.filter(pl.col("model") == model)
         return path, task.remote(
@@ -216,11 +229,13 @@ def run_circuits(
         ray.get(base_ref)
     reference = base_circuits(pl.read_parquet(base_path))
     launched = [launch(m, c, reference) for m, c in models.iter_rows() if m != BASE_MODEL]
-    floor_path = model_file(cfg, storage_root, "noise_floor", base_checkpoint, None)
-    if cfg.circuits.noise_floor:
+    floor_path = model_file(cfg, storage_root, "noise_floor", base_checkpoint, reference)
+    masks_floor = cfg.circuits.noise_floor and not base_masks.is_empty()
+    if masks_floor:
         if _finished(floor_path, NOISE_FLOOR_SCHEMA, None) is None:
-            args = (cfg.model_dump(mode="json"), base_checkpoint, base_parts, probe_items, str(floor_path))
-            launched.append((floor_path, ray.remote(compute_noise_floor).options(**resources).remote(*args)))
+            args = (cfg.model_dump(mode="json"), base_checkpoint, base_masks, probe_items, reference)
+            task_ref = ray.remote(compute_noise_floor).options(**resources).remote(*args, str(floor_path))
+            launched.append((floor_path, task_ref))
         else:
             launched.append((floor_path, None))
     n_jobs = 1 + len(launched)
@@ -230,8 +245,9 @@ def run_circuits(
     wait_for_tasks(pending, "circuits", n_jobs, progress)
     paths = [base_path] + [path for path, _ in launched if path != floor_path]
     table = pl.concat([pl.read_parquet(path) for path in paths]).sort("model", "probe", "method")
-    write_parquet(table, circuits_dir(storage_root) / CIRCUITS_FILE)
-    floor = read_parquet(floor_path) if cfg.circuits.noise_floor else None
+    out_dir = circuits_dir(storage_root) if out_dir is None else out_dir
+    write_parquet(table, out_dir / CIRCUITS_FILE)
+    floor = read_parquet(floor_path) if masks_floor else None
     floor = pl.DataFrame(schema=NOISE_FLOOR_SCHEMA) if floor is None else floor
-    write_parquet(floor, circuits_dir(storage_root) / NOISE_FLOOR_FILE)
+    write_parquet(floor, out_dir / NOISE_FLOOR_FILE)
     return table

@@ -11,9 +11,10 @@ changes.
 Ray Data shards that table over an actor pool (``PatchItems``: one model per actor, CPU or GPU). Each
 item's rows are written atomically to ``<storage>/patching/items/<item_id>.parquet``; the item id is
 readable (model, probe, method, head range) and ends in a hash of everything that decides the numbers
-(checkpoint path, probe config, method, heads, ig steps, dtype), so a changed config never reuses a stale
-file. A rerun skips every item whose file is readable, has EFFECTS_SCHEMA and one row per head of the
-chunk; a killed actor's item is retried by Ray Data on a restarted actor.
+(checkpoint path, probe config, for ``chem`` the target task, method, heads, ig steps, dtype), so a
+changed config never reuses a stale file. A rerun skips every item whose file is readable, has
+EFFECTS_SCHEMA and one row per head of the chunk; a killed actor's item is retried by Ray Data on a
+restarted actor.
 
 The assembled table (``read_effects``; also written to ``<storage>/patching/effects.parquet``) has one
 row per (model, probe, method, layer, head), EFFECTS_SCHEMA:
@@ -99,11 +100,22 @@ def file_slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-." else "_" for c in text).strip("_.") or "model"
 
 
+def probe_key(cfg: ExperimentConfig, probe: str) -> dict:
+    """What decides a probe's items, for cache keys: its config and, for ``chem`` (whose items are the
+    target task's questions, `dcv.tasks.probes.build_probe`), the target task. Other probes leave the
+    target task out, so changing it does not recompute them."""
+    key = {"probe": cfg.probe(probe).model_dump(mode="json")}
+    if probe == "chem":
+        key["target_task"] = cfg.target_task.model_dump(mode="json")
+    return key
+
+
 def build_item_id(
     cfg: ExperimentConfig, model: str, checkpoint: str, probe: str, method: str, heads: tuple[int, int]
 ) -> str:
     """``<model>__<probe>__<method>__h<start>-<end>__<hash>``: stable across runs of the same config."""
     decides = {
+        **probe_key(cfg, probe),
         "model": model,
         "checkpoint": checkpoint,
         # The base model's numbers depend on its whole config (for ``tiny``: shape and seed).
@@ -111,7 +123,6 @@ def build_item_id(
             cfg.model.model_dump(mode="json", exclude={"cache_dir"}) if model == BASE_MODEL else None
         ),
         "dtype": cfg.model.dtype,
-        "probe": cfg.probe(probe).model_dump(mode="json"),
         "method": method,
         "heads": list(heads),
         "ig_steps": cfg.patching.ig_steps if method == "ig" else None,
@@ -413,11 +424,15 @@ def run_pipeline(
     cfg: ExperimentConfig,
     probes: Sequence[str] | None = None,
     progress: Callable[[str], None] = print,
+    work: pl.DataFrame | None = None,
+    out: Path | None = None,
 ) -> PipelineRun:
     """Patch every unfinished item on a Ray Data actor pool, then assemble and write the table.
 
-    Needs a connected Ray. Everything that can fail on bad input (results table, checkpoint folders,
-    probe names, the pool against the cluster) fails before any actor starts.
+    ``work`` is the grid (default: every model of the sweep's results table); the assembled table goes to
+    ``out`` (default ``<storage>/patching/effects.parquet``). Needs a connected Ray. Everything that can
+    fail on bad input (results table, checkpoint folders, probe names, the pool against the cluster) fails
+    before any actor starts.
     """
     import ray
 
@@ -428,7 +443,7 @@ def run_pipeline(
     if not ray.is_initialized():
         raise RuntimeError("run_pipeline needs a connected Ray (ray.init); dcv patch-all connects one")
     storage = local_storage_root(cfg)
-    work = build_work_items(cfg, read_results(storage), probes)
+    work = build_work_items(cfg, read_results(storage), probes) if work is None else work
     check_resources(cfg, ray.cluster_resources())
     pending, done = split_done(work, storage)
     total, skipped = work.height, done.height
@@ -468,7 +483,7 @@ def run_pipeline(
                 done = skipped + computed
                 progress(f"patching: {done}/{total} items done ({skipped} skipped), ETA {eta:.0f} s")
     table = read_effects(storage, work)
-    path = write_parquet(table, patching_dir(storage) / EFFECTS_FILE)
+    path = write_parquet(table, patching_dir(storage) / EFFECTS_FILE if out is None else out)
     return PipelineRun(table, total, skipped, computed, loads, path)
 
 

@@ -5,7 +5,9 @@ of an HF Trainer checkpoint (rank 0: model, tokenizer, optimizer, scheduler, tra
 its RNG state) with ``ray.train.report``; Ray merges the parts into one checkpoint folder under
 ``<storage>/trials/<trial>/`` with the step in its metadata. Rank 0 evaluates the model first (target
 accuracy, probe scores, KL to base from `dcv.evaluation`) and reports those metrics with the train loss
-or mean reward since the previous checkpoint, and logs them to the trial's MLflow run.
+or mean reward since the previous checkpoint, and logs them to the trial's MLflow run. The checkpoint's
+``dcv_checkpoint.json`` holds them too, with the per-item scores behind them (``item_scores``:
+``target/correct`` and ``probe/<name>/ld`` lists, for the analysis' bootstrap; never sent to MLflow).
 
 A restarted worker resumes from ``ray.train.get_checkpoint()``: the HF Trainer restores model, optimizer,
 scheduler, RNG and step from the merged folder.
@@ -27,7 +29,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from dcv.config import ExperimentConfig, RLConfig, SFTConfig
-from dcv.evaluation import KLReference, evaluate_model, sample_kl_reference
+from dcv.evaluation import KLReference, ModelScores, evaluate_model_scores, sample_kl_reference
 from dcv.models import load_model
 from dcv.storage import atomic_path
 from dcv.tasks import load_target_splits
@@ -35,7 +37,10 @@ from dcv.tasks.items import ProbeSet, QAItem
 from dcv.tasks.probes import build_probes
 from dcv.tracking import RunLogger, local_storage_root
 
-METADATA_FILE = "dcv_checkpoint.json"  # inside each checkpoint folder: step, method, trial, metrics
+# Inside each checkpoint folder: step, method, trial, metrics, item_scores.
+METADATA_FILE = "dcv_checkpoint.json"
+# Bumped when the base scores file changes shape, so files written before are never read back.
+BASE_SCORES_FORMAT = 2  # 2: {"metrics", "item_scores"}; 1 (no key): metrics only
 
 
 @dataclass
@@ -60,6 +65,7 @@ class EvaluationKit:
     def base_scores_file(self) -> Path:
         """Where the base model's scores are kept, keyed by everything that decides them."""
         decides = {
+            "format": BASE_SCORES_FORMAT,
             "model": self.cfg.model.model_dump(mode="json", exclude={"cache_dir"}),
             "evaluation": self.cfg.evaluation.model_dump(mode="json"),
             "target_task": self.cfg.target_task.model_dump(mode="json"),
@@ -68,24 +74,25 @@ class EvaluationKit:
         digest = hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()[:16]
         return local_storage_root(self.cfg) / "base_scores" / f"{digest}.json"
 
-    def evaluate_base(self, model: PreTrainedModel) -> dict[str, float]:
+    def evaluate_base(self, model: PreTrainedModel) -> ModelScores:
         """Step 0's scores: the base model's, the same in every trial that starts from it, so evaluated
         by the first such trial and read back by the others (greedy decoding: nothing is random)."""
         path = self.base_scores_file()
         try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            pass
-        metrics = self.evaluate(model)
+            data = json.loads(path.read_text())
+            return ModelScores(data["metrics"], data["item_scores"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # not written yet, or unreadable: evaluate again
+        scores = self.evaluate(model)
         with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(metrics))
-        return metrics
+            tmp.write_text(json.dumps({"metrics": scores.metrics, "item_scores": scores.item_scores}))
+        return scores
 
-    def evaluate(self, model: PreTrainedModel) -> dict[str, float]:
+    def evaluate(self, model: PreTrainedModel) -> ModelScores:
         was_training = model.training
         model.eval()
         try:
-            return evaluate_model(
+            return evaluate_model_scores(
                 model,
                 self.tokenizer,
                 self.cfg.evaluation,
@@ -132,10 +139,10 @@ class EvaluatedCheckpoints(TrainerCallback):
         metrics: dict[str, float] = {"step": float(step), **extra}
         if self.kit is not None:
             from_base = step == 0 and (self.method == "sft" or self.kit.cfg.rl.init == "base")
-            metrics.update(self.kit.evaluate_base(model) if from_base else self.kit.evaluate(model))
-            (folder / METADATA_FILE).write_text(
-                json.dumps({"step": step, "method": self.method, "trial": self.trial, "metrics": metrics})
-            )
+            scores = self.kit.evaluate_base(model) if from_base else self.kit.evaluate(model)
+            metrics.update(scores.metrics)
+            meta = {"step": step, "method": self.method, "trial": self.trial, "metrics": metrics}
+            (folder / METADATA_FILE).write_text(json.dumps({**meta, "item_scores": scores.item_scores}))
         checkpoint = ray.train.Checkpoint.from_directory(str(folder))
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}")
         # After the report: a step is logged once its checkpoint is persisted (a worker killed in between

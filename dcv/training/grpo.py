@@ -18,7 +18,7 @@ from datasets import Dataset
 from ray.train.huggingface.transformers import prepare_trainer
 from trl import GRPOConfig, GRPOTrainer
 
-from dcv.config import ExperimentConfig, parse_config
+from dcv.config import ExperimentConfig, RLConfig, parse_config
 from dcv.evaluation import chat_prompts
 from dcv.models import load_model_and_tokenizer
 from dcv.tasks import load_target_splits
@@ -88,6 +88,25 @@ def make_rollout_func(pool: RolloutPool, cfg: ExperimentConfig, tokenizer, seed:
     return rollout
 
 
+def grpo_args(r: RLConfig) -> dict[str, Any]:
+    """The GRPO-specific GRPOConfig arguments (beside ``shared_trainer_args``), from ``rl``."""
+    # Dr. GRPO drops both the length normalisation (loss_type) and the std division of the advantages
+    # (scale_rewards="none"); TRL couples neither to the other, so the default follows the loss type.
+    if r.scale_rewards is not None:
+        scale_rewards = r.scale_rewards
+    else:
+        scale_rewards = "none" if r.loss_type == "dr_grpo" else "group"
+    return {
+        "num_generations": r.num_generations,
+        "num_iterations": r.num_iterations,
+        "beta": r.beta,
+        "loss_type": r.loss_type,
+        "scale_rewards": scale_rewards,
+        "temperature": r.temperature,
+        "max_completion_length": r.max_completion_length,
+    }
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = parse_config(loop_config["config"])
     trial, seed = loop_config["trial"], loop_config["seed"]
@@ -104,16 +123,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     pool = RolloutPool(cfg, trial)
 
     output_dir = worker_output_dir(trial)
-    r = cfg.rl
-    args = GRPOConfig(
-        **shared_trainer_args(cfg, r, seed, output_dir),
-        num_generations=r.num_generations,
-        num_iterations=r.num_iterations,
-        beta=r.beta,
-        loss_type=r.loss_type,
-        temperature=r.temperature,
-        max_completion_length=r.max_completion_length,
-    )
+    args = GRPOConfig(**shared_trainer_args(cfg, cfg.rl, seed, output_dir), **grpo_args(cfg.rl))
     kit = EvaluationKit.build(cfg, tokenizer) if is_rank_zero() else None
     resume_from = restore_latest(output_dir)
     callback = EvaluatedCheckpoints(

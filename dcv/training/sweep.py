@@ -229,6 +229,7 @@ def collect_results(cfg: ExperimentConfig, specs: list[TrialSpec]) -> pl.DataFra
                     "step": record.step,
                     "checkpoint": record.path,
                     "metrics": record.metrics,
+                    "item_scores": record.item_scores,
                 }
             )
     return build_results_table(rows)

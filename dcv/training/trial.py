@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,8 @@ class CheckpointRecord:
     step: int
     path: str
     metrics: dict[str, float]
+    # Per-item scores (``target/correct``, ``probe/<name>/ld``); empty for checkpoints from before them.
+    item_scores: dict[str, list[float]] = field(default_factory=dict)
 
 
 def learning_rate(cfg: ExperimentConfig, method: str) -> float:
@@ -68,7 +70,8 @@ def list_checkpoints(trial_dir: Path) -> list[CheckpointRecord]:
     records = []
     for meta in sorted(Path(trial_dir).glob(f"checkpoint_*/{METADATA_FILE}")):
         data = json.loads(meta.read_text())
-        records.append(CheckpointRecord(int(data["step"]), str(meta.parent), data["metrics"]))
+        items = data.get("item_scores", {})  # absent in checkpoints from before per-item scores
+        records.append(CheckpointRecord(int(data["step"]), str(meta.parent), data["metrics"], items))
     return sorted(records, key=lambda r: r.step)
 
 

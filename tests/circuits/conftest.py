@@ -1,15 +1,17 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dcv.circuits.decoder import model_shape, run_decoder
-from dcv.config import ProbeConfig, TargetTaskConfig, TinyModelConfig
+from dcv.config import ExperimentConfig, ProbeConfig, TargetTaskConfig, TinyModelConfig, parse_config
 from dcv.tasks.items import ProbeItem
 from dcv.tasks.probes import build_probe
+from tests.conftest import tiny_config_dict
 
 
 def bridge_of(model, tokenizer):
@@ -42,6 +44,16 @@ def naive_patched_deltas(bridge, items, heads) -> torch.Tensor:
                 patched = bridge.run_with_hooks(clean, fwd_hooks=[(name, patch)])[0, -1]
                 delta[row, i] = ld_clean - (patched[item.correct_id] - patched[item.wrong_id])
     return delta
+
+
+def chem_configs(storage: Path) -> tuple[ExperimentConfig, ExperimentConfig]:
+    """Two tiny configs probing ioi and chem that differ only in target_task.seed."""
+    raw = tiny_config_dict(storage)
+    raw["probes"] = [{"name": "ioi", "n_items": 8, "seed": 0}, {"name": "chem", "n_items": 8, "seed": 0}]
+    raw["target_task"]["answer_format"] = "letter"  # chem compares answer letters
+    other = copy.deepcopy(raw)
+    other["target_task"]["seed"] = raw["target_task"]["seed"] + 1
+    return parse_config(raw), parse_config(other)
 
 
 @pytest.fixture(scope="module")

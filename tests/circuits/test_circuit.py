@@ -51,18 +51,29 @@ def test_rank_heads_by_magnitude():
 
 def test_select_circuit_is_the_smallest_top_set_reaching_tau(tiny_model, ioi_items):
     effects = head_effects(tiny_model, ioi_items, "tiny", "ioi")
-    cfg = CircuitsConfig(tau=0.9, k_max=8)
-    circuit = select_circuit(tiny_model, ioi_items, effects, cfg)
     ranked = rank_heads(effects)
-    assert list(circuit.heads) == ranked[: len(circuit)]
-    assert len(circuit.curve) == 8
-    if circuit.reached_tau:
-        assert circuit.faithfulness >= 0.9
-        assert all(f < 0.9 for f in circuit.curve[: len(circuit) - 1])
-    else:
-        assert len(circuit) == 8
+    k_max = len(ranked) - 1  # 7 of the 8 heads: no set is everything, so F = 1 is not given
+    # The curve, measured apart from select_circuit: F of the top-1 .. top-k_max sets.
+    curve = faithfulness(tiny_model, ioi_items, [set(ranked[:k]) for k in range(1, k_max + 1)])
+    first = select_circuit(tiny_model, ioi_items, effects, CircuitsConfig(tau=0.5, k_max=k_max))
+    assert first.curve == pytest.approx(curve, abs=1e-6)
+    # tau just below F(top-k): the answer is the first size whose F reaches it (k itself, or a smaller
+    # size where the curve is not monotone), known from the curve alone.
+    taus = [f - 1e-6 for f in curve if 1e-3 < f <= 2]  # CircuitsConfig: 0 < tau <= 2
+    expected_sizes = [next(j + 1 for j, f in enumerate(curve) if f >= tau) for tau in taus]
+    assert len(set(expected_sizes)) > 1, f"a degenerate curve {curve}: every tau picks the same size"
+    for tau, size in zip(taus, expected_sizes, strict=True):
+        circuit = select_circuit(tiny_model, ioi_items, effects, CircuitsConfig(tau=tau, k_max=k_max))
+        assert len(circuit) == size, (tau, curve)
+        assert list(circuit.heads) == ranked[:size]
+        assert circuit.reached_tau and circuit.faithfulness == pytest.approx(curve[size - 1], abs=1e-6)
+    # Above every F: the largest allowed set, marked as not reaching tau.
+    tau = max(curve) + 0.05
+    circuit = select_circuit(tiny_model, ioi_items, effects, CircuitsConfig(tau=tau, k_max=k_max))
+    assert len(circuit) == k_max and not circuit.reached_tau
+    assert circuit.faithfulness == pytest.approx(curve[-1], abs=1e-6)
     table = circuit_table(circuit, effects)
-    assert table.schema == CIRCUIT_SCHEMA and table["rank"].to_list() == list(range(1, len(circuit) + 1))
+    assert table.schema == CIRCUIT_SCHEMA and table["rank"].to_list() == list(range(1, k_max + 1))
 
 
 def test_select_top_k(tiny_model, ioi_items):

@@ -67,13 +67,69 @@ def test_effect_is_ratio_of_means(tiny_model, ioi_items):
     )
 
 
-def test_attribution_is_integrated_gradients_with_one_step(tiny_model, ioi_items):
-    attribution = item_effects(tiny_model, ioi_items, "attribution")
-    one_step = item_effects(tiny_model, ioi_items, "ig", ig_steps=1)
+def riemann_integrated_gradients(model, item, steps: int) -> torch.Tensor:
+    """delta [n_heads] of one item by the textbook sum, on the HF model's own forward (not dcv's decoder):
+
+        delta_h = (z_h(clean) - z_h(corrupt)) . (1/steps) sum_{k=1..steps} dLD/dz_h at e_k,
+        e_k = e(corrupt) + k/steps (e(clean) - e(corrupt)),
+
+    with z a layer's o_proj input [pos, n_heads * d_head] (head h's slice is its hook_z) and e the input
+    embeddings. The gradient is taken by a zero tensor added to z: the total derivative through later layers.
+    """
+    shape = model_shape(model)
+    projections = [layer.self_attn.o_proj for layer in model.model.layers]
+    clean, corrupt = torch.tensor([item.clean_ids]), torch.tensor([item.corrupt_ids])
+
+    def forward(embeds, leaves=None):
+        zs, handles = [], []
+        for layer, projection in enumerate(projections):
+
+            def add_leaf(module, args, layer=layer):
+                z = args[0] if leaves is None else args[0] + leaves[layer]
+                zs.append(z)
+                return (z,)
+
+            handles.append(projection.register_forward_pre_hook(add_leaf))
+        try:
+            logits = model(inputs_embeds=embeds).logits[0, -1]
+        finally:
+            for handle in handles:
+                handle.remove()
+        return logits[item.correct_id] - logits[item.wrong_id], zs
+
+    embed = model.model.embed_tokens
+    with torch.no_grad():
+        e_clean, e_corrupt = embed(clean), embed(corrupt)
+        _, z_clean = forward(e_clean)
+        _, z_corrupt = forward(e_corrupt)
+    mean_grad = [torch.zeros_like(z) for z in z_clean]
+    for k in range(1, steps + 1):
+        leaves = [torch.zeros_like(z, requires_grad=True) for z in z_clean]
+        ld, _ = forward(e_corrupt + k / steps * (e_clean - e_corrupt), leaves)
+        for total, grad in zip(mean_grad, torch.autograd.grad(ld, leaves), strict=True):
+            total += grad / steps
+    d = shape.d_head
+    return torch.stack(
+        [
+            (mean_grad[layer] * (z_clean[layer] - z_corrupt[layer]))[..., head * d : (head + 1) * d].sum()
+            for layer, head in shape.heads
+        ]
+    )
+
+
+def test_integrated_gradients_is_the_riemann_sum_of_its_definition(tiny_model, ioi_items):
+    attribution = item_effects(tiny_model, ioi_items, "attribution", batch_size=5)
+    one_step = item_effects(tiny_model, ioi_items, "ig", ig_steps=1, batch_size=5)
     assert torch.allclose(attribution.delta, one_step.delta)
-    ig = item_effects(tiny_model, ioi_items, "ig", ig_steps=4)
-    assert not torch.allclose(attribution.delta, ig.delta)
-    assert torch.isfinite(ig.delta).all() and ig.delta.abs().max() > 0
+    for steps in (1, 4):
+        ig = item_effects(tiny_model, ioi_items, "ig", ig_steps=steps, batch_size=5)
+        expected = torch.stack(
+            [riemann_integrated_gradients(tiny_model, it, steps) for it in ioi_items], dim=1
+        )
+        assert torch.allclose(ig.delta, expected, rtol=1e-3, atol=1e-5), (ig.delta - expected).abs().max()
+        assert expected.abs().max() > 1e-2  # not a comparison between zeros
+    # More steps is a different estimate (the gradient changes along the path), not the same number.
+    assert (ig.delta - one_step.delta).abs().max() > 1e-2 * one_step.delta.abs().max()
 
 
 def test_attribution_ranks_heads_like_exact(tiny_model, ioi_items):

@@ -25,6 +25,7 @@ from dcv.circuits.decoder import model_shape
 from dcv.circuits.patching import head_effects
 from dcv.circuits.pipeline import (
     EFFECTS_SCHEMA,
+    build_item_id,
     build_work_items,
     item_path,
     items_dir,
@@ -37,6 +38,7 @@ from dcv.config import ModelConfig, load_config, parse_config
 from dcv.models import load_model, save_model
 from dcv.results import write_results
 from dcv.tasks.probes import build_probe
+from tests.circuits.conftest import chem_configs
 from tests.conftest import results_of, tiny_config_dict
 
 PROBES = ("ioi", "capitals")
@@ -312,6 +314,20 @@ def test_work_grid_ids_are_stable_and_follow_the_config(tmp_path, checkpoints):
     assert not set(build_work_items(changed, checkpoints)["item_id"]) & set(work["item_id"])
     only_ioi = build_work_items(cfg, checkpoints, probes=["ioi"])
     assert set(only_ioi["item_id"]) < set(work["item_id"]) and only_ioi.height == N_ITEMS // 2
+
+
+def test_item_ids_cover_the_target_task_only_for_the_chem_probe(tmp_path, tokenizer):
+    """chem's items are the target task's questions: its patching files must not survive a changed task."""
+    cfg, other = chem_configs(tmp_path / "store")
+    chem = [build_probe(c.probe("chem"), tokenizer, c.target_task).items for c in (cfg, other)]
+    ioi = [build_probe(c.probe("ioi"), tokenizer, c.target_task).items for c in (cfg, other)]
+    assert chem[0] != chem[1] and ioi[0] == ioi[1]  # what the ids must follow
+    for model, checkpoint in [("base", "tiny"), ("sft-lr1e-05-seed0@10", "/ckpt/sft")]:
+        for method in ("exact", "ig"):
+            ids = [build_item_id(c, model, checkpoint, "chem", method, (0, 8)) for c in (cfg, other)]
+            assert ids[0] != ids[1]
+            ids = [build_item_id(c, model, checkpoint, "ioi", method, (0, 8)) for c in (cfg, other)]
+            assert ids[0] == ids[1]
 
 
 def test_an_invalid_item_file_counts_as_unfinished(tmp_path, checkpoints, tiny_model, tokenizer):

@@ -87,3 +87,68 @@ def test_rollout_func_keeps_row_order_and_syncs_weights(pool, cfg, tokenizer):
     ids_a = tokenizer(prompt_a, add_special_tokens=False)["input_ids"]
     assert out["prompt_ids"][:4] == [ids_a] * 4 and out["prompt_ids"][4] != ids_a
     assert len(out["completion_ids"]) == len(out["logprobs"]) == 8
+
+
+NEAR_GREEDY = 1e-6  # logits / 1e-6: sampling picks the argmax unless two logits tie to within ~1e-6
+
+
+def greedy_completion(model, tokenizer, ids: list[int], max_new_tokens: int) -> list[int]:
+    """A direct HF greedy ``generate`` of one prompt, cut after the first EOS as the rollout backend cuts."""
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    tokens = out[0, len(ids) :].tolist()
+    return tokens[: tokens.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in tokens else tokens
+
+
+def prompt_dependent_learner(cfg, tokenizer):
+    """The tiny model plus seeded noise (std 0.2): the plain tiny model continues every chat prompt with
+    the same newlines, this one's greedy continuations differ from prompt to prompt."""
+    learner = load_model(cfg.model, tokenizer)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in learner.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.2)
+    return learner
+
+
+def test_each_prompts_completions_continue_that_prompt(pool, cfg, tokenizer):
+    """Prompts are spread over the actors and gathered back: each prompt's n completions must be its own,
+    here (near-greedy sampling, known weights) exactly the direct greedy generation of that prompt."""
+    learner = prompt_dependent_learner(cfg, tokenizer)
+    pool.publish(learner, version=11)
+    texts = ("One", "Two two", "Three three three", "Four and four")
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    expected = [greedy_completion(learner, tokenizer, ids, 5) for ids in prompts]
+    assert len({tuple(e) for e in expected}) == len(prompts)  # distinct: a swap would be seen
+    completions, logprobs = pool.generate(prompts, 2, 5, NEAR_GREEDY, seed=0, version=11)
+    assert completions == [e for e in expected for _ in range(2)]
+    assert all(lp == pytest.approx(0.0, abs=1e-3) for row in logprobs for lp in row)  # the argmax each time
+
+
+def test_rollout_func_rows_carry_their_own_prompt_and_completions(pool, cfg, tokenizer):
+    """Groups of different sizes are generated in separate calls (one per size) and put back in row
+    order: every row's prompt_ids are its prompt's tokens and its completion continues that prompt."""
+    learner = prompt_dependent_learner(cfg, tokenizer)
+    trainer = SimpleNamespace(
+        state=SimpleNamespace(global_step=13),
+        model=learner,
+        accelerator=SimpleNamespace(unwrap_model=lambda m: m),
+    )
+    near_greedy = cfg.model_copy(update={"rl": cfg.rl.model_copy(update={"temperature": NEAR_GREEDY})})
+    a, b, c = ([{"role": "user", "content": text}] for text in ("Question A", "Question B, longer", "C?"))
+    prompts = [a, a, b, b, b, b, c, c]  # groups of 2, 4, 2: a and c share one call, b has its own
+    out = make_rollout_func(pool, near_greedy, tokenizer, seed=0, publishes=True)(prompts, trainer)
+    assert pool.version == 13
+    for row, prompt in enumerate(prompts):
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert out["prompt_ids"][row] == ids, row
+        expected = greedy_completion(learner, tokenizer, ids, cfg.rl.max_completion_length)
+        assert out["completion_ids"][row] == expected, row
+    assert len({tuple(out["completion_ids"][row]) for row in (0, 2, 6)}) == 3  # the three prompts differ

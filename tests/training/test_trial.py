@@ -13,8 +13,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
 
 from dcv import tracking
 from dcv.config import parse_config
@@ -50,9 +52,45 @@ def train_config_dict(storage: Path, workers: int, **method_overrides) -> dict:
     return raw
 
 
+def save_letter_model(tokenizer, folder: Path) -> Path:
+    """The tiny model made to write only " A" .. " D": the random tiny model's 4-token completions never
+    score (reward 0 everywhere, zero advantages, no gradient), this one's last letter is right about 1 time
+    in 4, so GRPO groups have reward variance. Residual dimension 0 is a constant (every embedding holds
+    10 there and no layer writes to it), and the letters' embeddings (tied to lm_head) hold 12: after the
+    final norm that dimension is about 8, which lifts the letters' logits by about 16 over every other token.
+    """
+    from dcv.config import ModelConfig
+    from dcv.models import load_model, save_model
+
+    model = load_model(ModelConfig(name="tiny"), tokenizer)
+    letters = [tokenizer(f" {c}", add_special_tokens=False)["input_ids"][0] for c in "ABCD"]
+    with torch.no_grad():
+        embed = model.model.embed_tokens.weight
+        embed[:, 0] = 10.0
+        embed[letters, 0] = 12.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0] = 0
+            layer.mlp.down_proj.weight[0] = 0
+    return save_model(model, tokenizer, folder)
+
+
+def checkpoint_weights(folder: str) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
 @pytest.mark.parametrize("method", ["sft", "rl"])
-def test_two_worker_ddp_trial_leaves_evaluated_checkpoints(ray_cluster, tmp_path, method):
-    cfg = train_config(tmp_path / "store", workers=2)
+def test_two_worker_ddp_trial_leaves_evaluated_checkpoints(ray_cluster, tmp_path, method, tokenizer):
+    overrides = {}
+    if method == "rl":
+        # A policy whose rewards vary within a group (letter answers), 4 samples per group: every step's
+        # groups are likely to hold a nonzero advantage (and seeded rollouts repeat run to run).
+        letter_model = save_letter_model(tokenizer, tmp_path / "letter-model")
+        overrides = {
+            "model": {"name": str(letter_model)},
+            "target_task": {"answer_format": "letter"},
+            "rl": {"num_generations": 4, "per_device_batch_size": 4},
+        }
+    cfg = train_config(tmp_path / "store", workers=2, **overrides)
     records = run_trial(cfg, method, seed=0)
     section = cfg.sft if method == "sft" else cfg.rl
     expected_steps = list(range(0, section.max_steps + 1, section.eval_every))
@@ -68,6 +106,16 @@ def test_two_worker_ddp_trial_leaves_evaluated_checkpoints(ray_cluster, tmp_path
     assert (last / "rng_state_0.pth").is_file() and (last / "rng_state_1.pth").is_file()  # both ranks' parts
     train_key = "train/loss" if method == "sft" else "train/reward"
     assert all(train_key in r.metrics for r in records[1:])
+    if method == "rl":
+        # GRPO saw a nonzero advantage (a group whose rewards differ), hence a nonzero gradient, and the
+        # final weights moved away from step 0's.
+        logged = [e for e in state["log_history"] if "grad_norm" in e]
+        assert len(logged) == section.max_steps
+        assert any(e["reward_std"] > 0 and e["frac_reward_zero_std"] < 1 for e in logged)
+        assert any(e["grad_norm"] > 0 for e in logged)
+        start, end = checkpoint_weights(records[0].path), checkpoint_weights(records[-1].path)
+        assert start.keys() == end.keys()
+        assert max(float((start[k] - end[k]).abs().max()) for k in start) > 0
 
     client = MlflowClient(tracking.resolve_tracking_uri(cfg))
     runs = client.search_runs(

@@ -1,0 +1,353 @@
+"""Calibration: planted damage on the base model, measured by the same patching, circuits and analysis.
+
+An instrument is trusted once it finds damage put there on purpose (DESIGN "Calibration"). Per probe:
+
+- positive controls: for k in ``calibration.k``, the top-k heads of the base circuit ablated (their
+  ``o_proj`` input columns scaled by ``calibration.alpha``: 0 ablates, 0.5 halves), and k random heads
+  outside the circuit (damage V should not blame on the circuit);
+- a negative control: an exact copy of the base.
+
+Each planted model is an HF folder under ``<storage>/calibration/models/`` and goes through the patching
+pipeline (``run_pipeline``) and the circuits stage (``run_circuits``) exactly as a fine-tuned checkpoint
+does; its numbers come from ``dcv.matched.probe_numbers``, the function every checkpoint's numbers come
+from. The table (``<storage>/calibration/calibration.parquet``, CALIBRATION_SCHEMA) gives per probe and
+plant: P against the noise floor, V with its item-bootstrap CI, how many planted heads rank among the
+most vulnerable, forgetting, and for the copy whether anything was flagged; per probe the minimum
+detectable damage (smallest k detected: recall >= 0.5 and V's CI above 0) and the minimum detectable
+effects on V, P and forgetting at the config's item count (one model against base, 80% power).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from dcv.circuits.competence import base_competence
+from dcv.circuits.model_circuits import base_circuits, circuit_heads
+from dcv.circuits.noise_floor import bootstrap_floor
+from dcv.circuits.pipeline import BASE_MODEL, MASK, build_work_items
+from dcv.config import ExperimentConfig
+from dcv.matched import MDE_FACTOR, ProbeParts, ProbeReference, probe_numbers
+from dcv.results import build_results_table
+from dcv.storage import atomic_path, read_parquet, write_parquet
+
+CALIBRATION_FILE = "calibration.parquet"
+PLANT_FILE = "dcv_planted.json"
+CALIBRATION_SCHEMA = {
+    "probe": pl.String,
+    "method": pl.String,  # patching method
+    "kind": pl.String,  # circuit | random | copy
+    "k": pl.Int32,  # heads planted (0 for the copy)
+    "alpha": pl.Float64,
+    "heads": pl.String,  # the planted heads, "layer.head"
+    "n_items": pl.Int32,
+    "preservation": pl.Float64,
+    "noise_floor_preservation": pl.Float64,
+    "below_floor": pl.Boolean,
+    "jaccard": pl.Float64,
+    "circuit_vulnerability": pl.Float64,  # relative; the lost-behaviour rule applies
+    "circuit_vulnerability_abs": pl.Float64,
+    "v_ci_low": pl.Float64,  # item-bootstrap CI of V (absolute)
+    "v_ci_high": pl.Float64,
+    "planted_in_top_k": pl.Int32,  # planted heads among the k most vulnerable base-circuit heads
+    "planted_in_top5": pl.Int32,
+    "recall": pl.Float64,  # planted_in_top_k / k (circuit plants)
+    "forgetting": pl.Float64,
+    "forgetting_ld": pl.Float64,
+    "lost": pl.Boolean,
+    "detected": pl.Boolean,  # circuit plants: recall >= 0.5 and V's CI above 0
+    "flagged": pl.Boolean,  # any alarm: P below the floor or V's CI above 0 (false positive on the copy)
+    "min_detectable_k": pl.Int32,  # per probe: the smallest k of a detected circuit plant
+    "mde_vulnerability": pl.Float64,  # per probe: minimum detectable V, P and forgetting (one model)
+    "mde_preservation": pl.Float64,
+    "mde_forgetting": pl.Float64,
+}
+
+Head = tuple[int, int]
+
+
+def calibration_dir(storage_root: Path) -> Path:
+    return Path(storage_root) / "calibration"
+
+
+def read_calibration(storage_root: Path) -> pl.DataFrame | None:
+    """The stored calibration table, or None when calibration never ran."""
+    table = read_parquet(calibration_dir(storage_root) / CALIBRATION_FILE)
+    return table if table is not None and table.schema == CALIBRATION_SCHEMA else None
+
+
+@dataclass(frozen=True)
+class Plant:
+    probe: str
+    kind: str  # circuit | random | copy
+    k: int
+    heads: tuple[Head, ...]
+
+    @property
+    def name(self) -> str:
+        return f"planted-{self.probe}-{self.kind}-k{self.k}" if self.kind != "copy" else "planted-copy"
+
+
+def plan_plants(
+    circuits: dict[str, list[Head]], shape: tuple[int, int], ks: Sequence[int], seed: int
+) -> list[Plant]:
+    """Per probe and k: the top-k circuit heads and k random non-circuit heads; one exact copy."""
+    every = [(la, h) for la in range(shape[0]) for h in range(shape[1])]
+    plants = [Plant("", "copy", 0, ())]
+    for probe, circuit in circuits.items():
+        outside = [h for h in every if h not in set(circuit)]
+        rng = random.Random(f"calibration:{seed}:{probe}")
+        for k in ks:
+            if k <= len(circuit):
+                plants.append(Plant(probe, "circuit", k, tuple(circuit[:k])))
+            if k <= len(outside):
+                plants.append(Plant(probe, "random", k, tuple(sorted(rng.sample(outside, k)))))
+    return plants
+
+
+def plant_damage(model, heads: Sequence[Head], alpha: float):
+    """Scale the ``o_proj`` input columns of each head (its output's contribution) by ``alpha``, in place."""
+    import torch
+
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    with torch.no_grad():
+        for layer, head in heads:
+            weight = model.model.layers[layer].self_attn.o_proj.weight
+            weight[:, head * head_dim : (head + 1) * head_dim] *= alpha
+    return model
+
+
+def write_plants(
+    cfg: ExperimentConfig,
+    plants: Sequence[Plant],
+    alpha: float,
+    storage: Path,
+    progress: Callable[[str], None],
+) -> pl.DataFrame:
+    """Each planted model's HF folder (written once; a folder of another plan is rewritten) and the
+    results-table rows that name them (probe scores with per-item LDs, as a fine-tuned checkpoint has)."""
+    from dcv.evaluation import evaluate_probe
+    from dcv.models import load_model_and_tokenizer, save_model
+    from dcv.tasks.probes import build_probes
+
+    base, tokenizer = load_model_and_tokenizer(cfg.model)
+    probes = build_probes(cfg.probes, tokenizer, cfg.target_task)
+    rows, items = [], []
+    for plant in plants:
+        folder = calibration_dir(storage) / "models" / plant.name
+        spec = {"base": cfg.model.name, "heads": [list(h) for h in plant.heads], "alpha": alpha}
+        marker = folder / PLANT_FILE
+        model = plant_damage(copy.deepcopy(base), plant.heads, alpha).eval()
+        if not (marker.is_file() and json.loads(marker.read_text()) == spec):
+            save_model(model, tokenizer, folder)
+            with atomic_path(marker) as tmp:
+                tmp.write_text(json.dumps(spec))
+            progress(f"calibration: wrote {plant.name} ({len(plant.heads)} heads at alpha {alpha:g})")
+        scores = [evaluate_probe(model, probe, cfg.evaluation.batch_size) for probe in probes]
+        metrics = {f"probe/{s.probe}/accuracy": s.accuracy for s in scores}
+        metrics |= {f"probe/{s.probe}/mean_ld": s.mean_ld for s in scores}
+        row = {"trial": plant.name, "method": "planted", "learning_rate": 0.0, "seed": 0, "init": "base"}
+        rows.append({**row, "step": 1, "checkpoint": str(folder), "metrics": metrics})
+        items.append({s.probe: list(s.ld) for s in scores})
+    scores = [evaluate_probe(base, probe, cfg.evaluation.batch_size) for probe in probes]
+    base_row = {"trial": BASE_MODEL, "method": "base", "learning_rate": 0.0, "seed": 0, "init": "base"}
+    metrics = {f"probe/{s.probe}/accuracy": s.accuracy for s in scores}
+    metrics |= {f"probe/{s.probe}/mean_ld": s.mean_ld for s in scores}
+    rows.append({**base_row, "step": 0, "checkpoint": cfg.model.name, "metrics": metrics})
+    items.append({s.probe: list(s.ld) for s in scores})
+    order = {r["trial"]: i for i, r in enumerate(rows)}
+    table = build_results_table(rows)
+    ordered = [items[order[t]] for t in table["trial"]]
+    return table.with_columns(
+        pl.Series(f"probe/{p.name}/item_ld", [i[p.name] for i in ordered], dtype=pl.List(pl.Float64))
+        for p in cfg.probes
+    )
+
+
+def _parts(effects: pl.DataFrame, model: str, probe: str, method: str, item_ld) -> ProbeParts:
+    rows = effects.filter(
+        (pl.col("model") == model) & (pl.col("probe") == probe) & (pl.col("method") == method)
+    )
+    rows = rows.sort("layer", "head")
+    delta = np.array(rows["item_delta"].to_list(), dtype=np.float64)
+    ld = None if item_ld is None else np.asarray(item_ld, dtype=np.float64)
+    return ProbeParts(delta, np.asarray(rows["item_denominator"][0], dtype=np.float64), ld)
+
+
+def _index(shape: tuple[int, int], heads: Sequence[Head]) -> np.ndarray:
+    return np.array([layer * shape[1] + head for layer, head in heads], dtype=np.int64)
+
+
+def calibration_table(
+    cfg: ExperimentConfig,
+    plants: Sequence[Plant],
+    results: pl.DataFrame,
+    effects: pl.DataFrame,
+    circuits: pl.DataFrame,
+    shape: tuple[int, int],
+    alpha: float,
+    seed: int = 0,
+) -> pl.DataFrame:
+    """CALIBRATION_SCHEMA rows: every plant measured against the base (the copy once per probe)."""
+    method = cfg.patching.methods[0]
+    item_ld = {r["trial"]: r for r in results.iter_rows(named=True)}
+    reference = base_circuits(circuits)
+    own = {
+        (r["model"], r["probe"]): r for r in circuits.filter(pl.col("method") == method).iter_rows(named=True)
+    }
+    probes = sorted({p.probe for p in plants if p.kind != "copy"})
+    copy = next(p for p in plants if p.kind == "copy")
+    rows = []
+    for probe in probes:
+        probe_cfg = cfg.probe(probe)
+        base = _parts(effects, BASE_MODEL, probe, method, item_ld[BASE_MODEL][f"probe/{probe}/item_ld"])
+        circuit = _index(shape, reference[(probe, method)])
+        ref = ProbeReference(probe, base, circuit, probe_cfg.lost_fraction, True, True)
+        floor = bootstrap_floor(
+            base.delta, base.denominator, circuit, cfg.circuits.noise_floor_resamples, seed
+        )
+        floor_p = float(np.quantile(floor["preservation"], 0.05))
+        rng = np.random.default_rng(seed)
+        n = base.denominator.shape[0]
+        draws = [rng.integers(0, n, n) for _ in range(cfg.circuits.n_bootstrap)]
+        base_accuracy = (
+            [float((base.item_ld[d] > 0).mean()) for d in draws] if base.item_ld is not None else [0.0]
+        )
+        mde = {
+            "mde_vulnerability": MDE_FACTOR * float(np.std(floor["circuit_vulnerability"], ddof=1)),
+            "mde_preservation": MDE_FACTOR * float(np.std(floor["preservation"], ddof=1)),
+            "mde_forgetting": MDE_FACTOR * float(np.std(base_accuracy, ddof=1)),
+        }
+        probe_rows = []
+        for plant in [p for p in plants if p.probe == probe] + [copy]:
+            model = f"{plant.name}@1"
+            parts = _parts(effects, model, probe, method, item_ld[plant.name][f"probe/{probe}/item_ld"])
+            own_circuit = _index(shape, circuit_heads(own[(model, probe)]))
+            point, v_rel, v_abs = probe_numbers(parts, ref, own_circuit, None)
+            boot = np.array(
+                [probe_numbers(parts, ref, own_circuit, d)[0]["circuit_vulnerability_abs"] for d in draws]
+            )
+            low, high = (float(x) for x in np.quantile(boot, [0.025, 0.975]))
+            v = v_abs if point["lost"] else v_rel
+            ranked = [int(circuit[i]) for i in np.argsort(-v, kind="stable")]
+            planted = set(_index(shape, plant.heads).tolist())
+            in_top_k = len(planted & set(ranked[: plant.k])) if plant.kind == "circuit" else None
+            below = bool(point["preservation"] < floor_p) if np.isfinite(point["preservation"]) else True
+            probe_rows.append(
+                {
+                    "probe": probe,
+                    "method": method,
+                    "kind": plant.kind,
+                    "k": plant.k,
+                    "alpha": alpha,
+                    "heads": " ".join(f"{la}.{h}" for la, h in plant.heads),
+                    "n_items": n,
+                    "preservation": _finite(point["preservation"]),
+                    "noise_floor_preservation": floor_p,
+                    "below_floor": below,
+                    "jaccard": _finite(point["jaccard"]),
+                    "circuit_vulnerability": _finite(point["circuit_vulnerability"]),
+                    "circuit_vulnerability_abs": point["circuit_vulnerability_abs"],
+                    "v_ci_low": low,
+                    "v_ci_high": high,
+                    "planted_in_top_k": in_top_k,
+                    "planted_in_top5": len(planted & set(ranked[:5])) if plant.kind == "circuit" else None,
+                    "recall": in_top_k / plant.k if in_top_k is not None else None,
+                    "forgetting": point["forgetting"],
+                    "forgetting_ld": point["forgetting_ld"],
+                    "lost": bool(point["lost"]),
+                    "detected": plant.kind == "circuit" and in_top_k / plant.k >= 0.5 and low > 0,
+                    "flagged": below or low > 0,
+                    **mde,
+                }
+            )
+        detected = [r["k"] for r in probe_rows if r["detected"]]
+        for row in probe_rows:
+            row["min_detectable_k"] = min(detected) if detected else None
+        rows += probe_rows
+    return pl.DataFrame(rows, schema=CALIBRATION_SCHEMA)
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def run_calibration(
+    cfg: ExperimentConfig,
+    storage: Path,
+    probes: Sequence[str] | None = None,
+    progress: Callable[[str], None] = print,
+) -> pl.DataFrame:
+    """Plant, patch, find circuits and measure; needs a connected Ray and the base snapshot in ``cfg``.
+    Every step resumes: planted folders, patching items and circuit files are reused when unchanged."""
+    from dcv.circuits.model_circuits import run_circuits
+    from dcv.circuits.pipeline import model_head_grid, run_pipeline
+
+    c = cfg.calibration
+    method = cfg.patching.methods[0]
+    if method == MASK:
+        raise ValueError("calibration: patching.methods[0] is mask; calibrate a patching method first")
+    folder = calibration_dir(storage)
+    start = time.perf_counter()
+    empty = build_results_table(
+        [
+            {
+                "trial": BASE_MODEL,
+                "method": "base",
+                "learning_rate": 0.0,
+                "seed": 0,
+                "init": "base",
+                "step": 0,
+                "checkpoint": cfg.model.name,
+                "metrics": {},
+            }
+        ]
+    )
+    base_work = build_work_items(cfg, empty)
+    base_effects = run_pipeline(
+        cfg, progress=progress, work=base_work, out=folder / "base_effects.parquet"
+    ).table
+    base_circ = run_circuits(cfg, base_effects, storage, progress, out_dir=folder / "base")
+    reference = base_circuits(base_circ)
+    shape = model_head_grid(cfg.model)
+    chosen = []
+    for probe in probes or c.probes or [p.name for p in cfg.probes if p.name != "chem"]:
+        rows = base_effects.filter((pl.col("probe") == probe) & (pl.col("method") == method))
+        guard = base_competence(
+            np.asarray(rows["item_denominator"][0]), 1.0, 0.0, cfg.circuits.n_bootstrap, cfg.circuits.ci_level
+        )
+        if not guard.competent or not reference[(probe, method)]:
+            progress(f"calibration: skipping {probe}: {guard.reason or 'empty base circuit'}")
+            continue
+        chosen.append(probe)
+    if not chosen:
+        raise ValueError("calibration: no probe the base model can do has a circuit; nothing to plant")
+    plants = plan_plants({p: reference[(p, method)] for p in chosen}, shape, c.k, c.seed)
+    results = write_plants(cfg, plants, c.alpha, storage, progress)
+    work = build_work_items(cfg, results, chosen)
+    keep = [(p.name + "@1", p.probe) for p in plants if p.kind != "copy"] + [
+        ("planted-copy@1", p) for p in chosen
+    ]
+    keep_frame = pl.DataFrame(keep, schema={"model": pl.String, "probe": pl.String}, orient="row")
+    work = pl.concat(
+        [work.filter(pl.col("model") == BASE_MODEL), work.join(keep_frame, on=["model", "probe"])]
+    )
+    work = work.filter(pl.col("method") == method)
+    effects = run_pipeline(cfg, progress=progress, work=work, out=folder / "effects.parquet").table
+    circuits = run_circuits(cfg, effects, storage, progress, out_dir=folder)
+    table = calibration_table(cfg, plants, results, effects, circuits, shape, c.alpha, c.seed)
+    write_parquet(table, folder / CALIBRATION_FILE)
+    with atomic_path(folder / "calibration.csv") as tmp:
+        table.write_csv(tmp)
+    seconds = time.perf_counter() - start
+    progress(f"calibration: {len(plants)} planted models on {', '.join(chosen)} in {seconds:.0f} s")
+    return table

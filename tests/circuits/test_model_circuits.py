@@ -1,0 +1,19 @@
+"""The circuits stage's cache keys."""
+
+from __future__ import annotations
+
+from dcv.circuits.model_circuits import model_file
+from tests.circuits.conftest import chem_configs
+
+
+def test_circuit_files_cover_the_target_task_when_chem_is_probed(tmp_path):
+    cfg, other = chem_configs(tmp_path / "store")
+    for model, checkpoint in [("base", "tiny"), ("noise_floor", "tiny"), ("rl-lr1e-06-seed0@10", "/ckpt/rl")]:
+        paths = [model_file(c, tmp_path, model, checkpoint, None) for c in (cfg, other)]
+        assert paths[0] != paths[1]
+    # Without chem, no probe reads the target task: its files are shared.
+    no_chem = [
+        c.model_copy(update={"probes": [p for p in c.probes if p.name != "chem"]}) for c in (cfg, other)
+    ]
+    paths = [model_file(c, tmp_path, "base", "tiny", None) for c in no_chem]
+    assert paths[0] == paths[1]
