@@ -400,7 +400,8 @@ def checkpoint_table(
 def _effects_frame(point: Point, ref: ProbeReference) -> pl.DataFrame:
     """The point's effects on one probe as a (layer-free) frame for ``effect_spearman``."""
     parts = point.probes[ref.name]
-    effect = parts.delta.mean(axis=1) / parts.denominator.mean()
+    with np.errstate(divide="ignore", invalid="ignore"):  # a gap of 0 (a probe not done): ranks only
+        effect = parts.delta.mean(axis=1) / parts.denominator.mean()
     index = list(range(len(effect)))
     return pl.DataFrame({"layer": index, "head": [0] * len(index), "effect": effect})
 
@@ -440,15 +441,29 @@ def summary_table(checkpoints: pl.DataFrame) -> pl.DataFrame:
         *NOISE_FLOOR_COLUMNS,
     )
     every = checkpoints.group_by(keys, maintain_order=True).agg(*[pl.col(c).first() for c in first])
-    prior = checkpoints.filter(pl.col("in_means"))
-    aggregated = prior.group_by(keys, maintain_order=True).agg(
-        *[pl.col(c).mean() for c in means],
-        pl.col("lost").sum().cast(pl.Int64).alias("n_lost"),
-        pl.len().cast(pl.Int64).alias("n_probes"),
+    forgetting = (
+        checkpoints.filter(pl.col("in_forgetting"))
+        .group_by(keys, maintain_order=True)
+        .agg(
+            pl.col("forgetting").mean(),
+            pl.col("forgetting_ld").mean(),
+            pl.col("lost").sum().cast(pl.Int64).alias("n_lost"),
+            pl.len().cast(pl.Int64).alias("n_probes_forgetting"),
+        )
     )
+    circuit = (
+        checkpoints.filter(pl.col("in_means"))
+        .group_by(keys, maintain_order=True)
+        .agg(
+            *[pl.col(c).mean() for c in means if not c.startswith("forgetting")],
+            pl.len().cast(pl.Int64).alias("n_probes_circuits"),
+        )
+    )
+    counts = ("n_lost", "n_probes_forgetting", "n_probes_circuits")
     return (
-        every.join(aggregated, on=keys, how="left")
-        .with_columns(pl.col("n_probes").fill_null(0), pl.col("n_lost").fill_null(0))
+        every.join(forgetting, on=keys, how="left")
+        .join(circuit, on=keys, how="left")
+        .with_columns(*[pl.col(c).fill_null(0) for c in counts])
         .sort("trial", "step", "patching")
     )
 

@@ -330,7 +330,11 @@ def run_calibration(
             continue
         chosen.append(probe)
     if not chosen:
-        raise ValueError("calibration: no probe the base model can do has a circuit; nothing to plant")
+        # Nothing the instrument could be calibrated on: said in the report, not a failed run.
+        progress("calibration: no probe the base model does has a base circuit; nothing to plant")
+        table = pl.DataFrame(schema=CALIBRATION_SCHEMA)
+        write_parquet(table, folder / CALIBRATION_FILE)
+        return table
     plants = plan_plants({p: reference[(p, method)] for p in chosen}, shape, c.k, c.seed)
     results = write_plants(cfg, plants, c.alpha, storage, progress)
     work = build_work_items(cfg, results, chosen)

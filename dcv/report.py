@@ -293,8 +293,10 @@ def answer_paragraphs(
 def detection_sentence(calibration: pl.DataFrame | None, headline: pl.DataFrame) -> str:
     """The calibration's minimum detectable damage and the headline's minimum detectable differences."""
     parts = []
-    if calibration is None or calibration.is_empty():
+    if calibration is None:
         parts.append("no planted-damage calibration was run (calibration.enabled: false, or `dcv calibrate`)")
+    elif calibration.is_empty():
+        parts.append("nothing could be calibrated (no probe the base model does has a base circuit)")
     else:
         for probe, rows in calibration.group_by("probe", maintain_order=True):
             k = rows["min_detectable_k"][0]

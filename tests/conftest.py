@@ -57,6 +57,9 @@ def tiny_config_dict(storage: Path) -> dict:
     raw["sft"].update(learning_rate=3e-5, max_steps=4, eval_every=4)
     raw["rl"].update(learning_rate=3e-6, max_steps=4, eval_every=4)
     raw["sweep"].update(sft_learning_rates=[3e-5], rl_learning_rates=[3e-6])
+    # A random tiny model does no probe: there is nothing to plant damage in (tests/test_calibration.py
+    # plants heads that do carry a behaviour).
+    raw["calibration"] = {"enabled": False}
     raw["probes"] = [
         {"name": name, "n_items": 8, "seed": 0} for name in ("ioi", "capitals", "greater_than", "induction")
     ]

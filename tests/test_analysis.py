@@ -258,7 +258,7 @@ def test_one_run_of_a_method_at_every_level_gives_no_verdict(tmp_path):
     assert headline["mean"].is_null().all() and tables["dcv_heads"].is_empty()
     md, _, _ = build_report(tables, tmp_path / "report", "t", ["about"], {})
     first = md.read_text().split("## ")[1]
-    assert "insufficient runs" in first and "CI excludes 0" not in first and "higher under SFT" not in first
+    assert "insufficient runs" in first.lower() and "CI excludes 0" not in first and "higher under SFT" not in first
 
 
 def test_rl_started_from_sft_is_never_matched_at_its_start(tmp_path):
@@ -311,3 +311,171 @@ def test_rl_started_from_sft_is_never_matched_at_its_start(tmp_path):
     # Matched on steps, RL's step 2 is its own checkpoint (effects 0.6 of base: V = 0.4), never the start.
     rl2 = headline_row(headline, "step", 2.0, "circuit_vulnerability", "rl")
     assert rl2["mean"] == pytest.approx(0.4)
+
+
+def test_dcv_per_head_and_correlations(tables):
+    dcv = tables["dcv_heads"].filter((pl.col("by") == "accuracy") & ((pl.col("value") - 0.45).abs() < 1e-9))
+    assert sorted(zip(dcv["layer"], dcv["head"], strict=True)) == BASE_CIRCUIT
+    # Every head keeps 0.84 of its base effect under SFT at 0.45 and 0.95 under RL: DCV_h = 0.16 - 0.05.
+    assert dcv["dcv"].to_list() == pytest.approx([0.11, 0.11])
+    assert (dcv["ci_low"] < dcv["dcv"]).all() and (dcv["ci_high"] > dcv["dcv"]).all()
+    assert (dcv["n_sft"] == 2).all() and (dcv["n_rl"] == 2).all()
+    pooled = tables["correlations"].filter((pl.col("probe") == "mean") & (pl.col("training") == "pooled"))
+    assert pooled["n_checkpoints"][0] == 8
+
+
+def test_noise_floor_beside_preservation(tables):
+    floor = tables["noise_floor"].row(0, named=True)
+    # The base circuit's heads (effects 1.0 and 0.5) stay on top in every resample: P = J = 1 at the floor.
+    assert floor["kind"] == "bootstrap" and floor["n_resamples"] == 200 and floor["n_items"] == N_ITEMS
+    assert floor["preservation"] == 1.0 and floor["jaccard"] == 1.0
+    rows = tables["checkpoints"]
+    assert (rows["noise_floor_preservation"] == 1.0).all()
+    sft4 = rows.filter((pl.col("training") == "sft") & (pl.col("step") == 4))
+    assert not sft4["within_noise_floor"].any()
+    assert rows.filter(pl.col("training") == "rl")["within_noise_floor"].all()
+
+
+def test_paper_comparison_table(tables):
+    paper = {r["quantity"]: r for r in tables["paper"].iter_rows(named=True)}
+    assert paper["circuit_size"]["base"] == 2 and paper["circuit_size"]["paper_base"] == 297
+    assert paper["retention_pct"]["sft"] == pytest.approx(50.0)
+    assert paper["retention_pct"]["rl"] == pytest.approx(100.0)
+    assert paper["faithfulness"]["rl"] == pytest.approx(0.9) and paper["retention_pct"]["n_runs_sft"] == 2
+
+
+def test_a_probe_the_base_model_cannot_do_is_left_out_and_named(tmp_path):
+    """Probe greater_than with a gap around 0 (per-item gaps +-1) and accuracy 0.5: no circuit numbers,
+    not in any mean, and the report says why; ioi's numbers are unchanged."""
+    raw = config(tmp_path).model_dump(mode="json")
+    raw["probes"].append({"name": "greater_than", "n_items": N_ITEMS})
+    cfg = parse_config(raw)
+    results = results_table().with_columns(
+        pl.lit(0.5).alias("probe/greater_than/accuracy"), pl.lit(0.0).alias("probe/greater_than/mean_ld")
+    )
+    effects = effects_table()
+    flat = effects.with_columns(
+        pl.lit("greater_than").alias("probe"),
+        pl.lit([1.0, -1.0, 1.0, -1.0], pl.List(pl.Float64)).alias("item_denominator"),
+    )
+    circuits = circuits_table()
+    circuits = pl.concat([circuits, circuits.with_columns(pl.lit("greater_than").alias("probe"))])
+    tables = analyze(cfg, results, pl.concat([effects, flat]), circuits)
+    base = tables["base_circuits"].filter(pl.col("probe") == "greater_than").row(0, named=True)
+    assert not base["competent"] and not base["in_means"] and base["gap_ci_low"] <= 0
+    assert (
+        "cannot do it" in base["excluded_because"]
+        and "accuracy 0.5 < min_accuracy 0.7" in base["excluded_because"]
+    )
+    rows = tables["checkpoints"].filter(pl.col("probe") == "greater_than")
+    assert (rows["status"] == "not competent").all() and rows["circuit_vulnerability"].is_null().all()
+    sft4 = (
+        tables["summary"].filter((pl.col("trial") == "sft-seed0") & (pl.col("step") == 4)).row(0, named=True)
+    )
+    assert sft4["circuit_vulnerability"] == pytest.approx(0.4) and sft4["n_probes_circuits"] == 1
+    md, _, _ = build_report(tables, tmp_path / "report", "t", ["about"], {})
+    assert "Probe greater_than is left out of the means: the base model cannot do it" in md.read_text()
+
+
+def test_a_checkpoint_that_lost_a_probe_is_lost_and_counts_as_forgetting(tmp_path):
+    """SFT at step 4 keeps a tenth of the base gap (below lost_fraction 0.25): no relative numbers (which
+    would divide by ~0.1 and read as no damage at all), the absolute V shows the loss, n_lost counts it."""
+    effects = effects_table().with_columns(
+        pl.when(pl.col("model").str.starts_with("sft") & (pl.col("step") == 4))
+        .then(pl.lit([0.1] * N_ITEMS, pl.List(pl.Float64)))
+        .otherwise("item_denominator")
+        .alias("item_denominator")
+    )
+    tables = analyze(config(tmp_path), results_table(), effects, circuits_table())
+    row = (
+        tables["checkpoints"]
+        .filter((pl.col("trial") == "sft-seed0") & (pl.col("step") == 4))
+        .row(0, named=True)
+    )
+    assert row["status"] == "lost" and row["lost"] and row["gap"] == pytest.approx(0.1)
+    assert row["circuit_vulnerability"] is None and row["preservation"] is None
+    assert row["circuit_vulnerability_abs"] == pytest.approx(0.4)  # effects 0.6 of base, over the base's gap
+    assert row["forgetting"] == pytest.approx(0.25)
+    summary = (
+        tables["summary"].filter((pl.col("trial") == "sft-seed0") & (pl.col("step") == 4)).row(0, named=True)
+    )
+    assert summary["n_lost"] == 1 and summary["circuit_vulnerability"] is None
+    lost = headline_row(tables["headline"], "step", 4.0, "n_lost", "sft")
+    assert lost["mean"] == pytest.approx(1.0)
+
+
+def test_rl_after_sft_against_its_start_point(tmp_path):
+    """An RL run started from sft-seed0@4 that restores the lost head: compared with that checkpoint."""
+    trial, start = "rl-after-sft", "sft:sft-seed0@4"
+    extra = []
+    for step, accuracy in ((0, 0.75), (2, 0.8)):
+        extra.append(
+            {
+                "trial": trial,
+                "method": "rl",
+                "learning_rate": 1e-6,
+                "seed": 0,
+                "init": start,
+                "step": step,
+                "checkpoint": f"/ckpt/{trial}/{step}",
+                "metrics": {
+                    "target/accuracy": accuracy,
+                    "probe/ioi/accuracy": 0.8,
+                    "probe/ioi/mean_ld": 2.4 if step == 0 else 3.6,
+                    "kl_to_base": 0.4,
+                },
+            }
+        )
+    results = pl.concat([results_table(), build_results_table(extra)], how="diagonal_relaxed").sort(
+        "trial", "step"
+    )
+    effects = pl.concat(
+        [effects_table(), pl.DataFrame(effect_rows(f"{trial}@2", trial, 2, 0.9), schema=EFFECTS_SCHEMA)]
+    )
+    circuit = circuits_table().filter(pl.col("model") == "rl-seed0@2")
+    circuits = pl.concat(
+        [circuits_table(), circuit.with_columns(model=pl.lit(f"{trial}@2"), trial=pl.lit(trial))]
+    )
+    after = analyze(config(tmp_path), results, effects, circuits)["after_sft"]
+    row = after.row(0, named=True)
+    assert after.height == 1 and row["trial"] == trial and row["init"] == start and row["step"] == 2
+    assert row["preservation_start"] == pytest.approx(0.5) and row["preservation"] == pytest.approx(1.0)
+    assert row["restores_circuit"]
+    assert row["circuit_vulnerability_start"] == pytest.approx(0.4)
+    assert row["circuit_vulnerability"] == pytest.approx(0.1)
+
+
+def test_missing_base_row_is_an_error(tmp_path):
+    results = results_table().filter(pl.col("step") > 0)
+    with pytest.raises(ValueError, match="no step-0 row"):
+        analyze(config(tmp_path), results, effects_table(), circuits_table())
+
+
+def test_report_from_stored_tables(tables, tmp_path):
+    write_analysis(tables, tmp_path)
+    stored = read_analysis(tmp_path)
+    assert stored["headline"].equals(tables["headline"])
+    md, page, figures = build_report(stored, tmp_path / "report", "test report", ["about"], {"sweep": 1.0})
+    names = {p.name for p in figures}
+    assert {"adaptation.png", "forgetting.png", "pareto.png", "preservation.png"} <= names
+    assert "dcv_ioi_exact.png" in names
+    for figure in figures:
+        assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = md.read_text()
+    first = text.split("## ")[1]
+    assert first.startswith("The answer: SFT vs RL")
+    # The highest accuracy both reach with 2 runs each, n per method, the difference with its CI.
+    assert (
+        "Matched at target accuracy = 0.45 (n = 2 SFT and 2 RL runs; 4 items per probe, 20 target test items"
+        in first
+    )
+    assert "circuit vulnerability V (relative): SFT - RL = +0.11 [" in first
+    assert "What this experiment can detect: no planted-damage calibration was run" in first
+    assert "](figures/adaptation.png)" in text and "Noise floor of circuit discovery" in text
+    html = page.read_text()
+    assert html.count("data:image/png;base64,") == len(figures)
+
+
+def test_read_analysis_names_the_missing_table(tmp_path):
+    with pytest.raises(FileNotFoundError, match="base_circuits.parquet"):
+        read_analysis(tmp_path)
