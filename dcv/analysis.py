@@ -537,7 +537,7 @@ def matched_tables(
     runs = run_list(inputs, summary)
     base = inputs.points[BASE_MODEL]
     a = cfg.analysis
-    levels = grid(runs, inputs.layout, base.accuracy, a.accuracy_step, a.kl_levels)
+    levels = grid(runs, base.accuracy, a.accuracy_step, a.kl_levels)
     c = cfg.circuits
     compared = compare(runs, inputs.refs, inputs.layout, levels, a.min_runs, c.n_bootstrap)
     n_probe_items = min(ref.base.denominator.shape[0] for ref in inputs.refs)

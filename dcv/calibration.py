@@ -78,9 +78,13 @@ def calibration_dir(storage_root: Path) -> Path:
     return Path(storage_root) / "calibration"
 
 
+def calibration_path(storage_root: Path) -> Path:
+    return calibration_dir(storage_root) / CALIBRATION_FILE
+
+
 def read_calibration(storage_root: Path) -> pl.DataFrame | None:
     """The stored calibration table, or None when calibration never ran."""
-    table = read_parquet(calibration_dir(storage_root) / CALIBRATION_FILE)
+    table = read_parquet(calibration_path(storage_root))
     return table if table is not None and table.schema == CALIBRATION_SCHEMA else None
 
 
@@ -333,7 +337,7 @@ def run_calibration(
         # Nothing the instrument could be calibrated on: said in the report, not a failed run.
         progress("calibration: no probe the base model does has a base circuit; nothing to plant")
         table = pl.DataFrame(schema=CALIBRATION_SCHEMA)
-        write_parquet(table, folder / CALIBRATION_FILE)
+        write_parquet(table, calibration_path(storage))
         return table
     plants = plan_plants({p: reference[(p, method)] for p in chosen}, shape, c.k, c.seed)
     results = write_plants(cfg, plants, c.alpha, storage, progress)
@@ -349,7 +353,7 @@ def run_calibration(
     effects = run_pipeline(cfg, progress=progress, work=work, out=folder / "effects.parquet").table
     circuits = run_circuits(cfg, effects, storage, progress, out_dir=folder)
     table = calibration_table(cfg, plants, results, effects, circuits, shape, c.alpha, c.seed)
-    write_parquet(table, folder / CALIBRATION_FILE)
+    write_parquet(table, calibration_path(storage))
     with atomic_path(folder / "calibration.csv") as tmp:
         table.write_csv(tmp)
     seconds = time.perf_counter() - start

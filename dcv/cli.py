@@ -292,6 +292,7 @@ def run_experiment_command(cfg: ExperimentConfig):
     stages = ", ".join(f"{name} {s:.0f} s" for name, s in run.stage_seconds.items())
     print(f"experiment {cfg.name} done in {time.perf_counter() - start:.0f} s ({stages})")
     print(_open_instructions(run.storage, run.report_html, run.tracking_uri))
+    print("\n" + "\n\n".join(run.answer))
     return run
 
 
@@ -300,7 +301,7 @@ def run_calibrate(cfg: ExperimentConfig, probes: list[str] | None):
     import polars as pl
 
     from dcv import tracking
-    from dcv.calibration import CALIBRATION_FILE, calibration_dir, run_calibration
+    from dcv.calibration import calibration_path, run_calibration
     from dcv.circuits.pipeline import select_probes
     from dcv.experiment import prepare_base
 
@@ -333,8 +334,7 @@ def run_calibrate(cfg: ExperimentConfig, probes: list[str] | None):
             f"(one model, {row['n_items']} items): V {row['mde_vulnerability']:.3g}, "
             f"P {row['mde_preservation']:.3g}, forgetting {row['mde_forgetting']:.3g}"
         )
-    path = calibration_dir(storage) / CALIBRATION_FILE
-    print(f"calibrated in {time.perf_counter() - start:.0f} s; table: {path}")
+    print(f"calibrated in {time.perf_counter() - start:.0f} s; table: {calibration_path(storage)}")
     return table
 
 
@@ -342,9 +342,10 @@ def run_report(run_dir: Path):
     from dcv import tracking
     from dcv.experiment import load_run_config, rebuild_report
 
+    md, page, answer = rebuild_report(run_dir)
     cfg = load_run_config(run_dir)
-    md, page = rebuild_report(run_dir)
     print(_open_instructions(tracking.local_storage_root(cfg), page, tracking.resolve_tracking_uri(cfg)))
+    print("\n" + "\n\n".join(answer))
     return md, page
 
 

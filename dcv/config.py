@@ -364,7 +364,7 @@ class AnalysisConfig(Section):
         0.05, description="target-accuracy levels of the matched grid: multiples of this above the base's"
     )
     kl_levels: PositiveInt = Field(
-        6, description="KL-to-base levels: evenly spaced up to the largest KL seen"
+        6, description="KL-to-base levels: evenly spaced up to the largest KL both methods reach"
     )
     min_runs: Annotated[int, Field(ge=2)] = Field(
         2, description="a matched level is used only where at least this many runs of each method reach it"

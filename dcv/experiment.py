@@ -52,6 +52,7 @@ class ExperimentRun:
     report_html: Path
     tracking_uri: str
     stage_seconds: dict[str, float]
+    answer: list[str]  # the report's first section, paragraph by paragraph
 
 
 def prepare_base(cfg: ExperimentConfig, storage: Path) -> ExperimentConfig:
@@ -200,7 +201,7 @@ def report_stage(cfg: ExperimentConfig, storage: Path, seconds: dict[str, float]
     primary = cfg.patching.methods[0]
     answer = answer_paragraphs(tables["headline"], tables["base_circuits"], primary, calibration)
     parent.set_tag("dcv.answer", " ".join(answer)[:5000])
-    return md, page
+    return md, page, answer
 
 
 def headline_metrics(headline: pl.DataFrame) -> dict[str, float]:
@@ -268,9 +269,10 @@ def _run_stages(cfg: ExperimentConfig, storage: Path, seconds: dict[str, float],
 
     start = stage("calibration")
     if cfg.calibration.enabled:
-        from dcv.calibration import run_calibration
+        from dcv.calibration import calibration_path, run_calibration
 
         calibration = run_calibration(cfg, storage, progress=progress)
+        parent.log_artifact(calibration_path(storage), artifact_path="calibration")
         finished("calibration", start, f": {calibration.height} planted models measured")
     else:
         finished("calibration", start, ": off (calibration.enabled: false)")
@@ -285,25 +287,39 @@ def _run_stages(cfg: ExperimentConfig, storage: Path, seconds: dict[str, float],
     finished("analysis", start, f": {len(tables)} tables in {paths[0].parent}")
 
     start = stage("report")
-    md, page = report_stage(cfg, storage, dict(seconds))
+    md, page, answer = report_stage(cfg, storage, dict(seconds))
     finished("report", start, f": {page}")
     _record(storage, seconds)
     parent.finish("FINISHED")
-    return ExperimentRun(storage, md, page, tracking.resolve_tracking_uri(cfg), seconds)
+    return ExperimentRun(storage, md, page, tracking.resolve_tracking_uri(cfg), seconds, answer)
 
 
 def load_run_config(run_dir: Path) -> ExperimentConfig:
-    """The config a ``dcv run`` stored in its storage folder."""
+    """The config a ``dcv run`` stored in its storage folder, with that folder as its storage (a run that
+    was copied or moved reads and writes where it is now)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not a dcv run folder (run `dcv run CONFIG` first)")
-    return parse_config(json.loads(path.read_text()), source=str(path))
+    raw = json.loads(path.read_text())
+    raw["storage"] = {**raw.get("storage", {}), "root": str(Path(run_dir).expanduser().resolve())}
+    return parse_config(raw, source=str(path))
 
 
-def rebuild_report(run_dir: Path) -> tuple[Path, Path]:
-    """The report again from the stored analysis tables (``dcv report RUN_DIR``): nothing recomputed."""
+def rebuild_report(run_dir: Path) -> tuple[Path, Path, list[str]]:
+    """The analysis and the report again from a run's stored tables (``dcv report RUN_DIR``): no model is
+    loaded, nothing is trained or patched. ``run_dir`` may be a copy of the run (its storage is used, not
+    the one the stored config names), so a trimmed results table gives the comparison it supports."""
+    from dcv.circuits.model_circuits import CIRCUITS_FILE, circuits_dir
+    from dcv.circuits.noise_floor import NOISE_FLOOR_FILE
+    from dcv.circuits.pipeline import EFFECTS_FILE, patching_dir
+
     cfg = load_run_config(run_dir)
     storage = tracking.local_storage_root(cfg)
+    effects = read_parquet(patching_dir(storage) / EFFECTS_FILE)
+    circuits = read_parquet(circuits_dir(storage) / CIRCUITS_FILE)
+    if effects is not None and circuits is not None:
+        floor = read_parquet(circuits_dir(storage) / NOISE_FLOOR_FILE)
+        write_analysis(analyze(cfg, read_results(storage), effects, circuits, floor), storage)
     path = storage / STAGE_SECONDS_FILE
     seconds = json.loads(path.read_text()) if path.is_file() else {}
     return report_stage(cfg, storage, seconds)

@@ -273,19 +273,22 @@ class Level:
     draws: dict[str, np.ndarray]  # method or "sft-rl" -> [B, width] (NaN where no run reached it)
 
 
-def grid(runs: Sequence[Run], layout: Layout, base_accuracy: float, accuracy_step: float, kl_levels: int):
-    """{axis: levels}: target accuracy in multiples of ``accuracy_step`` above the base model's, KL evenly
-    up to the largest KL seen, and every evaluated step after 0."""
+def grid(runs: Sequence[Run], base_accuracy: float, accuracy_step: float, kl_levels: int) -> dict[str, list]:
+    """{axis: levels}: target accuracy in multiples of ``accuracy_step`` above the base model's (up to the
+    best any run reached, so the levels one method never reaches are listed as such), KL evenly spaced up
+    to the largest KL *both* methods reach (their KL ranges differ by an order of magnitude: a grid up to
+    SFT's would put every level beyond RL), and every evaluated step after 0."""
     accuracies = [p.accuracy for r in runs for p in r.points]
-    kls = [p.kl for r in runs for p in r.points]
-    steps = sorted({p.step for r in runs for p in r.points if p.step > 0})
     top = max(accuracies, default=base_accuracy)
     first = int(np.floor(base_accuracy / accuracy_step + 1e-9)) + 1
-    levels = [
-        round(k * accuracy_step, 10) for k in range(first, int(np.floor(top / accuracy_step + 1e-9)) + 1)
+    last = int(np.floor(top / accuracy_step + 1e-9))
+    levels = [round(k * accuracy_step, 10) for k in range(first, last + 1)]
+    reach = [
+        max((p.kl for r in runs if r.method == m for p in r.points), default=0.0) for m in TRAINING_METHODS
     ]
-    kl_top = max(kls, default=0.0)
+    kl_top = min(reach)
     kl_grid = [float(x) for x in np.linspace(0, kl_top, kl_levels + 1)[1:]] if kl_top > 0 else []
+    steps = sorted({p.step for r in runs for p in r.points if p.step > 0})
     return {"accuracy": levels, "kl": kl_grid, "step": [float(s) for s in steps]}
 
 
