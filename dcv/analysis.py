@@ -188,7 +188,9 @@ class Inputs:
     method: str
     refs: list[ProbeReference]
     layout: Layout
-    points: dict[str, Point]  # model id -> point (the base model included)
+    # (model id, step) -> point; the base model is (BASE, 0). An SFT checkpoint that starts RL runs is a
+    # point of its SFT run at its own step and of each RL run at step 0 (never matched: ``run_list``).
+    points: dict[tuple[str, int], Point]
     rows: list[dict]  # the results table's rows with their model id
     competence: dict[str, Competence]
     circuits: dict[str, dict]  # probe -> the base circuit's CIRCUITS_SCHEMA row
@@ -272,15 +274,15 @@ def build_inputs(
     in_means = [r.name for r in refs if r.in_means]
     points, rows = {}, []
     for row in _with_model(results).iter_rows(named=True):
-        model = row["model"]
+        model, key = row["model"], (row["model"], row["step"])
         rows.append(row)
-        if model in points:
+        if key in points:
             continue
         missing = [p for p in probes if (model, p) not in own or (model, p) not in by_model]
         if missing:
             raise ValueError(f"no effects or circuit for model {model} probe {missing[0]} ({method}); rerun")
         faithful = [own[(model, p)]["base_circuit_faithfulness"] for p in in_means]
-        points[model] = Point(
+        points[key] = Point(
             step=row["step"],
             kl=row.get("kl_to_base") or 0.0,
             accuracy=row["target/accuracy"],
@@ -333,13 +335,15 @@ def checkpoint_table(
     base_effects = {}
     rows = []
     for data in inputs:
-        numbers = {m: checkpoint_numbers(p, data.refs, data.layout) for m, p in data.points.items()}
+        numbers = {k: checkpoint_numbers(p, data.refs, data.layout) for k, p in data.points.items()}
+        base = data.points[(BASE_MODEL, 0)]
         for row in data.rows:
-            model, vector = row["model"], numbers[row["model"]]
+            model, point = row["model"], data.points[(row["model"], row["step"])]
+            vector = numbers[(model, row["step"])]
             for ref in data.refs:
                 key = (model, ref.name, data.method)
                 if (ref.name, data.method) not in base_effects:
-                    base_effects[(ref.name, data.method)] = _effects_frame(data.points[BASE_MODEL], ref)
+                    base_effects[(ref.name, data.method)] = _effects_frame(base, ref)
 
                 def get(metric: str, ref=ref, vector=vector, layout=data.layout) -> float:
                     return float(layout.scalar(vector, f"{ref.name}/{metric}"))
@@ -368,7 +372,7 @@ def checkpoint_table(
                         "probe_mean_ld": get("probe_mean_ld"),
                         "forgetting": get("forgetting"),
                         "forgetting_ld": get("forgetting_ld"),
-                        "forgetting_bench": data.points[model].fixed["forgetting_bench"],
+                        "forgetting_bench": point.fixed["forgetting_bench"],
                         "gap": get("gap"),
                         "base_gap": data.competence[ref.name].gap,
                         "lost": lost,
@@ -377,7 +381,7 @@ def checkpoint_table(
                         "preservation": get("preservation") if numbers_ok else None,
                         "jaccard": get("jaccard") if numbers_ok else None,
                         "effect_spearman": effect_spearman(
-                            base_effects[(ref.name, data.method)], _effects_frame(data.points[model], ref)
+                            base_effects[(ref.name, data.method)], _effects_frame(point, ref)
                         ),
                         "base_circuit_faithfulness": own[key]["base_circuit_faithfulness"],
                         "circuit_vulnerability": get("circuit_vulnerability") if numbers_ok else None,
@@ -476,7 +480,7 @@ def noise_floor_table(
     for data in inputs:
         if data.method == MASK or not cfg.circuits.noise_floor:
             continue
-        base = data.points[BASE_MODEL]
+        base = data.points[(BASE_MODEL, 0)]
         for ref in data.refs:
             if not ref.circuit.size:
                 continue
@@ -501,8 +505,8 @@ def run_list(inputs: Inputs, summary: pl.DataFrame) -> list[Run]:
     for (trial,), frame in rows.group_by("trial", maintain_order=True):
         frame = frame.sort("step")
         method = frame["training"][0]
-        models = frame.filter(~((pl.col("step") == 0) & pl.col("init").str.starts_with("sft:")))["model"]
-        points = tuple(inputs.points[m] for m in models)
+        kept = frame.filter(~((pl.col("step") == 0) & pl.col("init").str.starts_with("sft:")))
+        points = tuple(inputs.points[key] for key in kept.select("model", "step").iter_rows())
         if points:
             runs.append(Run(trial, method, points))
     return runs
@@ -535,7 +539,7 @@ def matched_tables(
 ) -> tuple[list[dict], list[pl.DataFrame]]:
     """(headline rows, dcv_heads frames) of one patching method on the matched grid."""
     runs = run_list(inputs, summary)
-    base = inputs.points[BASE_MODEL]
+    base = inputs.points[(BASE_MODEL, 0)]
     a = cfg.analysis
     levels = grid(runs, base.accuracy, a.accuracy_step, a.kl_levels)
     c = cfg.circuits
@@ -593,7 +597,7 @@ def matched_tables(
 def _dcv_heads(cfg: ExperimentConfig, inputs: Inputs, level, bounds) -> list[pl.DataFrame]:
     """DCV_h = v_h(SFT) - v_h(RL) of every base-circuit head at one used level, with its CI."""
     frames = []
-    base = inputs.points[BASE_MODEL]
+    base = inputs.points[(BASE_MODEL, 0)]
     low, high, _, _ = bounds
     for ref in inputs.refs:
         if not ref.circuit.size:

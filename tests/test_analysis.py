@@ -311,6 +311,9 @@ def test_rl_started_from_sft_is_never_matched_at_its_start(tmp_path):
     # Matched on steps, RL's step 2 is its own checkpoint (effects 0.6 of base: V = 0.4), never the start.
     rl2 = headline_row(headline, "step", 2.0, "circuit_vulnerability", "rl")
     assert rl2["mean"] == pytest.approx(0.4)
+    # sft-seed*@4 is also each RL run's step-0 row (listed first): the SFT run still has it at step 4.
+    sft4 = headline_row(headline, "step", 4.0, "circuit_vulnerability", "sft")
+    assert sft4["mean"] == pytest.approx(0.4) and sft4["n_runs_sft"] == 2
 
 
 def test_dcv_per_head_and_correlations(tables):
