@@ -526,6 +526,14 @@ class ExperimentConfig(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _calibrated_probes_exist(self) -> ExperimentConfig:
+        names = [p.name for p in self.probes]
+        unknown = [p for p in self.calibration.probes or [] if p not in names]
+        if unknown:
+            raise ValueError(f"calibration: probes {unknown} are not in the config's probes {names}")
+        return self
+
     def probe(self, name: str) -> ProbeConfig:
         for p in self.probes:
             if p.name == name:

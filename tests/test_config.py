@@ -167,3 +167,15 @@ def test_a_relative_storage_root_is_made_absolute_where_the_config_is_loaded(tmp
     assert cfg.storage.root == str(tmp_path / "runs" / "x")
     assert cfg.benchmarks.include_path == str(tmp_path / "configs" / "benchmarks")
     assert load_config(DEMO_CONFIG, ["storage.root=s3://bucket/runs"]).storage.root == "s3://bucket/runs"
+
+
+def test_calibration_probes_must_be_configured_probes(tmp_path):
+    from dcv.config import ConfigError, parse_config
+    from tests.conftest import tiny_config_dict
+
+    raw = tiny_config_dict(tmp_path)
+    raw["calibration"] = {"enabled": True, "probes": ["ioi", "chem"], "k": [1, 3]}
+    with pytest.raises(ConfigError, match=r"calibration: probes \['chem'\] are not in the config's probes"):
+        parse_config(raw)
+    raw["calibration"]["probes"] = ["ioi"]
+    assert parse_config(raw).calibration.k == [1, 3]
