@@ -258,7 +258,11 @@ def test_one_run_of_a_method_at_every_level_gives_no_verdict(tmp_path):
     assert headline["mean"].is_null().all() and tables["dcv_heads"].is_empty()
     md, _, _ = build_report(tables, tmp_path / "report", "t", ["about"], {})
     first = md.read_text().split("## ")[1]
-    assert "insufficient runs" in first.lower() and "CI excludes 0" not in first and "higher under SFT" not in first
+    assert (
+        "insufficient runs" in first.lower()
+        and "CI excludes 0" not in first
+        and "higher under SFT" not in first
+    )
 
 
 def test_rl_started_from_sft_is_never_matched_at_its_start(tmp_path):
@@ -482,3 +486,20 @@ def test_report_from_stored_tables(tables, tmp_path):
 def test_read_analysis_names_the_missing_table(tmp_path):
     with pytest.raises(FileNotFoundError, match="base_circuits.parquet"):
         read_analysis(tmp_path)
+
+
+def test_headline_metrics_are_valid_mlflow_metrics(tables, tmp_path):
+    """Every used level's numbers, with n per method, log to a real MLflow store under valid names."""
+    from mlflow.tracking import MlflowClient
+
+    from dcv.experiment import headline_metrics
+    from dcv.tracking import RunLogger
+
+    metrics = headline_metrics(tables["headline"])
+    assert metrics["headline/exact/accuracy:0.45/circuit_vulnerability/sft-rl/mean"] == pytest.approx(0.11)
+    assert metrics["headline/exact/accuracy:0.45/circuit_vulnerability/sft-rl/n_runs_rl"] == 2
+    assert not any(":0.5/" in k for k in metrics)  # an insufficient level has no numbers
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("t"))
+    RunLogger(client, run.info.run_id).log_metrics(metrics)
+    assert len(client.get_run(run.info.run_id).data.metrics) == len(metrics)

@@ -205,7 +205,7 @@ def test_experiment_submitted_as_a_ray_job(ray_head, tmp_path):
     assert parent.info.status == "FINISHED" and parent.data.tags["dcv.answer"]
     headline = pl.read_parquet(storage / "analysis" / "headline.parquet")
     for row in headline.filter(pl.col("status") == "ok").iter_rows(named=True):
-        key = f"headline/{row['patching']}/{row['matched_by']}@{row['matched_at']:.4g}/{row['metric']}"
+        key = f"headline/{row['patching']}/{row['matched_by']}:{row['matched_at']:.4g}/{row['metric']}"
         assert f"{key}/{row['training']}/n_runs_sft" in parent.data.metrics
     logged = [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
     assert "report/report.html" in logged and "report/report.md" in logged
