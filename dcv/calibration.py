@@ -135,46 +135,71 @@ def write_plants(
     plants: Sequence[Plant],
     alpha: float,
     storage: Path,
+    probes: Sequence[str],
     progress: Callable[[str], None],
 ) -> pl.DataFrame:
-    """Each planted model's HF folder (written once; a folder of another plan is rewritten) and the
-    results-table rows that name them (probe scores with per-item LDs, as a fine-tuned checkpoint has)."""
+    """Each planted model's HF folder and its scores on ``probes`` (per-item LDs, as a fine-tuned
+    checkpoint has), written once: a folder whose marker holds the same plan is reused as it is. Returns
+    the results-table rows that name them, the base model's first."""
     from dcv.evaluation import evaluate_probe
     from dcv.models import load_model_and_tokenizer, save_model
     from dcv.tasks.probes import build_probes
 
     base, tokenizer = load_model_and_tokenizer(cfg.model)
-    probes = build_probes(cfg.probes, tokenizer, cfg.target_task)
-    rows, items = [], []
+    probe_sets = build_probes([cfg.probe(p) for p in probes], tokenizer, cfg.target_task)
+
+    def scores_of(model) -> dict[str, list[float]]:
+        return {
+            s.probe: list(s.ld)
+            for s in (evaluate_probe(model, p, cfg.evaluation.batch_size) for p in probe_sets)
+        }
+
+    rows = [("base", 0, cfg.model.name, scores_of(base))]
     for plant in plants:
         folder = calibration_dir(storage) / "models" / plant.name
-        spec = {"base": cfg.model.name, "heads": [list(h) for h in plant.heads], "alpha": alpha}
+        spec = {
+            "base": cfg.model.name,
+            "heads": [list(h) for h in plant.heads],
+            "alpha": alpha,
+            "probes": [cfg.probe(p).model_dump(mode="json") for p in probes],
+        }
         marker = folder / PLANT_FILE
-        model = plant_damage(copy.deepcopy(base), plant.heads, alpha).eval()
-        if not (marker.is_file() and json.loads(marker.read_text()) == spec):
+        done = json.loads(marker.read_text()) if marker.is_file() else {}
+        if done.get("spec") != spec:
+            model = plant_damage(copy.deepcopy(base), plant.heads, alpha).eval()
             save_model(model, tokenizer, folder)
+            done = {"spec": spec, "item_ld": scores_of(model)}
             with atomic_path(marker) as tmp:
-                tmp.write_text(json.dumps(spec))
+                tmp.write_text(json.dumps(done))
             progress(f"calibration: wrote {plant.name} ({len(plant.heads)} heads at alpha {alpha:g})")
-        scores = [evaluate_probe(model, probe, cfg.evaluation.batch_size) for probe in probes]
-        metrics = {f"probe/{s.probe}/accuracy": s.accuracy for s in scores}
-        metrics |= {f"probe/{s.probe}/mean_ld": s.mean_ld for s in scores}
-        row = {"trial": plant.name, "method": "planted", "learning_rate": 0.0, "seed": 0, "init": "base"}
-        rows.append({**row, "step": 1, "checkpoint": str(folder), "metrics": metrics})
-        items.append({s.probe: list(s.ld) for s in scores})
-    scores = [evaluate_probe(base, probe, cfg.evaluation.batch_size) for probe in probes]
-    base_row = {"trial": BASE_MODEL, "method": "base", "learning_rate": 0.0, "seed": 0, "init": "base"}
-    metrics = {f"probe/{s.probe}/accuracy": s.accuracy for s in scores}
-    metrics |= {f"probe/{s.probe}/mean_ld": s.mean_ld for s in scores}
-    rows.append({**base_row, "step": 0, "checkpoint": cfg.model.name, "metrics": metrics})
-    items.append({s.probe: list(s.ld) for s in scores})
-    order = {r["trial"]: i for i, r in enumerate(rows)}
-    table = build_results_table(rows)
-    ordered = [items[order[t]] for t in table["trial"]]
-    return table.with_columns(
-        pl.Series(f"probe/{p.name}/item_ld", [i[p.name] for i in ordered], dtype=pl.List(pl.Float64))
-        for p in cfg.probes
+        rows.append((plant.name, 1, str(folder), done["item_ld"]))
+    table = build_results_table(
+        [
+            {
+                "trial": name,
+                "method": "planted" if step else "base",
+                "learning_rate": 0.0,
+                "seed": 0,
+                "init": "base",
+                "step": step,
+                "checkpoint": checkpoint,
+                "metrics": {f"probe/{p}/{m}": v for p, ld in lds.items() for m, v in _scores(ld).items()},
+            }
+            for name, step, checkpoint, lds in rows
+        ]
     )
+    by_trial = {name: lds for name, _, _, lds in rows}
+    return table.with_columns(
+        pl.Series(f"probe/{p}/item_ld", [by_trial[t][p] for t in table["trial"]], dtype=pl.List(pl.Float64))
+        for p in probes
+    )
+
+
+def _scores(ld: list[float]) -> dict[str, float]:
+    """A probe's accuracy (LD > 0) and mean LD from its per-item LDs (as ``evaluate_probe`` gives them)."""
+    from statistics import fmean
+
+    return {"accuracy": fmean(v > 0 for v in ld), "mean_ld": fmean(ld)}
 
 
 def _parts(effects: pl.DataFrame, model: str, probe: str, method: str, item_ld) -> ProbeParts:
@@ -229,7 +254,8 @@ def calibration_table(
         mde = {
             "mde_vulnerability": MDE_FACTOR * float(np.std(floor["circuit_vulnerability"], ddof=1)),
             "mde_preservation": MDE_FACTOR * float(np.std(floor["preservation"], ddof=1)),
-            "mde_forgetting": MDE_FACTOR * float(np.std(base_accuracy, ddof=1)),
+            # Never below one item in n: a base model right on every item has no spread to scale.
+            "mde_forgetting": max(MDE_FACTOR * float(np.std(base_accuracy, ddof=1)), 1.0 / n),
         }
         probe_rows = []
         for plant in [p for p in plants if p.probe == probe] + [copy]:

@@ -28,8 +28,15 @@
                                               sweep's results table, on a Ray Data actor pool; writes
                                               <storage>/patching/effects.parquet; finished items are skipped
 
-Every command takes ``--set dotted.key=value`` (repeatable) to override the config. Heavy imports
-(torch, transformers, mlflow) happen inside the commands, so ``dcv validate`` is instant.
+    dcv --version                             dcv's version and those of the libraries it runs on
+
+Every command that reads a config takes ``--set dotted.key=value`` (repeatable) to override it; ``dcv
+validate CONFIG --set ...`` checks the overridden config. Commands that start Ray (train, sweep, run,
+patch-all, calibrate) print only dcv's lines once Ray starts: stage lines, one progress line per stage,
+warnings from dcv, errors and the summary; everything else (worker output, Ray's own lines) goes to
+``<storage>/logs/<command>-<time>-<pid>.log``, named in the summary (dcv.console). ``--verbose`` prints
+everything on the terminal instead. Heavy imports (torch, transformers, mlflow) happen inside the
+commands, so ``dcv validate`` is instant.
 """
 
 from __future__ import annotations
@@ -41,15 +48,38 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dcv.config import ConfigError, ExperimentConfig, ModelConfig, load_config
+from dcv.console import LOG_DIR, Console
 
 EXIT_BAD_INPUT = 2
+VERSIONS_SHOWN = ("ray", "torch", "transformers", "trl", "transformer-lens", "mlflow")  # in dcv --version
 METHODS = ("exact", "attribution", "ig")  # dcv.circuits.patching.METHODS, named here without importing torch
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcv", description="Differential circuit vulnerability experiments")
+    parser.add_argument("--version", action=PrintVersion, help="show dcv's and its libraries' versions")
+    # Options of every command that reads a config; --verbose only where there is something to hide.
+    overrides = argparse.ArgumentParser(add_help=False)
+    overrides.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field by dotted path, the value read as YAML (repeatable)",
+    )
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print everything (worker output, Ray's own lines) here instead of <storage>/logs/",
+    )
+    runs = [overrides, verbose]
     commands = parser.add_subparsers(dest="command", required=True)
-    validate = commands.add_parser("validate", help="check a config file")
+    validate = commands.add_parser(
+        "validate", parents=[overrides], help="check a config file (and overrides)"
+    )
     validate.add_argument("config")
     helps = {
         "train": "train one trial (SFT or GRPO) under Ray Train",
@@ -59,18 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep": "a Ray Tune sweep of training trials (method x lr x seed x grid)",
     }
     for name, text in helps.items():
-        command = commands.add_parser(name, help=text)
+        command = commands.add_parser(name, parents=runs, help=text)
         command.add_argument("config")
         if name != "sweep":
             command.add_argument("--model", help="local folder, hub id or built-in name; default model.name")
-        command.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a config field by dotted path (repeatable)",
-        )
         if name == "train":
             command.add_argument("--method", required=True, choices=("sft", "rl"))
             command.add_argument("--seed", type=int, help="default: the first of sweep.seeds")
@@ -78,16 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--probe", required=True, help="one of the config's probes")
             command.add_argument("--method", default="exact", choices=METHODS)
             command.add_argument("--top", type=int, default=15, help="how many heads to print")
-    patch_all = commands.add_parser("patch-all", help="head effects of every checkpoint on a Ray actor pool")
+    patch_all = commands.add_parser(
+        "patch-all", parents=runs, help="head effects of every checkpoint on a Ray actor pool"
+    )
     patch_all.add_argument("config")
-    patch_all.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     patch_all.add_argument("--probe", dest="probes", action="append", help="only this probe (repeatable)")
-    run = commands.add_parser("run", help="the whole experiment: sweep, patching, circuits, analysis, report")
+    run = commands.add_parser(
+        "run", parents=runs, help="the whole experiment: sweep, patching, circuits, analysis, report"
+    )
     run.add_argument("config")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    calibrate = commands.add_parser("calibrate", help="planted damage on the base: what dcv can detect")
+    calibrate = commands.add_parser(
+        "calibrate", parents=runs, help="planted damage on the base: what dcv can detect"
+    )
     calibrate.add_argument("config")
-    calibrate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     calibrate.add_argument("--probe", dest="probes", action="append", help="only this probe (repeatable)")
     calibrate.add_argument("--k", help="comma-separated head counts, e.g. 1,2,3,5 (default calibration.k)")
     calibrate.add_argument("--alpha", type=float, help="scale of the planted heads' output (default 0)")
@@ -96,16 +121,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class PrintVersion(argparse.Action):
+    """``--version``: print ``version_line()`` unwrapped (argparse's version action wraps it), exit 0."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
+
+
+def version_line() -> str:
+    """``dcv 0.1.0 (python 3.11.7, ray 2.60.0, ...)``: read from the installed packages' metadata, so
+    ``dcv --version`` imports none of them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    libraries = ", ".join(f"{name} {installed(name)}" for name in VERSIONS_SHOWN)
+    return f"dcv {installed('dcv')} (python {sys.version.split()[0]}, {libraries})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with Console(verbose=getattr(args, "verbose", False)) as console:
+        try:
+            return run_command(args, console)
+        finally:
+            shutdown_ray()  # while the log still runs, so Ray's last lines go there too
+
+
+def run_command(args: argparse.Namespace, console: Console) -> int:
+    """One parsed command; bad input (config, files, values) is an error line and exit code 2."""
+    name = f"dcv {args.command}"
     if args.command == "report":
         try:
             run_report(Path(args.run_dir))
         except (FileNotFoundError, ValueError, ConfigError) as exc:
-            print(f"dcv report: {exc}", file=sys.stderr)
+            console.error(f"{name}: {exc}")
             return EXIT_BAD_INPUT
         return 0
-    overrides = list(getattr(args, "overrides", []))
+    overrides = list(args.overrides)
     if args.command == "calibrate":
         overrides += [f"calibration.k=[{args.k}]"] if args.k else []
         overrides += [f"calibration.alpha={args.alpha}"] if args.alpha is not None else []
@@ -115,25 +176,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "model", None):
             model_cfg = load_config(args.config, [*overrides, f"model.name={args.model}"]).model
     except ConfigError as exc:
-        print(f"dcv {args.command}: {exc}", file=sys.stderr)
+        console.error(f"{name}: {name_overrides(exc, overrides)}")
         return EXIT_BAD_INPUT
     if args.command == "validate":
         probes = ", ".join(p.name for p in cfg.probes)
-        print(f"{args.config}: ok (model {cfg.model.name}, target {cfg.target_task.name}, probes {probes})")
+        given = f" with {', '.join(overrides)}" if overrides else ""
+        about = f"model {cfg.model.name}, target {cfg.target_task.name}, probes {probes}"
+        console.line(f"{args.config}{given}: ok ({about})")
         return 0
     try:
         if args.command == "eval":
             run_eval(cfg, model_cfg)
         elif args.command == "train":
-            run_train(cfg, args.method, args.seed)
+            run_train(cfg, args.method, args.seed, console)
         elif args.command == "sweep":
-            run_sweep_command(cfg)
+            run_sweep_command(cfg, console)
         elif args.command == "run":
-            run_experiment_command(cfg)
+            run_experiment_command(cfg, console)
         elif args.command == "patch-all":
-            run_patch_all(cfg, args.probes)
+            run_patch_all(cfg, args.probes, console)
         elif args.command == "calibrate":
-            run_calibrate(cfg, args.probes)
+            run_calibrate(cfg, args.probes, console)
         else:
             if args.probe not in [p.name for p in cfg.probes]:
                 names = ", ".join(p.name for p in cfg.probes)
@@ -143,9 +206,55 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 run_circuit(cfg, model_cfg, args.probe, args.method)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"dcv {args.command}: {exc}", file=sys.stderr)
+        console.error(f"{name}: {exc}")
         return EXIT_BAD_INPUT
     return 0
+
+
+def name_overrides(exc: ConfigError, overrides: list[str]) -> str:
+    """The config's problems, each one that a ``--set`` caused marked with that override, so a problem in
+    ``circuits.tau`` reads ``... (got 1.5) [--set circuits.tau=1.5]``."""
+    keys = {item.partition("=")[0]: item for item in overrides}
+    lines = []
+    for problem in exc.problems:
+        # "<source>: <dotted.field>: <what is wrong>"; the field may go on below the key (a[0], a.b).
+        field = problem.split(": ")[1] if problem.count(": ") >= 2 else ""
+        hits = [
+            item for key, item in keys.items() if field == key or field.startswith((f"{key}.", f"{key}["))
+        ]
+        lines.append(problem + "".join(f" [--set {item}]" for item in hits))
+    return str(ConfigError(lines))
+
+
+def start_ray(cfg: ExperimentConfig, console: Console, command: str) -> None:
+    """Start the log (``<storage>/logs/``, unless --verbose), then connect Ray: from here on the terminal
+    gets only the console's lines."""
+    from dcv import tracking
+
+    if tracking.is_remote_storage(cfg.storage.root):
+        log_dir = Path.cwd() / "dcv-logs"  # an object-store root has no local folder to hold the log
+    else:
+        log_dir = tracking.local_storage_root(cfg) / LOG_DIR
+    console.start_log(log_dir, command)
+    init_ray()
+    if not console.verbose:
+        from ray.data import DataContext
+
+        # Ray Data's progress bars are the driver's own (tqdm on stderr): in a log file, only noise.
+        DataContext.get_current().enable_progress_bars = False
+
+
+_ray_started_here = False  # init_ray connected Ray in this process (so shutdown_ray disconnects it)
+
+
+def shutdown_ray() -> None:
+    """Disconnect the Ray that init_ray connected; one connected by the caller (a test) stays."""
+    global _ray_started_here
+    if _ray_started_here:
+        import ray
+
+        ray.shutdown()
+        _ray_started_here = False
 
 
 def init_ray() -> None:
@@ -156,8 +265,11 @@ def init_ray() -> None:
 
     from dcv.training.trial import runtime_env_vars
 
+    global _ray_started_here
     if ray.is_initialized():
         return
+    # log_to_driver stays on (Ray's default): every worker's output reaches this process, which writes it
+    # to the run's log (dcv.console) or, with --verbose, to the terminal.
     runtime_env = {"env_vars": runtime_env_vars(dict(os.environ))}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env)
@@ -177,11 +289,13 @@ def init_ray() -> None:
         ray.init(
             address="local", _node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=runtime_env
         )
+    _ray_started_here = True
 
 
-def run_train(cfg: ExperimentConfig, method: str, seed: int | None):
+def run_train(cfg: ExperimentConfig, method: str, seed: int | None, console: Console | None = None):
     from dcv import tracking
 
+    console = console or Console()
     # A tracking server that is down or refuses our credentials fails here, before Ray or any storage write.
     tracking.check_tracking_server(tracking.resolve_tracking_uri(cfg))
     from dcv.training.trial import check_trial_config, finished_trial, run_trial, trial_name, trials_root
@@ -191,14 +305,15 @@ def run_train(cfg: ExperimentConfig, method: str, seed: int | None):
     check_trial_config(cfg, trials_root(cfg) / name)
     records = finished_trial(cfg, name)
     if records is not None:
-        print(f"trial {name} finished before; not retraining")
+        console.line(f"trial {name} finished before; not retraining")
     else:
-        init_ray()
+        start_ray(cfg, console, "train")
+        console.line(f"trial {name}: training ({method}, seed {seed})")
         start = time.perf_counter()
         records = run_trial(cfg, method, seed)
-        print(f"trial {name} trained in {time.perf_counter() - start:.0f} s")
+        console.line(f"trial {name} trained in {time.perf_counter() - start:.0f} s")
     train_key = "train/loss" if method == "sft" else "train/reward"
-    print(
+    console.line(
         f"{'step':>6}{'target acc':>12}{train_key:>14}{'KL to base':>12}  "
         + "  ".join(p.name for p in cfg.probes)
     )
@@ -206,14 +321,15 @@ def run_train(cfg: ExperimentConfig, method: str, seed: int | None):
         m = r.metrics
         train = f"{m[train_key]:.4f}" if train_key in m else "-"
         probes = "  ".join(f"{m.get(f'probe/{p.name}/accuracy', float('nan')):.3f}" for p in cfg.probes)
-        print(
+        console.line(
             f"{r.step:>6}{m['target/accuracy']:>12.3f}{train:>14}{m.get('kl_to_base', 0.0):>12.4f}  {probes}"
         )
-    print(f"checkpoints: {Path(records[-1].path).parent}")
+    console.line(f"checkpoints: {Path(records[-1].path).parent}")
+    _name_log(console)
     return records
 
 
-def run_patch_all(cfg: ExperimentConfig, probes: list[str] | None):
+def run_patch_all(cfg: ExperimentConfig, probes: list[str] | None, console: Console | None = None):
     """Head effects of the base model and every results-table checkpoint (dcv.circuits.pipeline)."""
     from dcv import tracking
     from dcv.circuits.pipeline import build_work_items, log_pipeline_run, run_pipeline
@@ -222,19 +338,21 @@ def run_patch_all(cfg: ExperimentConfig, probes: list[str] | None):
     _quiet_transformers()
     build_work_items(cfg, read_results(tracking.local_storage_root(cfg)), probes)  # bad input: before Ray
     tracking.check_tracking_server(tracking.resolve_tracking_uri(cfg))
-    init_ray()
+    console = console or Console()
+    start_ray(cfg, console, "patch-all")
     start = time.perf_counter()
-    run = run_pipeline(cfg, probes)
+    run = run_pipeline(cfg, probes, progress=console.progress)
     seconds = time.perf_counter() - start
-    print(
+    console.line(
         f"patch-all: {run.computed} items computed, {run.skipped} skipped, {run.total} in all "
         f"({run.table.height} rows) in {seconds:.1f} s\ntable: {run.path}"
     )
     log_pipeline_run(cfg, run, seconds)
+    _name_log(console)
     return run
 
 
-def run_sweep_command(cfg: ExperimentConfig):
+def run_sweep_command(cfg: ExperimentConfig, console: Console | None = None):
     import polars as pl
 
     from dcv import tracking
@@ -245,19 +363,28 @@ def run_sweep_command(cfg: ExperimentConfig):
     check_plan(cfg, specs)  # every trial's config, before Ray starts
     # A tracking server that is down or refuses our credentials fails here, before any trial starts.
     tracking.check_tracking_server(tracking.resolve_tracking_uri(cfg))
-    print(f"sweep {cfg.sweep.name}: {len(specs)} trials ({', '.join(s.name for s in specs)})")
-    init_ray()
+    console = console or Console()
+    console.line(f"sweep {cfg.sweep.name}: {len(specs)} trials ({', '.join(s.name for s in specs)})")
+    start_ray(cfg, console, "sweep")
     start = time.perf_counter()
     table = run_sweep(cfg)
-    print(f"sweep {cfg.sweep.name} done in {time.perf_counter() - start:.0f} s: {table.height} checkpoints")
+    console.line(
+        f"sweep {cfg.sweep.name} done in {time.perf_counter() - start:.0f} s: {table.height} checkpoints"
+    )
     columns = [c for c in ("trial", "step", "target/accuracy", "kl_to_base") if c in table.columns]
     with pl.Config(tbl_rows=40, tbl_width_chars=120):
-        print(table.select(columns))
-    print(f"results: {results_dir(tracking.local_storage_root(cfg)) / RESULTS_FILE}")
+        console.line(str(table.select(columns)))
+    console.line(f"results: {results_dir(tracking.local_storage_root(cfg)) / RESULTS_FILE}")
+    _name_log(console)
     return table
 
 
-def _open_instructions(storage: Path, report_html: Path, tracking_uri: str) -> str:
+def _name_log(console: Console) -> None:
+    if console.log_line():
+        console.line(console.log_line())
+
+
+def _open_instructions(storage: Path, report_html: Path, tracking_uri: str, log: str = "") -> str:
     from dcv.tracking import redact_uri
 
     ui = (
@@ -269,11 +396,11 @@ def _open_instructions(storage: Path, report_html: Path, tracking_uri: str) -> s
         f"report: {report_html}\n        {report_html.with_suffix('.md')} "
         f"(figures in {report_html.parent / 'figures'})\n"
         f"tables: {storage / 'analysis'}\nMLflow store: {redact_uri(tracking_uri)}\n"
-        f"MLflow UI: {ui}   (then http://127.0.0.1:5000)"
+        f"MLflow UI: {ui}   (then http://127.0.0.1:5000)" + (f"\n{log}" if log else "")
     )
 
 
-def run_experiment_command(cfg: ExperimentConfig):
+def run_experiment_command(cfg: ExperimentConfig, console: Console | None = None):
     """``dcv run``: every stage of dcv.experiment on the local Ray (or RAY_ADDRESS's cluster)."""
     from dcv import tracking
     from dcv.experiment import run_experiment
@@ -286,17 +413,24 @@ def run_experiment_command(cfg: ExperimentConfig):
 
         check_benchmarks(cfg.benchmarks)  # task names and local rows, before any model is loaded
     tracking.check_tracking_server(tracking.resolve_tracking_uri(cfg))
-    init_ray()
+    console = console or Console()
+    if cfg.benchmarks.tasks and cfg.benchmarks.allow_code_execution:
+        # Said in the workers too, but their output goes to the log: the user must see it here.
+        console.warn(
+            f"benchmarks: allow_code_execution is true: tasks {cfg.benchmarks.tasks} may EXECUTE "
+            "MODEL-WRITTEN CODE on this machine (or the cluster's), with this process's permissions"
+        )
+    start_ray(cfg, console, "run")
     start = time.perf_counter()
-    run = run_experiment(cfg)
+    run = run_experiment(cfg, progress=console.progress, stage_line=console.line)
     stages = ", ".join(f"{name} {s:.0f} s" for name, s in run.stage_seconds.items())
-    print(f"experiment {cfg.name} done in {time.perf_counter() - start:.0f} s ({stages})")
-    print(_open_instructions(run.storage, run.report_html, run.tracking_uri))
-    print("\n" + "\n\n".join(run.answer))
+    console.line(f"experiment {cfg.name} done in {time.perf_counter() - start:.0f} s ({stages})")
+    console.line(_open_instructions(run.storage, run.report_html, run.tracking_uri, console.log_line()))
+    console.line("\n" + "\n\n".join(run.answer))
     return run
 
 
-def run_calibrate(cfg: ExperimentConfig, probes: list[str] | None):
+def run_calibrate(cfg: ExperimentConfig, probes: list[str] | None, console: Console | None = None):
     """``dcv calibrate``: the base snapshot, then planted damage through patching and circuits."""
     import polars as pl
 
@@ -308,9 +442,10 @@ def run_calibrate(cfg: ExperimentConfig, probes: list[str] | None):
     _quiet_transformers()
     select_probes(cfg, probes)  # an unknown probe fails before anything starts
     storage = tracking.local_storage_root(cfg)
-    init_ray()
+    console = console or Console()
+    start_ray(cfg, console, "calibrate")
     start = time.perf_counter()
-    table = run_calibration(prepare_base(cfg, storage), storage, probes)
+    table = run_calibration(prepare_base(cfg, storage), storage, probes, progress=console.progress)
     columns = [
         "probe",
         "kind",
@@ -326,15 +461,16 @@ def run_calibrate(cfg: ExperimentConfig, probes: list[str] | None):
         "flagged",
     ]
     with pl.Config(tbl_rows=60, tbl_cols=20, tbl_width_chars=200):
-        print(table.select(columns))
+        console.line(str(table.select(columns)))
     for (probe,), rows in table.group_by("probe", maintain_order=True):
         row = rows.row(0, named=True)
-        print(
+        console.line(
             f"{probe}: minimum detectable damage k = {row['min_detectable_k']}; minimum detectable effect "
             f"(one model, {row['n_items']} items): V {row['mde_vulnerability']:.3g}, "
             f"P {row['mde_preservation']:.3g}, forgetting {row['mde_forgetting']:.3g}"
         )
-    print(f"calibrated in {time.perf_counter() - start:.0f} s; table: {calibration_path(storage)}")
+    console.line(f"calibrated in {time.perf_counter() - start:.0f} s; table: {calibration_path(storage)}")
+    _name_log(console)
     return table
 
 

@@ -336,7 +336,15 @@ class MaskConfig(Section):
 
 class CircuitsConfig(Section):
     selection: Literal["faithfulness", "top_k"] = "faithfulness"
-    tau: Annotated[float, Field(gt=0, le=2)] = 0.8
+    tau: Annotated[float, Field(gt=0, le=2)] = Field(
+        0.8,
+        description="selection faithfulness: the circuit is the smallest top-k set with F >= tau (at most "
+        "k_max heads). F is a share of the clean-vs-corrupted gap, and the full model has F = 1, but a set "
+        "that leaves out heads working against the answer does better than the full model (F > 1; random "
+        "tiny models' curves go above 1). So tau in (1, 2] is allowed on purpose: it asks for such a set, "
+        "and may be reached by none (reached_tau false, and the analysis leaves the probe out of its "
+        "means). The cap of 2 refuses a percentage typed for a share (tau: 80)",
+    )
     k_max: PositiveInt = 30
     top_k: PositiveInt = 20
     n_bootstrap: PositiveInt = 1000

@@ -206,10 +206,10 @@ def report_stage(cfg: ExperimentConfig, storage: Path, seconds: dict[str, float]
 
 def headline_metrics(headline: pl.DataFrame) -> dict[str, float]:
     """The matched comparison as MLflow metrics: each used level's means, CI bounds and n per method
-    (``headline/<patching>/<axis>@<level>/<metric>/<sft|rl|sft-rl>/<mean|ci_low|ci_high|mde>``)."""
+    (``headline/<patching>/<axis>:<level>/<metric>/<sft|rl|sft-rl>/<mean|ci_low|ci_high|mde>``)."""
     metrics = {}
     for row in headline.filter(pl.col("status") != "insufficient runs").iter_rows(named=True):
-        level = f"{row['matched_by']}@{row['matched_at']:.4g}"
+        level = f"{row['matched_by']}:{row['matched_at']:.4g}"
         key = f"headline/{row['patching']}/{level}/{row['metric']}/{row['training']}"
         for field in ("mean", "ci_low", "ci_high", "mde"):
             if row[field] is not None and np.isfinite(row[field]):
@@ -218,31 +218,44 @@ def headline_metrics(headline: pl.DataFrame) -> dict[str, float]:
     return metrics
 
 
-def run_experiment(cfg: ExperimentConfig, progress: Progress = print) -> ExperimentRun:
-    """Every stage in order, each resuming; needs a connected Ray."""
+def run_experiment(
+    cfg: ExperimentConfig, progress: Progress = print, stage_line: Progress | None = None
+) -> ExperimentRun:
+    """Every stage in order, each resuming; needs a connected Ray.
+
+    ``stage_line`` gets each stage's started and done lines (default ``progress``); ``progress`` gets
+    what happens inside a stage (items done / total, ETA). ``dcv run`` prints the first as lines and
+    keeps the second to one line per stage (dcv.console)."""
     storage = tracking.local_storage_root(cfg)
     seconds: dict[str, float] = {}
     parent = tracking.get_or_create_parent_run(cfg)
     parent.restart()  # a rerun continues the same parent run; it ends FINISHED (or FAILED) with the run
     try:
-        return _run_stages(cfg, storage, seconds, parent, progress)
+        return _run_stages(cfg, storage, seconds, parent, progress, stage_line or progress)
     except BaseException:
         parent.finish("FAILED")
         raise
 
 
-def _run_stages(cfg: ExperimentConfig, storage: Path, seconds: dict[str, float], parent, progress: Progress):
+def _run_stages(
+    cfg: ExperimentConfig,
+    storage: Path,
+    seconds: dict[str, float],
+    parent,
+    progress: Progress,
+    stage_line: Progress,
+):
     from dcv.circuits.model_circuits import circuits_dir, run_circuits
     from dcv.circuits.noise_floor import NOISE_FLOOR_FILE
     from dcv.circuits.pipeline import log_pipeline_run, run_pipeline
 
     def stage(name: str) -> float:
-        progress(f"[{STAGES.index(name) + 1}/{len(STAGES)} {name}] started")
+        stage_line(f"[{STAGES.index(name) + 1}/{len(STAGES)} {name}] started")
         return time.perf_counter()
 
     def finished(name: str, start: float, detail: str = "") -> None:
         seconds[name] = round(time.perf_counter() - start, 1)
-        progress(f"[{STAGES.index(name) + 1}/{len(STAGES)} {name}] done in {seconds[name]:.0f} s{detail}")
+        stage_line(f"[{STAGES.index(name) + 1}/{len(STAGES)} {name}] done in {seconds[name]:.0f} s{detail}")
 
     start = stage("base")
     cfg = prepare_base(cfg, storage)

@@ -6,6 +6,9 @@ The same as ``dcv sweep CONFIG``: inside a job RAY_ADDRESS names the cluster and
 by hand without RAY_ADDRESS it starts a local Ray on 127.0.0.1. Rerunning the same command resumes the
 sweep (finished trials are not rerun). ``ray_jobs/`` is not a package: run this file as a script or with
 ``python -m`` from the repository root.
+
+The job's output is dcv's console; everything else (worker output, Ray's own lines) goes to
+``<storage>/logs/`` on the node that runs the driver, unless ``--verbose``.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="experiment YAML, e.g. configs/demo.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--verbose", action="store_true", help="everything in the job's output, no log file")
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
     args = parse_args()
-    raise SystemExit(main(["sweep", args.config, *(f"--set={item}" for item in args.overrides)]))
+    verbose = ["--verbose"] if args.verbose else []
+    raise SystemExit(main(["sweep", args.config, *(f"--set={item}" for item in args.overrides), *verbose]))

@@ -10,7 +10,6 @@ import pytest
 
 from dcv.analysis import analyze, read_analysis, write_analysis
 from dcv.circuits.model_circuits import CIRCUITS_SCHEMA
-from dcv.circuits.noise_floor import NOISE_FLOOR_SCHEMA
 from dcv.circuits.pipeline import EFFECTS_SCHEMA
 from dcv.config import parse_config
 from dcv.report import build_report

@@ -1,16 +1,19 @@
-"""`dcv eval` end to end on the tiny model, through the installed console script."""
+"""The dcv command: `dcv eval`, `patch`, `circuit` end to end on the tiny model (through the installed
+console script), `validate --set` and `--version`."""
 
 from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
-from dcv.cli import patch_table_path
+from dcv.cli import build_parser, main, patch_table_path
 from dcv.config import load_config, parse_config
 from tests.conftest import tiny_config_dict
 
@@ -114,3 +117,39 @@ def test_dcv_patch_unknown_probe_exits_2(tiny_config_file, tmp_path):
     result = run_dcv("patch", str(tiny_config_file), "--probe", "sarcasm", cwd=tmp_path)
     assert result.returncode == 2
     assert "--probe 'sarcasm' is not one of the config's probes" in result.stderr
+
+
+def test_dcv_validate_checks_the_overridden_config(tiny_config_file, capsys):
+    assert main(["validate", str(tiny_config_file), "--set", "circuits.tau=0.9"]) == 0
+    assert f"{tiny_config_file} with circuits.tau=0.9: ok" in capsys.readouterr().out
+    code = main(
+        ["validate", str(tiny_config_file), "--set", "circuits.tau=3", "--set", "patching.methods=[x]"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    # Each problem names its dotted field and the override that caused it.
+    assert re.search(r"circuits\.tau: .*\(got 3\) \[--set circuits\.tau=3\]", err), err
+    assert re.search(r"patching\.methods\[0\]: .*\[--set patching\.methods=\[x\]\]", err), err
+    assert main(["validate", str(tiny_config_file), "--set", "sft.learning_rat=1"]) == 2
+    assert "sft.learning_rat: unknown key [--set sft.learning_rat=1]" in capsys.readouterr().err
+    assert main(["validate", str(tiny_config_file), "--set", "no-equals-sign"]) == 2
+    assert "is not of the form dotted.key=value" in capsys.readouterr().err
+
+
+def test_every_command_that_reads_a_config_takes_set():
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # argparse keeps no public list
+    for name, command in commands.items():
+        if name == "report":  # reads a run folder's stored config, not a config file
+            continue
+        options = {o for action in command._actions for o in action.option_strings}
+        assert "--set" in options, name
+        assert name == "validate" or "--verbose" in options, name
+
+
+def test_dcv_version_names_dcv_and_its_libraries(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert re.match(r"dcv \d+\.\d+\.\d+ \(python 3\.\d+\.\d+, ray \S+, torch \S+", out), out

@@ -219,8 +219,10 @@ def test_experiment_submitted_as_a_ray_job(ray_head, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints
     assert {p: p.stat().st_mtime_ns for p in items} == items
 
-    # `dcv report` rebuilds the report from the stored tables, computing nothing.
-    analysis = {p: p.stat().st_mtime_ns for p in (storage / "analysis").glob("*.parquet")}
+    # `dcv report` rebuilds the analysis and the report from the stored tables: no model is loaded,
+    # nothing is trained, patched or searched again, and the same tables come out.
+    analysis = {p: pl.read_parquet(p) for p in (storage / "analysis").glob("*.parquet")}
+    circuit_files = {p: p.stat().st_mtime_ns for p in (storage / "circuits").rglob("*.parquet")}
     (report / "report.md").unlink()
     rebuilt = subprocess.run(
         [str(Path(sys.executable).with_name("dcv")), "report", str(storage)],
@@ -229,5 +231,7 @@ def test_experiment_submitted_as_a_ray_job(ray_head, tmp_path):
         timeout=300,
     )
     assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
-    assert (report / "report.md").is_file()
-    assert {p: p.stat().st_mtime_ns for p in analysis} == analysis
+    assert (report / "report.md").is_file() and "Insufficient runs" in rebuilt.stdout
+    assert all(pl.read_parquet(p).equals(table) for p, table in analysis.items())
+    assert {p: p.stat().st_mtime_ns for p in circuit_files} == circuit_files
+    assert {p: p.stat().st_mtime_ns for p in items} == items

@@ -36,6 +36,20 @@ RUNTIME_ENV_DEFAULTS = {
     "TRL_EXPERIMENTAL_SILENCE": "1",
     # HF tokenizers fork worker threads; inside Ray worker processes that only warns and oversubscribes.
     "TOKENIZERS_PARALLELISM": "false",
+    # Ray Train V2 replaces `print` in its workers with one that also logs what is printed into a
+    # redirected sys.stdout. datasets fingerprints each function TRL maps over a dataset with dill, and
+    # dill (detect.nestedglobals) reads a function's globals from `dis.dis` output captured in a StringIO:
+    # patched, every captured line of bytecode was logged and reached the terminal (662 lines in make
+    # demo). Off, prints go to the worker's stdout and the capture stays a capture; the fingerprints are
+    # the same. ray/train/v2/_internal/logging/patch_print.py (ray 2.60), dill/detect.py (dill 0.4).
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # Progress bars in workers (every model load: "Loading weights ... 272/272", dataset maps, lm-eval's
+    # requests) have no one watching; in the run's log they are only noise. huggingface_hub's switch also
+    # turns off transformers' bars (transformers.utils.logging reads it); tqdm >= 4.66 reads TQDM_*
+    # defaults, which covers the bars of libraries that use tqdm directly.
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TQDM_DISABLE": "1",
 }
 
 
