@@ -511,7 +511,9 @@ def run_eval(cfg: ExperimentConfig, model_cfg: ModelConfig) -> dict[str, float]:
     if model_cfg.name != cfg.model.name:
         base_model = load_model(cfg.model, tokenizer)
         kl_reference = sample_kl_reference(base_model, tokenizer, test_items, cfg.evaluation)
-    metrics = evaluate_model(model, tokenizer, cfg.evaluation, test_items, probes, base_model, kl_reference)
+    metrics = evaluate_model(
+        model, tokenizer, cfg.evaluation, test_items, probes, base_model, kl_reference
+    ).metrics
     seconds = time.perf_counter() - start
 
     print(format_scores(model_cfg.name, metrics, probes))

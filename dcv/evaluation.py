@@ -289,7 +289,7 @@ def kl_to_base(
     return total / max(count, 1.0)
 
 
-def evaluate_model_scores(
+def evaluate_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     cfg: EvaluationConfig,
@@ -316,17 +316,3 @@ def evaluate_model_scores(
     if base_model is not None and kl_reference is not None:
         metrics["kl_to_base"] = kl_to_base(base_model, model, kl_reference, cfg.batch_size)
     return ModelScores(metrics, item_scores)
-
-
-def evaluate_model(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    cfg: EvaluationConfig,
-    target_items: Sequence[QAItem],
-    probes: Sequence[ProbeSet],
-    base_model: PreTrainedModel | None = None,
-    kl_reference: KLReference | None = None,
-) -> dict[str, float]:
-    """Only the flat metrics of ``evaluate_model_scores`` (what MLflow logs)."""
-    scores = evaluate_model_scores(model, tokenizer, cfg, target_items, probes, base_model, kl_reference)
-    return scores.metrics

@@ -33,7 +33,6 @@ import numpy as np
 from dcv.circuits.competence import is_lost
 from dcv.circuits.vulnerability import interpolation_weights, vulnerability
 
-AXES = ("accuracy", "kl", "step")
 TRAINING_METHODS = ("sft", "rl")
 # Means over the probes in means, per checkpoint; the order of the metric vector's first entries.
 MEAN_METRICS = (
@@ -46,17 +45,13 @@ MEAN_METRICS = (
     "n_lost",
 )
 FORGETTING_METRICS = ("forgetting", "forgetting_ld", "n_lost")  # over every competent prior probe
+# Per probe: its gap, whether it is lost, its scores, and every mean's own number.
 PROBE_METRICS = (
     "gap",
     "lost",
     "probe_accuracy",
     "probe_mean_ld",
-    "forgetting",
-    "forgetting_ld",
-    "preservation",
-    "jaccard",
-    "circuit_vulnerability",
-    "circuit_vulnerability_abs",
+    *(m for m in MEAN_METRICS if m != "n_lost"),
 )
 # A minimum detectable effect at 80% power for a two-sided 5% test: (z_0.975 + z_0.8) standard errors.
 MDE_FACTOR = 1.959964 + 0.841621

@@ -136,7 +136,7 @@ def test_evaluate_model_reports_every_metric(tiny_model, tokenizer, test_items):
         for n in ("ioi", "induction")
     ]
     ref = sample_kl_reference(tiny_model, tokenizer, test_items, EVAL)
-    metrics = evaluate_model(tiny_model, tokenizer, EVAL, test_items, probes, tiny_model, ref)
+    metrics = evaluate_model(tiny_model, tokenizer, EVAL, test_items, probes, tiny_model, ref).metrics
     assert set(metrics) == {
         "target/accuracy",
         "target/format_rate",

@@ -11,7 +11,7 @@ import pytest
 
 from dcv.benchmarks import SCORES_SCHEMA, join_benchmarks
 from dcv.config import EvaluationConfig, ProbeConfig, TargetTaskConfig
-from dcv.evaluation import evaluate_model, evaluate_model_scores, probe_logit_diffs
+from dcv.evaluation import evaluate_model, probe_logit_diffs
 from dcv.results import build_results_table, read_results, results_dir, write_results
 from dcv.tasks import load_target_splits
 from dcv.tasks.probes import build_probe
@@ -27,7 +27,7 @@ PROBES = ("ioi", "induction")
 def scored(tiny_model, tokenizer):
     test_items = load_target_splits(TargetTaskConfig(n_train=8, n_test=6))[1]
     probes = [build_probe(ProbeConfig(name=n, n_items=5), tokenizer, TargetTaskConfig()) for n in PROBES]
-    scores = evaluate_model_scores(tiny_model, tokenizer, EVAL, test_items, probes)
+    scores = evaluate_model(tiny_model, tokenizer, EVAL, test_items, probes)
     return scores, test_items, probes
 
 
@@ -52,11 +52,6 @@ def test_item_means_are_the_metrics_exactly(scored):
         assert fmean(ld) == scores.metrics[f"probe/{probe.name}/mean_ld"]
         assert sum(v > 0 for v in ld) / len(ld) == scores.metrics[f"probe/{probe.name}/accuracy"]
     assert all(type(v) is float for v in scores.metrics.values())  # MLflow and Ray get plain floats
-
-
-def test_evaluate_model_is_the_metrics_of_the_scores(scored, tiny_model, tokenizer):
-    scores, test_items, probes = scored
-    assert evaluate_model(tiny_model, tokenizer, EVAL, test_items, probes) == scores.metrics
 
 
 def test_base_scores_cache_keeps_item_scores_and_ignores_stale_files(tiny_config, tiny_model, tokenizer):

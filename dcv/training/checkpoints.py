@@ -29,7 +29,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from dcv.config import ExperimentConfig, RLConfig, SFTConfig
-from dcv.evaluation import KLReference, ModelScores, evaluate_model_scores, sample_kl_reference
+from dcv.evaluation import KLReference, ModelScores, evaluate_model, sample_kl_reference
 from dcv.models import load_model
 from dcv.storage import atomic_path
 from dcv.tasks import load_target_splits
@@ -92,7 +92,7 @@ class EvaluationKit:
         was_training = model.training
         model.eval()
         try:
-            return evaluate_model_scores(
+            return evaluate_model(
                 model,
                 self.tokenizer,
                 self.cfg.evaluation,
