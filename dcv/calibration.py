@@ -366,16 +366,14 @@ def run_calibration(
         write_parquet(table, calibration_path(storage))
         return table
     plants = plan_plants({p: reference[(p, method)] for p in chosen}, shape, c.k, c.seed)
-    results = write_plants(cfg, plants, c.alpha, storage, progress)
-    work = build_work_items(cfg, results, chosen)
-    keep = [(p.name + "@1", p.probe) for p in plants if p.kind != "copy"] + [
-        ("planted-copy@1", p) for p in chosen
-    ]
+    results = write_plants(cfg, plants, c.alpha, storage, chosen, progress)
+    # The base model's items as the experiment has them (every probe and method: its circuit file is
+    # shared with the circuits stage), each planted model on its own probe with the primary method.
+    keep = [(p.name + "@1", p.probe) for p in plants if p.kind != "copy"]
+    keep += [("planted-copy@1", p) for p in chosen]
     keep_frame = pl.DataFrame(keep, schema={"model": pl.String, "probe": pl.String}, orient="row")
-    work = pl.concat(
-        [work.filter(pl.col("model") == BASE_MODEL), work.join(keep_frame, on=["model", "probe"])]
-    )
-    work = work.filter(pl.col("method") == method)
+    planted = build_work_items(cfg, results, chosen).join(keep_frame, on=["model", "probe"])
+    work = pl.concat([base_work, planted.filter(pl.col("method") == method)])
     effects = run_pipeline(cfg, progress=progress, work=work, out=folder / "effects.parquet").table
     circuits = run_circuits(cfg, effects, storage, progress, out_dir=folder)
     table = calibration_table(cfg, plants, results, effects, circuits, shape, c.alpha, c.seed)

@@ -1,14 +1,45 @@
-"""Writing results so that a crash never leaves a half-written file or folder behind."""
+"""The storage root: one writer at a time, no half-written file, and no invalid file read back as done.
+
+Three rules every stage follows through this module:
+
+- **Writes are atomic** (``atomic_path``, ``write_parquet``): a file or folder is written under a temporary
+  sibling name and renamed into place, so a crash, a kill or a full disk leaves the old file (or none),
+  never a half-written one under the final name.
+- **Reads are validated** (``read_parquet``, ``read_json``, ``model_folder_problem``): a file that is
+  there but cannot be what the stage wrote (a truncated or corrupted parquet, the wrong schema or row
+  count, JSON that does not parse or lacks its keys, a model folder without loadable weights) is moved
+  aside to ``<name>.corrupt-<YYYYmmdd-HHMMSS>`` with one warning naming it, and the caller treats it as
+  absent: the work is redone. Nothing is deleted; the moved file is there to inspect.
+- **One dcv command writes a root at a time** (``lock_storage``): see that function for what the lock
+  promises and what it cannot.
+"""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
 import shutil
+import socket
+import struct
+import time
 import uuid
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
+
+LOCK_FILE = "dcv.lock"  # in the storage root; flock'ed, never replaced (a new inode would be a new lock)
+HOLDER_FILE = "dcv.lock.holder.json"  # beside it: who holds the lock (pid, host, command, since)
+CORRUPT_MARK = ".corrupt-"  # <name>.corrupt-<time>: where an invalid file is moved aside
 
 
 @contextmanager
@@ -16,6 +47,8 @@ def atomic_path(target: Path, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling of ``target`` to write; on success it is renamed to ``target``.
 
     With ``replace=False`` an existing target wins (another process finished the same work first).
+    A write that fails (an exception, a full disk: ``OSError`` ENOSPC or EFBIG) removes the temporary
+    sibling and leaves ``target`` as it was.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -42,9 +75,236 @@ def write_parquet(frame: pl.DataFrame, target: Path) -> Path:
     return Path(target)
 
 
-def read_parquet(path: Path) -> pl.DataFrame | None:
-    """The table at ``path``, or None when it is absent or unreadable (a rerun then recomputes it)."""
-    try:
-        return pl.read_parquet(path)
-    except (FileNotFoundError, OSError, pl.exceptions.ComputeError):
+# Validated reads.
+
+
+class SetAsideWarning(UserWarning):
+    """An invalid file was moved aside (``<name>.corrupt-<time>``); the work that made it is redone."""
+
+
+def set_aside(path: Path, reason: str) -> Path:
+    """Move ``path`` (file or folder) to ``<name>.corrupt-<YYYYmmdd-HHMMSS>`` beside it and warn once,
+    naming both; returns the new path. The ``.corrupt-`` suffix comes after the whole name, so no glob
+    a stage uses (``*.parquet``, ``checkpoint_*/...``) matches the moved file."""
+    path = Path(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = path.with_name(f"{path.name}{CORRUPT_MARK}{stamp}")
+    n = 1
+    while moved.exists():  # two in one second
+        n += 1
+        moved = path.with_name(f"{path.name}{CORRUPT_MARK}{stamp}-{n}")
+    path.rename(moved)
+    warnings.warn(f"{path}: {reason}; moved aside to {moved.name}, redoing it", SetAsideWarning, stacklevel=2)
+    return moved
+
+
+# What a truncated or corrupted parquet file raises: polars' own errors, the OS's, and a Rust panic in
+# the reader (pyo3's PanicException derives from BaseException, so `except Exception` would miss it).
+_PARQUET_ERRORS = (OSError, pl.exceptions.PolarsError, pl.exceptions.PanicException)
+
+
+def read_parquet(path: Path, schema: dict | None = None, n_rows: int | None = None) -> pl.DataFrame | None:
+    """The table at ``path``, or None when it is absent or invalid (a rerun then recomputes it).
+
+    Invalid: unreadable (truncated, not parquet), or, when given, another ``schema`` (column names, order
+    and types) or another row count than ``n_rows``. An invalid file is moved aside (``set_aside``)."""
+    path = Path(path)
+    if not path.is_file():
         return None
+    try:
+        table = pl.read_parquet(path)
+    except _PARQUET_ERRORS as exc:
+        set_aside(path, f"unreadable parquet ({type(exc).__name__}: {str(exc)[:120]})")
+        return None
+    if schema is not None and table.schema != schema:
+        got = ", ".join(f"{k}: {v}" for k, v in table.schema.items())
+        set_aside(path, f"not the expected table (columns {got[:200]})")
+        return None
+    if n_rows is not None and table.height != n_rows:
+        set_aside(path, f"{table.height} rows where {n_rows} were expected")
+        return None
+    return table
+
+
+def read_json(path: Path, keys: Sequence[str] = ()) -> Any | None:
+    """The JSON value at ``path``, or None when it is absent or invalid (moved aside: ``set_aside``).
+
+    Invalid: unreadable, not JSON (a truncated or overwritten marker), or, when ``keys`` are given, not an
+    object holding all of them."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        set_aside(path, f"not valid JSON ({type(exc).__name__}: {str(exc)[:120]})")
+        return None
+    if keys:
+        missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+        if missing:
+            set_aside(path, f"a JSON marker without {missing}")
+            return None
+    return data
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit on the header's size
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a ``.safetensors`` file, or None: its header (8-byte length, then JSON) must
+    parse, and the file must be as long as the header says (a truncated copy fails here)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > _MAX_HEADER or 8 + length > size:
+                return f"{path.name}: header length {length} does not fit the file ({size} bytes)"
+            header = json.loads(f.read(length))
+    except (OSError, ValueError, struct.error) as exc:
+        return f"{path.name}: unreadable safetensors header ({type(exc).__name__})"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    if not ends:
+        return f"{path.name}: no tensors in the header"
+    if 8 + length + max(ends) > size:
+        return f"{path.name}: truncated ({size} bytes, the header needs {8 + length + max(ends)})"
+    return None
+
+
+def model_folder_problem(folder: Path) -> str | None:
+    """What is wrong with an HF model folder, or None: ``config.json`` parses, and the weights are there
+    with loadable headers (``model.safetensors``, the shards of ``model.safetensors.index.json``, or a
+    ``pytorch_model.bin``). Cheap: reads headers, never the tensors."""
+    folder = Path(folder)
+    try:
+        json.loads((folder / "config.json").read_bytes())
+    except (OSError, ValueError) as exc:
+        return f"config.json: {'missing' if isinstance(exc, FileNotFoundError) else 'not valid JSON'}"
+    if (folder / SAFETENSORS_INDEX).is_file():
+        try:
+            shards = sorted(set(json.loads((folder / SAFETENSORS_INDEX).read_bytes())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError):
+            return f"{SAFETENSORS_INDEX}: unreadable"
+    elif (folder / WEIGHT_FILES[0]).is_file():
+        shards = [WEIGHT_FILES[0]]
+    elif (folder / WEIGHT_FILES[1]).is_file():
+        return None
+    else:
+        return f"no weights file ({', '.join(WEIGHT_FILES)} or {SAFETENSORS_INDEX})"
+    for shard in shards:
+        problem = (
+            safetensors_problem(folder / shard) if (folder / shard).is_file() else f"{shard}: missing"
+        )
+        if problem:
+            return problem
+    return None
+
+
+# The lock.
+
+
+class StorageInUse(RuntimeError):
+    """Another dcv command holds the storage root (``lock_storage``)."""
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    pid: int
+    host: str
+    command: str
+    since: str
+
+    def describe(self) -> str:
+        return f"pid {self.pid} on {self.host} since {self.since} (command {self.command})"
+
+
+_held: dict[Path, int] = {}  # lock file -> its open descriptor, held until this process ends
+
+
+def lock_file(root: str | Path) -> Path:
+    """The lock file of a storage root: ``<root>/dcv.lock``; for an object-store URI (``s3://...``), a
+    file named after the URI in dcv's local cache (``$DCV_CACHE_DIR``, else ``~/.cache/dcv``)."""
+    if isinstance(root, str) and "://" in root and not root.startswith("file://"):
+        cache = Path(os.environ.get("DCV_CACHE_DIR", Path.home() / ".cache" / "dcv")).expanduser()
+        return cache / "locks" / f"{hashlib.sha256(root.encode()).hexdigest()[:16]}.lock"
+    return Path(str(root).removeprefix("file://")).expanduser().resolve() / LOCK_FILE
+
+
+def lock_storage(root: str | Path, command: str, say: Callable[[str], None] = print) -> Path:
+    """Take the storage root's lock for the rest of this process's life, or raise StorageInUse at once.
+
+    The lock is an exclusive ``fcntl.flock`` on ``<root>/dcv.lock``, on a descriptor that stays open
+    until the process ends (and is not inherited by the processes it starts: Ray's are not holders).
+    The kernel drops it however the holder ends, SIGKILL included, so a crashed run never blocks the
+    next one. Who holds it (pid, host, command, start time) is written beside it, in
+    ``dcv.lock.holder.json``, and removed on a clean exit; a holder file found by a process that got the
+    lock was left by a holder that died (a kill, a crash): ``say`` gets one line naming it, and the lock
+    is taken over. Calling it again in the same process for the same root is a no-op.
+
+    What it promises: on a local filesystem, no two dcv commands write one root at once. On a network
+    filesystem it holds across hosts where the mount supports locks (NFS v3 with lockd, NFS v4, Lustre
+    mounted with ``flock``); an NFS mount with ``nolock`` keeps locks per host. A filesystem that refuses
+    locks (ENOLCK, some FUSE mounts) gets a warning through ``say`` and no lock.
+
+    What it cannot promise: an object-store root (``s3://``, ``gs://``) has no locks. There the lock is a
+    local file named after the URI, so a second command *on the same machine* is refused, but two
+    machines can write the same prefix at once; keep one writer per prefix by hand (one Ray job at a time).
+    """
+    path = lock_file(root)
+    if path in _held:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            say(
+                f"storage {root}: cannot lock {path} ({exc.strerror}); this filesystem has no file locks, "
+                "so nothing stops a second dcv command from writing this root at the same time"
+            )
+            return path
+        holder = _read_holder(path.with_name(HOLDER_FILE), wait_s=2.0)
+        who = holder.describe() if holder else "another process (it has not written its holder file)"
+        raise StorageInUse(
+            f"storage {root} is in use by {who}; wait for it to end, or give this command another "
+            "storage.root (--set storage.root=DIR)"
+        ) from None
+    holder_path = path.with_name(HOLDER_FILE)
+    stale = _read_holder(holder_path)
+    if stale is not None:
+        say(f"storage {root}: taking over the lock of {stale.describe()}, which ended without releasing it")
+    me = LockHolder(os.getpid(), socket.gethostname(), command, time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    with atomic_path(holder_path) as tmp:
+        tmp.write_text(json.dumps(asdict(me), indent=1))
+    _held[path] = fd
+    atexit.register(_release, path)
+    return path
+
+
+def _read_holder(path: Path, wait_s: float = 0.0) -> LockHolder | None:
+    """The holder file's content; waits up to ``wait_s`` for a holder that has the lock but has not
+    written the file yet (the moment between its flock and its write)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return LockHolder(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+
+
+def _release(path: Path) -> None:
+    """At exit: remove the holder file (if it is still ours), then drop the lock."""
+    fd = _held.pop(path, None)
+    if fd is None:
+        return
+    holder_path = path.with_name(HOLDER_FILE)
+    holder = _read_holder(holder_path)
+    if holder is not None and holder.pid == os.getpid():
+        with contextlib.suppress(OSError):
+            holder_path.unlink()
+    os.close(fd)
