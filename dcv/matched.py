@@ -8,8 +8,8 @@ base model's parts and circuit (``ProbeReference``):
 - gaps g(base), g(M); ``lost`` when g(M) < lost_fraction g(base) (then relative numbers are NaN);
 - relative effects (divided by g(M)) and absolute effects (divided by g(base)) of the base-circuit heads;
   v_h = sign(e_base) (e_base - e_M) / |e_base| and V = sum |e_base| v_h / sum |e_base|, of each;
-- P and J of the base circuit against M's own circuit: M's heads ranked by |effect| on the chosen items,
-  keeping its own circuit's size (for top-k selection exactly the selection rule);
+- P and J of the base circuit against M's own circuit; on resampled items both are found again (heads
+  ranked by |effect| on those items, each circuit keeping its size: for top-k selection exactly the rule);
 - forgetting = base - M of accuracy (LD > 0) and of mean LD, from per-item LDs where stored.
 
 Means over probes leave out the target-task probe and probes the base model cannot do; P, J and V also
@@ -162,8 +162,10 @@ def probe_numbers(
         out.update(preservation=np.nan, jaccard=np.nan, circuit_vulnerability=np.nan)
         return out, nan_heads, v_abs
     v_rel, out["circuit_vulnerability"] = _weighted_v(e_base, numerator / g_model)
+    # On resampled items both circuits are found again on those items (at their own sizes), so P and J
+    # compare like with like: an unchanged model keeps P = 1 in every draw.
     own = set(circuit.tolist()) if items is None else _top(parts.delta, items, len(circuit))
-    base_set = set(ref.circuit.tolist())
+    base_set = set(ref.circuit.tolist()) if items is None else _top(ref.base.delta, items, n_circuit)
     out["preservation"] = len(base_set & own) / len(base_set)
     out["jaccard"] = len(base_set & own) / len(base_set | own)
     return out, v_rel, v_abs

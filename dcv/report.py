@@ -231,6 +231,45 @@ def representative_levels(headline: pl.DataFrame, patching: str) -> dict[str, fl
     }
 
 
+DAMAGE_METRICS = (
+    "circuit_vulnerability_abs",
+    "circuit_vulnerability",
+    "preservation",
+    "jaccard",
+    "forgetting",
+    "forgetting_ld",
+    "forgetting_bench",
+)
+
+
+def summary_sentence(rows: pl.DataFrame, levels: dict[str, float]) -> str:
+    """In one sentence: at the representative levels, which circuit-damage and forgetting differences
+    the CIs resolve, and that the rest are not distinguishable."""
+    diffs = rows.filter(
+        (pl.col("training") == "sft-rl")
+        & (pl.col("status") == "ok")
+        & pl.col("metric").is_in(DAMAGE_METRICS)
+        & pl.struct("matched_by", "matched_at").map_elements(
+            lambda r: levels.get(r["matched_by"]) == r["matched_at"], return_dtype=pl.Boolean
+        )
+    )
+    resolved = diffs.filter((pl.col("ci_low") > 0) | (pl.col("ci_high") < 0))
+    first = rows.row(0, named=True)
+    where = ", ".join(f"{AXIS_NAMES[a]} {_g(v)}" for a, v in levels.items())
+    found = [
+        f"{METRIC_NAMES[r['metric']]} {'higher' if r['mean'] > 0 else 'lower'} under SFT at "
+        f"{AXIS_NAMES[r['matched_by']]} {_g(r['matched_at'])}"
+        for r in resolved.iter_rows(named=True)
+    ]
+    return (
+        f"In short: with {first['n_runs_sft']} SFT and {first['n_runs_rl']} RL runs matched at {where}, "
+        + (f"the CIs resolve {'; '.join(found)}; " if found else "no CI resolves a difference; ")
+        + f"the other {diffs.height - resolved.height} of {diffs.height} differences in circuit damage and "
+        "forgetting are not distinguishable at this power. These are many comparisons without correction: "
+        "about one 95% CI in twenty excludes 0 by chance."
+    )
+
+
 def difference_sentence(row: dict) -> str:
     """One SFT - RL difference with its CI and n, and what it may claim."""
     name = METRIC_NAMES.get(row["metric"], row["metric"])
@@ -283,6 +322,8 @@ def answer_paragraphs(
             + f". Levels used on this axis: {levels_text}"
             + (f"; {short.height} more levels have insufficient runs." if short.height else ".")
         )
+    if levels:
+        out.insert(0, summary_sentence(rows, levels))
     left_out = base_circuits.filter((pl.col("method") == patching) & ~pl.col("in_means"))
     for row in left_out.iter_rows(named=True):
         out.append(f"Probe {row['probe']} is left out of the means: {row['excluded_because']}.")
