@@ -44,7 +44,7 @@ import polars as pl
 
 from dcv.circuits.pipeline import BASE_MODEL, checkpoint_model, file_slug, list_models, wait_for_tasks
 from dcv.config import BenchmarksConfig, ConfigError, ExperimentConfig
-from dcv.storage import atomic_path, write_parquet
+from dcv.storage import atomic_path, read_json, set_aside, write_parquet
 
 METRIC_PREFIX = "bench"
 SCORES_SCHEMA = {
@@ -419,12 +419,15 @@ def benchmark_file(cfg: BenchmarksConfig, storage_root: Path, model: str, checkp
 
 
 def read_finished(path: Path) -> dict[str, float] | None:
-    """The scores a finished run wrote at ``path``; None when absent or unreadable (then recompute)."""
-    try:
-        scores = json.loads(path.read_text())["scores"]
-    except (OSError, ValueError, KeyError, TypeError):
+    """The scores a finished run wrote at ``path``; None when absent or invalid (then recompute; an
+    invalid file is moved aside, ``dcv.storage.read_json``)."""
+    record = read_json(path, ("scores",))
+    if record is None:
         return None
-    return scores if isinstance(scores, dict) else None
+    if not isinstance(record["scores"], dict):
+        set_aside(path, "scores is not a mapping")
+        return None
+    return record["scores"]
 
 
 def compute_model_benchmarks(cfg_dict: dict, model: str, checkpoint: str, path: str) -> dict[str, float]:

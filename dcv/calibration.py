@@ -37,7 +37,7 @@ from dcv.circuits.pipeline import BASE_MODEL, MASK, build_work_items
 from dcv.config import ExperimentConfig
 from dcv.matched import MDE_FACTOR, ProbeParts, ProbeReference, probe_numbers
 from dcv.results import build_results_table
-from dcv.storage import atomic_path, read_parquet, write_parquet
+from dcv.storage import atomic_path, read_json, read_parquet, write_parquet
 
 CALIBRATION_FILE = "calibration.parquet"
 PLANT_FILE = "dcv_planted.json"
@@ -84,8 +84,7 @@ def calibration_path(storage_root: Path) -> Path:
 
 def read_calibration(storage_root: Path) -> pl.DataFrame | None:
     """The stored calibration table, or None when calibration never ran."""
-    table = read_parquet(calibration_path(storage_root))
-    return table if table is not None and table.schema == CALIBRATION_SCHEMA else None
+    return read_parquet(calibration_path(storage_root), CALIBRATION_SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -164,7 +163,7 @@ def write_plants(
             "probes": [cfg.probe(p).model_dump(mode="json") for p in probes],
         }
         marker = folder / PLANT_FILE
-        done = json.loads(marker.read_text()) if marker.is_file() else {}
+        done = read_json(marker, ("spec", "item_ld")) or {}  # unreadable: moved aside, planted again
         if done.get("spec") != spec:
             model = plant_damage(copy.deepcopy(base), plant.heads, alpha).eval()
             save_model(model, tokenizer, folder)

@@ -35,13 +35,17 @@ validate CONFIG --set ...`` checks the overridden config. Commands that start Ra
 patch-all, calibrate) print only dcv's lines once Ray starts: stage lines, one progress line per stage,
 warnings from dcv, errors and the summary; everything else (worker output, Ray's own lines) goes to
 ``<storage>/logs/<command>-<time>-<pid>.log``, named in the summary (dcv.console). ``--verbose`` prints
-everything on the terminal instead. Heavy imports (torch, transformers, mlflow) happen inside the
-commands, so ``dcv validate`` is instant.
+everything on the terminal instead. Commands that write the storage root (train, sweep, run, patch-all,
+calibrate) hold its lock while they run: a second one on the same root exits 2 at once, naming the
+holder's pid, host, start time and command (dcv.storage.lock_storage); report and validate take none.
+Heavy imports (torch, transformers, mlflow) happen inside the commands, so ``dcv validate`` is instant.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -50,7 +54,8 @@ from pathlib import Path
 from dcv.config import ConfigError, ExperimentConfig, ModelConfig, load_config
 from dcv.console import LOG_DIR, Console
 
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT = 2  # also a storage root in use by another command (dcv.storage.StorageInUse)
+EXIT_FAILED = 1  # a failure a rerun recovers from (failure_reason); other failures end in a traceback
 VERSIONS_SHOWN = ("ray", "torch", "transformers", "trl", "transformer-lens", "mlflow")  # in dcv --version
 METHODS = ("exact", "attribution", "ig")  # dcv.circuits.patching.METHODS, named here without importing torch
 
@@ -208,7 +213,54 @@ def run_command(args: argparse.Namespace, console: Console) -> int:
     except (FileNotFoundError, ValueError) as exc:
         console.error(f"{name}: {exc}")
         return EXIT_BAD_INPUT
+    except Exception as exc:
+        reason = failure_reason(cfg, exc)
+        if reason is None:
+            raise
+        console.error(f"{name}: {reason}")
+        return EXIT_FAILED
     return 0
+
+
+def failure_reason(cfg: ExperimentConfig, exc: BaseException) -> str | None:
+    """A clear line for the failures a rerun recovers from (a full disk, a tracking server that went
+    away), else None (the traceback is the clearest report)."""
+    if is_disk_full(exc):
+        root = storage_root_of(cfg)
+        return (
+            f"the disk is full (or a file-size limit was hit): {exc}; no file was left half-written under "
+            f"its final name (dcv writes to a temporary name, then renames); free space under {root} "
+            "and rerun the same command: finished work is kept"
+        )
+    from dcv import tracking
+
+    try:
+        uri = tracking.resolve_tracking_uri(cfg)
+    except ValueError:
+        return None
+    return tracking.tracking_server_gone(uri)
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """An ENOSPC, EFBIG or EDQUOT anywhere in the chain (Ray hands a worker's error on as ``cause``, or
+    only as text)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return True
+        if any(text in str(exc) for text in ("No space left on device", "File too large")):
+            return True
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return False
+
+
+def storage_root_of(cfg: ExperimentConfig) -> str | Path:
+    """The root to lock: the local folder (absolute, as every stage resolves it), or the object-store URI."""
+    root = cfg.storage.root
+    if "://" in root and not root.startswith("file://"):
+        return root
+    return Path(root.removeprefix("file://")).expanduser().resolve()
 
 
 def name_overrides(exc: ConfigError, overrides: list[str]) -> str:
@@ -227,10 +279,17 @@ def name_overrides(exc: ConfigError, overrides: list[str]) -> str:
 
 
 def start_ray(cfg: ExperimentConfig, console: Console, command: str) -> None:
-    """Start the log (``<storage>/logs/``, unless --verbose), then connect Ray: from here on the terminal
-    gets only the console's lines."""
-    from dcv import tracking
+    """Take the storage root's lock, start the log (``<storage>/logs/``, unless --verbose), then connect
+    Ray: from here on the terminal gets only the console's lines.
 
+    The lock comes first, after the command's checks (which only read) and before anything is written
+    under the root: a second command on a root in use stops here with StorageInUse (exit 2), before Ray
+    starts. It is held until the process ends (dcv.storage.lock_storage)."""
+    from dcv import tracking
+    from dcv.storage import lock_storage
+
+    holder = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])  # "dcv run configs/demo.yaml"
+    lock_storage(storage_root_of(cfg), holder, say=console.warn)
     if tracking.is_remote_storage(cfg.storage.root):
         log_dir = Path.cwd() / "dcv-logs"  # an object-store root has no local folder to hold the log
     else:

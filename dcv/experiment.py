@@ -35,7 +35,7 @@ from dcv import tracking
 from dcv.analysis import analyze, read_analysis, write_analysis
 from dcv.config import ExperimentConfig, config_to_dict, parse_config
 from dcv.results import read_results, write_results
-from dcv.storage import atomic_path, read_parquet
+from dcv.storage import atomic_path, model_folder_problem, read_json, read_parquet, set_aside
 
 STAGES = ("base", "sweep", "benchmarks", "patching", "circuits", "calibration", "analysis", "report")
 CONFIG_FILE = "experiment_config.json"
@@ -64,15 +64,18 @@ def prepare_base(cfg: ExperimentConfig, storage: Path) -> ExperimentConfig:
 
     folder = storage / "base"
     source = cfg.model.model_dump(mode="json", exclude={"cache_dir"})
-    marker = folder / SOURCE_FILE
-    if marker.is_file():
-        made_from = json.loads(marker.read_text())
-        if made_from != source:
-            raise ValueError(
-                f"{folder}: the base snapshot was made from model {made_from} but the config asks for "
-                f"{source}; use another storage.root, or delete {folder} to start over"
-            )
-    else:
+    made_from = read_json(folder / SOURCE_FILE)  # an unreadable marker is moved aside: made again
+    if made_from is not None and made_from != source:
+        raise ValueError(
+            f"{folder}: the base snapshot was made from model {made_from} but the config asks for "
+            f"{source}; use another storage.root, or delete {folder} to start over"
+        )
+    # A snapshot is written whole with its marker (atomic_path); one without a valid marker or with
+    # broken weights is moved aside whole (the bad marker inside it) and written again.
+    problem = "no valid marker" if made_from is None else model_folder_problem(folder)
+    if folder.exists() and problem:
+        set_aside(folder, f"base snapshot: {problem}")
+    if problem:
         model, tokenizer = load_model_and_tokenizer(cfg.model)
         with atomic_path(folder) as tmp:
             save_model(model, tokenizer, tmp)
@@ -101,11 +104,12 @@ def _watch_trials(cfg: ExperimentConfig, names: list[str], progress: Progress, s
 
 def sweep_stage(cfg: ExperimentConfig, storage: Path, progress: Progress) -> pl.DataFrame:
     """Run the sweep, or only collect its table when every trial finished before."""
-    from dcv.training.sweep import check_plan, collect_results, plan_trials, run_sweep
+    from dcv.training.sweep import check_plan, collect_results, plan_trials, repair_sweep, run_sweep
     from dcv.training.trial import finished_trial
 
     specs = plan_trials(cfg)
     check_plan(cfg, specs)
+    repair_sweep(cfg, specs)  # before the check below: a trial moved aside is trained again
     done = [spec.name for spec in specs if finished_trial(spec.config(cfg), spec.name) is not None]
     todo = len(specs) - len(done)
     progress(f"sweep: {len(specs)} trials, {len(done)} finished before (skipped), {todo} to train")
@@ -333,6 +337,5 @@ def rebuild_report(run_dir: Path) -> tuple[Path, Path, list[str]]:
     if effects is not None and circuits is not None:
         floor = read_parquet(circuits_dir(storage) / NOISE_FLOOR_FILE)
         write_analysis(analyze(cfg, read_results(storage), effects, circuits, floor), storage)
-    path = storage / STAGE_SECONDS_FILE
-    seconds = json.loads(path.read_text()) if path.is_file() else {}
+    seconds = read_json(storage / STAGE_SECONDS_FILE) or {}
     return report_stage(cfg, storage, seconds)

@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import struct
@@ -70,8 +71,16 @@ def atomic_path(target: Path, replace: bool = True) -> Iterator[Path]:
 
 
 def write_parquet(frame: pl.DataFrame, target: Path) -> Path:
+    """Write ``frame`` to ``target`` atomically. A full disk is an ``OSError`` naming ``target`` (polars
+    reports it as a ComputeError "... (os error 28)"; callers look for the OS's error)."""
     with atomic_path(target) as tmp:
-        frame.write_parquet(tmp)
+        try:
+            frame.write_parquet(tmp)
+        except pl.exceptions.PolarsError as exc:
+            code = re.search(r"\(os error (\d+)\)", str(exc))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(target)) from exc
     return Path(target)
 
 
@@ -193,9 +202,7 @@ def model_folder_problem(folder: Path) -> str | None:
     else:
         return f"no weights file ({', '.join(WEIGHT_FILES)} or {SAFETENSORS_INDEX})"
     for shard in shards:
-        problem = (
-            safetensors_problem(folder / shard) if (folder / shard).is_file() else f"{shard}: missing"
-        )
+        problem = safetensors_problem(folder / shard) if (folder / shard).is_file() else f"{shard}: missing"
         if problem:
             return problem
     return None
@@ -204,8 +211,9 @@ def model_folder_problem(folder: Path) -> str | None:
 # The lock.
 
 
-class StorageInUse(RuntimeError):
-    """Another dcv command holds the storage root (``lock_storage``)."""
+class StorageInUse(ValueError):
+    """Another dcv command holds the storage root (``lock_storage``); a ValueError, so the CLI reports it
+    as it does a bad setting (one line, exit 2)."""
 
 
 @dataclass(frozen=True)

@@ -184,6 +184,21 @@ def get_or_create_child_run(
     return _create_child_run(cfg, run_name, {RUN_KEY_TAG: run_name, **(tags or {})})
 
 
+def retire_child_run(cfg: ExperimentConfig, run_name: str, reason: str) -> str | None:
+    """Delete the child run named ``run_name`` (MLflow's soft delete: ``mlflow runs restore --run-id``
+    brings it back), so that redone work logs into a fresh run and no metric is logged twice; its tag
+    ``dcv.retired`` says why. Returns the retired run's id, or None when there was none."""
+    parent = get_or_create_parent_run(cfg)
+    experiment_id = parent.client.get_run(parent.run_id).info.experiment_id
+    same_key = f"tags.`{RUN_KEY_TAG}` = '{run_name}'"
+    same_parent = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.run_id}'"
+    found = parent.client.search_runs([experiment_id], filter_string=f"{same_key} and {same_parent}")
+    for run in found:
+        parent.client.set_tag(run.info.run_id, "dcv.retired", reason)
+        parent.client.delete_run(run.info.run_id)
+    return found[0].info.run_id if found else None
+
+
 @contextmanager
 def child_run(
     cfg: ExperimentConfig, run_name: str, tags: Mapping[str, str] | None = None
@@ -200,6 +215,25 @@ def child_run(
 
 class TrackingServerError(ValueError):
     """The tracking server cannot be used; a ValueError, so the CLI reports it like any bad setting."""
+
+
+def tracking_server_gone(uri: str) -> str | None:
+    """After a failure: a clear error when ``uri`` is an http(s) tracking server that no longer answers,
+    else None (the failure had another cause, or the store is a file).
+
+    dcv does not buffer metrics itself. Every MLflow request already retries
+    (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, default 7, with exponential backoff: about 4 minutes), which
+    rides out a server restart; a server gone for longer stops the run with this error."""
+    try:
+        check_tracking_server(uri, connect_timeout=5.0, read_timeout=10.0)
+    except TrackingServerError as exc:
+        reason = str(exc).split(": ", 2)[-1].split(";")[0]
+        return (
+            f"[tracking] uri={redact_uri(uri)}: the MLflow tracking server stopped answering during the run "
+            f"({reason}, after MLflow's retries); what finished is kept: start the server again "
+            "(mlflow/serve) and rerun the same command"
+        )
+    return None
 
 
 def redact_uri(uri: str) -> str:

@@ -128,11 +128,9 @@ def model_file(cfg: ExperimentConfig, storage_root: Path, model: str, checkpoint
 
 
 def _finished(path: Path, schema: dict, n_rows: int | None) -> pl.DataFrame | None:
-    """The table at ``path`` if it is complete (the schema, and ``n_rows`` rows unless None)."""
-    table = read_parquet(path)
-    if table is None or table.schema != schema or (n_rows is not None and table.height != n_rows):
-        return None
-    return table
+    """The table at ``path`` if it is complete (the schema, and ``n_rows`` rows unless None); an
+    invalid file is moved aside and computed again (``dcv.storage.read_parquet``)."""
+    return read_parquet(path, schema, n_rows)
 
 
 def compute_model_circuits(

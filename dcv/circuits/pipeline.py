@@ -236,11 +236,9 @@ def item_heads(item: dict) -> list[tuple[int, int]]:
 
 
 def read_item(path: Path, n_rows: int) -> pl.DataFrame | None:
-    """A finished item's rows, or None when the file is absent, unreadable, of another schema or size."""
-    table = read_parquet(path)
-    if table is None or table.schema != EFFECTS_SCHEMA or table.height != n_rows:
-        return None
-    return table
+    """A finished item's rows, or None when the file is absent or invalid: unreadable, of another schema
+    or size (then it is moved aside, ``dcv.storage.read_parquet``, and the item is patched again)."""
+    return read_parquet(path, EFFECTS_SCHEMA, n_rows)
 
 
 def split_done(work: pl.DataFrame, storage_root: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -488,17 +486,19 @@ def run_pipeline(
 
 
 def log_pipeline_run(cfg: ExperimentConfig, run: PipelineRun, seconds: float) -> None:
-    """The run's counts and its effects table in a new MLflow child run (tag dcv.stage=patch)."""
+    """The run's counts and its effects table in the experiment's ``patch-all`` MLflow child run (tag
+    dcv.stage=patch): one run for the stage however often it is rerun; its metrics hold the last pass."""
     from dcv import tracking
 
-    with tracking.child_run(cfg, "patch-all", tags={"dcv.stage": "patch"}) as logged:
-        logged.log_metrics(
-            {
-                "patch/items": run.total,
-                "patch/computed": run.computed,
-                "patch/skipped": run.skipped,
-                "patch/rows": run.table.height,
-                "patch/seconds": seconds,
-            }
-        )
-        logged.log_artifact(run.path, artifact_path="patching")
+    logged = tracking.get_or_create_child_run(cfg, "patch-all", tags={"dcv.stage": "patch"})
+    logged.log_metrics(
+        {
+            "patch/items": run.total,
+            "patch/computed": run.computed,
+            "patch/skipped": run.skipped,
+            "patch/rows": run.table.height,
+            "patch/seconds": seconds,
+        }
+    )
+    logged.log_artifact(run.path, artifact_path="patching")
+    logged.finish()

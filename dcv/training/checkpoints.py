@@ -10,7 +10,10 @@ or mean reward since the previous checkpoint, and logs them to the trial's MLflo
 ``target/correct`` and ``probe/<name>/ld`` lists, for the analysis' bootstrap; never sent to MLflow).
 
 A restarted worker resumes from ``ray.train.get_checkpoint()``: the HF Trainer restores model, optimizer,
-scheduler, RNG and step from the merged folder.
+scheduler, RNG and step from the merged folder. Only a trial's latest checkpoint keeps that resume state
+(``RESUME_STATE``; AdamW's is twice the fp32 weights): ``KeepResumeStateInLatest`` deletes the older
+ones' once Ray has registered a newer checkpoint that has its own. Analysis reads only the weights,
+tokenizer and ``dcv_checkpoint.json``, which every evaluated checkpoint keeps.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from dcv.config import ExperimentConfig, RLConfig, SFTConfig
 from dcv.evaluation import KLReference, ModelScores, evaluate_model, sample_kl_reference
 from dcv.models import load_model
-from dcv.storage import atomic_path
+from dcv.storage import atomic_path, read_json
 from dcv.tasks import load_target_splits
 from dcv.tasks.items import ProbeSet, QAItem
 from dcv.tasks.probes import build_probes
@@ -78,11 +82,9 @@ class EvaluationKit:
         """Step 0's scores: the base model's, the same in every trial that starts from it, so evaluated
         by the first such trial and read back by the others (greedy decoding: nothing is random)."""
         path = self.base_scores_file()
-        try:
-            data = json.loads(path.read_text())
+        data = read_json(path, ("metrics", "item_scores"))  # unreadable: moved aside, evaluated again
+        if data is not None:
             return ModelScores(data["metrics"], data["item_scores"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # not written yet, or unreadable: evaluate again
         scores = self.evaluate(model)
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps({"metrics": scores.metrics, "item_scores": scores.item_scores}))
@@ -213,9 +215,75 @@ def restore_latest(output_dir: Path) -> str | None:
         step = int(json.loads(meta_file.read_text())["step"]) if meta_file.exists() else 0
         if step == 0 or not (Path(folder) / "trainer_state.json").exists():
             return None  # the base-model checkpoint: nothing to resume
+        if not has_resume_state(Path(folder)):
+            # HF Trainer would resume with a fresh optimizer and RNG without a word.
+            raise ValueError(
+                f"{checkpoint.path}: the latest checkpoint (step {step}) holds no optimizer state, so the "
+                "trial cannot resume exactly; delete the trial folder to retrain it"
+            )
         target = output_dir / f"checkpoint-{step}"
         shutil.copytree(folder, target, dirs_exist_ok=True)
     return str(target)
+
+
+# What a checkpoint holds only so that training can resume from it: HF Trainer's _save_checkpoint writes
+# the optimizer (optimizer.pt; FSDP: optimizer.bin or optimizer_<n>/ shards), LR scheduler, grad scaler
+# and each rank's RNG state beside the weights. Weights, tokenizer, trainer_state.json (the log history)
+# and dcv_checkpoint.json stay in every checkpoint.
+OPTIMIZER_STATE = ("optimizer.pt", "optimizer.bin", "optimizer_*")
+RESUME_STATE = (*OPTIMIZER_STATE, "scheduler.pt", "scaler.pt", "rng_state*.pth")
+
+
+def has_resume_state(folder: Path) -> bool:
+    return any(any(Path(folder).glob(pattern)) for pattern in OPTIMIZER_STATE)
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The step in a Ray checkpoint folder's name (``checkpoint_000012``); None for other names."""
+    prefix, _, digits = Path(folder).name.partition("_")
+    return int(digits) if prefix == "checkpoint" and digits.isdigit() else None
+
+
+def keep_resume_state_only_in(latest: Path) -> list[Path]:
+    """Delete the resume state of the checkpoints before ``latest`` in its trial folder; the deleted paths.
+
+    Nothing is deleted unless ``latest`` holds resume state itself, so the trial always keeps one
+    resumable checkpoint. Folders of later steps are left alone: they can only be a killed attempt's
+    partial upload, which the resumed run overwrites (and may be writing now).
+    """
+    latest = Path(latest)
+    step = checkpoint_step(latest)
+    if step is None or not has_resume_state(latest):
+        return []
+    deleted = []
+    for folder in latest.parent.glob("checkpoint_*"):
+        older = checkpoint_step(folder)
+        if older is None or older >= step:
+            continue
+        for pattern in RESUME_STATE:
+            for path in folder.glob(pattern):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                deleted.append(path)
+    return deleted
+
+
+class KeepResumeStateInLatest(ray.train.UserCallback):
+    """Ray Train callback: once a checkpoint is registered, the older ones lose their resume state.
+
+    It runs on the Train controller after Ray has made the new checkpoint the one every restart resumes
+    from: the workers' (default, synchronous) upload has finished before their report reaches the
+    controller, and the controller's CheckpointManager, the first report callback, has registered it and
+    written the snapshot a rerun reads before user callbacks run (ray/train/v2/_internal/execution/
+    controller/controller.py, checkpoint/checkpoint_manager.py; ray 2.60).
+    """
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if checkpoint is None:
+            return
+        try:
+            keep_resume_state_only_in(Path(checkpoint.path))
+        except OSError as error:  # only disk is lost; run_trial sweeps again when the trial ends
+            warnings.warn(f"{checkpoint.path}: could not delete older resume state: {error}", stacklevel=2)
 
 
 def worker_output_dir(trial: str) -> Path:

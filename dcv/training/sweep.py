@@ -34,8 +34,15 @@ from ray.tune.schedulers import ASHAScheduler
 from dcv import tracking
 from dcv.config import ExperimentConfig, apply_overrides, config_to_dict, parse_config
 from dcv.results import build_results_table, write_results
-from dcv.storage import atomic_path
-from dcv.training.trial import finished_trial, list_checkpoints, run_trial, trial_init, trials_root
+from dcv.storage import atomic_path, read_json, set_aside
+from dcv.training.trial import (
+    finished_trial,
+    list_checkpoints,
+    repair_trial,
+    run_trial,
+    trial_init,
+    trials_root,
+)
 
 # The trial driver only waits on its TorchTrainer, whose workers ask for their own CPUs/GPUs. Tune refuses
 # an empty request, so it takes a sliver of a CPU: trials never starve their own workers of a core.
@@ -127,8 +134,8 @@ def check_plan(cfg: ExperimentConfig, specs: list[TrialSpec]) -> None:
         spec.config(cfg)  # raises ConfigError naming the trial and the field
     path = sweep_dir(cfg) / PLAN_FILE
     plan = [asdict(s) for s in specs]
-    if path.is_file():
-        before = json.loads(path.read_text())
+    before = read_json(path)  # an unreadable plan is moved aside; run_sweep writes it again
+    if before is not None:
         if before != json.loads(json.dumps(plan)):
             old, new = {p["name"] for p in before}, {p["name"] for p in plan}
             raise ValueError(
@@ -140,6 +147,27 @@ def check_plan(cfg: ExperimentConfig, specs: list[TrialSpec]) -> None:
 
 def sweep_dir(cfg: ExperimentConfig) -> Path:
     return tracking.local_storage_root(cfg) / "sweeps" / cfg.sweep.name
+
+
+def repair_sweep(cfg: ExperimentConfig, specs: list[TrialSpec]) -> list[str]:
+    """Move invalid finished trials aside (``repair_trial``) so that the sweep redoes them; their names.
+
+    Tune's state has those trials as done and would not run them again, so it is moved aside too: a
+    fresh Tuner runs the plan (finished trials only report their last checkpoint, unfinished ones resume
+    from theirs). Running it again finds nothing to move."""
+    repaired = [spec.name for spec in specs if repair_trial(spec.config(cfg), spec.name)]
+    if repaired:
+        for phase in range(len(sweep_phases(cfg, specs))):
+            folder = tune_dir(cfg, phase)
+            if folder.exists():
+                set_aside(folder, f"Tune state of trials {repaired}, which were invalid and are redone")
+    return repaired
+
+
+def tune_dir(cfg: ExperimentConfig, phase: int) -> Path:
+    """Tune's experiment folder of a phase: ``sweeps/<sweep.name>``, ``sweeps/<sweep.name>-after-sft``."""
+    name = cfg.sweep.name if phase == 0 else f"{cfg.sweep.name}-after-sft"
+    return sweep_dir(cfg).parent / name
 
 
 def train_trial(tune_config: dict[str, Any]) -> None:
@@ -191,9 +219,8 @@ def build_tuner(cfg: ExperimentConfig, specs: list[TrialSpec], phase: int = 0) -
     Phase 0 is Tune experiment ``sweep.name``; phase 1 (RL after SFT) is ``<sweep.name>-after-sft``.
     """
     trainable = tune.with_resources(train_trial, TRIAL_DRIVER_RESOURCES)
-    folder = sweep_dir(cfg)
-    name = cfg.sweep.name if phase == 0 else f"{cfg.sweep.name}-after-sft"
-    folder = folder.parent / name
+    folder = tune_dir(cfg, phase)
+    name = folder.name
     if tune.Tuner.can_restore(str(folder)):
         return tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True)
     scheduler = None
@@ -240,6 +267,7 @@ def run_sweep(cfg: ExperimentConfig) -> pl.DataFrame:
     specs = plan_trials(cfg)
     check_plan(cfg, specs)
     parent = tracking.get_or_create_parent_run(cfg)  # before the trials, so they all find this one
+    repair_sweep(cfg, specs)
     parent.log_params({"sweep.trials": len(specs)})
     folder = sweep_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)

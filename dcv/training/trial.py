@@ -10,6 +10,7 @@ checkpoint (Ray Train V2's resume: ``ray.train.get_checkpoint()`` inside the loo
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,8 +21,8 @@ from ray.train.torch import TorchTrainer
 
 from dcv import tracking
 from dcv.config import ExperimentConfig, config_to_dict
-from dcv.storage import atomic_path
-from dcv.training.checkpoints import METADATA_FILE
+from dcv.storage import CORRUPT_MARK, atomic_path, model_folder_problem, read_json, set_aside
+from dcv.training.checkpoints import METADATA_FILE, KeepResumeStateInLatest, keep_resume_state_only_in
 
 METHODS = ("sft", "rl")
 TRIAL_FILE = "trial.json"
@@ -80,20 +81,105 @@ def trials_root(cfg: ExperimentConfig) -> Path:
 
 
 def list_checkpoints(trial_dir: Path) -> list[CheckpointRecord]:
-    """Evaluated checkpoints of a trial folder, by step (each folder's metadata names its step)."""
+    """Evaluated checkpoints of a trial folder, by step (each folder's metadata names its step). A folder
+    that fails ``checkpoint_problem`` (a copy Ray had not finished persisting when it was killed) is left
+    out with a warning: it is no evaluated checkpoint."""
     records = []
     for meta in sorted(Path(trial_dir).glob(f"checkpoint_*/{METADATA_FILE}")):
+        problem = checkpoint_problem(meta.parent)
+        if problem:
+            warnings.warn(f"{meta.parent}: {problem}; left out of the trial's checkpoints", stacklevel=2)
+            continue
         data = json.loads(meta.read_text())
         items = data.get("item_scores", {})  # absent in checkpoints from before per-item scores
         records.append(CheckpointRecord(int(data["step"]), str(meta.parent), data["metrics"], items))
     return sorted(records, key=lambda r: r.step)
 
 
+def checkpoint_problem(folder: Path, step: int | None = None) -> str | None:
+    """What is wrong with an evaluated checkpoint folder, or None. Its marker (``dcv_checkpoint.json``)
+    parses and names its step and metrics; the step is the one in the folder's name
+    (``checkpoint_<step:06d>``), in ``trainer_state.json`` where there is one, and ``step`` when given;
+    and the model folder has its config and loadable weights (``dcv.storage.model_folder_problem``)."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / METADATA_FILE).read_bytes())
+        marked = int(meta["step"])
+        if not isinstance(meta["metrics"], dict):
+            raise TypeError("metrics")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{METADATA_FILE}: unreadable or incomplete ({type(exc).__name__})"
+    if folder.name != f"checkpoint_{marked:06d}" or (step is not None and step != marked):
+        return f"{METADATA_FILE} says step {marked}, which is not this folder's (expected {step})"
+    state = folder / "trainer_state.json"
+    if state.is_file():
+        try:
+            global_step = int(json.loads(state.read_bytes())["global_step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return "trainer_state.json: unreadable"
+        if global_step != marked:
+            return f"trainer_state.json is at step {global_step}, the checkpoint at step {marked}"
+    return model_folder_problem(folder)
+
+
 def finished_trial(cfg: ExperimentConfig, name: str) -> list[CheckpointRecord] | None:
+    """A finished trial's checkpoints, or None when it has not finished or is no longer valid (its
+    ``trial.json`` unreadable, or one of its checkpoint folders failing ``checkpoint_problem``). Reads
+    only; ``repair_trial`` moves what is invalid aside."""
+    return _finished_or_problem(cfg, name)[0]
+
+
+def _finished_or_problem(cfg: ExperimentConfig, name: str) -> tuple[list[CheckpointRecord] | None, str]:
     path = trials_root(cfg) / name / TRIAL_FILE
     if not path.is_file():
-        return None
-    return [CheckpointRecord(**r) for r in json.loads(path.read_text())["checkpoints"]]
+        return None, ""
+    try:
+        records = [CheckpointRecord(**r) for r in json.loads(path.read_bytes())["checkpoints"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return None, f"{TRIAL_FILE}: unreadable or incomplete ({type(exc).__name__})"
+    for record in records:
+        problem = checkpoint_problem(Path(record.path), record.step)
+        if problem:
+            return None, f"checkpoint {Path(record.path).name}: {problem}"
+    return records, ""
+
+
+def repair_trial(cfg: ExperimentConfig, name: str) -> bool:
+    """Move an invalid finished trial aside (``dcv.storage.set_aside``), so that it is redone; True if
+    anything moved. An unreadable ``trial.json`` alone is moved aside: the trial's Ray Train run resumes
+    from its latest checkpoint and writes it again. A checkpoint folder that fails ``checkpoint_problem``
+    moves the whole trial folder aside (Ray's checkpoint list names that folder, so the run could not
+    resume from it), and the trial's MLflow run is retired (``tracking.retire_child_run``): the trial is
+    trained again from the start into a fresh run."""
+    records, problem = _finished_or_problem(cfg, name)
+    if records is not None or not problem:
+        return False
+    trial_dir = trials_root(cfg) / name
+    if problem.startswith(TRIAL_FILE):
+        set_aside(trial_dir / TRIAL_FILE, problem)
+        return True
+    moved = set_aside(trial_dir, f"trial {name}: {problem}")
+    tracking.retire_child_run(cfg, name, f"trial folder moved aside to {moved.name}")
+    forget_outputs(cfg, name)
+    return True
+
+
+def forget_outputs(cfg: ExperimentConfig, name: str) -> None:
+    """Move aside the later stages' files made from a trial's checkpoints (patching items, circuits,
+    benchmark scores), when the trial is trained again: they are keyed by checkpoint path, which the new
+    checkpoints share. Their names start with the model id ``<trial>@<step>`` as a file slug."""
+    import re
+
+    from dcv.benchmarks import benchmarks_dir
+    from dcv.circuits.model_circuits import circuits_dir
+    from dcv.circuits.pipeline import file_slug, items_dir
+
+    storage = tracking.local_storage_root(cfg)
+    own = re.compile(rf"{re.escape(file_slug(name))}_\d+__")
+    for folder in (items_dir(storage), circuits_dir(storage) / "models", benchmarks_dir(storage)):
+        for path in sorted(folder.glob("*")) if folder.is_dir() else []:
+            if own.match(path.name) and CORRUPT_MARK not in path.name:
+                set_aside(path, f"made from trial {name}'s checkpoints, which are trained again")
 
 
 def trial_init(trial_dir: Path) -> str:
@@ -133,11 +219,11 @@ def training_config(cfg: ExperimentConfig) -> dict:
 
 def check_trial_config(cfg: ExperimentConfig, trial_dir: Path) -> None:
     """Refuse to resume or reuse a trial folder that was started with a different training config."""
-    path = trial_dir / TRIAL_CONFIG_FILE
-    if not path.is_file():
+    started = read_json(trial_dir / TRIAL_CONFIG_FILE)  # an unreadable one is moved aside, then rewritten
+    if started is None:
         return
     before, now = (
-        tracking.flatten_params(json.loads(path.read_text())),
+        tracking.flatten_params(started),
         tracking.flatten_params(training_config(cfg)),
     )
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
@@ -167,6 +253,7 @@ def run_trial(
     init, init_checkpoint = start_point(cfg, method, seed)
     name = name or trial_name(cfg, method, seed)
     trial_dir = trials_root(cfg) / name
+    repair_trial(cfg, name)
     check_trial_config(cfg, trial_dir)
     done = finished_trial(cfg, name)
     if done is not None:
@@ -203,8 +290,10 @@ def run_trial(
             name=name,
             storage_path=str(trials_root(cfg)),
             failure_config=FailureConfig(max_failures=res.max_failures),
+            # Every evaluated checkpoint is kept (later stages read them all); only the latest keeps its
+            # optimizer, scheduler and RNG state.
             checkpoint_config=CheckpointConfig(num_to_keep=None),
-            callbacks=list(callbacks),
+            callbacks=[*callbacks, KeepResumeStateInLatest()],
         ),
     )
     try:
@@ -213,6 +302,10 @@ def run_trial(
         run.finish("FAILED")
         raise
     records = list_checkpoints(trial_dir)
+    if records:
+        # Again, for resume state the callback missed (a controller that died between a checkpoint's
+        # registration and its callback, or an earlier attempt of this trial).
+        keep_resume_state_only_in(Path(records[-1].path))
     with atomic_path(trial_dir / TRIAL_FILE) as tmp:
         tmp.write_text(
             json.dumps(

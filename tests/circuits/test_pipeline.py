@@ -260,7 +260,10 @@ def test_a_killed_driver_reruns_only_unfinished_items(tmp_path, checkpoints, ref
     after = item_stamps(storage)
     assert len(after) == N_ITEMS
     assert {name: after[name] for name in before} == before  # finished items were not rewritten
-    assert f"{N_ITEMS}/{N_ITEMS} items done ({len(before)} skipped)" in rerun.stdout
+    # The console shows one progress line per stage; the run's log (named in the summary) has them all.
+    log = re.search(r"^log: (\S+)$", rerun.stdout, re.MULTILINE)
+    assert log, rerun.stdout[-3000:]
+    assert f"{N_ITEMS}/{N_ITEMS} items done ({len(before)} skipped)" in Path(log.group(1)).read_text()
     assert_same_effects(pl.read_parquet(storage / "patching" / "effects.parquet"), reference)
     # Only the finished run logged to MLflow: one child run, counting what it computed.
     client = MlflowClient(f"sqlite:///{storage.resolve() / 'mlflow.db'}")
@@ -351,8 +354,13 @@ def test_an_invalid_item_file_counts_as_unfinished(tmp_path, checkpoints, tiny_m
     item_path(storage, ids[2]).write_bytes(b"PAR1 truncated")  # unreadable
     assert read_item(item_path(storage, ids[0]), 3) is not None
     assert read_item(item_path(storage, ids[0]).with_name("absent.parquet"), 3) is None
-    assert read_item(item_path(storage, ids[0]), 4) is None
+    good.write_parquet(tmp_path / "three_rows.parquet")
+    assert read_item(tmp_path / "three_rows.parquet", 4) is None
     good.drop("trial").write_parquet(tmp_path / "wrong_schema.parquet")
     assert read_item(tmp_path / "wrong_schema.parquet", 3) is None
     pending, done = split_done(work, storage)
     assert done["item_id"].to_list() == ids[:1] and pending["item_id"].to_list() == ids[1:]
+    # The invalid files were moved aside (kept, to inspect), so their items are patched again.
+    moved = sorted(p.name.split(".parquet.corrupt-")[0] for p in items_dir(storage).glob("*.corrupt-*"))
+    assert moved == sorted(ids[1:])
+    assert len(list(tmp_path.glob("*.corrupt-*"))) == 2

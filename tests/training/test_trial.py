@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from dcv import tracking
 from dcv.config import parse_config
+from dcv.training.checkpoints import has_resume_state
 from dcv.training.trial import (
     TRIAL_FILE,
     finished_trial,
@@ -78,6 +79,18 @@ def checkpoint_weights(folder: str) -> dict[str, torch.Tensor]:
     return load_file(str(Path(folder) / "model.safetensors"))
 
 
+def assert_only_the_latest_can_resume(records) -> None:
+    """Every checkpoint keeps what the analysis reads; only the latest keeps optimizer, scheduler, RNG."""
+    for record in records:
+        folder = Path(record.path)
+        assert (folder / "model.safetensors").is_file() and (folder / "dcv_checkpoint.json").is_file()
+        assert (folder / "optimizer.pt").is_file() == (record is records[-1]), folder.name
+        assert has_resume_state(folder) == (record is records[-1]), folder.name
+        if record is not records[-1]:
+            assert not [*folder.glob("rng_state*.pth"), *folder.glob("scheduler.pt")], folder.name
+    assert (Path(records[-1].path) / "scheduler.pt").is_file()
+
+
 @pytest.mark.parametrize("method", ["sft", "rl"])
 def test_two_worker_ddp_trial_leaves_evaluated_checkpoints(ray_cluster, tmp_path, method, tokenizer):
     overrides = {}
@@ -104,6 +117,7 @@ def test_two_worker_ddp_trial_leaves_evaluated_checkpoints(ray_cluster, tmp_path
     state = json.loads((last / "trainer_state.json").read_text())
     assert state["global_step"] == section.max_steps
     assert (last / "rng_state_0.pth").is_file() and (last / "rng_state_1.pth").is_file()  # both ranks' parts
+    assert_only_the_latest_can_resume(records)
     train_key = "train/loss" if method == "sft" else "train/reward"
     assert all(train_key in r.metrics for r in records[1:])
     if method == "rl":
@@ -200,6 +214,7 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(ray_cluster, tmp_path)
     assert logged_steps == list(range(1, 13))
     assert (trial_dir / TRIAL_FILE).is_file()
     assert list_checkpoints(trial_dir) == records
+    assert_only_the_latest_can_resume(records)
     # The restart resumed after a checkpoint: step 0 was evaluated once (a restart from scratch, or a
     # resume that re-reported the base, would log it twice). A step whose checkpoint was being persisted
     # when the worker died is evaluated again after the resume, so later steps may appear twice.
