@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.dcv-installed
 
-.PHONY: demo test lint venv clean-venv
+.PHONY: demo test test-fast lint venv clean-venv
 
 venv: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The developer's loop: everything but the tests marked slow (the real SmolLM2 model, the fault suite).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check dcv tests

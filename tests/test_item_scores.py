@@ -123,12 +123,12 @@ def test_join_benchmarks_keeps_the_item_columns():
     assert joined["probe/ioi/item_ld"].to_list() == [[1.5, 0.5], [1.5, 0.5]]
 
 
-def test_collect_results_reads_item_scores_from_checkpoint_json(tiny_config):
+def test_collect_results_reads_item_scores_from_checkpoint_json(tiny_config, tiny_model):
     """Checkpoint folders as Ray Train leaves them: one written with item scores, one from before them."""
     trial_dir = trials_root(tiny_config) / "sft-a"
     for step, extra in ((0, {"item_scores": ITEMS}), (4, {})):
         folder = trial_dir / f"checkpoint_{step:06d}"
-        folder.mkdir(parents=True)
+        tiny_model.save_pretrained(folder)  # a checkpoint without loadable weights is left out
         meta = {"step": step, "method": "sft", "trial": "sft-a", "metrics": {"target/accuracy": 0.5}}
         (folder / METADATA_FILE).write_text(json.dumps({**meta, **extra}))
     records = list_checkpoints(trial_dir)
