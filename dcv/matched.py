@@ -131,13 +131,16 @@ def probe_numbers(
     ``circuit`` is the model's own circuit (on all items); on resampled items its heads are ranked again
     at the same size. ``score`` is the model's (accuracy, mean LD) used where per-item LDs are missing.
     """
+    ld_items = items
+    if ref.base.delta.shape[1] == 1:
+        items = None  # learned masks: one pseudo-item, nothing to resample (the per-item LDs still are)
     g_base = _mean(ref.base.denominator, items)
     g_model = _mean(parts.denominator, items)
     lost = is_lost(g_model, g_base, ref.lost_fraction)
     out = {"gap": g_model, "lost": float(lost)}
     if parts.item_ld is not None and ref.base.item_ld is not None:
-        ld_model = parts.item_ld if items is None else parts.item_ld[items]
-        ld_base = ref.base.item_ld if items is None else ref.base.item_ld[items]
+        ld_model = parts.item_ld if ld_items is None else parts.item_ld[ld_items]
+        ld_base = ref.base.item_ld if ld_items is None else ref.base.item_ld[ld_items]
         out["probe_accuracy"], out["probe_mean_ld"] = float((ld_model > 0).mean()), float(ld_model.mean())
         out["forgetting"] = float((ld_base > 0).mean()) - out["probe_accuracy"]
         out["forgetting_ld"] = float(ld_base.mean()) - out["probe_mean_ld"]
@@ -305,7 +308,11 @@ def compare(
     steps = {r.name: np.array([p.step for p in r.points]) for r in runs}
     # One set of draws (items, then runs) shared by every level, so levels are comparable.
     rng = np.random.default_rng(seed)
-    n_items = {ref.name: ref.base.denominator.shape[0] for ref in refs}
+    # Probe items: as many as the patching parts have, or (masks: one pseudo-item) as the per-item LDs.
+    n_items = {
+        ref.name: max(ref.base.denominator.shape[0], 0 if ref.base.item_ld is None else len(ref.base.item_ld))
+        for ref in refs
+    }
     n_test = {r.name: [p.correct.shape[0] for p in r.points if p.correct is not None] for r in runs}
     n_target = max((n for ns in n_test.values() for n in ns), default=0)
     draws = []

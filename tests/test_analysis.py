@@ -502,3 +502,29 @@ def test_headline_metrics_are_valid_mlflow_metrics(tables, tmp_path):
     run = client.create_run(client.create_experiment("t"))
     RunLogger(client, run.info.run_id).log_metrics(metrics)
     assert len(client.get_run(run.info.run_id).data.metrics) == len(metrics)
+
+
+def test_learned_masks_resample_the_probe_items_behind_forgetting(tmp_path):
+    """Masks have one pseudo-item of patching parts, but forgetting comes from the per-item LDs: the
+    mask method's forgetting and its CIs equal the exact method's (the same items, runs and draws)."""
+    raw = config(tmp_path).model_dump(mode="json")
+    raw["patching"]["methods"] = ["exact", "mask"]
+    effects = effects_table()
+    masks = effects.with_columns(
+        pl.lit("mask").alias("method"),
+        pl.col("effect")
+        .clip(0, 1)
+        .map_elements(lambda v: [v], return_dtype=pl.List(pl.Float64))
+        .alias("item_delta"),
+        pl.lit([1.0], pl.List(pl.Float64)).alias("item_denominator"),
+    )
+    circuits = circuits_table()
+    circuits = pl.concat([circuits, circuits.with_columns(pl.lit("mask").alias("method"))])
+    headline = analyze(parse_config(raw), results_table(), pl.concat([effects, masks]), circuits)["headline"]
+    columns = ["matched_by", "matched_at", "training", "mean", "ci_low", "ci_high"]
+
+    def of(method: str) -> pl.DataFrame:
+        rows = headline.filter((pl.col("patching") == method) & (pl.col("metric") == "forgetting_ld"))
+        return rows.select(columns).sort(columns)
+
+    assert not of("mask").is_empty() and of("mask").equals(of("exact"))
