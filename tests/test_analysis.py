@@ -528,3 +528,37 @@ def test_learned_masks_resample_the_probe_items_behind_forgetting(tmp_path):
         return rows.select(columns).sort(columns)
 
     assert not of("mask").is_empty() and of("mask").equals(of("exact"))
+
+
+def test_the_target_task_probe_is_reported_on_its_own(tmp_path):
+    """chem (the target task's own probe) gets its numbers, but never enters prior-capability means."""
+    raw = config(tmp_path).model_dump(mode="json")
+    raw["target_task"]["answer_format"] = "letter"
+    raw["probes"].append({"name": "chem", "n_items": N_ITEMS})
+    chem_effects = effects_table().with_columns(
+        pl.lit("chem").alias("probe"),
+        (pl.col("item_delta").list.eval(pl.element() * 0.5)).alias("item_delta"),
+    )
+    circuits = circuits_table()
+    results = results_table()
+    results = results.with_columns(
+        *[pl.col(f"probe/ioi/{m}").alias(f"probe/chem/{m}") for m in ("accuracy", "mean_ld", "item_ld")]
+    )
+    tables = analyze(
+        parse_config(raw),
+        results,
+        pl.concat([effects_table(), chem_effects]),
+        pl.concat([circuits, circuits.with_columns(pl.lit("chem").alias("probe"))]),
+    )
+    chem = tables["checkpoints"].filter(pl.col("probe") == "chem")
+    assert (chem["status"] == "target probe").all() and not chem["in_means"].any()
+    assert chem.filter((pl.col("trial") == "sft-seed0") & (pl.col("step") == 4))["circuit_vulnerability"][
+        0
+    ] == pytest.approx(0.4)
+    base = tables["base_circuits"].filter(pl.col("probe") == "chem").row(0, named=True)
+    assert "target task's own probe" in base["excluded_because"]
+    sft4 = (
+        tables["summary"].filter((pl.col("trial") == "sft-seed0") & (pl.col("step") == 4)).row(0, named=True)
+    )
+    assert sft4["n_probes_circuits"] == 1 and sft4["n_probes_forgetting"] == 1
+    assert sft4["forgetting"] == pytest.approx(0.25)  # ioi's alone
