@@ -231,6 +231,14 @@ def representative_levels(headline: pl.DataFrame, patching: str) -> dict[str, fl
     }
 
 
+def _at_levels(levels: dict[str, float]) -> pl.Expr:
+    """Rows of the headline at each axis's level in ``levels``."""
+    return pl.any_horizontal(
+        [(pl.col("matched_by") == axis) & (pl.col("matched_at") == value) for axis, value in levels.items()]
+        or [pl.lit(False)]
+    )
+
+
 DAMAGE_METRICS = (
     "circuit_vulnerability_abs",
     "circuit_vulnerability",
@@ -249,9 +257,7 @@ def summary_sentence(rows: pl.DataFrame, levels: dict[str, float]) -> str:
         (pl.col("training") == "sft-rl")
         & (pl.col("status") == "ok")
         & pl.col("metric").is_in(DAMAGE_METRICS)
-        & pl.struct("matched_by", "matched_at").map_elements(
-            lambda r: levels.get(r["matched_by"]) == r["matched_at"], return_dtype=pl.Boolean
-        )
+        & _at_levels(levels)
     )
     resolved = diffs.filter((pl.col("ci_low") > 0) | (pl.col("ci_high") < 0))
     first = rows.row(0, named=True)
@@ -365,11 +371,7 @@ def headline_rows(headline: pl.DataFrame, patching: str) -> pl.DataFrame:
     """The headline at each axis's representative level as a wide table: SFT / RL / SFT-RL with CIs and n."""
     levels = representative_levels(headline, patching)
     rows = headline.filter(
-        (pl.col("patching") == patching)
-        & (pl.col("status") != "insufficient runs")
-        & pl.struct("matched_by", "matched_at").map_elements(
-            lambda r: levels.get(r["matched_by"]) == r["matched_at"], return_dtype=pl.Boolean
-        )
+        (pl.col("patching") == patching) & (pl.col("status") != "insufficient runs") & _at_levels(levels)
     )
     if rows.is_empty():
         return pl.DataFrame()
