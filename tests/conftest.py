@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import socket
+import time
 import uuid
 from pathlib import Path
 
 import polars as pl
+import psutil
 import pytest
 import yaml
 
@@ -121,3 +123,24 @@ def ray_cluster():
     )
     yield session
     ray.shutdown()
+
+
+def wait_for_no_processes(marker: str, value: str, seconds: float) -> None:
+    """Wait until no process carries ``marker=value``; then SIGKILL what is left (the test started them)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        ours = []
+        for process in psutil.process_iter(["pid"]):
+            try:
+                if process.environ().get(marker) == value:
+                    ours.append(process)
+            except psutil.Error:
+                continue
+        if not ours:
+            return
+        if time.monotonic() > deadline:
+            for process in ours:
+                process.kill()
+            psutil.wait_procs(ours, timeout=10)
+            return
+        time.sleep(0.1)

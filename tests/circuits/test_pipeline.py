@@ -39,7 +39,7 @@ from dcv.models import load_model, save_model
 from dcv.results import write_results
 from dcv.tasks.probes import build_probe
 from tests.circuits.conftest import chem_configs
-from tests.conftest import results_of, tiny_config_dict
+from tests.conftest import results_of, tiny_config_dict, wait_for_no_processes
 
 PROBES = ("ioi", "capitals")
 METHODS = ("exact", "attribution")
@@ -207,27 +207,6 @@ def test_a_killed_actor_is_restarted_and_the_table_is_the_same(ray_cluster, tmp_
     assert_same_effects(run.table, reference)
 
 
-def _wait_for_no_processes(marker: str, value: str, seconds: float) -> None:
-    """Wait until no process carries ``marker=value``; then SIGKILL what is left (we started them)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        ours = []
-        for process in psutil.process_iter(["pid"]):
-            try:
-                if process.environ().get(marker) == value:
-                    ours.append(process)
-            except psutil.Error:
-                continue
-        if not ours:
-            return
-        if time.monotonic() > deadline:
-            for process in ours:
-                process.kill()
-            psutil.wait_procs(ours, timeout=10)
-            return
-        time.sleep(0.1)
-
-
 def test_a_killed_driver_reruns_only_unfinished_items(tmp_path, checkpoints, reference):
     _, config_file = make_store(tmp_path, checkpoints)
     storage = tmp_path / "store"
@@ -247,7 +226,7 @@ def test_a_killed_driver_reruns_only_unfinished_items(tmp_path, checkpoints, ref
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
     # The driver's Ray (raylet, actor) shares its fate; wait until every process of that run is gone.
-    _wait_for_no_processes("DCV_TEST_PIPELINE_DRIVER", marker, seconds=30)
+    wait_for_no_processes("DCV_TEST_PIPELINE_DRIVER", marker, seconds=30)
     before = item_stamps(storage)
     assert 0 < len(before) < N_ITEMS, len(before)
 

@@ -14,10 +14,10 @@ import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.conftest import REPO, free_port
+from tests.conftest import wait_for_no_processes as wait_for_marked
 
 DCV = str(Path(sys.executable).with_name("dcv"))
 MARKER = "DCV_TEST_FAULT_RUN"  # in the environment of every process a DcvRun starts (Ray's included)
@@ -102,23 +102,7 @@ class DcvRun:
 
 def wait_for_no_processes(value: str, seconds: float) -> None:
     """Wait until no process carries ``MARKER=value``; then SIGKILL what is left (the test started it)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        ours = []
-        for process in psutil.process_iter(["pid"]):
-            try:
-                if process.environ().get(MARKER) == value:
-                    ours.append(process)
-            except psutil.Error:
-                continue
-        if not ours:
-            return
-        if time.monotonic() > deadline:
-            for process in ours:
-                process.kill()
-            psutil.wait_procs(ours, timeout=10)
-            return
-        time.sleep(0.1)
+    wait_for_marked(MARKER, value, seconds)
 
 
 def stamps(paths: Iterable[Path]) -> dict[Path, int]:
