@@ -40,10 +40,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dcv.circuits.patching import head_effects  # noqa: E402
-from dcv.circuits.pipeline import build_work_items, item_heads, items_dir, run_pipeline  # noqa: E402
+from dcv.circuits.pipeline import build_work_items, item_heads, run_pipeline  # noqa: E402
 from dcv.config import ModelConfig, parse_config  # noqa: E402
 from dcv.models import load_model, load_tokenizer, resolve_model_source, save_model  # noqa: E402
 from dcv.results import build_results_table, write_results  # noqa: E402
+from dcv.storage import items_dir  # noqa: E402
 from dcv.tasks.probes import build_probe  # noqa: E402
 
 SEED = 0
@@ -84,7 +85,7 @@ def bench_config(storage: Path, args: argparse.Namespace, num_actors: int):
 
 def plain_loop(cfg, limit: int | None = None) -> tuple[int, float]:
     """The same items in this process, one thread: load each model once, head_effects per item."""
-    from dcv.tracking import local_storage_root
+    from dcv.storage import local_storage_root
 
     work = build_work_items(cfg, pl.read_parquet(local_storage_root(cfg) / "results" / "checkpoints.parquet"))
     work = work.head(limit) if limit else work
@@ -115,7 +116,7 @@ def timed_pipeline(cfg) -> tuple[int, float, float]:
     start = time.perf_counter()
     run = run_pipeline(cfg, progress=lambda line: None)
     seconds = time.perf_counter() - start
-    from dcv.tracking import local_storage_root
+    from dcv.storage import local_storage_root
 
     stamps = sorted(p.stat().st_mtime for p in items_dir(local_storage_root(cfg)).glob("*.parquet"))
     steady = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")

@@ -43,10 +43,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from dcv.circuits import MASK, Head
 from dcv.circuits.competence import Competence, base_competence
-from dcv.circuits.model_circuits import circuit_heads
 from dcv.circuits.noise_floor import NOISE_FLOOR_SCHEMA, bootstrap_floor, floor_row
-from dcv.circuits.pipeline import BASE_MODEL, MASK, checkpoint_model
 from dcv.circuits.vulnerability import effect_spearman
 from dcv.config import ExperimentConfig
 from dcv.matched import (
@@ -62,9 +61,9 @@ from dcv.matched import (
     grid,
     interval,
 )
-from dcv.storage import atomic_path, read_parquet, write_parquet
+from dcv.storage import BASE_MODEL, analysis_dir, atomic_path, checkpoint_model, read_parquet, write_parquet
+from dcv.tables import circuit_heads
 
-Head = tuple[int, int]
 TABLES = (
     "base_circuits",
     "checkpoints",
@@ -110,10 +109,6 @@ PAPER = {
     "faithfulness": {"base": 1.02, "sft": 1.04, "rl": 1.12},
 }
 PAPER_HEADS = 576
-
-
-def analysis_dir(storage_root: Path) -> Path:
-    return Path(storage_root) / "analysis"
 
 
 def _with_model(results: pl.DataFrame) -> pl.DataFrame:

@@ -42,9 +42,21 @@ from typing import Any
 
 import polars as pl
 
-from dcv.circuits.pipeline import BASE_MODEL, checkpoint_model, file_slug, list_models, wait_for_tasks
+from dcv.circuits.pipeline import wait_for_tasks
 from dcv.config import BenchmarksConfig, ConfigError, ExperimentConfig
-from dcv.storage import atomic_path, read_json, set_aside, write_parquet
+from dcv.results import list_models
+from dcv.storage import (
+    BASE_MODEL,
+    BENCHMARKS_FILE,
+    atomic_path,
+    benchmarks_dir,
+    checkpoint_model,
+    content_hash,
+    file_slug,
+    read_json,
+    set_aside,
+    write_parquet,
+)
 
 METRIC_PREFIX = "bench"
 SCORES_SCHEMA = {
@@ -54,12 +66,7 @@ SCORES_SCHEMA = {
     "metric": pl.String,  # bench/<task>/<metric>
     "value": pl.Float64,
 }
-BENCHMARKS_FILE = "benchmarks.parquet"
 MAX_PROBLEMS_PER_FILE = 5  # a wholly wrong file would otherwise bury the other errors
-
-
-def benchmarks_dir(storage_root: Path) -> Path:
-    return Path(storage_root) / "benchmarks"
 
 
 # ---------------------------------------------------------------- local rows, in each benchmark's schema
@@ -414,7 +421,7 @@ def benchmark_file(cfg: BenchmarksConfig, storage_root: Path, model: str, checkp
         "lm_eval": version("lm_eval"),
         "local_files": local_files_digest(cfg.include_path),
     }
-    digest = hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()[:12]
+    digest = content_hash(decides)
     return benchmarks_dir(storage_root) / f"{file_slug(model)}__{digest}.json"
 
 

@@ -30,16 +30,24 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from dcv.circuits import MASK, Head
 from dcv.circuits.competence import base_competence
-from dcv.circuits.model_circuits import base_circuits, circuit_heads
 from dcv.circuits.noise_floor import bootstrap_floor
-from dcv.circuits.pipeline import BASE_MODEL, MASK, build_work_items
+from dcv.circuits.pipeline import build_work_items
 from dcv.config import ExperimentConfig
 from dcv.matched import MDE_FACTOR, ProbeParts, ProbeReference, probe_numbers
 from dcv.results import build_results_table
-from dcv.storage import atomic_path, read_json, read_parquet, write_parquet
+from dcv.storage import (
+    BASE_MODEL,
+    CALIBRATION_FILE,
+    atomic_path,
+    calibration_dir,
+    read_json,
+    read_parquet,
+    write_parquet,
+)
+from dcv.tables import base_circuits, circuit_heads
 
-CALIBRATION_FILE = "calibration.parquet"
 PLANT_FILE = "dcv_planted.json"
 CALIBRATION_SCHEMA = {
     "probe": pl.String,
@@ -70,12 +78,6 @@ CALIBRATION_SCHEMA = {
     "mde_preservation": pl.Float64,
     "mde_forgetting": pl.Float64,
 }
-
-Head = tuple[int, int]
-
-
-def calibration_dir(storage_root: Path) -> Path:
-    return Path(storage_root) / "calibration"
 
 
 def calibration_path(storage_root: Path) -> Path:

@@ -51,13 +51,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from dcv.circuits import PATCHING_METHODS
 from dcv.config import ConfigError, ExperimentConfig, ModelConfig, load_config
-from dcv.console import LOG_DIR, Console
+from dcv.console import Console
+from dcv.storage import is_remote_storage, local_storage_root, logs_dir
 
 EXIT_BAD_INPUT = 2  # also a storage root in use by another command (dcv.storage.StorageInUse)
 EXIT_FAILED = 1  # a failure a rerun recovers from (failure_reason); other failures end in a traceback
 VERSIONS_SHOWN = ("ray", "torch", "transformers", "trl", "transformer-lens", "mlflow")  # in dcv --version
-METHODS = ("exact", "attribution", "ig")  # dcv.circuits.patching.METHODS, named here without importing torch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--seed", type=int, help="default: the first of sweep.seeds")
         elif name not in ("eval", "sweep"):
             command.add_argument("--probe", required=True, help="one of the config's probes")
-            command.add_argument("--method", default="exact", choices=METHODS)
+            command.add_argument("--method", default="exact", choices=PATCHING_METHODS)
             command.add_argument("--top", type=int, default=15, help="how many heads to print")
     patch_all = commands.add_parser(
         "patch-all", parents=runs, help="head effects of every checkpoint on a Ray actor pool"
@@ -285,15 +286,14 @@ def start_ray(cfg: ExperimentConfig, console: Console, command: str) -> None:
     The lock comes first, after the command's checks (which only read) and before anything is written
     under the root: a second command on a root in use stops here with StorageInUse (exit 2), before Ray
     starts. It is held until the process ends (dcv.storage.lock_storage)."""
-    from dcv import tracking
     from dcv.storage import lock_storage
 
     holder = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])  # "dcv run configs/demo.yaml"
     lock_storage(storage_root_of(cfg), holder, say=console.warn)
-    if tracking.is_remote_storage(cfg.storage.root):
+    if is_remote_storage(cfg.storage.root):
         log_dir = Path.cwd() / "dcv-logs"  # an object-store root has no local folder to hold the log
     else:
-        log_dir = tracking.local_storage_root(cfg) / LOG_DIR
+        log_dir = logs_dir(local_storage_root(cfg))
     console.start_log(log_dir, command)
     init_ray()
     if not console.verbose:
@@ -395,7 +395,7 @@ def run_patch_all(cfg: ExperimentConfig, probes: list[str] | None, console: Cons
     from dcv.results import read_results
 
     _quiet_transformers()
-    build_work_items(cfg, read_results(tracking.local_storage_root(cfg)), probes)  # bad input: before Ray
+    build_work_items(cfg, read_results(local_storage_root(cfg)), probes)  # bad input: before Ray
     tracking.check_tracking_server(tracking.resolve_tracking_uri(cfg))
     console = console or Console()
     start_ray(cfg, console, "patch-all")
@@ -415,7 +415,7 @@ def run_sweep_command(cfg: ExperimentConfig, console: Console | None = None):
     import polars as pl
 
     from dcv import tracking
-    from dcv.results import RESULTS_FILE, results_dir
+    from dcv.storage import RESULTS_FILE, results_dir
     from dcv.training.sweep import check_plan, plan_trials, run_sweep
 
     specs = plan_trials(cfg)
@@ -433,7 +433,7 @@ def run_sweep_command(cfg: ExperimentConfig, console: Console | None = None):
     columns = [c for c in ("trial", "step", "target/accuracy", "kl_to_base") if c in table.columns]
     with pl.Config(tbl_rows=40, tbl_width_chars=120):
         console.line(str(table.select(columns)))
-    console.line(f"results: {results_dir(tracking.local_storage_root(cfg)) / RESULTS_FILE}")
+    console.line(f"results: {results_dir(local_storage_root(cfg)) / RESULTS_FILE}")
     _name_log(console)
     return table
 
@@ -493,14 +493,13 @@ def run_calibrate(cfg: ExperimentConfig, probes: list[str] | None, console: Cons
     """``dcv calibrate``: the base snapshot, then planted damage through patching and circuits."""
     import polars as pl
 
-    from dcv import tracking
     from dcv.calibration import calibration_path, run_calibration
     from dcv.circuits.pipeline import select_probes
     from dcv.experiment import prepare_base
 
     _quiet_transformers()
     select_probes(cfg, probes)  # an unknown probe fails before anything starts
-    storage = tracking.local_storage_root(cfg)
+    storage = local_storage_root(cfg)
     console = console or Console()
     start_ray(cfg, console, "calibrate")
     start = time.perf_counter()
@@ -539,7 +538,7 @@ def run_report(run_dir: Path):
 
     md, page, answer = rebuild_report(run_dir)
     cfg = load_run_config(run_dir)
-    print(_open_instructions(tracking.local_storage_root(cfg), page, tracking.resolve_tracking_uri(cfg)))
+    print(_open_instructions(local_storage_root(cfg), page, tracking.resolve_tracking_uri(cfg)))
     print("\n" + "\n\n".join(answer))
     return md, page
 
@@ -601,19 +600,10 @@ def format_scores(model_name: str, metrics: dict[str, float], probes) -> str:
     return "\n".join(lines)
 
 
-def model_slug(name: str) -> str:
-    """A file-name-safe id of a model name or path."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name.strip("/")).strip("_.") or "model"
-
-
 def patch_table_path(cfg: ExperimentConfig, model_cfg: ModelConfig, probe: str, method: str) -> Path:
     """``<storage>/patching/cli/<model>__<probe>__<method>__<hash>.parquet``; the hash covers what decides
     the table (the model's config, the probe's items, ig steps), so a changed config is never reused."""
-    import hashlib
-    import json
-
-    from dcv.circuits.pipeline import probe_key
-    from dcv.tracking import local_storage_root
+    from dcv.storage import content_hash, file_slug, probe_key
 
     decides = {
         "model": model_cfg.model_dump(mode="json", exclude={"cache_dir"}),
@@ -621,8 +611,8 @@ def patch_table_path(cfg: ExperimentConfig, model_cfg: ModelConfig, probe: str, 
         "method": method,
         "ig_steps": cfg.patching.ig_steps if method == "ig" else None,
     }
-    digest = hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()[:12]
-    name = f"{model_slug(model_cfg.name)}__{probe}__{method}__{digest}.parquet"
+    digest = content_hash(decides)
+    name = f"{file_slug(model_cfg.name)}__{probe}__{method}__{digest}.parquet"
     return local_storage_root(cfg) / "patching" / "cli" / name
 
 
@@ -630,9 +620,10 @@ def run_patch(cfg: ExperimentConfig, model_cfg: ModelConfig, probe: str, method:
     """Head effects of one model on one probe; a valid table from an earlier run is reused, not redone."""
     import polars as pl
 
-    from dcv.circuits.patching import EFFECT_SCHEMA, head_effects
+    from dcv.circuits.patching import head_effects
     from dcv.models import load_model, load_tokenizer
     from dcv.storage import read_parquet, write_parquet
+    from dcv.tables import EFFECT_SCHEMA
     from dcv.tasks.probes import build_probe
 
     _quiet_transformers()

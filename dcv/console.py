@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import TextIO
 
 PROGRESS_EVERY_S = 60.0
-LOG_DIR = "logs"  # under the storage root
 PACKAGE = Path(__file__).resolve().parent
 _ERASE = "\x1b[K"  # erase to the end of the line
 

@@ -35,7 +35,19 @@ from dcv import tracking
 from dcv.analysis import analyze, read_analysis, write_analysis
 from dcv.config import ExperimentConfig, config_to_dict, parse_config
 from dcv.results import read_results, write_results
-from dcv.storage import atomic_path, model_folder_problem, read_json, read_parquet, set_aside
+from dcv.storage import (
+    CIRCUITS_FILE,
+    EFFECTS_FILE,
+    NOISE_FLOOR_FILE,
+    atomic_path,
+    circuits_dir,
+    local_storage_root,
+    model_folder_problem,
+    patching_dir,
+    read_json,
+    read_parquet,
+    set_aside,
+)
 
 STAGES = ("base", "sweep", "benchmarks", "patching", "circuits", "calibration", "analysis", "report")
 CONFIG_FILE = "experiment_config.json"
@@ -230,7 +242,7 @@ def run_experiment(
     ``stage_line`` gets each stage's started and done lines (default ``progress``); ``progress`` gets
     what happens inside a stage (items done / total, ETA). ``dcv run`` prints the first as lines and
     keeps the second to one line per stage (dcv.console)."""
-    storage = tracking.local_storage_root(cfg)
+    storage = local_storage_root(cfg)
     seconds: dict[str, float] = {}
     parent = tracking.get_or_create_parent_run(cfg)
     parent.restart()  # a rerun continues the same parent run; it ends FINISHED (or FAILED) with the run
@@ -249,8 +261,7 @@ def _run_stages(
     progress: Progress,
     stage_line: Progress,
 ):
-    from dcv.circuits.model_circuits import circuits_dir, run_circuits
-    from dcv.circuits.noise_floor import NOISE_FLOOR_FILE
+    from dcv.circuits.model_circuits import run_circuits
     from dcv.circuits.pipeline import log_pipeline_run, run_pipeline
 
     def stage(name: str) -> float:
@@ -326,12 +337,8 @@ def rebuild_report(run_dir: Path) -> tuple[Path, Path, list[str]]:
     """The analysis and the report again from a run's stored tables (``dcv report RUN_DIR``): no model is
     loaded, nothing is trained or patched. ``run_dir`` may be a copy of the run (its storage is used, not
     the one the stored config names), so a trimmed results table gives the comparison it supports."""
-    from dcv.circuits.model_circuits import CIRCUITS_FILE, circuits_dir
-    from dcv.circuits.noise_floor import NOISE_FLOOR_FILE
-    from dcv.circuits.pipeline import EFFECTS_FILE, patching_dir
-
     cfg = load_run_config(run_dir)
-    storage = tracking.local_storage_root(cfg)
+    storage = local_storage_root(cfg)
     effects = read_parquet(patching_dir(storage) / EFFECTS_FILE)
     circuits = read_parquet(circuits_dir(storage) / CIRCUITS_FILE)
     if effects is not None and circuits is not None:

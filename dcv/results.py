@@ -31,11 +31,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from dcv.storage import atomic_path, read_parquet, write_parquet
+from dcv.storage import (
+    BASE_MODEL,
+    RESULTS_FILE,
+    atomic_path,
+    checkpoint_model,
+    read_parquet,
+    results_dir,
+    write_parquet,
+)
+
+if TYPE_CHECKING:
+    from dcv.config import ExperimentConfig
 
 KEY_COLUMNS = ("trial", "method", "learning_rate", "seed", "init", "step", "checkpoint")
 KEY_SCHEMA = {
@@ -47,7 +58,6 @@ KEY_SCHEMA = {
     "step": pl.Int64,
     "checkpoint": pl.String,
 }
-RESULTS_FILE = "checkpoints.parquet"
 # The metrics also carry the step, which is already a key column.
 DROPPED_METRICS = ("step",)
 
@@ -57,10 +67,6 @@ def item_column(key: str) -> str:
     ``probe/<name>/ld`` -> ``probe/<name>/item_ld``."""
     head, _, last = key.rpartition("/")
     return f"{head}/item_{last}"
-
-
-def results_dir(storage_root: Path) -> Path:
-    return Path(storage_root) / "results"
 
 
 def build_results_table(rows: Iterable[Mapping[str, Any]]) -> pl.DataFrame:
@@ -105,3 +111,36 @@ def read_results(storage_root: Path) -> pl.DataFrame:
     if missing:
         raise ValueError(f"{path}: not a dcv results table (missing columns {missing})")
     return table
+
+
+# The models a results table names: the base model and every checkpoint, by model id.
+MODELS_SCHEMA = {"model": pl.String, "trial": pl.String, "step": pl.Int64, "checkpoint": pl.String}
+
+
+def list_models(cfg: ExperimentConfig, results: pl.DataFrame) -> pl.DataFrame:
+    """The base model and every results-table checkpoint (model, trial, step, checkpoint); a missing
+    checkpoint folder is an error naming the path and its row. A trial's step 0 from ``init`` "base" is
+    the base model, not patched again."""
+    rows = [{"model": BASE_MODEL, "trial": BASE_MODEL, "step": 0, "checkpoint": cfg.model.name}]
+    # Step 0 of a trial is the model it started from: the base model, or an SFT checkpoint that is usually
+    # its own trial's row (listed from a step-0 row only when that trial is not in the table).
+    listed = results.select(pl.concat_str("trial", pl.lit("@"), "step")).to_series().to_list()
+    for trial, step, checkpoint, init in results.select("trial", "step", "checkpoint", "init").iter_rows():
+        model = checkpoint_model(trial, step, init)
+        if model == BASE_MODEL or (step == 0 and model in listed):
+            continue
+        if step == 0:
+            trial, step = model.rsplit("@", 1)[0], int(model.rsplit("@", 1)[1])
+            listed.append(model)
+        folder = Path(checkpoint).expanduser()
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"results table row trial={trial!r} step={step}: checkpoint={checkpoint!r} is not an HF "
+                f"model folder ({folder / 'config.json'} is missing); rerun the sweep or fix the table"
+            )
+        rows.append({"model": model, "trial": trial, "step": step, "checkpoint": checkpoint})
+    models = pl.DataFrame(rows, schema=MODELS_SCHEMA)
+    duplicated = models.filter(pl.col("model").is_duplicated())["model"].unique().to_list()
+    if duplicated:
+        raise ValueError(f"results table: (trial, step) appears more than once: {duplicated}")
+    return models

@@ -12,6 +12,10 @@ Three rules every stage follows through this module:
   absent: the work is redone. Nothing is deleted; the moved file is there to inspect.
 - **One dcv command writes a root at a time** (``lock_storage``): see that function for what the lock
   promises and what it cannot.
+
+It is also the one storage layout (the "Layout" section below): every folder and file name under the
+root, the model ids every table shares (``base``, ``<trial>@<step>``), file slugs and the content hash
+that names cached work. No module imports a stage to find a name.
 """
 
 from __future__ import annotations
@@ -34,13 +38,125 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
+
+if TYPE_CHECKING:
+    from dcv.config import ExperimentConfig
 
 LOCK_FILE = "dcv.lock"  # in the storage root; flock'ed, never replaced (a new inode would be a new lock)
 HOLDER_FILE = "dcv.lock.holder.json"  # beside it: who holds the lock (pid, host, command, since)
 CORRUPT_MARK = ".corrupt-"  # <name>.corrupt-<time>: where an invalid file is moved aside
+
+
+# --- Layout -------------------------------------------------------------------------------------------
+
+BASE_MODEL = "base"  # the model id of the base model in every table; checkpoints are "<trial>@<step>"
+
+# Folders under the storage root, and the assembled table of each stage.
+TRIALS_DIR = "trials"  # <trial>/checkpoint_*/: Ray Train checkpoints, HF folders
+SWEEPS_DIR = "sweeps"  # <sweep.name>/: Tune's experiment state
+RESULTS_DIR, RESULTS_FILE = "results", "checkpoints.parquet"  # one row per evaluated checkpoint
+BASE_SCORES_DIR = "base_scores"  # <hash>.json: the base model's step-0 scores, shared by trials
+BENCHMARKS_DIR, BENCHMARKS_FILE = "benchmarks", "benchmarks.parquet"
+PATCHING_DIR, EFFECTS_FILE = "patching", "effects.parquet"  # items/<item_id>.parquet: one work item each
+CIRCUITS_DIR, CIRCUITS_FILE = "circuits", "circuits.parquet"  # models/<model>__<hash>.parquet
+NOISE_FLOOR_FILE = "noise_floor.parquet"  # beside circuits.parquet
+CALIBRATION_DIR, CALIBRATION_FILE = "calibration", "calibration.parquet"  # models/: planted HF folders
+ANALYSIS_DIR = "analysis"
+LOGS_DIR = "logs"
+
+
+def is_remote_storage(root: str) -> bool:
+    return "://" in root and not root.startswith("file://")
+
+
+def local_storage_root(cfg: ExperimentConfig) -> Path:
+    """The storage folder as an absolute local path (object stores have none)."""
+    if is_remote_storage(cfg.storage.root):
+        raise ValueError(f"storage.root={cfg.storage.root!r} is not a local folder")
+    return Path(cfg.storage.root.removeprefix("file://")).expanduser().resolve()
+
+
+def trials_dir(storage_root: Path) -> Path:
+    return Path(storage_root) / TRIALS_DIR
+
+
+def sweeps_dir(storage_root: Path) -> Path:
+    return Path(storage_root) / SWEEPS_DIR
+
+
+def results_dir(storage_root: Path) -> Path:
+    return Path(storage_root) / RESULTS_DIR
+
+
+def base_scores_dir(storage_root: Path) -> Path:
+    return Path(storage_root) / BASE_SCORES_DIR
+
+
+def benchmarks_dir(storage_root: Path) -> Path:
+    return Path(storage_root) / BENCHMARKS_DIR
+
+
+def patching_dir(storage_root: Path) -> Path:
+    return Path(storage_root) / PATCHING_DIR
+
+
+def items_dir(storage_root: Path) -> Path:
+    """The patching stage's per-item files."""
+    return patching_dir(storage_root) / "items"
+
+
+def circuits_dir(storage_root: Path) -> Path:
+    return Path(storage_root) / CIRCUITS_DIR
+
+
+def calibration_dir(storage_root: Path) -> Path:
+    return Path(storage_root) / CALIBRATION_DIR
+
+
+def analysis_dir(storage_root: Path) -> Path:
+    return Path(storage_root) / ANALYSIS_DIR
+
+
+def logs_dir(storage_root: Path) -> Path:
+    return Path(storage_root) / LOGS_DIR
+
+
+def model_id(trial: str, step: int) -> str:
+    """The id of a trial's checkpoint in every table: ``<trial>@<step>``."""
+    return f"{trial}@{step}"
+
+
+def checkpoint_model(trial: str, step: int, init: str) -> str:
+    """The model id of a results-table row. A trial's step 0 holds the weights it started from (saved
+    before the first step): the base model for ``init`` "base", the SFT checkpoint ``<sft trial>@<step>``
+    for "sft:<sft trial>@<step>" (GRPO after SFT), so each model is patched once."""
+    if step != 0:
+        return model_id(trial, step)
+    return BASE_MODEL if init == "base" else init.removeprefix("sft:")
+
+
+def file_slug(text: str) -> str:
+    """``text`` safe as part of a file name."""
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in text).strip("_.") or "model"
+
+
+def content_hash(decides: Any, length: int = 12) -> str:
+    """A stable hex digest of everything that decides a cached file's contents (JSON-able): the end of
+    its name, so a changed config never reuses a stale file."""
+    return hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()[:length]
+
+
+def probe_key(cfg: ExperimentConfig, probe: str) -> dict:
+    """What decides a probe's items, for cache keys: its config and, for ``chem`` (whose items are the
+    target task's questions, `dcv.tasks.probes.build_probe`), the target task. Other probes leave the
+    target task out, so changing it does not recompute them."""
+    key = {"probe": cfg.probe(probe).model_dump(mode="json")}
+    if probe == "chem":
+        key["target_task"] = cfg.target_task.model_dump(mode="json")
+    return key
 
 
 @contextmanager

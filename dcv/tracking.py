@@ -29,21 +29,11 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from dcv.config import ExperimentConfig, config_to_dict
+from dcv.storage import is_remote_storage, local_storage_root
 
 PARENT_TAG = "dcv.parent"
 EXPERIMENT_TAG = "dcv.experiment"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
-
-
-def is_remote_storage(root: str) -> bool:
-    return "://" in root and not root.startswith("file://")
-
-
-def local_storage_root(cfg: ExperimentConfig) -> Path:
-    """The storage folder as an absolute local path (object-store roots have none)."""
-    if is_remote_storage(cfg.storage.root):
-        raise ValueError(f"storage.root={cfg.storage.root!r} is not a local folder")
-    return Path(cfg.storage.root.removeprefix("file://")).expanduser().resolve()
 
 
 def default_tracking_uri(cfg: ExperimentConfig) -> str:

@@ -31,13 +31,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from dcv.circuits import MASK, Head
 from dcv.circuits.decoder import DecoderCache, Prefix, check_heads, hook_z_name, model_shape, run_decoder
-from dcv.circuits.patching import EFFECT_SCHEMA, Head
 from dcv.config import MaskConfig
 from dcv.evaluation import ContrastBatch, contrast_batches
+from dcv.tables import EFFECT_SCHEMA
 from dcv.tasks.items import ProbeItem
-
-METHOD = "mask"
 
 
 @dataclass(frozen=True)
@@ -177,7 +176,7 @@ def mask_effects(
         {
             "model": [model_id] * len(heads),
             "probe": [probe] * len(heads),
-            "method": [METHOD] * len(heads),
+            "method": [MASK] * len(heads),
             "layer": [layer for layer, _ in heads],
             "head": [head for _, head in heads],
             "effect": masks.double().tolist(),

@@ -15,50 +15,25 @@ models and a changed config recomputes. The assembled table is ``<storage>/circu
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
 
-from dcv.circuits.pipeline import BASE_MODEL, MASK, file_slug, wait_for_tasks
+from dcv.circuits import MASK, Head
+from dcv.circuits.pipeline import wait_for_tasks
 from dcv.config import ExperimentConfig, parse_config
-from dcv.storage import read_parquet, write_parquet
-
-CIRCUITS_SCHEMA = {
-    "model": pl.String,
-    "trial": pl.String,
-    "step": pl.Int64,
-    "probe": pl.String,
-    "method": pl.String,  # patching method whose effects ranked the heads
-    "size": pl.Int32,
-    "faithfulness": pl.Float64,  # F(C_T(M), M)
-    "reached_tau": pl.Boolean,
-    "base_circuit_faithfulness": pl.Float64,  # F(C_T(base), M)
-    "layers": pl.List(pl.Int32),  # the circuit's heads, largest |effect| first
-    "heads": pl.List(pl.Int32),
-}
-CIRCUITS_FILE = "circuits.parquet"
-
-Head = tuple[int, int]
-
-
-def circuits_dir(storage_root: Path) -> Path:
-    return Path(storage_root) / "circuits"
-
-
-def circuit_heads(row: dict) -> list[Head]:
-    """A CIRCUITS_SCHEMA row's heads as (layer, head), largest |effect| first."""
-    return list(zip(row["layers"], row["heads"], strict=True))
-
-
-def base_circuits(table: pl.DataFrame) -> dict[tuple[str, str], list[Head]]:
-    """{(probe, method): base circuit heads} from a CIRCUITS_SCHEMA table."""
-    return {
-        (row["probe"], row["method"]): circuit_heads(row)
-        for row in table.filter(pl.col("model") == BASE_MODEL).iter_rows(named=True)
-    }
+from dcv.storage import (
+    BASE_MODEL,
+    CIRCUITS_FILE,
+    NOISE_FLOOR_FILE,
+    circuits_dir,
+    content_hash,
+    file_slug,
+    read_parquet,
+    write_parquet,
+)
+from dcv.tables import CIRCUITS_SCHEMA, base_circuits
 
 
 def model_circuits(
@@ -123,7 +98,7 @@ def model_file(cfg: ExperimentConfig, storage_root: Path, model: str, checkpoint
         if reference is None
         else sorted((f"{p}/{m}", h) for (p, m), h in reference.items()),
     }
-    digest = hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()[:12]
+    digest = content_hash(decides)
     return circuits_dir(storage_root) / "models" / f"{file_slug(model)}__{digest}.parquet"
 
 
@@ -192,7 +167,7 @@ def run_circuits(
     ``out_dir`` (default ``<storage>/circuits``); per-model files are shared by every caller."""
     import ray
 
-    from dcv.circuits.noise_floor import NOISE_FLOOR_FILE, NOISE_FLOOR_SCHEMA
+    from dcv.circuits.noise_floor import NOISE_FLOOR_SCHEMA
     from dcv.models import load_tokenizer
     from dcv.tasks.probes import build_probe
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from dcv.circuits.pipeline import MASK
+from dcv.circuits import MASK, Head
 from dcv.circuits.vulnerability import effect_spearman
 from dcv.config import ExperimentConfig
 
@@ -38,10 +38,7 @@ NOISE_FLOOR_SCHEMA = {
     "circuit_vulnerability": pl.Float64,  # 95th percentile of V(resample) against base
     "effect_spearman": pl.Float64,  # median Spearman of all heads' effects, base against resample
 }
-NOISE_FLOOR_FILE = "noise_floor.parquet"
 FLOOR_QUANTILE = 0.05
-
-Head = tuple[int, int]
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -33,21 +33,12 @@ import polars as pl
 import torch
 from transformers import PreTrainedModel
 
+from dcv.circuits import PATCHING_METHODS, Head
 from dcv.circuits.decoder import DecoderCache, Prefix, check_heads, hook_z_name, model_shape, run_decoder
 from dcv.evaluation import ContrastBatch, contrast_batches
+from dcv.tables import EFFECT_SCHEMA
 from dcv.tasks.items import ProbeItem
 
-METHODS = ("exact", "attribution", "ig")
-# The head-effect table: one row per (model, probe, method, layer, head). Every stage reads these columns.
-EFFECT_SCHEMA = {
-    "model": pl.String,
-    "probe": pl.String,
-    "method": pl.String,
-    "layer": pl.Int32,
-    "head": pl.Int32,
-    "effect": pl.Float64,
-    "n_items": pl.Int32,
-}
 # Per-item parts of an effect (for bootstrap over items): effect = mean(delta) / mean(denominator).
 ITEM_SCHEMA = {
     "layer": pl.Int32,
@@ -56,8 +47,6 @@ ITEM_SCHEMA = {
     "delta": pl.Float64,
     "denominator": pl.Float64,
 }
-
-Head = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -157,8 +146,9 @@ def item_effects(
     ig_steps: int = 8,
 ) -> ItemEffects:
     """Per-item effect parts of ``heads`` (default: every head) on ``items`` by ``method``."""
-    if method not in METHODS:
-        raise ValueError(f"patching method {method!r} is unknown; choose one of {', '.join(METHODS)}")
+    if method not in PATCHING_METHODS:
+        choices = ", ".join(PATCHING_METHODS)
+        raise ValueError(f"patching method {method!r} is unknown; choose one of {choices}")
     heads = list(heads) if heads is not None else model_shape(model).heads
     check_heads(model, heads)
     delta = torch.empty(len(heads), len(items))

@@ -39,8 +39,6 @@ The first seven columns are ``dcv.circuits.patching.EFFECT_SCHEMA``; the numbers
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -49,23 +47,23 @@ from pathlib import Path
 
 import polars as pl
 
-from dcv.circuits.patching import EFFECT_SCHEMA
+from dcv.circuits import MASK
 from dcv.config import ExperimentConfig, ModelConfig, parse_config
-from dcv.results import read_results
-from dcv.storage import read_parquet, write_parquet
+from dcv.results import list_models, read_results
+from dcv.storage import (
+    BASE_MODEL,
+    EFFECTS_FILE,
+    content_hash,
+    file_slug,
+    items_dir,
+    local_storage_root,
+    patching_dir,
+    probe_key,
+    read_parquet,
+    write_parquet,
+)
+from dcv.tables import EFFECTS_SCHEMA
 
-BASE_MODEL = "base"
-MASK = "mask"  # dcv.circuits.mask.METHOD, named here without importing torch
-EFFECTS_SCHEMA = {
-    **EFFECT_SCHEMA,
-    "trial": pl.String,
-    "step": pl.Int64,
-    "checkpoint": pl.String,
-    # Per-item parts of the effect (effect = mean(item_delta) / mean(item_denominator)), so the analysis
-    # can bootstrap over probe items without patching again.
-    "item_delta": pl.List(pl.Float64),
-    "item_denominator": pl.List(pl.Float64),
-}
 # The work grid: one row per item; heads are head_start..head_end-1 in (layer, head) order.
 WORK_SCHEMA = {
     "item_id": pl.String,
@@ -80,34 +78,10 @@ WORK_SCHEMA = {
     "n_layers": pl.Int32,
     "n_heads": pl.Int32,
 }
-EFFECTS_FILE = "effects.parquet"
-
-
-def patching_dir(storage_root: Path) -> Path:
-    return Path(storage_root) / "patching"
-
-
-def items_dir(storage_root: Path) -> Path:
-    return patching_dir(storage_root) / "items"
 
 
 def item_path(storage_root: Path, item_id: str) -> Path:
     return items_dir(storage_root) / f"{item_id}.parquet"
-
-
-def file_slug(text: str) -> str:
-    """``text`` safe as part of a file name."""
-    return "".join(c if c.isalnum() or c in "-." else "_" for c in text).strip("_.") or "model"
-
-
-def probe_key(cfg: ExperimentConfig, probe: str) -> dict:
-    """What decides a probe's items, for cache keys: its config and, for ``chem`` (whose items are the
-    target task's questions, `dcv.tasks.probes.build_probe`), the target task. Other probes leave the
-    target task out, so changing it does not recompute them."""
-    key = {"probe": cfg.probe(probe).model_dump(mode="json")}
-    if probe == "chem":
-        key["target_task"] = cfg.target_task.model_dump(mode="json")
-    return key
 
 
 def build_item_id(
@@ -128,7 +102,7 @@ def build_item_id(
         "ig_steps": cfg.patching.ig_steps if method == "ig" else None,
         "mask": cfg.circuits.mask.model_dump(mode="json") if method == MASK else None,
     }
-    digest = hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()[:12]
+    digest = content_hash(decides)
     return f"{file_slug(model)}__{probe}__{method}__h{heads[0]:05d}-{heads[1]:05d}__{digest}"
 
 
@@ -142,44 +116,6 @@ def model_head_grid(model_cfg: ModelConfig) -> tuple[int, int]:
 
     config = AutoConfig.from_pretrained(resolve_model_source(model_cfg), revision=model_cfg.revision)
     return config.num_hidden_layers, config.num_attention_heads
-
-
-def checkpoint_model(trial: str, step: int, init: str) -> str:
-    """The model id of a results-table row. A trial's step 0 holds the weights it started from (saved
-    before the first step): the base model for ``init`` "base", the SFT checkpoint ``<sft trial>@<step>``
-    for "sft:<sft trial>@<step>" (GRPO after SFT), so each model is patched once."""
-    if step != 0:
-        return f"{trial}@{step}"
-    return BASE_MODEL if init == "base" else init.removeprefix("sft:")
-
-
-def list_models(cfg: ExperimentConfig, results: pl.DataFrame) -> pl.DataFrame:
-    """The base model and every results-table checkpoint (model, trial, step, checkpoint); a missing
-    checkpoint folder is an error naming the path and its row. A trial's step 0 from ``init`` "base" is
-    the base model, not patched again."""
-    rows = [{"model": BASE_MODEL, "trial": BASE_MODEL, "step": 0, "checkpoint": cfg.model.name}]
-    # Step 0 of a trial is the model it started from: the base model, or an SFT checkpoint that is usually
-    # its own trial's row (listed from a step-0 row only when that trial is not in the table).
-    listed = results.select(pl.concat_str("trial", pl.lit("@"), "step")).to_series().to_list()
-    for trial, step, checkpoint, init in results.select("trial", "step", "checkpoint", "init").iter_rows():
-        model = checkpoint_model(trial, step, init)
-        if model == BASE_MODEL or (step == 0 and model in listed):
-            continue
-        if step == 0:
-            trial, step = model.rsplit("@", 1)[0], int(model.rsplit("@", 1)[1])
-            listed.append(model)
-        folder = Path(checkpoint).expanduser()
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(
-                f"results table row trial={trial!r} step={step}: checkpoint={checkpoint!r} is not an HF "
-                f"model folder ({folder / 'config.json'} is missing); rerun the sweep or fix the table"
-            )
-        rows.append({"model": model, "trial": trial, "step": step, "checkpoint": checkpoint})
-    models = pl.DataFrame(rows, schema={k: WORK_SCHEMA[k] for k in ("model", "trial", "step", "checkpoint")})
-    duplicated = models.filter(pl.col("model").is_duplicated())["model"].unique().to_list()
-    if duplicated:
-        raise ValueError(f"results table: (trial, step) appears more than once: {duplicated}")
-    return models
 
 
 def select_probes(cfg: ExperimentConfig, probes: Sequence[str] | None) -> list[str]:
@@ -436,7 +372,6 @@ def run_pipeline(
 
     from dcv.models import load_tokenizer
     from dcv.tasks.probes import build_probe
-    from dcv.tracking import local_storage_root
 
     if not ray.is_initialized():
         raise RuntimeError("run_pipeline needs a connected Ray (ray.init); dcv patch-all connects one")

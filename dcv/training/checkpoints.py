@@ -18,7 +18,6 @@ tokenizer and ``dcv_checkpoint.json``, which every evaluated checkpoint keeps.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -35,11 +34,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from dcv.config import ExperimentConfig, RLConfig, SFTConfig
 from dcv.evaluation import KLReference, ModelScores, evaluate_model, sample_kl_reference
 from dcv.models import load_model
-from dcv.storage import atomic_path, read_json
+from dcv.storage import atomic_path, base_scores_dir, content_hash, local_storage_root, read_json
 from dcv.tasks import load_target_splits
 from dcv.tasks.items import ProbeSet, QAItem
 from dcv.tasks.probes import build_probes
-from dcv.tracking import RunLogger, local_storage_root
+from dcv.tracking import RunLogger
 
 # Inside each checkpoint folder: step, method, trial, metrics, item_scores.
 METADATA_FILE = "dcv_checkpoint.json"
@@ -75,8 +74,7 @@ class EvaluationKit:
             "target_task": self.cfg.target_task.model_dump(mode="json"),
             "probes": [p.model_dump(mode="json") for p in self.cfg.probes],
         }
-        digest = hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()[:16]
-        return local_storage_root(self.cfg) / "base_scores" / f"{digest}.json"
+        return base_scores_dir(local_storage_root(self.cfg)) / f"{content_hash(decides, 16)}.json"
 
     def evaluate_base(self, model: PreTrainedModel) -> ModelScores:
         """Step 0's scores: the base model's, the same in every trial that starts from it, so evaluated

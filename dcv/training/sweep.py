@@ -34,7 +34,7 @@ from ray.tune.schedulers import ASHAScheduler
 from dcv import tracking
 from dcv.config import ExperimentConfig, apply_overrides, config_to_dict, parse_config
 from dcv.results import build_results_table, write_results
-from dcv.storage import atomic_path, read_json, set_aside
+from dcv.storage import atomic_path, local_storage_root, read_json, set_aside, sweeps_dir
 from dcv.training.trial import (
     finished_trial,
     list_checkpoints,
@@ -146,7 +146,7 @@ def check_plan(cfg: ExperimentConfig, specs: list[TrialSpec]) -> None:
 
 
 def sweep_dir(cfg: ExperimentConfig) -> Path:
-    return tracking.local_storage_root(cfg) / "sweeps" / cfg.sweep.name
+    return sweeps_dir(local_storage_root(cfg)) / cfg.sweep.name
 
 
 def repair_sweep(cfg: ExperimentConfig, specs: list[TrialSpec]) -> list[str]:
@@ -276,7 +276,7 @@ def run_sweep(cfg: ExperimentConfig) -> pl.DataFrame:
     for phase, phase_specs in enumerate(sweep_phases(cfg, specs)):
         results = build_tuner(cfg, phase_specs, phase).fit()
         table = collect_results(cfg, specs)
-        path = write_results(table, tracking.local_storage_root(cfg))
+        path = write_results(table, local_storage_root(cfg))
         parent.log_artifact(path, artifact_path="results")
         parent.log_artifact(path.with_suffix(".csv"), artifact_path="results")
         failed = [r for r in results if r.error is not None]

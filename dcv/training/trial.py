@@ -21,7 +21,19 @@ from ray.train.torch import TorchTrainer
 
 from dcv import tracking
 from dcv.config import ExperimentConfig, config_to_dict
-from dcv.storage import CORRUPT_MARK, atomic_path, model_folder_problem, read_json, set_aside
+from dcv.storage import (
+    CORRUPT_MARK,
+    atomic_path,
+    benchmarks_dir,
+    circuits_dir,
+    file_slug,
+    items_dir,
+    local_storage_root,
+    model_folder_problem,
+    read_json,
+    set_aside,
+    trials_dir,
+)
 from dcv.training.checkpoints import METADATA_FILE, KeepResumeStateInLatest, keep_resume_state_only_in
 
 METHODS = ("sft", "rl")
@@ -77,7 +89,7 @@ def trial_name(cfg: ExperimentConfig, method: str, seed: int) -> str:
 
 
 def trials_root(cfg: ExperimentConfig) -> Path:
-    return tracking.local_storage_root(cfg) / "trials"
+    return trials_dir(local_storage_root(cfg))
 
 
 def list_checkpoints(trial_dir: Path) -> list[CheckpointRecord]:
@@ -170,11 +182,7 @@ def forget_outputs(cfg: ExperimentConfig, name: str) -> None:
     checkpoints share. Their names start with the model id ``<trial>@<step>`` as a file slug."""
     import re
 
-    from dcv.benchmarks import benchmarks_dir
-    from dcv.circuits.model_circuits import circuits_dir
-    from dcv.circuits.pipeline import file_slug, items_dir
-
-    storage = tracking.local_storage_root(cfg)
+    storage = local_storage_root(cfg)
     own = re.compile(rf"{re.escape(file_slug(name))}_\d+__")
     for folder in (items_dir(storage), circuits_dir(storage) / "models", benchmarks_dir(storage)):
         for path in sorted(folder.glob("*")) if folder.is_dir() else []:
