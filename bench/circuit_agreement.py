@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from dcv.circuits import Head
 from dcv.circuits.circuit import faithfulness, select_circuit
 from dcv.circuits.mask import mask_circuit, mask_effects
 from dcv.circuits.patching import head_effects
 from dcv.config import load_config
 from dcv.models import load_model_and_tokenizer
+from dcv.tables import Head
 from dcv.tasks.probes import build_probe
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

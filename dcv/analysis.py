@@ -43,11 +43,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from dcv.circuits import MASK, Head
 from dcv.circuits.competence import Competence, base_competence
 from dcv.circuits.noise_floor import NOISE_FLOOR_SCHEMA, bootstrap_floor, floor_row
 from dcv.circuits.vulnerability import effect_spearman
-from dcv.config import ExperimentConfig
+from dcv.config import MASK, ExperimentConfig
 from dcv.matched import (
     MDE_FACTOR,
     TRAINING_METHODS,
@@ -62,7 +61,7 @@ from dcv.matched import (
     interval,
 )
 from dcv.storage import BASE_MODEL, analysis_dir, atomic_path, checkpoint_model, read_parquet, write_parquet
-from dcv.tables import circuit_heads
+from dcv.tables import Head, circuit_heads
 
 TABLES = (
     "base_circuits",

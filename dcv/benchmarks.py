@@ -20,10 +20,11 @@ are missing, not JSON lines, or whose rows lack the benchmark's fields (a local 
 as ``metadata.dcv_row_schema``; see ROW_CHECKS), and code-executing tasks without
 ``allow_code_execution``.
 
-The stage (``run_benchmark_stage``) runs one Ray task per model, as ``dcv.circuits.model_circuits`` does:
-the base model once (every trial's step 0 from "base"), then each checkpoint. One file per model,
-``<storage>/benchmarks/<model>__<hash>.json``, written atomically; the hash covers the checkpoint folder,
-the benchmark config, lm-eval's version and the local task files, so a rerun skips finished models.
+The stage (``run_benchmark_stage``) is one item per model on the stage runner (``dcv.stages``): the base
+model once (every trial's step 0 from "base"), then each checkpoint. One file per model,
+``<storage>/benchmarks/models/<model>__<hash>.parquet`` (SCORES_SCHEMA rows), written atomically; the hash
+covers the checkpoint folder, the benchmark config, lm-eval's version and the local task files, so a rerun
+skips finished models.
 The long table is ``<storage>/benchmarks/benchmarks.parquet``; ``join_benchmarks`` widens it onto the
 results table.
 """
@@ -42,9 +43,8 @@ from typing import Any
 
 import polars as pl
 
-from dcv.circuits.pipeline import wait_for_tasks
 from dcv.config import BenchmarksConfig, ConfigError, ExperimentConfig
-from dcv.results import list_models
+from dcv.results import MODELS_SCHEMA, list_models
 from dcv.storage import (
     BASE_MODEL,
     BENCHMARKS_FILE,
@@ -53,8 +53,6 @@ from dcv.storage import (
     checkpoint_model,
     content_hash,
     file_slug,
-    read_json,
-    set_aside,
     write_parquet,
 )
 
@@ -414,49 +412,26 @@ def local_files_digest(include_path: str | None) -> str | None:
 
 
 def benchmark_file(cfg: BenchmarksConfig, storage_root: Path, model: str, checkpoint: str) -> Path:
-    """``<storage>/benchmarks/<model>__<hash>.json``; the hash covers everything that changes the scores."""
+    """``<storage>/benchmarks/models/<model>__<hash>.parquet``; the hash covers everything that changes
+    the scores."""
     decides = {
         "checkpoint": str(checkpoint),
         "benchmarks": cfg.model_dump(mode="json", exclude={"num_cpus"}),  # num_gpus picks the dtype
         "lm_eval": version("lm_eval"),
         "local_files": local_files_digest(cfg.include_path),
     }
-    digest = content_hash(decides)
-    return benchmarks_dir(storage_root) / f"{file_slug(model)}__{digest}.json"
+    return benchmarks_dir(storage_root) / "models" / f"{file_slug(model)}__{content_hash(decides)}.parquet"
 
 
-def read_finished(path: Path) -> dict[str, float] | None:
-    """The scores a finished run wrote at ``path``; None when absent or invalid (then recompute; an
-    invalid file is moved aside, ``dcv.storage.read_json``)."""
-    record = read_json(path, ("scores",))
-    if record is None:
-        return None
-    if not isinstance(record["scores"], dict):
-        set_aside(path, "scores is not a mapping")
-        return None
-    return record["scores"]
-
-
-def compute_model_benchmarks(cfg_dict: dict, model: str, checkpoint: str, path: str) -> dict[str, float]:
-    """One model's scores, written to ``path`` as JSON: the body of a Ray task."""
-    import torch
-
-    cfg = BenchmarksConfig.model_validate(cfg_dict)
-    torch.set_num_threads(max(1, int(cfg.num_cpus)))
-    device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-    start = time.monotonic()
-    scores = run_benchmarks(Path(checkpoint), cfg, device)
-    record = {
-        "model": model,
-        "checkpoint": checkpoint,
-        "device": device,
-        "lm_eval": version("lm_eval"),
-        "seconds": round(time.monotonic() - start, 1),
-        "scores": scores,
-    }
-    with atomic_path(Path(path)) as tmp:
-        tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    return scores
+def benchmark_item(worker, item: dict, context: None) -> pl.DataFrame:
+    """The stage's compute (``dcv.stages``): one model's scores, SCORES_SCHEMA rows. lm-eval loads the
+    checkpoint folder itself, so the actor's model cache is not used."""
+    scores = run_benchmarks(Path(item["checkpoint"]), worker.cfg.benchmarks, worker.device)
+    rows = [
+        {"model": item["model"], "trial": item["trial"], "step": item["step"], "metric": m, "value": v}
+        for m, v in scores.items()
+    ]
+    return pl.DataFrame(rows, schema=SCORES_SCHEMA)
 
 
 def run_benchmark_stage(
@@ -465,39 +440,38 @@ def run_benchmark_stage(
     storage_root: Path,
     progress: Callable[[str], None] = print,
 ) -> pl.DataFrame:
-    """Every model's benchmark scores (SCORES_SCHEMA), one Ray task per model not finished before; needs
-    Ray. Writes ``<storage>/benchmarks/benchmarks.parquet``. No tasks configured: an empty table."""
+    """Every model's benchmark scores (SCORES_SCHEMA) on the stage runner, as many models at a time as
+    the cluster's CPUs allow; needs Ray. Writes ``<storage>/benchmarks/benchmarks.parquet``. No tasks
+    configured: an empty table."""
     bench = cfg.benchmarks
     if not bench.tasks:
         return pl.DataFrame(schema=SCORES_SCHEMA)
     check_benchmarks(bench)
-    models = list_benchmark_models(cfg, results)
     import ray
 
-    task = ray.remote(compute_model_benchmarks).options(num_cpus=bench.num_cpus, num_gpus=bench.num_gpus)
+    from dcv.stages import WORK_COLUMNS, Resources, Stage, run_stage
 
-    def launch(model: str, checkpoint: str) -> tuple[Path, object | None]:
-        path = benchmark_file(bench, storage_root, model, checkpoint)
-        if read_finished(path) is not None:
-            return path, None
-        return path, task.remote(bench.model_dump(mode="json"), model, checkpoint, str(path))
-
-    launched = [launch(model, checkpoint) for model, _, _, checkpoint in models.iter_rows()]
-    pending = [ref for _, ref in launched if ref is not None]
-    progress(
-        f"benchmarks: {len(launched)} models, {len(launched) - len(pending)} finished before (skipped), "
-        f"{len(pending)} to compute"
-    )
-    wait_for_tasks(pending, "benchmarks", len(launched), progress)
+    models = list_benchmark_models(cfg, results)
     rows = []
-    for (model, trial, step, _), (path, _) in zip(models.iter_rows(), launched, strict=True):
-        scores = read_finished(path)
-        if scores is None:
-            raise RuntimeError(f"benchmarks: {path} is missing or unreadable after its task finished")
-        rows += [
-            {"model": model, "trial": trial, "step": step, "metric": m, "value": v} for m, v in scores.items()
-        ]
-    table = pl.DataFrame(rows, schema=SCORES_SCHEMA).sort("model", "metric")
+    for model, trial, step, checkpoint in models.iter_rows():
+        path = benchmark_file(bench, storage_root, model, checkpoint)
+        rows.append(
+            {
+                "item_id": path.stem,
+                "path": str(path),
+                "n_rows": None,
+                "model": model,
+                "trial": trial,
+                "step": step,
+                "checkpoint": checkpoint,
+            }
+        )
+    work = pl.DataFrame(rows, schema={**WORK_COLUMNS, **MODELS_SCHEMA})
+    actors = max(1, int(ray.cluster_resources().get("CPU", 1) // max(bench.num_cpus, 1e-9)))
+    fields = ("the cluster's CPUs / benchmarks.num_cpus", "benchmarks.num_cpus", "benchmarks.num_gpus")
+    resources = Resources(actors, bench.num_cpus, bench.num_gpus, fields)
+    run = run_stage(Stage("benchmarks", cfg, work, SCORES_SCHEMA, benchmark_item, resources), progress)
+    table = run.table.sort("model", "metric")
     write_parquet(table, benchmarks_dir(storage_root) / BENCHMARKS_FILE)
     return table
 

@@ -30,11 +30,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from dcv.circuits import MASK, Head
 from dcv.circuits.competence import base_competence
 from dcv.circuits.noise_floor import bootstrap_floor
 from dcv.circuits.pipeline import build_work_items
-from dcv.config import ExperimentConfig
+from dcv.config import MASK, ExperimentConfig
 from dcv.matched import MDE_FACTOR, ProbeParts, ProbeReference, probe_numbers
 from dcv.results import build_results_table
 from dcv.storage import (
@@ -46,7 +45,7 @@ from dcv.storage import (
     read_parquet,
     write_parquet,
 )
-from dcv.tables import base_circuits, circuit_heads
+from dcv.tables import Head, base_circuits, circuit_heads
 
 PLANT_FILE = "dcv_planted.json"
 CALIBRATION_SCHEMA = {

@@ -8,11 +8,18 @@ the cluster (workers vs GPUs) are checked later, by the stage that knows the clu
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Head-effect methods: the patching ones (dcv.circuits.patching) and learned masks (dcv.circuits.mask), which
+# learn one item over all heads instead of patching.
+PATCHING_METHODS = ("exact", "attribution", "ig")
+MASK = "mask"
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -70,12 +77,18 @@ class Section(BaseModel):
 class TinyModelConfig(Section):
     """Shape of the random-initialised test model (used when ``model.name: tiny``)."""
 
-    num_layers: PositiveInt = 2
-    num_heads: PositiveInt = 4
-    num_kv_heads: PositiveInt = 2
-    hidden_size: PositiveInt = 64
-    intermediate_size: PositiveInt = 128
-    seed: int = 0
+    num_layers: PositiveInt = Field(2, description="decoder layers")
+    num_heads: PositiveInt = Field(
+        4, description="query heads per layer: the heads patching and circuits score"
+    )
+    num_kv_heads: PositiveInt = Field(
+        2, description="key/value heads per layer, each shared by num_heads / num_kv_heads query heads (GQA)"
+    )
+    hidden_size: PositiveInt = Field(
+        64, description="residual stream width; a multiple of num_heads (head size = hidden_size / num_heads)"
+    )
+    intermediate_size: PositiveInt = Field(128, description="MLP hidden width")
+    seed: int = Field(0, description="seeds the random initialisation: the same seed gives the same weights")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TinyModelConfig:
@@ -93,9 +106,16 @@ class TinyModelConfig(Section):
 class ModelConfig(Section):
     name: str = Field(description="smollm2-135m-instruct | tiny | a local HF folder | a hub id")
     revision: str | None = Field(None, description="hub revision (hub ids only)")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="dtype the weights are loaded in (training, evaluation, rollouts, patching); bfloat16 "
+        "also turns on the HF Trainer's bf16. float32 because the demo runs on CPU, where half precision is "
+        "slow",
+    )
     cache_dir: Path | None = Field(None, description="where converted models live; default ~/.cache/dcv")
-    tiny: TinyModelConfig = TinyModelConfig()
+    tiny: TinyModelConfig = Field(
+        TinyModelConfig(), description="shape of the random test model; read only when name is tiny"
+    )
 
     @field_validator("name")
     @classmethod
@@ -119,16 +139,33 @@ class ModelConfig(Section):
 class TargetTaskConfig(Section):
     """The task we fine-tune on: generated chemistry QA, or SciKnowEval rows (hub or local file)."""
 
-    name: Literal["chemistry", "sciknoweval"] = "chemistry"
-    seed: int = 0
-    n_train: PositiveInt = 256
-    n_test: PositiveInt = 64
-    kinds: list[Literal[CHEMISTRY_KINDS]] = Field(default_factory=lambda: list(CHEMISTRY_KINDS), min_length=1)
+    name: Literal["chemistry", "sciknoweval"] = Field(
+        "chemistry",
+        description="chemistry: questions generated from element tables (no download); sciknoweval: "
+        "multiple-choice rows read from source",
+    )
+    seed: int = Field(
+        0, description="seeds the train/test split and, for chemistry, each question's distractors and order"
+    )
+    n_train: PositiveInt = Field(256, description="training questions: SFT examples and GRPO prompts")
+    n_test: PositiveInt = Field(
+        64, description="held-out questions behind target accuracy; KL uses the first evaluation.kl_prompts"
+    )
+    kinds: list[Literal[CHEMISTRY_KINDS]] = Field(
+        default_factory=lambda: list(CHEMISTRY_KINDS),
+        min_length=1,
+        description="chemistry only: the question kinds generated (default all); n_train + n_test must not "
+        "exceed the distinct questions they give",
+    )
     source: str | None = Field(
         None, description="sciknoweval only: a local .json/.jsonl file, or a hub dataset id"
     )
     domain: str = Field("Chemistry", description="sciknoweval only: the hub config / `domain` to keep")
-    format_bonus: Annotated[float, Field(ge=0)] = 0.0
+    format_bonus: Annotated[float, Field(ge=0)] = Field(
+        0.0,
+        description="GRPO reward added when a completion answers inside <answer></answer> tags, right or "
+        "wrong (a right answer scores 1); evaluation never adds it. 0 rewards correctness only",
+    )
     answer_format: Literal[ANSWER_FORMATS] = Field(
         "letter",
         description="what goes inside the answer tags: the option's letter (<answer>B</answer>) or its text "
@@ -161,9 +198,16 @@ class TargetTaskConfig(Section):
 class ProbeConfig(Section):
     """A prior-capability probe: contrast pairs generated locally, deterministic by seed."""
 
-    name: Literal[PROBE_NAMES]
-    n_items: PositiveInt = 64
-    seed: int = 0
+    name: Literal[PROBE_NAMES] = Field(
+        description="ioi, capitals, greater_than, induction (prior capabilities) or chem (the target task's "
+        "own counterfactual pairs)"
+    )
+    n_items: PositiveInt = Field(
+        64,
+        description="contrast pairs generated; fewer when the generator runs out of candidates with "
+        "single-token answers and equal-length prompts",
+    )
+    seed: int = Field(0, description="seeds the order candidates are generated in")
     min_accuracy: Probability = Field(
         0.7,
         description="competence guard: the base model must get at least this share of items right (LD > 0) "
@@ -177,46 +221,123 @@ class ProbeConfig(Section):
 
 
 class EvaluationConfig(Section):
-    batch_size: PositiveInt = 16
+    batch_size: PositiveInt = Field(
+        16,
+        description="prompts per forward pass when scoring (target answers, probes, KL); memory grows with "
+        "it",
+    )
     max_new_tokens: PositiveInt = Field(16, description="greedy answer length for target accuracy")
     kl_prompts: PositiveInt = Field(32, description="target prompts used for KL(base || model)")
-    kl_samples_per_prompt: PositiveInt = 1
-    kl_max_new_tokens: PositiveInt = 32
-    kl_seed: int = 0
+    kl_samples_per_prompt: PositiveInt = Field(
+        1, description="base-model continuations sampled per KL prompt (plain sampling at temperature 1)"
+    )
+    kl_max_new_tokens: PositiveInt = Field(
+        32, description="tokens sampled per KL continuation; KL is the mean over them, up to EOS"
+    )
+    kl_seed: int = Field(
+        0, description="seeds the base model's KL continuations, sampled once and reused for every checkpoint"
+    )
+
+
+# Descriptions SFT and GRPO share (dcv.training.checkpoints.shared_trainer_args passes both to HF alike).
+LR_SCHEDULER = (
+    "HF Trainer's lr_scheduler_type; constant keeps the learning rate fixed and ignores warmup_ratio"
+)
+WARMUP_RATIO = (
+    "share of max_steps over which the learning rate ramps up linearly: ceil(warmup_ratio * max_steps) "
+    "steps. It is passed as HF's warmup_steps, which reads a value below 1 as that share (so 1.0 means one "
+    "step)"
+)
+MAX_STEPS = "optimizer steps of a trial (not epochs: the train split is cycled as needed)"
+EVAL_EVERY = (
+    "optimizer steps between evaluated checkpoints (saved, scored, kept for the analysis); step 0 (the start "
+    "model) and the last step are always evaluated"
+)
+ACCUMULATION = "micro-batches whose gradients are accumulated into one optimizer step"
 
 
 class SFTConfig(Section):
-    learning_rate: PositiveFloat = 1e-5
-    lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = "constant"
-    warmup_ratio: Probability = 0.0
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    per_device_batch_size: PositiveInt = 8
-    gradient_accumulation_steps: PositiveInt = 1
-    max_steps: PositiveInt = 100
-    eval_every: PositiveInt = 25
-    max_seq_length: PositiveInt = 512
-    distributed: Literal["ddp", "fsdp"] = "ddp"
+    learning_rate: PositiveFloat = Field(
+        1e-5, description="AdamW's peak learning rate; a sweep sets it from sweep.sft_learning_rates"
+    )
+    lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = Field(
+        "constant", description=LR_SCHEDULER
+    )
+    warmup_ratio: Probability = Field(0.0, description=WARMUP_RATIO)
+    weight_decay: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="AdamW's decoupled weight decay (0, as in the HF Trainer)"
+    )
+    per_device_batch_size: PositiveInt = Field(
+        8,
+        description="training examples per worker per micro-batch; an optimizer step sees this x "
+        "gradient_accumulation_steps x resources.num_workers",
+    )
+    gradient_accumulation_steps: PositiveInt = Field(1, description=ACCUMULATION)
+    max_steps: PositiveInt = Field(100, description=MAX_STEPS)
+    eval_every: PositiveInt = Field(25, description=EVAL_EVERY)
+    max_seq_length: PositiveInt = Field(
+        512, description="tokens per training example (chat-templated prompt + answer); longer ones are cut"
+    )
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every worker holds the whole model; fsdp: the model is sharded over the workers "
+        "(full_shard auto_wrap), for models too big for one GPU",
+    )
 
 
 class RolloutConfig(Section):
-    backend: Literal["hf", "vllm"] = "hf"
-    num_actors: PositiveInt = 1
-    num_cpus: PositiveFloat = 1.0
-    num_gpus: Annotated[float, Field(ge=0)] = 0.0
-    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.5
+    backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="hf: transformers generate (CPU or GPU); vllm: a vLLM engine on the actor's GPU (the gpu "
+        "extra)",
+    )
+    num_actors: PositiveInt = Field(
+        1,
+        description="rollout actors per RL trial, shared by its training workers; prompts are spread over "
+        "them",
+    )
+    num_cpus: PositiveFloat = Field(
+        1.0,
+        description="Ray logical CPUs per rollout actor; a fraction lets it share a core with its learner",
+    )
+    num_gpus: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="Ray GPUs per rollout actor; a fraction shares a GPU"
+    )
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.5, description="vllm only: the share of the GPU's memory the vLLM engine may take"
+    )
 
 
 class RLConfig(Section):
-    learning_rate: PositiveFloat = 1e-6
-    lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = "constant"
-    warmup_ratio: Probability = 0.0
-    per_device_batch_size: PositiveInt = 8
-    gradient_accumulation_steps: PositiveInt = 1
-    num_generations: Annotated[int, Field(ge=2)] = 8
+    learning_rate: PositiveFloat = Field(
+        1e-6,
+        description="AdamW's peak learning rate (TRL's GRPO default); a sweep sets it from "
+        "sweep.rl_learning_rates",
+    )
+    lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = Field(
+        "constant", description=LR_SCHEDULER
+    )
+    warmup_ratio: Probability = Field(0.0, description=WARMUP_RATIO)
+    per_device_batch_size: PositiveInt = Field(
+        8,
+        description="completions (not prompts) per worker per micro-batch; a multiple of num_generations, so "
+        "every prompt's group fits in one batch",
+    )
+    gradient_accumulation_steps: PositiveInt = Field(1, description=ACCUMULATION)
+    num_generations: Annotated[int, Field(ge=2)] = Field(
+        8,
+        description="completions sampled per prompt (the GRPO group; TRL's default); advantages compare "
+        "rewards within a group, so at least 2",
+    )
     beta: Annotated[float, Field(ge=0)] = Field(
         0.0, description="KL coefficient; 0 skips the reference model"
     )
-    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = Field(
+        "dapo",
+        description="how token losses are averaged: grpo per sequence (biased by length), dr_grpo by the "
+        "constant max_completion_length, dapo over the active tokens of the whole accumulated batch, bnpo "
+        "over the local batch's. dapo is TRL's default and has no length bias; the seed paper runs dr_grpo",
+    )
     scale_rewards: Literal["group", "batch", "none"] | None = Field(
         None,
         description="divide advantages by the reward std of the group, of the batch, or not at all; "
@@ -224,10 +345,15 @@ class RLConfig(Section):
         "TRL's 'group' otherwise",
     )
     num_iterations: PositiveInt = Field(1, description="policy updates per generation batch")
-    temperature: PositiveFloat = 1.0
-    max_completion_length: PositiveInt = 32
-    max_steps: PositiveInt = 100
-    eval_every: PositiveInt = 25
+    temperature: PositiveFloat = Field(
+        1.0, description="sampling temperature of the rollouts; 1 samples the policy's own distribution"
+    )
+    max_completion_length: PositiveInt = Field(
+        32,
+        description="most tokens per sampled completion: room for <answer>...</answer> and a short preamble",
+    )
+    max_steps: PositiveInt = Field(100, description=MAX_STEPS)
+    eval_every: PositiveInt = Field(25, description=EVAL_EVERY)
     init: Literal["base", "sft"] = Field(
         "base", description="GRPO starts from the base model or from an SFT trial's checkpoint (seed paper)"
     )
@@ -239,7 +365,9 @@ class RLConfig(Section):
     init_step: NonNegativeInt | None = Field(
         None, description="rl.init=sft: the SFT checkpoint step to start from; default the trial's last"
     )
-    rollout: RolloutConfig = RolloutConfig()
+    rollout: RolloutConfig = Field(
+        RolloutConfig(), description="the Ray actors that generate GRPO's completions"
+    )
 
     @model_validator(mode="after")
     def _groups_fit_batch(self) -> RLConfig:
@@ -256,16 +384,43 @@ class RLConfig(Section):
 
 
 class SweepConfig(Section):
-    methods: list[Literal["sft", "rl"]] = Field(default_factory=lambda: ["sft", "rl"], min_length=1)
-    sft_learning_rates: list[PositiveFloat] = Field(default_factory=lambda: [1e-5], min_length=1)
-    rl_learning_rates: list[PositiveFloat] = Field(default_factory=lambda: [1e-6], min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    grid: dict[str, list[Any]] = Field(
-        default_factory=dict, description="any other config field by dotted path -> values"
+    methods: list[Literal["sft", "rl"]] = Field(
+        default_factory=lambda: ["sft", "rl"], min_length=1, description="the training methods swept"
     )
-    max_concurrent_trials: PositiveInt = 1
-    scheduler: Literal["none", "asha"] = "none"
-    name: str = Field("sweep", pattern=RUN_NAME)
+    sft_learning_rates: list[PositiveFloat] = Field(
+        default_factory=lambda: [1e-5],
+        min_length=1,
+        description="one SFT trial per rate: its sft.learning_rate",
+    )
+    rl_learning_rates: list[PositiveFloat] = Field(
+        default_factory=lambda: [1e-6],
+        min_length=1,
+        description="one GRPO trial per rate: its rl.learning_rate",
+    )
+    seeds: list[int] = Field(
+        default_factory=lambda: [0],
+        min_length=1,
+        description="each trial runs once per seed (HF Trainer seed and data order, rollout sampling); "
+        "dcv train's default --seed is the first",
+    )
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="any other config field by dotted path -> values, crossed with the rest; an sft.* or "
+        "rl.* key varies only that method's trials",
+    )
+    max_concurrent_trials: PositiveInt = Field(
+        1, description="Tune trials at once; lowered to as many of the largest trials as the cluster fits"
+    )
+    scheduler: Literal["none", "asha"] = Field(
+        "none",
+        description="none: every trial runs to max_steps; asha: Tune's ASHA stops trials early on "
+        "target/accuracy by step",
+    )
+    name: str = Field(
+        "sweep",
+        pattern=RUN_NAME,
+        description="the Tune experiment, <storage>/sweeps/<name>; rerunning a sweep of that name resumes it",
+    )
 
     @field_validator("seeds")
     @classmethod
@@ -284,15 +439,33 @@ class SweepConfig(Section):
 
 
 class PatchingConfig(Section):
-    methods: list[Literal["exact", "attribution", "ig", "mask"]] = Field(
-        default_factory=lambda: ["exact"], min_length=1
+    methods: list[Literal[(*PATCHING_METHODS, MASK)]] = Field(
+        default_factory=lambda: ["exact"],
+        min_length=1,
+        description="head-effect methods run on every model: exact activation patching, attribution "
+        "(first order), ig (integrated gradients), mask (learned masks, circuits.mask); the first is the one "
+        "calibration and the report's answer use",
     )
-    ig_steps: PositiveInt = 8
-    batch_size: PositiveInt = 16
-    head_chunk_size: PositiveInt = 32
-    num_actors: PositiveInt = 1
-    num_cpus_per_actor: PositiveFloat = 1.0
-    num_gpus_per_actor: Annotated[float, Field(ge=0)] = 0.0
+    ig_steps: PositiveInt = Field(
+        8, description="ig only: points on the corrupted-to-clean line that the gradient is averaged over"
+    )
+    batch_size: PositiveInt = Field(
+        16, description="probe items per forward pass in patching and faithfulness"
+    )
+    head_chunk_size: PositiveInt = Field(
+        32,
+        description="heads per work item of the patching pipeline; exact also patches up to this many heads "
+        "of a layer in one forward (the batch grows by that factor)",
+    )
+    num_actors: PositiveInt = Field(
+        1, description="Ray Data actors patching in parallel, one model loaded each"
+    )
+    num_cpus_per_actor: PositiveFloat = Field(
+        1.0, description="Ray CPUs per patching actor; also its torch threads (rounded down, at least 1)"
+    )
+    num_gpus_per_actor: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="Ray GPUs per patching actor; above 0 the actor computes on CUDA when there is one"
+    )
 
 
 class MaskConfig(Section):
@@ -335,7 +508,12 @@ class MaskConfig(Section):
 
 
 class CircuitsConfig(Section):
-    selection: Literal["faithfulness", "top_k"] = "faithfulness"
+    selection: Literal["faithfulness", "top_k"] = Field(
+        "faithfulness",
+        description="how a patching method's circuit is picked from the heads ranked by |effect|: the "
+        "smallest top-k set with F >= tau (at most k_max heads), or the top top_k heads (one faithfulness "
+        "pass). A mask circuit is {m >= 0.5}",
+    )
     tau: Annotated[float, Field(gt=0, le=2)] = Field(
         0.8,
         description="selection faithfulness: the circuit is the smallest top-k set with F >= tau (at most "
@@ -345,11 +523,22 @@ class CircuitsConfig(Section):
         "and may be reached by none (reached_tau false, and the analysis leaves the probe out of its "
         "means). The cap of 2 refuses a percentage typed for a share (tau: 80)",
     )
-    k_max: PositiveInt = 30
-    top_k: PositiveInt = 20
-    n_bootstrap: PositiveInt = 1000
-    ci_level: Annotated[float, Field(gt=0, lt=1)] = 0.95
-    mask: MaskConfig = Field(default_factory=MaskConfig)
+    k_max: PositiveInt = Field(
+        30,
+        description="selection faithfulness: the largest circuit; F is computed for the top 1..k_max heads",
+    )
+    top_k: PositiveInt = Field(20, description="selection top_k: the circuit's size")
+    n_bootstrap: PositiveInt = Field(
+        1000,
+        description="bootstrap draws behind every CI (the analysis' hierarchical bootstrap, the competence "
+        "guard, calibration)",
+    )
+    ci_level: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.95, description="two-sided level of those percentile CIs"
+    )
+    mask: MaskConfig = Field(
+        default_factory=MaskConfig, description="learned-mask discovery, run where patching.methods has mask"
+    )
     noise_floor: bool = Field(
         True,
         description="the base circuit against itself on bootstrap resamples of its probe items (and another "
@@ -386,7 +575,12 @@ class CalibrationConfig(Section):
     probes: list[Literal[PROBE_NAMES]] | None = Field(
         None, description="probes to plant damage for; default every competent prior probe"
     )
-    k: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 3, 5], min_length=1)
+    k: list[PositiveInt] = Field(
+        default_factory=lambda: [1, 2, 3, 5],
+        min_length=1,
+        description="planted sizes: for each k, one model with the probe's top-k circuit heads damaged and "
+        "one with k random heads outside the circuit damaged",
+    )
     alpha: Annotated[float, Field(ge=0, lt=1)] = Field(
         0.0, description="planted heads' o_proj input columns are scaled by alpha: 0 ablates, 0.5 halves"
     )
@@ -405,7 +599,7 @@ class BenchmarksConfig(Section):
         "command runs; their data_files are relative to the YAML's folder",
     )
     limit: PositiveInt | None = Field(None, description="rows per task; None = every row")
-    batch_size: PositiveInt = 8
+    batch_size: PositiveInt = Field(8, description="lm-eval's batch size")
     num_fewshot: NonNegativeInt = Field(0, description="a task whose YAML sets num_fewshot: 0 keeps 0")
     allow_code_execution: bool = Field(
         False, description="let tasks that run model-written code (humaneval, mbpp, ...) execute it"
@@ -443,7 +637,9 @@ class TrackingConfig(Section):
         None,
         description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db",
     )
-    experiment_name: str = "dcv"
+    experiment_name: str = Field(
+        "dcv", description="the MLflow experiment every run goes to (made if absent)"
+    )
 
     @field_validator("uri")
     @classmethod
@@ -473,11 +669,18 @@ class StorageConfig(Section):
 
 
 class ResourcesConfig(Section):
-    num_workers: PositiveInt = 1
-    use_gpu: bool = False
-    cpus_per_worker: PositiveFloat = 1.0
-    gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
-    max_failures: NonNegativeInt = 1
+    num_workers: PositiveInt = Field(1, description="Ray Train workers (DDP/FSDP ranks) per training trial")
+    use_gpu: bool = Field(False, description="train on GPUs (NCCL) rather than CPUs (gloo)")
+    cpus_per_worker: PositiveFloat = Field(
+        1.0, description="Ray logical CPUs per training worker; fractions let trials share cores"
+    )
+    gpus_per_worker: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="Ray GPUs per training worker; above 0 exactly when use_gpu"
+    )
+    max_failures: NonNegativeInt = Field(
+        1,
+        description="worker failures a trial survives (resuming from its latest checkpoint) before it fails",
+    )
     torch_threads: PositiveInt | None = Field(
         None, description="intra-op threads per training worker and rollout actor; None = torch's default"
     )
@@ -492,22 +695,45 @@ class ResourcesConfig(Section):
 
 
 class ExperimentConfig(Section):
-    name: str = Field("dcv", pattern=RUN_NAME)
-    model: ModelConfig
-    target_task: TargetTaskConfig = TargetTaskConfig()
-    probes: list[ProbeConfig] = Field(min_length=1)
-    evaluation: EvaluationConfig = EvaluationConfig()
-    sft: SFTConfig = SFTConfig()
-    rl: RLConfig = RLConfig()
-    sweep: SweepConfig = SweepConfig()
-    patching: PatchingConfig = PatchingConfig()
-    circuits: CircuitsConfig = CircuitsConfig()
-    analysis: AnalysisConfig = AnalysisConfig()
-    calibration: CalibrationConfig = CalibrationConfig()
-    benchmarks: BenchmarksConfig = BenchmarksConfig()
-    tracking: TrackingConfig = TrackingConfig()
-    storage: StorageConfig = StorageConfig()
-    resources: ResourcesConfig = ResourcesConfig()
+    name: str = Field(
+        "dcv",
+        pattern=RUN_NAME,
+        description="names the experiment's MLflow parent run, the dcv.experiment tag of its runs and the "
+        "report's title",
+    )
+    model: ModelConfig = Field(description="the base model: what both methods fine-tune and are compared to")
+    target_task: TargetTaskConfig = Field(TargetTaskConfig(), description="the task both methods train on")
+    probes: list[ProbeConfig] = Field(
+        min_length=1, description="prior-capability probes, each at most once: what fine-tuning may damage"
+    )
+    evaluation: EvaluationConfig = Field(
+        EvaluationConfig(), description="how every checkpoint is scored: target accuracy, probes, KL to base"
+    )
+    sft: SFTConfig = Field(SFTConfig(), description="supervised fine-tuning (TRL's SFTTrainer on Ray Train)")
+    rl: RLConfig = Field(RLConfig(), description="GRPO (TRL's GRPOTrainer on Ray Train, Ray rollout actors)")
+    sweep: SweepConfig = Field(
+        SweepConfig(), description="the Ray Tune sweep: methods x learning rates x seeds x grid"
+    )
+    patching: PatchingConfig = Field(
+        PatchingConfig(),
+        description="head effects of the base and every checkpoint, on a Ray Data actor pool",
+    )
+    circuits: CircuitsConfig = Field(
+        CircuitsConfig(),
+        description="circuits from head effects, their noise floor, and every CI's bootstrap",
+    )
+    analysis: AnalysisConfig = Field(AnalysisConfig(), description="the matched SFT-vs-RL comparison")
+    calibration: CalibrationConfig = Field(
+        CalibrationConfig(), description="planted damage on the base: what the experiment can detect"
+    )
+    benchmarks: BenchmarksConfig = Field(
+        BenchmarksConfig(), description="lm-eval retention benchmarks on every model"
+    )
+    tracking: TrackingConfig = Field(TrackingConfig(), description="where MLflow runs are logged")
+    storage: StorageConfig = Field(
+        StorageConfig(), description="where checkpoints, tables, logs and the default MLflow store go"
+    )
+    resources: ResourcesConfig = Field(ResourcesConfig(), description="the Ray Train workers of every trial")
 
     @field_validator("probes")
     @classmethod
@@ -642,3 +868,119 @@ def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     """A JSON-able dict of the whole config (paths as strings), for logging and round trips."""
     return cfg.model_dump(mode="json")
+
+
+# ``dcv validate CONFIG --explain``: the config tree with every field's type, default and description.
+DEFAULT_WIDTH = 60  # longer defaults (a system prompt, every chemistry kind) are cut; config values never are
+BOUND_SIGNS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+REQUIRED = object()  # the default of a field the file must set
+
+
+def explain_config(cfg: ExperimentConfig) -> list[str]:
+    """The config tree, one line per field in file order: ``dotted.path  type  default D  config V  #
+    description``, where ``config V`` (``cfg``'s value) is there only when V differs from D.
+
+    One line per field, description included, so ``--explain | grep warmup`` finds all of it. A section
+    has a line of its own (path and description). A list of sections (``probes``) shows its item's fields
+    once, as ``probes[].name``, with every item's value in one list.
+    """
+    rows = _explain_rows(ExperimentConfig, [cfg], None, "", listed=False)
+    width = max(len(path) for path, _ in rows)
+    return [f"{path:<{width}}  {rest}" for path, rest in rows]
+
+
+def _explain_rows(
+    section: type[BaseModel], values: list[BaseModel], defaults: BaseModel | None, prefix: str, listed: bool
+) -> list[tuple[str, str]]:
+    """(path, rest of the line) for every field of ``section``, nested sections included.
+
+    ``values`` are the section's instances in the config (one, or every item of a list), ``defaults`` the
+    section's default instance where it has one (``rl.rollout``, not ``model``, whose name is required):
+    its fields' defaults are the instance's, so ``target_task.system_prompt`` shows the prompt it fills in.
+    """
+    rows = []
+    for name, field in section.model_fields.items():
+        path = f"{prefix}{name}"
+        default = getattr(defaults, name) if defaults is not None else _field_default(field)
+        item = _section_in(field.annotation)
+        if item is not None:
+            is_list = item is not field.annotation
+            children = [child for v in values for child in _as_list(getattr(v, name))]
+            path += "[]" if is_list else ""
+            rows.append((path, f"# {field.description}"))
+            item_defaults = default if isinstance(default, BaseModel) else None  # none for list items
+            rows += _explain_rows(item, children, item_defaults, f"{path}.", listed or is_list)
+            continue
+        got = [getattr(v, name) for v in values]
+        line = f"{_type_text(field.annotation, field.metadata)}  default {_show(default, DEFAULT_WIDTH)}"
+        if any(g != default for g in got):
+            line += f"  config {_show(got if listed else got[0])}"
+        rows.append((path, f"{line}  # {field.description}"))
+    return rows
+
+
+def _field_default(field: Any) -> Any:
+    return REQUIRED if field.is_required() else field.get_default(call_default_factory=True)
+
+
+def _section_in(annotation: Any) -> type[BaseModel] | None:
+    """The section class of a section field or of a list-of-sections field (``probes``), else None."""
+    args = get_args(annotation)
+    if get_origin(annotation) is list and args:
+        annotation = args[0]
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _type_text(annotation: Any, metadata: Sequence[Any] = ()) -> str:
+    """``int>0``, ``float in [0, 1]``, ``{grpo,dapo}``, ``list[float>0], non-empty``, ``str | None``."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:  # inside a container: list[PositiveFloat]
+        text = _type_text(args[0], [m for info in args[1:] for m in getattr(info, "metadata", [info])])
+    elif origin is Literal:
+        text = "{" + ",".join(str(a) for a in args) + "}"  # argparse's way of writing choices
+    elif origin in (Union, UnionType):
+        text = " | ".join("None" if a is type(None) else _type_text(a) for a in args)
+    elif origin in (list, dict):
+        text = f"{origin.__name__}[{', '.join(_type_text(a) for a in args)}]"
+    else:
+        text = getattr(annotation, "__name__", str(annotation)).removeprefix("typing.")
+    return text + _bounds_text(metadata)
+
+
+def _bounds_text(metadata: Sequence[Any]) -> str:
+    """What the numeric bounds and the non-empty rule among a field's constraints add to its type."""
+    limit = {
+        key: getattr(m, key) for m in metadata for key in (*BOUND_SIGNS, "min_length") if hasattr(m, key)
+    }
+    low = next((key for key in ("gt", "ge") if key in limit), None)
+    high = next((key for key in ("lt", "le") if key in limit), None)
+    text = ""
+    if low and high:
+        text = (
+            f" in {'(' if low == 'gt' else '['}{limit[low]:g}, {limit[high]:g}{')' if high == 'lt' else ']'}"
+        )
+    elif low or high:
+        key = low or high
+        text = f"{BOUND_SIGNS[key]}{limit[key]:g}"
+    return text + (", non-empty" if limit.get("min_length") == 1 else "")
+
+
+def _show(value: Any, width: int | None = None) -> str:
+    """A value on one line: floats by %g, lists and mappings flat; cut to ``width`` characters if given."""
+    if value is REQUIRED:
+        text = "required"
+    elif isinstance(value, float):
+        text = f"{value:g}"
+    elif isinstance(value, list | tuple):
+        text = "[" + ", ".join(_show(v) for v in value) + "]"
+    elif isinstance(value, dict):
+        text = "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
+    elif isinstance(value, str):
+        text = " ".join(value.split()) or "''"  # a system prompt's newlines would break the line
+    else:
+        text = str(value)
+    return text if width is None or len(text) <= width else text[: width - 3] + "..."

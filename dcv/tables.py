@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import polars as pl
 
-from dcv.circuits import Head
 from dcv.storage import BASE_MODEL
+
+Head = tuple[int, int]  # (layer, head within the layer)
 
 # The head-effect table of one patching run: one row per (model, probe, method, layer, head).
 EFFECT_SCHEMA = {

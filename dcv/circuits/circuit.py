@@ -20,10 +20,10 @@ import polars as pl
 import torch
 from transformers import PreTrainedModel
 
-from dcv.circuits import Head
 from dcv.circuits.decoder import DecoderCache, Prefix, check_heads, hook_z_name, model_shape, run_decoder
 from dcv.config import CircuitsConfig
 from dcv.evaluation import contrast_batches
+from dcv.tables import Head
 from dcv.tasks.items import ProbeItem
 
 CIRCUIT_SCHEMA = {

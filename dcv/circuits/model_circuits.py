@@ -5,24 +5,24 @@ For each model of the patching table (the base model and every checkpoint), prob
 - the model's own circuit C_T(M) (``select_circuit`` on M's own head effects), its size and faithfulness;
 - F(C_T(base), M): the base circuit's faithfulness in M (DESIGN.md, "Preservation").
 
-Both need the model's forward passes, so they run where the model is: one Ray task per model (CPU or GPU
-as ``patching`` asks), the base model first (its circuits are the reference the others are scored
-against). One file per model, ``<storage>/circuits/models/<model>__<hash>.parquet`` (CIRCUITS_SCHEMA),
-written atomically; the hash covers the checkpoint, the circuit rule, the probes (with ``chem``, the
-target task its items come from) and, for checkpoints, the base circuits, so a rerun skips finished
-models and a changed config recomputes. The assembled table is ``<storage>/circuits/circuits.parquet``.
+Both need the model's forward passes, so they run where the model is: one item per model on the stage
+runner's actor pool (``dcv.stages``; CPU or GPU as ``patching`` asks), the base model first (its circuits
+are the reference the others are scored against), then the checkpoints, then the learned masks' noise
+floor when masks are configured. One file per model, ``<storage>/circuits/models/<model>__<hash>.parquet``
+(CIRCUITS_SCHEMA), written atomically; the hash covers the checkpoint, the circuit rule, the probes (with
+``chem``, the target task its items come from) and, for checkpoints, the base circuits, so a rerun skips
+finished models and a changed config recomputes. The assembled table is
+``<storage>/circuits/circuits.parquet``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
 
-from dcv.circuits import MASK, Head
-from dcv.circuits.pipeline import wait_for_tasks
-from dcv.config import ExperimentConfig, parse_config
+from dcv.config import MASK, ExperimentConfig
+from dcv.stages import WORK_COLUMNS, Progress, Stage, patching_resources, run_stage
 from dcv.storage import (
     BASE_MODEL,
     CIRCUITS_FILE,
@@ -30,10 +30,9 @@ from dcv.storage import (
     circuits_dir,
     content_hash,
     file_slug,
-    read_parquet,
     write_parquet,
 )
-from dcv.tables import CIRCUITS_SCHEMA, base_circuits
+from dcv.tables import CIRCUITS_SCHEMA, Head, base_circuits
 
 
 def model_circuits(
@@ -102,71 +101,37 @@ def model_file(cfg: ExperimentConfig, storage_root: Path, model: str, checkpoint
     return circuits_dir(storage_root) / "models" / f"{file_slug(model)}__{digest}.parquet"
 
 
-def _finished(path: Path, schema: dict, n_rows: int | None) -> pl.DataFrame | None:
-    """The table at ``path`` if it is complete (the schema, and ``n_rows`` rows unless None); an
-    invalid file is moved aside and computed again (``dcv.storage.read_parquet``)."""
-    return read_parquet(path, schema, n_rows)
+def circuits_item(worker, item: dict, context: dict) -> pl.DataFrame:
+    """The stage's compute (``dcv.stages``): one model's CIRCUITS_SCHEMA rows."""
+    model = worker.model(item["model"], item["checkpoint"])
+    effects = context["effects"].filter(pl.col("model") == item["model"])
+    return model_circuits(model, context["probe_items"], effects, worker.cfg, context["reference"])
 
 
-def compute_model_circuits(
-    cfg_dict: dict,
-    model: str,
-    checkpoint: str,
-    effects: pl.DataFrame,
-    probe_items: dict[str, list],
-    reference: dict[tuple[str, str], list[Head]] | None,
-    path: str,
-) -> int:
-    """One model's circuits, written to ``path``: the body of a Ray task."""
-    import torch
-
-    from dcv.circuits.pipeline import load_item_model
-
-    cfg = parse_config(cfg_dict)
-    torch.set_num_threads(max(1, int(cfg.patching.num_cpus_per_actor)))
-    device = "cuda" if cfg.patching.num_gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
-    loaded = load_item_model(cfg, model, checkpoint).to(device)
-    table = model_circuits(loaded, probe_items, effects, cfg, reference)
-    write_parquet(table, Path(path))
-    return table.height
-
-
-def compute_noise_floor(
-    cfg_dict: dict,
-    checkpoint: str,
-    effects: pl.DataFrame,
-    probe_items: dict[str, list],
-    reference: dict[tuple[str, str], list[Head]],
-    path: str,
-) -> int:
-    """The learned masks' noise floor (``dcv.circuits.noise_floor.mask_noise_floor``), written to
-    ``path``: a Ray task. The patching methods' floor needs no model (``dcv.analysis``)."""
-    import torch
-
+def noise_floor_item(worker, item: dict, context: dict) -> pl.DataFrame:
+    """The learned masks' noise floor (``dcv.circuits.noise_floor.mask_noise_floor``) on the base model.
+    The patching methods' floor needs no model (``dcv.analysis``)."""
     from dcv.circuits.noise_floor import mask_noise_floor
-    from dcv.circuits.pipeline import load_item_model
 
-    cfg = parse_config(cfg_dict)
-    torch.set_num_threads(max(1, int(cfg.patching.num_cpus_per_actor)))
-    device = "cuda" if cfg.patching.num_gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
-    model = load_item_model(cfg, BASE_MODEL, checkpoint).to(device)
-    table = mask_noise_floor(model, probe_items, effects, reference, cfg)
-    write_parquet(table, Path(path))
-    return table.height
+    model = worker.model(BASE_MODEL, item["checkpoint"])
+    return mask_noise_floor(model, context["probe_items"], context["masks"], context["reference"], worker.cfg)
+
+
+def _work(rows: list[dict]) -> pl.DataFrame:
+    schema = {**WORK_COLUMNS, "model": pl.String, "checkpoint": pl.String}
+    return pl.DataFrame(rows, schema=schema)
 
 
 def run_circuits(
     cfg: ExperimentConfig,
     effects: pl.DataFrame,
     storage_root: Path,
-    progress: Callable[[str], None] = print,
+    progress: Progress = print,
     out_dir: Path | None = None,
 ) -> pl.DataFrame:
-    """Every model's circuits (base first, then the checkpoints in parallel Ray tasks, beside them the
-    learned masks' noise floor when ``circuits.noise_floor``); needs Ray. The assembled tables go to
-    ``out_dir`` (default ``<storage>/circuits``); per-model files are shared by every caller."""
-    import ray
-
+    """Every model's circuits (base first, then the checkpoints, then the learned masks' noise floor when
+    ``circuits.noise_floor`` and masks are configured) on the stage runner; needs Ray. The assembled
+    tables go to ``out_dir`` (default ``<storage>/circuits``); per-model files are shared by every caller."""
     from dcv.circuits.noise_floor import NOISE_FLOOR_SCHEMA
     from dcv.models import load_tokenizer
     from dcv.tasks.probes import build_probe
@@ -179,48 +144,40 @@ def run_circuits(
     # A model's file holds one row per (probe, method) it was patched on (calibration models: one probe).
     n_rows = dict(effects.group_by("model").agg(pl.struct("probe", "method").n_unique()).iter_rows())
     tokenizer = load_tokenizer(cfg.model)
-    probes = effects["probe"].unique().to_list()
     probe_items = {
-        name: list(build_probe(cfg.probe(name), tokenizer, cfg.target_task).items) for name in probes
+        name: list(build_probe(cfg.probe(name), tokenizer, cfg.target_task).items)
+        for name in effects["probe"].unique().to_list()
     }
-    resources = {"num_cpus": cfg.patching.num_cpus_per_actor, "num_gpus": cfg.patching.num_gpus_per_actor}
-    task = ray.remote(compute_model_circuits).options(**resources)
+    resources = patching_resources(cfg)
 
-    def launch(model: str, checkpoint: str, reference) -> tuple[Path, object | None]:
+    def item(model: str, checkpoint: str, reference, rows: int | None) -> dict:
         path = model_file(cfg, storage_root, model, checkpoint, reference)
-        if _finished(path, CIRCUITS_SCHEMA, n_rows[model]) is not None:
-            return path, None
-        rows = effects.filter(pl.col("model") == model)
-        return path, task.remote(
-            cfg.model_dump(mode="json"), model, checkpoint, rows, probe_items, reference, str(path)
-        )
+        return {
+            "item_id": path.stem,
+            "path": str(path),
+            "n_rows": rows,
+            "model": model,
+            "checkpoint": checkpoint,
+        }
+
+    def run(name: str, compute, items: list[dict], context: dict, schema: dict) -> pl.DataFrame:
+        return run_stage(Stage(name, cfg, _work(items), schema, compute, resources, context), progress).table
 
     base_checkpoint = models.filter(pl.col("model") == BASE_MODEL)["checkpoint"][0]
-    base_path, base_ref = launch(BASE_MODEL, base_checkpoint, None)
-    if base_ref is not None:
-        progress("circuits: base model first (the reference for every checkpoint)")
-        ray.get(base_ref)
-    reference = base_circuits(pl.read_parquet(base_path))
-    launched = [launch(m, c, reference) for m, c in models.iter_rows() if m != BASE_MODEL]
-    floor_path = model_file(cfg, storage_root, "noise_floor", base_checkpoint, reference)
-    masks_floor = cfg.circuits.noise_floor and not base_masks.is_empty()
-    if masks_floor:
-        if _finished(floor_path, NOISE_FLOOR_SCHEMA, None) is None:
-            args = (cfg.model_dump(mode="json"), base_checkpoint, base_masks, probe_items, reference)
-            task_ref = ray.remote(compute_noise_floor).options(**resources).remote(*args, str(floor_path))
-            launched.append((floor_path, task_ref))
-        else:
-            launched.append((floor_path, None))
-    n_jobs = 1 + len(launched)
-    pending = [ref for _, ref in launched if ref is not None]
-    skipped = int(base_ref is None) + len(launched) - len(pending)
-    progress(f"circuits: {n_jobs} jobs (models and noise floor), {skipped} finished before (skipped)")
-    wait_for_tasks(pending, "circuits", n_jobs, progress)
-    paths = [base_path] + [path for path, _ in launched if path != floor_path]
-    table = pl.concat([pl.read_parquet(path) for path in paths]).sort("model", "probe", "method")
+    context = {"effects": effects, "probe_items": probe_items, "reference": None}
+    # The base model first: its circuits are the reference every checkpoint is scored against.
+    base_item = item(BASE_MODEL, base_checkpoint, None, n_rows[BASE_MODEL])
+    base = run("circuits (base model)", circuits_item, [base_item], context, CIRCUITS_SCHEMA)
+    reference = base_circuits(base)
+    items = [item(m, c, reference, n_rows[m]) for m, c in models.iter_rows() if m != BASE_MODEL]
+    checkpoints = run("circuits", circuits_item, items, {**context, "reference": reference}, CIRCUITS_SCHEMA)
+    table = pl.concat([base, checkpoints]).sort("model", "probe", "method")
     out_dir = circuits_dir(storage_root) if out_dir is None else out_dir
     write_parquet(table, out_dir / CIRCUITS_FILE)
-    floor = read_parquet(floor_path) if masks_floor else None
-    floor = pl.DataFrame(schema=NOISE_FLOOR_SCHEMA) if floor is None else floor
+    floor = pl.DataFrame(schema=NOISE_FLOOR_SCHEMA)
+    if cfg.circuits.noise_floor and not base_masks.is_empty():
+        masks = {"probe_items": probe_items, "masks": base_masks, "reference": reference}
+        floor_item = item("noise_floor", base_checkpoint, reference, None)
+        floor = run("noise floor (masks)", noise_floor_item, [floor_item], masks, NOISE_FLOOR_SCHEMA)
     write_parquet(floor, out_dir / NOISE_FLOOR_FILE)
     return table

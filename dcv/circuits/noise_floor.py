@@ -22,9 +22,9 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from dcv.circuits import MASK, Head
 from dcv.circuits.vulnerability import effect_spearman
-from dcv.config import ExperimentConfig
+from dcv.config import MASK, ExperimentConfig
+from dcv.tables import Head
 
 NOISE_FLOOR_SCHEMA = {
     "probe": pl.String,

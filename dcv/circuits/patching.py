@@ -33,10 +33,10 @@ import polars as pl
 import torch
 from transformers import PreTrainedModel
 
-from dcv.circuits import PATCHING_METHODS, Head
 from dcv.circuits.decoder import DecoderCache, Prefix, check_heads, hook_z_name, model_shape, run_decoder
+from dcv.config import PATCHING_METHODS
 from dcv.evaluation import ContrastBatch, contrast_batches
-from dcv.tables import EFFECT_SCHEMA
+from dcv.tables import EFFECT_SCHEMA, Head
 from dcv.tasks.items import ProbeItem
 
 # Per-item parts of an effect (for bootstrap over items): effect = mean(delta) / mean(denominator).

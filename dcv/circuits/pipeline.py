@@ -39,17 +39,15 @@ The first seven columns are ``dcv.circuits.patching.EFFECT_SCHEMA``; the numbers
 
 from __future__ import annotations
 
-import os
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import polars as pl
 
-from dcv.circuits import MASK
-from dcv.config import ExperimentConfig, ModelConfig, parse_config
+from dcv.config import MASK, ExperimentConfig, ModelConfig
 from dcv.results import list_models, read_results
+from dcv.stages import WORK_COLUMNS, Progress, Stage, StageRun, log_stage, patching_resources, run_stage
 from dcv.storage import (
     BASE_MODEL,
     EFFECTS_FILE,
@@ -66,7 +64,7 @@ from dcv.tables import EFFECTS_SCHEMA
 
 # The work grid: one row per item; heads are head_start..head_end-1 in (layer, head) order.
 WORK_SCHEMA = {
-    "item_id": pl.String,
+    **WORK_COLUMNS,
     "model": pl.String,
     "trial": pl.String,
     "step": pl.Int64,
@@ -135,6 +133,7 @@ def build_work_items(
     """The work grid (WORK_SCHEMA), sorted by checkpoint, then probe, method and head range."""
     probe_names = select_probes(cfg, probes)
     models = list_models(cfg, results)
+    storage = local_storage_root(cfg)
     size = cfg.patching.head_chunk_size
     rows = []
     for model, trial, step, checkpoint in models.iter_rows():
@@ -147,9 +146,12 @@ def build_work_items(
                 chunk = total if method == MASK else size
                 for start in range(0, total, chunk):
                     heads = (start, min(start + chunk, total))
+                    item_id = build_item_id(cfg, model, checkpoint, probe, method, heads)
                     rows.append(
                         {
-                            "item_id": build_item_id(cfg, model, checkpoint, probe, method, heads),
+                            "item_id": item_id,
+                            "path": str(item_path(storage, item_id)),
+                            "n_rows": heads[1] - heads[0],
                             "model": model,
                             "trial": trial,
                             "step": step,
@@ -175,16 +177,6 @@ def read_item(path: Path, n_rows: int) -> pl.DataFrame | None:
     """A finished item's rows, or None when the file is absent or invalid: unreadable, of another schema
     or size (then it is moved aside, ``dcv.storage.read_parquet``, and the item is patched again)."""
     return read_parquet(path, EFFECTS_SCHEMA, n_rows)
-
-
-def split_done(work: pl.DataFrame, storage_root: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(pending, done) rows of the work grid; done = its item file is valid."""
-    done = [
-        read_item(item_path(storage_root, item_id), end - start) is not None
-        for item_id, start, end in work.select("item_id", "head_start", "head_end").iter_rows()
-    ]
-    mask = pl.Series(done, dtype=pl.Boolean)
-    return work.filter(~mask), work.filter(mask)
 
 
 def compute_item(model, items: Sequence, item: dict, cfg: ExperimentConfig) -> pl.DataFrame:
@@ -228,212 +220,63 @@ def compute_item(model, items: Sequence, item: dict, cfg: ExperimentConfig) -> p
     ).select(list(EFFECTS_SCHEMA))
 
 
-def load_item_model(cfg: ExperimentConfig, model: str, checkpoint: str, tokenizer=None):
-    """The base model (``cfg.model``) or a checkpoint folder, with the base model's dtype."""
-    from dcv.models import load_model
+def patch_item(worker, item: dict, probe_items: dict[str, list]) -> pl.DataFrame:
+    """The stage's compute (``dcv.stages``): one item's rows on the actor's model for its checkpoint."""
+    from dcv.circuits.decoder import model_shape
 
-    model_cfg = cfg.model if model == BASE_MODEL else cfg.model.model_copy(update={"name": checkpoint})
-    return load_model(model_cfg, tokenizer)
-
-
-def read_effects(storage_root: Path, work: pl.DataFrame) -> pl.DataFrame:
-    """The assembled table (EFFECTS_SCHEMA) of every item of ``work``; an unfinished item is an error."""
-    tables, missing = [], []
-    for item_id, start, end in work.select("item_id", "head_start", "head_end").iter_rows():
-        table = read_item(item_path(storage_root, item_id), end - start)
-        if table is None:
-            missing.append(item_id)
-        else:
-            tables.append(table)
-    if missing:
-        raise FileNotFoundError(
-            f"{items_dir(storage_root)}: {len(missing)} of {work.height} items are not finished "
-            f"(first: {missing[0]}); rerun dcv patch-all"
+    model = worker.model(item["model"], item["checkpoint"])
+    shape = model_shape(model)
+    if (shape.n_layers, shape.n_heads) != (item["n_layers"], item["n_heads"]):
+        raise ValueError(
+            f"checkpoint {item['checkpoint']}: {shape.n_layers} layers x {shape.n_heads} heads, but its "
+            f"config.json said {item['n_layers']} x {item['n_heads']}"
         )
-    frame = pl.concat(tables) if tables else pl.DataFrame(schema=EFFECTS_SCHEMA)
-    return frame.sort("checkpoint", "model", "probe", "method", "layer", "head")
+    return compute_item(model, probe_items[item["probe"]], item, worker.cfg)
 
 
-def check_resources(cfg: ExperimentConfig, resources: dict[str, float]) -> None:
-    """The actor pool must fit the cluster (``ray.cluster_resources()``); checked before any compute."""
-    p = cfg.patching
-    problems = []
-    for key, per_actor, field in (
-        ("CPU", p.num_cpus_per_actor, "num_cpus_per_actor"),
-        ("GPU", p.num_gpus_per_actor, "num_gpus_per_actor"),
-    ):
-        need, have = p.num_actors * per_actor, resources.get(key, 0.0)
-        if need > have:
-            problems.append(
-                f"[patching] patching.num_actors={p.num_actors} x patching.{field}={per_actor} needs "
-                f"{need:g} {key}s; the Ray cluster has {have:g}; lower num_actors or {field}"
-            )
-    if problems:
-        raise ValueError("\n".join(problems))
+def patching_stage(cfg: ExperimentConfig, work: pl.DataFrame) -> Stage:
+    """The patching stage of a work grid: the probes' items are built once, here, for every actor."""
+    from dcv.models import load_tokenizer
+    from dcv.tasks.probes import build_probe
 
-
-class PatchItems:
-    """The Ray Data stage: a callable class run by an actor pool (``map_batches(PatchItems, ...)``).
-
-    Each actor keeps one loaded model and reloads only when an item names another checkpoint; for each
-    item it computes the rows with ``compute_item`` and writes them atomically to the item's file. It
-    returns one row per item: item_id, rows written, seconds, the actor's pid, whether it loaded a model.
-    """
-
-    def __init__(self, cfg: dict, probe_items: dict[str, list], storage_root: str):
-        import torch
-
-        self.cfg = parse_config(cfg)
-        self.probe_items = probe_items
-        self.storage_root = Path(storage_root)
-        # One intra-op thread per CPU Ray gave this actor, so actors on one node do not oversubscribe it.
-        torch.set_num_threads(max(1, int(self.cfg.patching.num_cpus_per_actor)))
-        use_gpu = self.cfg.patching.num_gpus_per_actor > 0 and torch.cuda.is_available()
-        self.device = "cuda" if use_gpu else "cpu"
-        self.checkpoint: tuple[str, str] | None = None
-        self.model = None
-
-    def _model_for(self, model: str, checkpoint: str) -> bool:
-        if self.checkpoint == (model, checkpoint):
-            return False
-        from dcv.circuits.decoder import model_shape
-
-        self.model = None  # free the old weights before loading the next ones
-        self.model = load_item_model(self.cfg, model, checkpoint).to(self.device)
-        self.checkpoint = (model, checkpoint)
-        self.shape = model_shape(self.model)
-        return True
-
-    def __call__(self, batch: dict) -> dict:
-        import numpy as np
-
-        out: dict[str, list] = {"item_id": [], "rows": [], "seconds": [], "pid": [], "loaded": []}
-        for i in range(len(batch["item_id"])):
-            item = {key: values[i] for key, values in batch.items()}
-            start = time.perf_counter()
-            loaded = self._model_for(str(item["model"]), str(item["checkpoint"]))
-            if (self.shape.n_layers, self.shape.n_heads) != (int(item["n_layers"]), int(item["n_heads"])):
-                raise ValueError(
-                    f"checkpoint {item['checkpoint']}: {self.shape.n_layers} layers x {self.shape.n_heads} "
-                    f"heads, but its config.json said {item['n_layers']} x {item['n_heads']}"
-                )
-            table = compute_item(self.model, self.probe_items[str(item["probe"])], item, self.cfg)
-            write_parquet(table, item_path(self.storage_root, str(item["item_id"])))
-            out["item_id"].append(str(item["item_id"]))
-            out["rows"].append(table.height)
-            out["seconds"].append(time.perf_counter() - start)
-            out["pid"].append(os.getpid())
-            out["loaded"].append(loaded)
-        return {key: np.asarray(values) for key, values in out.items()}
-
-
-@dataclass(frozen=True)
-class PipelineRun:
-    table: pl.DataFrame  # the assembled EFFECTS_SCHEMA table
-    total: int  # items in the work grid
-    skipped: int  # items finished by an earlier run
-    computed: int  # items computed by this run
-    model_loads: int  # models loaded by the actors (at least one per checkpoint an actor saw)
-    path: Path  # <storage>/patching/effects.parquet
-
-
-def wait_for_tasks(
-    refs: list, label: str, total: int, progress: Callable[[str], None], start: float | None = None
-) -> None:
-    """Wait for Ray task ``refs`` (the unfinished ones of ``total`` jobs), printing done counts and an ETA
-    from the time per task so far; a failed task raises here."""
-    import ray
-
-    start = time.monotonic() if start is None else start
-    pending, finished, computed = list(refs), total - len(refs), 0
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        ray.get(ready)
-        finished, computed = finished + 1, computed + 1
-        eta = (time.monotonic() - start) / computed * len(pending)
-        progress(f"{label}: {finished}/{total} done, ETA {eta:.0f} s")
+    names = work["probe"].unique().to_list()
+    probe_items = {}
+    if names:
+        tokenizer = load_tokenizer(cfg.model)
+        probe_items = {n: list(build_probe(cfg.probe(n), tokenizer, cfg.target_task).items) for n in names}
+    return Stage("patching", cfg, work, EFFECTS_SCHEMA, patch_item, patching_resources(cfg), probe_items)
 
 
 def run_pipeline(
     cfg: ExperimentConfig,
     probes: Sequence[str] | None = None,
-    progress: Callable[[str], None] = print,
+    progress: Progress = print,
     work: pl.DataFrame | None = None,
     out: Path | None = None,
-) -> PipelineRun:
-    """Patch every unfinished item on a Ray Data actor pool, then assemble and write the table.
+) -> StageRun:
+    """Patch every unfinished item (``dcv.stages.run_stage``), then assemble and write the table.
 
     ``work`` is the grid (default: every model of the sweep's results table); the assembled table goes to
-    ``out`` (default ``<storage>/patching/effects.parquet``). Needs a connected Ray. Everything that can
-    fail on bad input (results table, checkpoint folders, probe names, the pool against the cluster) fails
-    before any actor starts.
+    ``out`` (default ``<storage>/patching/effects.parquet``), named by the returned run's ``path``. Needs a
+    connected Ray. Everything that can fail on bad input (results table, checkpoint folders, probe names,
+    the pool against the cluster) fails before any actor starts.
     """
     import ray
 
-    from dcv.models import load_tokenizer
-    from dcv.tasks.probes import build_probe
+    from dcv.stages import check_resources
 
     if not ray.is_initialized():
         raise RuntimeError("run_pipeline needs a connected Ray (ray.init); dcv patch-all connects one")
     storage = local_storage_root(cfg)
     work = build_work_items(cfg, read_results(storage), probes) if work is None else work
-    check_resources(cfg, ray.cluster_resources())
-    pending, done = split_done(work, storage)
-    total, skipped = work.height, done.height
-    progress(f"patching: {total} items, {skipped} finished before (skipped), {pending.height} to compute")
-    computed = loads = 0
-    if pending.height:
-        tokenizer = load_tokenizer(cfg.model)
-        names = pending["probe"].unique().to_list()
-        probe_items = {
-            name: list(build_probe(cfg.probe(name), tokenizer, cfg.target_task).items) for name in names
-        }
-        p = cfg.patching
-        # One item per block and per batch: Ray Data hands items to actors one at a time (finest load
-        # balance, a killed actor loses one item), in checkpoint order (an actor rarely reloads).
-        results = ray.data.from_items(pending.to_dicts(), override_num_blocks=pending.height).map_batches(
-            PatchItems,
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=p.num_actors),
-            num_cpus=p.num_cpus_per_actor,
-            num_gpus=p.num_gpus_per_actor,
-            fn_constructor_kwargs={
-                "cfg": cfg.model_dump(mode="json"),
-                "probe_items": probe_items,
-                "storage_root": str(storage),
-            },
-            # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a killed actor
-            # is restarted and its item retried (tests/circuits/test_pipeline.py kills one).
-        )
-        last, started = 0.0, time.monotonic()
-        for row in results.iter_rows():
-            computed += 1
-            loads += int(row["loaded"])
-            # A line per item while they are few or slow; at most one every 2 s at paper scale.
-            if computed == pending.height or time.monotonic() - last >= 2.0:
-                last = time.monotonic()
-                eta = (time.monotonic() - started) / computed * (pending.height - computed)
-                done = skipped + computed
-                progress(f"patching: {done}/{total} items done ({skipped} skipped), ETA {eta:.0f} s")
-    table = read_effects(storage, work)
+    check_resources("patching", patching_resources(cfg), ray.cluster_resources())
+    run = run_stage(patching_stage(cfg, work), progress)
+    table = run.table.sort("checkpoint", "model", "probe", "method", "layer", "head")
     path = write_parquet(table, patching_dir(storage) / EFFECTS_FILE if out is None else out)
-    return PipelineRun(table, total, skipped, computed, loads, path)
+    return replace(run, table=table, path=path)
 
 
-def log_pipeline_run(cfg: ExperimentConfig, run: PipelineRun, seconds: float) -> None:
+def log_pipeline_run(cfg: ExperimentConfig, run: StageRun) -> None:
     """The run's counts and its effects table in the experiment's ``patch-all`` MLflow child run (tag
-    dcv.stage=patch): one run for the stage however often it is rerun; its metrics hold the last pass."""
-    from dcv import tracking
-
-    logged = tracking.get_or_create_child_run(cfg, "patch-all", tags={"dcv.stage": "patch"})
-    logged.log_metrics(
-        {
-            "patch/items": run.total,
-            "patch/computed": run.computed,
-            "patch/skipped": run.skipped,
-            "patch/rows": run.table.height,
-            "patch/seconds": seconds,
-        }
-    )
-    logged.log_artifact(run.path, artifact_path="patching")
-    logged.finish()
+    dcv.stage=patch)."""
+    log_stage(cfg, "patch-all", "patch", run, run.path)

@@ -184,7 +184,7 @@ def forget_outputs(cfg: ExperimentConfig, name: str) -> None:
 
     storage = local_storage_root(cfg)
     own = re.compile(rf"{re.escape(file_slug(name))}_\d+__")
-    for folder in (items_dir(storage), circuits_dir(storage) / "models", benchmarks_dir(storage)):
+    for folder in (items_dir(storage), circuits_dir(storage) / "models", benchmarks_dir(storage) / "models"):
         for path in sorted(folder.glob("*")) if folder.is_dir() else []:
             if own.match(path.name) and CORRUPT_MARK not in path.name:
                 set_aside(path, f"made from trial {name}'s checkpoints, which are trained again")
