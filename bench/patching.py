@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/patching.py [--model smollm2-135m-instruct] [--probe ioi] [--items 16]
 
-Hardware: whatever runs it (the figures in the issue notes come from a 2-core CPU). Fixed seed; one
+Hardware: whatever runs it (the figures quoted in the README come from a 2-core CPU). Fixed seed; one
 warm-up call of every method, then the timed calls. All methods patch the same heads on the same items
 (the probe's items of its most common token length, since TransformerLens's utility takes one unpadded
 batch). The plain loop and TransformerLens's utility run one full forward per head whatever its layer, so

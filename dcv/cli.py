@@ -1,14 +1,19 @@
 """The ``dcv`` command.
 
-    dcv validate CONFIG                       check a config; exit 0, or print every problem and exit 2
+    dcv validate CONFIG [--explain]           check a config; exit 0, or print every problem and exit 2;
+                                              --explain also prints every field: type, default, the
+                                              config's value where it differs, what it means
     dcv eval CONFIG [--model M]               target accuracy, every probe's accuracy and mean LD, KL to
                                               the config's base model when M differs; logged to MLflow
     dcv patch CONFIG --probe P [--model M] [--method exact|attribution|ig]
-                                              head effects on a probe: prints the top heads, writes the
-                                              table to <storage>/patching/cli/
+                                              head effects on a probe, without Ray: prints the top heads;
+                                              reads and writes the patching pipeline's item files
+                                              (<storage>/patching/items/), so what patch-all finished is
+                                              reused and the other way round
     dcv circuit CONFIG --probe P [--model M] [--method ...]
-                                              the probe's circuit from that table (computed if missing),
-                                              its faithfulness, and a layer x head heatmap PNG
+                                              the probe's circuit from those effects (computed if missing),
+                                              its faithfulness, and a layer x head heatmap PNG, written to
+                                              <storage>/circuits/cli/
     dcv train CONFIG --method sft|rl [--seed S]
                                               one training trial on Ray Train (a local Ray is started on
                                               127.0.0.1 unless RAY_ADDRESS names a cluster); prints its
@@ -39,6 +44,8 @@ everything on the terminal instead. Commands that write the storage root (train,
 calibrate) hold its lock while they run: a second one on the same root exits 2 at once, naming the
 holder's pid, host, start time and command (dcv.storage.lock_storage); report and validate take none.
 Heavy imports (torch, transformers, mlflow) happen inside the commands, so ``dcv validate`` is instant.
+``build_parser`` has one block per command, ``COMMANDS`` what each runs; ``ray_jobs/*.py`` run a command
+through ``job_main``.
 """
 
 from __future__ import annotations
@@ -48,11 +55,17 @@ import errno
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dcv.circuits import PATCHING_METHODS
-from dcv.config import ConfigError, ExperimentConfig, ModelConfig, load_config
+from dcv.config import (
+    PATCHING_METHODS,
+    ConfigError,
+    ExperimentConfig,
+    ModelConfig,
+    explain_config,
+    load_config,
+)
 from dcv.console import Console
 from dcv.storage import is_remote_storage, local_storage_root, logs_dir
 
@@ -64,7 +77,10 @@ VERSIONS_SHOWN = ("ray", "torch", "transformers", "trl", "transformer-lens", "ml
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcv", description="Differential circuit vulnerability experiments")
     parser.add_argument("--version", action=PrintVersion, help="show dcv's and its libraries' versions")
-    # Options of every command that reads a config; --verbose only where there is something to hide.
+    commands = parser.add_subparsers(dest="command", required=True)
+    # Options shared by several commands, as argparse parents: --set for every command that reads a
+    # config, --verbose for those that start Ray (there is something to hide), --model for those that
+    # load one model.
     overrides = argparse.ArgumentParser(add_help=False)
     overrides.add_argument(
         "--set",
@@ -81,47 +97,78 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print everything (worker output, Ray's own lines) here instead of <storage>/logs/",
     )
-    runs = [overrides, verbose]
-    commands = parser.add_subparsers(dest="command", required=True)
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--model", help="local folder, hub id or built-in name; default model.name")
+    # patch and circuit: one model's head effects on one probe.
+    one_probe = argparse.ArgumentParser(add_help=False)
+    one_probe.add_argument("--probe", required=True, help="one of the config's probes")
+    one_probe.add_argument("--method", default="exact", choices=PATCHING_METHODS)
+    one_probe.add_argument("--top", type=int, default=15, help="how many heads to print")
+
     validate = commands.add_parser(
         "validate", parents=[overrides], help="check a config file (and overrides)"
     )
     validate.add_argument("config")
-    helps = {
-        "train": "train one trial (SFT or GRPO) under Ray Train",
-        "eval": "score a model: target accuracy, probes, KL to the config's base",
-        "patch": "head effects of a model on a probe",
-        "circuit": "a probe's circuit and its faithfulness",
-        "sweep": "a Ray Tune sweep of training trials (method x lr x seed x grid)",
-    }
-    for name, text in helps.items():
-        command = commands.add_parser(name, parents=runs, help=text)
-        command.add_argument("config")
-        if name != "sweep":
-            command.add_argument("--model", help="local folder, hub id or built-in name; default model.name")
-        if name == "train":
-            command.add_argument("--method", required=True, choices=("sft", "rl"))
-            command.add_argument("--seed", type=int, help="default: the first of sweep.seeds")
-        elif name not in ("eval", "sweep"):
-            command.add_argument("--probe", required=True, help="one of the config's probes")
-            command.add_argument("--method", default="exact", choices=PATCHING_METHODS)
-            command.add_argument("--top", type=int, default=15, help="how many heads to print")
+    validate.add_argument(
+        "--explain",
+        action="store_true",
+        help="also print every config field: type, default, this config's value where it differs, meaning",
+    )
+
+    train = commands.add_parser(
+        "train", parents=[overrides, verbose, model], help="train one trial (SFT or GRPO) under Ray Train"
+    )
+    train.add_argument("config")
+    train.add_argument("--method", required=True, choices=("sft", "rl"))
+    train.add_argument("--seed", type=int, help="default: the first of sweep.seeds")
+
+    eval_ = commands.add_parser(
+        "eval",
+        parents=[overrides, verbose, model],
+        help="score a model: target accuracy, probes, KL to the config's base",
+    )
+    eval_.add_argument("config")
+
+    patch = commands.add_parser(
+        "patch", parents=[overrides, verbose, model, one_probe], help="head effects of a model on a probe"
+    )
+    patch.add_argument("config")
+
+    circuit = commands.add_parser(
+        "circuit",
+        parents=[overrides, verbose, model, one_probe],
+        help="a probe's circuit and its faithfulness",
+    )
+    circuit.add_argument("config")
+
+    sweep = commands.add_parser(
+        "sweep",
+        parents=[overrides, verbose],
+        help="a Ray Tune sweep of training trials (method x lr x seed x grid)",
+    )
+    sweep.add_argument("config")
+
     patch_all = commands.add_parser(
-        "patch-all", parents=runs, help="head effects of every checkpoint on a Ray actor pool"
+        "patch-all", parents=[overrides, verbose], help="head effects of every checkpoint on a Ray actor pool"
     )
     patch_all.add_argument("config")
     patch_all.add_argument("--probe", dest="probes", action="append", help="only this probe (repeatable)")
+
     run = commands.add_parser(
-        "run", parents=runs, help="the whole experiment: sweep, patching, circuits, analysis, report"
+        "run",
+        parents=[overrides, verbose],
+        help="the whole experiment: sweep, patching, circuits, analysis, report",
     )
     run.add_argument("config")
+
     calibrate = commands.add_parser(
-        "calibrate", parents=runs, help="planted damage on the base: what dcv can detect"
+        "calibrate", parents=[overrides, verbose], help="planted damage on the base: what dcv can detect"
     )
     calibrate.add_argument("config")
     calibrate.add_argument("--probe", dest="probes", action="append", help="only this probe (repeatable)")
     calibrate.add_argument("--k", help="comma-separated head counts, e.g. 1,2,3,5 (default calibration.k)")
     calibrate.add_argument("--alpha", type=float, help="scale of the planted heads' output (default 0)")
+
     report = commands.add_parser("report", help="rebuild a run's report from its stored tables")
     report.add_argument("run_dir", help="the run's storage.root (holds experiment_config.json)")
     return parser
@@ -163,64 +210,97 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_command(args: argparse.Namespace, console: Console) -> int:
-    """One parsed command; bad input (config, files, values) is an error line and exit code 2."""
+    """One parsed command (``COMMANDS``); bad input (config, files, values) is an error line and exit code
+    2, a failure a rerun recovers from (``failure_reason``) an error line and exit code 1."""
     name = f"dcv {args.command}"
-    if args.command == "report":
+    cfg = model_cfg = None
+    if "config" in vars(args):  # every command but report, which reads a run folder's stored config
+        overrides = config_overrides(args)
         try:
-            run_report(Path(args.run_dir))
-        except (FileNotFoundError, ValueError, ConfigError) as exc:
-            console.error(f"{name}: {exc}")
+            cfg = load_config(args.config, overrides)
+            model_cfg = cfg.model
+            if getattr(args, "model", None):
+                model_cfg = load_config(args.config, [*overrides, f"model.name={args.model}"]).model
+        except ConfigError as exc:
+            console.error(f"{name}: {name_overrides(exc, overrides)}")
             return EXIT_BAD_INPUT
-        return 0
-    overrides = list(args.overrides)
-    if args.command == "calibrate":
-        overrides += [f"calibration.k=[{args.k}]"] if args.k else []
-        overrides += [f"calibration.alpha={args.alpha}"] if args.alpha is not None else []
     try:
-        cfg = load_config(args.config, overrides)
-        model_cfg = cfg.model
-        if getattr(args, "model", None):
-            model_cfg = load_config(args.config, [*overrides, f"model.name={args.model}"]).model
-    except ConfigError as exc:
-        console.error(f"{name}: {name_overrides(exc, overrides)}")
-        return EXIT_BAD_INPUT
-    if args.command == "validate":
-        probes = ", ".join(p.name for p in cfg.probes)
-        given = f" with {', '.join(overrides)}" if overrides else ""
-        about = f"model {cfg.model.name}, target {cfg.target_task.name}, probes {probes}"
-        console.line(f"{args.config}{given}: ok ({about})")
-        return 0
-    try:
-        if args.command == "eval":
-            run_eval(cfg, model_cfg)
-        elif args.command == "train":
-            run_train(cfg, args.method, args.seed, console)
-        elif args.command == "sweep":
-            run_sweep_command(cfg, console)
-        elif args.command == "run":
-            run_experiment_command(cfg, console)
-        elif args.command == "patch-all":
-            run_patch_all(cfg, args.probes, console)
-        elif args.command == "calibrate":
-            run_calibrate(cfg, args.probes, console)
-        else:
-            if args.probe not in [p.name for p in cfg.probes]:
-                names = ", ".join(p.name for p in cfg.probes)
-                raise ValueError(f"--probe {args.probe!r} is not one of the config's probes ({names})")
-            if args.command == "patch":
-                run_patch(cfg, model_cfg, args.probe, args.method, args.top)
-            else:
-                run_circuit(cfg, model_cfg, args.probe, args.method)
+        COMMANDS[args.command](args, cfg, model_cfg, console)
     except (FileNotFoundError, ValueError) as exc:
         console.error(f"{name}: {exc}")
         return EXIT_BAD_INPUT
     except Exception as exc:
-        reason = failure_reason(cfg, exc)
+        reason = None if cfg is None else failure_reason(cfg, exc)
         if reason is None:
             raise
         console.error(f"{name}: {reason}")
         return EXIT_FAILED
     return 0
+
+
+# What each command runs: (its parsed arguments, the config with --set applied, the model --model names
+# (default the config's), the console). report reads no config file: it gets None for both.
+COMMANDS: dict[str, Callable[..., object]] = {
+    "validate": lambda args, cfg, model_cfg, console: run_validate(args, cfg, console),
+    "train": lambda args, cfg, model_cfg, console: run_train(cfg, args.method, args.seed, console),
+    "eval": lambda args, cfg, model_cfg, console: run_eval(cfg, model_cfg),
+    "patch": lambda args, cfg, model_cfg, console: run_patch(
+        cfg, model_cfg, checked_probe(cfg, args.probe), args.method, args.top
+    ),
+    "circuit": lambda args, cfg, model_cfg, console: run_circuit(
+        cfg, model_cfg, checked_probe(cfg, args.probe), args.method
+    ),
+    "sweep": lambda args, cfg, model_cfg, console: run_sweep_command(cfg, console),
+    "patch-all": lambda args, cfg, model_cfg, console: run_patch_all(cfg, args.probes, console),
+    "run": lambda args, cfg, model_cfg, console: run_experiment_command(cfg, console),
+    "calibrate": lambda args, cfg, model_cfg, console: run_calibrate(cfg, args.probes, console),
+    "report": lambda args, cfg, model_cfg, console: run_report(Path(args.run_dir)),
+}
+
+
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` items, then the options that are config fields under a short name (calibrate's --k and
+    --alpha), so a problem with them is named like one of a --set."""
+    overrides = list(args.overrides)
+    if getattr(args, "k", None):
+        overrides.append(f"calibration.k=[{args.k}]")
+    if getattr(args, "alpha", None) is not None:
+        overrides.append(f"calibration.alpha={args.alpha}")
+    return overrides
+
+
+def job_main(command: str, argv: Sequence[str] | None = None) -> int:
+    """``ray_jobs/<job>.py``: ``dcv COMMAND`` with the job's arguments (default ``sys.argv[1:]``).
+
+    The job scripts name the config with ``--config PATH`` (the ``ray job submit`` lines in README.md
+    and configs/); it is moved to dcv's CONFIG position, every other argument passes through as is."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            argv = [argv[i + 1], *argv[:i], *argv[i + 2 :]]
+            break
+        if arg.startswith("--config="):
+            argv = [arg.removeprefix("--config="), *argv[:i], *argv[i + 1 :]]
+            break
+    return main([command, *argv])
+
+
+def run_validate(args: argparse.Namespace, cfg: ExperimentConfig, console: Console) -> None:
+    overrides = config_overrides(args)
+    probes = ", ".join(p.name for p in cfg.probes)
+    given = f" with {', '.join(overrides)}" if overrides else ""
+    about = f"model {cfg.model.name}, target {cfg.target_task.name}, probes {probes}"
+    console.line(f"{args.config}{given}: ok ({about})")
+    if args.explain:
+        console.line("\n".join(explain_config(cfg)))
+
+
+def checked_probe(cfg: ExperimentConfig, probe: str) -> str:
+    """``--probe`` of patch and circuit: one of the config's probes (else a ValueError naming them)."""
+    if probe not in [p.name for p in cfg.probes]:
+        names = ", ".join(p.name for p in cfg.probes)
+        raise ValueError(f"--probe {probe!r} is not one of the config's probes ({names})")
+    return probe
 
 
 def failure_reason(cfg: ExperimentConfig, exc: BaseException) -> str | None:
@@ -406,7 +486,7 @@ def run_patch_all(cfg: ExperimentConfig, probes: list[str] | None, console: Cons
         f"patch-all: {run.computed} items computed, {run.skipped} skipped, {run.total} in all "
         f"({run.table.height} rows) in {seconds:.1f} s\ntable: {run.path}"
     )
-    log_pipeline_run(cfg, run, seconds)
+    log_pipeline_run(cfg, run)
     _name_log(console)
     return run
 
@@ -461,27 +541,24 @@ def _open_instructions(storage: Path, report_html: Path, tracking_uri: str, log:
 
 def run_experiment_command(cfg: ExperimentConfig, console: Console | None = None):
     """``dcv run``: every stage of dcv.experiment on the local Ray (or RAY_ADDRESS's cluster)."""
-    from dcv import tracking
     from dcv.experiment import run_experiment
-    from dcv.training.sweep import check_plan, plan_trials
 
     _quiet_transformers()
-    check_plan(cfg, plan_trials(cfg))  # every trial's config, before Ray starts or anything is written
-    if cfg.benchmarks.tasks:
-        from dcv.benchmarks import check_benchmarks
-
-        check_benchmarks(cfg.benchmarks)  # task names and local rows, before any model is loaded
-    tracking.check_tracking_server(tracking.resolve_tracking_uri(cfg))
     console = console or Console()
-    if cfg.benchmarks.tasks and cfg.benchmarks.allow_code_execution:
-        # Said in the workers too, but their output goes to the log: the user must see it here.
-        console.warn(
-            f"benchmarks: allow_code_execution is true: tasks {cfg.benchmarks.tasks} may EXECUTE "
-            "MODEL-WRITTEN CODE on this machine (or the cluster's), with this process's permissions"
-        )
-    start_ray(cfg, console, "run")
+
+    def connect() -> None:
+        # run_experiment calls this after its preflight checks (which only read), so a bad input fails
+        # before the storage lock is taken, the log starts and Ray starts (seconds, not a minute).
+        if cfg.benchmarks.tasks and cfg.benchmarks.allow_code_execution:
+            # Said in the workers too, but their output goes to the log: the user must see it here.
+            console.warn(
+                f"benchmarks: allow_code_execution is true: tasks {cfg.benchmarks.tasks} may EXECUTE "
+                "MODEL-WRITTEN CODE on this machine (or the cluster's), with this process's permissions"
+            )
+        start_ray(cfg, console, "run")
+
     start = time.perf_counter()
-    run = run_experiment(cfg, progress=console.progress, stage_line=console.line)
+    run = run_experiment(cfg, progress=console.progress, stage_line=console.line, connect=connect)
     stages = ", ".join(f"{name} {s:.0f} s" for name, s in run.stage_seconds.items())
     console.line(f"experiment {cfg.name} done in {time.perf_counter() - start:.0f} s ({stages})")
     console.line(_open_instructions(run.storage, run.report_html, run.tracking_uri, console.log_line()))
@@ -600,55 +677,83 @@ def format_scores(model_name: str, metrics: dict[str, float], probes) -> str:
     return "\n".join(lines)
 
 
-def patch_table_path(cfg: ExperimentConfig, model_cfg: ModelConfig, probe: str, method: str) -> Path:
-    """``<storage>/patching/cli/<model>__<probe>__<method>__<hash>.parquet``; the hash covers what decides
-    the table (the model's config, the probe's items, ig steps), so a changed config is never reused."""
-    from dcv.storage import content_hash, file_slug, probe_key
+def patch_work(cfg: ExperimentConfig, model_cfg: ModelConfig, probe: str, method: str) -> list[dict]:
+    """The patching pipeline's work items (dcv.circuits.pipeline) for every head of one model on one
+    probe, in head order, each with the ``path`` of its item file.
 
-    decides = {
-        "model": model_cfg.model_dump(mode="json", exclude={"cache_dir"}),
-        **probe_key(cfg, probe),
-        "method": method,
-        "ig_steps": cfg.patching.ig_steps if method == "ig" else None,
-    }
-    digest = content_hash(decides)
-    name = f"{file_slug(model_cfg.name)}__{probe}__{method}__{digest}.parquet"
-    return local_storage_root(cfg) / "patching" / "cli" / name
+    ``dcv patch`` and ``dcv circuit`` read and write the pipeline's own files (one patch cache): for the
+    config's base model these are ``dcv patch-all``'s items, so each command reuses what the other
+    computed. Another model (``--model``) is keyed as the pipeline keys a checkpoint: its name and
+    dtype, with the probe's items, the method, the heads and ig steps."""
+    from dcv.circuits.pipeline import build_item_id, item_path, model_head_grid
+    from dcv.storage import BASE_MODEL
+
+    model = BASE_MODEL if model_cfg == cfg.model else model_cfg.name
+    n_layers, n_heads = model_head_grid(model_cfg)
+    total, size = n_layers * n_heads, cfg.patching.head_chunk_size
+    storage = local_storage_root(cfg)
+    work = []
+    for start in range(0, total, size):
+        heads = (start, min(start + size, total))
+        item_id = build_item_id(cfg, model, model_cfg.name, probe, method, heads)
+        work.append(
+            {
+                "item_id": item_id,
+                "path": str(item_path(storage, item_id)),
+                "n_rows": heads[1] - heads[0],
+                "model": model,
+                "trial": model,
+                "step": 0,
+                "checkpoint": model_cfg.name,
+                "probe": probe,
+                "method": method,
+                "head_start": heads[0],
+                "head_end": heads[1],
+                "n_layers": n_layers,
+                "n_heads": n_heads,
+            }
+        )
+    return work
+
+
+def circuit_outputs(cfg: ExperimentConfig, model_cfg: ModelConfig, probe: str, method: str) -> Path:
+    """``<storage>/circuits/cli/<model>__<probe>__<method>__<hash>`` (add ``.circuit.parquet`` or
+    ``.heatmap.png``): ``dcv circuit``'s outputs, named by the effects they come from."""
+    from dcv.storage import circuits_dir, content_hash, file_slug
+
+    digest = content_hash([item["item_id"] for item in patch_work(cfg, model_cfg, probe, method)])
+    name = f"{file_slug(model_cfg.name)}__{probe}__{method}__{digest}"
+    return circuits_dir(local_storage_root(cfg)) / "cli" / name
 
 
 def run_patch(cfg: ExperimentConfig, model_cfg: ModelConfig, probe: str, method: str, top: int):
-    """Head effects of one model on one probe; a valid table from an earlier run is reused, not redone."""
+    """Head effects of one model on one probe (no Ray): items finished by an earlier ``dcv patch``,
+    ``patch-all`` or ``run`` are reused, not redone; the rest are computed here and stored as the
+    pipeline stores them (``patch_work``)."""
     import polars as pl
 
-    from dcv.circuits.patching import head_effects
+    from dcv.circuits.pipeline import compute_item, read_item
     from dcv.models import load_model, load_tokenizer
-    from dcv.storage import read_parquet, write_parquet
-    from dcv.tables import EFFECT_SCHEMA
+    from dcv.storage import write_parquet
     from dcv.tasks.probes import build_probe
 
     _quiet_transformers()
-    path = patch_table_path(cfg, model_cfg, probe, method)
+    work = patch_work(cfg, model_cfg, probe, method)
     tokenizer = load_tokenizer(model_cfg)
     items = build_probe(cfg.probe(probe), tokenizer, cfg.target_task).items
-    table = read_parquet(path)
-    if table is not None and table.schema == EFFECT_SCHEMA and table["n_items"][0] == len(items):
-        print(f"reusing {path}")
-    else:
-        model = load_model(model_cfg, tokenizer)
+    tables = [read_item(Path(item["path"]), item["n_rows"]) for item in work]
+    todo = [i for i, table in enumerate(tables) if table is None]
+    if len(todo) < len(work):
+        where = Path(work[0]["path"]).parent
+        print(f"reusing {len(work) - len(todo)} of {len(work)} stored items under {where}")
+    model = load_model(model_cfg, tokenizer) if todo else None
+    for i in todo:  # each item stored once computed: a killed dcv patch keeps what it finished
         start = time.perf_counter()
-        table = head_effects(
-            model,
-            items,
-            model_cfg.name,
-            probe,
-            method,
-            batch_size=cfg.patching.batch_size,
-            head_chunk_size=cfg.patching.head_chunk_size,
-            ig_steps=cfg.patching.ig_steps,
-        )
+        tables[i] = compute_item(model, items, work[i], cfg)
         seconds = time.perf_counter() - start
-        print(f"patched {table.height} heads x {len(items)} items ({method}) in {seconds:.1f} s")
-        write_parquet(table, path)
+        print(f"patched {work[i]['n_rows']} heads x {len(items)} items ({method}) in {seconds:.1f} s")
+        write_parquet(tables[i], Path(work[i]["path"]))
+    table = pl.concat(tables)
     if top:
         print(f"top heads of {model_cfg.name} on {probe} ({method}, {len(items)} items):")
         print(f"{'layer':>6}{'head':>6}{'effect':>10}")
@@ -659,7 +764,7 @@ def run_patch(cfg: ExperimentConfig, model_cfg: ModelConfig, probe: str, method:
             .iter_rows()
         ):
             print(f"{layer:>6}{head:>6}{effect:>10.3f}")
-        print(f"table: {path}")
+        print("\n".join(f"table: {item['path']}" for item in work))
     return table, items
 
 
@@ -686,11 +791,13 @@ def run_circuit(cfg: ExperimentConfig, model_cfg: ModelConfig, probe: str, metho
     )
     print("heads (layer.head): " + " ".join(f"{layer}.{head}" for layer, head in circuit.heads))
     print("faithfulness of the top-k sets: " + " ".join(f"{f:.2f}" for f in circuit.curve))
-    table_path = patch_table_path(cfg, model_cfg, probe, method)
-    circuit_path = write_parquet(circuit_table(circuit, effects), table_path.with_suffix(".circuit.parquet"))
+    outputs = circuit_outputs(cfg, model_cfg, probe, method)
+    circuit_path = write_parquet(
+        circuit_table(circuit, effects), outputs.with_name(f"{outputs.name}.circuit.parquet")
+    )
     png = plot_head_heatmap(
         effects,
-        table_path.with_suffix(".heatmap.png"),
+        outputs.with_name(f"{outputs.name}.heatmap.png"),
         title=f"{model_cfg.name} / {probe} / {method}: {len(circuit)} heads, F = {circuit.faithfulness:.2f}",
         marked=circuit.heads,
     )
@@ -698,7 +805,8 @@ def run_circuit(cfg: ExperimentConfig, model_cfg: ModelConfig, probe: str, metho
     tags = {"dcv.stage": "circuit", "dcv.model": model_cfg.name, "dcv.probe": probe}
     with tracking.child_run(cfg, f"circuit:{model_cfg.name}:{probe}:{method}", tags=tags) as run:
         run.log_metrics({"circuit/size": len(circuit), "circuit/faithfulness": circuit.faithfulness})
-        for path in (table_path, circuit_path, png):
+        effect_files = [Path(item["path"]) for item in patch_work(cfg, model_cfg, probe, method)]
+        for path in (*effect_files, circuit_path, png):
             run.log_artifact(path, artifact_path="circuits")
     return circuit
 

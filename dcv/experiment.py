@@ -16,7 +16,10 @@ models; the analysis and the report are cheap and always rebuilt from the stored
     report/                  report.md, report.html, figures/*.png
     stage_seconds.json       wall time of each stage in its last run
 
-Needs a connected Ray (``dcv run`` and ``ray_jobs/experiment.py`` connect one); never starts it.
+``run_experiment`` first runs ``preflight``: every check that can fail on bad input (the sweep's plan,
+the benchmarks, the tracking server), so a mistake fails in seconds, before Ray starts or anything is
+written. It needs a connected Ray and never starts one itself: ``connect`` runs after the checks (``dcv
+run`` and ``ray_jobs/experiment.py`` take the storage lock and connect Ray there, dcv.cli.start_ray).
 """
 
 from __future__ import annotations
@@ -234,14 +237,38 @@ def headline_metrics(headline: pl.DataFrame) -> dict[str, float]:
     return metrics
 
 
-def run_experiment(
-    cfg: ExperimentConfig, progress: Progress = print, stage_line: Progress | None = None
-) -> ExperimentRun:
-    """Every stage in order, each resuming; needs a connected Ray.
+def preflight(cfg: ExperimentConfig) -> None:
+    """Every check of ``cfg`` that can fail before compute, each naming the field: it only reads, so a
+    bad input fails in seconds, before Ray starts, a model loads or anything is written under
+    storage.root. (``parse_config`` checked the config itself; these check it against the world.)"""
+    from dcv.training.sweep import check_plan, plan_trials
 
-    ``stage_line`` gets each stage's started and done lines (default ``progress``); ``progress`` gets
-    what happens inside a stage (items done / total, ETA). ``dcv run`` prints the first as lines and
-    keeps the second to one line per stage (dcv.console)."""
+    local_storage_root(cfg)  # an object-store root fails here: every stage reads and writes a local folder
+    check_plan(cfg, plan_trials(cfg))  # every trial's config; a sweep folder keeps the plan it started with
+    if cfg.benchmarks.tasks:
+        from dcv.benchmarks import check_benchmarks
+
+        check_benchmarks(cfg.benchmarks)  # task names and local rows, before any model is loaded
+    # Every stage logs to MLflow: a tracking server that is down or refuses our credentials fails here.
+    tracking.check_tracking_server(tracking.resolve_tracking_uri(cfg))
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    progress: Progress = print,
+    stage_line: Progress | None = None,
+    connect: Callable[[], None] | None = None,
+) -> ExperimentRun:
+    """``preflight``, then every stage in order, each resuming; needs a connected Ray.
+
+    ``connect`` runs between the checks and the first write: ``dcv run`` takes the storage lock, starts
+    its log and connects Ray there (dcv.cli.start_ray), so a bad input never waits for Ray. ``stage_line``
+    gets each stage's started and done lines (default ``progress``); ``progress`` gets what happens
+    inside a stage (items done / total, ETA). ``dcv run`` prints the first as lines and keeps the second
+    to one line per stage (dcv.console)."""
+    preflight(cfg)
+    if connect is not None:
+        connect()
     storage = local_storage_root(cfg)
     seconds: dict[str, float] = {}
     parent = tracking.get_or_create_parent_run(cfg)
@@ -288,7 +315,7 @@ def _run_stages(
 
     start = stage("patching")
     run = run_pipeline(cfg, progress=progress)
-    log_pipeline_run(cfg, run, time.perf_counter() - start)
+    log_pipeline_run(cfg, run)
     finished("patching", start, f": {run.computed} items computed, {run.skipped} skipped")
 
     start = stage("circuits")

@@ -1,4 +1,5 @@
-"""Figures and tables for people: head-effect heatmaps now; the experiment report builds on these."""
+"""The experiment report: its first section, "The answer" (what SFT vs RL did, how sure, what could not
+have been detected), then the tables and figures behind it, as Markdown and one self-contained HTML page."""
 
 from __future__ import annotations
 

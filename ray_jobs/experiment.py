@@ -2,36 +2,23 @@
 
     ray job submit --working-dir . -- python ray_jobs/experiment.py --config configs/demo.yaml [--set k=v ...]
 
-The same as ``dcv run CONFIG``: inside a job RAY_ADDRESS names the cluster and the driver joins it; run by
-hand without RAY_ADDRESS it starts a local Ray on 127.0.0.1. Every stage resumes, so resubmitting the same
-command after a failure or a kill continues where it stopped. ``ray_jobs/`` is not a package: run this
-file as a script or with ``python -m`` from the repository root.
+``dcv run`` with these arguments (``--config PATH`` is dcv's CONFIG; --set, --verbose as there): inside a
+job RAY_ADDRESS names the cluster and the driver joins it; run by hand without RAY_ADDRESS it starts a
+local Ray on 127.0.0.1. Every stage resumes, so resubmitting the same command after a failure or a kill
+continues where it stopped. ``ray_jobs/`` is not a package: run this file as a script or with
+``python -m`` from the repository root.
 
 The job's output is dcv's console; everything else (worker output, Ray's own lines) goes to
 ``<storage>/logs/`` on the node that runs the driver, unless ``--verbose``.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 from pathlib import Path
 
 # As a script, sys.path[0] is ray_jobs/; the repository root (the job's working dir) holds dcv.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dcv.cli import main  # noqa: E402
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="experiment YAML, e.g. configs/qwen2.5-3b.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--verbose", action="store_true", help="everything in the job's output, no log file")
-    return parser.parse_args(argv)
-
+from dcv.cli import job_main  # noqa: E402
 
 if __name__ == "__main__":
-    args = parse_args()
-    verbose = ["--verbose"] if args.verbose else []
-    raise SystemExit(main(["run", args.config, *[f"--set={item}" for item in args.overrides], *verbose]))
+    raise SystemExit(job_main("run"))

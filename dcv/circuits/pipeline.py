@@ -1,27 +1,26 @@
-"""The patching pipeline: head effects of every checkpoint, sharded over a Ray Data actor pool.
+"""The patching stage: head effects of every checkpoint, on the stage runner's actor pool (``dcv.stages``).
 
 The work grid is an explicit table (``build_work_items``, WORK_SCHEMA): one row per (model, probe,
-patching method, head chunk). The models are the base model (``cfg.model``, model id ``base``) and every
-checkpoint in the sweep's results table (``dcv.results.read_results``, model id ``<trial>@<step>``); the
-probes are ``cfg.probes``, the methods ``cfg.patching.methods``, and a chunk is
-``cfg.patching.head_chunk_size`` consecutive heads in (layer, head) order. Rows are sorted by checkpoint,
-so an actor that takes consecutive items keeps its loaded model and reloads only when the checkpoint
-changes.
+method, head chunk). The models are the base model (``cfg.model``, model id ``base``) and every
+checkpoint in the sweep's results table (``dcv.results.list_models``, model id ``<trial>@<step>``); the
+probes are ``cfg.probes`` (with ``chem``, whose items are the target task's questions), the methods
+``cfg.patching.methods``, and a chunk is ``cfg.patching.head_chunk_size`` consecutive heads in (layer,
+head) order; a ``mask`` item is never split (one mask is learned over all heads together). Rows are sorted
+by checkpoint, so an actor that takes consecutive items keeps its loaded model.
 
-Ray Data shards that table over an actor pool (``PatchItems``: one model per actor, CPU or GPU). Each
-item's rows are written atomically to ``<storage>/patching/items/<item_id>.parquet``; the item id is
-readable (model, probe, method, head range) and ends in a hash of everything that decides the numbers
-(checkpoint path, probe config, for ``chem`` the target task, method, heads, ig steps, dtype), so a
-changed config never reuses a stale file. A rerun skips every item whose file is readable, has
-EFFECTS_SCHEMA and one row per head of the chunk; a killed actor's item is retried by Ray Data on a
-restarted actor.
+``dcv.stages.run_stage`` computes the unfinished items (``patch_item``) and skips the rest. Each item's
+rows are written atomically to ``<storage>/patching/items/<item_id>.parquet``; the item id is readable
+(model, probe, method, head range) and ends in a hash of everything that decides the numbers (checkpoint
+path, probe config, for ``chem`` the target task, method, heads, ig steps, mask config, dtype), so a
+changed config never reuses a stale file. A file counts as finished when it is readable, has
+EFFECTS_SCHEMA and one row per head of the chunk.
 
-The assembled table (``read_effects``; also written to ``<storage>/patching/effects.parquet``) has one
-row per (model, probe, method, layer, head), EFFECTS_SCHEMA:
+The assembled table (``run_pipeline``; written to ``<storage>/patching/effects.parquet``) has one row per
+(model, probe, method, layer, head), ``dcv.tables.EFFECTS_SCHEMA``:
 
     model       str    "base" or "<trial>@<step>"
-    probe       str    probe name (ioi, capitals, greater_than, induction)
-    method      str    patching method (exact, attribution, ig)
+    probe       str    probe name (ioi, capitals, greater_than, induction, chem)
+    method      str    exact, attribution, ig (patching) or mask (learned masks: effect = m_h)
     layer       i32    the head's layer
     head        i32    the head's index in its layer
     effect      f64    e_h = mean_i(LD_clean - LD_patched) / mean_i(LD_clean - LD_corrupt)
@@ -29,12 +28,12 @@ row per (model, probe, method, layer, head), EFFECTS_SCHEMA:
     trial       str    the results table's trial; "base" for the base model
     step        i64    the checkpoint's optimizer step; 0 for the base model
     checkpoint  str    HF folder of the checkpoint; ``cfg.model.name`` for the base model
-    item_delta  list[f64]  per probe item: LD_clean - LD_patched
-    item_denominator  list[f64]  per probe item: LD_clean - LD_corrupt
+    item_delta  list[f64]  per probe item: LD_clean - LD_patched (masks: one pseudo-item, m_h)
+    item_denominator  list[f64]  per probe item: LD_clean - LD_corrupt (masks: [1.0])
 
-The first seven columns are ``dcv.circuits.patching.EFFECT_SCHEMA``; the numbers come from
-``dcv.circuits.patching.head_effects``, the only patching implementation. This module never starts Ray:
-``run_pipeline`` needs a connected Ray (``dcv patch-all`` and ``ray_jobs/patch.py`` connect it).
+The numbers come from ``dcv.circuits.patching.item_effects`` (the only patching implementation) and
+``dcv.circuits.mask.mask_effects``. This module never starts Ray: ``run_pipeline`` needs a connected Ray
+(``dcv patch-all`` and ``ray_jobs/patch.py`` connect it).
 """
 
 from __future__ import annotations

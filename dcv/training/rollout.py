@@ -22,6 +22,7 @@ import ray
 import torch
 
 from dcv.config import ExperimentConfig, parse_config
+from dcv.training.checkpoints import set_torch_threads
 
 
 class StaleWeightsError(RuntimeError):
@@ -98,8 +99,9 @@ class HFRolloutBackend:
 
 
 class VLLMRolloutBackend:
-    """vLLM engine on the actor's GPU. Written against vLLM's documented ``LLM`` / ``SamplingParams`` API;
-    not run in dcv's CI (no GPU there)."""
+    """vLLM engine on the actor's GPU. Written against vLLM's documented ``LLM`` / ``SamplingParams`` API
+    (the ``gpu`` extra pins the range TRL 1.16 supports). Never run on a machine without a GPU, so neither
+    dcv's test suite nor CI runs it."""
 
     def __init__(self, cfg: ExperimentConfig):
         try:
@@ -150,8 +152,7 @@ BACKENDS = {"hf": HFRolloutBackend, "vllm": VLLMRolloutBackend}
 class RolloutActor:
     def __init__(self, config: dict[str, Any]):
         cfg = parse_config(config)
-        if cfg.resources.torch_threads:
-            torch.set_num_threads(cfg.resources.torch_threads)
+        set_torch_threads(cfg.resources.torch_threads)
         self.backend = BACKENDS[cfg.rl.rollout.backend](cfg)
         self.version = 0
 
