@@ -15,6 +15,8 @@ plant: P against the noise floor, V with its item-bootstrap CI, how many planted
 most vulnerable, forgetting, and for the copy whether anything was flagged; per probe the minimum
 detectable damage (smallest k detected: recall >= 0.5 and V's CI above 0) and the minimum detectable
 effects on V, P and forgetting at the config's item count (one model against base, 80% power).
+Once the table is written the planted weights are deleted (``drop_planted_weights``); the rest of each
+folder stays, and a rerun plants a model again where its weights are missing.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from dcv.storage import (
 from dcv.tables import Head, base_circuits, circuit_heads
 
 PLANT_FILE = "dcv_planted.json"
+PLANTED_WEIGHTS = "model.safetensors"
 CALIBRATION_SCHEMA = {
     "probe": pl.String,
     "method": pl.String,  # patching method
@@ -165,7 +168,8 @@ def write_plants(
         }
         marker = folder / PLANT_FILE
         done = read_json(marker, ("spec", "item_ld")) or {}  # unreadable: moved aside, planted again
-        if done.get("spec") != spec:
+        # Weights missing: dropped after an earlier calibration finished (drop_planted_weights).
+        if done.get("spec") != spec or not (folder / PLANTED_WEIGHTS).is_file():
             model = plant_damage(copy.deepcopy(base), plant.heads, alpha).eval()
             save_model(model, tokenizer, folder)
             done = {"spec": spec, "item_ld": scores_of(model)}
@@ -307,6 +311,14 @@ def calibration_table(
     return pl.DataFrame(rows, schema=CALIBRATION_SCHEMA)
 
 
+def drop_planted_weights(storage: Path, plants: Sequence[Plant]) -> None:
+    """Delete the planted models' weights once the table is written (0.54 GB each for SmolLM2; 17 plants
+    took 9.2 GB). Their effects, circuits and per-item LDs stay; a rerun that needs a model again plants
+    it again (``write_plants``: a deepcopy of the base and a few scaled columns, seconds)."""
+    for plant in plants:
+        (calibration_dir(storage) / "models" / plant.name / PLANTED_WEIGHTS).unlink(missing_ok=True)
+
+
 def _finite(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
@@ -320,7 +332,8 @@ def run_calibration(
     """Plant, patch, find circuits and measure; needs a connected Ray and the base snapshot in ``cfg``.
     Every step resumes: planted folders, patching items and circuit files are reused when unchanged."""
     from dcv.circuits.model_circuits import run_circuits
-    from dcv.circuits.pipeline import model_head_grid, run_pipeline
+    from dcv.circuits.pipeline import run_pipeline
+    from dcv.models import model_head_grid
 
     c = cfg.calibration
     method = cfg.patching.methods[0]
@@ -380,6 +393,7 @@ def run_calibration(
     write_parquet(table, calibration_path(storage))
     with atomic_path(folder / "calibration.csv") as tmp:
         table.write_csv(tmp)
+    drop_planted_weights(storage, plants)
     seconds = time.perf_counter() - start
     progress(f"calibration: {len(plants)} planted models on {', '.join(chosen)} in {seconds:.0f} s")
     return table

@@ -571,7 +571,7 @@ def run_calibrate(cfg: ExperimentConfig, probes: list[str] | None, console: Cons
     import polars as pl
 
     from dcv.calibration import calibration_path, run_calibration
-    from dcv.circuits.pipeline import select_probes
+    from dcv.config import select_probes
     from dcv.experiment import prepare_base
 
     _quiet_transformers()
@@ -685,7 +685,8 @@ def patch_work(cfg: ExperimentConfig, model_cfg: ModelConfig, probe: str, method
     config's base model these are ``dcv patch-all``'s items, so each command reuses what the other
     computed. Another model (``--model``) is keyed as the pipeline keys a checkpoint: its name and
     dtype, with the probe's items, the method, the heads and ig steps."""
-    from dcv.circuits.pipeline import build_item_id, item_path, model_head_grid
+    from dcv.circuits.pipeline import build_item_id, item_path
+    from dcv.models import model_head_grid
     from dcv.storage import BASE_MODEL
 
     model = BASE_MODEL if model_cfg == cfg.model else model_cfg.name

@@ -984,3 +984,14 @@ def _show(value: Any, width: int | None = None) -> str:
     else:
         text = str(value)
     return text if width is None or len(text) <= width else text[: width - 3] + "..."
+
+
+def select_probes(cfg: ExperimentConfig, probes: Sequence[str] | None) -> list[str]:
+    """The probes to patch: all of ``cfg.probes``, or a subset; an unknown name lists the valid ones."""
+    names = [p.name for p in cfg.probes]
+    if probes is None:
+        return names
+    unknown = [p for p in probes if p not in names]
+    if unknown:
+        raise ValueError(f"probe(s) {unknown} are not in the config's probes; choose from {', '.join(names)}")
+    return list(dict.fromkeys(probes))

@@ -167,3 +167,13 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folde
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return Path(folder)
+
+
+def model_head_grid(model_cfg: ModelConfig) -> tuple[int, int]:
+    """(n_layers, n_heads) of a model from its config, without loading weights."""
+    if model_cfg.name == "tiny":
+        return model_cfg.tiny.num_layers, model_cfg.tiny.num_heads
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model_source(model_cfg), revision=model_cfg.revision)
+    return config.num_hidden_layers, config.num_attention_heads

@@ -1,15 +1,25 @@
-"""Config validation: every malformed file exits 2 from `dcv validate` and names the field and file."""
+"""Config validation: every malformed file exits 2 from `dcv validate` and names the field and file;
+every field has a description, which `dcv validate --explain` prints with its type and default."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from dcv.cli import main
-from dcv.config import ConfigError, apply_overrides, load_config, parse_config
-from tests.conftest import DEMO_CONFIG
+from dcv.config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    explain_config,
+    load_config,
+    parse_config,
+)
+from tests.helpers import DEMO_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -171,7 +181,7 @@ def test_a_relative_storage_root_is_made_absolute_where_the_config_is_loaded(tmp
 
 def test_calibration_probes_must_be_configured_probes(tmp_path):
     from dcv.config import ConfigError, parse_config
-    from tests.conftest import tiny_config_dict
+    from tests.helpers import tiny_config_dict
 
     raw = tiny_config_dict(tmp_path)
     raw["calibration"] = {"enabled": True, "probes": ["ioi", "chem"], "k": [1, 3]}
@@ -179,3 +189,75 @@ def test_calibration_probes_must_be_configured_probes(tmp_path):
         parse_config(raw)
     raw["calibration"]["probes"] = ["ioi"]
     assert parse_config(raw).calibration.k == [1, 3]
+
+
+def config_sections() -> list[type[BaseModel]]:
+    """Every pydantic model reachable from ExperimentConfig through its fields' types (lists included)."""
+
+    def types_in(annotation):
+        yield annotation
+        for arg in get_args(annotation):
+            yield from types_in(arg)
+
+    found, todo = [], [ExperimentConfig]
+    while todo:
+        section = todo.pop()
+        if section in found:
+            continue
+        found.append(section)
+        for field in section.model_fields.values():
+            todo += [
+                t for t in types_in(field.annotation) if isinstance(t, type) and issubclass(t, BaseModel)
+            ]
+    return found
+
+
+def test_every_config_field_has_a_description():
+    sections = config_sections()
+    assert {"ProbeConfig", "TinyModelConfig", "RolloutConfig", "MaskConfig"} <= {s.__name__ for s in sections}
+    missing = [
+        f"{section.__name__}.{name}"
+        for section in sections
+        for name, field in section.model_fields.items()
+        if not (field.description or "").strip()
+    ]
+    assert not missing, f"fields without Field(description=...): {missing}"
+
+
+def field_line(lines: list[str], path: str) -> str:
+    return next(line for line in lines if line.split()[0] == path)
+
+
+def test_explain_gives_every_field_its_type_default_description_and_changed_value():
+    # The demo config with the values this test reads pinned, so that tuning the demo does not break it.
+    raw = yaml.safe_load(DEMO_CONFIG.read_text())
+    raw["sft"].update(max_steps=12)
+    raw["sft"].pop("warmup_ratio", None)
+    raw["rl"].update(loss_type="dapo")
+    raw["probes"] = [{"name": n, "n_items": 16} for n in ("ioi", "capitals", "greater_than", "induction")]
+    lines = explain_config(parse_config(raw))
+    # One line per field (sections included); each section class appears once in the tree.
+    assert len(lines) == sum(len(s.model_fields) for s in config_sections())
+    assert all(" # " in line and line.split(" # ", 1)[1].strip() for line in lines)
+    loss = field_line(lines, "rl.loss_type")
+    assert "{grpo,dr_grpo,dapo,bnpo}  default dapo  #" in loss  # demo.yaml sets dapo: no config value
+    assert "TRL's default" in loss
+    assert "int>0  default 100  config 12  # optimizer steps" in field_line(lines, "sft.max_steps")
+    assert "float in [0, 1]  default 0  #" in field_line(lines, "sft.warmup_ratio")
+    # A list of sections: its item's fields once, every item's value in one list.
+    assert "default required  config [ioi, capitals, greater_than, induction]" in field_line(
+        lines, "probes[].name"
+    )
+    assert "default 64  config [16, 16, 16, 16]" in field_line(lines, "probes[].n_items")
+    assert field_line(lines, "rl.rollout").split()[1] == "#"  # a section: path and description
+    assert "config 0.45" in field_line(lines, "rl.rollout.num_cpus")
+
+
+def test_dcv_validate_explain_prints_the_tree_and_plain_validate_one_line(capsys):
+    assert main(["validate", str(DEMO_CONFIG)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+    assert main(["validate", str(DEMO_CONFIG), "--explain", "--set", "rl.loss_type=dr_grpo"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "with rl.loss_type=dr_grpo: ok" in out[0]
+    assert "default dapo  config dr_grpo  # how token losses" in field_line(out[1:], "rl.loss_type")
+    assert out[1:] == explain_config(load_config(DEMO_CONFIG, ["rl.loss_type=dr_grpo"]))

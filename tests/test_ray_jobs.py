@@ -20,10 +20,11 @@ from mlflow.tracking import MlflowClient
 from dcv.config import parse_config
 from dcv.results import read_results
 from dcv.training.sweep import plan_trials
-from tests.conftest import REPO, free_port
-from tests.training.test_sweep import sweep_config_dict
+from tests.helpers import DCV, REPO, free_port, sweep_config_dict
 
 RAY = str(Path(sys.executable).with_name("ray"))
+
+pytestmark = [pytest.mark.e2e, pytest.mark.ray]  # a `ray start --head` of its own, `ray job submit`
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +187,7 @@ def test_experiment_submitted_as_a_ray_job(ray_head, tmp_path):
     # lm-eval scored every model once; each checkpoint's row carries its model's score.
     assert table["bench/dcv_winogrande/acc"].is_between(0, 1).all()
     assert summary["forgetting_bench"].is_not_null().all()
-    assert len(list((storage / "benchmarks").glob("*.json"))) == 1 + 1 + 1  # base + step 2 of each trial
+    assert len(list((storage / "benchmarks" / "models").glob("*.parquet"))) == 1 + 1 + 1  # base + step 2 of each trial
     noise_floor = pl.read_parquet(storage / "analysis" / "noise_floor.parquet")
     base = pl.read_parquet(storage / "analysis" / "base_circuits.parquet")
     # One bootstrap row per probe the base model does (a random tiny model may do none).
@@ -225,7 +226,7 @@ def test_experiment_submitted_as_a_ray_job(ray_head, tmp_path):
     circuit_files = {p: p.stat().st_mtime_ns for p in (storage / "circuits").rglob("*.parquet")}
     (report / "report.md").unlink()
     rebuilt = subprocess.run(
-        [str(Path(sys.executable).with_name("dcv")), "report", str(storage)],
+        [DCV, "report", str(storage)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -44,7 +44,8 @@ from pathlib import Path
 
 import polars as pl
 
-from dcv.config import MASK, ExperimentConfig, ModelConfig
+from dcv.config import MASK, ExperimentConfig, select_probes
+from dcv.models import model_head_grid
 from dcv.results import list_models, read_results
 from dcv.stages import WORK_COLUMNS, Progress, Stage, StageRun, log_stage, patching_resources, run_stage
 from dcv.storage import (
@@ -101,29 +102,6 @@ def build_item_id(
     }
     digest = content_hash(decides)
     return f"{file_slug(model)}__{probe}__{method}__h{heads[0]:05d}-{heads[1]:05d}__{digest}"
-
-
-def model_head_grid(model_cfg: ModelConfig) -> tuple[int, int]:
-    """(n_layers, n_heads) of a model from its config, without loading weights."""
-    if model_cfg.name == "tiny":
-        return model_cfg.tiny.num_layers, model_cfg.tiny.num_heads
-    from transformers import AutoConfig
-
-    from dcv.models import resolve_model_source
-
-    config = AutoConfig.from_pretrained(resolve_model_source(model_cfg), revision=model_cfg.revision)
-    return config.num_hidden_layers, config.num_attention_heads
-
-
-def select_probes(cfg: ExperimentConfig, probes: Sequence[str] | None) -> list[str]:
-    """The probes to patch: all of ``cfg.probes``, or a subset; an unknown name lists the valid ones."""
-    names = [p.name for p in cfg.probes]
-    if probes is None:
-        return names
-    unknown = [p for p in probes if p not in names]
-    if unknown:
-        raise ValueError(f"probe(s) {unknown} are not in the config's probes; choose from {', '.join(names)}")
-    return list(dict.fromkeys(probes))
 
 
 def build_work_items(

@@ -34,7 +34,12 @@ from dcv.storage import (
     set_aside,
     trials_dir,
 )
-from dcv.training.checkpoints import METADATA_FILE, KeepResumeStateInLatest, keep_resume_state_only_in
+from dcv.training.checkpoints import (
+    METADATA_FILE,
+    KeepResumeStateInLatest,
+    keep_resume_state_only_in,
+    trim_finished_trial,
+)
 
 METHODS = ("sft", "rl")
 TRIAL_FILE = "trial.json"
@@ -328,5 +333,7 @@ def run_trial(
                 indent=1,
             )
         )
+    # Finished: nothing resumes it, and step 0's weights are the base snapshot's (a hard link).
+    trim_finished_trial(trial_dir, Path(cfg.model.name) if Path(cfg.model.name).is_dir() else None)
     run.finish()
     return records
