@@ -100,7 +100,8 @@ def read_item(stage: Stage, item: dict) -> pl.DataFrame | None:
 
 def split_done(stage: Stage) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(pending, done) rows of the work table."""
-    done = pl.Series([read_item(stage, item) is not None for item in stage.work.iter_rows(named=True)])
+    rows = stage.work.iter_rows(named=True)
+    done = pl.Series([read_item(stage, item) is not None for item in rows], dtype=pl.Boolean)  # empty: Null
     return stage.work.filter(~done), stage.work.filter(done)
 
 

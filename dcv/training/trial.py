@@ -333,7 +333,9 @@ def run_trial(
                 indent=1,
             )
         )
-    # Finished: nothing resumes it, and step 0's weights are the base snapshot's (a hard link).
-    trim_finished_trial(trial_dir, Path(cfg.model.name) if Path(cfg.model.name).is_dir() else None)
+    # Finished: nothing resumes it; step 0's weights become a hard link to the experiment's base snapshot
+    # (dcv run's <storage>/base/; never to a model folder outside the storage).
+    snapshot = local_storage_root(cfg) / "base"
+    trim_finished_trial(trial_dir, snapshot if Path(cfg.model.name) == snapshot else None)
     run.finish()
     return records

@@ -12,6 +12,7 @@ from dcv.training.checkpoints import (
     checkpoint_step,
     has_resume_state,
     keep_resume_state_only_in,
+    trim_finished_trial,
 )
 
 KEPT = ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.json", METADATA_FILE)
@@ -70,3 +71,20 @@ def test_checkpoint_step_reads_ray_folder_names():
     assert checkpoint_step(Path("/t/checkpoint_000012")) == 12
     assert checkpoint_step(Path("/t/checkpoint-12")) is None
     assert checkpoint_step(Path("/t/checkpoint_manager_snapshot.json")) is None
+
+
+def test_a_finished_trial_loses_all_resume_state_and_shares_the_base_weights(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(b"base weights")
+    trial = tmp_path / "trial"
+    step0, step4 = write_checkpoint(trial, 0), write_checkpoint(trial, 4)
+    (step0 / "model.safetensors").write_bytes(b"base weights")  # step 0 from "base": the same bytes
+    (step4 / "model.safetensors").write_bytes(b"trained wts!")  # same size, other bytes: kept as is
+    trim_finished_trial(trial, base)
+    for folder in (step0, step4):
+        assert names(folder) == set(KEPT), folder.name
+    assert (step0 / "model.safetensors").samefile(base / "model.safetensors")
+    assert not (step4 / "model.safetensors").samefile(base / "model.safetensors")
+    assert (step4 / "model.safetensors").read_bytes() == b"trained wts!"
+    assert trim_finished_trial(trial, base) == []  # nothing left to trim: a rerun changes nothing

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -29,28 +28,11 @@ from dcv.training.trial import (
     trial_name,
     trials_root,
 )
-from tests.conftest import tiny_config_dict
+from tests.helpers import DCV, train_config_dict
 
 
 def train_config(storage: Path, workers: int, **method_overrides):
     return parse_config(train_config_dict(storage, workers, **method_overrides))
-
-
-def train_config_dict(storage: Path, workers: int, **method_overrides) -> dict:
-    raw = tiny_config_dict(storage)
-    raw["resources"] = {"num_workers": workers, "cpus_per_worker": 1, "max_failures": 1}
-    raw["sft"].update(max_steps=4, eval_every=2, per_device_batch_size=2)
-    raw["rl"].update(
-        max_steps=2,
-        eval_every=1,
-        per_device_batch_size=2,
-        num_generations=2,
-        max_completion_length=4,
-        rollout={"backend": "hf", "num_actors": 1, "num_cpus": 1},
-    )
-    for section, values in method_overrides.items():
-        raw[section].update(values)
-    return raw
 
 
 def save_letter_model(tokenizer, folder: Path) -> Path:
@@ -79,32 +61,47 @@ def checkpoint_weights(folder: str) -> dict[str, torch.Tensor]:
     return load_file(str(Path(folder) / "model.safetensors"))
 
 
-def assert_only_the_latest_can_resume(records) -> None:
-    """Every checkpoint keeps what the analysis reads; only the latest keeps optimizer, scheduler, RNG."""
+def assert_finished_trial_keeps_no_resume_state(records) -> None:
+    """Every checkpoint keeps what the analysis reads. While the trial ran only the latest kept optimizer,
+    scheduler and RNG state (KeepResumeStateInLatest, tests/training/test_checkpoints.py); once it has
+    finished nothing resumes it, so none keeps any (trim_finished_trial)."""
     for record in records:
         folder = Path(record.path)
         assert (folder / "model.safetensors").is_file() and (folder / "dcv_checkpoint.json").is_file()
-        assert (folder / "optimizer.pt").is_file() == (record is records[-1]), folder.name
-        assert has_resume_state(folder) == (record is records[-1]), folder.name
-        if record is not records[-1]:
-            assert not [*folder.glob("rng_state*.pth"), *folder.glob("scheduler.pt")], folder.name
-    assert (Path(records[-1].path) / "scheduler.pt").is_file()
+        assert not has_resume_state(folder), folder.name
+        assert not [*folder.glob("rng_state*.pth"), *folder.glob("scheduler.pt")], folder.name
+
+
+@pytest.fixture(scope="module")
+def ddp_trial(ray_cluster, tmp_path_factory, tokenizer):
+    """``ddp_trial(method)``: (config, records) of a two-worker DDP trial, trained once per method in this
+    module; the tests only read it (the rerun test asserts that its reruns leave every file as it was)."""
+    trained = {}
+
+    def trial(method: str):
+        if method not in trained:
+            root = tmp_path_factory.mktemp(f"ddp-{method}")
+            overrides = {}
+            if method == "rl":
+                # A policy whose rewards vary within a group (letter answers), 4 samples per group:
+                # every step's groups are likely to hold a nonzero advantage (and seeded rollouts repeat
+                # run to run).
+                letter_model = save_letter_model(tokenizer, root / "letter-model")
+                overrides = {
+                    "model": {"name": str(letter_model)},
+                    "target_task": {"answer_format": "letter"},
+                    "rl": {"num_generations": 4, "per_device_batch_size": 4},
+                }
+            cfg = train_config(root / "store", workers=2, **overrides)
+            trained[method] = (cfg, run_trial(cfg, method, seed=0))
+        return trained[method]
+
+    return trial
 
 
 @pytest.mark.parametrize("method", ["sft", "rl"])
-def test_two_worker_ddp_trial_leaves_evaluated_checkpoints(ray_cluster, tmp_path, method, tokenizer):
-    overrides = {}
-    if method == "rl":
-        # A policy whose rewards vary within a group (letter answers), 4 samples per group: every step's
-        # groups are likely to hold a nonzero advantage (and seeded rollouts repeat run to run).
-        letter_model = save_letter_model(tokenizer, tmp_path / "letter-model")
-        overrides = {
-            "model": {"name": str(letter_model)},
-            "target_task": {"answer_format": "letter"},
-            "rl": {"num_generations": 4, "per_device_batch_size": 4},
-        }
-    cfg = train_config(tmp_path / "store", workers=2, **overrides)
-    records = run_trial(cfg, method, seed=0)
+def test_two_worker_ddp_trial_leaves_evaluated_checkpoints(ddp_trial, method):
+    cfg, records = ddp_trial(method)
     section = cfg.sft if method == "sft" else cfg.rl
     expected_steps = list(range(0, section.max_steps + 1, section.eval_every))
     assert [r.step for r in records] == expected_steps
@@ -117,7 +114,7 @@ def test_two_worker_ddp_trial_leaves_evaluated_checkpoints(ray_cluster, tmp_path
     state = json.loads((last / "trainer_state.json").read_text())
     assert state["global_step"] == section.max_steps
     assert (last / "rng_state_0.pth").is_file() and (last / "rng_state_1.pth").is_file()  # both ranks' parts
-    assert_only_the_latest_can_resume(records)
+    assert_finished_trial_keeps_no_resume_state(records)
     train_key = "train/loss" if method == "sft" else "train/reward"
     assert all(train_key in r.metrics for r in records[1:])
     if method == "rl":
@@ -141,9 +138,10 @@ def test_two_worker_ddp_trial_leaves_evaluated_checkpoints(ray_cluster, tmp_path
     assert sorted(m.step for m in history) == expected_steps
 
 
-def test_rerunning_a_finished_trial_does_not_train(ray_cluster, tmp_path):
-    cfg = train_config(tmp_path / "store", workers=1)
-    first = run_trial(cfg, "sft", seed=0)
+@pytest.mark.e2e  # and `dcv train` of the finished trial
+def test_rerunning_a_finished_trial_does_not_train(ddp_trial, tmp_path):
+    cfg, first = ddp_trial("sft")  # finished by the two-worker test (or trained here, when run alone)
+    store = Path(cfg.storage.root)
     trial_dir = trials_root(cfg) / trial_name(cfg, "sft", 0)
     stamps = {p: p.stat().st_mtime_ns for p in trial_dir.rglob("*")}
     again = run_trial(cfg, "sft", seed=0)
@@ -151,10 +149,10 @@ def test_rerunning_a_finished_trial_does_not_train(ray_cluster, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in trial_dir.rglob("*")} == stamps
     assert finished_trial(cfg, trial_name(cfg, "sft", 0)) == first
     config_file = tmp_path / "train.yaml"
-    config_file.write_text(yaml.safe_dump(train_config_dict(tmp_path / "store", workers=1)))
+    config_file.write_text(yaml.safe_dump(train_config_dict(store, workers=2)))
     result = subprocess.run(
         [
-            str(Path(sys.executable).with_name("dcv")),
+            DCV,
             "train",
             str(config_file),
             "--method",
@@ -169,7 +167,7 @@ def test_rerunning_a_finished_trial_does_not_train(ray_cluster, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "finished before; not retraining" in result.stdout
     assert f"{first[-1].step:>6}" in result.stdout
-    changed = train_config(tmp_path / "store", workers=1, sft={"max_steps": 6})
+    changed = train_config(store, workers=2, sft={"max_steps": 6})
     with pytest.raises(ValueError, match=r"different config \(sft.max_steps: 4 -> 6\)"):
         run_trial(changed, "sft", seed=0)
 
@@ -214,7 +212,7 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(ray_cluster, tmp_path)
     assert logged_steps == list(range(1, 13))
     assert (trial_dir / TRIAL_FILE).is_file()
     assert list_checkpoints(trial_dir) == records
-    assert_only_the_latest_can_resume(records)
+    assert_finished_trial_keeps_no_resume_state(records)
     # The restart resumed after a checkpoint: step 0 was evaluated once (a restart from scratch, or a
     # resume that re-reported the base, would log it twice). A step whose checkpoint was being persisted
     # when the worker died is evaluated again after the resume, so later steps may appear twice.
