@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.dcv-installed
 
-.PHONY: demo test test-fast lint venv clean-venv
+.PHONY: demo test test-fast test-ray test-e2e lint venv clean-venv
 
 venv: $(STAMP)
 
@@ -22,12 +22,21 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/dcv run configs/demo.yaml
 
+# Test tiers by cost (markers in pyproject.toml; README "Tests" has counts and times). `make test` runs them all.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# The developer's loop: everything but the tests marked slow (the real SmolLM2 model, the fault suite).
+# The developer's loop: no Ray, no SmolLM2, no `dcv` subprocess (pure functions, the tiny model in-process).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not ray and not model and not e2e"
+
+# What runs on the session's local Ray (Train, Tune, Data, rollout actors), without whole commands.
+test-ray: $(STAMP)
+	$(BIN)/python -m pytest -q -m "ray and not e2e"
+
+# Whole `dcv` commands, `ray job submit`, the tracking server, the fault suite.
+test-e2e: $(STAMP)
+	$(BIN)/python -m pytest -q -m e2e
 
 lint: $(STAMP)
 	$(BIN)/ruff check dcv tests

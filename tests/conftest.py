@@ -1,22 +1,39 @@
-"""Shared fixtures. Models are session-scoped and read-only: a test that changes weights copies them."""
+"""Shared fixtures, and the cost markers that follow from them. Models are session-scoped and read-only: a
+test that changes weights copies them."""
 
 from __future__ import annotations
 
-import socket
-import time
+import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
-import polars as pl
-import psutil
 import pytest
+import torch
 import yaml
 
 from dcv.config import ExperimentConfig, ModelConfig, load_config
-from dcv.results import build_results_table
+from tests.helpers import DcvRun, fault_env, tiny_config_dict, tiny_run_config_dict
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+# One intra-op thread in this process and in every process it starts (`dcv`, `ray start`, their workers),
+# unless OMP_NUM_THREADS is set. On 2 cores that other work also uses, torch's 2 OpenMP threads spin-wait
+# for each other: under a load average of 5-7, tests/circuits/{test_mask,test_noise_floor,test_circuit}.py
+# took 488 s with 2 threads and 16 s with 1, tests/test_smollm2.py 770 s and 29 s. The assertions do not
+# depend on it (tolerances cover the order of float sums; runs compared exactly share this setting).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# A test that uses one of these fixtures, directly or through another fixture, gets the marker (pyproject.toml
+# says what each means). Tests that start Ray, load SmolLM2 or run `dcv` by themselves are marked in place.
+MARKED_BY_FIXTURE = {"ray_cluster": ("ray",), "smollm2": ("model",), "tiny_run": ("e2e", "ray")}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture, markers in MARKED_BY_FIXTURE.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                for marker in markers:
+                    item.add_marker(marker)
 
 
 @pytest.fixture(scope="session")
@@ -36,57 +53,10 @@ def tiny_model(tokenizer):
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """The real SmolLM2-135M-Instruct and its tokenizer (tests using it are marked slow)."""
+    """The real SmolLM2-135M-Instruct and its tokenizer (tests using it are marked `model`)."""
     from dcv.models import load_model_and_tokenizer
 
     return load_model_and_tokenizer(ModelConfig(name="smollm2-135m-instruct"))
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (for servers a test starts)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tiny_config_dict(storage: Path) -> dict:
-    """The demo config shrunk to the tiny model and a few items, stored under ``storage``."""
-    raw = yaml.safe_load(DEMO_CONFIG.read_text())
-    raw["name"] = "tiny-test"
-    raw["model"] = {"name": "tiny"}
-    raw["target_task"].update(n_train=16, n_test=8)
-    # The demo's schedule, pinned: tests name trials by learning rate and count checkpoints.
-    raw["sft"].update(learning_rate=3e-5, max_steps=4, eval_every=4)
-    raw["rl"].update(learning_rate=3e-6, max_steps=4, eval_every=4)
-    raw["sweep"].update(sft_learning_rates=[3e-5], rl_learning_rates=[3e-6])
-    # A random tiny model does no probe: there is nothing to plant damage in (tests/test_calibration.py
-    # plants heads that do carry a behaviour).
-    raw["calibration"] = {"enabled": False}
-    raw["probes"] = [
-        {"name": name, "n_items": 8, "seed": 0} for name in ("ioi", "capitals", "greater_than", "induction")
-    ]
-    raw["evaluation"].update(batch_size=8, max_new_tokens=8, kl_prompts=4, kl_max_new_tokens=8)
-    raw["storage"] = {"root": str(storage)}
-    raw["tracking"] = {"experiment_name": "tiny-test"}
-    raw.pop("benchmarks", None)  # lm-eval runs only where a test asks for it
-    return raw
-
-
-def results_of(checkpoints: dict[tuple[str, int], Path]) -> pl.DataFrame:
-    """A results table of {(trial, step): HF folder}, method from the trial name, all from "base"."""
-    return build_results_table(
-        {
-            "trial": trial,
-            "method": trial.split("-")[0],
-            "learning_rate": 1e-5,
-            "seed": 0,
-            "init": "base",
-            "step": step,
-            "checkpoint": str(path),
-            "metrics": {"target/accuracy": 0.5},
-        }
-        for (trial, step), path in checkpoints.items()
-    )
 
 
 @pytest.fixture
@@ -104,8 +74,6 @@ def tiny_config(tiny_config_file: Path) -> ExperimentConfig:
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for the whole session, on loopback; yields its marker; shut down even when tests fail."""
-    import os
-
     import ray
 
     from dcv.training.trial import runtime_env_vars
@@ -125,22 +93,22 @@ def ray_cluster():
     ray.shutdown()
 
 
-def wait_for_no_processes(marker: str, value: str, seconds: float) -> None:
-    """Wait until no process carries ``marker=value``; then SIGKILL what is left (the test started them)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        ours = []
-        for process in psutil.process_iter(["pid"]):
-            try:
-                if process.environ().get(marker) == value:
-                    ours.append(process)
-            except psutil.Error:
-                continue
-        if not ours:
-            return
-        if time.monotonic() > deadline:
-            for process in ours:
-                process.kill()
-            psutil.wait_procs(ours, timeout=10)
-            return
-        time.sleep(0.1)
+@dataclass(frozen=True)
+class TinyRun:
+    config: Path
+    storage: Path
+    run: DcvRun  # finished: its console (stdout), stderr and exit code
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> TinyRun:
+    """One uninterrupted `dcv run` of tiny_run_config_dict (MLflow in SQLite under its root), for the tests
+    that only read what it printed and wrote: the console test and the fault suite's comparison. Read-only:
+    a test that would change its files copies them. It does not assert success; each reader does."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    storage = (root / "store").resolve()
+    config = root / "tiny-run.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_config_dict(storage)))
+    run = DcvRun(["run", str(config)], cwd=root, env=fault_env(), log=root / "run.stderr")
+    run.finish(1200)
+    return TinyRun(config, storage, run)

@@ -9,12 +9,11 @@ import polars as pl
 import pytest
 
 from dcv.analysis import analyze, read_analysis, write_analysis
-from dcv.circuits.model_circuits import CIRCUITS_SCHEMA
-from dcv.circuits.pipeline import EFFECTS_SCHEMA
 from dcv.config import parse_config
 from dcv.report import build_report
 from dcv.results import build_results_table
-from tests.conftest import tiny_config_dict
+from dcv.tables import CIRCUITS_SCHEMA, EFFECTS_SCHEMA
+from tests.helpers import tiny_config_dict
 
 HEADS = [(0, 0), (0, 1), (1, 0), (1, 1)]
 BASE_EFFECTS = [1.0, 0.5, 0.1, 0.0]

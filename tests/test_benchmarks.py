@@ -26,7 +26,7 @@ from dcv.benchmarks import (
 )
 from dcv.config import BenchmarksConfig, ConfigError, parse_config
 from dcv.models import save_model
-from tests.conftest import REPO, results_of, tiny_config_dict
+from tests.helpers import REPO, results_of, tiny_config_dict
 
 LOCAL = REPO / "configs" / "benchmarks"
 LOCAL_TASKS = ["dcv_hellaswag", "dcv_winogrande", "dcv_truthfulqa_mc2", "dcv_mmlu"]
@@ -189,7 +189,7 @@ def test_stage_runs_each_model_once_and_a_rerun_computes_nothing(ray_cluster, ti
     messages: list[str] = []
 
     table = run_benchmark_stage(cfg, results, storage, progress=messages.append)
-    files = sorted(benchmarks_dir(storage).glob("*.json"))
+    files = sorted((benchmarks_dir(storage) / "models").glob("*.parquet"))
     assert [f.name.split("__")[0] for f in files] == ["base", "sft-a_4"]  # two step-0 rows, one base model
     assert set(table["model"]) == {"base", "sft-a@4"}
     assert set(table["metric"]) == {"bench/dcv_winogrande/acc", "bench/dcv_mmlu/acc"}

@@ -9,11 +9,10 @@ import polars as pl
 import pytest
 
 from dcv.calibration import CALIBRATION_SCHEMA, Plant, calibration_table, plan_plants, plant_damage
-from dcv.circuits.model_circuits import CIRCUITS_SCHEMA
-from dcv.circuits.pipeline import EFFECTS_SCHEMA
 from dcv.config import parse_config
 from dcv.results import build_results_table
-from tests.conftest import tiny_config_dict
+from dcv.tables import CIRCUITS_SCHEMA, EFFECTS_SCHEMA
+from tests.helpers import tiny_config_dict
 
 SHAPE = (2, 4)  # 8 heads
 BASE = [1.0, 0.8, 0.6, 0.05, 0.04, 0.03, 0.02, 0.01]  # heads 0.0, 0.1, 0.2 carry the behaviour

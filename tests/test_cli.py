@@ -1,31 +1,29 @@
 """The dcv command: `dcv eval`, `patch`, `circuit` end to end on the tiny model (through the installed
-console script), `validate --set` and `--version`."""
+console script), `validate --set` and `--version`, the parser and its dispatch, `dcv run`'s checks from
+Python (run_experiment's preflight), and the ray_jobs/ scripts that forward to the commands."""
 
 from __future__ import annotations
 
 import copy
-import os
+import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
-from dcv.cli import build_parser, main, patch_table_path
-from dcv.config import load_config, parse_config
-from tests.conftest import tiny_config_dict
-
-REPO = Path(__file__).resolve().parents[1]
-DCV = Path(sys.executable).with_name("dcv")
+from dcv.cli import COMMANDS, build_parser, circuit_outputs, job_main, main, patch_work
+from dcv.config import ConfigError, load_config, parse_config
+from dcv.tracking import TrackingServerError
+from tests.helpers import REPO, fault_env, free_port, run_dcv, tiny_config_dict
 
 
-def run_dcv(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.run([str(DCV), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
+@pytest.mark.e2e
 def test_dcv_eval_tiny_prints_scores_and_logs_to_mlflow(tiny_config_file, tmp_path):
     result = run_dcv("eval", str(tiny_config_file), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -46,6 +44,7 @@ def test_dcv_eval_tiny_prints_scores_and_logs_to_mlflow(tiny_config_file, tmp_pa
     assert not (tmp_path / "mlruns").exists()  # nothing written to the working directory
 
 
+@pytest.mark.e2e
 def test_dcv_eval_of_another_model_reports_kl_to_base(tiny_config_file, tmp_path, tokenizer):
     from dcv.config import ModelConfig, TinyModelConfig
     from dcv.models import load_model, save_model
@@ -63,6 +62,7 @@ def test_dcv_eval_of_another_model_reports_kl_to_base(tiny_config_file, tmp_path
     assert result.returncode == 2 and "model.name" in result.stderr
 
 
+@pytest.mark.e2e
 def test_dcv_eval_bad_config_exits_2_before_loading(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {name: tiny}\nprobes: [{name: ioi}]\nsft: {learning_rate: -1}\n")
@@ -73,22 +73,26 @@ def test_dcv_eval_bad_config_exits_2_before_loading(tmp_path):
     assert result.returncode == 2 and "no such config file" in result.stderr
 
 
+@pytest.mark.e2e
 def test_dcv_patch_then_circuit_reuses_the_table(tiny_config_file, tmp_path):
     result = run_dcv("patch", str(tiny_config_file), "--probe", "ioi", "--top", "3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "patched 8 heads x 8 items (exact)" in result.stdout
     cfg = load_config(tiny_config_file)
-    table = patch_table_path(cfg, cfg.model, "ioi", "exact")
-    assert table.parent == tmp_path / "storage" / "patching" / "cli"
-    assert table.name.startswith("tiny__ioi__exact__")
+    [item] = patch_work(cfg, cfg.model, "ioi", "exact")  # the tiny model's 8 heads fit one chunk
+    table = Path(item["path"])
+    assert table.parent == tmp_path / "storage" / "patching" / "items"  # the pipeline's own files
+    assert table.name.startswith("base__ioi__exact__h00000-00008__")
     assert table.is_file()
     stamp = table.stat().st_mtime_ns
     result = run_dcv("circuit", str(tiny_config_file), "--probe", "ioi", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "reusing" in result.stdout and table.stat().st_mtime_ns == stamp  # not recomputed
     assert "faithfulness" in result.stdout
-    assert table.with_suffix(".heatmap.png").read_bytes()[:4] == b"\x89PNG"
-    assert table.with_suffix(".circuit.parquet").is_file()
+    outputs = circuit_outputs(cfg, cfg.model, "ioi", "exact")
+    assert outputs.parent == tmp_path / "storage" / "circuits" / "cli"
+    assert outputs.with_name(f"{outputs.name}.heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    assert outputs.with_name(f"{outputs.name}.circuit.parquet").is_file()
 
 
 def test_dcv_patch_tables_are_keyed_by_what_decides_them(tmp_path):
@@ -103,8 +107,8 @@ def test_dcv_patch_tables_are_keyed_by_what_decides_them(tmp_path):
     cfg, other_task, reseeded = parse_config(raw), parse_config(other_task), parse_config(reseeded)
     more_steps = cfg.model_copy(update={"patching": cfg.patching.model_copy(update={"ig_steps": 16})})
 
-    def table(c, probe: str, method: str = "exact") -> Path:
-        return patch_table_path(c, c.model, probe, method)
+    def table(c, probe: str, method: str = "exact") -> list[str]:
+        return [item["path"] for item in patch_work(c, c.model, probe, method)]
 
     assert table(cfg, "chem") != table(other_task, "chem")
     assert table(cfg, "ioi") == table(other_task, "ioi")
@@ -113,6 +117,30 @@ def test_dcv_patch_tables_are_keyed_by_what_decides_them(tmp_path):
     assert table(cfg, "ioi") == table(more_steps, "ioi")
 
 
+def test_dcv_patch_items_are_the_pipelines(tmp_path):
+    """One patch cache: `dcv patch` on the base model reads and writes patch-all's item files; another
+    model (--model) gets items of its own, keyed by its name."""
+    from dcv.circuits.pipeline import build_work_items
+
+    raw = tiny_config_dict(tmp_path / "storage")
+    raw["patching"].update(methods=["exact", "attribution"], head_chunk_size=3)  # 8 heads: 3 chunks
+    cfg = parse_config(raw)
+    no_checkpoints = pl.DataFrame(
+        schema={"trial": pl.String, "step": pl.Int64, "checkpoint": pl.String, "init": pl.String}
+    )
+    pipeline = build_work_items(cfg, no_checkpoints, ["ioi"]).filter(pl.col("method") == "attribution")
+    work = patch_work(cfg, cfg.model, "ioi", "attribution")
+    assert [item["path"] for item in work] == pipeline["path"].to_list()
+    assert [(i["head_start"], i["head_end"]) for i in work] == [(0, 3), (3, 6), (6, 8)]
+    checkpoint = tmp_path / "checkpoint"  # only its config.json is read
+    checkpoint.mkdir()
+    shape = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64}
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "llama", **shape}))
+    other = cfg.model.model_copy(update={"name": str(checkpoint)})
+    assert not {i["item_id"] for i in patch_work(cfg, other, "ioi", "attribution")} & set(pipeline["item_id"])
+
+
+@pytest.mark.e2e
 def test_dcv_patch_unknown_probe_exits_2(tiny_config_file, tmp_path):
     result = run_dcv("patch", str(tiny_config_file), "--probe", "sarcasm", cwd=tmp_path)
     assert result.returncode == 2
@@ -145,6 +173,70 @@ def test_every_command_that_reads_a_config_takes_set():
         options = {o for action in command._actions for o in action.option_strings}
         assert "--set" in options, name
         assert name == "validate" or "--verbose" in options, name
+
+
+def test_every_command_of_the_parser_is_dispatched():
+    commands = build_parser()._subparsers._group_actions[0].choices  # argparse keeps no public list
+    assert set(commands) == set(COMMANDS)
+
+
+@pytest.mark.parametrize("broken", ["tracking server", "benchmark file"])
+def test_run_experiment_runs_dcv_runs_checks_first(tmp_path, broken):
+    """Called from Python, run_experiment checks what `dcv run` checks before anything starts: the
+    error names the field, nothing is connected, written or loaded."""
+    from dcv.experiment import run_experiment
+
+    raw = tiny_config_dict(tmp_path / "storage")
+    if broken == "tracking server":
+        port = free_port()  # nothing listens there
+        raw["tracking"]["uri"] = f"http://127.0.0.1:{port}"
+        expected = TrackingServerError, rf"\[tracking\] uri=http://127\.0\.0\.1:{port}: .* does not answer"
+    else:
+        folder = shutil.copytree(REPO / "configs" / "benchmarks", tmp_path / "benchmarks")
+        (folder / "mmlu.jsonl").unlink()
+        raw["benchmarks"] = {"tasks": ["dcv_mmlu"], "include_path": str(folder), "limit": 2}
+        expected = ConfigError, r"\[benchmarks\] tasks\[0\]='dcv_mmlu'.*mmlu\.jsonl: no such file"
+    connected = []
+    with pytest.raises(expected[0], match=expected[1]):
+        run_experiment(parse_config(raw), connect=lambda: connected.append(True))
+    assert not connected
+    assert not (tmp_path / "storage").exists()
+
+
+def test_ray_jobs_name_the_config_with_dash_dash_config(tiny_config_file, capsys):
+    """`ray_jobs/<job>.py --config PATH ...` is `dcv COMMAND PATH ...` (job_main), in either spelling."""
+    assert job_main("validate", ["--set", "circuits.tau=0.9", "--config", str(tiny_config_file)]) == 0
+    assert f"{tiny_config_file} with circuits.tau=0.9: ok" in capsys.readouterr().out
+    assert job_main("validate", [f"--config={tiny_config_file}", "--set=circuits.tau=3"]) == 2
+    assert "circuits.tau" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("script", "command", "error"),
+    [
+        (["ray_jobs/experiment.py"], "run", "[tracking] uri="),
+        (["-m", "ray_jobs.sweep"], "sweep", "[tracking] uri="),
+        (["ray_jobs/patch.py"], "patch-all", "no results table"),
+    ],
+)
+def test_ray_job_scripts_forward_to_their_command(tmp_path, script, command, error):
+    """Each script as `ray job submit` runs it (from the repository root): the command's own checks fail
+    fast with its exit code and message, before Ray starts."""
+    raw = tiny_config_dict(tmp_path / "storage")
+    raw["tracking"]["uri"] = f"http://127.0.0.1:{free_port()}"  # down: run and sweep stop there
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    result = subprocess.run(
+        [sys.executable, *script, "--config", str(config), "--set", "circuits.tau=0.9"],
+        cwd=REPO,
+        env=fault_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    assert f"dcv {command}: " in result.stderr and error in result.stderr, result.stderr[-3000:]
 
 
 def test_dcv_version_names_dcv_and_its_libraries(capsys):

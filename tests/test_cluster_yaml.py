@@ -16,7 +16,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 CLUSTER_YAML = REPO / "cluster.yaml"
 
@@ -130,6 +130,7 @@ ray.shutdown()
 """
 
 
+@pytest.mark.ray  # a local Ray in a fresh process
 def test_local_ray_binds_loopback_with_token_auth(tmp_path):
     """`dcv train`'s local Ray (cli.init_ray), in a fresh process: it refuses RAY_AUTH_MODE=disabled, and
     with RAY_AUTH_MODE unset Ray 2.60 turns token auth on for a new local cluster by itself; the GCS and

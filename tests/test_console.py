@@ -8,14 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 from dcv.console import PROGRESS_EVERY_S, Console
 from dcv.experiment import STAGES
 from dcv.training.trial import RUNTIME_ENV_DEFAULTS, runtime_env_vars
-from tests.conftest import REPO, tiny_config_dict
+from tests.helpers import REPO
 
-DCV = Path(sys.executable).with_name("dcv")
 # A line of `dis` output: "  12     4 LOAD_GLOBAL   0 (x)", ">>   22 RETURN_VALUE".
 BYTECODE = re.compile(r"^\s*(\d+\s+)?(>>\s+)?\d+\s+[A-Z][A-Z_]{3,}\b", re.MULTILINE)
 
@@ -179,38 +176,22 @@ def test_fingerprinting_in_a_ray_train_worker_logs_no_bytecode(ray_cluster, tmp_
     assert not [line for line in seen["logged"] if BYTECODE.search(line)]
 
 
-def tiny_run_config(storage: Path) -> dict:
-    """The smallest whole experiment: one SFT and one RL trial of 2 steps, attribution patching."""
-    raw = tiny_config_dict(storage)
-    raw["sweep"].update(seeds=[0])
-    raw["sft"].update(max_steps=2, eval_every=2)
-    raw["rl"].update(max_steps=2, eval_every=2)
-    raw["patching"].update(methods=["attribution"], num_actors=1, head_chunk_size=8)
-    raw["circuits"].update(k_max=4, n_bootstrap=100)
-    return raw
-
-
-def test_dcv_run_console_has_stage_lines_only_and_the_log_the_rest(tmp_path):
-    """A tiny `dcv run`, its console captured: no bytecode, no Ray chatter, every stage's done line, the
-    summary names the log, and the log holds the workers' output."""
-    storage = tmp_path / "storage"
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_run_config(storage)))
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    done = subprocess.run(
-        [str(DCV), "run", str(config)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200
-    )
-    console = done.stdout + done.stderr
-    assert done.returncode == 0, console[-4000:]
+def test_dcv_run_console_has_stage_lines_only_and_the_log_the_rest(tiny_run):
+    """A tiny `dcv run` (the session's tiny_run: every stage, lm-eval included), its console captured: no
+    bytecode, no Ray chatter, every stage's done line, the summary names the log, and the log holds the
+    workers' output."""
+    run = tiny_run.run
+    console = run.stdout + run.stderr
+    assert run.proc.returncode == 0, console[-4000:]
     assert not BYTECODE.search(console), BYTECODE.search(console)
     for noise in ("PlacementGroupCleaner", "core_worker.cc", "Loading weights", "pid=", "Trial status"):
         assert noise not in console, noise
     for i, stage in enumerate(STAGES, start=1):
-        assert re.search(rf"^\[{i}/{len(STAGES)} {stage}\] done in \d+ s", done.stdout, re.MULTILINE), stage
-    assert done.stderr == ""
-    lines = done.stdout.splitlines()
-    assert len(lines) < 60, done.stdout
-    (log,) = (storage / "logs").glob("run-*.log")
+        assert re.search(rf"^\[{i}/{len(STAGES)} {stage}\] done in \d+ s", run.stdout, re.MULTILINE), stage
+    assert run.stderr == ""
+    lines = run.stdout.splitlines()
+    assert len(lines) < 60, run.stdout
+    (log,) = (tiny_run.storage / "logs").glob("run-*.log")
     assert f"log: {log}" in lines
     text = log.read_text()
     assert "(RayTrainWorker pid=" in text and "(TrainController pid=" in text  # the workers' output

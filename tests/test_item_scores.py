@@ -12,7 +12,8 @@ import pytest
 from dcv.benchmarks import SCORES_SCHEMA, join_benchmarks
 from dcv.config import EvaluationConfig, ProbeConfig, TargetTaskConfig
 from dcv.evaluation import evaluate_model, probe_logit_diffs
-from dcv.results import build_results_table, read_results, results_dir, write_results
+from dcv.results import build_results_table, read_results, write_results
+from dcv.storage import results_dir
 from dcv.tasks import load_target_splits
 from dcv.tasks.probes import build_probe
 from dcv.training.checkpoints import METADATA_FILE, EvaluationKit

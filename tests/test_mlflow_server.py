@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from dcv import tracking
 from dcv.cli import main
 from dcv.config import parse_config
-from tests.conftest import REPO, free_port, tiny_config_dict
+from tests.helpers import REPO, free_port, tiny_config_dict
 
 ADMIN = "admin"
 # The admin password doubles as the secret marker: it must never show up in a run or a log.
@@ -98,6 +98,7 @@ def get_status(url: str, user: str | None = None, password: str | None = None) -
         return exc.code
 
 
+@pytest.mark.e2e
 def test_runs_and_artifacts_go_through_the_server(server, credentials, tmp_path, monkeypatch):
     client_dir = tmp_path / "client"
     client_dir.mkdir()
@@ -134,6 +135,7 @@ def test_runs_and_artifacts_go_through_the_server(server, credentials, tmp_path,
     assert not (tmp_path / "storage").exists()  # a tracking server needs no local storage folder
 
 
+@pytest.mark.e2e
 def test_basic_auth_refuses_requests_without_valid_credentials(server, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
@@ -156,6 +158,7 @@ def test_basic_auth_refuses_requests_without_valid_credentials(server, monkeypat
     tracking.check_tracking_server(server.uri)
 
 
+@pytest.mark.e2e
 def test_server_listens_on_loopback_only(server):
     # The machine's own outward address (no packet is sent for a UDP connect).
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -220,6 +223,7 @@ def all_artifact_text(client: MlflowClient, run_id: str, dest: Path, path: str |
     return text
 
 
+@pytest.mark.e2e
 def test_no_secret_in_what_a_run_records(server, credentials, tmp_path, monkeypatch, capsys):
     """A trial's logging (config params on the parent and child runs, tags, metrics, an artifact) with the
     tracking password and a Ray token in the environment: neither shows up anywhere."""

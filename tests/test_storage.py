@@ -259,6 +259,7 @@ def test_an_object_store_root_locks_a_local_file_named_after_it(tmp_path, monkey
         holder.wait()
 
 
+@pytest.mark.e2e
 def test_a_second_dcv_command_on_a_locked_root_exits_2_before_anything_starts(tiny_config_file, tmp_path):
     """The two-terminal case through the real CLI: the root is held; run, sweep, train and calibrate
     refuse in seconds, after their read-only checks and before Ray, a log or an MLflow store; validate

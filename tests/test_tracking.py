@@ -7,7 +7,7 @@ from mlflow.tracking import MlflowClient
 
 from dcv import tracking
 from dcv.config import parse_config
-from tests.conftest import tiny_config_dict
+from tests.helpers import tiny_config_dict
 
 
 def test_flatten_params():

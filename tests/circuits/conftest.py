@@ -1,59 +1,14 @@
 from __future__ import annotations
 
-import copy
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dcv.circuits.decoder import model_shape, run_decoder
-from dcv.config import ExperimentConfig, ProbeConfig, TargetTaskConfig, TinyModelConfig, parse_config
+from dcv.config import ProbeConfig, TargetTaskConfig, TinyModelConfig
 from dcv.tasks.items import ProbeItem
 from dcv.tasks.probes import build_probe
-from tests.conftest import tiny_config_dict
-
-
-def bridge_of(model, tokenizer):
-    """A TransformerLens bridge on a copy: booting it replaces the model's modules in place."""
-    from transformer_lens.model_bridge import TransformerBridge
-
-    return TransformerBridge.boot_transformers("dcv-test", hf_model=copy.deepcopy(model), tokenizer=tokenizer)
-
-
-def naive_patched_deltas(bridge, items, heads) -> torch.Tensor:
-    """The obvious loop: for every item and head, one forward with that head's hook_z from the corrupted run.
-
-    Returns delta [head, item] = LD_clean - LD_patched.
-    """
-    delta = torch.empty(len(heads), len(items))
-    with torch.no_grad():
-        for i, item in enumerate(items):
-            clean, corrupt = torch.tensor([item.clean_ids]), torch.tensor([item.corrupt_ids])
-            _, cache = bridge.run_with_cache(corrupt, names_filter=lambda name: name.endswith("attn.hook_z"))
-            logits = bridge(clean)[0, -1]
-            ld_clean = logits[item.correct_id] - logits[item.wrong_id]
-            for row, (layer, head) in enumerate(heads):
-                name = f"blocks.{layer}.attn.hook_z"
-
-                def patch(z, hook, name=name, head=head, cache=cache):
-                    z = z.clone()
-                    z[:, :, head] = cache[name][:, :, head]
-                    return z
-
-                patched = bridge.run_with_hooks(clean, fwd_hooks=[(name, patch)])[0, -1]
-                delta[row, i] = ld_clean - (patched[item.correct_id] - patched[item.wrong_id])
-    return delta
-
-
-def chem_configs(storage: Path) -> tuple[ExperimentConfig, ExperimentConfig]:
-    """Two tiny configs probing ioi and chem that differ only in target_task.seed."""
-    raw = tiny_config_dict(storage)
-    raw["probes"] = [{"name": "ioi", "n_items": 8, "seed": 0}, {"name": "chem", "n_items": 8, "seed": 0}]
-    raw["target_task"]["answer_format"] = "letter"  # chem compares answer letters
-    other = copy.deepcopy(raw)
-    other["target_task"]["seed"] = raw["target_task"]["seed"] + 1
-    return parse_config(raw), parse_config(other)
+from tests.helpers import PLANTED
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +21,6 @@ def capitals_items(tokenizer):
     return build_probe(ProbeConfig(name="capitals", n_items=12, seed=0), tokenizer, TargetTaskConfig()).items
 
 
-PLANTED = {(0, 1), (1, 2), (1, 3), (2, 0)}
 VOCAB, LENGTH, CHANGED = 64, 8, 3  # prompts of 8 random tokens; the corrupted one changes position 3
 
 

@@ -5,8 +5,9 @@ import pytest
 
 from dcv.circuits.circuit import CIRCUIT_SCHEMA, circuit_table, faithfulness, rank_heads, select_circuit
 from dcv.circuits.decoder import model_shape
-from dcv.circuits.patching import EFFECT_SCHEMA, head_effects
+from dcv.circuits.patching import head_effects
 from dcv.config import CircuitsConfig
+from dcv.tables import EFFECT_SCHEMA
 
 
 def test_faithfulness_of_everything_and_nothing(tiny_model, ioi_items):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dcv.circuits.decoder import DecoderCache, Prefix, check_heads, hook_z_name, model_shape, run_decoder
-from tests.circuits.conftest import bridge_of
+from tests.helpers import bridge_of
 
 
 def test_hook_names_are_transformer_lens_names(tiny_model, tokenizer):

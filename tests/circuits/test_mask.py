@@ -8,11 +8,11 @@ from pydantic import ValidationError
 from dcv.circuits.circuit import select_circuit
 from dcv.circuits.decoder import model_shape
 from dcv.circuits.mask import mask_circuit, mask_effects, temperature
-from dcv.circuits.patching import EFFECT_SCHEMA, head_effects
+from dcv.circuits.patching import head_effects
 from dcv.config import CircuitsConfig, ConfigError, MaskConfig, parse_config
+from dcv.tables import EFFECT_SCHEMA
 from dcv.tasks.items import ProbeItem
-from tests.circuits.conftest import PLANTED
-from tests.conftest import tiny_config_dict
+from tests.helpers import PLANTED, tiny_config_dict
 
 FAST = MaskConfig(steps=60)
 
@@ -131,8 +131,9 @@ def test_bad_inputs_are_clear_errors_and_no_behaviour_is_no_circuit(planted_mode
 def test_the_pipeline_learns_one_mask_over_all_heads(planted_model, planted_items, tmp_path):
     """`mask` in patching.methods: one work item per (model, probe) over every head, never chunked, with
     the same table as mask_effects and one pseudo-item whose ratio is the mask."""
-    from dcv.circuits.pipeline import EFFECTS_SCHEMA, build_work_items, compute_item
+    from dcv.circuits.pipeline import build_work_items, compute_item
     from dcv.results import build_results_table
+    from dcv.tables import EFFECTS_SCHEMA
 
     raw = tiny_config_dict(tmp_path)
     raw["patching"].update(methods=["exact", "mask"], head_chunk_size=4)

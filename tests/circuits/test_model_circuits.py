@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dcv.circuits.model_circuits import model_file
-from tests.circuits.conftest import chem_configs
+from tests.helpers import chem_configs
 
 
 def test_circuit_files_cover_the_target_task_when_chem_is_probed(tmp_path):

@@ -11,7 +11,7 @@ from dcv.circuits.noise_floor import NOISE_FLOOR_SCHEMA, bootstrap_floor, floor_
 from dcv.circuits.pipeline import build_work_items, compute_item
 from dcv.config import parse_config
 from dcv.results import build_results_table
-from tests.conftest import tiny_config_dict
+from tests.helpers import tiny_config_dict
 
 
 def test_vulnerability_floor_matches_the_known_item_noise():

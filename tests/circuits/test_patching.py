@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from dcv.circuits.decoder import model_shape
-from dcv.circuits.patching import EFFECT_SCHEMA, head_effects, item_effects, item_table
-from tests.circuits.conftest import bridge_of, naive_patched_deltas
+from dcv.circuits.patching import head_effects, item_effects, item_table
+from dcv.tables import EFFECT_SCHEMA
+from tests.helpers import bridge_of, naive_patched_deltas
 
 
 @pytest.mark.parametrize("probe", ["ioi_items", "capitals_items"])

@@ -9,9 +9,7 @@ from dcv.circuits.decoder import model_shape
 from dcv.circuits.patching import item_effects
 from dcv.config import ProbeConfig, TargetTaskConfig
 from dcv.tasks.probes import build_probe
-from tests.circuits.conftest import bridge_of, naive_patched_deltas
-
-pytestmark = pytest.mark.slow
+from tests.helpers import bridge_of, naive_patched_deltas
 
 
 @pytest.mark.parametrize("probe", ["ioi", "capitals"])

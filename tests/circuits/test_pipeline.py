@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -24,22 +23,22 @@ from mlflow.tracking import MlflowClient
 from dcv.circuits.decoder import model_shape
 from dcv.circuits.patching import head_effects
 from dcv.circuits.pipeline import (
-    EFFECTS_SCHEMA,
     build_item_id,
     build_work_items,
     item_path,
-    items_dir,
+    patching_stage,
     read_item,
     run_pipeline,
-    split_done,
 )
 from dcv.cli import main as dcv_main
 from dcv.config import ModelConfig, load_config, parse_config
 from dcv.models import load_model, save_model
 from dcv.results import write_results
+from dcv.stages import split_done
+from dcv.storage import items_dir
+from dcv.tables import EFFECTS_SCHEMA
 from dcv.tasks.probes import build_probe
-from tests.circuits.conftest import chem_configs
-from tests.conftest import results_of, tiny_config_dict, wait_for_no_processes
+from tests.helpers import DCV, chem_configs, results_of, tiny_config_dict, wait_for_no_processes
 
 PROBES = ("ioi", "capitals")
 METHODS = ("exact", "attribution")
@@ -167,10 +166,10 @@ def test_pipeline_equals_the_plain_loop_and_a_rerun_skips_everything(
 
 
 def _patch_actor_pids(marker: str, value: str) -> list[int]:
-    """PIDs of PatchItems actor processes whose environment carries ``marker=value`` (ours only)."""
+    """PIDs of the stage runner's actor processes whose environment carries ``marker=value`` (ours only)."""
     pids = []
     for process in psutil.process_iter(["pid", "cmdline"]):
-        if not any("PatchItems" in part for part in process.info["cmdline"] or []):
+        if not any("StageWorker" in part for part in process.info["cmdline"] or []):
             continue
         try:
             if process.environ().get(marker) == value:
@@ -200,20 +199,22 @@ def test_a_killed_actor_is_restarted_and_the_table_is_the_same(ray_cluster, tmp_
     killer.start()
     run = run_pipeline(cfg)
     killer.join()
-    assert killed, "no PatchItems actor of this session was found while items were being computed"
+    assert killed, "no StageWorker actor of this session was found while items were being computed"
     assert 0 < killed["done"] < N_ITEMS, killed  # killed mid-run
     assert not psutil.pid_exists(killed["pid"]) or psutil.Process(killed["pid"]).status() == "zombie"
     assert (run.total, run.skipped, run.computed) == (N_ITEMS, 0, N_ITEMS)
     assert_same_effects(run.table, reference)
 
 
+@pytest.mark.e2e
+@pytest.mark.ray
 def test_a_killed_driver_reruns_only_unfinished_items(tmp_path, checkpoints, reference):
     _, config_file = make_store(tmp_path, checkpoints)
     storage = tmp_path / "store"
     marker = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["DCV_TEST_PIPELINE_DRIVER"] = marker
-    command = [str(Path(sys.executable).with_name("dcv")), "patch-all", str(config_file)]
+    command = [DCV, "patch-all", str(config_file)]
     command += ["--set", "patching.num_actors=1"]  # one actor: items finish one by one, a wide window to kill
 
     with open(tmp_path / "first.log", "w") as log:
@@ -337,7 +338,7 @@ def test_an_invalid_item_file_counts_as_unfinished(tmp_path, checkpoints, tiny_m
     assert read_item(tmp_path / "three_rows.parquet", 4) is None
     good.drop("trial").write_parquet(tmp_path / "wrong_schema.parquet")
     assert read_item(tmp_path / "wrong_schema.parquet", 3) is None
-    pending, done = split_done(work, storage)
+    pending, done = split_done(patching_stage(cfg, work))
     assert done["item_id"].to_list() == ids[:1] and pending["item_id"].to_list() == ids[1:]
     # The invalid files were moved aside (kept, to inspect), so their items are patched again.
     moved = sorted(p.name.split(".parquet.corrupt-")[0] for p in items_dir(storage).glob("*.corrupt-*"))

@@ -8,21 +8,23 @@ from __future__ import annotations
 
 import resource
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from dcv.cli import patch_table_path
+from dcv.cli import patch_work
 from dcv.config import load_config
-from tests.faults.conftest import DCV, fault_env
+from tests.helpers import DCV, fault_env
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e  # `dcv patch` runs without Ray
 
 LIMIT = 512  # bytes: below any parquet table dcv writes (its schema alone is larger)
 
 
 def test_a_write_on_a_full_disk_is_a_clear_error_and_leaves_no_half_file(tiny_config_file, tmp_path):
     cfg = load_config(tiny_config_file)
-    table = patch_table_path(cfg, cfg.model, "ioi", "exact")
+    [item] = patch_work(cfg, cfg.model, "ioi", "exact")  # the file dcv patch writes
+    table = Path(item["path"])
     result = subprocess.run(
         [DCV, "patch", str(tiny_config_file), "--probe", "ioi"],
         cwd=tmp_path,

@@ -31,29 +31,9 @@ from mlflow.tracking import MlflowClient
 from dcv.config import parse_config
 from dcv.storage import HOLDER_FILE
 from dcv.training.trial import TRIAL_FILE, trials_root
-from tests.conftest import REPO, tiny_config_dict
-from tests.faults.conftest import DCV, DcvRun, fault_env, files, stamps
+from tests.helpers import DCV, DcvRun, fault_env, files, stamps, tiny_run_config_dict
 
-pytestmark = pytest.mark.slow
-
-
-def fault_config_dict(storage: Path, tracking_uri: str) -> dict:
-    """One SFT and one RL trial (2 steps, one at a time), lm-eval on a 2-row local task, attribution
-    patching in chunks of 8 heads on one actor: every stage, small, with windows to kill in."""
-    raw = tiny_config_dict(storage)
-    raw["name"] = "tiny-faults"
-    raw["tracking"] = {"uri": tracking_uri, "experiment_name": "tiny-faults"}
-    raw["sft"].update(max_steps=2, eval_every=2)
-    raw["rl"].update(max_steps=2, eval_every=2)
-    raw["sweep"].update(seeds=[0], max_concurrent_trials=1, name="faults-sweep")
-    raw["patching"].update(methods=["attribution"], num_actors=1, head_chunk_size=8)
-    raw["circuits"].update(k_max=4, n_bootstrap=100)
-    raw["benchmarks"] = {
-        "tasks": ["dcv_winogrande"],
-        "include_path": str(REPO / "configs/benchmarks"),
-        "limit": 2,
-    }
-    return raw
+pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 
 
 @dataclass
@@ -73,7 +53,7 @@ class Chain:
 
 
 def bench_files(storage: Path) -> list[Path]:
-    return files(storage / "benchmarks", "*.json")
+    return files(storage / "benchmarks" / "models", "*.parquet")
 
 
 def item_files(storage: Path) -> list[Path]:
@@ -88,7 +68,7 @@ def circuit_files(storage: Path) -> list[Path]:
 def chain(tmp_path_factory, tracking_server) -> Chain:
     root = tmp_path_factory.mktemp("faults")
     storage = (root / "store").resolve()
-    raw = fault_config_dict(storage, tracking_server.uri)
+    raw = tiny_run_config_dict(storage, tracking_server.uri)
     config = root / "faults.yaml"
     config.write_text(yaml.safe_dump(raw))
     cfg = parse_config(raw)
@@ -292,17 +272,11 @@ def test_damaged_files_are_moved_aside_and_redone(chain):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    """The same config run once without a fault (its own root, MLflow in SQLite there)."""
-    root = tmp_path_factory.mktemp("uninterrupted")
-    storage = (root / "store").resolve()
-    raw = fault_config_dict(storage, "")
-    raw["tracking"].pop("uri")
-    config = root / "faults.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    run = DcvRun(["run", str(config)], cwd=root, env=fault_env(), log=root / "run.stderr")
-    assert run.finish(900) == 0, run.output()
-    return storage
+def uninterrupted(tiny_run) -> Path:
+    """The same config run once without a fault (the session's tiny_run: its own root, MLflow in SQLite
+    there; tests/test_console.py reads its console)."""
+    assert tiny_run.run.proc.returncode == 0, tiny_run.run.output()
+    return tiny_run.storage
 
 
 def without_paths(table: pl.DataFrame) -> pl.DataFrame:

@@ -12,7 +12,7 @@ from dcv.config import parse_config
 from dcv.models import load_model
 from dcv.training.grpo import make_rollout_func
 from dcv.training.rollout import RolloutPool, StaleWeightsError
-from tests.conftest import tiny_config_dict
+from tests.helpers import tiny_config_dict
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,29 +17,12 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from dcv import tracking
-from dcv.circuits.pipeline import checkpoint_model
 from dcv.config import ConfigError, parse_config
 from dcv.results import KEY_COLUMNS, read_results
+from dcv.storage import checkpoint_model, local_storage_root
 from dcv.training.sweep import check_plan, concurrent_trials, plan_trials, run_sweep, sweep_phases
 from dcv.training.trial import TRIAL_FILE, start_point, trials_root
-from tests.training.test_trial import train_config_dict
-
-DCV = str(Path(sys.executable).with_name("dcv"))
-
-
-def sweep_config_dict(storage: Path, **sweep) -> dict:
-    raw = train_config_dict(storage, workers=1)
-    raw["sft"].update(max_steps=2, eval_every=1)
-    raw["sweep"] = {
-        "methods": ["sft", "rl"],
-        "sft_learning_rates": [1e-5, 3e-5],
-        "rl_learning_rates": [1e-6, 3e-6],
-        "seeds": [0, 1],
-        "max_concurrent_trials": 2,
-        "name": "tiny-sweep",
-        **sweep,
-    }
-    return raw
+from tests.helpers import DCV, sweep_config_dict
 
 
 def train_child_runs(cfg) -> list:
@@ -105,7 +87,7 @@ def test_sweep_chains_rl_after_sft(ray_cluster, tmp_path):
     assert [s.name for s in specs] == ["sft-lr1e-05-seed0", "rl-lr1e-06-seed0-after-sft"]
     expected = {(s.name, step) for s in specs for step in (0, 2)}
     assert set(zip(table["trial"], table["step"], strict=True)) == expected and table.height == len(expected)
-    assert read_results(tracking.local_storage_root(cfg)).equals(table)
+    assert read_results(local_storage_root(cfg)).equals(table)
     assert list(table.columns[: len(KEY_COLUMNS)]) == list(KEY_COLUMNS)
     sft, rl = (table.filter(pl.col("method") == m).sort("step") for m in ("sft", "rl"))
     assert (sft["init"] == "base").all() and (rl["init"] == "sft:sft-lr1e-05-seed0@2").all()
@@ -138,6 +120,8 @@ def test_sweep_chains_rl_after_sft(ray_cluster, tmp_path):
     assert len(train_child_runs(cfg)) == len(specs)
 
 
+@pytest.mark.e2e
+@pytest.mark.ray
 def test_killed_sweep_driver_resumes_without_repeating_finished_trials(tmp_path, monkeypatch):
     storage = tmp_path / "store"
     # A relative storage root, as in configs/demo.yaml: Tune runs each trial in a working dir of its own,

@@ -1,0 +1,312 @@
+"""Plain helpers the test modules share: paths, config builders, process tools. No fixtures (those live in
+the conftest.py files, which import from here), and no test module imports another test module or a
+conftest (tests/test_layout.py checks this)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import polars as pl
+import psutil
+import pytest
+import torch
+import yaml
+
+from dcv.config import ExperimentConfig, parse_config
+from dcv.results import build_results_table
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+DCV = str(Path(sys.executable).with_name("dcv"))  # the installed console script of this venv
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for servers a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Configs.
+
+
+def tiny_config_dict(storage: Path) -> dict:
+    """The demo config shrunk to the tiny model and a few items, stored under ``storage``."""
+    raw = yaml.safe_load(DEMO_CONFIG.read_text())
+    raw["name"] = "tiny-test"
+    raw["model"] = {"name": "tiny"}
+    raw["target_task"].update(n_train=16, n_test=8)
+    # The demo's schedule, pinned: tests name trials by learning rate and count checkpoints.
+    raw["sft"].update(learning_rate=3e-5, max_steps=4, eval_every=4)
+    raw["rl"].update(learning_rate=3e-6, max_steps=4, eval_every=4)
+    raw["sweep"].update(sft_learning_rates=[3e-5], rl_learning_rates=[3e-6])
+    # A random tiny model does no probe: there is nothing to plant damage in (tests/test_calibration.py
+    # plants heads that do carry a behaviour).
+    raw["calibration"] = {"enabled": False}
+    raw["probes"] = [
+        {"name": name, "n_items": 8, "seed": 0} for name in ("ioi", "capitals", "greater_than", "induction")
+    ]
+    raw["evaluation"].update(batch_size=8, max_new_tokens=8, kl_prompts=4, kl_max_new_tokens=8)
+    raw["storage"] = {"root": str(storage)}
+    raw["tracking"] = {"experiment_name": "tiny-test"}
+    raw.pop("benchmarks", None)  # lm-eval runs only where a test asks for it
+    return raw
+
+
+def train_config_dict(storage: Path, workers: int, **method_overrides) -> dict:
+    """tiny_config_dict for Ray Train trials: ``workers`` DDP workers, short SFT and GRPO schedules."""
+    raw = tiny_config_dict(storage)
+    raw["resources"] = {"num_workers": workers, "cpus_per_worker": 1, "max_failures": 1}
+    raw["sft"].update(max_steps=4, eval_every=2, per_device_batch_size=2)
+    raw["rl"].update(
+        max_steps=2,
+        eval_every=1,
+        per_device_batch_size=2,
+        num_generations=2,
+        max_completion_length=4,
+        rollout={"backend": "hf", "num_actors": 1, "num_cpus": 1},
+    )
+    for section, values in method_overrides.items():
+        raw[section].update(values)
+    return raw
+
+
+def sweep_config_dict(storage: Path, **sweep) -> dict:
+    """train_config_dict on one worker with a 2 x 2 x 2 sweep of 2-step trials (``sweep`` overrides it)."""
+    raw = train_config_dict(storage, workers=1)
+    raw["sft"].update(max_steps=2, eval_every=1)
+    raw["sweep"] = {
+        "methods": ["sft", "rl"],
+        "sft_learning_rates": [1e-5, 3e-5],
+        "rl_learning_rates": [1e-6, 3e-6],
+        "seeds": [0, 1],
+        "max_concurrent_trials": 2,
+        "name": "tiny-sweep",
+        **sweep,
+    }
+    return raw
+
+
+def tiny_run_config_dict(storage: Path, tracking_uri: str | None = None) -> dict:
+    """The smallest whole experiment: one SFT and one RL trial (2 steps, one at a time), lm-eval on a 2-row
+    local task, attribution patching in chunks of 8 heads on one actor: every stage, small, with windows
+    to kill in. MLflow in SQLite under ``storage`` unless ``tracking_uri``."""
+    raw = tiny_config_dict(storage)
+    raw["name"] = "tiny-faults"
+    raw["tracking"] = {"experiment_name": "tiny-faults"}
+    if tracking_uri:
+        raw["tracking"]["uri"] = tracking_uri
+    raw["sft"].update(max_steps=2, eval_every=2)
+    raw["rl"].update(max_steps=2, eval_every=2)
+    raw["sweep"].update(seeds=[0], max_concurrent_trials=1, name="faults-sweep")
+    raw["patching"].update(methods=["attribution"], num_actors=1, head_chunk_size=8)
+    raw["circuits"].update(k_max=4, n_bootstrap=100)
+    raw["benchmarks"] = {
+        "tasks": ["dcv_winogrande"],
+        "include_path": str(REPO / "configs/benchmarks"),
+        "limit": 2,
+    }
+    return raw
+
+
+def chem_configs(storage: Path) -> tuple[ExperimentConfig, ExperimentConfig]:
+    """Two tiny configs probing ioi and chem that differ only in target_task.seed."""
+    raw = tiny_config_dict(storage)
+    raw["probes"] = [{"name": "ioi", "n_items": 8, "seed": 0}, {"name": "chem", "n_items": 8, "seed": 0}]
+    raw["target_task"]["answer_format"] = "letter"  # chem compares answer letters
+    other = copy.deepcopy(raw)
+    other["target_task"]["seed"] = raw["target_task"]["seed"] + 1
+    return parse_config(raw), parse_config(other)
+
+
+def results_of(checkpoints: dict[tuple[str, int], Path]) -> pl.DataFrame:
+    """A results table of {(trial, step): HF folder}, method from the trial name, all from "base"."""
+    return build_results_table(
+        {
+            "trial": trial,
+            "method": trial.split("-")[0],
+            "learning_rate": 1e-5,
+            "seed": 0,
+            "init": "base",
+            "step": step,
+            "checkpoint": str(path),
+            "metrics": {"target/accuracy": 0.5},
+        }
+        for (trial, step), path in checkpoints.items()
+    )
+
+
+# Patching.
+
+PLANTED = {(0, 1), (1, 2), (1, 3), (2, 0)}  # the only heads that write in tests/circuits' planted_model
+
+
+def bridge_of(model, tokenizer):
+    """A TransformerLens bridge on a copy: booting it replaces the model's modules in place."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return TransformerBridge.boot_transformers("dcv-test", hf_model=copy.deepcopy(model), tokenizer=tokenizer)
+
+
+def naive_patched_deltas(bridge, items, heads) -> torch.Tensor:
+    """The obvious loop: for every item and head, one forward with that head's hook_z from the corrupted run.
+
+    Returns delta [head, item] = LD_clean - LD_patched.
+    """
+    delta = torch.empty(len(heads), len(items))
+    with torch.no_grad():
+        for i, item in enumerate(items):
+            clean, corrupt = torch.tensor([item.clean_ids]), torch.tensor([item.corrupt_ids])
+            _, cache = bridge.run_with_cache(corrupt, names_filter=lambda name: name.endswith("attn.hook_z"))
+            logits = bridge(clean)[0, -1]
+            ld_clean = logits[item.correct_id] - logits[item.wrong_id]
+            for row, (layer, head) in enumerate(heads):
+                name = f"blocks.{layer}.attn.hook_z"
+
+                def patch(z, hook, name=name, head=head, cache=cache):
+                    z = z.clone()
+                    z[:, :, head] = cache[name][:, :, head]
+                    return z
+
+                patched = bridge.run_with_hooks(clean, fwd_hooks=[(name, patch)])[0, -1]
+                delta[row, i] = ld_clean - (patched[item.correct_id] - patched[item.wrong_id])
+    return delta
+
+
+# Processes.
+
+
+def run_dcv(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``dcv ARGS`` through the installed console script, without the caller's tracking server."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run([DCV, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def wait_for_no_processes(marker: str, value: str, seconds: float) -> None:
+    """Wait until no process carries ``marker=value``; then SIGKILL what is left (the test started them)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        ours = []
+        for process in psutil.process_iter(["pid"]):
+            try:
+                if process.environ().get(marker) == value:
+                    ours.append(process)
+            except psutil.Error:
+                continue
+        if not ours:
+            return
+        if time.monotonic() > deadline:
+            for process in ours:
+                process.kill()
+            psutil.wait_procs(ours, timeout=10)
+            return
+        time.sleep(0.1)
+
+
+# The fault suite (tests/faults/): a `dcv` command run in its own session, killable with everything it
+# started, and what a test compares before and after a rerun.
+
+FAULT_MARKER = "DCV_TEST_FAULT_RUN"  # in the environment of every process a DcvRun starts (Ray's included)
+
+
+def fault_env(**extra: str) -> dict[str, str]:
+    """This environment without a cluster or tracking server of the caller's, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    return {**env, **extra}
+
+
+class DcvRun:
+    """``dcv ARGS`` in a new session; its stdout (dcv's console lines) is read as it comes, its stderr
+    goes to ``<log>``."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str], log: Path):
+        self.marker = uuid.uuid4().hex
+        self.log = log
+        self.lines: list[str] = []
+        with log.open("w") as err:
+            self.proc = subprocess.Popen(
+                [DCV, *args],
+                cwd=cwd,
+                env={**env, FAULT_MARKER: self.marker},
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                start_new_session=True,  # its own process group: a kill takes its local Ray with it
+            )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def stdout(self) -> str:
+        return "\n".join(self.lines)
+
+    @property
+    def stderr(self) -> str:
+        return self.log.read_text()
+
+    def saw(self, text: str) -> bool:
+        return any(text in line for line in list(self.lines))
+
+    def wait_for(self, ready: Callable[[], bool], seconds: float, what: str) -> None:
+        deadline = time.monotonic() + seconds
+        while not ready():
+            if self.proc.poll() is not None:
+                pytest.fail(f"dcv exited ({self.proc.returncode}) before {what}:\n{self.output()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {what} within {seconds:.0f} s:\n{self.output()}")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        """SIGKILL the command, its process group and every process it started (Ray's workers run in
+        sessions of their own and would otherwise finish their task first), as a lost machine would."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        wait_for_no_processes(FAULT_MARKER, self.marker, seconds=0)
+        self.proc.wait(timeout=60)
+        self._reader.join(timeout=10)
+        wait_for_no_processes(FAULT_MARKER, self.marker, seconds=30)
+
+    def finish(self, seconds: float) -> int:
+        try:
+            self.proc.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"dcv did not finish within {seconds:.0f} s:\n{self.output()}")
+        self._reader.join(timeout=10)
+        wait_for_no_processes(FAULT_MARKER, self.marker, seconds=60)
+        return self.proc.returncode
+
+    def output(self) -> str:
+        return f"--- stdout\n{self.stdout[-3000:]}\n--- stderr\n{self.stderr[-5000:]}"
+
+
+def stamps(paths: Iterable[Path]) -> dict[Path, int]:
+    """Modification times of the files among ``paths`` (what a rerun must not rewrite)."""
+    return {p: p.stat().st_mtime_ns for p in paths if p.is_file()}
+
+
+def files(folder: Path, pattern: str = "*") -> list[Path]:
+    """Files under ``folder`` matching ``pattern``, none set aside (``.corrupt-``) or half-written."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p
+        for p in folder.rglob(pattern)
+        if p.is_file() and ".corrupt-" not in str(p) and ".tmp-" not in p.name
+    )
