@@ -187,7 +187,8 @@ def test_experiment_submitted_as_a_ray_job(ray_head, tmp_path):
     # lm-eval scored every model once; each checkpoint's row carries its model's score.
     assert table["bench/dcv_winogrande/acc"].is_between(0, 1).all()
     assert summary["forgetting_bench"].is_not_null().all()
-    assert len(list((storage / "benchmarks" / "models").glob("*.parquet"))) == 1 + 1 + 1  # base + step 2 of each trial
+    scored = list((storage / "benchmarks" / "models").glob("*.parquet"))
+    assert len(scored) == 1 + 1 + 1  # base + step 2 of each trial
     noise_floor = pl.read_parquet(storage / "analysis" / "noise_floor.parquet")
     base = pl.read_parquet(storage / "analysis" / "base_circuits.parquet")
     # One bootstrap row per probe the base model does (a random tiny model may do none).
