@@ -685,36 +685,13 @@ def patch_work(cfg: ExperimentConfig, model_cfg: ModelConfig, probe: str, method
     config's base model these are ``dcv patch-all``'s items, so each command reuses what the other
     computed. Another model (``--model``) is keyed as the pipeline keys a checkpoint: its name and
     dtype, with the probe's items, the method, the heads and ig steps."""
-    from dcv.circuits.pipeline import build_item_id, item_path
+    from dcv.circuits.pipeline import model_items
     from dcv.models import model_head_grid
     from dcv.storage import BASE_MODEL
 
     model = BASE_MODEL if model_cfg == cfg.model else model_cfg.name
-    n_layers, n_heads = model_head_grid(model_cfg)
-    total, size = n_layers * n_heads, cfg.patching.head_chunk_size
-    storage = local_storage_root(cfg)
-    work = []
-    for start in range(0, total, size):
-        heads = (start, min(start + size, total))
-        item_id = build_item_id(cfg, model, model_cfg.name, probe, method, heads)
-        work.append(
-            {
-                "item_id": item_id,
-                "path": str(item_path(storage, item_id)),
-                "n_rows": heads[1] - heads[0],
-                "model": model,
-                "trial": model,
-                "step": 0,
-                "checkpoint": model_cfg.name,
-                "probe": probe,
-                "method": method,
-                "head_start": heads[0],
-                "head_end": heads[1],
-                "n_layers": n_layers,
-                "n_heads": n_heads,
-            }
-        )
-    return work
+    shape = model_head_grid(model_cfg)
+    return model_items(cfg, local_storage_root(cfg), (model, model, 0, model_cfg.name), shape, probe, method)
 
 
 def circuit_outputs(cfg: ExperimentConfig, model_cfg: ModelConfig, probe: str, method: str) -> Path:

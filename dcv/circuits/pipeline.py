@@ -104,6 +104,45 @@ def build_item_id(
     return f"{file_slug(model)}__{probe}__{method}__h{heads[0]:05d}-{heads[1]:05d}__{digest}"
 
 
+def model_items(
+    cfg: ExperimentConfig,
+    storage: Path,
+    model: tuple[str, str, int, str],
+    shape: tuple[int, int],
+    probe: str,
+    method: str,
+) -> list[dict]:
+    """The work rows (WORK_SCHEMA) of one model, probe and method, in head order: chunks of
+    ``patching.head_chunk_size`` heads. ``model`` is (model id, trial, step, checkpoint)."""
+    model_id, trial, step, checkpoint = model
+    n_layers, n_heads = shape
+    total = n_layers * n_heads
+    # One mask is learned over all heads together: a mask item is never split into chunks.
+    chunk = total if method == MASK else cfg.patching.head_chunk_size
+    rows = []
+    for start in range(0, total, chunk):
+        heads = (start, min(start + chunk, total))
+        item_id = build_item_id(cfg, model_id, checkpoint, probe, method, heads)
+        rows.append(
+            {
+                "item_id": item_id,
+                "path": str(item_path(storage, item_id)),
+                "n_rows": heads[1] - heads[0],
+                "model": model_id,
+                "trial": trial,
+                "step": step,
+                "checkpoint": checkpoint,
+                "probe": probe,
+                "method": method,
+                "head_start": heads[0],
+                "head_end": heads[1],
+                "n_layers": n_layers,
+                "n_heads": n_heads,
+            }
+        )
+    return rows
+
+
 def build_work_items(
     cfg: ExperimentConfig, results: pl.DataFrame, probes: Sequence[str] | None = None
 ) -> pl.DataFrame:
@@ -111,36 +150,13 @@ def build_work_items(
     probe_names = select_probes(cfg, probes)
     models = list_models(cfg, results)
     storage = local_storage_root(cfg)
-    size = cfg.patching.head_chunk_size
     rows = []
     for model, trial, step, checkpoint in models.iter_rows():
         model_cfg = cfg.model if model == BASE_MODEL else cfg.model.model_copy(update={"name": checkpoint})
-        n_layers, n_heads = model_head_grid(model_cfg)
-        total = n_layers * n_heads
+        shape = model_head_grid(model_cfg)
         for probe in probe_names:
             for method in cfg.patching.methods:
-                # One mask is learned over all heads together: a mask item is never split into chunks.
-                chunk = total if method == MASK else size
-                for start in range(0, total, chunk):
-                    heads = (start, min(start + chunk, total))
-                    item_id = build_item_id(cfg, model, checkpoint, probe, method, heads)
-                    rows.append(
-                        {
-                            "item_id": item_id,
-                            "path": str(item_path(storage, item_id)),
-                            "n_rows": heads[1] - heads[0],
-                            "model": model,
-                            "trial": trial,
-                            "step": step,
-                            "checkpoint": checkpoint,
-                            "probe": probe,
-                            "method": method,
-                            "head_start": heads[0],
-                            "head_end": heads[1],
-                            "n_layers": n_layers,
-                            "n_heads": n_heads,
-                        }
-                    )
+                rows += model_items(cfg, storage, (model, trial, step, checkpoint), shape, probe, method)
     return pl.DataFrame(rows, schema=WORK_SCHEMA).sort("checkpoint", "probe", "method", "head_start")
 
 
