@@ -26,6 +26,15 @@ Pure polars/numpy on stored tables (no model, no Ray), so ``dcv report`` can reb
   ``summary`` is the mean over benchmarks of base accuracy - checkpoint accuracy.
 - ``paper``: per discovery method, circuit size, base-circuit retention (%) and faithfulness of the base
   model and of each method's final checkpoints, beside the seed paper's figures.
+- ``predictors``: what predicts forgetting (``dcv.predictors``): R^2 and Spearman of each candidate
+  (KL to base, mean weight change, V, 1 - P, 1 - J; ``analysis.predictors``) against forgetting over all
+  fine-tuned checkpoints, by method and pooled, with CIs from the same hierarchical bootstrap draws as
+  the headline, n beside them, and each one's R^2 gap to the best.
+- ``weight_vs_function``: per checkpoint and probe, Spearman of the base-circuit heads' weight change
+  (``dcv.circuits.weight_change``) with their v_h, and per method over all its checkpoints.
+- ``weight_change_heads``: the weight-change stage's per-head numbers, means over runs per method and
+  step (the report's heatmap). ``weight_change`` in ``checkpoints`` and ``summary`` is the checkpoint's
+  mean over heads (null without the stage).
 
 ``dcv_heads`` also carries ``effect_gap`` = DCV_h |e_h(base)| = e_h(RL) - e_h(SFT) (for masks the seed
 paper's m_h(RL) - m_h(SFT)) and ``sft_weakened`` = effect_gap > ``circuits.mask.weakened_delta``.
@@ -59,6 +68,14 @@ from dcv.matched import (
     compare,
     grid,
     interval,
+    resample,
+)
+from dcv.predictors import (
+    PREDICTORS_SCHEMA,
+    WEIGHT_FUNCTION_SCHEMA,
+    predictor_table,
+    spearman,
+    weight_function_table,
 )
 from dcv.storage import BASE_MODEL, analysis_dir, atomic_path, checkpoint_model, read_parquet, write_parquet
 from dcv.tables import Head, circuit_heads
@@ -74,6 +91,9 @@ TABLES = (
     "after_sft",
     "paper",
     "benchmarks",
+    "predictors",
+    "weight_vs_function",
+    "weight_change_heads",
 )
 # The per-checkpoint numbers the headline compares between methods (``dcv.matched.Layout`` names).
 HEADLINE_METRICS = (
@@ -96,6 +116,7 @@ TARGET_ITEMS = "target/item_correct"  # results-table column: per test item, 1 i
 NULLABLE = (
     *NOISE_FLOOR_COLUMNS,
     "forgetting_bench",
+    "weight_change",
     "preservation",
     "jaccard",
     "circuit_vulnerability",
@@ -229,9 +250,15 @@ def _competence(cfg: ExperimentConfig, effects: pl.DataFrame, base_row: dict) ->
 
 
 def build_inputs(
-    cfg: ExperimentConfig, results: pl.DataFrame, effects: pl.DataFrame, circuits: pl.DataFrame, method: str
+    cfg: ExperimentConfig,
+    results: pl.DataFrame,
+    effects: pl.DataFrame,
+    circuits: pl.DataFrame,
+    method: str,
+    weight_change: dict[str, float] | None = None,
 ) -> Inputs:
-    """Probe references and every model's point for one patching method, from the stored tables."""
+    """Probe references and every model's point for one patching method, from the stored tables;
+    ``weight_change``: each checkpoint's mean head weight change (None: not measured, NaN)."""
     probes = [p.name for p in cfg.probes]
     base_row = _base_row(results)
     competence = _competence(cfg, effects, base_row)
@@ -289,12 +316,65 @@ def build_inputs(
             fixed={
                 "forgetting_bench": _bench_forgetting(base_bench, row, bench),
                 "base_circuit_faithfulness": float(np.mean(faithful)) if faithful else float("nan"),
+                "weight_change": _mean_change(weight_change, model),
             },
         )
-    fixed = ("forgetting_bench", "base_circuit_faithfulness")
+    fixed = ("forgetting_bench", "base_circuit_faithfulness", "weight_change")
     circuit_rows = {p: own[(BASE_MODEL, p)] for p in probes}
     n_layers = int(effects.filter(pl.col("model") == BASE_MODEL)["layer"].max()) + 1
     return Inputs(method, refs, Layout.build(refs, fixed), points, rows, competence, circuit_rows, n_layers)
+
+
+def _or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def _mean_change(weight_change: dict[str, float] | None, model: str) -> float:
+    if weight_change is None:
+        return float("nan")
+    return 0.0 if model == BASE_MODEL else weight_change.get(model, float("nan"))
+
+
+def head_changes(weight_change: pl.DataFrame | None) -> dict[str, np.ndarray]:
+    """Per model of the weight-change stage's table, every head's ``change`` in (layer, head) order."""
+    if weight_change is None or weight_change.is_empty():
+        return {}
+    ordered = weight_change.sort("model", "layer", "head")
+    return {m: frame["change"].to_numpy() for (m,), frame in ordered.group_by("model", maintain_order=True)}
+
+
+WEIGHT_CHANGE_HEADS_SCHEMA = {
+    "training": pl.String,
+    "step": pl.Int64,
+    "layer": pl.Int32,
+    "head": pl.Int32,
+    "kv_shared_by": pl.Int32,
+    "q_change": pl.Float64,
+    "k_change": pl.Float64,
+    "v_change": pl.Float64,
+    "o_change": pl.Float64,
+    "change": pl.Float64,
+    "changed_share": pl.Float64,
+    "n_runs": pl.Int64,
+}
+
+
+def weight_change_heads(weight_change: pl.DataFrame | None) -> pl.DataFrame:
+    """Per training method, step and head: the means over runs of the weight-change stage's numbers."""
+    if weight_change is None or weight_change.is_empty():
+        return pl.DataFrame(schema=WEIGHT_CHANGE_HEADS_SCHEMA)
+    numbers = ("q_change", "k_change", "v_change", "o_change", "change", "changed_share")
+    return (
+        weight_change.rename({"method": "training"})
+        .group_by("training", "step", "layer", "head")
+        .agg(
+            pl.col("kv_shared_by").first(),
+            *[pl.col(c).mean() for c in numbers],
+            pl.col("trial").n_unique().cast(pl.Int64).alias("n_runs"),
+        )
+        .select(list(WEIGHT_CHANGE_HEADS_SCHEMA))
+        .sort("training", "step", "layer", "head")
+    )
 
 
 def _base_row(results: pl.DataFrame) -> dict:
@@ -367,6 +447,7 @@ def checkpoint_table(
                         "forgetting": get("forgetting"),
                         "forgetting_ld": get("forgetting_ld"),
                         "forgetting_bench": point.fixed["forgetting_bench"],
+                        "weight_change": _or_none(point.fixed["weight_change"]),
                         "gap": get("gap"),
                         "base_gap": data.competence[ref.name].gap,
                         "lost": lost,
@@ -425,7 +506,7 @@ def summary_table(checkpoints: pl.DataFrame) -> pl.DataFrame:
     """Per checkpoint and patching method, means over the probes in means (competent, circuit reached
     tau, prior capabilities only): lost probes count in ``n_lost`` and in forgetting, not in P, J or V."""
     keys = ["trial", "training", "init", "learning_rate", "seed", "step", "model", "patching"]
-    first = ("target_accuracy", "kl_to_base", "forgetting_bench")
+    first = ("target_accuracy", "kl_to_base", "forgetting_bench", "weight_change")
     means = (
         "forgetting",
         "forgetting_ld",
@@ -529,15 +610,15 @@ HEADLINE_SCHEMA = {
 
 
 def matched_tables(
-    cfg: ExperimentConfig, inputs: Inputs, summary: pl.DataFrame
+    cfg: ExperimentConfig, inputs: Inputs, runs: Sequence[Run], draws: Sequence
 ) -> tuple[list[dict], list[pl.DataFrame]]:
-    """(headline rows, dcv_heads frames) of one patching method on the matched grid."""
-    runs = run_list(inputs, summary)
+    """(headline rows, dcv_heads frames) of one patching method on the matched grid (``draws``: the
+    hierarchical bootstrap's, ``dcv.matched.resample``)."""
     base = inputs.points[(BASE_MODEL, 0)]
     a = cfg.analysis
     levels = grid(runs, base.accuracy, a.accuracy_step, a.kl_levels)
     c = cfg.circuits
-    compared = compare(runs, inputs.refs, inputs.layout, levels, a.min_runs, c.n_bootstrap)
+    compared = compare(runs, inputs.refs, inputs.layout, levels, a.min_runs, c.n_bootstrap, draws=draws)
     n_probe_items = min(ref.base.denominator.shape[0] for ref in inputs.refs)
     n_target = max((p.correct.shape[0] for r in runs for p in r.points if p.correct is not None), default=0)
     common = {
@@ -630,15 +711,6 @@ def _dcv_heads(cfg: ExperimentConfig, inputs: Inputs, level, bounds) -> list[pl.
     return frames
 
 
-def _spearman(x: np.ndarray, y: np.ndarray) -> float | None:
-    keep = np.isfinite(x) & np.isfinite(y)
-    x, y = x[keep], y[keep]
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return None
-    rx, ry = pl.Series(x).rank("average").to_numpy(), pl.Series(y).rank("average").to_numpy()
-    return float(np.corrcoef(rx, ry)[0, 1])
-
-
 def correlation_table(checkpoints: pl.DataFrame, summary: pl.DataFrame) -> pl.DataFrame:
     """Spearman of V(M) with forgetting over fine-tuned checkpoints (step > 0), probes in means."""
     tuned_probes = checkpoints.filter((pl.col("step") > 0) & pl.col("in_means"))
@@ -655,8 +727,8 @@ def correlation_table(checkpoints: pl.DataFrame, summary: pl.DataFrame) -> pl.Da
                         "patching": patching,
                         "training": training,
                         "n_checkpoints": rows_of.height,
-                        "spearman_forgetting": _spearman(v, rows_of["forgetting"].to_numpy()),
-                        "spearman_forgetting_ld": _spearman(v, rows_of["forgetting_ld"].to_numpy()),
+                        "spearman_forgetting": spearman(v, rows_of["forgetting"].to_numpy()),
+                        "spearman_forgetting_ld": spearman(v, rows_of["forgetting_ld"].to_numpy()),
                     }
                 )
     schema = {
@@ -753,20 +825,39 @@ def analyze(
     effects: pl.DataFrame,
     circuits: pl.DataFrame,
     noise_floor: pl.DataFrame | None = None,
+    weight_change: pl.DataFrame | None = None,
 ) -> dict[str, pl.DataFrame]:
-    """Every analysis table (TABLES) from the stored results, effects, circuits and (masks') noise-floor
-    tables."""
+    """Every analysis table (TABLES) from the stored results, effects, circuits, (masks') noise-floor and
+    weight-change tables (None: that stage did not run)."""
     heads = effects.filter(pl.col("model") == BASE_MODEL)
     shape = (int(heads["layer"].max()) + 1, int(heads["head"].max()) + 1)
-    inputs = [build_inputs(cfg, results, effects, circuits, m) for m in cfg.patching.methods]
+    changes = head_changes(weight_change)
+    means = {m: float(c.mean()) for m, c in changes.items()} if weight_change is not None else None
+    inputs = [build_inputs(cfg, results, effects, circuits, m, means) for m in cfg.patching.methods]
     floor = noise_floor_table(cfg, inputs, noise_floor)
     checkpoints = checkpoint_table(cfg, inputs, circuits, floor)
     summary = summary_table(checkpoints)
-    headline, heads_frames = [], []
+    headline, heads_frames, predictors, weight_function = [], [], [], []
     for data in inputs:
-        rows, frames = matched_tables(cfg, data, summary)
+        runs = run_list(data, summary)
+        # One set of bootstrap draws per patching method: the matched comparison and the predictors.
+        draws = resample(runs, data.refs, data.layout, cfg.circuits.n_bootstrap)
+        rows, frames = matched_tables(cfg, data, runs, draws)
         headline += rows
         heads_frames += frames
+        observed = {
+            r.name: np.stack([checkpoint_numbers(p, data.refs, data.layout) for p in r.points]) for r in runs
+        }
+        a, level = cfg.analysis, cfg.circuits.ci_level
+        predictors.append(
+            predictor_table(data.method, runs, observed, data.layout, draws, a.predictors, level)
+        )
+        tuned = [
+            (row["method"], row["trial"], row["step"], row["model"], point_numbers(data, row))
+            for row in data.rows
+            if row["step"] > 0
+        ]
+        weight_function.append(weight_function_table(data.method, tuned, data.refs, data.layout, changes))
     return {
         "base_circuits": base_circuit_table(circuits, shape, inputs),
         "checkpoints": checkpoints,
@@ -778,7 +869,17 @@ def analyze(
         "after_sft": after_sft_table(summary),
         "benchmarks": benchmark_table(results),
         "paper": paper_table(summary),
+        "predictors": pl.concat(predictors) if predictors else pl.DataFrame(schema=PREDICTORS_SCHEMA),
+        "weight_vs_function": pl.concat(weight_function)
+        if weight_function
+        else pl.DataFrame(schema=WEIGHT_FUNCTION_SCHEMA),
+        "weight_change_heads": weight_change_heads(weight_change),
     }
+
+
+def point_numbers(data: Inputs, row: dict) -> np.ndarray:
+    """A results row's checkpoint vector (all items) for one patching method."""
+    return checkpoint_numbers(data.points[(row["model"], row["step"])], data.refs, data.layout)
 
 
 def write_analysis(tables: dict[str, pl.DataFrame], storage_root: Path) -> list[Path]:

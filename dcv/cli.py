@@ -291,6 +291,11 @@ def run_validate(args: argparse.Namespace, cfg: ExperimentConfig, console: Conso
     given = f" with {', '.join(overrides)}" if overrides else ""
     about = f"model {cfg.model.name}, target {cfg.target_task.name}, probes {probes}"
     console.line(f"{args.config}{given}: ok ({about})")
+    if cfg.target_task.name == "sciknoweval" and not cfg.target_task.reads_hub():
+        # What the rows give, before compute is spent (a hub source is read only by a run: no download here).
+        from dcv.tasks.sciknoweval import read_sciknoweval
+
+        console.line(f"target_task: {read_sciknoweval(cfg.target_task).summary()}")
     if args.explain:
         console.line("\n".join(explain_config(cfg)))
 

@@ -27,6 +27,16 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
 
 BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny")
+# Candidate predictors of forgetting in the analysis' ``predictors`` table (dcv.analysis.PREDICTORS says what
+# each is); CMAP joins them with the cmap patching method.
+PREDICTOR_NAMES = (
+    "kl_to_base",
+    "weight_change",
+    "circuit_vulnerability",
+    "circuit_vulnerability_abs",
+    "one_minus_preservation",
+    "one_minus_jaccard",
+)
 RUN_NAME = r"^[A-Za-z0-9][\w.-]*$"  # names are used in MLflow filters and storage paths
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PROBE_NAMES = ("ioi", "capitals", "greater_than", "induction", "chem")
@@ -77,6 +87,11 @@ class Section(BaseModel):
 class TinyModelConfig(Section):
     """Shape of the random-initialised test model (used when ``model.name: tiny``)."""
 
+    architecture: Literal["llama", "qwen2"] = Field(
+        "llama",
+        description="model family: llama (SmolLM2's) or qwen2 (Qwen2.5's: q/k/v biases, the paper model's "
+        "code path in transformers)",
+    )
     num_layers: PositiveInt = Field(2, description="decoder layers")
     num_heads: PositiveInt = Field(
         4, description="query heads per layer: the heads patching and circuits score"
@@ -137,12 +152,12 @@ class ModelConfig(Section):
 
 
 class TargetTaskConfig(Section):
-    """The task we fine-tune on: generated chemistry QA, or SciKnowEval rows (hub or local file)."""
+    """The task we fine-tune on: generated chemistry QA, or SciKnowEval rows (hub, local file or folder)."""
 
     name: Literal["chemistry", "sciknoweval"] = Field(
         "chemistry",
         description="chemistry: questions generated from element tables (no download); sciknoweval: "
-        "multiple-choice rows read from source",
+        "multiple-choice and true/false rows read from source (the rest are counted and dropped)",
     )
     seed: int = Field(
         0, description="seeds the train/test split and, for chemistry, each question's distractors and order"
@@ -158,9 +173,30 @@ class TargetTaskConfig(Section):
         "exceed the distinct questions they give",
     )
     source: str | None = Field(
-        None, description="sciknoweval only: a local .json/.jsonl file, or a hub dataset id"
+        None,
+        description="sciknoweval only: a hub dataset id (hicai-zju/SciKnowEval; the only source that "
+        "downloads, and only data/<domain>/*.jsonl at `revision`), a local .json/.jsonl file, or a local "
+        "folder in the hub's layout (<folder>/data/<domain>/*.jsonl, or <folder>/<domain>/*.jsonl)",
     )
-    domain: str = Field("Chemistry", description="sciknoweval only: the hub config / `domain` to keep")
+    revision: str | None = Field(
+        None,
+        description="sciknoweval hub source only: the commit (or tag) the dataset is read at. None reads the "
+        "newest, which the authors have re-uploaded more than once: a paper config pins a 40-hex commit",
+    )
+    domain: str = Field(
+        "Chemistry",
+        description="sciknoweval only: the domain kept: the folder data/<domain>/ and the rows' `domain`",
+    )
+    levels: Annotated[list[Literal["L1", "L2", "L3", "L4", "L5"]], Field(min_length=1)] | None = Field(
+        None,
+        description="sciknoweval only: the rows' details.level kept, e.g. [L3] (RL's Razor trains on "
+        "Chemistry L3); None keeps every level",
+    )
+    tasks: Annotated[list[str], Field(min_length=1)] | None = Field(
+        None,
+        description="sciknoweval only: keep rows whose details.task or details.subtask is one of these "
+        "(e.g. reaction_prediction); None keeps every task",
+    )
     format_bonus: Annotated[float, Field(ge=0)] = Field(
         0.0,
         description="GRPO reward added when a completion answers inside <answer></answer> tags, right or "
@@ -184,15 +220,46 @@ class TargetTaskConfig(Section):
     @model_validator(mode="after")
     def _source_fits_task(self) -> TargetTaskConfig:
         if self.name == "sciknoweval":
-            if self.source is None:
-                raise ValueError("source: sciknoweval needs a local .json/.jsonl file or a hub dataset id")
-            if _looks_like_file(self.source) and not Path(self.source).expanduser().is_file():
-                raise ValueError(f"source: no file at {Path(self.source).expanduser().resolve()}")
-        elif self.source is not None:
-            raise ValueError("source: only the sciknoweval task reads a source; chemistry is generated")
+            self._check_sciknoweval_source()
+        else:
+            for key in ("source", "revision", "levels", "tasks"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key}: only the sciknoweval task reads it; chemistry is generated")
         if len(set(self.kinds)) != len(self.kinds):
             raise ValueError(f"kinds: duplicates in {self.kinds}")
+        for key in ("levels", "tasks"):
+            values = getattr(self, key)
+            if values is not None and len(set(values)) != len(values):
+                raise ValueError(f"{key}: duplicates in {values}")
         return self
+
+    def reads_hub(self) -> bool:
+        """Whether ``source`` is a hub id. Anything on disk, or spelled like a path, is local: only an
+        owner/name that is not on disk may download, so a mistyped folder is an error, never a request."""
+        if self.source is None:
+            return False
+        on_disk = Path(self.source).expanduser().exists() or _looks_like_file(self.source)
+        return not on_disk and bool(HUB_ID.match(self.source))
+
+    def _check_sciknoweval_source(self) -> None:
+        if self.source is None:
+            raise ValueError(
+                "source: sciknoweval needs a hub dataset id, a local .json/.jsonl file or a local folder"
+            )
+        if self.reads_hub():
+            return
+        path = Path(self.source).expanduser()
+        if path.suffix in (".json", ".jsonl") and not path.is_file():
+            raise ValueError(f"source: no file at {path.resolve()}")
+        if not path.exists():
+            raise ValueError(
+                f"source: no file or folder at {path.resolve()}; a hub source is an owner/name id"
+            )
+        if self.revision is not None:
+            raise ValueError(
+                f"revision: only a hub source is read at a revision; {self.source} is a local "
+                f"{'folder' if path.is_dir() else 'file'}, pin it by its own version control"
+            )
 
 
 class ProbeConfig(Section):
@@ -254,6 +321,12 @@ EVAL_EVERY = (
     "model) and the last step are always evaluated"
 )
 ACCUMULATION = "micro-batches whose gradients are accumulated into one optimizer step"
+DISTRIBUTED = (
+    "ddp: every worker holds the whole model and its optimizer state; fsdp: FSDP2 (torch fully_shard, "
+    "through accelerate) shards parameters, gradients and optimizer state over the workers, one unit per "
+    "decoder layer (the model's _no_split_modules), for models too big for one GPU. Checkpoints stay whole "
+    "HF weights (gathered on rank 0); also runs on CPU over gloo, where it is only tested, not faster"
+)
 
 
 class SFTConfig(Section):
@@ -278,11 +351,7 @@ class SFTConfig(Section):
     max_seq_length: PositiveInt = Field(
         512, description="tokens per training example (chat-templated prompt + answer); longer ones are cut"
     )
-    distributed: Literal["ddp", "fsdp"] = Field(
-        "ddp",
-        description="ddp: every worker holds the whole model; fsdp: the model is sharded over the workers "
-        "(full_shard auto_wrap), for models too big for one GPU",
-    )
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description=DISTRIBUTED)
 
 
 class RolloutConfig(Section):
@@ -367,6 +436,25 @@ class RLConfig(Section):
     )
     rollout: RolloutConfig = Field(
         RolloutConfig(), description="the Ray actors that generate GRPO's completions"
+    )
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description=DISTRIBUTED + "; under fsdp every weight sync first gathers the full weights on rank 0 "
+        "(a collective of all workers), which rank 0 sends to the rollout actors",
+    )
+    importance_sampling_correction: bool | None = Field(
+        None,
+        description="truncated importance sampling (TIS): weight each completion token's loss by "
+        "min(exp(logp_learner - logp_sampler), importance_sampling_cap), the learner's log-prob over the "
+        "rollout engine's, both before the update, because the engine samples from a slightly different "
+        "distribution (other kernels, bfloat16). Default: on for rl.rollout.backend=vllm, off for hf (the "
+        "same model in the same dtype: the ratio is 1 up to rounding, and it costs one more forward pass per "
+        "batch)",
+    )
+    importance_sampling_cap: PositiveFloat = Field(
+        3.0,
+        description="the TIS cap C: token weights above it are cut to it (TRL's "
+        "vllm_importance_sampling_clip_max default); read only when the correction is on",
     )
 
     @model_validator(mode="after")
@@ -566,6 +654,37 @@ class AnalysisConfig(Section):
     min_runs: Annotated[int, Field(ge=2)] = Field(
         2, description="a matched level is used only where at least this many runs of each method reach it"
     )
+    predictors: list[Literal[PREDICTOR_NAMES]] | None = Field(
+        None,
+        description="candidate predictors of forgetting in the predictors table (R^2 and Spearman against "
+        "forgetting over all fine-tuned checkpoints, by method and pooled): kl_to_base (RL's Razor's), "
+        "weight_change (needs weight_change.enabled), circuit_vulnerability, circuit_vulnerability_abs, "
+        "one_minus_preservation, one_minus_jaccard; None = every one with data",
+    )
+
+    @field_validator("predictors")
+    @classmethod
+    def _unique_predictors(cls, names: list[str] | None) -> list[str] | None:
+        if names is not None and len(set(names)) != len(names):
+            raise ValueError(f"predictors: {names} names a predictor twice")
+        return names
+
+
+class WeightChangeConfig(Section):
+    """Per-head weight change of every checkpoint against the base (dcv.circuits.weight_change): no forward
+    passes, two safetensors reads per checkpoint."""
+
+    enabled: bool = Field(False, description="run the weight-change stage in dcv run (after circuits)")
+    tolerance: PositiveFloat = Field(
+        1e-5,
+        description="a parameter counts as changed (changed_share) when |W_ckpt - W_base| exceeds this: "
+        "1e-5 absolute, the order Mukherjee et al. 2025 count updates at. bf16 checkpoints compare as "
+        "stored, so it reads 'did the stored value change'; with fp32 Adam every parameter moves by about "
+        "the learning rate per step and the share is near 1 everywhere (raise it, or set relative)",
+    )
+    relative: bool = Field(
+        False, description="compare |W_ckpt - W_base| with tolerance * |W_base| instead of tolerance"
+    )
 
 
 class CalibrationConfig(Section):
@@ -723,6 +842,9 @@ class ExperimentConfig(Section):
         description="circuits from head effects, their noise floor, and every CI's bootstrap",
     )
     analysis: AnalysisConfig = Field(AnalysisConfig(), description="the matched SFT-vs-RL comparison")
+    weight_change: WeightChangeConfig = Field(
+        WeightChangeConfig(), description="how far each head's weights moved from the base, per checkpoint"
+    )
     calibration: CalibrationConfig = Field(
         CalibrationConfig(), description="planted damage on the base: what the experiment can detect"
     )
@@ -744,14 +866,9 @@ class ExperimentConfig(Section):
         return probes
 
     @model_validator(mode="after")
-    def _chem_probe_needs_chemistry(self) -> ExperimentConfig:
-        # The chem probe's pairs are built from the generated chemistry questions; with another target
-        # task it would measure a task the model is not fine-tuned on.
-        if "chem" in [p.name for p in self.probes] and self.target_task.name != "chemistry":
-            raise ValueError(
-                f"probes: the chem probe needs target_task.name: chemistry (got {self.target_task.name!r}); "
-                "drop chem from probes or use the chemistry task"
-            )
+    def _chem_probe_needs_letters(self) -> ExperimentConfig:
+        # The chem probe's pairs are built from the generated chemistry questions (with SciKnowEval, the
+        # same domain's generated questions in the target task's prompt: dcv.tasks.probes.chem_questions).
         if "chem" in [p.name for p in self.probes] and self.target_task.answer_format != "letter":
             # Its contrast is the letter after "<answer>": with option-text answers that is not the decision.
             raise ValueError(

@@ -22,7 +22,7 @@ from statistics import fmean
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from dcv.config import EvaluationConfig
 from dcv.tasks.answers import has_answer_tag, score_answer
@@ -182,6 +182,7 @@ def generate_completions(
     samples follow the model's own distribution). Callers seed the RNG.
     """
     prompts = chat_prompts(tokenizer, items)
+    stop_ids = stop_token_ids(tokenizer, model.generation_config)
     sequences, masks, texts = [], [], []
     for part in tqdm(list(_batches(len(prompts), batch_size)), desc="generate", leave=False):
         enc = _left_padded(tokenizer, prompts[part])
@@ -196,17 +197,21 @@ def generate_completions(
             max_new_tokens=max_new_tokens,
             num_return_sequences=num_return_sequences,
             pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=stop_ids,
             **sampling,
         ).cpu()
         prompt_len = enc["input_ids"].shape[1]
         prompt_mask = enc["attention_mask"].cpu().repeat_interleave(num_return_sequences, dim=0)
         completion = out[:, prompt_len:]
-        completion_mask = _until_eos(completion, tokenizer.eos_token_id)
+        completion_mask = until_stop(completion, stop_ids)
         sequences.append(F.pad(out, (0, max_new_tokens - completion.shape[1]), value=tokenizer.pad_token_id))
         masks.append(
             F.pad(torch.cat([prompt_mask, completion_mask], dim=1), (0, max_new_tokens - completion.shape[1]))
         )
-        texts += tokenizer.batch_decode(completion, skip_special_tokens=True)
+        texts += [
+            tokenizer.decode(row[:length], skip_special_tokens=True)
+            for row, length in zip(completion, completion_mask.sum(-1).tolist(), strict=True)
+        ]
     width = max(s.shape[1] for s in sequences)
     # Batches differ in prompt length: left-pad them all to one width.
     ids = torch.cat([F.pad(s, (width - s.shape[1], 0), value=tokenizer.pad_token_id) for s in sequences])
@@ -214,11 +219,28 @@ def generate_completions(
     return ids, mask, texts
 
 
-def _until_eos(completion: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1 on tokens up to and including the first EOS of each row, 0 after it: [batch, new_tokens]."""
-    is_eos = (completion == eos_id).long()
-    after_eos = (is_eos.cumsum(-1) - is_eos) > 0
-    return (~after_eos).long()
+def stop_token_ids(
+    tokenizer: PreTrainedTokenizerBase, generation_config: GenerationConfig | None
+) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the generation config's.
+
+    Qwen2.5-Instruct's generation config lists ``<|im_end|>`` and ``<|endoftext|>``; a completion that
+    stops on either must be cut there, or its padding is trained on (GRPO) and counted (KL). TRL's
+    GRPOTrainer joins the same two lists.
+    """
+    ids = {tokenizer.eos_token_id}
+    config_ids = getattr(generation_config, "eos_token_id", None)
+    ids |= set(config_ids) if isinstance(config_ids, (list, tuple)) else {config_ids}
+    return sorted(i for i in ids if i is not None)
+
+
+def until_stop(completion: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
+    """1 on tokens up to and including the first stop id of each row, 0 after it: [batch, new_tokens]."""
+    is_stop = torch.isin(
+        completion, torch.tensor(list(stop_ids), dtype=completion.dtype, device=completion.device)
+    ).long()
+    after_stop = (is_stop.cumsum(-1) - is_stop) > 0
+    return (~after_stop).long()
 
 
 def evaluate_target(

@@ -1,10 +1,10 @@
 """The whole experiment in one call: base snapshot -> sweep -> benchmarks -> patching -> circuits ->
-analysis -> report.
+weight change -> calibration -> analysis -> report.
 
 Every stage resumes: the base snapshot is written once; the sweep skips finished trials (and restores
-Tune's state for unfinished ones); the patching pipeline and the circuits stage skip finished items and
-models; the analysis and the report are cheap and always rebuilt from the stored tables. Storage layout
-(under ``storage.root``):
+Tune's state for unfinished ones); the patching pipeline, the circuits and the weight-change stages skip
+finished items and models; the analysis and the report are cheap and always rebuilt from the stored
+tables. Storage layout (under ``storage.root``):
 
     experiment_config.json   the config this run uses (the base model named by its snapshot folder)
     base/                    the base model as an HF folder (what every stage loads as the base)
@@ -12,6 +12,7 @@ models; the analysis and the report are cheap and always rebuilt from the stored
     benchmarks/              lm-eval scores per model (dcv.benchmarks), joined into the results table
     patching/                head effects (dcv.circuits.pipeline)
     circuits/                every model's circuits (dcv.circuits.model_circuits)
+    weight_change/           per-head weight change of every checkpoint (dcv.circuits.weight_change)
     analysis/                the analysis tables (dcv.analysis), parquet and CSV
     report/                  report.md, report.html, figures/*.png
     stage_seconds.json       wall time of each stage in its last run
@@ -42,6 +43,7 @@ from dcv.storage import (
     CIRCUITS_FILE,
     EFFECTS_FILE,
     NOISE_FLOOR_FILE,
+    WEIGHT_CHANGE_FILE,
     atomic_path,
     circuits_dir,
     local_storage_root,
@@ -50,9 +52,20 @@ from dcv.storage import (
     read_json,
     read_parquet,
     set_aside,
+    weight_change_dir,
 )
 
-STAGES = ("base", "sweep", "benchmarks", "patching", "circuits", "calibration", "analysis", "report")
+STAGES = (
+    "base",
+    "sweep",
+    "benchmarks",
+    "patching",
+    "circuits",
+    "weight_change",
+    "calibration",
+    "analysis",
+    "report",
+)
 CONFIG_FILE = "experiment_config.json"
 SOURCE_FILE = "dcv_source.json"  # inside base/: the model config the snapshot was made from
 STAGE_SECONDS_FILE = "stage_seconds.json"
@@ -322,6 +335,21 @@ def _run_stages(
     circuits = run_circuits(cfg, run.table, storage, progress)
     finished("circuits", start, f": {circuits.height} circuits")
 
+    start = stage("weight_change")
+    weight_change = None
+    if cfg.weight_change.enabled:
+        from dcv.circuits.weight_change import run_weight_change
+        from dcv.stages import log_stage
+
+        changed = run_weight_change(cfg, results, storage, progress)
+        log_stage(cfg, "weight-change", "weight_change", changed, changed.path)
+        weight_change = changed.table
+        finished(
+            "weight_change", start, f": {changed.computed} checkpoints computed, {changed.skipped} skipped"
+        )
+    else:
+        finished("weight_change", start, ": off (weight_change.enabled: false)")
+
     start = stage("calibration")
     if cfg.calibration.enabled:
         from dcv.calibration import calibration_path, run_calibration
@@ -333,9 +361,8 @@ def _run_stages(
         finished("calibration", start, ": off (calibration.enabled: false)")
 
     start = stage("analysis")
-    tables = analyze(
-        cfg, results, run.table, circuits, read_parquet(circuits_dir(storage) / NOISE_FLOOR_FILE)
-    )
+    floor = read_parquet(circuits_dir(storage) / NOISE_FLOOR_FILE)
+    tables = analyze(cfg, results, run.table, circuits, floor, weight_change)
     paths = write_analysis(tables, storage)
     for path in paths:
         parent.log_artifact(path, artifact_path="analysis")
@@ -370,6 +397,12 @@ def rebuild_report(run_dir: Path) -> tuple[Path, Path, list[str]]:
     circuits = read_parquet(circuits_dir(storage) / CIRCUITS_FILE)
     if effects is not None and circuits is not None:
         floor = read_parquet(circuits_dir(storage) / NOISE_FLOOR_FILE)
-        write_analysis(analyze(cfg, read_results(storage), effects, circuits, floor), storage)
+        # The weight-change table where that stage ran (and the config still asks for it).
+        changes = (
+            read_parquet(weight_change_dir(storage) / WEIGHT_CHANGE_FILE)
+            if cfg.weight_change.enabled
+            else None
+        )
+        write_analysis(analyze(cfg, read_results(storage), effects, circuits, floor, changes), storage)
     seconds = read_json(storage / STAGE_SECONDS_FILE) or {}
     return report_stage(cfg, storage, seconds)

@@ -292,21 +292,23 @@ def grid(runs: Sequence[Run], base_accuracy: float, accuracy_step: float, kl_lev
     return {"accuracy": levels, "kl": kl_grid, "step": [float(s) for s in steps]}
 
 
-def compare(
-    runs: Sequence[Run],
-    refs: Sequence[ProbeReference],
-    layout: Layout,
-    levels: dict[str, list[float]],
-    min_runs: int,
-    n_bootstrap: int,
-    seed: int = 0,
-) -> list[Level]:
-    """Every level of ``levels``: which methods reach it and, where both reach it with ``min_runs`` runs,
-    the point means and the hierarchical bootstrap draws."""
-    by_method = {m: [r for r in runs if r.method == m] for m in TRAINING_METHODS}
-    point = {r.name: np.stack([checkpoint_numbers(p, refs, layout) for p in r.points]) for r in runs}
-    steps = {r.name: np.array([p.step for p in r.points]) for r in runs}
-    # One set of draws (items, then runs) shared by every level, so levels are comparable.
+# One hierarchical bootstrap draw: the runs chosen per method (indices into ``runs_by_method``) and every
+# run's checkpoint vectors [points, width] on that draw's probe and target items.
+Draw = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
+
+
+def runs_by_method(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    """The runs of each training method, in ``runs`` order (what a draw's indices point into)."""
+    return {m: [r for r in runs if r.method == m] for m in TRAINING_METHODS}
+
+
+def resample(
+    runs: Sequence[Run], refs: Sequence[ProbeReference], layout: Layout, n_bootstrap: int, seed: int = 0
+) -> list[Draw]:
+    """The hierarchical bootstrap's draws (DESIGN "Statistics"): probe items (one draw per probe, shared
+    by every model), target test items, then runs within each method. One set serves every level of the
+    matched comparison and the predictors table, so their numbers are comparable."""
+    by_method = runs_by_method(runs)
     rng = np.random.default_rng(seed)
     # Probe items: as many as the patching parts have, or (masks: one pseudo-item) as the per-item LDs.
     n_items = {
@@ -327,6 +329,28 @@ def compare(
             for r in runs
         }
         draws.append((chosen, numbers))
+    return draws
+
+
+def compare(
+    runs: Sequence[Run],
+    refs: Sequence[ProbeReference],
+    layout: Layout,
+    levels: dict[str, list[float]],
+    min_runs: int,
+    n_bootstrap: int,
+    seed: int = 0,
+    draws: Sequence[Draw] | None = None,
+) -> list[Level]:
+    """Every level of ``levels``: which methods reach it and, where both reach it with ``min_runs`` runs,
+    the point means and the hierarchical bootstrap draws (``draws``: from ``resample``, made here when
+    None)."""
+    by_method = runs_by_method(runs)
+    point = {r.name: np.stack([checkpoint_numbers(p, refs, layout) for p in r.points]) for r in runs}
+    steps = {r.name: np.array([p.step for p in r.points]) for r in runs}
+    # One set of draws (items, then runs) shared by every level, so levels are comparable.
+    draws = resample(runs, refs, layout, n_bootstrap, seed) if draws is None else draws
+    n_bootstrap = len(draws)
     out = []
     for axis, values in levels.items():
         for value in values:

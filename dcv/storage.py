@@ -64,6 +64,10 @@ PATCHING_DIR, EFFECTS_FILE = "patching", "effects.parquet"  # items/<item_id>.pa
 CIRCUITS_DIR, CIRCUITS_FILE = "circuits", "circuits.parquet"  # models/<model>__<hash>.parquet
 NOISE_FLOOR_FILE = "noise_floor.parquet"  # beside circuits.parquet
 CALIBRATION_DIR, CALIBRATION_FILE = "calibration", "calibration.parquet"  # models/: planted HF folders
+WEIGHT_CHANGE_DIR, WEIGHT_CHANGE_FILE = (
+    "weight_change",
+    "weight_change.parquet",
+)  # models/<model>__<hash>.parquet
 ANALYSIS_DIR = "analysis"
 LOGS_DIR = "logs"
 
@@ -114,6 +118,10 @@ def circuits_dir(storage_root: Path) -> Path:
 
 def calibration_dir(storage_root: Path) -> Path:
     return Path(storage_root) / CALIBRATION_DIR
+
+
+def weight_change_dir(storage_root: Path) -> Path:
+    return Path(storage_root) / WEIGHT_CHANGE_DIR
 
 
 def analysis_dir(storage_root: Path) -> Path:

@@ -310,3 +310,86 @@ def files(folder: Path, pattern: str = "*") -> list[Path]:
         for p in folder.rglob(pattern)
         if p.is_file() and ".corrupt-" not in str(p) and ".tmp-" not in p.name
     )
+
+
+# SciKnowEval.
+
+# Tasks and subtasks named like the hub's Chemistry rows, one pair per level.
+SCIKNOWEVAL_TASKS = {
+    "L1": ("molecule_name_conversion", "i2s"),
+    "L2": ("chemical_detailed_understanding", "detailed_understanding"),
+    "L3": ("reaction_prediction", "reaction_pred_qa"),
+    "L4": ("laboratory_safety_test", "laboratory_safety_test_mcq"),
+    "L5": ("molecule_generation", "molecule_generation"),
+}
+
+
+def write_sciknoweval_layout(
+    root: Path, domain: str = "Chemistry", n_mcq: int = 40, levels: Iterable[str] = ("L1", "L2", "L3")
+) -> Path:
+    """A folder in the hub's layout (``root/data/<domain>/sciknoweval_<domain>_test.jsonl``) and its path.
+
+    Per level: ``n_mcq`` mcq-4-choices rows, and a tenth as many (at least 1) each of mcq-2-choices,
+    true_or_false (the hub's shape: no choices, ``answer`` Yes/No) and open-ended-qa, and half that of
+    filling. At the defaults that is 40 + 4 + 4 kept questions per level (enough for n_train 24 + n_test 8
+    at ``levels: [L3]``) and 6 unscorable rows per level."""
+    import json
+
+    share = max(1, n_mcq // 10)
+    rows: list[dict] = []
+    for level in levels:
+        task, subtask = SCIKNOWEVAL_TASKS[level]
+        common = {
+            "domain": domain,
+            "details": {"level": level, "task": task, "subtask": subtask, "source": "dcv tests"},
+        }
+        for i in range(n_mcq):
+            texts = [f"{domain} {level} compound {i}-{k}" for k in range(4)]
+            rows.append(
+                {
+                    "question": f"Which {domain.lower()} compound answers {level} question {i}?",
+                    "choices": {"text": texts, "label": ["A", "B", "C", "D"]},
+                    "answerKey": "ABCD"[i % 4],
+                    "answer": "",
+                    "type": "mcq-4-choices",
+                    **common,
+                }
+            )
+        for i in range(share):
+            rows.append(
+                {
+                    "question": f"Does the rate of {level} reaction {i} increase or decrease when heated?",
+                    "choices": {"text": ["increases", "decreases"], "label": ["A", "B"]},
+                    "answerKey": "AB"[i % 2],
+                    "answer": "",
+                    "type": "mcq-2-choices",
+                    **common,
+                }
+            )
+        # The other types carry only a free-text `answer`, as on the hub (true_or_false: Yes or No).
+        unchoiced = [("true_or_false", f"{level} statement {i}: it dissolves.") for i in range(share)]
+        unchoiced += [("open-ended-qa", f"Describe {level} reaction {i}.") for i in range(share)]
+        unchoiced += [("filling", f"{level} compound {i} is ____.") for i in range(share // 2 or 1)]
+        for i, (kind, question) in enumerate(unchoiced):
+            answer = ("Yes", "No")[i % 2] if kind == "true_or_false" else f"{kind} answer {i}"
+            rows.append({"question": question, "answer": answer, "type": kind, **common})
+    folder = root / "data" / domain
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"sciknoweval_{domain.lower()}_test.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def kill_a_training_worker(session: str) -> int:
+    """SIGKILL a Ray Train worker of this test session's Ray (never another Ray on the machine)."""
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if not any("RayTrainWorker" in part for part in process.info["cmdline"] or []):
+            continue
+        try:
+            if process.environ().get("DCV_TEST_RAY_SESSION") != session:
+                continue
+        except psutil.Error:
+            continue
+        os.kill(process.info["pid"], signal.SIGKILL)
+        return process.info["pid"]
+    raise AssertionError("no RayTrainWorker process of this session found")

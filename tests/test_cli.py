@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from dcv.cli import COMMANDS, build_parser, circuit_outputs, job_main, main, patch_work
 from dcv.config import ConfigError, load_config, parse_config
 from dcv.tracking import TrackingServerError
-from tests.helpers import REPO, fault_env, free_port, run_dcv, tiny_config_dict
+from tests.helpers import REPO, fault_env, free_port, run_dcv, tiny_config_dict, write_sciknoweval_layout
 
 
 @pytest.mark.e2e
@@ -162,6 +162,35 @@ def test_dcv_validate_checks_the_overridden_config(tiny_config_file, capsys):
     assert "sft.learning_rat: unknown key [--set sft.learning_rat=1]" in capsys.readouterr().err
     assert main(["validate", str(tiny_config_file), "--set", "no-equals-sign"]) == 2
     assert "is not of the form dotted.key=value" in capsys.readouterr().err
+
+
+def test_dcv_validate_counts_the_sciknoweval_rows_it_keeps_and_drops(tmp_path, capsys):
+    """The paper config on a local folder in the hub's layout: validate names what L3 keeps and drops."""
+    source = write_sciknoweval_layout(tmp_path / "ske")
+    paper = str(REPO / "configs" / "qwen2.5-3b.yaml")
+    assert (
+        main(
+            [
+                "validate",
+                paper,
+                "--set",
+                f"target_task.source={source}",
+                "--set",
+                "target_task.revision=null",
+                "--set",
+                "target_task.n_train=24",
+                "--set",
+                "target_task.n_test=8",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("target_task: "))
+    assert "kept 48 (mcq-2-choices 4, mcq-4-choices 40, true_or_false 4)" in line, line
+    assert "level not in levels 108" in line and "unscorable type 6 (filling 2, open-ended-qa 4)" in line, (
+        line
+    )
 
 
 def test_every_command_that_reads_a_config_takes_set():

@@ -195,5 +195,5 @@ def test_dcv_run_console_has_stage_lines_only_and_the_log_the_rest(tiny_run):
     assert f"log: {log}" in lines
     text = log.read_text()
     assert "(RayTrainWorker pid=" in text and "(TrainController pid=" in text  # the workers' output
-    assert "[8/8 report] done in" in text  # and the console's lines, in order with it
+    assert "[9/9 report] done in" in text  # and the console's lines, in order with it
     assert not BYTECODE.search(text)  # stopped at the source, not hidden in the log

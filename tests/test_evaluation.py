@@ -8,12 +8,14 @@ import torch
 from dcv.config import EvaluationConfig, ModelConfig, ProbeConfig, TargetTaskConfig
 from dcv.evaluation import (
     KLReference,
-    _until_eos,
     evaluate_model,
     evaluate_probe,
+    generate_completions,
     kl_to_base,
     probe_logit_diffs,
     sample_kl_reference,
+    stop_token_ids,
+    until_stop,
 )
 from dcv.models import load_model
 from dcv.tasks import load_target_splits
@@ -125,9 +127,43 @@ def test_kl_to_base_is_kl_of_base_to_model_not_the_reverse(tiny_model, tokenizer
     assert abs(forward - reverse) > 0.2 * max(forward, reverse), (forward, reverse)
 
 
-def test_until_eos_masks_after_the_first_eos():
-    completion = torch.tensor([[5, 6, 2, 2, 2], [5, 6, 7, 8, 9], [2, 4, 2, 4, 4]])
-    assert _until_eos(completion, eos_id=2).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+def test_until_stop_masks_after_the_first_of_any_stop_id():
+    completion = torch.tensor([[5, 6, 2, 2, 2], [5, 6, 7, 8, 9], [2, 4, 2, 4, 4], [5, 0, 6, 2, 2]])
+    assert until_stop(completion, [2]).tolist() == [
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1],
+        [1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0],
+    ]
+    assert until_stop(completion, [0, 2]).tolist()[3] == [1, 1, 0, 0, 0]
+
+
+def test_stop_ids_join_the_tokenizer_and_the_generation_config(tiny_model, tokenizer):
+    """Qwen2.5-Instruct's shape: the tokenizer's EOS is <|im_end|>, the generation config lists a second."""
+    model = copy.deepcopy(tiny_model)
+    second = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert second not in (None, tokenizer.eos_token_id)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, second]
+    assert stop_token_ids(tokenizer, model.generation_config) == sorted({tokenizer.eos_token_id, second})
+    model.generation_config.eos_token_id = second
+    assert stop_token_ids(tokenizer, model.generation_config) == sorted({tokenizer.eos_token_id, second})
+
+
+def test_a_completion_ends_at_the_generation_configs_second_eos(tiny_model, tokenizer, test_items):
+    """Make the token the model greedily writes first a second EOS: the completion must end on it, with
+    nothing after it in the mask or the text, where before the cut only knew the tokenizer's EOS."""
+    items = test_items[:2]
+    ids, mask, texts = generate_completions(tiny_model, tokenizer, items, batch_size=2, max_new_tokens=6)
+    prompt_width = ids.shape[1] - 6
+    first = int(ids[0, prompt_width])
+    assert first != tokenizer.eos_token_id and int(mask[0, prompt_width:].sum()) > 1
+    model = copy.deepcopy(tiny_model)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, first]
+    ids2, mask2, texts2 = generate_completions(model, tokenizer, items, batch_size=2, max_new_tokens=6)
+    completion = ids2[0, ids2.shape[1] - 6 :]
+    assert int(completion[0]) == first
+    assert mask2[0, ids2.shape[1] - 6 :].tolist() == [1, 0, 0, 0, 0, 0]
+    assert texts2[0] == tokenizer.decode([first], skip_special_tokens=True)
 
 
 def test_evaluate_model_reports_every_metric(tiny_model, tokenizer, test_items):

@@ -11,8 +11,9 @@ wrong answer token; the metric is LD = logit(correct) - logit(wrong) at the last
   (earlier). Corruption: the start year's tens digit becomes 0 ("1702"), as in Hanna et al. 2023.
 - ``induction``: a random token sequence and its repeat, cut mid-way -> the next token of the repeat vs
   the token at that place in a different random prefix, which the corrupted prompt uses instead.
-- ``chem``: the target task's own counterfactual pairs. The chat-templated prompt of a chemistry question
-  the model is not trained on, followed by ``<answer>`` -> its gold letter vs the gold letter of a
+- ``chem``: the target task's own counterfactual pairs (with SciKnowEval: pairs of dcv's generated chemistry
+  questions, in the target task's prompt). The chat-templated prompt of a chemistry question the model is
+  not trained on, followed by ``<answer>`` -> its gold letter vs the gold letter of a
   counterfactual: the same question about another entity whose answer is another of the same options
   ("symbol Na?" vs "symbol Mg?" with options A. Sodium B. Magnesium ...), which the corrupted prompt asks.
 
@@ -280,23 +281,32 @@ def _kept_candidates(
     return items, n_candidates
 
 
+def chem_questions(target_task: TargetTaskConfig) -> TargetTaskConfig:
+    """The generated chemistry questions the chem probe asks, in the target task's prompt.
+
+    With the chemistry task they are its own held-out questions. With SciKnowEval (the paper config) the
+    model trains on none of the generated questions, so the whole element-table pool is held out: a
+    chemistry task of one train and one test question (the smallest split) stands for it.
+    """
+    if target_task.name == "chemistry":
+        return target_task
+    return TargetTaskConfig(
+        name="chemistry", seed=target_task.seed, n_train=1, n_test=1, system_prompt=target_task.system_prompt
+    )
+
+
 def build_probe(
     cfg: ProbeConfig, tokenizer: PreTrainedTokenizerBase, target_task: TargetTaskConfig
 ) -> ProbeSet:
     """``cfg.n_items`` items (fewer if the generator runs dry), deterministic by ``cfg.seed``.
 
-    ``target_task`` matters only to ``chem``, whose items are that task's questions.
+    ``target_task`` matters only to ``chem``, whose items are that task's questions (`chem_questions`).
     """
     rng = random.Random(f"{cfg.name}:{cfg.seed}")
     if cfg.name == "induction":
         return ProbeSet(cfg.name, tuple(induction_items(rng, tokenizer, cfg.n_items)), cfg.n_items)
     if cfg.name == "chem":
-        if target_task.name != "chemistry":
-            raise ValueError(
-                f"probes[chem]: target_task.name={target_task.name!r}; the chem probe is built from the "
-                "generated chemistry questions, so it needs target_task.name: chemistry"
-            )
-        items, n_candidates = chem_items(rng, tokenizer, target_task, cfg.n_items)
+        items, n_candidates = chem_items(rng, tokenizer, chem_questions(target_task), cfg.n_items)
     else:
         generators: dict[str, Callable[[], Iterator[Candidate]]] = {
             "ioi": lambda: ioi_candidates(rng),

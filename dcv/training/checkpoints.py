@@ -15,16 +15,23 @@ scheduler, RNG and step from the merged folder. Only a trial's latest checkpoint
 ones' once Ray has registered a newer checkpoint that has its own, and ``trim_finished_trial`` the
 latest's once the trial has finished (and hard-links step 0's weights to the base snapshot). Analysis
 reads only the weights, tokenizer and ``dcv_checkpoint.json``, which every evaluated checkpoint keeps.
+
+Under FSDP (``sft.distributed`` / ``rl.distributed: fsdp``) each rank holds a shard of every weight, and a
+forward pass on rank 0 alone would wait forever for the other ranks' all-gathers. So at every checkpoint
+all ranks gather the full weights (``full_state_dict``, a collective), and rank 0 evaluates and saves a
+plain copy of the model holding them (``EvaluationKit.plain_model``); the HF Trainer itself saves whole
+weights (``FULL_STATE_DICT``), so an FSDP checkpoint folder reads like a DDP one.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +64,8 @@ class EvaluationKit:
     probes: list[ProbeSet]
     base_model: PreTrainedModel
     kl_reference: KLReference
+    # FSDP only: the plain model that holds the gathered weights (a copy of base_model, made once).
+    _plain: PreTrainedModel | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> EvaluationKit:
@@ -88,6 +97,14 @@ class EvaluationKit:
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps({"metrics": scores.metrics, "item_scores": scores.item_scores}))
         return scores
+
+    def plain_model(self, state_dict: dict[str, torch.Tensor]) -> PreTrainedModel:
+        """A plain (unsharded) model holding ``state_dict``: the base model's architecture, which every
+        trial's policy shares (GRPO after SFT starts from an SFT checkpoint of the same base)."""
+        if self._plain is None:
+            self._plain = copy.deepcopy(self.base_model)
+        self._plain.load_state_dict(state_dict, strict=True)  # casts to the base's dtype where they differ
+        return self._plain
 
     def evaluate(self, model: PreTrainedModel) -> ModelScores:
         was_training = model.training
@@ -136,6 +153,14 @@ class EvaluatedCheckpoints(TrainerCallback):
         self.resuming = resuming
         self.log_run = log_run  # RunLogger on rank 0, None elsewhere
 
+    def whole_model(self, model: PreTrainedModel) -> PreTrainedModel | None:
+        """The model to evaluate and save: ``model`` itself, or under FSDP a plain copy on rank 0 of the
+        weights gathered from every rank (so every rank must call this; ranks > 0 get None)."""
+        if not is_sharded(model):
+            return model
+        state = full_state_dict(model)
+        return self.kit.plain_model(state) if self.kit is not None else None
+
     def report(self, step: int, folder: Path, model: PreTrainedModel, extra: dict[str, float]) -> None:
         metrics: dict[str, float] = {"step": float(step), **extra}
         if self.kit is not None:
@@ -155,12 +180,13 @@ class EvaluatedCheckpoints(TrainerCallback):
         if self.resuming:
             return
         # Step 0 is the base model: a weights-only checkpoint, evaluated like the others.
+        whole = self.whole_model(model)
         folder = Path(tempfile.mkdtemp(prefix="dcv-step0-"))
         try:
             if self.kit is not None:
-                model.save_pretrained(folder)
+                whole.save_pretrained(folder)
                 self.kit.tokenizer.save_pretrained(folder)
-            self.report(0, folder, model, {})
+            self.report(0, folder, whole, {})
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -172,7 +198,7 @@ class EvaluatedCheckpoints(TrainerCallback):
         value = train_metric_since(state.log_history, self.train_metric, step - args.save_steps)
         if value is not None:
             extra[f"train/{self.train_metric}"] = value
-        self.report(step, folder, model, extra)
+        self.report(step, folder, self.whole_model(model), extra)
         # Ray holds the persisted copy; the local one only costs disk.
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -204,6 +230,108 @@ def shared_trainer_args(
     }
 
 
+def distributed_args(distributed: str, model: PreTrainedModel) -> dict:
+    """HF TrainingArguments for ``sft.distributed`` / ``rl.distributed``. ddp needs none: Ray Train's
+    process group is there and the HF Trainer wraps the model in DDP. fsdp is FSDP2 through accelerate
+    (FSDP1 is deprecated there): each decoder layer its own unit, named by the model's
+    ``_no_split_modules`` (LlamaDecoderLayer, Qwen2DecoderLayer), so one rule fits every family; whole
+    weights in checkpoints (FULL_STATE_DICT: gathered on rank 0, saved as plain HF weights)."""
+    if distributed == "ddp":
+        return {}
+    layers = list(getattr(model, "_no_split_modules", None) or [])
+    if not layers:
+        raise ValueError(
+            f"distributed=fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules), "
+            "so FSDP cannot shard it layer by layer; use distributed: ddp"
+        )
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "transformer_layer_cls_to_wrap": layers,
+            "state_dict_type": "FULL_STATE_DICT",
+            "reshard_after_forward": True,
+        },
+    }
+
+
+def keep_fsdp_on_cpu(args: Any) -> None:
+    """Make the HF Trainer built next with ``args`` shard on CPU as it would on GPUs (no-op unless
+    ``args`` asks for FSDP on CPU).
+
+    accelerate 1.15 turns FSDP on only for GPU-like process groups: ``AcceleratorState.__init__``
+    (accelerate/state.py) sets ``DistributedType.FSDP`` and keeps the ``fsdp_plugin`` only when the
+    distributed type is MULTI_GPU, MULTI_NPU, MULTI_XPU, ...; on CPU (MULTI_CPU, gloo) it drops the
+    plugin without a word and the Trainer trains plain DDP. torch's FSDP2 (``fully_shard``) itself runs
+    on CPU over gloo. accelerate's state is one shared object, and the Trainer's Accelerator keeps it
+    when it is already set up: so set it up here, with FSDP on and the plugin the Trainer would build.
+    """
+    if not getattr(args, "fsdp", None) or not args.use_cpu:
+        return
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    mixed = "bf16" if args.bf16 else "no"
+    state = Accelerator(cpu=True, mixed_precision=mixed).state
+    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    if mixed != "no":
+        plugin.set_mixed_precision(mixed)
+    state.fsdp_plugin = plugin
+    # Every AcceleratorState() re-reads the distributed type from the process-wide PartialState.
+    PartialState().distributed_type = state.distributed_type = DistributedType.FSDP
+
+
+def check_sharded(trainer: Any, distributed: str) -> None:
+    """Refuse to train plain DDP where FSDP was asked for: accelerate drops an FSDP plugin it cannot use
+    without a word (see ``keep_fsdp_on_cpu``), and the Trainer then says nothing either."""
+    if distributed == "fsdp" and not trainer.is_fsdp_enabled:
+        state = trainer.accelerator.state
+        raise RuntimeError(
+            f"distributed=fsdp: the HF Trainer did not turn FSDP on (accelerate's distributed type is "
+            f"{state.distributed_type}); it would train plain DDP. Set distributed: ddp, or check the "
+            "accelerate version against dcv.training.checkpoints.keep_fsdp_on_cpu"
+        )
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """FSDP2 shards a model in place (``fully_shard`` makes it an FSDPModule); DDP and a single worker
+    hold it whole."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+# Module names wrappers put into parameter names (activation checkpointing, torch.compile, FSDP1);
+# the rollout models and saved checkpoints use the plain HF names.
+WRAPPER_NAMES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def full_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The model's whole weights as CPU tensors under their plain HF names, floating ones in ``dtype``
+    if given (FSDP with bf16 trains fp32 master weights; the rollout models hold the config's dtype).
+
+    Sharded (FSDP2) this is a collective: every rank must call it, and only rank 0 gets the weights
+    (the others get {}; ``cpu_offload`` gathers layer by layer into rank 0's memory, never a full copy
+    on any GPU). Otherwise it is this process's own copy (a DDP module is unwrapped first).
+    """
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=options)
+    else:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    whole = {}
+    for name, tensor in state.items():
+        for wrapper in WRAPPER_NAMES:
+            name = name.replace(wrapper, "")
+        cast = dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype
+        whole[name] = tensor.to(dtype) if cast else tensor
+    return whole
+
+
 def restore_latest(output_dir: Path) -> str | None:
     """Copy Ray Train's latest checkpoint into ``output_dir`` for the HF Trainer; None when starting fresh."""
     checkpoint = ray.train.get_checkpoint()
@@ -227,10 +355,11 @@ def restore_latest(output_dir: Path) -> str | None:
 
 # What a checkpoint holds only so that training can resume from it: HF Trainer's _save_checkpoint writes
 # the optimizer (optimizer.pt; FSDP: optimizer.bin or optimizer_<n>/ shards), LR scheduler, grad scaler
-# and each rank's RNG state beside the weights. Weights, tokenizer, trainer_state.json (the log history)
-# and dcv_checkpoint.json stay in every checkpoint.
+# and each rank's RNG state beside the weights; under FSDP also accelerate's copy of the model that it
+# resumes from (pytorch_model_fsdp.bin, or pytorch_model_fsdp_<n>/ shards). Weights, tokenizer,
+# trainer_state.json (the log history) and dcv_checkpoint.json stay in every checkpoint.
 OPTIMIZER_STATE = ("optimizer.pt", "optimizer.bin", "optimizer_*")
-RESUME_STATE = (*OPTIMIZER_STATE, "scheduler.pt", "scaler.pt", "rng_state*.pth")
+RESUME_STATE = (*OPTIMIZER_STATE, "pytorch_model_fsdp*", "scheduler.pt", "scaler.pt", "rng_state*.pth")
 
 
 def has_resume_state(folder: Path) -> bool:

@@ -6,13 +6,17 @@ Ray actors shared by all workers of the trial), the reward (`dcv.tasks.answers.r
 that scores evaluation), the TRL config (inside the worker: its ``__post_init__`` reads the world size),
 and the trainer with ``rollout_func`` and the evaluated-checkpoint callback. Before every generation,
 rank 0 publishes the learner's current weights to every actor if they changed (so after each optimizer
-step the actors generate with the new policy), and all ranks wait for it.
+step the actors generate with the new policy), and all ranks wait for it. ``rl.distributed: fsdp`` shards
+the learner as ``sft.distributed`` does (`dcv.training.checkpoints.distributed_args`); each publish then
+starts with every rank gathering the full weights onto rank 0 (``full_state_dict``, a collective), which
+sends them, whole and under the HF names the rollout models use.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from datasets import Dataset
 from ray.train.huggingface.transformers import prepare_trainer
@@ -26,13 +30,19 @@ from dcv.tasks.answers import reward
 from dcv.training.checkpoints import (
     EvaluatedCheckpoints,
     EvaluationKit,
+    check_sharded,
+    distributed_args,
+    full_state_dict,
     is_rank_zero,
+    is_sharded,
+    keep_fsdp_on_cpu,
     restore_latest,
     set_torch_threads,
     shared_trainer_args,
     trial_logger,
     worker_output_dir,
 )
+from dcv.training.importance import SamplerCorrectedGRPOTrainer
 from dcv.training.rollout import RolloutPool
 
 
@@ -48,13 +58,21 @@ def make_rollout_func(pool: RolloutPool, cfg: ExperimentConfig, tokenizer, seed:
 
     TRL hands each process its rows of the generation batch, in which every prompt appears
     ``num_generations`` times in a row; identical consecutive rows are generated together (``n`` samples).
-    ``publishes``: this process (rank 0) sends the weights; the others wait at the barrier.
+    ``publishes``: this process (rank 0) sends the weights; the others wait at the barrier. Under FSDP
+    every rank first takes part in gathering them (``full_state_dict`` is a collective); which steps
+    publish is decided alike on every rank, from the global step they share.
     """
+    dtype = getattr(torch, cfg.model.dtype)  # the rollout models' (FSDP trains fp32 master weights)
+    held: list[int] = []  # the version the actors hold, as this rank knows it
 
     def rollout(prompts: list[Any], trainer: GRPOTrainer) -> dict[str, list]:
         version = trainer.state.global_step
-        if publishes and pool.version != version:
-            pool.publish(trainer.accelerator.unwrap_model(trainer.model), version)
+        if held != [version]:
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            state = full_state_dict(model, dtype) if publishes or is_sharded(model) else {}
+            if publishes:
+                pool.publish(state, version)
+            held[:] = [version]
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # no rank generates before the actors hold this step's weights
         texts = chat_prompts(tokenizer, prompts)
@@ -96,6 +114,11 @@ def grpo_args(r: RLConfig) -> dict[str, Any]:
         scale_rewards = r.scale_rewards
     else:
         scale_rewards = "none" if r.loss_type == "dr_grpo" else "group"
+    # TIS under TRL's names. TRL applies them only when it generates with vLLM itself (use_vllm);
+    # dcv's rollout_func path is corrected by dcv.training.importance.SamplerCorrectedGRPOTrainer.
+    correction = r.importance_sampling_correction
+    if correction is None:
+        correction = r.rollout.backend == "vllm"
     return {
         "num_generations": r.num_generations,
         "num_iterations": r.num_iterations,
@@ -104,6 +127,9 @@ def grpo_args(r: RLConfig) -> dict[str, Any]:
         "scale_rewards": scale_rewards,
         "temperature": r.temperature,
         "max_completion_length": r.max_completion_length,
+        "vllm_importance_sampling_correction": correction,
+        "vllm_importance_sampling_mode": "token_truncate",
+        "vllm_importance_sampling_clip_max": r.importance_sampling_cap,
     }
 
 
@@ -123,13 +149,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     pool = RolloutPool(cfg, trial)
 
     output_dir = worker_output_dir(trial)
-    args = GRPOConfig(**shared_trainer_args(cfg, cfg.rl, seed, output_dir), **grpo_args(cfg.rl))
+    args = GRPOConfig(
+        **shared_trainer_args(cfg, cfg.rl, seed, output_dir),
+        **grpo_args(cfg.rl),
+        **distributed_args(cfg.rl.distributed, model),
+    )
+    keep_fsdp_on_cpu(args)
     kit = EvaluationKit.build(cfg, tokenizer) if is_rank_zero() else None
     resume_from = restore_latest(output_dir)
     callback = EvaluatedCheckpoints(
         kit, "rl", trial, "reward", resuming=resume_from is not None, log_run=trial_logger(loop_config)
     )
-    trainer = GRPOTrainer(
+    trainer = SamplerCorrectedGRPOTrainer(
         model=model,
         reward_funcs=[make_reward(cfg.target_task.format_bonus)],
         args=args,
@@ -139,4 +170,5 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         rollout_func=make_rollout_func(pool, cfg, tokenizer, seed, publishes=is_rank_zero()),
     )
     trainer = prepare_trainer(trainer)
+    check_sharded(trainer, cfg.rl.distributed)
     trainer.train(resume_from_checkpoint=resume_from)

@@ -8,7 +8,9 @@ its own ``num_cpus`` / ``num_gpus`` (``rl.rollout``). Backends share one interfa
 
 Weight sync is two calls: the learner ``publish``es ``(version, state_dict)`` and every actor
 ``load_weights(state_dict, version)``s it before the next generation; a generation request names the
-version it needs and a stale actor refuses it. The state dict travels through Ray's object store (one
+version it needs and a stale actor refuses it. On receipt the actor checks names, shapes and dtypes, loads,
+and reads a few tensors back from its engine to compare checksums with the learner's (`receive_weights`,
+`dcv.training.weight_check`). The state dict travels through Ray's object store (one
 ``ray.put``, read by every actor), which suits models up to a few GB. For large models an NCCL broadcast
 from the learner to the actors' GPUs implements the same ``publish`` / ``load_weights`` pair (as verl's
 checkpoint engine and OpenRLHF's ``vllm_worker_wrap.py`` do); nothing else needs to change.
@@ -16,13 +18,27 @@ checkpoint engine and OpenRLHF's ``vllm_worker_wrap.py`` do); nothing else needs
 
 from __future__ import annotations
 
+import os
 from typing import Any, Protocol
 
 import ray
 import torch
 
 from dcv.config import ExperimentConfig, parse_config
+from dcv.evaluation import stop_token_ids, until_stop
 from dcv.training.checkpoints import set_torch_threads
+from dcv.training.weight_check import (
+    Checksum,
+    Signature,
+    check_signature,
+    checksum_names,
+    compare_checksums,
+    config_signature,
+    engine_checksums,
+    learner_checksums,
+    state_signature,
+    vllm_name,
+)
 
 
 class StaleWeightsError(RuntimeError):
@@ -37,8 +53,12 @@ class RolloutBackend(Protocol):
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None: ...
 
-    def weight_signature(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        """Name -> (shape, dtype) of every weight, to check an incoming state dict against."""
+    def weight_signature(self) -> Signature:
+        """HF name -> (shape, dtype) of every weight, to check an incoming state dict against."""
+
+    def weight_checksums(self, names: list[str]) -> list[dict[str, Checksum]]:
+        """Checksums (`weight_check.tensor_checksum`) of these HF-named tensors read back from the engine,
+        one dict per replica of the weights (vLLM: per worker); a tensor it lacks is left out."""
 
 
 class HFRolloutBackend:
@@ -51,6 +71,7 @@ class HFRolloutBackend:
         if torch.cuda.is_available():
             self.model.to("cuda")
         self.device = next(self.model.parameters()).device
+        self.stop_ids = stop_token_ids(self.tokenizer, self.model.generation_config)
 
     @torch.inference_mode()
     def generate(self, prompt_ids, n, max_new_tokens, temperature, seed):
@@ -68,6 +89,7 @@ class HFRolloutBackend:
                 top_k=0,
                 top_p=1.0,
                 pad_token_id=pad,
+                eos_token_id=self.stop_ids,
                 output_scores=True,
                 return_dict_in_generate=True,
             )
@@ -76,14 +98,9 @@ class HFRolloutBackend:
                 torch.stack(out.scores, dim=1).float().log_softmax(-1)
             )  # [n, new, vocab], after temperature
             token_lp = scores.gather(-1, new.unsqueeze(-1)).squeeze(-1)
-            for row in range(n):
-                tokens = new[row].tolist()
-                length = (
-                    tokens.index(self.tokenizer.eos_token_id) + 1
-                    if self.tokenizer.eos_token_id in tokens
-                    else len(tokens)
-                )
-                completions.append(tokens[:length])
+            lengths = until_stop(new, self.stop_ids).sum(-1).tolist()  # cut at the first stop id, kept
+            for row, length in enumerate(lengths):
+                completions.append(new[row, :length].tolist())
                 logprobs.append(token_lp[row, :length].tolist())
         return completions, logprobs
 
@@ -91,7 +108,10 @@ class HFRolloutBackend:
         self.model.load_state_dict({k: v.to(self.device) for k, v in state_dict.items()}, strict=True)
 
     def weight_signature(self):
-        return {k: (tuple(v.shape), str(v.dtype)) for k, v in self.model.state_dict().items()}
+        return state_signature(self.model.state_dict())
+
+    def weight_checksums(self, names):
+        return [engine_checksums(self.model.state_dict(), names)]
 
     @torch.inference_mode()
     def logits(self, input_ids: list[list[int]]) -> torch.Tensor:
@@ -108,44 +128,99 @@ class VLLMRolloutBackend:
             from vllm import LLM
         except ImportError as exc:  # the gpu extra is not installed
             raise ImportError("rl.rollout.backend=vllm needs vLLM: pip install -e .[gpu]") from exc
-        from dcv.models import resolve_model_source
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
+        from dcv.models import DTYPES, resolve_model_source
+
+        source = resolve_model_source(cfg.model)
+        # load_weights and weight_checksums send functions to vLLM's workers (collective_rpc); with the V1
+        # engine in its own process vLLM refuses to pickle a callable unless this is set. Both ends are this
+        # actor's own processes (the variable is read in vllm/envs.py).
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         self.llm = LLM(
-            model=resolve_model_source(cfg.model),
+            model=source,
             dtype=cfg.model.dtype,
             gpu_memory_utilization=cfg.rl.rollout.gpu_memory_utilization,
             trust_remote_code=False,
+            # Log-probs after temperature, as the learner computes them: the importance-sampling ratio
+            # compares the two (TRL's colocate engine sets the same; vLLM's default is the raw logits').
+            logprobs_mode="processed_logprobs",
         )
+        # vLLM's parameters are fused (qkv_proj, gate_up_proj): the learner's state dict is checked against
+        # the HF model the engine was built from, and what the engine holds by `weight_checksums`.
+        config = AutoConfig.from_pretrained(source, revision=cfg.model.revision, trust_remote_code=False)
+        self.signature = config_signature(config, DTYPES[cfg.model.dtype])
+        # Stop where the hf backend and evaluation stop (every EOS of tokenizer and generation config).
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=cfg.model.revision, trust_remote_code=False
+        )
+        try:
+            generation = GenerationConfig.from_pretrained(source, revision=cfg.model.revision)
+        except OSError:  # a model folder without generation_config.json
+            generation = None
+        self.stop_ids = stop_token_ids(tokenizer, generation)
 
     def generate(self, prompt_ids, n, max_new_tokens, temperature, seed):
         from vllm import SamplingParams, TokensPrompt
 
         params = SamplingParams(
-            n=n, temperature=temperature, max_tokens=max_new_tokens, logprobs=0, seed=seed
+            n=n,
+            temperature=temperature,
+            max_tokens=max_new_tokens,
+            logprobs=0,
+            seed=seed,
+            stop_token_ids=self.stop_ids,
         )
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params)
         completions, logprobs = [], []
         for output in outputs:
             for sample in output.outputs:
                 completions.append(list(sample.token_ids))
-                logprobs.append([next(iter(lp.values())).logprob for lp in sample.logprobs])
+                # logprobs=0: each position's dict, keyed by token id, holds the sampled token's log-prob
+                pairs = zip(sample.token_ids, sample.logprobs, strict=True)
+                logprobs.append([lp[t].logprob for t, lp in pairs])
         return completions, logprobs
 
     def load_weights(self, state_dict):
-        # vLLM's model runner accepts (name, tensor) pairs in HF naming; with the V1 engine the call goes
-        # through collective_rpc to each worker. Unverified here: see the training issue's closing note.
-        items = list(state_dict.items())
-
-        def load(worker: Any) -> None:
-            worker.model_runner.model.load_weights(items)
-
-        self.llm.collective_rpc(load)
+        # vLLM's model accepts (name, tensor) pairs in HF naming and fuses them itself; with the V1 engine
+        # the call goes through collective_rpc to each worker. The prefix cache holds keys and values
+        # computed with the old weights: drop it, as TRL's colocate sync does.
+        self.llm.collective_rpc(_load_in_vllm_worker, args=(list(state_dict.items()),))
+        self.llm.reset_prefix_cache()
 
     def weight_signature(self):
-        return {}  # vLLM fuses weights (qkv_proj); its loader checks names itself
+        return self.signature
+
+    def weight_checksums(self, names):
+        by_vllm_name = {vllm_name(name): name for name in names}
+        replicas = self.llm.collective_rpc(_checksums_in_vllm_worker, args=(list(by_vllm_name),))
+        return [{by_vllm_name[k]: v for k, v in replica.items()} for replica in replicas]
+
+
+def _load_in_vllm_worker(worker: Any, items: list[tuple[str, torch.Tensor]]) -> None:
+    """Runs inside each vLLM worker (module level, so it pickles by reference)."""
+    worker.model_runner.model.load_weights(items)
+
+
+def _checksums_in_vllm_worker(worker: Any, names: list[str]) -> dict[str, Checksum]:
+    """Runs inside each vLLM worker: checksums of its own parameters, by vLLM name."""
+    return engine_checksums(dict(worker.model_runner.model.named_parameters()), names)
 
 
 BACKENDS = {"hf": HFRolloutBackend, "vllm": VLLMRolloutBackend}
+
+
+def receive_weights(backend: RolloutBackend, state_dict: dict[str, torch.Tensor], version: int) -> None:
+    """The receiving half of the seam: check the learner's names, shapes and dtypes against the rollout
+    model, load, then read a few tensors back from the engine and compare checksums with the learner's
+    (`dcv.training.weight_check`). The same code runs for every backend; only the read-back differs."""
+    expected = backend.weight_signature()
+    check_signature(expected, state_signature(state_dict), version)
+    backend.load_weights(state_dict)
+    names = checksum_names(state_dict)
+    compare_checksums(
+        learner_checksums(state_dict, names, expected), backend.weight_checksums(names), version
+    )
 
 
 @ray.remote
@@ -164,22 +239,7 @@ class RolloutActor:
         return self.backend.generate(prompt_ids, n, max_new_tokens, temperature, seed)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
-        expected = self.backend.weight_signature()
-        if expected:
-            incoming = {k: (tuple(v.shape), str(v.dtype)) for k, v in state_dict.items()}
-            if incoming != expected:
-                missing = sorted(set(expected) - set(incoming))[:3]
-                extra = sorted(set(incoming) - set(expected))[:3]
-                differ = [
-                    (k, expected[k], incoming[k])
-                    for k in expected
-                    if k in incoming and expected[k] != incoming[k]
-                ]
-                raise ValueError(
-                    f"weight sync v{version}: learner and rollout weights differ: missing {missing}, "
-                    f"unexpected {extra}, (name, rollout, learner) {differ[:3]}"
-                )
-        self.backend.load_weights(state_dict)
+        receive_weights(self.backend, state_dict, version)
         self.version = version
         return version
 
@@ -210,9 +270,16 @@ class RolloutPool:
         ]
         self.version: int | None = None
 
-    def publish(self, model: torch.nn.Module, version: int) -> None:
-        """Send the learner's weights to every actor and wait until all hold them."""
-        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    def publish(self, weights: dict[str, torch.Tensor] | torch.nn.Module, version: int) -> None:
+        """Send the learner's weights to every actor and wait until all hold them.
+
+        ``weights``: the full, unsharded state dict under the HF names (GRPO passes rank 0's
+        `dcv.training.checkpoints.full_state_dict`, gathered from the shards under FSDP), or a whole
+        model, whose state dict is taken here."""
+        if isinstance(weights, torch.nn.Module):
+            weights = weights.state_dict()
+        # No copy: ray.put serialises the tensors into the object store before it returns.
+        state = {k: v.detach().to("cpu") for k, v in weights.items()}
         ref = ray.put(state)
         ray.get([actor.load_weights.remote(ref, version) for actor in self.actors])
         self.version = version

@@ -5,8 +5,11 @@ tokenizer (the config's base model), the train split as prompt/completion conver
 covers the assistant's answer only, rendered with the model's own chat template), the TRL config (built
 here, inside the worker, because its ``__post_init__`` reads the world size), the trainer with the
 evaluated-checkpoint callback, and then trains, resuming from Ray Train's latest checkpoint if there is
-one. DDP over gloo on CPU and NCCL on GPU come from Ray Train's process group; ``sft.distributed: fsdp``
-shards the model for large models on GPUs.
+one. DDP over gloo on CPU and NCCL on GPU come from Ray Train's process group. ``sft.distributed: fsdp``
+shards the model instead (FSDP2 through accelerate, one unit per decoder layer: see
+`dcv.training.checkpoints.distributed_args`), for models too big for one GPU; checkpoints still hold whole
+HF weights, gathered on rank 0, and rank 0 evaluates a plain copy of them. On CPU it runs over gloo too
+(``keep_fsdp_on_cpu``), which is how the tests run it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from dcv.tasks import load_target_splits
 from dcv.training.checkpoints import (
     EvaluatedCheckpoints,
     EvaluationKit,
+    check_sharded,
+    distributed_args,
     is_rank_zero,
+    keep_fsdp_on_cpu,
     restore_latest,
     set_torch_threads,
     shared_trainer_args,
@@ -47,8 +53,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         weight_decay=cfg.sft.weight_decay,
         max_length=cfg.sft.max_seq_length,
         completion_only_loss=True,  # loss on the assistant's answer only
-        fsdp="full_shard auto_wrap" if cfg.sft.distributed == "fsdp" else "",
+        **distributed_args(cfg.sft.distributed, model),
     )
+    keep_fsdp_on_cpu(args)
     kit = EvaluationKit.build(cfg, tokenizer) if is_rank_zero() else None
     resume_from = restore_latest(output_dir)
     callback = EvaluatedCheckpoints(
@@ -58,4 +65,5 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=[callback]
     )
     trainer = prepare_trainer(trainer)
+    check_sharded(trainer, cfg.sft.distributed)
     trainer.train(resume_from_checkpoint=resume_from)

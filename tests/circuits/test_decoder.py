@@ -4,7 +4,25 @@ import pytest
 import torch
 
 from dcv.circuits.decoder import DecoderCache, Prefix, check_heads, hook_z_name, model_shape, run_decoder
+from dcv.config import ModelConfig, TinyModelConfig
+from dcv.models import load_model
 from tests.helpers import bridge_of
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def family_model(request, tiny_model, tokenizer):
+    """The tiny model of each family the decoder re-states: SmolLM2's (llama) and the paper model's (qwen2:
+    q/k/v biases, 8:1 GQA as Qwen2.5-3B's 16:2)."""
+    if request.param == "llama":
+        return tiny_model
+    tiny = TinyModelConfig(architecture="qwen2", num_heads=8, num_kv_heads=1, hidden_size=64)
+    model = load_model(ModelConfig(name="tiny", tiny=tiny), tokenizer)
+    assert model.config.model_type == "qwen2" and model.model.layers[0].self_attn.q_proj.bias is not None
+    with torch.no_grad():  # biases start at zero: make them matter, so a decoder that dropped them fails
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    return model
 
 
 def test_hook_names_are_transformer_lens_names(tiny_model, tokenizer):
@@ -16,36 +34,36 @@ def test_hook_names_are_transformer_lens_names(tiny_model, tokenizer):
     assert all(hook_z_name(layer) in bridge.hook_dict for layer in range(shape.n_layers))
 
 
-def test_full_pass_matches_the_hf_model(tiny_model, ioi_items):
+def test_full_pass_matches_the_hf_model(family_model, ioi_items):
     ids = torch.tensor([ioi_items[0].clean_ids, ioi_items[0].corrupt_ids])
     with torch.inference_mode():
-        expected = tiny_model(ids).logits[:, -1]
-        assert torch.allclose(run_decoder(tiny_model, ids), expected, atol=1e-5)
+        expected = family_model(ids).logits[:, -1]
+        assert torch.allclose(run_decoder(family_model, ids), expected, atol=1e-5)
 
 
-def test_z_matches_the_bridge_hook_z(tiny_model, tokenizer, ioi_items):
+def test_z_matches_the_bridge_hook_z(family_model, tokenizer, ioi_items):
     ids = torch.tensor([ioi_items[0].clean_ids])
     cache = DecoderCache()
     with torch.inference_mode():
-        run_decoder(tiny_model, ids, cache=cache)
-    _, bridge_cache = bridge_of(tiny_model, tokenizer).run_with_cache(ids)
+        run_decoder(family_model, ids, cache=cache)
+    _, bridge_cache = bridge_of(family_model, tokenizer).run_with_cache(ids)
     for layer, z in enumerate(cache.z):
         assert z.shape == bridge_cache[hook_z_name(layer)].shape  # [batch, pos, head, d_head]
         assert torch.allclose(z, bridge_cache[hook_z_name(layer)], atol=1e-5)
 
 
-def test_resuming_from_a_layer_and_position_is_exact(tiny_model, ioi_items):
+def test_resuming_from_a_layer_and_position_is_exact(family_model, ioi_items):
     ids = torch.tensor([ioi_items[0].clean_ids, ioi_items[1].clean_ids[: len(ioi_items[0].clean_ids)]])
     cache = DecoderCache()
     with torch.inference_mode():
-        full = run_decoder(tiny_model, ids, cache=cache)
+        full = run_decoder(family_model, ids, cache=cache)
         for layer in range(len(cache.resid_pre)):
             for start in (1, 5, ids.shape[1] - 1):
                 prefix = Prefix(
                     [k[:, :, :start] for k in cache.keys], [v[:, :, :start] for v in cache.values]
                 )
                 resumed = run_decoder(
-                    tiny_model,
+                    family_model,
                     hidden=cache.resid_pre[layer][:, start:],
                     start_layer=layer,
                     start_pos=start,

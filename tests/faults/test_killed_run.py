@@ -82,7 +82,7 @@ def chain(tmp_path_factory, tracking_server) -> Chain:
 
     # 1 + 2: two terminals, then a kill in the sweep.
     run = start("sweep")
-    run.wait_for(lambda: run.saw("[2/8 sweep] started"), 300, "the sweep stage")
+    run.wait_for(lambda: run.saw("[2/9 sweep] started"), 300, "the sweep stage")
     out.first_pid = run.proc.pid
     out.second = subprocess.run(
         [DCV, "run", str(config)], cwd=root, env=env, capture_output=True, text=True, timeout=300
@@ -97,9 +97,9 @@ def chain(tmp_path_factory, tracking_server) -> Chain:
 
     # Each next run is killed once its stage has written its first new file (the stage is part-way).
     for stage, line, done in (
-        ("benchmarks", "[3/8 benchmarks] started", bench_files),
-        ("patching", "[4/8 patching] started", item_files),
-        ("circuits", "[5/8 circuits] started", circuit_files),
+        ("benchmarks", "[3/9 benchmarks] started", bench_files),
+        ("patching", "[4/9 patching] started", item_files),
+        ("circuits", "[5/9 circuits] started", circuit_files),
     ):
         run = start(stage)
         before = set(done(storage))
@@ -114,7 +114,7 @@ def chain(tmp_path_factory, tracking_server) -> Chain:
     # 3: the tracking server dies while circuits are computed (no MLflow call in that stage: the next
     # one, the analysis' artifacts, meets the dead server); the run must stop with a clear error.
     run = start("server")
-    run.wait_for(lambda: run.saw("[5/8 circuits] started"), 600, "the circuits stage")
+    run.wait_for(lambda: run.saw("[5/9 circuits] started"), 600, "the circuits stage")
     tracking_server.kill()
     gone = time.monotonic()
     run.finish(600)
@@ -122,7 +122,7 @@ def chain(tmp_path_factory, tracking_server) -> Chain:
     tracking_server.start()
 
     # 4: killed as the analysis starts, then as the report starts; then a run that finishes.
-    for stage, line in (("analysis", "[7/8 analysis] started"), ("report", "[8/8 report] started")):
+    for stage, line in (("analysis", "[8/9 analysis] started"), ("report", "[9/9 report] started")):
         run = start(stage)
         run.wait_for(lambda run=run, line=line: run.saw(line), 600, f"the {stage} stage")
         run.kill()
@@ -163,7 +163,7 @@ def test_a_second_run_on_the_same_root_refuses_at_once(chain):
     message = second.stderr.strip().splitlines()[0]
     assert message.startswith(f"dcv run: storage {chain.storage} is in use by pid {chain.first_pid} on ")
     assert f"(command dcv run {chain.config})" in message
-    assert "[1/8 base]" not in second.stdout  # it never started a stage
+    assert "[1/9 base]" not in second.stdout  # it never started a stage
 
 
 def test_every_rerun_after_a_kill_takes_the_stale_lock_over(chain):
@@ -212,7 +212,7 @@ def test_a_tracking_server_gone_mid_run_stops_it_with_an_error_naming_the_server
     )
     assert "start the server again (mlflow/serve) and rerun the same command" in run.stderr
     assert chain.server_gone_s < 120
-    assert "[5/8 circuits] done in" in run.stdout  # the circuits it computed are kept for the rerun
+    assert "[5/9 circuits] done in" in run.stdout  # the circuits it computed are kept for the rerun
 
 
 def test_mlflow_holds_one_run_per_trial_and_stage(chain):

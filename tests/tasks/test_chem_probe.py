@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from dcv.config import CHEMISTRY_KINDS, ConfigError, ProbeConfig, TargetTaskConfig, parse_config
+from dcv.config import CHEMISTRY_KINDS, ProbeConfig, TargetTaskConfig
 from dcv.evaluation import chat_prompts
 from dcv.tasks.chemistry import build_chemistry_splits, build_counterfactual_pairs, question_pool
 from dcv.tasks.items import LETTERS, ProbeItem
@@ -109,16 +109,23 @@ def test_default_task_gives_a_full_probe_over_many_kinds(chem64, facts):
     assert len(kinds) >= 6, kinds
 
 
-def test_chem_probe_needs_the_chemistry_task(tokenizer):
-    raw = {
-        "model": {"name": "tiny"},
-        "probes": [{"name": "ioi"}, {"name": "chem"}],
-        "target_task": {"name": "sciknoweval", "source": "org/dataset"},
-    }
-    with pytest.raises(ConfigError) as info:
-        parse_config(raw, source="x.yaml")
-    assert [p for p in info.value.problems if p.startswith("x.yaml: probes: ") and "chemistry" in p]
-    parse_config({**raw, "target_task": {"name": "chemistry"}})
-    parse_config({**raw, "probes": [{"name": "ioi"}]})
-    with pytest.raises(ValueError, match="chem"):
-        build_probe(ProbeConfig(name="chem"), tokenizer, TargetTaskConfig(name="sciknoweval", source="org/d"))
+def test_with_sciknoweval_the_chem_probe_asks_generated_questions_in_its_prompt(tmp_path, tokenizer):
+    """The paper config's target is SciKnowEval chemistry: the chem probe's pairs are dcv's generated
+    chemistry questions (none of which that model trains on), rendered with the target's system prompt."""
+    from dcv.config import ProbeConfig, TargetTaskConfig
+    from dcv.tasks.probes import build_probe
+    from tests.helpers import write_sciknoweval_layout
+
+    target = TargetTaskConfig(
+        name="sciknoweval",
+        source=str(write_sciknoweval_layout(tmp_path / "ske")),
+        n_train=8,
+        n_test=4,
+        system_prompt="You answer chemistry questions. Reply as <answer>X</answer>.",
+    )
+    probe = build_probe(ProbeConfig(name="chem", n_items=8), tokenizer, target)
+    assert len(probe.items) == 8
+    assert all("You answer chemistry questions." in item.clean_text for item in probe.items)
+    assert all(
+        item.clean_ids != item.corrupt_ids and item.correct_id != item.wrong_id for item in probe.items
+    )

@@ -11,7 +11,7 @@ import torch
 from dcv.config import parse_config
 from dcv.models import load_model
 from dcv.training.grpo import make_rollout_func
-from dcv.training.rollout import RolloutPool, StaleWeightsError
+from dcv.training.rollout import HFRolloutBackend, RolloutPool, StaleWeightsError, receive_weights
 from tests.helpers import tiny_config_dict
 
 
@@ -152,3 +152,55 @@ def test_rollout_func_rows_carry_their_own_prompt_and_completions(pool, cfg, tok
         expected = greedy_completion(learner, tokenizer, ids, cfg.rl.max_completion_length)
         assert out["completion_ids"][row] == expected, row
     assert len({tuple(out["completion_ids"][row]) for row in (0, 2, 6)}) == 3  # the three prompts differ
+
+
+class StaleBackend(HFRolloutBackend):
+    """Accepts the weights and keeps its old ones (what users report of vLLM after sleep mode)."""
+
+    def load_weights(self, state_dict):
+        pass
+
+
+class LayerSwappingBackend(HFRolloutBackend):
+    """Loads every tensor, the first and last decoder layers' under each other's names (a name-map bug)."""
+
+    def load_weights(self, state_dict):
+        last = self.model.config.num_hidden_layers - 1
+        swap = {"model.layers.0.": f"model.layers.{last}.", f"model.layers.{last}.": "model.layers.0."}
+        renamed = {}
+        for name, tensor in state_dict.items():
+            prefix = next((p for p in swap if name.startswith(p)), None)
+            renamed[name if prefix is None else swap[prefix] + name[len(prefix) :]] = tensor
+        super().load_weights(renamed)
+
+
+def test_received_weights_are_read_back_from_the_engine(cfg, tokenizer):
+    """The checksum check runs the same code for every backend; on the hf backend (no Ray here) a load that
+    took passes, and a backend that kept stale weights or loaded them under other names is refused."""
+    learner = prompt_dependent_learner(cfg, tokenizer)
+    state = {k: v.detach().clone() for k, v in learner.state_dict().items()}
+    backend = HFRolloutBackend(cfg)
+    receive_weights(backend, state, version=3)
+    assert torch.equal(backend.model.state_dict()["model.norm.weight"], state["model.norm.weight"])
+    with pytest.raises(ValueError, match=r"v4: after load_weights, replica 0 .*model\.layers\.0\."):
+        receive_weights(StaleBackend(cfg), state, version=4)
+    with pytest.raises(ValueError, match=r"replica 0 .* 8 of the 9 checked tensors"):
+        receive_weights(LayerSwappingBackend(cfg), state, version=5)
+
+
+def test_hf_rollouts_end_at_the_generation_configs_second_eos(cfg, tokenizer, tmp_path):
+    """A model folder whose generation_config.json lists two EOS ids (Qwen2.5-Instruct's shape): the hf
+    backend cuts each completion at the first of either, where it used to know only the tokenizer's."""
+    from dcv.models import save_model
+
+    model = prompt_dependent_learner(cfg, tokenizer)
+    prompt = tokenizer("One")["input_ids"]
+    first = greedy_completion(model, tokenizer, prompt, 5)[0]
+    assert first != tokenizer.eos_token_id
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, first]
+    folder = save_model(model, tokenizer, tmp_path / "two-eos")
+    two_eos = parse_config({**cfg.model_dump(mode="json"), "model": {"name": str(folder)}})
+    backend = HFRolloutBackend(two_eos)
+    assert set(backend.stop_ids) == {tokenizer.eos_token_id, first}
+    completions, logprobs = backend.generate([prompt], 2, 5, NEAR_GREEDY, seed=0)
+    assert completions == [[first], [first]] and [len(lp) for lp in logprobs] == [1, 1]

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 import yaml
@@ -28,7 +25,7 @@ from dcv.training.trial import (
     trial_name,
     trials_root,
 )
-from tests.helpers import DCV, train_config_dict
+from tests.helpers import DCV, kill_a_training_worker, train_config_dict
 
 
 def train_config(storage: Path, workers: int, **method_overrides):
@@ -173,21 +170,6 @@ def test_rerunning_a_finished_trial_does_not_train(ddp_trial, tmp_path):
         run_trial(changed, "sft", seed=0)
 
 
-def _kill_a_training_worker(session: str) -> int:
-    """SIGKILL a Ray Train worker of this test session's Ray (never another Ray on the machine)."""
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        if not any("RayTrainWorker" in part for part in process.info["cmdline"] or []):
-            continue
-        try:
-            if process.environ().get("DCV_TEST_RAY_SESSION") != session:
-                continue
-        except psutil.Error:
-            continue
-        os.kill(process.info["pid"], signal.SIGKILL)
-        return process.info["pid"]
-    raise AssertionError("no RayTrainWorker process of this session found")
-
-
 def test_killed_worker_resumes_from_the_latest_checkpoint(ray_cluster, tmp_path):
     cfg = train_config(tmp_path / "store", workers=1, sft={"max_steps": 12, "eval_every": 3})
     trial_dir = trials_root(cfg) / trial_name(cfg, "sft", 0)
@@ -200,7 +182,7 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(ray_cluster, tmp_path)
     while not (snapshot.exists() and '"checkpoint_000003"' in snapshot.read_text()):
         assert time.monotonic() < deadline and thread.is_alive(), "no registered checkpoint at step 3"
         time.sleep(0.1)
-    killed = _kill_a_training_worker(ray_cluster)
+    killed = kill_a_training_worker(ray_cluster)
     assert not (trial_dir / "checkpoint_000012").exists()  # killed mid-run, not after the last step
     thread.join(timeout=600)
     assert "records" in result, f"the trial did not finish after worker {killed} was killed"

@@ -1,0 +1,232 @@
+"""What predicts forgetting: a synthetic experiment where forgetting = 2 KL + noise, and the analysis and
+report with a weight-change table."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from dcv.analysis import analyze
+from dcv.circuits.weight_change import WEIGHT_CHANGE_SCHEMA
+from dcv.config import PREDICTOR_NAMES, ConfigError, parse_config
+from dcv.matched import Layout, Point, Run, checkpoint_numbers, resample
+from dcv.predictors import PREDICTORS, predictor_table, weight_function_table
+from dcv.report import build_report, pareto_front, predictor_paragraphs
+from dcv.results import build_results_table
+from dcv.tables import CIRCUITS_SCHEMA, EFFECTS_SCHEMA
+from tests.helpers import tiny_config_dict
+
+FIXED = ("forgetting_bench", "base_circuit_faithfulness", "weight_change")
+
+
+def synthetic_runs(n_runs: int = 4, seed: int = 0) -> list[Run]:
+    """Runs of both methods, 3 fine-tuned checkpoints each: forgetting = 2 KL + noise (sd 0.05), weight
+    change unrelated noise. No probes: the forgetting numbers stand in as fixed entries of the vector."""
+    rng = np.random.default_rng(seed)
+    runs = []
+    for method, scale in (("sft", 1.0), ("rl", 0.3)):
+        for i in range(n_runs):
+            points = [Point(0, 0.0, 0.2, None, {}, {}, fixed={"forgetting": 0.0, "forgetting_ld": 0.0})]
+            for step in (2, 4, 6):
+                kl = scale * step / 6 * rng.uniform(0.5, 1.5)
+                forgetting = 2 * kl + rng.normal(0, 0.05)
+                fixed = {
+                    "forgetting": forgetting,
+                    "forgetting_ld": 3 * forgetting,
+                    "weight_change": rng.uniform(),
+                }
+                points.append(Point(step, kl, 0.2 + 0.05 * step, None, {}, {}, fixed=fixed))
+            runs.append(Run(f"{method}-{i}", method, tuple(points)))
+    return runs
+
+
+def fitted(names=None) -> pl.DataFrame:
+    runs = synthetic_runs()
+    layout = Layout.build([], FIXED)
+    observed = {r.name: np.stack([checkpoint_numbers(p, [], layout) for p in r.points]) for r in runs}
+    draws = resample(runs, [], layout, 400)
+    return predictor_table("exact", runs, observed, layout, draws, names, 0.95)
+
+
+def test_forgetting_twice_kl_plus_noise_gives_r2_near_1_for_kl_with_n():
+    table = fitted()
+    print(
+        table.select(
+            "forgetting", "training", "predictor", "r2", "r2_ci_low", "r2_ci_high", "n_checkpoints", "n_runs"
+        )
+    )
+    kl = table.filter((pl.col("predictor") == "kl_to_base") & (pl.col("training") == "pooled"))
+    for row in kl.iter_rows(named=True):
+        assert row["status"] == "ok" and row["r2"] > 0.95
+        assert row["r2_ci_low"] <= row["r2"] <= row["r2_ci_high"] and row["r2_ci_low"] < row["r2_ci_high"]
+        assert row["spearman"] > 0.9 and row["versus_best"] == "best"
+        assert (row["n_checkpoints"], row["n_runs"]) == (24, 8) and row["n_resamples"] > 350
+    per_method = table.filter((pl.col("predictor") == "kl_to_base") & (pl.col("training") == "sft"))
+    assert per_method["n_checkpoints"].to_list() == [12, 12] and per_method["n_runs"].to_list() == [4, 4]
+    noise = table.filter((pl.col("predictor") == "weight_change") & (pl.col("training") == "pooled"))
+    assert (noise["r2"] < 0.3).all() and set(noise["versus_best"]) == {"below best"}
+    # No probes here: V, P and J have no value and are left out unless asked for.
+    assert set(table["predictor"]) == {"kl_to_base", "weight_change"}
+    assert set(table["forgetting"]) == {"forgetting", "forgetting_ld"}  # no benchmarks
+
+
+def test_a_predictor_asked_for_without_a_value_is_said_not_measured():
+    table = fitted(["kl_to_base", "circuit_vulnerability"])
+    rows = table.filter(pl.col("predictor") == "circuit_vulnerability")
+    assert set(rows["status"]) == {"not measured"} and rows["r2"].null_count() == rows.height
+    assert set(rows["note"]) == {PREDICTORS["circuit_vulnerability"].needs}
+    text = " ".join(predictor_paragraphs(table, "exact"))
+    assert "n = 24 fine-tuned checkpoints of 8 runs" in text
+    assert "RL's Razor" in text and "Not measured here: V (relative)" in text and "CMAP" in text
+
+
+def test_config_names_every_predictor_once():
+    assert PREDICTOR_NAMES == tuple(PREDICTORS)
+    raw = tiny_config_dict("/tmp/unused")
+    raw["analysis"] = {"predictors": ["kl_to_base", "kl_to_base"]}
+    with pytest.raises(ConfigError, match="twice"):
+        parse_config(raw)
+
+
+def test_pareto_front_keeps_the_points_nothing_beats_on_both():
+    x = np.array([0.1, 0.5, 0.4, 0.9, 0.9])
+    y = np.array([0.9, 0.8, 0.5, 0.2, 0.1])
+    assert sorted(pareto_front(x, y).tolist()) == [0, 1, 3]
+
+
+def test_weight_function_spearman_per_checkpoint_and_pooled():
+    from dcv.matched import ProbeParts, ProbeReference
+
+    ref = ProbeReference(
+        "ioi", ProbeParts(np.ones((4, 2)), np.ones(2)), np.array([0, 1, 2]), 0.25, True, True
+    )
+    layout = Layout.build([ref], FIXED)
+    vector = np.zeros(layout.size)
+    vector[layout.slices["ioi/v"]] = [0.1, 0.5, 0.3]
+    changes = {"sft-a@4": np.array([1.0, 3.0, 2.0, 9.0])}  # ranks agree with v_h on the circuit heads
+    table = weight_function_table("exact", [("sft", "sft-a", 4, "sft-a@4", vector)], [ref], layout, changes)
+    one = table.filter(pl.col("trial") == "sft-a").row(0, named=True)
+    assert one["spearman_v"] == pytest.approx(1.0) and one["n_heads"] == 3
+    assert one["circuit_change"] == pytest.approx(2.0) and one["other_change"] == pytest.approx(9.0)
+    assert table.filter(pl.col("trial") == "pooled")["step"].to_list() == [None]
+
+
+HEADS = [(0, 0), (0, 1), (1, 0), (1, 1)]
+BASE_EFFECTS = (1.0, 0.5, 0.1, 0.0)  # the base circuit: the first two heads
+STEPS = (0, 2, 4)
+KEEP = {"sft": (1.0, 0.8, 0.6), "rl": (1.0, 0.97, 0.94)}  # share of every effect and LD a step keeps
+NOISE = np.array([-0.1, 0.1, -0.05, 0.05])  # per probe item
+N_TEST = 20
+
+
+def experiment(tmp_path) -> tuple:
+    """(config, results, effects, circuits) of 2 SFT and 2 RL runs on one probe (ioi, 4 items)."""
+    raw = tiny_config_dict(tmp_path)
+    raw["probes"] = [{"name": "ioi", "n_items": 4}]
+    raw["patching"]["methods"] = ["exact"]
+    raw["circuits"].update(n_bootstrap=100)
+    results, models = [], {"base": ("base", 0, 1.0)}
+    for method in ("sft", "rl"):
+        for seed in (0, 1):
+            trial = f"{method}-seed{seed}"
+            for i, step in enumerate(STEPS):
+                keep = KEEP[method][i] - 0.02 * seed * (step > 0)
+                lds = 4 * keep * (1 + NOISE)
+                right = round(N_TEST * (0.25 + step * (0.05 if method == "sft" else 0.025)))
+                metrics = {
+                    "target/accuracy": right / N_TEST,
+                    "probe/ioi/accuracy": float((lds > 0).mean()),
+                    "probe/ioi/mean_ld": float(lds.mean()),
+                    "kl_to_base": 1.0 - keep,
+                }
+                key = {"trial": trial, "method": method, "learning_rate": 1e-5, "seed": seed, "init": "base"}
+                results.append({**key, "step": step, "checkpoint": "x", "metrics": metrics, "lds": lds})
+                results[-1]["correct"] = [1.0] * right + [0.0] * (N_TEST - right)
+                if step:
+                    models[f"{trial}@{step}"] = (trial, step, keep)
+    table = build_results_table(
+        [{k: v for k, v in r.items() if k not in ("lds", "correct")} for r in results]
+    )
+    order = sorted(results, key=lambda r: (r["trial"], r["step"]))
+    table = table.with_columns(
+        pl.Series("target/item_correct", [r["correct"] for r in order], dtype=pl.List(pl.Float64)),
+        pl.Series("probe/ioi/item_ld", [r["lds"].tolist() for r in order], dtype=pl.List(pl.Float64)),
+    )
+    effects, circuits = [], []
+    for model, (trial, step, keep) in models.items():
+        where = {"model": model, "probe": "ioi", "trial": trial, "step": step}
+        for (layer, head), effect in zip(HEADS, BASE_EFFECTS, strict=True):
+            effects.append(
+                {
+                    **where,
+                    **{
+                        "method": "exact",
+                        "layer": layer,
+                        "head": head,
+                        "effect": effect * keep,
+                        "n_items": 4,
+                    },
+                    "checkpoint": "x",
+                    "item_delta": (effect * keep * (1 + NOISE)).tolist(),
+                    "item_denominator": [1.0] * 4,
+                }
+            )
+        circuit = {"size": 2, "faithfulness": 0.9, "reached_tau": True, "base_circuit_faithfulness": 0.9}
+        circuits.append({**where, "method": "exact", **circuit, "layers": [0, 0], "heads": [0, 1]})
+    effects = pl.DataFrame(effects, schema=EFFECTS_SCHEMA)
+    return parse_config(raw), table, effects, pl.DataFrame(circuits, schema=CIRCUITS_SCHEMA)
+
+
+def weight_change_table() -> pl.DataFrame:
+    """Every checkpoint of tests/test_analysis' runs: SFT moves each head 10x as far as RL, more by step."""
+    rows = []
+    for method, per_step in (("sft", 0.01), ("rl", 0.001)):
+        for seed in (0, 1):
+            for step in STEPS[1:]:
+                for layer, head in HEADS:
+                    change = per_step * step * (1 + head)
+                    rows.append(
+                        {
+                            "model": f"{method}-seed{seed}@{step}",
+                            "trial": f"{method}-seed{seed}",
+                            "method": method,
+                            "seed": seed,
+                            "step": step,
+                            "layer": layer,
+                            "head": head,
+                            "kv_shared_by": 2,
+                            "n_params": 100,
+                            "dtype": "float32",
+                            "q_change": change,
+                            "k_change": 0.0,
+                            "v_change": 0.0,
+                            "o_change": 0.0,
+                            "change": change,
+                            "changed_share": 1.0,
+                        }
+                    )
+    return pl.DataFrame(rows, schema=WEIGHT_CHANGE_SCHEMA)
+
+
+def test_analysis_and_report_with_weight_change(tmp_path):
+    cfg, results, effects, circuits = experiment(tmp_path)
+    tables = analyze(cfg, results, effects, circuits, None, weight_change_table())
+    summary = tables["summary"]
+    sft4 = summary.filter((pl.col("trial") == "sft-seed0") & (pl.col("step") == 4)).row(0, named=True)
+    assert sft4["weight_change"] == pytest.approx(0.01 * 4 * 1.5)  # mean over heads of 0.04 (1 + head)
+    assert summary.filter(pl.col("step") == 0)["weight_change"].to_list() == [0.0] * 4
+    predictors = tables["predictors"]
+    assert {"kl_to_base", "weight_change", "circuit_vulnerability", "one_minus_preservation"} <= set(
+        predictors["predictor"]
+    )
+    pooled = predictors.filter((pl.col("training") == "pooled") & (pl.col("status") == "ok"))
+    assert (pooled["n_checkpoints"] == 8).all() and (pooled["n_runs"] == 4).all()
+    heads = tables["weight_change_heads"]
+    assert heads.filter((pl.col("training") == "sft") & (pl.col("step") == 4))["n_runs"].to_list() == [2] * 4
+    assert not tables["weight_vs_function"].is_empty()
+    md, _, figures = build_report(tables, tmp_path / "report", "t", ["about"], {})
+    names = {p.name for p in figures}
+    assert {"weight_change.png", "predictors.png", "predictors_r2.png", "razor_pareto.png"} <= names
+    text = md.read_text()
+    assert "## What predicts forgetting" in text and "Weight change against function change" in text

@@ -1,0 +1,91 @@
+"""FSDP trials (``sft.distributed`` / ``rl.distributed: fsdp``) under a real local Ray Train: two CPU
+workers sharding the tiny model over gloo (dcv.training.checkpoints.keep_fsdp_on_cpu)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dcv.config import ModelConfig, parse_config
+from dcv.models import load_model
+from dcv.training.checkpoints import distributed_args, has_resume_state
+from dcv.training.trial import run_trial, trial_name, trials_root
+from tests.helpers import kill_a_training_worker, train_config_dict
+
+
+def fsdp_config(storage: Path, method: str, **values):
+    section = "sft" if method == "sft" else "rl"
+    return parse_config(train_config_dict(storage, workers=2, **{section: {"distributed": "fsdp", **values}}))
+
+
+@pytest.mark.parametrize(
+    ("architecture", "layer"), [("llama", "LlamaDecoderLayer"), ("qwen2", "Qwen2DecoderLayer")]
+)
+def test_fsdp_wraps_each_decoder_layer_of_any_family(tokenizer, architecture, layer):
+    model = load_model(ModelConfig(name="tiny", tiny={"architecture": architecture}), tokenizer)
+    args = distributed_args("fsdp", model)
+    assert args["fsdp"] is True and args["fsdp_config"]["version"] == 2
+    assert args["fsdp_config"]["transformer_layer_cls_to_wrap"] == [layer]
+    assert args["fsdp_config"]["state_dict_type"] == "FULL_STATE_DICT"  # checkpoints hold whole weights
+    assert distributed_args("ddp", model) == {}
+
+
+def test_fsdp_sft_trial_saves_whole_weights_and_resumes(ray_cluster, tmp_path, tokenizer):
+    cfg = fsdp_config(tmp_path / "store", "sft", max_steps=6, eval_every=2)
+    trial_dir = trials_root(cfg) / trial_name(cfg, "sft", 0)
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(records=run_trial(cfg, "sft", seed=0)))
+    thread.start()
+    snapshot = trial_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + 300
+    # Kill once Ray Train has registered the step-2 checkpoint, so the restart must resume from it.
+    while not (snapshot.exists() and '"checkpoint_000002"' in snapshot.read_text()):
+        assert time.monotonic() < deadline and thread.is_alive(), "no registered checkpoint at step 2"
+        time.sleep(0.1)
+    killed = kill_a_training_worker(ray_cluster)
+    assert not (trial_dir / "checkpoint_000004").exists()  # killed mid-run, before the next checkpoint
+    # accelerate's FSDP save wrote the copy it resumes from (a DDP checkpoint has none).
+    assert (trial_dir / "checkpoint_000002" / "pytorch_model_fsdp.bin").is_file()
+    thread.join(timeout=600)
+    assert "records" in result, f"the trial did not finish after worker {killed} was killed"
+    records = result["records"]
+    assert [r.step for r in records] == [0, 2, 4, 6]
+    state = json.loads((Path(records[-1].path) / "trainer_state.json").read_text())
+    # Resumed after step 2's checkpoint: every step logged once, nothing lost, nothing counted twice.
+    assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == list(range(1, 7))
+
+    # Every checkpoint holds whole weights under the HF names (a shard would be a fraction of dim 0, a
+    # wrapper would prefix the names), which load into a fresh tiny model; tied lm_head.weight is
+    # saved once, as embed_tokens.
+    fresh = load_model(ModelConfig(name="tiny"), tokenizer)
+    expected = {k: v.clone() for k, v in fresh.state_dict().items()}  # the base, before any load below
+    weights = {r.step: load_file(str(Path(r.path) / "model.safetensors")) for r in records}
+    for step, saved in weights.items():
+        assert {k: v.shape for k, v in saved.items()} == {k: expected[k].shape for k in saved}, step
+        loaded = fresh.load_state_dict(saved, strict=False)
+        assert not loaded.unexpected_keys and set(loaded.missing_keys) <= {"lm_head.weight"}, step
+    # A finished trial keeps no resume state, accelerate's FSDP copy of the model included.
+    for record in records:
+        assert not has_resume_state(Path(record.path)), record.step
+        assert not [*Path(record.path).glob("pytorch_model_fsdp*")], record.step
+    assert all(torch.equal(weights[0][k], expected[k]) for k in weights[0])  # step 0 is the base model
+    assert records[0].metrics["kl_to_base"] == pytest.approx(0.0, abs=1e-6)
+    assert max(float((weights[6][k] - weights[0][k]).abs().max()) for k in weights[0]) > 0  # it trained
+
+
+def test_fsdp_grpo_trial_publishes_whole_weights(ray_cluster, tmp_path):
+    """Each step's generation needs the actors at that step's version: every publish gathered both
+    ranks' shards onto rank 0, and the hf rollout backend checked the names, shapes and dtypes it
+    received against its own model before loading them (dcv.training.rollout.RolloutActor)."""
+    cfg = fsdp_config(tmp_path / "store", "rl", max_steps=2, eval_every=2)
+    records = run_trial(cfg, "rl", seed=0)
+    assert [r.step for r in records] == [0, 2]
+    state = json.loads((Path(records[-1].path) / "trainer_state.json").read_text())
+    assert [entry["step"] for entry in state["log_history"] if "reward" in entry] == [1, 2]
+    assert all(0 <= r.metrics["target/accuracy"] <= 1 for r in records)
