@@ -279,6 +279,14 @@ def run_sweep(cfg: ExperimentConfig) -> pl.DataFrame:
         path = write_results(table, local_storage_root(cfg))
         parent.log_artifact(path, artifact_path="results")
         parent.log_artifact(path.with_suffix(".csv"), artifact_path="results")
+        unfinished = len(results) - results.num_terminated - results.num_errors
+        if unfinished:
+            # Tune takes the first Ctrl-C itself: it stops the trials, saves its state and returns, so the
+            # stages after the sweep would run on half-trained trials. Stop here as an interrupt does.
+            raise KeyboardInterrupt(
+                f"sweep {cfg.sweep.name}: interrupted, {unfinished} of {len(results)} trials of this phase "
+                "unfinished; rerun the same command to resume them"
+            )
         failed = [r for r in results if r.error is not None]
         if failed:
             names = ", ".join(str(r.config["spec"]["name"]) for r in failed)
