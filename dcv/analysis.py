@@ -27,7 +27,7 @@ Pure polars/numpy on stored tables (no model, no Ray), so ``dcv report`` can reb
 - ``paper``: per discovery method, circuit size, base-circuit retention (%) and faithfulness of the base
   model and of each method's final checkpoints, beside the seed paper's figures.
 - ``predictors``: what predicts forgetting (``dcv.predictors``): R^2 and Spearman of each candidate
-  (KL to base, mean weight change, V, 1 - P, 1 - J; ``analysis.predictors``) against forgetting over all
+  (KL to base, mean weight change, V, 1 - P, 1 - J, CMAP; ``analysis.predictors``) against forgetting over all
   fine-tuned checkpoints, by method and pooled, with CIs from the same hierarchical bootstrap draws as
   the headline, n beside them, and each one's R^2 gap to the best.
 - ``weight_vs_function``: per checkpoint and probe, Spearman of the base-circuit heads' weight change
@@ -35,6 +35,13 @@ Pure polars/numpy on stored tables (no model, no Ray), so ``dcv report`` can reb
 - ``weight_change_heads``: the weight-change stage's per-head numbers, means over runs per method and
   step (the report's heatmap). ``weight_change`` in ``checkpoints`` and ``summary`` is the checkpoint's
   mean over heads (null without the stage).
+- ``faithfulness_areas``, ``faithfulness_curve_means``, ``faithfulness_area_means``: the base ranking's
+  faithfulness curve F(C_k(base), M) in every checkpoint, its areas CPR and CMD (MIB's), and their plain
+  means over runs per step (``dcv.circuits.curves.curve_tables``; empty with ``circuits.curve_fractions``
+  [] or a circuits table stored before the curves).
+- ``cmap``: with ``cmap`` in ``patching.methods``, per circuit method, checkpoint, probe and direction, the
+  mean |cmap_h| over the probe's base-circuit heads (item-bootstrap CI) and over every head
+  (``cmap_table``); cmap is a change measure, never a circuit method here.
 
 ``dcv_heads`` also carries ``effect_gap`` = DCV_h |e_h(base)| = e_h(RL) - e_h(SFT) (for masks the seed
 paper's m_h(RL) - m_h(SFT)) and ``sft_weakened`` = effect_gap > ``circuits.mask.weakened_delta``.
@@ -53,9 +60,10 @@ import numpy as np
 import polars as pl
 
 from dcv.circuits.competence import Competence, base_competence
+from dcv.circuits.curves import curve_tables
 from dcv.circuits.noise_floor import NOISE_FLOOR_SCHEMA, bootstrap_floor, floor_row
 from dcv.circuits.vulnerability import effect_spearman
-from dcv.config import MASK, ExperimentConfig
+from dcv.config import CMAP, MASK, ExperimentConfig
 from dcv.matched import (
     MDE_FACTOR,
     TRAINING_METHODS,
@@ -78,7 +86,7 @@ from dcv.predictors import (
     weight_function_table,
 )
 from dcv.storage import BASE_MODEL, analysis_dir, atomic_path, checkpoint_model, read_parquet, write_parquet
-from dcv.tables import Head, circuit_heads
+from dcv.tables import Head, circuit_heads, faithfulness_curves
 
 TABLES = (
     "base_circuits",
@@ -94,6 +102,10 @@ TABLES = (
     "predictors",
     "weight_vs_function",
     "weight_change_heads",
+    "cmap",
+    "faithfulness_areas",
+    "faithfulness_curve_means",
+    "faithfulness_area_means",
 )
 # The per-checkpoint numbers the headline compares between methods (``dcv.matched.Layout`` names).
 HEADLINE_METRICS = (
@@ -256,9 +268,11 @@ def build_inputs(
     circuits: pl.DataFrame,
     method: str,
     weight_change: dict[str, float] | None = None,
+    cmap: pl.DataFrame | None = None,
 ) -> Inputs:
     """Probe references and every model's point for one patching method, from the stored tables;
-    ``weight_change``: each checkpoint's mean head weight change (None: not measured, NaN)."""
+    ``weight_change``: each checkpoint's mean head weight change (None: not measured, NaN); ``cmap``: the
+    CMAP table (``dcv.tables.CMAP_SCHEMA``; None: not measured, NaN)."""
     probes = [p.name for p in cfg.probes]
     base_row = _base_row(results)
     competence = _competence(cfg, effects, base_row)
@@ -293,6 +307,7 @@ def build_inputs(
     bench = bench_columns(results)
     base_bench = results.filter((pl.col("step") == 0) & (pl.col("init") == "base")).head(1)
     in_means = [r.name for r in refs if r.in_means]
+    in_means_circuits = {p: circuit_heads(own[(BASE_MODEL, p)]) for p in in_means}
     points, rows = {}, []
     for row in _with_model(results).iter_rows(named=True):
         model, key = row["model"], (row["model"], row["step"])
@@ -317,9 +332,10 @@ def build_inputs(
                 "forgetting_bench": _bench_forgetting(base_bench, row, bench),
                 "base_circuit_faithfulness": float(np.mean(faithful)) if faithful else float("nan"),
                 "weight_change": _mean_change(weight_change, model),
+                "cmap": mean_cmap(cmap, model, in_means_circuits),
             },
         )
-    fixed = ("forgetting_bench", "base_circuit_faithfulness", "weight_change")
+    fixed = ("forgetting_bench", "base_circuit_faithfulness", "weight_change", "cmap")
     circuit_rows = {p: own[(BASE_MODEL, p)] for p in probes}
     n_layers = int(effects.filter(pl.col("model") == BASE_MODEL)["layer"].max()) + 1
     return Inputs(method, refs, Layout.build(refs, fixed), points, rows, competence, circuit_rows, n_layers)
@@ -819,6 +835,104 @@ def paper_table(summary: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=schema)
 
 
+CMAP_TABLE_SCHEMA = {
+    "patching": pl.String,  # the circuit method whose base circuit the heads are
+    "model": pl.String,
+    "trial": pl.String,
+    "step": pl.Int64,
+    "training": pl.String,  # sft | rl (the results table's method)
+    "probe": pl.String,
+    "direction": pl.String,  # ckpt_into_base | base_into_ckpt
+    "mean_abs_cmap_circuit": pl.Float64,  # mean |cmap_h| over the probe's base-circuit heads
+    "circuit_ci_low": pl.Float64,  # its percentile CI over B resamples of the probe items
+    "circuit_ci_high": pl.Float64,
+    "mean_abs_cmap_all": pl.Float64,  # mean |cmap_h| over every head (no CI)
+    "n_circuit_heads": pl.Int64,
+    "n_heads": pl.Int64,
+    "n_items": pl.Int64,
+}
+CMAP_DIRECTION = "ckpt_into_base"  # the direction the ``cmap`` predictor reads
+
+
+def mean_cmap(cmap: pl.DataFrame | None, model: str, circuits: dict[str, list[Head]]) -> float:
+    """A checkpoint's CMAP predictor: mean over ``circuits``' probes (those in the means) of the mean
+    |cmap_h| (direction ckpt_into_base) over the probe's base-circuit heads; 0 for the base, NaN where
+    not measured."""
+    if cmap is None:
+        return float("nan")
+    if model == BASE_MODEL:
+        return 0.0
+    rows = cmap.filter((pl.col("model") == model) & (pl.col("direction") == CMAP_DIRECTION))
+    means = []
+    for probe, heads in circuits.items():
+        if not heads:
+            continue
+        frame = rows.filter(pl.col("probe") == probe)
+        values = {(la, h): e for la, h, e in frame.select("layer", "head", "effect").iter_rows()}
+        if any(head not in values for head in heads):
+            return float("nan")
+        means.append(float(np.mean([abs(values[head]) for head in heads])))
+    return float(np.mean(means)) if means else float("nan")
+
+
+def cmap_table(
+    cfg: ExperimentConfig,
+    results: pl.DataFrame,
+    circuits: pl.DataFrame,
+    methods: Sequence[str],
+    cmap: pl.DataFrame | None,
+) -> pl.DataFrame:
+    """CMAP_TABLE_SCHEMA: per circuit method, checkpoint, probe and direction, mean |cmap| over the
+    probe's base-circuit heads (with an item-bootstrap CI: ``circuits.n_bootstrap`` resamples of the
+    probe items, cmap = mean(delta) / mean(base gap) redone in each) and over every head."""
+    if cmap is None or cmap.is_empty():
+        return pl.DataFrame(schema=CMAP_TABLE_SCHEMA)
+    training = dict(results.select("trial", "method").unique("trial").iter_rows())
+    rng = np.random.default_rng(0)
+    rows = []
+    ordered = cmap.sort("model", "probe", "direction", "layer", "head")
+    keys = ("model", "probe", "direction")
+    for (model, probe, direction), frame in ordered.group_by(keys, maintain_order=True):
+        delta = np.asarray(frame["item_delta"].to_list(), dtype=np.float64)  # [heads, items]
+        denominator = np.asarray(frame["item_denominator"][0], dtype=np.float64)  # [items]
+        n_items = denominator.shape[0]
+        draws = rng.integers(0, n_items, size=(cfg.circuits.n_bootstrap, n_items))
+        # [B, heads]: every head's cmap over each resample of the items
+        resampled = np.abs(delta[:, draws].mean(axis=2).T / denominator[draws].mean(axis=1)[:, None])
+        index = {(la, h): i for i, (la, h) in enumerate(frame.select("layer", "head").iter_rows())}
+        first = frame.row(0, named=True)
+        for method in methods:
+            base = circuits.filter(
+                (pl.col("model") == BASE_MODEL) & (pl.col("probe") == probe) & (pl.col("method") == method)
+            )
+            heads = [index[h] for h in circuit_heads(base.row(0, named=True))] if base.height else []
+            values = np.abs(frame["effect"].to_numpy())
+            low = high = None
+            if heads:
+                circuit_draws = resampled[:, heads].mean(axis=1, keepdims=True)
+                lo, hi, _, _ = interval(circuit_draws, cfg.circuits.ci_level)
+                low, high = _or_none(lo[0]), _or_none(hi[0])
+            rows.append(
+                {
+                    "patching": method,
+                    "model": model,
+                    "trial": first["trial"],
+                    "step": first["step"],
+                    "training": training.get(first["trial"]),
+                    "probe": probe,
+                    "direction": direction,
+                    "mean_abs_cmap_circuit": float(values[heads].mean()) if heads else None,
+                    "circuit_ci_low": low,
+                    "circuit_ci_high": high,
+                    "mean_abs_cmap_all": float(values.mean()),
+                    "n_circuit_heads": len(heads),
+                    "n_heads": frame.height,
+                    "n_items": n_items,
+                }
+            )
+    return pl.DataFrame(rows, schema=CMAP_TABLE_SCHEMA)
+
+
 def analyze(
     cfg: ExperimentConfig,
     results: pl.DataFrame,
@@ -826,14 +940,17 @@ def analyze(
     circuits: pl.DataFrame,
     noise_floor: pl.DataFrame | None = None,
     weight_change: pl.DataFrame | None = None,
+    cmap: pl.DataFrame | None = None,
 ) -> dict[str, pl.DataFrame]:
-    """Every analysis table (TABLES) from the stored results, effects, circuits, (masks') noise-floor and
-    weight-change tables (None: that stage did not run)."""
+    """Every analysis table (TABLES) from the stored results, effects, circuits, (masks') noise-floor,
+    weight-change and CMAP tables (None: that stage did not run)."""
     heads = effects.filter(pl.col("model") == BASE_MODEL)
     shape = (int(heads["layer"].max()) + 1, int(heads["head"].max()) + 1)
     changes = head_changes(weight_change)
     means = {m: float(c.mean()) for m, c in changes.items()} if weight_change is not None else None
-    inputs = [build_inputs(cfg, results, effects, circuits, m, means) for m in cfg.patching.methods]
+    # cmap is a change measure against the base, not a circuit: no inputs of its own.
+    methods = [m for m in cfg.patching.methods if m != CMAP]
+    inputs = [build_inputs(cfg, results, effects, circuits, m, means, cmap) for m in methods]
     floor = noise_floor_table(cfg, inputs, noise_floor)
     checkpoints = checkpoint_table(cfg, inputs, circuits, floor)
     summary = summary_table(checkpoints)
@@ -874,6 +991,8 @@ def analyze(
         if weight_function
         else pl.DataFrame(schema=WEIGHT_FUNCTION_SCHEMA),
         "weight_change_heads": weight_change_heads(weight_change),
+        "cmap": cmap_table(cfg, results, circuits, methods, cmap),
+        **curve_tables(faithfulness_curves(circuits), checkpoints),
     }
 
 

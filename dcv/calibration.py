@@ -359,7 +359,7 @@ def run_calibration(
     base_effects = run_pipeline(
         cfg, progress=progress, work=base_work, out=folder / "base_effects.parquet"
     ).table
-    base_circ = run_circuits(cfg, base_effects, storage, progress, out_dir=folder / "base")
+    base_circ = run_circuits(cfg, base_effects, storage, progress, out_dir=folder / "base", curves=False)
     reference = base_circuits(base_circ)
     shape = model_head_grid(cfg.model)
     chosen = []
@@ -388,7 +388,7 @@ def run_calibration(
     planted = build_work_items(cfg, results, chosen).join(keep_frame, on=["model", "probe"])
     work = pl.concat([base_work, planted.filter(pl.col("method") == method)])
     effects = run_pipeline(cfg, progress=progress, work=work, out=folder / "effects.parquet").table
-    circuits = run_circuits(cfg, effects, storage, progress, out_dir=folder)
+    circuits = run_circuits(cfg, effects, storage, progress, out_dir=folder, curves=False)
     table = calibration_table(cfg, plants, results, effects, circuits, shape, c.alpha, c.seed)
     write_parquet(table, calibration_path(storage))
     with atomic_path(folder / "calibration.csv") as tmp:

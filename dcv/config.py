@@ -20,6 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # learn one item over all heads instead of patching.
 PATCHING_METHODS = ("exact", "attribution", "ig")
 MASK = "mask"
+# Cross-model activation patching (dcv.circuits.patching.cmap_item_effects): a per-head change measure of a
+# checkpoint against the base, not a circuit-discovery method; its rows go to their own table, per direction.
+CMAP = "cmap"
+CMAP_DIRECTIONS = ("ckpt_into_base", "base_into_ckpt")
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -36,6 +40,7 @@ PREDICTOR_NAMES = (
     "circuit_vulnerability_abs",
     "one_minus_preservation",
     "one_minus_jaccard",
+    "cmap",
 )
 RUN_NAME = r"^[A-Za-z0-9][\w.-]*$"  # names are used in MLflow filters and storage paths
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -527,12 +532,14 @@ class SweepConfig(Section):
 
 
 class PatchingConfig(Section):
-    methods: list[Literal[(*PATCHING_METHODS, MASK)]] = Field(
+    methods: list[Literal[(*PATCHING_METHODS, MASK, CMAP)]] = Field(
         default_factory=lambda: ["exact"],
         min_length=1,
         description="head-effect methods run on every model: exact activation patching, attribution "
-        "(first order), ig (integrated gradients), mask (learned masks, circuits.mask); the first is the one "
-        "calibration and the report's answer use",
+        "(first order), ig (integrated gradients), mask (learned masks, circuits.mask), cmap (cross-model "
+        "activation patching of each checkpoint against the base, both directions: a change measure, not a "
+        "circuit; <storage>/patching/cmap.parquet); the first, never cmap, is the one calibration and the "
+        "report's answer use",
     )
     ig_steps: PositiveInt = Field(
         8, description="ig only: points on the corrupted-to-clean line that the gradient is averaged over"
@@ -554,6 +561,16 @@ class PatchingConfig(Section):
     num_gpus_per_actor: Annotated[float, Field(ge=0)] = Field(
         0.0, description="Ray GPUs per patching actor; above 0 the actor computes on CUDA when there is one"
     )
+
+    @field_validator("methods")
+    @classmethod
+    def _circuit_method_first(cls, methods: list[str]) -> list[str]:
+        if methods[0] == CMAP:
+            raise ValueError(
+                f"methods: {methods} starts with cmap; cmap measures change against the base and finds no "
+                "circuit, so put a circuit method (exact, attribution, ig, mask) first"
+            )
+        return methods
 
 
 class MaskConfig(Section):
@@ -616,6 +633,14 @@ class CircuitsConfig(Section):
         description="selection faithfulness: the largest circuit; F is computed for the top 1..k_max heads",
     )
     top_k: PositiveInt = Field(20, description="selection top_k: the circuit's size")
+    curve_fractions: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0],
+        description="faithfulness curves (MIB's grid, dcv.circuits.curves): circuit sizes as fractions of "
+        "all heads, increasing; per model, probe and ranking method (exact, attribution, ig) F of the base "
+        "model's top ceil(f * heads) heads, with the curve's areas CPR and CMD. Fractions that give the same "
+        "k on a small model are scored once. [] turns the curves off (costs one faithfulness pass of "
+        "len(distinct k) head sets per model, probe and method)",
+    )
     n_bootstrap: PositiveInt = Field(
         1000,
         description="bootstrap draws behind every CI (the analysis' hierarchical bootstrap, the competence "
@@ -640,6 +665,13 @@ class CircuitsConfig(Section):
         description="masks only: resamples whose masks are learned again (each costs a full mask fit), "
         "beside one refit with the next seed",
     )
+
+    @field_validator("curve_fractions")
+    @classmethod
+    def _increasing_fractions(cls, fractions: list[float]) -> list[float]:
+        if any(b <= a for a, b in zip(fractions, fractions[1:], strict=False)):
+            raise ValueError(f"{fractions}: fractions must increase (each circuit size once, smallest first)")
+        return fractions
 
 
 class AnalysisConfig(Section):

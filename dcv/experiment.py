@@ -37,10 +37,11 @@ import polars as pl
 
 from dcv import tracking
 from dcv.analysis import analyze, read_analysis, write_analysis
-from dcv.config import ExperimentConfig, config_to_dict, parse_config
+from dcv.config import CMAP, ExperimentConfig, config_to_dict, parse_config
 from dcv.results import read_results, write_results
 from dcv.storage import (
     CIRCUITS_FILE,
+    CMAP_FILE,
     EFFECTS_FILE,
     NOISE_FLOOR_FILE,
     WEIGHT_CHANGE_FILE,
@@ -362,7 +363,8 @@ def _run_stages(
 
     start = stage("analysis")
     floor = read_parquet(circuits_dir(storage) / NOISE_FLOOR_FILE)
-    tables = analyze(cfg, results, run.table, circuits, floor, weight_change)
+    cmap = read_cmap(cfg, storage)
+    tables = analyze(cfg, results, run.table, circuits, floor, weight_change, cmap)
     paths = write_analysis(tables, storage)
     for path in paths:
         parent.log_artifact(path, artifact_path="analysis")
@@ -374,6 +376,11 @@ def _run_stages(
     _record(storage, seconds)
     parent.finish("FINISHED")
     return ExperimentRun(storage, md, page, tracking.resolve_tracking_uri(cfg), seconds, answer)
+
+
+def read_cmap(cfg: ExperimentConfig, storage: Path) -> pl.DataFrame | None:
+    """The patching stage's CMAP table where ``patching.methods`` has cmap (None otherwise)."""
+    return read_parquet(patching_dir(storage) / CMAP_FILE) if CMAP in cfg.patching.methods else None
 
 
 def load_run_config(run_dir: Path) -> ExperimentConfig:
@@ -403,6 +410,8 @@ def rebuild_report(run_dir: Path) -> tuple[Path, Path, list[str]]:
             if cfg.weight_change.enabled
             else None
         )
-        write_analysis(analyze(cfg, read_results(storage), effects, circuits, floor, changes), storage)
+        cmap = read_cmap(cfg, storage)
+        tables = analyze(cfg, read_results(storage), effects, circuits, floor, changes, cmap)
+        write_analysis(tables, storage)
     seconds = read_json(storage / STAGE_SECONDS_FILE) or {}
     return report_stage(cfg, storage, seconds)

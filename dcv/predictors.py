@@ -14,10 +14,11 @@ run's), by training method and pooled:
   and ``versus_best``: "best", "below best" (the gap's CI excludes 0) or "not distinguishable at this
   power".
 
-Each predictor is one entry of a checkpoint's number vector (``dcv.matched.Layout``), so adding one (CMAP,
-once ``cmap`` is a patching method: its mean over base-circuit heads) is a ``PREDICTORS`` entry, a name in
-``dcv.config.PREDICTOR_NAMES`` and the number in the vector. Every draw recomputes the item-based ones
-(V, P, J, forgetting); KL and weight change have no per-item parts and move only with the runs.
+Each predictor is one entry of a checkpoint's number vector (``dcv.matched.Layout``): a ``PREDICTORS``
+entry, a name in ``dcv.config.PREDICTOR_NAMES`` and the number in the vector. Every draw recomputes the
+item-based ones (V, P, J, forgetting); KL, weight change and CMAP (``dcv.analysis.mean_cmap``: the mean
+|cmap_h|, direction ckpt_into_base, over base-circuit heads, averaged over the probes in the means) are
+fixed per checkpoint and move only with the runs.
 
 ``weight_function_table``: per checkpoint and probe, Spearman of each base-circuit head's weight change
 (``dcv.circuits.weight_change``) with its v_h (relative and absolute), and per method over all its
@@ -68,6 +69,13 @@ PREDICTORS = {
     ),
     "one_minus_preservation": Predictor("1 - P", "preservation", True, "a probe in the means", "1 - P"),
     "one_minus_jaccard": Predictor("1 - J", "jaccard", True, "a probe in the means", "1 - J"),
+    "cmap": Predictor(
+        "mean |CMAP| over base-circuit heads (checkpoint into base)",
+        "cmap",
+        False,
+        "patching.methods with cmap",
+        "CMAP",
+    ),
 }
 TARGETS = {
     "forgetting": "forgetting (probe accuracy)",

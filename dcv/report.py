@@ -415,7 +415,8 @@ def predictor_paragraphs(predictors: pl.DataFrame, patching: str) -> list[str]:
         )
     missing = sorted(set(rows.filter(pl.col("status") == "not measured")["predictor"].to_list()))
     notes = [f"{PREDICTORS[n].label} (needs {PREDICTORS[n].needs})" for n in missing]
-    notes.append("CMAP (cross-model activation patching: not yet a patching method)")
+    if "cmap" not in set(rows["predictor"].to_list()):
+        notes.append(f"{PREDICTORS['cmap'].label} (needs {PREDICTORS['cmap'].needs})")
     out.append("Not measured here: " + "; ".join(notes) + ".")
     if not out[:-1]:
         out.insert(0, "No predictor could be fitted: fewer than 3 fine-tuned checkpoints have both numbers.")
@@ -722,6 +723,54 @@ def render(blocks: Sequence[tuple[str, object]], folder: Path, title: str) -> tu
     return md_path, html_path
 
 
+def curve_step(means: pl.DataFrame, patching: str) -> int | None:
+    """The last step at which every fine-tuning method has a faithfulness curve (probe "mean")."""
+    rows = means.filter(
+        (pl.col("patching") == patching) & (pl.col("probe") == "mean") & (pl.col("n_runs") > 0)
+    )
+    steps = [set(rows.filter(pl.col("training") == t)["step"].to_list()) for t in METHOD_COLORS]
+    common = set.intersection(*steps) - {0} if steps else set()
+    return max(common) if common else None
+
+
+def plot_faithfulness_curves(means: pl.DataFrame, patching: str, step: int, path: Path) -> Path:
+    """F(C_k(base), M) over circuit size (fraction of heads, log axis) per fine-tuning method at one step
+    (mean over runs of the mean over probes in means), the base model's curve beside them."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    rows = means.filter((pl.col("patching") == patching) & (pl.col("probe") == "mean"))
+    for training, at, color in (("base", 0, "black"), *((t, step, c) for t, c in METHOD_COLORS.items())):
+        curve = rows.filter((pl.col("training") == training) & (pl.col("step") == at)).sort("fraction")
+        if curve.height:
+            n = int(curve["n_runs"].min())
+            label = "base" if training == "base" else f"{training.upper()} step {step} (n = {n} runs)"
+            ax.plot(curve["fraction"], curve["faithfulness"], "-o", ms=3, color=color, label=label)
+    ax.axhline(1.0, color="tab:gray", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("circuit size (fraction of heads, top-k of the base ranking)")
+    ax.set_ylabel("faithfulness F(C_k(base), M)")
+    ax.set_title(f"Faithfulness curves ({patching}; mean over probes in means)", fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def curve_lines(area_means: pl.DataFrame, patching: str, step: int) -> list[str]:
+    """One sentence: CPR and CMD of the base and of each method at ``step``, with n."""
+    rows = area_means.filter((pl.col("patching") == patching) & (pl.col("probe") == "mean"))
+    parts = []
+    for training, at in (("base", 0), *((t, step) for t in METHOD_COLORS)):
+        row = rows.filter((pl.col("training") == training) & (pl.col("step") == at))
+        if row.height and row["n_runs"][0]:
+            r = row.row(0, named=True)
+            name, n = ("base", "") if training == "base" else (training.upper(), f" (n = {r['n_runs']} runs)")
+            parts.append(f"{name} CPR {r['cpr']:.3g}, CMD {r['cmd']:.3g}{n}")
+    return [
+        f"Faithfulness curves of the base circuit's ranking ({patching}; MIB's CPR = area under F over the "
+        f"size fractions, higher is better; CMD = area of |1 - F|, lower is better; means over probes in "
+        f"means), at step {step}, the last step every method reached (plain means over runs, not at matched "
+        f"levels, no CI): " + "; ".join(parts) + "."
+    ]
+
+
 def build_report(
     tables: dict[str, pl.DataFrame],
     folder: Path,
@@ -842,6 +891,15 @@ def build_report(
             ),
             ("table", weight_function.sort("probe", "training", "trial", "step", nulls_last=True)),
         ]
+    curve_means = tables.get("faithfulness_curve_means", pl.DataFrame())
+    curved = curve_means["patching"].unique().sort().to_list() if curve_means.height else []
+    curving = primary if primary in curved else (curved[0] if curved else None)
+    step = curve_step(curve_means, curving) if curving else None
+    if step is not None:
+        pngs.append(plot_faithfulness_curves(curve_means, curving, step, figures / "faithfulness_curves.png"))
+        blocks += [("h2", "Faithfulness curves: where the base circuit breaks (CPR, CMD)")]
+        blocks += [("p", line) for line in curve_lines(tables["faithfulness_area_means"], curving, step)]
+        blocks += [("table", tables["faithfulness_area_means"].filter(pl.col("patching") == curving))]
     if not dcv_heads.is_empty():
         points = [dcv_point(rows) for _, rows in dcv_heads.group_by("probe", "patching")]
         top = (

@@ -16,7 +16,8 @@ assembled one (``assemble``); ``run_stage`` is the only code that
 - writes each item's rows atomically, and prints progress with an ETA.
 
 ``compute(worker, item, context)`` runs inside an actor: ``worker.cfg`` is the parsed config,
-``worker.model(model, checkpoint)`` the loaded model, ``context`` the stage's read-only inputs (probe
+``worker.model(model, checkpoint)`` the loaded model (``worker.base_model()`` the base, kept beside it for
+items that need two models), ``context`` the stage's read-only inputs (probe
 items, effects, ...), sent to each actor once. ``log_stage`` puts a stage's counts in its MLflow child run.
 """
 
@@ -142,6 +143,7 @@ class StageWorker:
         self.loaded: tuple[str, str] | None = None
         self.loads = 0
         self._model = None
+        self._base = None  # the base model, kept beside the current one for two-model items (cmap)
 
     def model(self, model: str, checkpoint: str):
         """``model``'s weights on this actor's device, loaded when an item names another model."""
@@ -151,6 +153,16 @@ class StageWorker:
             self.loaded = (model, checkpoint)
             self.loads += 1
         return self._model
+
+    def base_model(self):
+        """The base model (``cfg.model``) on this actor's device, loaded once per actor and kept beside
+        ``model(...)``'s, so a stage over many checkpoints that also needs the base loads it once."""
+        if self.loaded == (BASE_MODEL, self.cfg.model.name):
+            return self._model
+        if self._base is None:
+            self._base = load_stage_model(self.cfg, BASE_MODEL, self.cfg.model.name).to(self.device)
+            self.loads += 1
+        return self._base
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np

@@ -61,8 +61,10 @@ RESULTS_DIR, RESULTS_FILE = "results", "checkpoints.parquet"  # one row per eval
 BASE_SCORES_DIR = "base_scores"  # <hash>.json: the base model's step-0 scores, shared by trials
 BENCHMARKS_DIR, BENCHMARKS_FILE = "benchmarks", "benchmarks.parquet"
 PATCHING_DIR, EFFECTS_FILE = "patching", "effects.parquet"  # items/<item_id>.parquet: one work item each
+CMAP_FILE = "cmap.parquet"  # beside effects.parquet: cross-model patching, one row per head and direction
 CIRCUITS_DIR, CIRCUITS_FILE = "circuits", "circuits.parquet"  # models/<model>__<hash>.parquet
 NOISE_FLOOR_FILE = "noise_floor.parquet"  # beside circuits.parquet
+FAITHFULNESS_CURVES_FILE = "faithfulness_curves.parquet"  # beside circuits.parquet (dcv.circuits.curves)
 CALIBRATION_DIR, CALIBRATION_FILE = "calibration", "calibration.parquet"  # models/: planted HF folders
 WEIGHT_CHANGE_DIR, WEIGHT_CHANGE_FILE = (
     "weight_change",

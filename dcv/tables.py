@@ -34,6 +34,15 @@ EFFECTS_SCHEMA = {
     "item_delta": pl.List(pl.Float64),
     "item_denominator": pl.List(pl.Float64),
 }
+# The cross-model patching table (``<storage>/patching/cmap.parquet``, method ``cmap``): one row per
+# (checkpoint, probe, direction, layer, head). ``effect`` is cmap_h = mean_i(delta) / mean_i(denominator):
+# item_delta is LD_target - LD_(target with h's z from the other model's clean run), item_denominator
+# the base's gap LD_base_clean - LD_base_corrupt, in both directions. ``trial``/``step``/``checkpoint``
+# name the checkpoint (the base model has no rows: its cmap with itself is 0 by construction).
+CMAP_SCHEMA = {
+    **EFFECTS_SCHEMA,
+    "direction": pl.String,  # ckpt_into_base | base_into_ckpt (dcv.config.CMAP_DIRECTIONS)
+}
 # The circuits stage's table (``<storage>/circuits/circuits.parquet``): one row per (model, probe, method).
 CIRCUITS_SCHEMA = {
     "model": pl.String,
@@ -47,6 +56,22 @@ CIRCUITS_SCHEMA = {
     "base_circuit_faithfulness": pl.Float64,  # F(C_T(base), M)
     "layers": pl.List(pl.Int32),  # the circuit's heads, largest |effect| first
     "heads": pl.List(pl.Int32),
+    # The faithfulness curve (dcv.circuits.curves): F(top-k of the base ranking, M) at each fraction of
+    # circuits.curve_fractions; empty lists for a method that ranks no heads (mask, cmap) or curves off.
+    "curve_fractions": pl.List(pl.Float64),
+    "curve_k": pl.List(pl.Int32),
+    "curve_faithfulness": pl.List(pl.Float64),
+}
+# ``<storage>/circuits/faithfulness_curves.parquet``: the circuits table's curves, one row per point.
+FAITHFULNESS_CURVES_SCHEMA = {
+    "model": pl.String,
+    "trial": pl.String,
+    "step": pl.Int64,
+    "method": pl.String,
+    "probe": pl.String,
+    "fraction": pl.Float64,  # of all heads
+    "k": pl.Int32,  # ceil(fraction * heads): the base ranking's top k
+    "faithfulness": pl.Float64,  # F(C_k(base), M)
 }
 
 
@@ -61,3 +86,25 @@ def base_circuits(table: pl.DataFrame) -> dict[tuple[str, str], list[Head]]:
         (row["probe"], row["method"]): circuit_heads(row)
         for row in table.filter(pl.col("model") == BASE_MODEL).iter_rows(named=True)
     }
+
+
+def faithfulness_curves(circuits: pl.DataFrame) -> pl.DataFrame:
+    """FAITHFULNESS_CURVES_SCHEMA rows from a CIRCUITS_SCHEMA table (none from a table stored before the
+    curves existed)."""
+    if "curve_k" not in circuits.columns:
+        return pl.DataFrame(schema=FAITHFULNESS_CURVES_SCHEMA)
+    curves = circuits.filter(pl.col("curve_k").list.len() > 0).select(
+        "model",
+        "trial",
+        "step",
+        "method",
+        "probe",
+        pl.col("curve_fractions").alias("fraction"),
+        pl.col("curve_k").alias("k"),
+        pl.col("curve_faithfulness").alias("faithfulness"),
+    )
+    return (
+        curves.explode("fraction", "k", "faithfulness")
+        .cast(FAITHFULNESS_CURVES_SCHEMA)
+        .sort("model", "method", "probe", "fraction")
+    )

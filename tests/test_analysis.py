@@ -561,3 +561,40 @@ def test_the_target_task_probe_is_reported_on_its_own(tmp_path):
     )
     assert sft4["n_probes_circuits"] == 1 and sft4["n_probes_forgetting"] == 1
     assert sft4["forgetting"] == pytest.approx(0.25)  # ioi's alone
+
+
+def test_faithfulness_curve_areas_per_checkpoint_and_per_step(tmp_path):
+    """The base's curve is 1 everywhere (CPR 1, CMD 0); SFT's falls linearly to the right size (F = x),
+    RL's stays at 0.9: the areas and the per-step means are closed forms, with n runs."""
+    fractions = [0.25, 0.5, 1.0]
+    curves = {"base": [1.0] * 3, "sft": fractions, "rl": [0.9] * 3}
+    circuits = circuits_table().with_columns(
+        pl.lit(fractions).alias("curve_fractions"),
+        pl.lit([1, 2, 4], dtype=pl.List(pl.Int32)).alias("curve_k"),
+        pl.col("model")
+        .map_elements(lambda m: curves[m.split("-")[0]], return_dtype=pl.List(pl.Float64))
+        .alias("curve_faithfulness"),
+    )
+    tables = analyze(config(tmp_path), results_table(), effects_table(), circuits)
+    areas = tables["faithfulness_areas"].filter(pl.col("probe") == "ioi")
+    sft = areas.filter((pl.col("training") == "sft") & (pl.col("step") == 2))
+    assert sft["cpr"].to_list() == pytest.approx([0.625] * 2)
+    assert sft["cmd"].to_list() == pytest.approx([0.375] * 2)
+    base = areas.filter(pl.col("model") == "base")
+    assert base["cpr"].to_list() == pytest.approx([1.0] * base.height)
+    assert base["cmd"].max() == pytest.approx(0)
+    means = tables["faithfulness_area_means"].filter(pl.col("probe") == "mean")
+    rl = means.filter((pl.col("training") == "rl") & (pl.col("step") == 4)).row(0, named=True)
+    assert (rl["cpr"], rl["cmd"], rl["n_runs"]) == (pytest.approx(0.9), pytest.approx(0.1), 2)
+    assert means.filter(pl.col("training") == "base")["n_runs"].to_list() == [1]
+    curve = tables["faithfulness_curve_means"].filter(
+        (pl.col("training") == "sft") & (pl.col("step") == 4) & (pl.col("probe") == "mean")
+    )
+    assert curve.sort("fraction")["faithfulness"].to_list() == pytest.approx(fractions)
+    md, _, figures = build_report(tables, tmp_path / "report", "curves", ["about"], {})
+    assert "faithfulness_curves.png" in {p.name for p in figures}
+    assert "at step 4, the last step every method reached" in md.read_text()
+    assert "SFT CPR 0.625, CMD 0.375 (n = 2 runs); RL CPR 0.9, CMD 0.1 (n = 2 runs)" in md.read_text()
+    # A circuits table stored before the curves: no curve tables, and the report leaves the section out.
+    old = analyze(config(tmp_path), results_table(), effects_table(), circuits_table())
+    assert old["faithfulness_areas"].is_empty()

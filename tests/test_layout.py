@@ -23,6 +23,7 @@ TIERS = {
         "dcv.circuits.competence",
         "dcv.circuits.vulnerability",
         "dcv.circuits.noise_floor",
+        "dcv.circuits.curves",
         "dcv.matched",
         "dcv.predictors",
         "dcv.analysis",

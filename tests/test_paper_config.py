@@ -148,8 +148,15 @@ def test_the_paper_config_runs_end_to_end_at_toy_size(tmp_path):
     assert set(effects["method"]) == {"exact", "attribution", "mask"}
     assert "chem" in set(effects["probe"])
     assert effects["effect"].is_finite().all()
+    cmap = pl.read_parquet(patching_dir(storage) / "cmap.parquet")  # cross-model patching, checkpoints only
+    assert set(cmap["direction"]) == {"ckpt_into_base", "base_into_ckpt"} and "base" not in set(cmap["model"])
+    assert cmap["effect"].is_finite().all()
+    assert not pl.read_parquet(analysis_dir(storage) / "cmap.parquet").is_empty()
     circuits = pl.read_parquet(circuits_dir(storage) / "circuits.parquet")
     assert "mask" in set(circuits["method"])
+    curves = pl.read_parquet(circuits_dir(storage) / "faithfulness_curves.parquet")  # ranking methods only
+    assert set(curves["method"]) == {"exact", "attribution"} and curves["faithfulness"].is_finite().all()
+    assert not pl.read_parquet(analysis_dir(storage) / "faithfulness_areas.parquet").is_empty()
     assert any(benchmarks_dir(storage).rglob("*.parquet"))
     assert any(calibration_dir(storage).rglob("*.parquet"))
     assert any(analysis_dir(storage).glob("*.parquet"))

@@ -230,3 +230,58 @@ def test_analysis_and_report_with_weight_change(tmp_path):
     assert {"weight_change.png", "predictors.png", "predictors_r2.png", "razor_pareto.png"} <= names
     text = md.read_text()
     assert "## What predicts forgetting" in text and "Weight change against function change" in text
+
+
+def cmap_effects(effects: pl.DataFrame) -> pl.DataFrame:
+    """A CMAP table for the experiment's checkpoints: cmap_h = (1 - keep) (1 + head + 2 layer), both
+    directions (keep = the checkpoint's effect over the base's on head (0, 0), whose base effect is 1)."""
+    from dcv.config import CMAP_DIRECTIONS
+    from dcv.tables import CMAP_SCHEMA
+
+    tuned = effects.filter(pl.col("model") != "base")
+    keep = tuned.filter((pl.col("layer") == 0) & (pl.col("head") == 0)).select("model", keep="effect")
+    change = (1 - pl.col("keep")) * (1 + pl.col("head") + 2 * pl.col("layer"))
+    frames = [
+        tuned.join(keep, on="model")
+        .with_columns(
+            method=pl.lit("cmap"),
+            effect=change,
+            item_delta=pl.concat_list([change * (1 + float(n)) for n in NOISE]),
+            item_denominator=pl.lit([1.0] * 4, pl.List(pl.Float64)),
+            direction=pl.lit(direction),
+        )
+        .select(list(CMAP_SCHEMA))
+        for direction in CMAP_DIRECTIONS
+    ]
+    return pl.concat(frames)
+
+
+def test_analysis_with_cmap_gives_the_cmap_table_and_predictor(tmp_path):
+    cfg, results, effects, circuits = experiment(tmp_path)
+    cfg = cfg.model_copy(update={"patching": cfg.patching.model_copy(update={"methods": ["exact", "cmap"]})})
+    cmap = cmap_effects(effects)
+    tables = analyze(cfg, results, effects, circuits, None, None, cmap)
+    assert set(tables["predictors"]["patching"]) == {"exact"}  # cmap is no circuit method
+    table = tables["cmap"]
+    assert table.height == 8 * 2 and set(table["direction"]) == {"ckpt_into_base", "base_into_ckpt"}
+    sft4 = table.filter((pl.col("model") == "sft-seed0@4") & (pl.col("direction") == "ckpt_into_base"))
+    row = sft4.row(0, named=True)
+    # keep 0.6: |cmap| = 0.4 (1, 2, 3, 4); base circuit (0, 0), (0, 1): mean 0.6; all four heads: 1.0
+    assert row["mean_abs_cmap_circuit"] == pytest.approx(0.6)
+    assert row["mean_abs_cmap_all"] == pytest.approx(1.0)
+    assert (row["n_circuit_heads"], row["n_heads"], row["n_items"], row["training"]) == (2, 4, 4, "sft")
+    assert row["circuit_ci_low"] < 0.6 < row["circuit_ci_high"]
+    predictor = tables["predictors"].filter(
+        (pl.col("predictor") == "cmap")
+        & (pl.col("training") == "pooled")
+        & (pl.col("forgetting") == "forgetting_ld")
+    )
+    assert predictor["status"].to_list() == ["ok"] and predictor["n_checkpoints"].to_list() == [8]
+    assert predictor["r2"][0] > 0.5  # cmap grows with 1 - keep, as forgetting does
+
+
+def test_a_config_may_not_start_with_cmap(tmp_path):
+    raw = tiny_config_dict(tmp_path)
+    raw["patching"]["methods"] = ["cmap", "exact"]
+    with pytest.raises(ConfigError, match="starts with cmap"):
+        parse_config(raw)

@@ -21,6 +21,9 @@ Three methods, one table shape:
   each prompt set and one backward per batch.
 - ``ig``: integrated gradients over the same node activations (EAP-IG style): the gradient is averaged
   over ``steps`` points on the straight line from the corrupted to the clean input embeddings.
+
+Cross-model activation patching (``cmap_item_effects``, method ``cmap``) reuses the exact loop with two
+models: head h's z comes from the *other* model's clean run (base <-> checkpoint), over the base's gap.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import torch
 from transformers import PreTrainedModel
 
 from dcv.circuits.decoder import DecoderCache, Prefix, check_heads, hook_z_name, model_shape, run_decoder
-from dcv.config import PATCHING_METHODS
+from dcv.config import CMAP_DIRECTIONS, PATCHING_METHODS
 from dcv.evaluation import ContrastBatch, contrast_batches
 from dcv.tables import EFFECT_SCHEMA, Head
 from dcv.tasks.items import ProbeItem
@@ -68,8 +71,25 @@ def _exact_batch(model: PreTrainedModel, batch: ContrastBatch, heads: list[Head]
     clean, corrupt = DecoderCache(), DecoderCache()
     ld_clean = batch.logit_diff(run_decoder(model, batch.clean, cache=clean))
     run_decoder(model, batch.corrupt, cache=corrupt)
-    start = batch.first_difference
-    prefix = Prefix([k[:, :, :start] for k in clean.keys], [v[:, :, :start] for v in clean.values])
+    return _patched_delta(model, batch, heads, chunk, clean, ld_clean, corrupt.z, batch.first_difference)
+
+
+@torch.inference_mode()
+def _patched_delta(
+    model: PreTrainedModel,
+    batch: ContrastBatch,
+    heads: list[Head],
+    chunk: int,
+    target: DecoderCache,
+    ld_target: torch.Tensor,
+    source_z: list[torch.Tensor],
+    start: int,
+) -> torch.Tensor:
+    """delta [n_heads, n] = LD_target - LD_patched: ``model``'s run cached in ``target`` (LD ``ld_target``)
+    with each head's z taken from ``source_z`` (per layer, [n, pos, head, d_head]). Positions before
+    ``start`` are identical in both runs (their keys and values come from ``target``); heads of one layer
+    are patched ``chunk`` at a time in one forward by expanding the batch."""
+    prefix = Prefix([k[:, :, :start] for k in target.keys], [v[:, :, :start] for v in target.values])
     n = len(batch.correct)
     delta = torch.empty(len(heads), n)
     by_layer: dict[int, list[int]] = defaultdict(list)
@@ -79,26 +99,26 @@ def _exact_batch(model: PreTrainedModel, batch: ContrastBatch, heads: list[Head]
         for part in range(0, len(rows), chunk):
             chunk_rows = rows[part : part + chunk]
             patched_heads = [heads[r][1] for r in chunk_rows]
-            z_corrupt = corrupt.z[layer][:, start:]  # [n, pos, head, d_head]
+            z_source = source_z[layer][:, start:]  # [n, pos, head, d_head]
 
             def patch(
-                z: torch.Tensor, patched_heads: list[int] = patched_heads, z_corrupt=z_corrupt
+                z: torch.Tensor, patched_heads: list[int] = patched_heads, z_source=z_source
             ) -> torch.Tensor:
                 z = z.clone().view(len(patched_heads), n, *z.shape[1:])  # [copy, n, pos, head, d_head]
                 for copy, head in enumerate(patched_heads):
-                    z[copy, :, :, head] = z_corrupt[:, :, head]
+                    z[copy, :, :, head] = z_source[:, :, head]
                 return z.view(-1, *z.shape[2:])
 
             logits = run_decoder(
                 model,
-                hidden=clean.resid_pre[layer][:, start:].repeat(len(chunk_rows), 1, 1),
+                hidden=target.resid_pre[layer][:, start:].repeat(len(chunk_rows), 1, 1),
                 start_layer=layer,
                 start_pos=start,
                 prefix=Prefix(prefix.keys, prefix.values, repeat=len(chunk_rows)),
                 z_hooks={hook_z_name(layer): patch},
             )
             ld_patched = batch.logit_diff(logits).view(len(chunk_rows), n).cpu()
-            delta[chunk_rows] = ld_clean.cpu() - ld_patched
+            delta[chunk_rows] = ld_target.cpu() - ld_patched
     return delta
 
 
@@ -164,6 +184,47 @@ def item_effects(
             steps = 1 if method == "attribution" else ig_steps
             delta[:, batch.index] = _integrated_gradients_batch(model, batch, heads, steps)
     return ItemEffects(heads, delta, denominator)
+
+
+@torch.inference_mode()
+def cmap_item_effects(
+    base: PreTrainedModel,
+    checkpoint: PreTrainedModel,
+    items: Sequence[ProbeItem],
+    heads: list[Head] | None = None,
+    batch_size: int = 16,
+    head_chunk_size: int = 32,
+) -> dict[str, ItemEffects]:
+    """Cross-model activation patching (CMAP) of ``heads`` on the probe's clean prompts, per direction
+    (CMAP_DIRECTIONS):
+
+    - ``ckpt_into_base``: delta[h, i] = LD_base_i - LD_i(base with h's z from the checkpoint's clean run);
+    - ``base_into_ckpt``: delta[h, i] = LD_ckpt_i - LD_i(checkpoint with h's z from the base's clean run);
+
+    both over the base's gap only, denominator[i] = LD_base_clean_i - LD_base_corrupt_i, so a checkpoint
+    whose behaviour shrank evenly still shows. The exact-patching loop of ``item_effects`` with the source
+    z from the other model's clean run; the prompts are the same but the models differ at every position,
+    so the patched run starts at position 0. The models must have the same shape."""
+    shape = model_shape(base)
+    if model_shape(checkpoint) != shape:
+        raise ValueError(f"cmap: the checkpoint's shape {model_shape(checkpoint)} is not the base's {shape}")
+    heads = list(heads) if heads is not None else shape.heads
+    check_heads(base, heads)
+    delta = {d: torch.empty(len(heads), len(items)) for d in CMAP_DIRECTIONS}
+    denominator = torch.empty(len(items))
+    for batch in contrast_batches(items, batch_size):
+        on_base, on_ckpt = DecoderCache(), DecoderCache()
+        ld_base = batch.logit_diff(run_decoder(base, batch.clean, cache=on_base))
+        ld_ckpt = batch.logit_diff(run_decoder(checkpoint, batch.clean, cache=on_ckpt))
+        ld_corrupt = batch.logit_diff(run_decoder(base, batch.corrupt)).cpu()
+        denominator[batch.index] = ld_base.cpu() - ld_corrupt
+        delta["ckpt_into_base"][:, batch.index] = _patched_delta(
+            base, batch, heads, head_chunk_size, on_base, ld_base, on_ckpt.z, 0
+        )
+        delta["base_into_ckpt"][:, batch.index] = _patched_delta(
+            checkpoint, batch, heads, head_chunk_size, on_ckpt, ld_ckpt, on_base.z, 0
+        )
+    return {d: ItemEffects(heads, delta[d], denominator) for d in CMAP_DIRECTIONS}
 
 
 def effects_table(effects: ItemEffects, model_id: str, probe: str, method: str) -> pl.DataFrame:

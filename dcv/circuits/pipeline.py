@@ -31,6 +31,13 @@ The assembled table (``run_pipeline``; written to ``<storage>/patching/effects.p
     item_delta  list[f64]  per probe item: LD_clean - LD_patched (masks: one pseudo-item, m_h)
     item_denominator  list[f64]  per probe item: LD_clean - LD_corrupt (masks: [1.0])
 
+Method ``cmap`` (cross-model activation patching, ``dcv.circuits.patching.cmap_item_effects``) is a change
+measure, not a circuit: its items (checkpoints only; the base against itself is 0 by construction) run as
+a second stage ``cmap`` on the same actors' compute, after the others, with two models per actor (the
+base kept beside the current checkpoint), and go to ``<storage>/patching/cmap.parquet``
+(``dcv.tables.CMAP_SCHEMA``: these columns plus ``direction``; two rows per head), never into the effects
+table the circuits stage reads.
+
 The numbers come from ``dcv.circuits.patching.item_effects`` (the only patching implementation) and
 ``dcv.circuits.mask.mask_effects``. This module never starts Ray: ``run_pipeline`` needs a connected Ray
 (``dcv patch-all`` and ``ray_jobs/patch.py`` connect it).
@@ -44,12 +51,13 @@ from pathlib import Path
 
 import polars as pl
 
-from dcv.config import MASK, ExperimentConfig, select_probes
+from dcv.config import CMAP, CMAP_DIRECTIONS, MASK, ExperimentConfig, select_probes
 from dcv.models import model_head_grid
 from dcv.results import list_models, read_results
 from dcv.stages import WORK_COLUMNS, Progress, Stage, StageRun, log_stage, patching_resources, run_stage
 from dcv.storage import (
     BASE_MODEL,
+    CMAP_FILE,
     EFFECTS_FILE,
     content_hash,
     file_slug,
@@ -60,7 +68,7 @@ from dcv.storage import (
     read_parquet,
     write_parquet,
 )
-from dcv.tables import EFFECTS_SCHEMA
+from dcv.tables import CMAP_SCHEMA, EFFECTS_SCHEMA
 
 # The work grid: one row per item; heads are head_start..head_end-1 in (layer, head) order.
 WORK_SCHEMA = {
@@ -100,6 +108,8 @@ def build_item_id(
         "ig_steps": cfg.patching.ig_steps if method == "ig" else None,
         "mask": cfg.circuits.mask.model_dump(mode="json") if method == MASK else None,
     }
+    if method == CMAP:  # cmap's numbers also depend on the base model it is patched against
+        decides["base"] = [cfg.model.name, cfg.model.model_dump(mode="json", exclude={"cache_dir"})]
     digest = content_hash(decides)
     return f"{file_slug(model)}__{probe}__{method}__h{heads[0]:05d}-{heads[1]:05d}__{digest}"
 
@@ -127,7 +137,8 @@ def model_items(
             {
                 "item_id": item_id,
                 "path": str(item_path(storage, item_id)),
-                "n_rows": heads[1] - heads[0],
+                # cmap: one row per head and direction.
+                "n_rows": (heads[1] - heads[0]) * (len(CMAP_DIRECTIONS) if method == CMAP else 1),
                 "model": model_id,
                 "trial": trial,
                 "step": step,
@@ -156,6 +167,8 @@ def build_work_items(
         shape = model_head_grid(model_cfg)
         for probe in probe_names:
             for method in cfg.patching.methods:
+                if method == CMAP and model == BASE_MODEL:
+                    continue  # the base against itself: 0 by construction
                 rows += model_items(cfg, storage, (model, trial, step, checkpoint), shape, probe, method)
     return pl.DataFrame(rows, schema=WORK_SCHEMA).sort("checkpoint", "probe", "method", "head_start")
 
@@ -213,8 +226,42 @@ def compute_item(model, items: Sequence, item: dict, cfg: ExperimentConfig) -> p
     ).select(list(EFFECTS_SCHEMA))
 
 
+def compute_cmap_item(base, model, items: Sequence, item: dict, cfg: ExperimentConfig) -> pl.DataFrame:
+    """One cmap item's rows (CMAP_SCHEMA): ``cmap_item_effects`` of the checkpoint ``model`` against
+    ``base`` on the item's heads, every head once per direction (CMAP_DIRECTIONS order)."""
+    from dcv.circuits.patching import cmap_item_effects, effects_table
+
+    by_direction = cmap_item_effects(
+        base,
+        model,
+        items,
+        heads=item_heads(item),
+        batch_size=cfg.patching.batch_size,
+        head_chunk_size=cfg.patching.head_chunk_size,
+    )
+    tables = []
+    for direction, effects in by_direction.items():
+        table = effects_table(effects, str(item["model"]), str(item["probe"]), CMAP)
+        tables.append(
+            table.with_columns(
+                pl.lit(str(item["trial"]), pl.String).alias("trial"),
+                pl.lit(int(item["step"]), pl.Int64).alias("step"),
+                pl.lit(str(item["checkpoint"]), pl.String).alias("checkpoint"),
+                pl.Series("item_delta", effects.delta.double().tolist(), dtype=pl.List(pl.Float64)),
+                pl.Series(
+                    "item_denominator",
+                    [effects.denominator.double().tolist()] * table.height,
+                    dtype=pl.List(pl.Float64),
+                ),
+                pl.lit(direction, pl.String).alias("direction"),
+            ).select(list(CMAP_SCHEMA))
+        )
+    return pl.concat(tables)
+
+
 def patch_item(worker, item: dict, probe_items: dict[str, list]) -> pl.DataFrame:
-    """The stage's compute (``dcv.stages``): one item's rows on the actor's model for its checkpoint."""
+    """The stage's compute (``dcv.stages``): one item's rows on the actor's model for its checkpoint
+    (cmap: with the actor's base model beside it)."""
     from dcv.circuits.decoder import model_shape
 
     model = worker.model(item["model"], item["checkpoint"])
@@ -224,6 +271,8 @@ def patch_item(worker, item: dict, probe_items: dict[str, list]) -> pl.DataFrame
             f"checkpoint {item['checkpoint']}: {shape.n_layers} layers x {shape.n_heads} heads, but its "
             f"config.json said {item['n_layers']} x {item['n_heads']}"
         )
+    if item["method"] == CMAP:
+        return compute_cmap_item(worker.base_model(), model, probe_items[item["probe"]], item, worker.cfg)
     return compute_item(model, probe_items[item["probe"]], item, worker.cfg)
 
 
@@ -238,6 +287,11 @@ def patching_stage(cfg: ExperimentConfig, work: pl.DataFrame) -> Stage:
         tokenizer = load_tokenizer(cfg.model)
         probe_items = {n: list(build_probe(cfg.probe(n), tokenizer, cfg.target_task).items) for n in names}
     return Stage("patching", cfg, work, EFFECTS_SCHEMA, patch_item, patching_resources(cfg), probe_items)
+
+
+def cmap_stage(cfg: ExperimentConfig, work: pl.DataFrame) -> Stage:
+    """The cmap items of a work grid as their own stage: same actors and compute, CMAP_SCHEMA files."""
+    return replace(patching_stage(cfg, work), name="cmap", schema=CMAP_SCHEMA)
 
 
 def run_pipeline(
@@ -263,9 +317,23 @@ def run_pipeline(
     storage = local_storage_root(cfg)
     work = build_work_items(cfg, read_results(storage), probes) if work is None else work
     check_resources("patching", patching_resources(cfg), ray.cluster_resources())
-    run = run_stage(patching_stage(cfg, work), progress)
+    cmap_work = work.filter(pl.col("method") == CMAP)
+    run = run_stage(patching_stage(cfg, work.filter(pl.col("method") != CMAP)), progress)
     table = run.table.sort("checkpoint", "model", "probe", "method", "layer", "head")
     path = write_parquet(table, patching_dir(storage) / EFFECTS_FILE if out is None else out)
+    if cmap_work.height:
+        # After the patching items: a fresh pool, each actor loading the base once beside each checkpoint.
+        cmap = run_stage(cmap_stage(cfg, cmap_work), progress)
+        cmap_table = cmap.table.sort("checkpoint", "model", "probe", "direction", "layer", "head")
+        write_parquet(cmap_table, path.with_name(CMAP_FILE))
+        run = replace(
+            run,
+            total=run.total + cmap.total,
+            skipped=run.skipped + cmap.skipped,
+            computed=run.computed + cmap.computed,
+            model_loads=run.model_loads + cmap.model_loads,
+            seconds=run.seconds + cmap.seconds,
+        )
     return replace(run, table=table, path=path)
 
 

@@ -344,3 +344,43 @@ def test_an_invalid_item_file_counts_as_unfinished(tmp_path, checkpoints, tiny_m
     moved = sorted(p.name.split(".parquet.corrupt-")[0] for p in items_dir(storage).glob("*.corrupt-*"))
     assert moved == sorted(ids[1:])
     assert len(list(tmp_path.glob("*.corrupt-*"))) == 2
+
+
+def test_cmap_through_the_pipeline_equals_the_direct_computation(
+    ray_cluster, tmp_path, checkpoints, tiny_model, tokenizer
+):
+    """cmap items (checkpoints only, 2 rows per head) go to their own stage and table; one actor loads the
+    base once beside each checkpoint, and the numbers are cmap_item_effects' on the same models."""
+    from dcv.circuits.patching import cmap_item_effects
+    from dcv.config import CMAP_DIRECTIONS
+    from dcv.storage import CMAP_FILE
+    from dcv.tables import CMAP_SCHEMA
+
+    cfg, _ = make_store(tmp_path, checkpoints, methods=["attribution", "cmap"], num_actors=1)
+    work = build_work_items(cfg, checkpoints, ["ioi"])
+    cmap_work = work.filter(pl.col("method") == "cmap")
+    assert set(cmap_work["model"]) == {"sft-lr1e-05-seed0@10", "rl-lr1e-06-seed0@10"}  # no base items
+    assert cmap_work["n_rows"].to_list() == [6, 6, 4] * 2
+    run = run_pipeline(cfg, probes=["ioi"])
+    assert set(run.table["method"]) == {"attribution"}  # the effects table holds no cmap rows
+    assert (run.total, run.computed) == (work.height, work.height)
+    table = pl.read_parquet(run.path.with_name(CMAP_FILE))
+    assert table.schema == CMAP_SCHEMA and table.height == 2 * 2 * 8
+    # attribution: 3 models; cmap: the base once and each checkpoint once, on one actor.
+    assert run.model_loads == 3 + 3
+    items = build_probe(cfg.probe("ioi"), tokenizer, cfg.target_task).items
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the actor, so the sums run in the same order
+    try:
+        for trial, step, checkpoint in checkpoints.select("trial", "step", "checkpoint").iter_rows():
+            tuned = load_model(ModelConfig(name=checkpoint), tokenizer)
+            direct = cmap_item_effects(tiny_model, tuned, items, batch_size=4, head_chunk_size=CHUNK)
+            for direction in CMAP_DIRECTIONS:
+                rows = table.filter(
+                    (pl.col("model") == f"{trial}@{step}") & (pl.col("direction") == direction)
+                ).sort("layer", "head")
+                expected = direct[direction].effects()
+                assert (rows["effect"].to_torch() - expected.double()).abs().max() < 1e-5
+                assert expected.abs().max() > 1e-3  # perturbed checkpoints: not a comparison of zeros
+    finally:
+        torch.set_num_threads(threads)

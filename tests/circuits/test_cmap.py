@@ -1,0 +1,114 @@
+"""Cross-model activation patching (method ``cmap``) on the tiny model: closed forms on planted models.
+
+hook_z is a head's attention output *before* o_proj, so a head's z depends only on the residual stream
+entering its layer. Which heads can have cmap != 0 follows from which layers' inputs differ between the
+two models; each test says it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import polars as pl
+import pytest
+import torch
+
+from dcv.calibration import plant_damage
+from dcv.circuits.decoder import DecoderCache, model_shape, run_decoder
+from dcv.circuits.patching import cmap_item_effects, item_effects
+from dcv.circuits.pipeline import compute_cmap_item
+from dcv.circuits.weight_change import head_weight_change, model_attention
+from dcv.config import CMAP_DIRECTIONS
+from dcv.tables import CMAP_SCHEMA
+
+
+def cmap_values(base, checkpoint, items) -> dict[str, torch.Tensor]:
+    """{direction: cmap [n_layers, n_heads]}."""
+    shape = model_shape(base)
+    effects = cmap_item_effects(base, checkpoint, items, batch_size=5, head_chunk_size=3)
+    return {d: e.effects().view(shape.n_layers, shape.n_heads) for d, e in effects.items()}
+
+
+def test_a_checkpoint_equal_to_base_has_cmap_zero_for_every_head_and_direction(tiny_model, ioi_items):
+    values = cmap_values(tiny_model, copy.deepcopy(tiny_model), ioi_items)
+    assert set(values) == set(CMAP_DIRECTIONS)
+    for direction, cmap in values.items():
+        assert cmap.abs().max() < 1e-6, direction
+
+
+def test_the_denominator_is_the_base_gap_in_both_directions(tiny_model, ioi_items):
+    planted = plant_damage(copy.deepcopy(tiny_model), [(0, 1)], 0.0)
+    effects = cmap_item_effects(tiny_model, planted, ioi_items, batch_size=5)
+    base_gap = item_effects(tiny_model, ioi_items, "exact", heads=[(0, 0)]).denominator
+    for direction in CMAP_DIRECTIONS:
+        assert torch.allclose(effects[direction].denominator, base_gap, atol=1e-5)
+
+
+def test_one_heads_o_proj_zeroed_moves_only_the_heads_after_its_layer(tiny_model, ioi_items):
+    """Checkpoint = base with head (0, 1)'s o_proj input columns zeroed (calibration's ablation).
+
+    Every z of layers 0..L (L = the planted head's layer) is computed from the same residual stream in
+    both models (o_proj acts after hook_z), so in both directions every head of layers <= L, the planted
+    head included, has cmap = 0 exactly: swapping its z swaps equal tensors. The planted head's change
+    reaches the logits only through the residual stream after layer L, i.e. through the z of later
+    heads, so heads of layers > L carry it: nonzero in both directions. (A hook_z-level CMAP therefore
+    cannot name an o_proj-only change at the head itself; it shows where the change is read.)"""
+    layer, head = 0, 1
+    planted = plant_damage(copy.deepcopy(tiny_model), [(layer, head)], 0.0)
+    values = cmap_values(tiny_model, planted, ioi_items)
+    for direction, cmap in values.items():
+        assert cmap[: layer + 1].abs().max() < 1e-6, direction
+        assert cmap[layer + 1 :].abs().max() > 1e-3, direction
+    # The ablation matters to the base: patching the planted head's (corrupted) z moves the base's LD.
+    assert item_effects(tiny_model, ioi_items, "exact", heads=[(layer, head)]).effects().abs().item() > 1e-3
+
+
+def test_weights_moved_where_the_probe_never_reads_give_big_weight_change_and_zero_cmap(
+    tiny_model, ioi_items
+):
+    """Head (0, 2)'s o_proj columns are zero in both models and only its q rows move in the checkpoint:
+    its z changes, but nothing downstream reads it (its output is zeroed), and no other head's input
+    changes. Weight change calls it the most changed head; cmap is 0 for it and every other head."""
+    layer, head = 0, 2
+    base = plant_damage(copy.deepcopy(tiny_model), [(layer, head)], 0.0)
+    tuned = copy.deepcopy(base)
+    d_head = model_shape(base).d_head
+    with torch.no_grad():
+        q = tuned.model.layers[layer].self_attn.q_proj.weight
+        rows = slice(head * d_head, (head + 1) * d_head)
+        q[rows] += (
+            torch.randn(q[rows].shape, generator=torch.Generator().manual_seed(0)) * q[rows].abs().mean() * 5
+        )
+    change = head_weight_change(model_attention(base), model_attention(tuned), 1e-6, False)
+    moved = change.filter((pl.col("layer") == layer) & (pl.col("head") == head)).row(0, named=True)
+    assert moved["q_change"] > 1.0 and moved["change"] > 0.3
+    assert change.filter(pl.col("change") > 0).height == 1  # only that head moved
+    # The moved head's z really differs (so cmap ~ 0 is not a comparison of equal activations).
+    ids = torch.tensor([ioi_items[0].clean_ids])
+    a, b = DecoderCache(), DecoderCache()
+    with torch.no_grad():
+        run_decoder(base, ids, cache=a)
+        run_decoder(tuned, ids, cache=b)
+    assert (a.z[layer][:, :, head] - b.z[layer][:, :, head]).abs().max() > 1e-3
+    for direction, cmap in cmap_values(base, tuned, ioi_items).items():
+        assert cmap.abs().max() < 1e-6, direction
+
+
+def test_compute_cmap_item_rows(tiny_model, ioi_items, tiny_config):
+    cfg = tiny_config.model_copy(
+        update={"patching": tiny_config.patching.model_copy(update={"batch_size": 5})}
+    )
+    planted = plant_damage(copy.deepcopy(tiny_model), [(0, 1)], 0.0)
+    shape = model_shape(tiny_model)
+    item = {"model": "t@1", "trial": "t", "step": 1, "checkpoint": "x", "probe": "ioi", "method": "cmap"}
+    item |= {"head_start": 2, "head_end": 7, "n_layers": shape.n_layers, "n_heads": shape.n_heads}
+    rows = compute_cmap_item(tiny_model, planted, ioi_items, item, cfg)
+    assert rows.schema == CMAP_SCHEMA and rows.height == 2 * 5
+    assert rows["direction"].to_list() == [d for d in CMAP_DIRECTIONS for _ in range(5)]
+    assert (rows["method"] == "cmap").all() and (rows["n_items"] == len(ioi_items)).all()
+    values = cmap_values(tiny_model, planted, ioi_items)
+    for row in rows.iter_rows(named=True):
+        expected = values[row["direction"]][row["layer"], row["head"]].item()
+        assert row["effect"] == pytest.approx(expected, abs=1e-6)
+        parts = sum(row["item_delta"]) / sum(row["item_denominator"])
+        assert parts == pytest.approx(row["effect"], rel=1e-6)  # effect in float32
