@@ -345,7 +345,12 @@ def plot_razor_pareto(checkpoints: pl.DataFrame, path: Path) -> Path:
     ax.set_xlabel("new-task (target) accuracy")
     ax.set_ylabel("prior-task score (mean probe accuracy)")
     ax.set_title("RL's Razor view: new task vs prior tasks, with each method's frontier", fontsize=9)
-    ax.legend(fontsize=7)
+    if scores.is_empty():  # no checkpoint has a prior score (no competent probe): say so, draw no legend
+        ax.text(
+            0.5, 0.5, "no checkpoint with a prior score", ha="center", va="center", transform=ax.transAxes
+        )
+    else:
+        ax.legend(fontsize=7)
     return _save(fig, path)
 
 
