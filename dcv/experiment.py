@@ -378,6 +378,12 @@ def _run_stages(
     return ExperimentRun(storage, md, page, tracking.resolve_tracking_uri(cfg), seconds, answer)
 
 
+def read_weight_change(cfg: ExperimentConfig, storage: Path) -> pl.DataFrame | None:
+    """The weight-change stage's table where the config runs that stage (None otherwise)."""
+    path = weight_change_dir(storage) / WEIGHT_CHANGE_FILE
+    return read_parquet(path) if cfg.weight_change.enabled else None
+
+
 def read_cmap(cfg: ExperimentConfig, storage: Path) -> pl.DataFrame | None:
     """The patching stage's CMAP table where ``patching.methods`` has cmap (None otherwise)."""
     return read_parquet(patching_dir(storage) / CMAP_FILE) if CMAP in cfg.patching.methods else None
@@ -404,13 +410,7 @@ def rebuild_report(run_dir: Path) -> tuple[Path, Path, list[str]]:
     circuits = read_parquet(circuits_dir(storage) / CIRCUITS_FILE)
     if effects is not None and circuits is not None:
         floor = read_parquet(circuits_dir(storage) / NOISE_FLOOR_FILE)
-        # The weight-change table where that stage ran (and the config still asks for it).
-        changes = (
-            read_parquet(weight_change_dir(storage) / WEIGHT_CHANGE_FILE)
-            if cfg.weight_change.enabled
-            else None
-        )
-        cmap = read_cmap(cfg, storage)
+        changes, cmap = read_weight_change(cfg, storage), read_cmap(cfg, storage)
         tables = analyze(cfg, read_results(storage), effects, circuits, floor, changes, cmap)
         write_analysis(tables, storage)
     seconds = read_json(storage / STAGE_SECONDS_FILE) or {}

@@ -393,3 +393,23 @@ def kill_a_training_worker(session: str) -> int:
         os.kill(process.info["pid"], signal.SIGKILL)
         return process.info["pid"]
     raise AssertionError("no RayTrainWorker process of this session found")
+
+
+def train_with_a_kill(cfg: ExperimentConfig, session: str, after_step: int) -> tuple[Path, int, dict]:
+    """Run an SFT trial (seed 0) in a thread and SIGKILL one of its Ray Train workers once Ray Train has
+    registered the checkpoint of ``after_step``, so the restart must resume from it. Returns the trial's
+    folder, the killed pid and a dict holding the ``thread`` and, once it finishes, its ``records``."""
+    from dcv.training.trial import run_trial, trial_name, trials_root
+
+    trial_dir = trials_root(cfg) / trial_name(cfg, "sft", 0)
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(records=run_trial(cfg, "sft", seed=0)))
+    thread.start()
+    result["thread"] = thread
+    snapshot = trial_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + 300
+    name = f'"checkpoint_{after_step:06d}"'
+    while not (snapshot.exists() and name in snapshot.read_text()):
+        assert time.monotonic() < deadline and thread.is_alive(), f"no checkpoint at step {after_step}"
+        time.sleep(0.1)
+    return trial_dir, kill_a_training_worker(session), result

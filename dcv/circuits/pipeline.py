@@ -217,13 +217,18 @@ def compute_item(model, items: Sequence, item: dict, cfg: ExperimentConfig) -> p
         table = effects_table(effects, str(item["model"]), str(item["probe"]), str(item["method"]))
         delta = effects.delta.double().tolist()
         denominator = [effects.denominator.double().tolist()] * table.height
+    return item_rows(table, item, delta, denominator).select(list(EFFECTS_SCHEMA))
+
+
+def item_rows(table: pl.DataFrame, item: dict, delta: list, denominator: list) -> pl.DataFrame:
+    """``table`` (one effect per head) with the item's model columns and its per-item parts."""
     return table.with_columns(
         pl.lit(str(item["trial"]), pl.String).alias("trial"),
         pl.lit(int(item["step"]), pl.Int64).alias("step"),
         pl.lit(str(item["checkpoint"]), pl.String).alias("checkpoint"),
         pl.Series("item_delta", delta, dtype=pl.List(pl.Float64)),
         pl.Series("item_denominator", denominator, dtype=pl.List(pl.Float64)),
-    ).select(list(EFFECTS_SCHEMA))
+    )
 
 
 def compute_cmap_item(base, model, items: Sequence, item: dict, cfg: ExperimentConfig) -> pl.DataFrame:
@@ -242,19 +247,10 @@ def compute_cmap_item(base, model, items: Sequence, item: dict, cfg: ExperimentC
     tables = []
     for direction, effects in by_direction.items():
         table = effects_table(effects, str(item["model"]), str(item["probe"]), CMAP)
+        denominator = [effects.denominator.double().tolist()] * table.height
+        rows = item_rows(table, item, effects.delta.double().tolist(), denominator)
         tables.append(
-            table.with_columns(
-                pl.lit(str(item["trial"]), pl.String).alias("trial"),
-                pl.lit(int(item["step"]), pl.Int64).alias("step"),
-                pl.lit(str(item["checkpoint"]), pl.String).alias("checkpoint"),
-                pl.Series("item_delta", effects.delta.double().tolist(), dtype=pl.List(pl.Float64)),
-                pl.Series(
-                    "item_denominator",
-                    [effects.denominator.double().tolist()] * table.height,
-                    dtype=pl.List(pl.Float64),
-                ),
-                pl.lit(direction, pl.String).alias("direction"),
-            ).select(list(CMAP_SCHEMA))
+            rows.with_columns(pl.lit(direction, pl.String).alias("direction")).select(list(CMAP_SCHEMA))
         )
     return pl.concat(tables)
 

@@ -4,8 +4,6 @@ workers sharding the tiny model over gloo (dcv.training.checkpoints.keep_fsdp_on
 from __future__ import annotations
 
 import json
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -15,8 +13,8 @@ from safetensors.torch import load_file
 from dcv.config import ModelConfig, parse_config
 from dcv.models import load_model
 from dcv.training.checkpoints import distributed_args, has_resume_state
-from dcv.training.trial import run_trial, trial_name, trials_root
-from tests.helpers import kill_a_training_worker, train_config_dict
+from dcv.training.trial import run_trial
+from tests.helpers import train_config_dict, train_with_a_kill
 
 
 def fsdp_config(storage: Path, method: str, **values):
@@ -38,21 +36,12 @@ def test_fsdp_wraps_each_decoder_layer_of_any_family(tokenizer, architecture, la
 
 def test_fsdp_sft_trial_saves_whole_weights_and_resumes(ray_cluster, tmp_path, tokenizer):
     cfg = fsdp_config(tmp_path / "store", "sft", max_steps=6, eval_every=2)
-    trial_dir = trials_root(cfg) / trial_name(cfg, "sft", 0)
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(records=run_trial(cfg, "sft", seed=0)))
-    thread.start()
-    snapshot = trial_dir / "checkpoint_manager_snapshot.json"
-    deadline = time.monotonic() + 300
-    # Kill once Ray Train has registered the step-2 checkpoint, so the restart must resume from it.
-    while not (snapshot.exists() and '"checkpoint_000002"' in snapshot.read_text()):
-        assert time.monotonic() < deadline and thread.is_alive(), "no registered checkpoint at step 2"
-        time.sleep(0.1)
-    killed = kill_a_training_worker(ray_cluster)
+    # Killed once Ray Train has registered the step-2 checkpoint, so the restart must resume from it.
+    trial_dir, killed, result = train_with_a_kill(cfg, ray_cluster, after_step=2)
     assert not (trial_dir / "checkpoint_000004").exists()  # killed mid-run, before the next checkpoint
     # accelerate's FSDP save wrote the copy it resumes from (a DDP checkpoint has none).
     assert (trial_dir / "checkpoint_000002" / "pytorch_model_fsdp.bin").is_file()
-    thread.join(timeout=600)
+    result["thread"].join(timeout=600)
     assert "records" in result, f"the trial did not finish after worker {killed} was killed"
     records = result["records"]
     assert [r.step for r in records] == [0, 2, 4, 6]

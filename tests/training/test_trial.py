@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +23,7 @@ from dcv.training.trial import (
     trial_name,
     trials_root,
 )
-from tests.helpers import DCV, kill_a_training_worker, train_config_dict
+from tests.helpers import DCV, train_config_dict, train_with_a_kill
 
 
 def train_config(storage: Path, workers: int, **method_overrides):
@@ -172,19 +170,10 @@ def test_rerunning_a_finished_trial_does_not_train(ddp_trial, tmp_path):
 
 def test_killed_worker_resumes_from_the_latest_checkpoint(ray_cluster, tmp_path):
     cfg = train_config(tmp_path / "store", workers=1, sft={"max_steps": 12, "eval_every": 3})
-    trial_dir = trials_root(cfg) / trial_name(cfg, "sft", 0)
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(records=run_trial(cfg, "sft", seed=0)))
-    thread.start()
-    snapshot = trial_dir / "checkpoint_manager_snapshot.json"
-    deadline = time.monotonic() + 300
-    # Kill once Ray Train has registered the step-3 checkpoint, so the restart must resume from it.
-    while not (snapshot.exists() and '"checkpoint_000003"' in snapshot.read_text()):
-        assert time.monotonic() < deadline and thread.is_alive(), "no registered checkpoint at step 3"
-        time.sleep(0.1)
-    killed = kill_a_training_worker(ray_cluster)
+    # Killed once Ray Train has registered the step-3 checkpoint, so the restart must resume from it.
+    trial_dir, killed, result = train_with_a_kill(cfg, ray_cluster, after_step=3)
     assert not (trial_dir / "checkpoint_000012").exists()  # killed mid-run, not after the last step
-    thread.join(timeout=600)
+    result["thread"].join(timeout=600)
     assert "records" in result, f"the trial did not finish after worker {killed} was killed"
     records = result["records"]
     assert [r.step for r in records] == [0, 3, 6, 9, 12]
