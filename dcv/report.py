@@ -896,6 +896,21 @@ def build_report(
             ),
             ("table", weight_function.sort("probe", "training", "trial", "step", nulls_last=True)),
         ]
+    cmap_rows = tables.get("cmap", pl.DataFrame())
+    if cmap_rows.height:
+        blocks += [
+            ("h2", "Cross-model activation patching (cmap): did the heads' function change?"),
+            (
+                "p",
+                "Per checkpoint, probe and direction: mean |cmap_h| over the probe's base-circuit heads "
+                "(CI over resamples of its n_items probe items) and over every head. cmap_h swaps head h's "
+                "output (after o_proj) between the base and the checkpoint on the clean prompts, over the "
+                "base's LD gap only, so a checkpoint whose behaviour shrank evenly still shows; 0 means the "
+                "head computes what the base's did. ckpt_into_base: the checkpoint's head in the base model; "
+                "base_into_ckpt: the base's head in the checkpoint.",
+            ),
+            ("table", cmap_rows.filter(pl.col("patching") == primary).drop("patching")),
+        ]
     curve_means = tables.get("faithfulness_curve_means", pl.DataFrame())
     curved = curve_means["patching"].unique().sort().to_list() if curve_means.height else []
     curving = primary if primary in curved else (curved[0] if curved else None)

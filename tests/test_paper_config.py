@@ -152,6 +152,8 @@ def test_the_paper_config_runs_end_to_end_at_toy_size(tmp_path):
     assert set(cmap["direction"]) == {"ckpt_into_base", "base_into_ckpt"} and "base" not in set(cmap["model"])
     assert cmap["effect"].is_finite().all()
     assert not pl.read_parquet(analysis_dir(storage) / "cmap.parquet").is_empty()
+    report = next(storage.rglob("report.md")).read_text()
+    assert "Cross-model activation patching (cmap)" in report
     circuits = pl.read_parquet(circuits_dir(storage) / "circuits.parquet")
     assert "mask" in set(circuits["method"])
     curves = pl.read_parquet(circuits_dir(storage) / "faithfulness_curves.parquet")  # ranking methods only

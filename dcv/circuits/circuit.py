@@ -94,7 +94,7 @@ def faithfulness(
                     [v[:, :, :start] for v in clean.values],
                     repeat=len(sets),
                 ),
-                z_hooks=hooks,
+                hooks=hooks,
             )
             sum_patched[list(sets)] += batch.logit_diff(logits).view(len(sets), n).sum(dim=1).double().cpu()
     count = len(items)

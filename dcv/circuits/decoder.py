@@ -11,10 +11,16 @@ forward. Exact patching needs two things a whole forward cannot do:
 
 So this module re-states the decoder layer on the model's own modules (``input_layernorm``, ``q_proj``,
 ``k_proj``, ``v_proj``, ``o_proj``, ``post_attention_layernorm``, ``mlp``, ``rotary_emb``, ``norm``,
-``lm_head``): the same math as transformers' eager attention, so results match to float precision. The
-one intervention point is the per-head attention output before ``o_proj``, named as in TransformerLens
-(``blocks.{layer}.attn.hook_z``, shape ``[batch, pos, head_index, d_head]``); tests check it against the
-bridge's ``hook_z``.
+``lm_head``): the same math as transformers' eager attention, so results match to float precision. Two
+intervention points, named as in TransformerLens:
+
+- ``blocks.{layer}.attn.hook_z``: the per-head attention output before ``o_proj``, shape
+  ``[batch, pos, head_index, d_head]``; tests check it against the bridge's ``hook_z``. Activation
+  patching (exact, attribution, IG) and masks act here: within one model, patching z is patching the
+  head's output, since both runs share ``o_proj``.
+- ``blocks.{layer}.hook_attn_out``: the attention block's output added to the residual stream
+  (``o_proj(z)``, ``[batch, pos, d_model]``). Cross-model patching (cmap) acts here, because two models'
+  heads differ in ``o_proj`` too: head h's output is ``z_h @ W_O[:, h].T`` (``head_output``).
 """
 
 from __future__ import annotations
@@ -28,12 +34,26 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 
-ZHook = Callable[[torch.Tensor], torch.Tensor]  # [batch, pos, head, d_head] -> same shape
+Hook = Callable[[torch.Tensor], torch.Tensor]  # the hook point's tensor -> a tensor of the same shape
 
 
 def hook_z_name(layer: int) -> str:
     """TransformerLens's name for the per-head attention output of ``layer``; the only spelling dcv uses."""
     return f"blocks.{layer}.attn.hook_z"
+
+
+def hook_attn_out_name(layer: int) -> str:
+    """TransformerLens's name for ``layer``'s attention output as added to the residual stream."""
+    return f"blocks.{layer}.hook_attn_out"
+
+
+def head_output(model: PreTrainedModel, layer: int, z: torch.Tensor, head: int) -> torch.Tensor:
+    """Head ``head``'s share of ``layer``'s attention output: ``z[..., head, :] @ W_O[:, head].T``
+    ([..., pos, d_model]; TransformerLens's ``hook_result``). The heads' outputs sum to ``o_proj(z)`` less
+    o_proj's bias, which belongs to no head (Llama with ``attention_bias`` only; Qwen2's o_proj has none)."""
+    o_proj = model.model.layers[layer].self_attn.o_proj
+    d_head = z.shape[-1]
+    return z[..., head, :] @ o_proj.weight[:, head * d_head : (head + 1) * d_head].T
 
 
 @dataclass(frozen=True)
@@ -99,15 +119,16 @@ def run_decoder(
     start_layer: int = 0,
     start_pos: int = 0,
     prefix: Prefix | None = None,
-    z_hooks: Mapping[str, ZHook] | None = None,
+    hooks: Mapping[str, Hook] | None = None,
     cache: DecoderCache | None = None,
 ) -> torch.Tensor:
     """Logits at the last position, [batch, vocab].
 
     ``input_ids`` [batch, pos] start at layer 0; or ``hidden`` [batch, pos, d_model] is the residual stream
     entering ``start_layer`` (embeddings when ``start_layer`` is 0). Positions are ``start_pos`` onwards;
-    with ``start_pos > 0`` the earlier positions' keys and values come from ``prefix``. ``z_hooks`` maps
-    ``hook_z_name(layer)`` to a function that may replace that layer's z. ``cache``, if given, is filled.
+    with ``start_pos > 0`` the earlier positions' keys and values come from ``prefix``. ``hooks`` maps
+    ``hook_z_name(layer)`` or ``hook_attn_out_name(layer)`` to a function that may replace that tensor.
+    ``cache``, if given, is filled.
     """
     inner = model.model
     if hidden is None:
@@ -124,7 +145,7 @@ def run_decoder(
     blocked = key_pos[None, :] > positions[0, :, None]
     mask = torch.zeros(blocked.shape, dtype=hidden.dtype, device=hidden.device)
     mask = mask.masked_fill(blocked, torch.finfo(hidden.dtype).min)
-    hooks = z_hooks or {}
+    hooks = hooks or {}
     for layer_index in range(start_layer, len(inner.layers)):
         layer = inner.layers[layer_index]
         attn = layer.self_attn
@@ -154,6 +175,10 @@ def run_decoder(
             z = hook(z)
         if cache is not None:
             cache.z.append(z)
-        hidden = hidden + attn.o_proj(z.reshape(batch, n_pos, -1))
+        attn_out = attn.o_proj(z.reshape(batch, n_pos, -1))
+        hook = hooks.get(hook_attn_out_name(layer_index))
+        if hook is not None:
+            attn_out = hook(attn_out)
+        hidden = hidden + attn_out
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     return model.lm_head(inner.norm(hidden[:, -1])).float()

@@ -83,7 +83,7 @@ def _masked_logit_diff(model: PreTrainedModel, c: _CachedBatch, masks: torch.Ten
             return z_corrupt + m * (z - z_corrupt)
 
         hooks[hook_z_name(layer)] = mix
-    logits = run_decoder(model, hidden=c.hidden, start_pos=c.start, prefix=c.prefix, z_hooks=hooks)
+    logits = run_decoder(model, hidden=c.hidden, start_pos=c.start, prefix=c.prefix, hooks=hooks)
     return c.batch.logit_diff(logits)
 
 

@@ -23,20 +23,30 @@ Three methods, one table shape:
   over ``steps`` points on the straight line from the corrupted to the clean input embeddings.
 
 Cross-model activation patching (``cmap_item_effects``, method ``cmap``) reuses the exact loop with two
-models: head h's z comes from the *other* model's clean run (base <-> checkpoint), over the base's gap.
+models: head h's *output* (``z_h @ W_O[:, h].T``, after o_proj: the two models' o_proj differ) comes from
+the other model's clean run (base <-> checkpoint), over the base's gap.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import polars as pl
 import torch
 from transformers import PreTrainedModel
 
-from dcv.circuits.decoder import DecoderCache, Prefix, check_heads, hook_z_name, model_shape, run_decoder
+from dcv.circuits.decoder import (
+    DecoderCache,
+    Prefix,
+    check_heads,
+    head_output,
+    hook_attn_out_name,
+    hook_z_name,
+    model_shape,
+    run_decoder,
+)
 from dcv.config import CMAP_DIRECTIONS, PATCHING_METHODS
 from dcv.evaluation import ContrastBatch, contrast_batches
 from dcv.tables import EFFECT_SCHEMA, Head
@@ -65,13 +75,21 @@ class ItemEffects:
         return self.delta.mean(dim=1) / self.denominator.mean()
 
 
+HeadEdit = Callable[[int, int, torch.Tensor], None]  # (layer, head, one copy's tensor), edited in place
+
+
 @torch.inference_mode()
 def _exact_batch(model: PreTrainedModel, batch: ContrastBatch, heads: list[Head], chunk: int) -> torch.Tensor:
     """delta [n_heads, n] for one batch; heads are grouped by layer, ``chunk`` heads per forward."""
     clean, corrupt = DecoderCache(), DecoderCache()
     ld_clean = batch.logit_diff(run_decoder(model, batch.clean, cache=clean))
     run_decoder(model, batch.corrupt, cache=corrupt)
-    return _patched_delta(model, batch, heads, chunk, clean, ld_clean, corrupt.z, batch.first_difference)
+    start = batch.first_difference
+
+    def corrupt_z(layer: int, head: int, z: torch.Tensor) -> None:
+        z[:, :, head] = corrupt.z[layer][:, start:, head]
+
+    return _patched_delta(model, batch, heads, chunk, clean, ld_clean, start, hook_z_name, corrupt_z)
 
 
 @torch.inference_mode()
@@ -82,13 +100,14 @@ def _patched_delta(
     chunk: int,
     target: DecoderCache,
     ld_target: torch.Tensor,
-    source_z: list[torch.Tensor],
     start: int,
+    hook_name: Callable[[int], str],
+    edit: HeadEdit,
 ) -> torch.Tensor:
     """delta [n_heads, n] = LD_target - LD_patched: ``model``'s run cached in ``target`` (LD ``ld_target``)
-    with each head's z taken from ``source_z`` (per layer, [n, pos, head, d_head]). Positions before
-    ``start`` are identical in both runs (their keys and values come from ``target``); heads of one layer
-    are patched ``chunk`` at a time in one forward by expanding the batch."""
+    with ``edit(layer, head, x)`` applied to the tensor at ``hook_name(layer)`` for each head. Positions
+    before ``start`` are identical in both runs (their keys and values come from ``target``); heads of one
+    layer are patched ``chunk`` at a time in one forward by expanding the batch (one copy per head)."""
     prefix = Prefix([k[:, :, :start] for k in target.keys], [v[:, :, :start] for v in target.values])
     n = len(batch.correct)
     delta = torch.empty(len(heads), n)
@@ -99,15 +118,14 @@ def _patched_delta(
         for part in range(0, len(rows), chunk):
             chunk_rows = rows[part : part + chunk]
             patched_heads = [heads[r][1] for r in chunk_rows]
-            z_source = source_z[layer][:, start:]  # [n, pos, head, d_head]
 
             def patch(
-                z: torch.Tensor, patched_heads: list[int] = patched_heads, z_source=z_source
+                x: torch.Tensor, patched_heads: list[int] = patched_heads, layer: int = layer
             ) -> torch.Tensor:
-                z = z.clone().view(len(patched_heads), n, *z.shape[1:])  # [copy, n, pos, head, d_head]
+                x = x.clone().view(len(patched_heads), n, *x.shape[1:])  # [copy, n, ...]
                 for copy, head in enumerate(patched_heads):
-                    z[copy, :, :, head] = z_source[:, :, head]
-                return z.view(-1, *z.shape[2:])
+                    edit(layer, head, x[copy])
+                return x.view(-1, *x.shape[2:])
 
             logits = run_decoder(
                 model,
@@ -115,7 +133,7 @@ def _patched_delta(
                 start_layer=layer,
                 start_pos=start,
                 prefix=Prefix(prefix.keys, prefix.values, repeat=len(chunk_rows)),
-                z_hooks={hook_z_name(layer): patch},
+                hooks={hook_name(layer): patch},
             )
             ld_patched = batch.logit_diff(logits).view(len(chunk_rows), n).cpu()
             delta[chunk_rows] = ld_target.cpu() - ld_patched
@@ -145,7 +163,7 @@ def _integrated_gradients_batch(
         hooks = {hook_z_name(layer): (lambda z, leaf=leaf: z + leaf) for layer, leaf in enumerate(leaves)}
         with torch.enable_grad():
             hidden = (emb_corrupt + alpha * (emb_clean - emb_corrupt)).clone()
-            ld = batch.logit_diff(run_decoder(model, hidden=hidden, z_hooks=hooks))
+            ld = batch.logit_diff(run_decoder(model, hidden=hidden, hooks=hooks))
             step_grads = torch.autograd.grad(ld.sum(), leaves)
         for total, grad in zip(grads, step_grads, strict=True):
             total += grad.detach() / steps
@@ -198,13 +216,15 @@ def cmap_item_effects(
     """Cross-model activation patching (CMAP) of ``heads`` on the probe's clean prompts, per direction
     (CMAP_DIRECTIONS):
 
-    - ``ckpt_into_base``: delta[h, i] = LD_base_i - LD_i(base with h's z from the checkpoint's clean run);
-    - ``base_into_ckpt``: delta[h, i] = LD_ckpt_i - LD_i(checkpoint with h's z from the base's clean run);
+    - ``ckpt_into_base``: delta[h, i] = LD_base_i - LD_i(base, h's output from the checkpoint's clean run);
+    - ``base_into_ckpt``: delta[h, i] = LD_ckpt_i - LD_i(checkpoint, h's output from the base's clean run);
 
     both over the base's gap only, denominator[i] = LD_base_clean_i - LD_base_corrupt_i, so a checkpoint
-    whose behaviour shrank evenly still shows. The exact-patching loop of ``item_effects`` with the source
-    z from the other model's clean run; the prompts are the same but the models differ at every position,
-    so the patched run starts at position 0. The models must have the same shape."""
+    whose behaviour shrank evenly still shows. A head's output is its z times its own model's o_proj
+    columns (``head_output``), swapped at ``hook_attn_out``: a change to the head's q, k, v *or* o weights
+    shows at the head itself. The exact-patching loop of ``item_effects``; the prompts are the same but the
+    models differ at every position, so the patched run starts at position 0. The models must have the
+    same shape."""
     shape = model_shape(base)
     if model_shape(checkpoint) != shape:
         raise ValueError(f"cmap: the checkpoint's shape {model_shape(checkpoint)} is not the base's {shape}")
@@ -218,12 +238,36 @@ def cmap_item_effects(
         ld_ckpt = batch.logit_diff(run_decoder(checkpoint, batch.clean, cache=on_ckpt))
         ld_corrupt = batch.logit_diff(run_decoder(base, batch.corrupt)).cpu()
         denominator[batch.index] = ld_base.cpu() - ld_corrupt
-        delta["ckpt_into_base"][:, batch.index] = _patched_delta(
-            base, batch, heads, head_chunk_size, on_base, ld_base, on_ckpt.z, 0
-        )
-        delta["base_into_ckpt"][:, batch.index] = _patched_delta(
-            checkpoint, batch, heads, head_chunk_size, on_ckpt, ld_ckpt, on_base.z, 0
-        )
+        for direction, (target, source, on_target, on_source, ld_target) in {
+            "ckpt_into_base": (base, checkpoint, on_base, on_ckpt, ld_base),
+            "base_into_ckpt": (checkpoint, base, on_ckpt, on_base, ld_ckpt),
+        }.items():
+
+            def swap_output(
+                layer: int,
+                head: int,
+                out: torch.Tensor,
+                target=target,
+                source=source,
+                on_target=on_target,
+                on_source=on_source,
+            ) -> None:
+                # The difference first: equal outputs then add exactly 0 (a model against itself is 0).
+                out += head_output(source, layer, on_source.z[layer], head) - head_output(
+                    target, layer, on_target.z[layer], head
+                )
+
+            delta[direction][:, batch.index] = _patched_delta(
+                target,
+                batch,
+                heads,
+                head_chunk_size,
+                on_target,
+                ld_target,
+                0,
+                hook_attn_out_name,
+                swap_output,
+            )
     return {d: ItemEffects(heads, delta[d], denominator) for d in CMAP_DIRECTIONS}
 
 

@@ -110,6 +110,8 @@ def build_item_id(
     }
     if method == CMAP:  # cmap's numbers also depend on the base model it is patched against
         decides["base"] = [cfg.model.name, cfg.model.model_dump(mode="json", exclude={"cache_dir"})]
+        # cmap swapped hook_z until 2026-12-02; a stored item of that definition must not be reused.
+        decides["hook"] = "hook_attn_out"
     digest = content_hash(decides)
     return f"{file_slug(model)}__{probe}__{method}__h{heads[0]:05d}-{heads[1]:05d}__{digest}"
 

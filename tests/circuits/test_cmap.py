@@ -1,8 +1,8 @@
 """Cross-model activation patching (method ``cmap``) on the tiny model: closed forms on planted models.
 
-hook_z is a head's attention output *before* o_proj, so a head's z depends only on the residual stream
-entering its layer. Which heads can have cmap != 0 follows from which layers' inputs differ between the
-two models; each test says it.
+cmap swaps a head's *output*, z_h @ W_O[:, h].T with each model's own o_proj, at ``hook_attn_out``. Which
+heads can have cmap != 0 follows from which heads' weights or inputs differ between the two models; each
+test says it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dcv.circuits.patching import cmap_item_effects, item_effects
 from dcv.circuits.pipeline import compute_cmap_item
 from dcv.circuits.weight_change import head_weight_change, model_attention
 from dcv.config import CMAP_DIRECTIONS
+from dcv.evaluation import contrast_batches
 from dcv.tables import CMAP_SCHEMA
 
 
@@ -44,30 +45,47 @@ def test_the_denominator_is_the_base_gap_in_both_directions(tiny_model, ioi_item
         assert torch.allclose(effects[direction].denominator, base_gap, atol=1e-5)
 
 
-def test_one_heads_o_proj_zeroed_moves_only_the_heads_after_its_layer(tiny_model, ioi_items):
-    """Checkpoint = base with head (0, 1)'s o_proj input columns zeroed (calibration's ablation).
+@pytest.mark.parametrize("layer", [0, 1])
+def test_one_heads_o_proj_zeroed_gives_that_head_the_whole_change_in_closed_form(
+    tiny_model, ioi_items, layer
+):
+    """Checkpoint = base with head (layer, 1)'s o_proj input columns zeroed (calibration's ablation); the
+    two models differ in nothing else.
 
-    Every z of layers 0..L (L = the planted head's layer) is computed from the same residual stream in
-    both models (o_proj acts after hook_z), so in both directions every head of layers <= L, the planted
-    head included, has cmap = 0 exactly: swapping its z swaps equal tensors. The planted head's change
-    reaches the logits only through the residual stream after layer L, i.e. through the z of later
-    heads, so heads of layers > L carry it: nonzero in both directions. (A hook_z-level CMAP therefore
-    cannot name an o_proj-only change at the head itself; it shows where the change is read.)"""
-    layer, head = 0, 1
+    ckpt_into_base: the base with that head's output taken from the checkpoint (zero) *is* the checkpoint,
+    so delta_i = LD_base_i - LD_ckpt_i. base_into_ckpt: the checkpoint with the base's output of that head
+    *is* the base, so delta_i = LD_ckpt_i - LD_base_i. Every other head of that layer or an earlier one has
+    the same z and o_proj columns in both models: cmap 0 (to float rounding). Heads of later layers read
+    the changed residual stream, so in the last layer (1 of 2) the planted head is the only one with
+    cmap != 0, hence the largest."""
+    head = 1
     planted = plant_damage(copy.deepcopy(tiny_model), [(layer, head)], 0.0)
-    values = cmap_values(tiny_model, planted, ioi_items)
-    for direction, cmap in values.items():
-        assert cmap[: layer + 1].abs().max() < 1e-6, direction
-        assert cmap[layer + 1 :].abs().max() > 1e-3, direction
-    # The ablation matters to the base: patching the planted head's (corrupted) z moves the base's LD.
-    assert item_effects(tiny_model, ioi_items, "exact", heads=[(layer, head)]).effects().abs().item() > 1e-3
+    effects = cmap_item_effects(tiny_model, planted, ioi_items, batch_size=5, head_chunk_size=3)
+    ld = {name: torch.empty(len(ioi_items)) for name in ("base", "ckpt")}
+    for name, model in {"base": tiny_model, "ckpt": planted}.items():
+        for batch in contrast_batches(ioi_items, 5):
+            with torch.no_grad():
+                ld[name][batch.index] = batch.logit_diff(run_decoder(model, batch.clean))
+    change = ld["base"] - ld["ckpt"]
+    assert change.abs().mean() > 1e-3  # the ablation matters to the base
+    row = model_shape(tiny_model).heads.index((layer, head))
+    expected = {"ckpt_into_base": change, "base_into_ckpt": -change}
+    shape = model_shape(tiny_model)
+    for direction, item_parts in effects.items():
+        assert torch.allclose(item_parts.delta[row], expected[direction], atol=1e-5), direction
+        cmap = item_parts.effects().view(shape.n_layers, shape.n_heads)
+        others = [h for h in range(shape.n_heads) if h != head]
+        assert cmap[layer, others].abs().max() < 1e-6, direction
+        assert (cmap[:layer].abs() < 1e-6).all(), direction
+        if layer == shape.n_layers - 1:
+            assert cmap.abs().argmax().item() == row, direction
 
 
 def test_weights_moved_where_the_probe_never_reads_give_big_weight_change_and_zero_cmap(
     tiny_model, ioi_items
 ):
     """Head (0, 2)'s o_proj columns are zero in both models and only its q rows move in the checkpoint:
-    its z changes, but nothing downstream reads it (its output is zeroed), and no other head's input
+    its z changes, but its output (z times zero columns) is zero in both, so no other head's input
     changes. Weight change calls it the most changed head; cmap is 0 for it and every other head."""
     layer, head = 0, 2
     base = plant_damage(copy.deepcopy(tiny_model), [(layer, head)], 0.0)
