@@ -22,13 +22,11 @@ import argparse
 import copy
 import time
 
-import torch
-
 from dcv.calibration import plant_damage
-from dcv.circuits.decoder import model_shape, run_decoder
+from dcv.circuits.decoder import model_shape
 from dcv.circuits.patching import cmap_item_effects, item_effects
 from dcv.config import ModelConfig, ProbeConfig, TargetTaskConfig
-from dcv.evaluation import contrast_batches
+from dcv.evaluation import probe_logit_diffs
 from dcv.models import load_model_and_tokenizer
 from dcv.tasks.probes import build_probe
 
@@ -60,11 +58,10 @@ def main() -> None:
     item_effects(base, items, "exact", heads=heads, batch_size=batch_size)
     t_exact = time.perf_counter() - start
 
-    with torch.inference_mode():
-        ld = {name: torch.empty(len(items)) for name in ("base", "ckpt")}
-        for name, model in (("base", base), ("ckpt", planted)):
-            for batch in contrast_batches(items, batch_size):
-                ld[name][batch.index] = batch.logit_diff(run_decoder(model, batch.clean)).cpu()
+    ld = {
+        name: probe_logit_diffs(model, items, batch_size)
+        for name, model in (("base", base), ("ckpt", planted))
+    }
     row = heads.index((args.layer, args.head))
     into_base = effects["ckpt_into_base"]
     closed_form_error = (into_base.delta[row] - (ld["base"] - ld["ckpt"])).abs().max().item()

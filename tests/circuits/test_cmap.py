@@ -19,7 +19,7 @@ from dcv.circuits.patching import cmap_item_effects, item_effects
 from dcv.circuits.pipeline import compute_cmap_item
 from dcv.circuits.weight_change import head_weight_change, model_attention
 from dcv.config import CMAP_DIRECTIONS
-from dcv.evaluation import contrast_batches
+from dcv.evaluation import probe_logit_diffs
 from dcv.tables import CMAP_SCHEMA
 
 
@@ -61,16 +61,11 @@ def test_one_heads_o_proj_zeroed_gives_that_head_the_whole_change_in_closed_form
     head = 1
     planted = plant_damage(copy.deepcopy(tiny_model), [(layer, head)], 0.0)
     effects = cmap_item_effects(tiny_model, planted, ioi_items, batch_size=5, head_chunk_size=3)
-    ld = {name: torch.empty(len(ioi_items)) for name in ("base", "ckpt")}
-    for name, model in {"base": tiny_model, "ckpt": planted}.items():
-        for batch in contrast_batches(ioi_items, 5):
-            with torch.no_grad():
-                ld[name][batch.index] = batch.logit_diff(run_decoder(model, batch.clean))
-    change = ld["base"] - ld["ckpt"]
+    change = probe_logit_diffs(tiny_model, ioi_items, 5) - probe_logit_diffs(planted, ioi_items, 5)
     assert change.abs().mean() > 1e-3  # the ablation matters to the base
-    row = model_shape(tiny_model).heads.index((layer, head))
-    expected = {"ckpt_into_base": change, "base_into_ckpt": -change}
     shape = model_shape(tiny_model)
+    row = shape.heads.index((layer, head))
+    expected = {"ckpt_into_base": change, "base_into_ckpt": -change}
     for direction, item_parts in effects.items():
         assert torch.allclose(item_parts.delta[row], expected[direction], atol=1e-5), direction
         cmap = item_parts.effects().view(shape.n_layers, shape.n_heads)

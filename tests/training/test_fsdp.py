@@ -36,7 +36,7 @@ def test_fsdp_wraps_each_decoder_layer_of_any_family(tokenizer, architecture, la
 
 def test_fsdp_sft_trial_saves_whole_weights_and_resumes(ray_cluster, tmp_path, tokenizer):
     cfg = fsdp_config(tmp_path / "store", "sft", max_steps=6, eval_every=2)
-    # Killed once Ray Train has registered the step-2 checkpoint, so the restart must resume from it.
+    # Killed once Ray Train has registered the step-2 checkpoint, so the restart resumes from a checkpoint.
     trial_dir, killed, result = train_with_a_kill(cfg, ray_cluster, after_step=2)
     # Killed mid-run, not after the last step. Step 4's checkpoint may already exist: the tiny model's
     # steps are faster than finding and killing a worker, so which one the restart resumes from is either.
