@@ -32,7 +32,9 @@ reaches tau (``FAITHFULNESS``); the noise floor per probe (5th-percentile Jaccar
 against itself on bootstrap resamples of the items) comes from the base model's per-item attribution
 effects measured at 16..64 items (``FLOOR``).
 
-The last lines are ``BENCH predicted_minutes <X>`` and ``BENCH predicted_min_detectable_V <Y>``.
+The last lines are ``BENCH predicted_minutes <X>`` (the run), ``BENCH predicted_make_demo_minutes`` (with
+``make venv`` on a fresh clone and ``dcv run``'s start: ``VENV_S``, ``START_S``) and
+``BENCH predicted_min_detectable_V <Y>``.
 """
 
 from __future__ import annotations
@@ -77,11 +79,20 @@ UNIT = {
     "storage_other_gb": 0.15,  # tokenizers, tables, MLflow
 }
 # The unit costs above were measured on 2026-12-02 with the test suite beside them (load average 5-18 on
-# the 2 cores); the same work on the idle machine (the 2026-12-01 demo, predicted here from these units
-# for that run's config) took this share of the wall time, per stage. ``--idle`` applies it.
-# Measured idle (2026-12-01): sweep 394 s, patching 80 s, circuits 71 s, calibration 324 s; predicted here
-# for that config: 493, 116, 96, 398 s.
-IDLE = {"sweep": 394 / 493, "patching": 80 / 116, "circuits": 71 / 96, "calibration": 324 / 398}
+# the 2 cores); the same work on the idle machine took this share of the "busy" wall time, per stage.
+# Measured on a fresh clone of configs/demo.yaml, 2026-12-02 14:05-14:24 UTC, nothing else running (empty
+# uv and dcv caches): sweep 574 s, patching 161 s, circuits 138 s, calibration 131 s; predicted busy here
+# for that config: 473, 191, 154, 328 s. (The 2026-12-01 idle run gave 0.80, 0.69, 0.74, 0.81 for its
+# config: the sweep's trial start-up, not modelled per process, and planting, cheaper than ``plant``, move
+# most between configs.)
+# `make venv` on a fresh clone (torch and uv by pip, the rest by uv; an empty uv cache), wall seconds:
+# 32 s in that run, 35 s at load average 5-7. The part of `make demo` before `dcv run`.
+VENV_S = 32.0
+# `dcv run` before its first stage (CLI imports, preflight, the local Ray up): 30 s in that run (its wall
+# 1065 s less its stages' 1035 s).
+START_S = 30.0
+
+IDLE = {"sweep": 574 / 473, "patching": 161 / 191, "circuits": 138 / 154, "calibration": 131 / 328}
 
 # Noise floor of the base circuit against itself: 5th-percentile Jaccard over 200 bootstrap resamples, by
 # top_k and items per probe, from the base model's per-item attribution effects on 64 items (capitals: 50,
@@ -438,7 +449,13 @@ def main() -> None:
             if key in real:
                 print(f"measured {key}: {real[key]}")
     print(f"predicted minutes beside today's test suite: {total / 60:.1f}")
+    make_demo = (VENV_S + START_S + idle) / 60
+    print(
+        f"make demo on a fresh clone: make venv {VENV_S:.0f} s + dcv start {START_S:.0f} s + the stages: "
+        f"{make_demo:.1f} min idle"
+    )
     print(f"BENCH predicted_minutes {idle / 60:.1f}")
+    print(f"BENCH predicted_make_demo_minutes {make_demo:.1f}")
     print(f"BENCH predicted_min_detectable_V {p['mde_v']:.3f}")
 
 

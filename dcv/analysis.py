@@ -621,6 +621,7 @@ HEADLINE_SCHEMA = {
     "n_runs_sft": pl.Int64,
     "n_runs_rl": pl.Int64,
     "n_probe_items": pl.Int64,  # items per probe (the smallest probe's)
+    "probe_items": pl.String,  # every probe's items: "ioi 32, capitals 32, induction 16"
     "n_target_items": pl.Int64,  # target test items resampled (0: not stored, accuracy not resampled)
 }
 
@@ -636,10 +637,12 @@ def matched_tables(
     c = cfg.circuits
     compared = compare(runs, inputs.refs, inputs.layout, levels, a.min_runs, c.n_bootstrap, draws=draws)
     n_probe_items = min(ref.base.denominator.shape[0] for ref in inputs.refs)
+    probe_items = ", ".join(f"{ref.name} {ref.base.denominator.shape[0]}" for ref in inputs.refs)
     n_target = max((p.correct.shape[0] for r in runs for p in r.points if p.correct is not None), default=0)
     common = {
         "patching": inputs.method,
         "n_probe_items": n_probe_items,
+        "probe_items": probe_items,
         "n_target_items": n_target,
     }
     rows, heads = [], []
@@ -846,7 +849,7 @@ CMAP_TABLE_SCHEMA = {
     "mean_abs_cmap_circuit": pl.Float64,  # mean |cmap_h| over the probe's base-circuit heads
     "circuit_ci_low": pl.Float64,  # its percentile CI over B resamples of the probe items
     "circuit_ci_high": pl.Float64,
-    "mean_abs_cmap_all": pl.Float64,  # mean |cmap_h| over every head (no CI)
+    "mean_abs_cmap_all": pl.Float64,  # mean |cmap_h| over every head cmap patched (n_heads; no CI)
     "n_circuit_heads": pl.Int64,
     "n_heads": pl.Int64,
     "n_items": pl.Int64,
@@ -905,7 +908,10 @@ def cmap_table(
             base = circuits.filter(
                 (pl.col("model") == BASE_MODEL) & (pl.col("probe") == probe) & (pl.col("method") == method)
             )
-            heads = [index[h] for h in circuit_heads(base.row(0, named=True))] if base.height else []
+            circuit = circuit_heads(base.row(0, named=True)) if base.height else []
+            heads = [index[h] for h in circuit if h in index]
+            if len(heads) < len(circuit):
+                heads = []  # a circuit head that cmap did not patch: the circuit's mean is not measured
             values = np.abs(frame["effect"].to_numpy())
             low = high = None
             if heads:

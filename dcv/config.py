@@ -544,6 +544,13 @@ class PatchingConfig(Section):
     ig_steps: PositiveInt = Field(
         8, description="ig only: points on the corrupted-to-clean line that the gradient is averaged over"
     )
+    cmap_top_heads: PositiveInt | None = Field(
+        None,
+        description="cmap only: patch each probe's top N heads of the base model (by |effect|, the union "
+        "over the circuit methods in `methods`) instead of every head; at least the largest circuit "
+        "(circuits.top_k, or k_max with selection faithfulness), so every base circuit is inside. cmap "
+        "costs about 4x exact per head (from position 0, both directions). None: every head",
+    )
     batch_size: PositiveInt = Field(
         16, description="probe items per forward pass in patching and faithfulness"
     )
@@ -906,6 +913,18 @@ class ExperimentConfig(Section):
             raise ValueError(
                 "probes: the chem probe compares answer letters and needs target_task.answer_format: letter "
                 f"(got {self.target_task.answer_format!r})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _cmap_heads_hold_the_circuits(self) -> ExperimentConfig:
+        c, n = self.circuits, self.patching.cmap_top_heads
+        size, field = (c.top_k, "top_k") if c.selection == "top_k" else (c.k_max, "k_max")
+        if n is not None and n < size:
+            raise ValueError(
+                f"patching.cmap_top_heads: {n} is smaller than the largest base circuit (selection "
+                f"{c.selection}: circuits.{field} {size}); a circuit head would fall outside the heads cmap "
+                f"patches: use at least {size}, or null for every head"
             )
         return self
 

@@ -562,7 +562,10 @@ def answer_paragraphs(
     if rows.is_empty():
         return ["No matched comparison: the results hold no fine-tuned run of one of the methods."]
     items = rows.row(0, named=True)
-    counts = f"{items['n_probe_items']} items per probe, " + (
+    per_probe = items.get("probe_items")
+    # One count when every probe has it; else each probe's, so no n is understated.
+    same = per_probe is None or len({part.rsplit(" ", 1)[-1] for part in per_probe.split(", ")}) == 1
+    counts = (f"{items['n_probe_items']} items per probe, " if same else f"probe items {per_probe}, ") + (
         f"{items['n_target_items']} target test items"
         if items["n_target_items"]
         else "target items not resampled"
@@ -903,7 +906,8 @@ def build_report(
             (
                 "p",
                 "Per checkpoint, probe and direction: mean |cmap_h| over the probe's base-circuit heads "
-                "(CI over resamples of its n_items probe items) and over every head. cmap_h swaps head h's "
+                "(CI over resamples of its n_items probe items) and over every head cmap patched (n_heads: "
+                "all of them, or the base's top heads with patching.cmap_top_heads). cmap_h swaps head h's "
                 "output (after o_proj) between the base and the checkpoint on the clean prompts, over the "
                 "base's LD gap only, so a checkpoint whose behaviour shrank evenly still shows; 0 means the "
                 "head computes what the base's did. ckpt_into_base: the checkpoint's head in the base model; "

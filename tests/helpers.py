@@ -5,6 +5,7 @@ conftest (tests/test_layout.py checks this)."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import socket
@@ -28,6 +29,7 @@ from dcv.results import build_results_table
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 DCV = str(Path(sys.executable).with_name("dcv"))  # the installed console script of this venv
+PAPER_CONFIG = REPO / "configs" / "qwen2.5-3b.yaml"
 
 
 def free_port() -> int:
@@ -333,8 +335,6 @@ def write_sciknoweval_layout(
     true_or_false (the hub's shape: no choices, ``answer`` Yes/No) and open-ended-qa, and half that of
     filling. At the defaults that is 40 + 4 + 4 kept questions per level (enough for n_train 24 + n_test 8
     at ``levels: [L3]``) and 6 unscorable rows per level."""
-    import json
-
     share = max(1, n_mcq // 10)
     rows: list[dict] = []
     for level in levels:
@@ -413,3 +413,79 @@ def train_with_a_kill(cfg: ExperimentConfig, session: str, after_step: int) -> t
         assert time.monotonic() < deadline and thread.is_alive(), f"no checkpoint at step {after_step}"
         time.sleep(0.1)
     return trial_dir, kill_a_training_worker(session), result
+
+
+PAPER_TOY_PROBES = [
+    {"name": n, "n_items": 8, "seed": 0} for n in ("ioi", "capitals", "greater_than", "induction", "chem")
+]
+
+
+def paper_toy_overrides(source: Path, storage: Path) -> list[str]:
+    """The paper config at toy size (tests/test_paper_config.py checks what it keeps): sizes and hardware
+    only; each value is YAML, as a user would type it after --set."""
+    sizes = {
+        "model.name": "tiny",
+        "model.dtype": "float32",  # CPU: half precision is slow and bf16 mixed precision needs a GPU
+        "model.tiny": {
+            "architecture": "qwen2",
+            "num_layers": 2,
+            "num_heads": 8,
+            "num_kv_heads": 1,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+        },
+        "target_task.source": str(source),
+        "target_task.revision": None,  # a local folder has no hub revision
+        "target_task.n_train": 16,
+        "target_task.n_test": 8,
+        "probes": PAPER_TOY_PROBES,
+        "evaluation": {
+            "batch_size": 8,
+            "max_new_tokens": 8,
+            "kl_prompts": 4,
+            "kl_samples_per_prompt": 1,
+            "kl_max_new_tokens": 8,
+            "kl_seed": 0,
+        },
+        "sft.per_device_batch_size": 2,
+        "sft.gradient_accumulation_steps": 1,
+        "sft.max_steps": 2,
+        "sft.eval_every": 2,
+        "sft.max_seq_length": 256,
+        "rl.per_device_batch_size": 2,
+        "rl.gradient_accumulation_steps": 1,
+        "rl.num_generations": 2,
+        "rl.max_completion_length": 4,
+        "rl.max_steps": 2,
+        "rl.eval_every": 2,
+        "rl.rollout": {"backend": "hf", "num_actors": 1, "num_cpus": 0.5, "num_gpus": 0},
+        "sweep.sft_learning_rates": [1.0e-5],
+        "sweep.rl_learning_rates": [1.0e-6],
+        "sweep.seeds": [0],  # one run per method: every stage runs; the analysis says n is too small
+        "sweep.max_concurrent_trials": 1,  # rl.init sft: the RL trial waits for its SFT trial anyway
+        "patching.batch_size": 8,
+        "patching.head_chunk_size": 16,
+        "patching.num_actors": 1,
+        "patching.num_cpus_per_actor": 1,
+        "patching.num_gpus_per_actor": 0,
+        "circuits.k_max": 8,
+        "circuits.n_bootstrap": 100,
+        "circuits.mask.steps": 10,
+        "calibration.k": [1],
+        "benchmarks.tasks": ["dcv_winogrande"],
+        "benchmarks.include_path": str(REPO / "configs" / "benchmarks"),
+        "benchmarks.limit": 2,
+        "benchmarks.batch_size": 2,
+        "benchmarks.num_cpus": 1,
+        "benchmarks.num_gpus": 0,
+        "storage.root": str(storage),
+        "resources": {
+            "num_workers": 1,
+            "use_gpu": False,
+            "cpus_per_worker": 0.5,
+            "gpus_per_worker": 0,
+            "torch_threads": 1,
+            "max_failures": 1,
+        },
+    }
+    return [f"{key}={json.dumps(value)}" for key, value in sizes.items()]

@@ -198,6 +198,7 @@ def test_headline_at_matched_accuracy(tables):
     assert diff["status"] == "ok" and diff["mean"] == pytest.approx(0.16 - 0.05)
     assert diff["n_runs_sft"] == 2 and diff["n_runs_rl"] == 2
     assert diff["n_probe_items"] == N_ITEMS and diff["n_target_items"] == N_TEST
+    assert diff["probe_items"] == ", ".join(f"{p} {N_ITEMS}" for p in ("ioi",))
     # Runs, probe items and target items are resampled: a real interval around the point, an MDE beside it.
     assert diff["ci_low"] < diff["mean"] < diff["ci_high"] and diff["mde"] > 0
     assert headline_row(headline, "accuracy", 0.45, "forgetting_bench", "sft")["mean"] == pytest.approx(
@@ -479,6 +480,18 @@ def test_report_from_stored_tables(tables, tmp_path):
     assert "](figures/adaptation.png)" in text and "Noise floor of circuit discovery" in text
     html = page.read_text()
     assert html.count("data:image/png;base64,") == len(figures)
+
+
+def test_the_answer_names_each_probes_items_when_they_differ(tables):
+    """One count is printed only when every probe has it: 16 of 4 probes at 32 is no n for the other 3."""
+    from dcv.report import answer_paragraphs
+
+    headline = tables["headline"].with_columns(
+        pl.lit(16).alias("n_probe_items"), pl.lit("ioi 32, capitals 32, induction 16").alias("probe_items")
+    )
+    text = " ".join(answer_paragraphs(headline, tables["base_circuits"], "exact", None))
+    assert "probe items ioi 32, capitals 32, induction 16, 20 target test items" in text
+    assert "16 items per probe" not in text
 
 
 def test_read_analysis_names_the_missing_table(tmp_path):

@@ -97,6 +97,12 @@ MALFORMED = [
     ("unknown rollout backend", edit("rl.rollout.backend", "sglang"), "rl.rollout.backend"),
     ("unknown patching method", edit("patching.methods", ["guess"]), "patching.methods[0]"),
     ("tau out of range", edit("circuits.tau", 3.0), "circuits.tau"),
+    (
+        "cmap heads fewer than the circuit",
+        edit("patching.cmap_top_heads", 5),  # demo.yaml: selection top_k, top_k 10
+        "patching.cmap_top_heads: 5 is smaller than the largest base circuit (selection top_k: "
+        "circuits.top_k 10)",
+    ),
     ("gpu without gpus", edit("resources.use_gpu", True), "resources.gpus_per_worker"),
     ("credentials in tracking uri", edit("tracking.uri", "http://alice:s3cret@mlflow:5000"), "tracking.uri"),
     ("negative eval batch", edit("evaluation.batch_size", -4), "evaluation.batch_size"),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,10 +19,26 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from dcv.config import parse_config
+from dcv.config import apply_overrides, parse_config
+from dcv.experiment import STAGES
 from dcv.results import read_results
+from dcv.storage import (
+    WEIGHT_CHANGE_FILE,
+    analysis_dir,
+    calibration_dir,
+    circuits_dir,
+    patching_dir,
+    weight_change_dir,
+)
 from dcv.training.sweep import plan_trials
-from tests.helpers import DCV, REPO, free_port, sweep_config_dict
+from tests.helpers import (
+    DCV,
+    PAPER_CONFIG,
+    REPO,
+    free_port,
+    paper_toy_overrides,
+    write_sciknoweval_layout,
+)
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -126,20 +144,15 @@ def test_job_submission_without_the_token_is_refused(ray_head):
     assert "auth" in (listed.stdout + listed.stderr).lower()
 
 
-def experiment_config_dict(storage: Path) -> dict:
-    """One SFT and one RL trial of the tiny model, patched by attribution: the whole pipeline, small."""
-    raw = sweep_config_dict(storage, sft_learning_rates=[1e-5], rl_learning_rates=[1e-6], seeds=[0])
-    raw["name"] = "tiny-experiment"
-    raw["sft"].update(max_steps=2, eval_every=2)
-    raw["rl"].update(max_steps=2, eval_every=2)
-    raw["patching"].update(methods=["attribution"], num_actors=1, head_chunk_size=8)
-    raw["circuits"].update(k_max=4, n_bootstrap=100)
-    raw["benchmarks"] = {
-        "tasks": ["dcv_winogrande"],
-        "include_path": str(REPO / "configs/benchmarks"),
-        "limit": 2,
-    }
-    return raw
+def paper_toy_config(tmp_path: Path) -> tuple[dict, Path]:
+    """configs/qwen2.5-3b.yaml at toy size (tests/helpers.py ``paper_toy_overrides``: the paper's protocol,
+    the tiny model) written to a file, as a user would submit it: the raw config and the file."""
+    source = write_sciknoweval_layout(tmp_path / "sciknoweval")
+    storage = (tmp_path / "store").resolve()
+    raw = apply_overrides(yaml.safe_load(PAPER_CONFIG.read_text()), paper_toy_overrides(source, storage))
+    config_file = tmp_path / "paper-toy.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    return raw, config_file
 
 
 def submit(address: str, env: dict[str, str], config_file: Path) -> str:
@@ -158,17 +171,35 @@ def submit(address: str, env: dict[str, str], config_file: Path) -> str:
 
 
 def test_experiment_submitted_as_a_ray_job(ray_head, tmp_path):
-    """sweep -> patching -> circuits -> analysis -> report through `ray job submit`; a resubmission
-    trains and patches nothing again; `dcv report` rebuilds the report from the stored tables."""
+    """The paper config at toy size (rl.init sft, Dr. GRPO, exact + attribution + masks + cmap, the chem
+    probe, benchmarks, calibration, weight change, FSDP) through `ray job submit`: every stage's table; a
+    resubmission trains and patches nothing again; `dcv report` rebuilds the report from the stored tables."""
     address, env = ray_head
-    storage = (tmp_path / "store").resolve()
-    raw = experiment_config_dict(storage)
-    config_file = tmp_path / "experiment.yaml"
-    config_file.write_text(yaml.safe_dump(raw))
+    raw, config_file = paper_toy_config(tmp_path)
+    storage = Path(raw["storage"]["root"])
     output = submit(address, env, config_file)
-    for stage in ("base", "sweep", "benchmarks", "patching", "circuits", "calibration", "analysis", "report"):
+    for stage in STAGES:
         assert f"{stage}] done in" in output
     assert "mlflow ui --backend-store-uri sqlite:///" in output
+
+    checkpoints = read_results(storage)
+    assert set(checkpoints["method"]) == {"sft", "rl"}
+    assert json.loads(next((storage / "trials").rglob("config.json")).read_text())["model_type"] == "qwen2"
+    effects = pl.read_parquet(patching_dir(storage) / "effects.parquet")
+    assert set(effects["method"]) == {"exact", "attribution", "mask"}
+    assert "chem" in set(effects["probe"]) and effects["effect"].is_finite().all()
+    cmap = pl.read_parquet(patching_dir(storage) / "cmap.parquet")  # cross-model patching, checkpoints only
+    assert set(cmap["direction"]) == {"ckpt_into_base", "base_into_ckpt"} and "base" not in set(cmap["model"])
+    assert cmap["effect"].is_finite().all()
+    assert not pl.read_parquet(analysis_dir(storage) / "cmap.parquet").is_empty()
+    circuits = pl.read_parquet(circuits_dir(storage) / "circuits.parquet")
+    assert "mask" in set(circuits["method"])
+    curves = pl.read_parquet(circuits_dir(storage) / "faithfulness_curves.parquet")  # ranking methods only
+    assert set(curves["method"]) == {"exact", "attribution"} and curves["faithfulness"].is_finite().all()
+    assert not pl.read_parquet(analysis_dir(storage) / "faithfulness_areas.parquet").is_empty()
+    assert any(calibration_dir(storage).rglob("*.parquet"))
+    changed = pl.read_parquet(weight_change_dir(storage) / WEIGHT_CHANGE_FILE)
+    assert changed.height == 2 * 8 * checkpoints.filter(pl.col("step") > 0).height  # layers x heads each
 
     report = storage / "report"
     text = (report / "report.md").read_text()
@@ -180,26 +211,32 @@ def test_experiment_submitted_as_a_ray_job(ray_head, tmp_path):
     assert {"adaptation.png", "forgetting.png", "pareto.png", "preservation.png"} <= set(figures)
     assert not any(name.startswith("dcv_") for name in figures)
     assert page.count("data:image/png;base64,") == len(figures)
-    table = read_results(storage)
-    assert sorted(table["trial"].unique()) == sorted(s.name for s in plan_trials(parse_config(raw)))
+    assert sorted(checkpoints["trial"].unique()) == sorted(s.name for s in plan_trials(parse_config(raw)))
     summary = pl.read_parquet(storage / "analysis" / "summary.parquet")
-    assert summary.height == table.height  # one row per evaluated checkpoint (one patching method)
+    # One row per evaluated checkpoint and patching method.
+    assert summary.height == checkpoints.height * summary["patching"].n_unique()
     # lm-eval scored every model once; each checkpoint's row carries its model's score.
-    assert table["bench/dcv_winogrande/acc"].is_between(0, 1).all()
+    assert checkpoints["bench/dcv_winogrande/acc"].is_between(0, 1).all()
     assert summary["forgetting_bench"].is_not_null().all()
     scored = list((storage / "benchmarks" / "models").glob("*.parquet"))
     assert len(scored) == 1 + 1 + 1  # base + step 2 of each trial
     noise_floor = pl.read_parquet(storage / "analysis" / "noise_floor.parquet")
     base = pl.read_parquet(storage / "analysis" / "base_circuits.parquet")
-    # One bootstrap row per probe the base model does (a random tiny model may do none).
-    assert sorted(noise_floor["probe"]) == sorted(base.filter(pl.col("competent"))["probe"])
-    assert (noise_floor["kind"] == "bootstrap").all() and noise_floor["jaccard"].is_between(0, 1).all()
+    # The ranking methods' floor: one bootstrap row per method and probe the base model does with a base
+    # circuit (a random tiny model may do none); the masks' floor (relearned masks) comes from the circuits
+    # stage.
+    pairs = ("probe", "method")
+    computed = noise_floor.filter(pl.col("method") != "mask")
+    does = base.filter((pl.col("method") != "mask") & pl.col("competent") & (pl.col("size") > 0))
+    assert sorted(computed.select(pairs).rows()) == sorted(does.select(pairs).rows())
+    assert noise_floor.filter(pl.col("method") == "mask").height > 0
+    assert noise_floor["jaccard"].is_between(0, 1).all()
 
     client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(raw["tracking"]["experiment_name"])
     runs = client.search_runs([experiment.experiment_id])
     stages = sorted(r.data.tags.get("dcv.stage", "parent") for r in runs)
-    assert stages == ["parent", "patch", "train", "train"]
+    assert stages == ["parent", "patch", "train", "train", "weight_change"]
     trained = [r for r in runs if r.data.tags.get("dcv.stage") == "train"]
     assert all("bench/dcv_winogrande/acc" in r.data.metrics for r in trained)
     parent = next(r for r in runs if "dcv.stage" not in r.data.tags)
@@ -213,12 +250,12 @@ def test_experiment_submitted_as_a_ray_job(ray_head, tmp_path):
     assert "report/report.html" in logged and "report/report.md" in logged
 
     # Resubmitted: nothing is trained or patched again, and the checkpoints are untouched.
-    checkpoints = {p: p.stat().st_mtime_ns for p in (storage / "trials").rglob("model.safetensors")}
+    weights = {p: p.stat().st_mtime_ns for p in (storage / "trials").rglob("model.safetensors")}
     items = {p: p.stat().st_mtime_ns for p in (storage / "patching" / "items").glob("*.parquet")}
     again = submit(address, env, config_file)
     assert "2 finished before (skipped), 0 to train" in again
-    assert f"{len(items)} finished before (skipped), 0 to compute" in again
-    assert {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints
+    assert re.search(r"patching: (\d+) items, \1 finished before \(skipped\), 0 to compute", again)
+    assert {p: p.stat().st_mtime_ns for p in weights} == weights
     assert {p: p.stat().st_mtime_ns for p in items} == items
 
     # `dcv report` rebuilds the analysis and the report from the stored tables: no model is loaded,

@@ -36,7 +36,9 @@ measure, not a circuit: its items (checkpoints only; the base against itself is 
 a second stage ``cmap`` on the same actors' compute, after the others, with two models per actor (the
 base kept beside the current checkpoint), and go to ``<storage>/patching/cmap.parquet``
 (``dcv.tables.CMAP_SCHEMA``: these columns plus ``direction``; two rows per head), never into the effects
-table the circuits stage reads.
+table the circuits stage reads. With ``patching.cmap_top_heads`` N a checkpoint's cmap item per probe holds
+only the base's top N heads by |effect| of each circuit method (``cmap_on_top_heads``: ranked once the
+other methods' base items are done), not every head.
 
 The numbers come from ``dcv.circuits.patching.item_effects`` (the only patching implementation) and
 ``dcv.circuits.mask.mask_effects``. This module never starts Ray: ``run_pipeline`` needs a connected Ray
@@ -70,7 +72,8 @@ from dcv.storage import (
 )
 from dcv.tables import CMAP_SCHEMA, EFFECTS_SCHEMA
 
-# The work grid: one row per item; heads are head_start..head_end-1 in (layer, head) order.
+# The work grid: one row per item; heads are head_start..head_end-1 in (layer, head) order, or where
+# head_index is not empty those flat indices (layer * n_heads + head): cmap on the top heads.
 WORK_SCHEMA = {
     **WORK_COLUMNS,
     "model": pl.String,
@@ -83,6 +86,7 @@ WORK_SCHEMA = {
     "head_end": pl.Int32,
     "n_layers": pl.Int32,
     "n_heads": pl.Int32,
+    "head_index": pl.List(pl.Int32),
 }
 
 
@@ -91,9 +95,16 @@ def item_path(storage_root: Path, item_id: str) -> Path:
 
 
 def build_item_id(
-    cfg: ExperimentConfig, model: str, checkpoint: str, probe: str, method: str, heads: tuple[int, int]
+    cfg: ExperimentConfig,
+    model: str,
+    checkpoint: str,
+    probe: str,
+    method: str,
+    heads: tuple[int, int],
+    head_index: Sequence[int] = (),
 ) -> str:
-    """``<model>__<probe>__<method>__h<start>-<end>__<hash>``: stable across runs of the same config."""
+    """``<model>__<probe>__<method>__h<start>-<end>__<hash>`` (with ``head_index``, the item's own heads:
+    ``__top<count>__``): stable across runs of the same config."""
     decides = {
         **probe_key(cfg, probe),
         "model": model,
@@ -105,6 +116,7 @@ def build_item_id(
         "dtype": cfg.model.dtype,
         "method": method,
         "heads": list(heads),
+        **({"head_index": [int(i) for i in head_index]} if len(head_index) else {}),
         "ig_steps": cfg.patching.ig_steps if method == "ig" else None,
         "mask": cfg.circuits.mask.model_dump(mode="json") if method == MASK else None,
     }
@@ -113,7 +125,8 @@ def build_item_id(
         # cmap swapped hook_z until 2026-12-02; a stored item of that definition must not be reused.
         decides["hook"] = "hook_attn_out"
     digest = content_hash(decides)
-    return f"{file_slug(model)}__{probe}__{method}__h{heads[0]:05d}-{heads[1]:05d}__{digest}"
+    span = f"top{len(head_index)}" if len(head_index) else f"h{heads[0]:05d}-{heads[1]:05d}"
+    return f"{file_slug(model)}__{probe}__{method}__{span}__{digest}"
 
 
 def model_items(
@@ -151,6 +164,7 @@ def model_items(
                 "head_end": heads[1],
                 "n_layers": n_layers,
                 "n_heads": n_heads,
+                "head_index": [],
             }
         )
     return rows
@@ -178,7 +192,56 @@ def build_work_items(
 def item_heads(item: dict) -> list[tuple[int, int]]:
     """The item's heads as (layer, head), in (layer, head) order."""
     n_heads = int(item["n_heads"])
-    return [divmod(i, n_heads) for i in range(int(item["head_start"]), int(item["head_end"]))]
+    flat = item.get("head_index")
+    if flat is None or len(flat) == 0:
+        flat = range(int(item["head_start"]), int(item["head_end"]))
+    return [divmod(int(i), n_heads) for i in flat]
+
+
+def cmap_on_top_heads(cfg: ExperimentConfig, cmap_work: pl.DataFrame, effects: pl.DataFrame) -> pl.DataFrame:
+    """cmap's work with ``patching.cmap_top_heads`` N: per checkpoint and probe one item on the probe's
+    top N base heads by |effect| (``rank_heads``, as the circuits stage ranks them), the union over the
+    circuit methods of ``effects``, so every base circuit (at most top_k or k_max heads: the config
+    refuses a smaller N) is inside."""
+    from dcv.circuits.circuit import rank_heads
+
+    n = cfg.patching.cmap_top_heads
+    if n is None or cmap_work.is_empty():
+        return cmap_work
+    storage = local_storage_root(cfg)
+    base = effects.filter(pl.col("model") == BASE_MODEL)
+    methods = [m for m in cfg.patching.methods if m != CMAP]
+    top: dict[str, list[int]] = {}
+    rows = []
+    firsts = cmap_work.unique(["model", "probe"], keep="first", maintain_order=True)
+    for first in firsts.iter_rows(named=True):
+        probe, n_heads = first["probe"], first["n_heads"]
+        if probe not in top:
+            chosen: set[tuple[int, int]] = set()
+            for method in methods:
+                ranked = rank_heads(base.filter((pl.col("probe") == probe) & (pl.col("method") == method)))
+                if not ranked:
+                    raise ValueError(
+                        f"patching.cmap_top_heads: the base model has no {method} effects on {probe} to rank "
+                        "its heads by (the base must be in the patching work)"
+                    )
+                chosen |= set(ranked[:n])
+            top[probe] = sorted(layer * n_heads + head for layer, head in chosen)
+        index = top[probe]
+        heads = (index[0], index[-1] + 1)
+        item_id = build_item_id(cfg, first["model"], first["checkpoint"], probe, CMAP, heads, index)
+        rows.append(
+            {
+                **first,
+                "item_id": item_id,
+                "path": str(item_path(storage, item_id)),
+                "n_rows": len(index) * len(CMAP_DIRECTIONS),
+                "head_start": heads[0],
+                "head_end": heads[1],
+                "head_index": index,
+            }
+        )
+    return pl.DataFrame(rows, schema=WORK_SCHEMA)
 
 
 def read_item(path: Path, n_rows: int) -> pl.DataFrame | None:
@@ -320,7 +383,9 @@ def run_pipeline(
     table = run.table.sort("checkpoint", "model", "probe", "method", "layer", "head")
     path = write_parquet(table, patching_dir(storage) / EFFECTS_FILE if out is None else out)
     if cmap_work.height:
-        # After the patching items: a fresh pool, each actor loading the base once beside each checkpoint.
+        # After the patching items (with cmap_top_heads, cmap's heads are ranked on the base's effects): a
+        # fresh pool, each actor loading the base once beside each checkpoint.
+        cmap_work = cmap_on_top_heads(cfg, cmap_work, table)
         cmap = run_stage(cmap_stage(cfg, cmap_work), progress)
         cmap_table = cmap.table.sort("checkpoint", "model", "probe", "direction", "layer", "head")
         write_parquet(cmap_table, path.with_name(CMAP_FILE))

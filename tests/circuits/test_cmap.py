@@ -125,3 +125,61 @@ def test_compute_cmap_item_rows(tiny_model, ioi_items, tiny_config):
         assert row["effect"] == pytest.approx(expected, abs=1e-6)
         parts = sum(row["item_delta"]) / sum(row["item_denominator"])
         assert parts == pytest.approx(row["effect"], rel=1e-6)  # effect in float32
+
+
+def test_compute_cmap_item_on_an_explicit_head_list(tiny_model, ioi_items, tiny_config):
+    """An item with head_index (cmap on the base's top heads) patches those heads only, each as the
+    full computation gives it."""
+    planted = plant_damage(copy.deepcopy(tiny_model), [(0, 1)], 0.0)
+    shape = model_shape(tiny_model)
+    index = [1, 5, shape.n_heads * shape.n_layers - 1]  # not a range: heads of both layers
+    item = {"model": "t@1", "trial": "t", "step": 1, "checkpoint": "x", "probe": "ioi", "method": "cmap"}
+    item |= {"head_start": 1, "head_end": index[-1] + 1, "n_layers": shape.n_layers, "n_heads": shape.n_heads}
+    rows = compute_cmap_item(tiny_model, planted, ioi_items, item | {"head_index": index}, tiny_config)
+    heads = [divmod(i, shape.n_heads) for i in index]
+    assert rows.height == 2 * len(index)
+    assert list(zip(rows["layer"], rows["head"], strict=True)) == heads * 2
+    values = cmap_values(tiny_model, planted, ioi_items)
+    for row in rows.iter_rows(named=True):
+        expected = values[row["direction"]][row["layer"], row["head"]].item()
+        assert row["effect"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_cmap_on_top_heads_takes_each_circuit_methods_top_heads_of_the_base(tiny_config, tmp_path):
+    """patching.cmap_top_heads N: one item per checkpoint and probe on the union of every circuit
+    method's top N base heads by |effect| (a negative effect counts by its size); other models' effects
+    and the cmap rows themselves are never ranked."""
+    from dcv.circuits.pipeline import WORK_SCHEMA, cmap_on_top_heads, item_heads, model_items
+
+    cfg = tiny_config.model_copy(
+        update={
+            "patching": tiny_config.patching.model_copy(
+                update={"methods": ["attribution", "mask", "cmap"], "cmap_top_heads": 2}
+            ),
+            "storage": tiny_config.storage.model_copy(update={"root": str(tmp_path)}),
+        }
+    )
+    shape = (2, 4)
+    effects = {
+        ("base", "attribution"): [0.1, -0.9, 0.0, 0.2, 0.0, 0.5, 0.0, 0.0],  # top 2: (0, 1), (1, 1)
+        ("base", "mask"): [0.0, 0.0, 0.0, 0.0, 0.0, 0.3, 0.0, 0.8],  # top 2: (1, 3), (1, 1)
+        ("sft@4", "attribution"): [9.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 9.0],  # never ranked
+    }
+    rows = [
+        {"model": m, "probe": "ioi", "method": method, "layer": i // 4, "head": i % 4, "effect": e}
+        for (m, method), values in effects.items()
+        for i, e in enumerate(values)
+    ]
+    work = pl.DataFrame(
+        model_items(cfg, tmp_path, ("sft@4", "sft", 4, "ckpt"), shape, "ioi", "cmap")
+        + model_items(cfg, tmp_path, ("rl@4", "rl", 4, "ckpt2"), shape, "ioi", "cmap"),
+        schema=WORK_SCHEMA,
+    )
+    top = cmap_on_top_heads(cfg, work, pl.DataFrame(rows))
+    assert top["model"].to_list() == ["sft@4", "rl@4"] and set(top["probe"]) == {"ioi"}
+    for item in top.iter_rows(named=True):
+        assert item_heads(item) == [(0, 1), (1, 1), (1, 3)]
+        assert item["n_rows"] == 2 * 3 and "__cmap__top3__" in item["item_id"]
+    assert top["item_id"].n_unique() == 2 and not set(top["item_id"]) & set(work["item_id"])
+    unset = cfg.model_copy(update={"patching": cfg.patching.model_copy(update={"cmap_top_heads": None})})
+    assert cmap_on_top_heads(unset, work, pl.DataFrame(rows)).equals(work)

@@ -384,3 +384,25 @@ def test_cmap_through_the_pipeline_equals_the_direct_computation(
                 assert expected.abs().max() > 1e-3  # perturbed checkpoints: not a comparison of zeros
     finally:
         torch.set_num_threads(threads)
+
+    # patching.cmap_top_heads: the attribution items are reused, and cmap runs again on the base's top 2
+    # heads only (explicit head lists through Ray Data), each head as the all-heads run gave it.
+    top_cfg = cfg.model_copy(
+        update={
+            "patching": cfg.patching.model_copy(update={"cmap_top_heads": 2}),
+            "circuits": cfg.circuits.model_copy(update={"selection": "top_k", "top_k": 2}),
+        }
+    )
+    again = run_pipeline(top_cfg, probes=["ioi"])
+    attribution = work.filter(pl.col("method") == "attribution").height
+    assert (again.skipped, again.computed) == (attribution, 2)  # one cmap item per checkpoint
+    top = pl.read_parquet(again.path.with_name(CMAP_FILE))
+    base = run.table.filter((pl.col("model") == "base") & (pl.col("method") == "attribution"))
+    chosen = base.with_columns(pl.col("effect").abs()).sort("effect", descending=True).head(2)
+    assert set(zip(top["layer"], top["head"], strict=True)) == set(
+        zip(chosen["layer"], chosen["head"], strict=True)
+    )
+    assert top.height == 2 * 2 * 2  # checkpoints x heads x directions
+    keys = ["model", "direction", "layer", "head"]
+    joined = top.join(table, on=keys, suffix="_all")
+    assert joined.height == top.height and (joined["effect"] - joined["effect_all"]).abs().max() < 1e-9
