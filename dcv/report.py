@@ -523,7 +523,9 @@ def summary_sentence(rows: pl.DataFrame, levels: dict[str, float]) -> str:
         & _at_levels(levels)
     )
     resolved = diffs.filter((pl.col("ci_low") > 0) | (pl.col("ci_high") < 0))
-    first = rows.row(0, named=True)
+    # n of the levels stated, not of the table's first row (a level may have too few runs to be used).
+    at = rows.filter(_at_levels(levels))
+    n_sft, n_rl = (_span(sorted(set(at[c].to_list()))) for c in ("n_runs_sft", "n_runs_rl"))
     where = ", ".join(f"{AXIS_NAMES[a]} {_g(v)}" for a, v in levels.items())
     found = [
         f"{METRIC_NAMES[r['metric']]} {'higher' if r['mean'] > 0 else 'lower'} under SFT at "
@@ -531,12 +533,17 @@ def summary_sentence(rows: pl.DataFrame, levels: dict[str, float]) -> str:
         for r in resolved.iter_rows(named=True)
     ]
     return (
-        f"In short: with {first['n_runs_sft']} SFT and {first['n_runs_rl']} RL runs matched at {where}, "
+        f"In short: with {n_sft} SFT and {n_rl} RL runs matched at {where}, "
         + (f"the CIs resolve {'; '.join(found)}; " if found else "no CI resolves a difference; ")
         + f"the other {diffs.height - resolved.height} of {diffs.height} differences in circuit damage and "
         "forgetting are not distinguishable at this power. These are many comparisons without correction: "
         "about one 95% CI in twenty excludes 0 by chance."
     )
+
+
+def _span(values: list[int]) -> str:
+    """"2", or "2-3" where the levels differ."""
+    return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
 
 
 def difference_sentence(row: dict) -> str:
@@ -622,10 +629,18 @@ def detection_sentence(calibration: pl.DataFrame | None, headline: pl.DataFrame)
         if not copy.is_empty():
             flagged = int(copy["flagged"].sum())
             parts.append(f"the exact copy of the base was flagged {flagged} time(s) (false positives)")
-    mde = headline.filter((pl.col("training") == "sft-rl") & pl.col("mde").is_not_null())
+    differences = headline.filter((pl.col("training") == "sft-rl") & pl.col("mde").is_not_null())
     for metric in ("circuit_vulnerability_abs", "preservation", "forgetting"):
-        rows = mde.filter(pl.col("metric") == metric)
-        if not rows.is_empty():
+        stated = differences.filter(pl.col("metric") == metric)
+        # A level where nothing varied has an MDE of 0: no n can resolve a difference there, so it is no
+        # detection limit (every model scored alike on every draw).
+        rows = stated.filter((pl.col("status") == "ok") & (pl.col("mde") > 0))
+        if rows.is_empty() and not stated.is_empty():
+            parts.append(
+                f"{METRIC_NAMES[metric]} did not vary between runs or items at any matched level (every "
+                "model scored alike), so no minimum detectable difference can be given for it"
+            )
+        elif not rows.is_empty():
             parts.append(
                 f"SFT - RL differences in {METRIC_NAMES[metric]} below {_g(rows['mde'].min())}-"
                 f"{_g(rows['mde'].max())} cannot be seen at these counts (80% power)"

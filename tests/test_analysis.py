@@ -611,3 +611,69 @@ def test_faithfulness_curve_areas_per_checkpoint_and_per_step(tmp_path):
     # A circuits table stored before the curves: no curve tables, and the report leaves the section out.
     old = analyze(config(tmp_path), results_table(), effects_table(), circuits_table())
     assert old["faithfulness_areas"].is_empty()
+
+
+def headline_frame(rows: list[dict]) -> pl.DataFrame:
+    """Headline rows with only what the report's sentences read."""
+    base = {"training": "sft-rl", "status": "ok", "mean": 0.1, "ci_low": 0.05, "ci_high": 0.15, "mde": 0.02}
+    return pl.DataFrame([{**base, **r} for r in rows])
+
+
+def test_the_short_answer_gives_the_runs_of_the_levels_it_states():
+    """Not the table's first row: a level with too few runs (1 SFT, 0 RL) comes first in it."""
+    from dcv.report import summary_sentence
+
+    rows = headline_frame(
+        [
+            {
+                "matched_by": "accuracy",
+                "matched_at": 0.5,
+                "metric": "preservation",
+                "n_runs_sft": 1,
+                "n_runs_rl": 0,
+            },
+            {
+                "matched_by": "step",
+                "matched_at": 4.0,
+                "metric": "preservation",
+                "n_runs_sft": 2,
+                "n_runs_rl": 3,
+            },
+            {
+                "matched_by": "kl",
+                "matched_at": 1.0,
+                "metric": "preservation",
+                "n_runs_sft": 2,
+                "n_runs_rl": 2,
+            },
+        ]
+    )
+    text = summary_sentence(rows, {"step": 4.0, "kl": 1.0})
+    assert text.startswith("In short: with 2 SFT and 2-3 RL runs matched at step 4, KL to base 1,")
+    assert "circuit preservation P higher under SFT at step 4" in text
+
+
+def test_a_metric_that_never_varied_gets_no_minimum_detectable_difference():
+    """An MDE of 0 (every model right on every item in every draw) is no detection limit: said so."""
+    from dcv.report import detection_sentence
+
+    headline = headline_frame(
+        [
+            {
+                "metric": "forgetting",
+                "status": "no variation",
+                "mde": 0.0,
+                "mean": 0.0,
+                "ci_low": 0.0,
+                "ci_high": 0.0,
+            },
+            {"metric": "preservation", "mde": 0.03},
+            {"metric": "preservation", "mde": 0.05},
+        ]
+    )
+    text = detection_sentence(None, headline)
+    assert "forgetting (probe accuracy) did not vary between runs or items at any matched level" in text
+    assert (
+        "below 0-0" not in text
+        and "differences in circuit preservation P below 0.03-0.05 cannot be seen" in text
+    )
