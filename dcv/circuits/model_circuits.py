@@ -25,7 +25,7 @@ from pathlib import Path
 
 import polars as pl
 
-from dcv.config import MASK, ExperimentConfig
+from dcv.config import CMAP, MASK, ExperimentConfig
 from dcv.stages import WORK_COLUMNS, Progress, Stage, patching_resources, run_stage
 from dcv.storage import (
     BASE_MODEL,
@@ -121,7 +121,8 @@ def model_file(
         "probes": [p.model_dump(mode="json") for p in cfg.probes],
         # chem's items are the target task's questions: a changed target task changes its circuits.
         **({"target_task": cfg.target_task.model_dump(mode="json")} if "chem" in probe_names else {}),
-        "methods": cfg.patching.methods,
+        # cmap finds no circuit: adding it to a finished run must not redo the circuits.
+        "methods": [m for m in cfg.patching.methods if m != CMAP],
         "reference": None
         if reference is None
         else sorted((f"{p}/{m}", h) for (p, m), h in reference.items()),
