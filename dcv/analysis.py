@@ -34,7 +34,8 @@ Pure polars/numpy on stored tables (no model, no Ray), so ``dcv report`` can reb
   (``dcv.circuits.weight_change``) with their v_h, and per method over all its checkpoints.
 - ``weight_change_heads``: the weight-change stage's per-head numbers, means over runs per method and
   step (the report's heatmap). ``weight_change`` in ``checkpoints`` and ``summary`` is the checkpoint's
-  mean over heads (null without the stage).
+  mean over heads (null without the stage), ``cmap`` its CMAP predictor (``mean_cmap``; null without
+  cmap).
 - ``faithfulness_areas``, ``faithfulness_curve_means``, ``faithfulness_area_means``: the base ranking's
   faithfulness curve F(C_k(base), M) in every checkpoint, its areas CPR and CMD (MIB's), and their plain
   means over runs per step (``dcv.circuits.curves.curve_tables``; empty with ``circuits.curve_fractions``
@@ -129,6 +130,7 @@ NULLABLE = (
     *NOISE_FLOOR_COLUMNS,
     "forgetting_bench",
     "weight_change",
+    "cmap",
     "preservation",
     "jaccard",
     "circuit_vulnerability",
@@ -464,6 +466,7 @@ def checkpoint_table(
                         "forgetting_ld": get("forgetting_ld"),
                         "forgetting_bench": point.fixed["forgetting_bench"],
                         "weight_change": _or_none(point.fixed["weight_change"]),
+                        "cmap": _or_none(point.fixed["cmap"]),
                         "gap": get("gap"),
                         "base_gap": data.competence[ref.name].gap,
                         "lost": lost,
@@ -522,7 +525,7 @@ def summary_table(checkpoints: pl.DataFrame) -> pl.DataFrame:
     """Per checkpoint and patching method, means over the probes in means (competent, circuit reached
     tau, prior capabilities only): lost probes count in ``n_lost`` and in forgetting, not in P, J or V."""
     keys = ["trial", "training", "init", "learning_rate", "seed", "step", "model", "patching"]
-    first = ("target_accuracy", "kl_to_base", "forgetting_bench", "weight_change")
+    first = ("target_accuracy", "kl_to_base", "forgetting_bench", "weight_change", "cmap")
     means = (
         "forgetting",
         "forgetting_ld",

@@ -278,6 +278,14 @@ def test_analysis_with_cmap_gives_the_cmap_table_and_predictor(tmp_path):
     )
     assert predictor["status"].to_list() == ["ok"] and predictor["n_checkpoints"].to_list() == [8]
     assert predictor["r2"][0] > 0.5  # cmap grows with 1 - keep, as forgetting does
+    # Each checkpoint's predictor value is in the summary (the report's scatter reads it there; a real
+    # run's report failed on its absence): the mean |cmap| over the base circuit, 0 for the base.
+    summary = tables["summary"]
+    assert summary.filter(pl.col("model") == "sft-seed0@4")["cmap"].to_list() == [pytest.approx(0.6)]
+    assert summary.filter(pl.col("step") == 0)["cmap"].to_list() == [0.0] * 4
+    md, _, figures = build_report(tables, tmp_path / "report", "t", ["about"], {})
+    assert "predictors.png" in {p.name for p in figures}
+    assert "Cross-model activation patching (cmap)" in md.read_text()
 
 
 def test_a_config_may_not_start_with_cmap(tmp_path):
