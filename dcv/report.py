@@ -542,7 +542,7 @@ def summary_sentence(rows: pl.DataFrame, levels: dict[str, float]) -> str:
 
 
 def _span(values: list[int]) -> str:
-    """ "2", or "2-3" where the levels differ."""
+    """A run count as "2", or as "2-3" where the levels differ."""
     return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
 
 
