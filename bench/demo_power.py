@@ -237,13 +237,14 @@ def circuits_cpu(cfg: ExperimentConfig, n_models: int) -> float:
 
 
 def calibration_plants(cfg: ExperimentConfig) -> list[tuple[str, int]]:
-    """(probe, k) of every planted model: top-k circuit heads and k random heads per probe, one copy."""
+    """(probe, k) of every planted model: top-k circuit heads and k random heads per probe at every alpha,
+    one precision copy."""
     c = cfg.calibration
     probes = c.probes or [p.name for p in cfg.probes if p.name != "chem"]
     k_max = cfg.circuits.top_k if cfg.circuits.selection == "top_k" else cfg.circuits.k_max
     plants = [("", 0)]
     for probe in probes:
-        plants += [(probe, k) for k in c.k if k <= k_max for _ in ("circuit", "random")]
+        plants += [(probe, k) for k in c.k if k <= k_max for _ in c.alphas for _ in ("circuit", "random")]
     return plants
 
 
@@ -360,8 +361,9 @@ def buys(cfg: ExperimentConfig, p: dict) -> dict[str, str]:
         + " items",
         "circuits": f"top-{cfg.circuits.top_k} circuits, faithfulness, noise floor "
         f"(B={cfg.circuits.noise_floor_resamples})",
-        "calibration": f"{len(p['plants'])} planted models (k {cfg.calibration.k} on "
-        f"{', '.join(cfg.calibration.probes or [])} + a copy): the minimum detectable damage",
+        "calibration": f"{len(p['plants'])} planted models (k {cfg.calibration.k} x alpha "
+        f"{cfg.calibration.alphas} on {', '.join(cfg.calibration.probes or [])} + a precision copy): "
+        "detection curves and controls",
         "analysis + report": f"hierarchical bootstrap, B={cfg.circuits.n_bootstrap}",
     }
 

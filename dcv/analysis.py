@@ -10,14 +10,22 @@ Pure polars/numpy on stored tables (no model, no Ray), so ``dcv report`` can reb
   accuracy and mean LD, forgetting = base score - checkpoint score (``forgetting`` on accuracy,
   ``forgetting_ld`` on mean LD), the checkpoint's own circuit size, preservation P = |C_base ∩ C_M| /
   |C_base|, the Spearman of all heads' effects with the base, F(C_base, M) and circuit vulnerability V(M).
-  A trial's step 0 from the base is the base model (everything 0 or 1 there).
-- ``summary``: per (trial, step, patching method), the means over probes.
+  A trial's step 0 from the base is the base model (everything 0 or 1 there). Beside P and J their chance
+  levels (``preservation_chance``, ``jaccard_chance``: a random head set of the checkpoint's circuit size,
+  ``dcv.circuits.chance``) and ``*_above_chance`` = value - chance. A lost checkpoint (``status`` "lost")
+  has no number divided by its own gap: own-circuit F, F(C_base, M), the effect Spearman, P, J, relative
+  V and the chance levels are null (DESIGN "Lost is lost everywhere"); learned masks, whose parts hold a
+  pseudo-gap of 1, take the lost rule from another method's gap or the clean LD (``_mask_gaps``).
+- ``summary``: per (trial, step, patching method), the means over probes (chance levels included).
 - ``dcv_heads``: per probe, patching method and matching point (``by`` = step | accuracy), DCV_h =
   v_h(SFT) - v_h(RL) of every base-circuit head, with bootstrap CIs over seeds and probe items.
 - ``correlations``: Spearman of V(M) with forgetting across fine-tuned checkpoints, per probe (and the
   mean over probes), per method and pooled.
-- ``headline``: SFT vs RL at matched target accuracy and at the last matched step: each metric's mean
-  over runs with a bootstrap CI over runs, and the SFT - RL difference.
+- ``headline``: SFT vs RL at every matched level of target accuracy, KL and step: each metric's mean over
+  runs per method and the SFT - RL difference at two levels of claim (DESIGN "Statistics" v3): these runs
+  (item-bootstrap CI, runs held fixed) and across seeds (``dcv.matched.across_seeds``: Welch's t with the
+  item variance folded in, its MDE and the runs per method an effect would need); ``role`` marks the
+  primary endpoint (``analysis.primary``) and the Holm-adjusted secondary family (``assign_roles``).
 - ``noise_floor``: the base circuit against itself from disjoint halves of the probe items (and another
   mask seed), ``dcv.circuits.noise_floor``; its halves' preservation and Jaccard stand beside every
   checkpoint's preservation (``noise_floor_*`` columns, ``within_noise_floor``).
@@ -25,11 +33,13 @@ Pure polars/numpy on stored tables (no model, no Ray), so ``dcv report`` can reb
 - ``benchmarks``: every checkpoint's lm-eval scores; ``forgetting_bench`` in ``checkpoints`` and
   ``summary`` is the mean over benchmarks of base accuracy - checkpoint accuracy.
 - ``paper``: per discovery method, circuit size, base-circuit retention (%) and faithfulness of the base
-  model and of each method's final checkpoints, beside the seed paper's figures.
+  model and of each method's final checkpoints, beside the seed paper's figures; on the retention row
+  ``chance_*`` (ours) and ``paper_chance_*`` (the paper's sizes of 576 heads): a random set's retention.
 - ``predictors``: what predicts forgetting (``dcv.predictors``): R^2 and Spearman of each candidate
-  (KL to base, mean weight change, V, 1 - P, 1 - J, CMAP; ``analysis.predictors``) against forgetting over all
-  fine-tuned checkpoints, by method and pooled, with CIs from the same hierarchical bootstrap draws as
-  the headline, n beside them, and each one's R^2 gap to the best.
+  (KL to base, mean weight change, V, 1 - P, 1 - J, CMAP, steps; ``analysis.predictors``) against
+  forgetting over all fine-tuned checkpoints, within each method first, then pooled with a method fixed
+  effect and plain pooled, leave-one-run-out R^2, circuit predictors on probe items disjoint from the
+  forgetting's (``analysis.predictor_item_split``), CIs from the same bootstrap draws, n beside them.
 - ``weight_vs_function``: per checkpoint and probe, Spearman of the base-circuit heads' weight change
   (``dcv.circuits.weight_change``) with their v_h, and per method over all its checkpoints.
 - ``weight_change_heads``: the weight-change stage's per-head numbers, means over runs per method and
@@ -60,25 +70,29 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from dcv.circuits.chance import chance_jaccard, chance_preservation
 from dcv.circuits.competence import Competence, base_competence
 from dcv.circuits.curves import curve_tables
 from dcv.circuits.noise_floor import NOISE_FLOOR_SCHEMA, bootstrap_floor, floor_row
 from dcv.circuits.vulnerability import effect_spearman
 from dcv.config import CMAP, MASK, ExperimentConfig
 from dcv.matched import (
-    MDE_FACTOR,
     TRAINING_METHODS,
     Layout,
     Point,
     ProbeParts,
     ProbeReference,
     Run,
+    across_seeds,
     checkpoint_numbers,
     compare,
     grid,
+    holm,
     interval,
+    probe_numbers,
     resample,
 )
+from dcv.metrics import ANSWER_METRICS, HEADLINE_METRICS, METRICS
 from dcv.predictors import (
     PREDICTORS_SCHEMA,
     WEIGHT_FUNCTION_SCHEMA,
@@ -108,20 +122,6 @@ TABLES = (
     "faithfulness_curve_means",
     "faithfulness_area_means",
 )
-# The per-checkpoint numbers the headline compares between methods (``dcv.matched.Layout`` names).
-HEADLINE_METRICS = (
-    "target_accuracy",
-    "kl_to_base",
-    "forgetting",
-    "forgetting_ld",
-    "forgetting_bench",
-    "preservation",
-    "jaccard",
-    "circuit_vulnerability",
-    "circuit_vulnerability_abs",
-    "base_circuit_faithfulness",
-    "n_lost",
-)
 NOISE_FLOOR_COLUMNS = ("noise_floor_preservation", "noise_floor_jaccard", "noise_floor_vulnerability")
 MATCHED_ON = {"accuracy": "target_accuracy", "kl": "kl_to_base"}  # the number each axis matches on
 TARGET_PROBE = "chem"  # the target task's own probe: reported on its own, never in prior-capability means
@@ -135,6 +135,12 @@ NULLABLE = (
     "jaccard",
     "circuit_vulnerability",
     "circuit_vulnerability_abs",
+    # null where the checkpoint lost the probe (each divides by its own gap) or P is not a number
+    "faithfulness",
+    "base_circuit_faithfulness",
+    "effect_spearman",
+    "preservation_chance",
+    "jaccard_chance",
 )
 # The seed paper's figures (Qwen2.5-3B-Instruct, 576 heads, learned masks; DESIGN.md), set beside ours.
 PAPER = {
@@ -231,10 +237,54 @@ def _item_list(row: dict, column: str) -> np.ndarray | None:
     return None if values is None else np.asarray(values, dtype=np.float64)
 
 
-def _probe_parts(frame: pl.DataFrame, item_ld: np.ndarray | None) -> ProbeParts:
+def _probe_parts(frame: pl.DataFrame, item_ld: np.ndarray | None, gap: float | None = None) -> ProbeParts:
     frame = frame.sort("layer", "head")
     delta = np.array(frame["item_delta"].to_list(), dtype=np.float64)
-    return ProbeParts(delta, np.asarray(frame["item_denominator"][0], dtype=np.float64), item_ld)
+    return ProbeParts(delta, np.asarray(frame["item_denominator"][0], dtype=np.float64), item_ld, gap)
+
+
+def _mask_gaps(
+    effects: pl.DataFrame, results: pl.DataFrame, probes: Sequence[str]
+) -> dict[tuple[str, str], float]:
+    """Learned masks' real gap per (model, probe), for the lost rule (DESIGN "Lost is lost everywhere"):
+    their parts hold a pseudo-item of 1 in every model, so a model that forgot a probe was never lost.
+    Another patching method's mean LD_clean - LD_corrupt on the same model and probe where every model
+    has one, else the model's mean clean LD (``probe/<p>/mean_ld``); there, masks that are all 0
+    (``learn_masks``' answer to a gap <= 0) count as a gap of at most 0."""
+    models = _with_model(results).unique("model", maintain_order=True)
+    zero = {
+        (m, p): z
+        for m, p, z in effects.filter(pl.col("method") == MASK)
+        .group_by("model", "probe")
+        .agg((pl.col("effect") == 0).all())
+        .iter_rows()
+    }
+    others = (
+        effects.filter(~pl.col("method").is_in([MASK, CMAP]))
+        .group_by("probe", "method", "model")
+        .agg(pl.col("item_denominator").first())
+        .sort("probe", "method")
+    )
+    gaps = {}
+    for probe in probes:
+        by_method: dict[str, dict[str, float]] = {}
+        for _, method, model, denominator in others.filter(pl.col("probe") == probe).iter_rows():
+            by_method.setdefault(method, {})[model] = float(np.mean(denominator))
+        complete = [g for g in by_method.values() if all(m in g for m in models["model"])]
+        for model, mean_ld in models.select("model", f"probe/{probe}/mean_ld").iter_rows():
+            if complete:
+                gaps[(model, probe)] = complete[0][model]
+            else:
+                gap = float(mean_ld)
+                gaps[(model, probe)] = min(gap, 0.0) if zero.get((model, probe)) else gap
+    return gaps
+
+
+def _chance(ref: ProbeReference, model_size: int) -> tuple[float | None, float | None]:
+    """(E[P], E[J]) of a random set of ``model_size`` heads, out of every head the method scored, against
+    the probe's base circuit (``dcv.circuits.chance``); None for an empty base circuit."""
+    n_heads, base_size = ref.base.delta.shape[0], len(ref.circuit)
+    return chance_preservation(n_heads, base_size, model_size), chance_jaccard(n_heads, base_size, model_size)
 
 
 def _indices(frame: pl.DataFrame, heads: Sequence[Head]) -> np.ndarray:
@@ -278,6 +328,8 @@ def build_inputs(
     probes = [p.name for p in cfg.probes]
     base_row = _base_row(results)
     competence = _competence(cfg, effects, base_row)
+    # Masks' parts divide by a pseudo-item of 1: the lost rule reads their real gap instead.
+    gaps = _mask_gaps(effects, results, probes) if method == MASK else {}
     own = {
         (r["model"], r["probe"]): r for r in circuits.filter(pl.col("method") == method).iter_rows(named=True)
     }
@@ -295,7 +347,7 @@ def build_inputs(
         refs.append(
             ProbeReference(
                 probe.name,
-                _probe_parts(frame, _item_list(base_row, f"probe/{probe.name}/item_ld")),
+                _probe_parts(frame, _item_list(base_row, f"probe/{probe.name}/item_ld"), gaps.get(key)),
                 _indices(frame, heads) if usable else np.zeros(0, np.int64),
                 probe.lost_fraction,
                 in_means=usable and bool(own[key]["reached_tau"]) and probe.name != TARGET_PROBE,
@@ -319,25 +371,46 @@ def build_inputs(
         missing = [p for p in probes if (model, p) not in own or (model, p) not in by_model]
         if missing:
             raise ValueError(f"no effects or circuit for model {model} probe {missing[0]} ({method}); rerun")
-        faithful = [own[(model, p)]["base_circuit_faithfulness"] for p in in_means]
+        parts = {
+            p: _probe_parts(by_model[(model, p)], _item_list(row, f"probe/{p}/item_ld"), gaps.get((model, p)))
+            for p in probes
+        }
+        circuit = {p: _indices(by_model[(model, p)], circuit_heads(own[(model, p)])) for p in probes}
+        # F(C_base, M) and the chance levels of P and J: means over the probes in means that M did not lose
+        # (F divides by M's own gap; P and J are not numbers there).
+        kept = [
+            r
+            for r in refs
+            if r.in_means and not probe_numbers(parts[r.name], r, circuit[r.name], None)[0]["lost"]
+        ]
+        faithful = [own[(model, r.name)]["base_circuit_faithfulness"] for r in kept]
+        chance = np.array([_chance(r, len(circuit[r.name])) for r in kept], dtype=np.float64).reshape(-1, 2)
+        nan = float("nan")
         points[key] = Point(
             step=row["step"],
             kl=row.get("kl_to_base") or 0.0,
             accuracy=row["target/accuracy"],
             correct=_item_list(row, TARGET_ITEMS),
-            probes={
-                p: _probe_parts(by_model[(model, p)], _item_list(row, f"probe/{p}/item_ld")) for p in probes
-            },
-            circuit={p: _indices(by_model[(model, p)], circuit_heads(own[(model, p)])) for p in probes},
+            probes=parts,
+            circuit=circuit,
             probe_scores={p: (row[f"probe/{p}/accuracy"], row[f"probe/{p}/mean_ld"]) for p in probes},
             fixed={
                 "forgetting_bench": _bench_forgetting(base_bench, row, bench),
-                "base_circuit_faithfulness": float(np.mean(faithful)) if faithful else float("nan"),
+                "base_circuit_faithfulness": float(np.mean(faithful)) if faithful else nan,
                 "weight_change": _mean_change(weight_change, model),
                 "cmap": mean_cmap(cmap, model, in_means_circuits),
+                "preservation_chance": float(chance[:, 0].mean()) if kept else nan,
+                "jaccard_chance": float(chance[:, 1].mean()) if kept else nan,
             },
         )
-    fixed = ("forgetting_bench", "base_circuit_faithfulness", "weight_change", "cmap")
+    fixed = (
+        "forgetting_bench",
+        "base_circuit_faithfulness",
+        "weight_change",
+        "cmap",
+        "preservation_chance",
+        "jaccard_chance",
+    )
     circuit_rows = {p: own[(BASE_MODEL, p)] for p in probes}
     n_layers = int(effects.filter(pl.col("model") == BASE_MODEL)["layer"].max()) + 1
     return Inputs(method, refs, Layout.build(refs, fixed), points, rows, competence, circuit_rows, n_layers)
@@ -444,6 +517,8 @@ def checkpoint_table(
                 status = probe_status(ref, data.competence[ref.name], data.circuits[ref.name], lost)
                 numbers_ok = status in ("ok", "below tau", "target probe")
                 nf = floor.get((ref.name, data.method), {})
+                # Lost is lost everywhere: no number divided by the checkpoint's own (vanished) gap.
+                chance = _chance(ref, own[key]["size"]) if numbers_ok else (None, None)
                 rows.append(
                     {
                         "trial": row["trial"],
@@ -468,16 +543,22 @@ def checkpoint_table(
                         "weight_change": _or_none(point.fixed["weight_change"]),
                         "cmap": _or_none(point.fixed["cmap"]),
                         "gap": get("gap"),
-                        "base_gap": data.competence[ref.name].gap,
+                        # masks: the real gap their lost rule reads (``_mask_gaps``), as ``gap`` is
+                        "base_gap": data.competence[ref.name].gap if ref.base.gap is None else ref.base.gap,
                         "lost": lost,
                         "circuit_size": own[key]["size"],
-                        "faithfulness": own[key]["faithfulness"],
+                        "faithfulness": None if lost else own[key]["faithfulness"],
                         "preservation": get("preservation") if numbers_ok else None,
                         "jaccard": get("jaccard") if numbers_ok else None,
-                        "effect_spearman": effect_spearman(
+                        # E[P] and E[J] of a random head set of the checkpoint's circuit size
+                        "preservation_chance": chance[0],
+                        "jaccard_chance": chance[1],
+                        "effect_spearman": None
+                        if lost
+                        else effect_spearman(
                             base_effects[(ref.name, data.method)], _effects_frame(point, ref)
                         ),
-                        "base_circuit_faithfulness": own[key]["base_circuit_faithfulness"],
+                        "base_circuit_faithfulness": None if lost else own[key]["base_circuit_faithfulness"],
                         "circuit_vulnerability": get("circuit_vulnerability") if numbers_ok else None,
                         "circuit_vulnerability_abs": get("circuit_vulnerability_abs")
                         if ref.circuit.size
@@ -491,8 +572,16 @@ def checkpoint_table(
     return table.with_columns(
         # Not distinguishable from base: the model keeps as much of the base circuit as the base keeps of
         # itself on a resample of its own items (the noise floor's 5th percentile).
-        (pl.col("preservation") >= pl.col("noise_floor_preservation")).alias("within_noise_floor")
+        (pl.col("preservation") >= pl.col("noise_floor_preservation")).alias("within_noise_floor"),
+        *_above_chance(),
     ).sort("trial", "step", "probe", "patching")
+
+
+def _above_chance() -> list[pl.Expr]:
+    """P and J minus their chance levels (null where either is)."""
+    return [
+        (pl.col(m) - pl.col(f"{m}_chance")).alias(f"{m}_above_chance") for m in ("preservation", "jaccard")
+    ]
 
 
 def _effects_frame(point: Point, ref: ProbeReference) -> pl.DataFrame:
@@ -531,6 +620,8 @@ def summary_table(checkpoints: pl.DataFrame) -> pl.DataFrame:
         "forgetting_ld",
         "preservation",
         "jaccard",
+        "preservation_chance",  # null exactly where P is: the means are over the same probes
+        "jaccard_chance",
         "base_circuit_faithfulness",
         "circuit_vulnerability",
         "circuit_vulnerability_abs",
@@ -561,7 +652,7 @@ def summary_table(checkpoints: pl.DataFrame) -> pl.DataFrame:
     return (
         every.join(forgetting, on=keys, how="left")
         .join(circuit, on=keys, how="left")
-        .with_columns(*[pl.col(c).fill_null(0) for c in counts])
+        .with_columns(*[pl.col(c).fill_null(0) for c in counts], *_above_chance())
         .sort("trial", "step", "patching")
     )
 
@@ -611,33 +702,63 @@ HEADLINE_SCHEMA = {
     "matched_by": pl.String,  # accuracy | kl | step
     "matched_at": pl.Float64,
     # "ok"; "insufficient runs" (fewer than analysis.min_runs runs of a method reach the level: no numbers);
-    # "no variation" (the CI holds one value: at least 95% of bootstrap draws agree, no interval to give)
+    # "no variation" (the these-runs CI holds one value: at least 95% of item draws agree)
     "status": pl.String,
     "metric": pl.String,
     "training": pl.String,  # sft | rl | sft-rl
-    "mean": pl.Float64,
+    # primary (analysis.primary) | secondary (another answer metric at a stated level: Holm family) |
+    # other (the rest: tables only, no verdict)
+    "role": pl.String,
+    "mean": pl.Float64,  # over the runs that reach the level
+    # These runs: the item bootstrap (probe and target items, every run kept), conditional on the runs.
     "ci_low": pl.Float64,
     "ci_high": pl.Float64,
-    "se": pl.Float64,  # bootstrap standard error
-    "mde": pl.Float64,  # sft-rl: minimum detectable difference at 80% power, two-sided 5%
-    "n_resamples": pl.Int64,  # bootstrap draws in which both methods had a run at the level
+    "se": pl.Float64,
+    "p_runs": pl.Float64,  # sft-rl: the item bootstrap's two-sided p (2 x the smaller tail share)
+    "verdict_runs": pl.String,  # sft-rl primary/secondary: higher/lower under SFT in these runs, or not
+    # Across seeds (``dcv.matched.across_seeds``): Welch's t on the runs' values, item variance folded in.
+    "seed_ci_low": pl.Float64,
+    "seed_ci_high": pl.Float64,
+    "seed_se": pl.Float64,
+    "seed_df": pl.Float64,  # Satterthwaite's
+    "p_value": pl.Float64,  # two-sided, unadjusted
+    "p_adjusted": pl.Float64,  # primary: p_value; secondary: Holm across the family of its patching method
+    "verdict_seeds": pl.String,  # higher/lower under SFT, or not distinguishable at this power
+    "mde": pl.Float64,  # sft-rl: (t_{0.975,df} + t_{0.8,df}) x seed_se: 80% power, two-sided 5%
+    "runs_needed": pl.Int64,  # runs per method at which the observed difference is the MDE (null: > 100)
+    "chance": pl.Float64,  # sft, rl: the value a random head set of the same sizes would score (P, J)
+    "n_resamples": pl.Int64,  # item draws in which both methods had a run at the level
+    "start_reached": pl.Float64,  # share of draws in which a run's resampled start reached the level
     "n_runs_sft": pl.Int64,
     "n_runs_rl": pl.Int64,
     "n_probe_items": pl.Int64,  # items per probe (the smallest probe's)
     "probe_items": pl.String,  # every probe's items: "ioi 32, capitals 32, induction 16"
     "n_target_items": pl.Int64,  # target test items resampled (0: not stored, accuracy not resampled)
 }
+HIGHER, LOWER, UNRESOLVED = "higher under SFT", "lower under SFT", "not distinguishable at this power"
+
+
+def _bootstrap_p(draws: np.ndarray) -> np.ndarray:
+    """Two-sided bootstrap p per column: twice the smaller share of finite draws on either side of 0."""
+    finite = np.isfinite(draws)
+    n = np.maximum(finite.sum(axis=0), 1)
+    below = ((draws <= 0) & finite).sum(axis=0) / n
+    above = ((draws >= 0) & finite).sum(axis=0) / n
+    return np.minimum(1.0, 2 * np.minimum(below, above))
 
 
 def matched_tables(
     cfg: ExperimentConfig, inputs: Inputs, runs: Sequence[Run], draws: Sequence
 ) -> tuple[list[dict], list[pl.DataFrame]]:
     """(headline rows, dcv_heads frames) of one patching method on the matched grid (``draws``: the
-    hierarchical bootstrap's, ``dcv.matched.resample``)."""
+    item bootstrap's, ``dcv.matched.resample``). Roles and verdicts come from ``assign_roles``."""
     base = inputs.points[(BASE_MODEL, 0)]
     a = cfg.analysis
     levels = grid(runs, base.accuracy, a.accuracy_step, a.kl_levels)
+    if a.primary.level is not None and a.primary.level not in levels[a.primary.axis]:
+        levels[a.primary.axis] = sorted([*levels[a.primary.axis], a.primary.level])
     c = cfg.circuits
+    alpha = 1 - c.ci_level
     compared = compare(runs, inputs.refs, inputs.layout, levels, a.min_runs, c.n_bootstrap, draws=draws)
     n_probe_items = min(ref.base.denominator.shape[0] for ref in inputs.refs)
     probe_items = ", ".join(f"{ref.name} {ref.base.denominator.shape[0]}" for ref in inputs.refs)
@@ -656,39 +777,101 @@ def matched_tables(
             rows.append({**where, **runs_of, "status": "insufficient runs"})
             continue
         bounds = {k: interval(v, c.ci_level) for k, v in level.draws.items()}
+        seeds = across_seeds(level.values, level.draws["sft-rl"], n_probe_items, alpha)
+        p_runs = _bootstrap_p(level.draws["sft-rl"])
         for metric in HEADLINE_METRICS:
             if metric == MATCHED_ON.get(level.axis):
                 continue  # equal to the level by construction: not a comparison
             at = inputs.layout.slices[metric].start
             if not np.isfinite([level.mean[m][at] for m in TRAINING_METHODS]).all():
                 continue  # no such number here (no benchmarks, no probe in means)
+            chance = METRICS[metric].chance if metric in METRICS else None
             for training in (*TRAINING_METHODS, "sft-rl"):
                 low, high, se, valid = (b[at] for b in bounds[training])
                 # The CI holds one value (e.g. no run lost a probe, or 95% of draws keep every circuit head):
                 # a fact about these runs and items, printed as such, never as an interval.
                 constant = bool(low == high)
-                mean = (
-                    level.mean["sft"][at] - level.mean["rl"][at]
-                    if training == "sft-rl"
-                    else level.mean[training][at]
-                )
-                rows.append(
-                    {
-                        **where,
-                        **runs_of,
-                        "status": "no variation" if constant else "ok",
-                        "metric": metric,
-                        "training": training,
-                        "mean": float(mean),
-                        "ci_low": float(low),
-                        "ci_high": float(high),
-                        "se": float(se),
-                        "mde": float(MDE_FACTOR * se) if training == "sft-rl" else None,
-                        "n_resamples": int(valid),
+                row = {
+                    **where,
+                    **runs_of,
+                    "status": "no variation" if constant else "ok",
+                    "metric": metric,
+                    "training": training,
+                    "role": "other",
+                    "ci_low": float(low),
+                    "ci_high": float(high),
+                    "se": float(se),
+                    "n_resamples": int(valid),
+                    "start_reached": level.start_reached,
+                }
+                if training == "sft-rl":
+                    needed = seeds.runs_needed[at]
+                    row |= {
+                        "mean": float(seeds.difference[at]),
+                        "p_runs": float(p_runs[at]),
+                        "seed_ci_low": _or_none(seeds.ci_low[at]),
+                        "seed_ci_high": _or_none(seeds.ci_high[at]),
+                        "seed_se": float(seeds.se[at]),
+                        "seed_df": _or_none(seeds.df[at]),
+                        "p_value": _or_none(seeds.p[at]),
+                        "mde": _or_none(seeds.mde[at]),
+                        "runs_needed": int(needed) if np.isfinite(needed) else None,
                     }
-                )
+                else:
+                    row["mean"] = float(level.mean[training][at])
+                    if chance is not None and chance in inputs.layout.slices:
+                        row["chance"] = _or_none(level.mean[training][inputs.layout.slices[chance].start])
+                rows.append(row)
         heads += _dcv_heads(cfg, inputs, level, bounds["sft-rl"])
-    return rows, heads
+    return assign_roles(cfg, rows, alpha), heads
+
+
+def stated_levels(rows: Sequence[dict]) -> dict[str, float]:
+    """Per axis, the level the answer states: the highest level both methods reach with enough runs."""
+    out: dict[str, float] = {}
+    for row in rows:
+        if row["status"] != "insufficient runs":
+            axis = row["matched_by"]
+            out[axis] = max(out.get(axis, row["matched_at"]), row["matched_at"])
+    return out
+
+
+def assign_roles(cfg: ExperimentConfig, rows: list[dict], alpha: float) -> list[dict]:
+    """Mark the primary endpoint (``analysis.primary``) and the secondary family (the other answer
+    metrics at each axis's stated level), Holm-adjust the family's p-values (across seeds and these
+    runs alike) and give both levels' verdicts; every other row keeps role "other" and no verdict."""
+    primary = cfg.analysis.primary
+    levels = stated_levels(rows)
+    primary_level = primary.level if primary.level is not None else levels.get(primary.axis)
+    family = []
+    for row in rows:
+        if row.get("training") != "sft-rl" or row["status"] == "insufficient runs":
+            continue
+        at_primary = row["matched_by"] == primary.axis and row["matched_at"] == primary_level
+        if at_primary and row["metric"] == primary.metric:
+            row["role"] = "primary"
+        elif row["metric"] in ANSWER_METRICS and levels.get(row["matched_by"]) == row["matched_at"]:
+            row["role"] = "secondary"
+            family.append(row)
+    seeds = holm([1.0 if r["p_value"] is None else r["p_value"] for r in family])
+    runs = holm([r["p_runs"] for r in family])
+    for row, p_seeds, p_runs in zip(family, seeds, runs, strict=True):
+        row["p_adjusted"] = p_seeds
+        _verdicts(row, p_seeds, p_runs, alpha)
+    for row in rows:
+        if row.get("role") == "primary":
+            row["p_adjusted"] = row["p_value"]
+            _verdicts(row, 1.0 if row["p_value"] is None else row["p_value"], row["p_runs"], alpha)
+    return rows
+
+
+def _verdicts(row: dict, p_seeds: float, p_runs: float, alpha: float) -> None:
+    direction = HIGHER if row["mean"] > 0 else LOWER
+    if row["status"] == "no variation":
+        row["verdict_runs"] = row["verdict_seeds"] = "no variation"
+        return
+    row["verdict_runs"] = direction if p_runs < alpha else UNRESOLVED
+    row["verdict_seeds"] = direction if p_seeds < alpha else UNRESOLVED
 
 
 def _dcv_heads(cfg: ExperimentConfig, inputs: Inputs, level, bounds) -> list[pl.DataFrame]:
@@ -812,6 +995,14 @@ def paper_table(summary: pl.DataFrame) -> pl.DataFrame:
         ):
             means = {m: f[column].mean() for m, f in models.items()}  # None when no value
             means = {m: None if v is None else scale * v for m, v in means.items()}
+            chance = {}
+            if quantity == "retention_pct":
+                # A random head set of each model's circuit size: retention reads "above chance by d".
+                chance = {f"chance_{m}": f["preservation_chance"].mean() for m, f in models.items()}
+                chance = {k: None if v is None else 100.0 * v for k, v in chance.items()}
+                chance |= {
+                    f"paper_chance_{m}": 100.0 * n / PAPER_HEADS for m, n in PAPER["circuit_size"].items()
+                }
             rows.append(
                 {
                     "patching": patching,
@@ -823,6 +1014,7 @@ def paper_table(summary: pl.DataFrame) -> pl.DataFrame:
                     if quantity == "retention_pct" and floor.len()
                     else None,
                     **{f"paper_{m}": PAPER[quantity][m] for m in ("base", "sft", "rl")},
+                    **chance,
                 }
             )
     schema = {
@@ -837,6 +1029,9 @@ def paper_table(summary: pl.DataFrame) -> pl.DataFrame:
         "paper_base": pl.Float64,
         "paper_sft": pl.Float64,
         "paper_rl": pl.Float64,
+        # retention_pct row only: the retention (%) a random head set of the model's circuit size would score
+        **{f"chance_{m}": pl.Float64 for m in ("base", "sft", "rl")},
+        **{f"paper_chance_{m}": pl.Float64 for m in ("base", "sft", "rl")},
     }
     return pl.DataFrame(rows, schema=schema)
 
@@ -976,7 +1171,17 @@ def analyze(
         }
         a, level = cfg.analysis, cfg.circuits.ci_level
         predictors.append(
-            predictor_table(data.method, runs, observed, data.layout, draws, a.predictors, level)
+            predictor_table(
+                data.method,
+                runs,
+                observed,
+                data.layout,
+                draws,
+                a.predictors,
+                level,
+                refs=data.refs,
+                item_split=a.predictor_item_split,
+            )
         )
         tuned = [
             (row["method"], row["trial"], row["step"], row["model"], point_numbers(data, row))

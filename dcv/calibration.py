@@ -1,20 +1,36 @@
 """Calibration: planted damage on the base model, measured by the same patching, circuits and analysis.
 
-An instrument is trusted once it finds damage put there on purpose (DESIGN "Calibration"). Per probe:
+An instrument is trusted once it finds damage put there on purpose, and once it could have failed to
+(DESIGN "Calibration: controls that can fail"). Per probe, for k in ``calibration.k`` and alpha in
+``calibration.alphas``:
 
-- positive controls: for k in ``calibration.k``, the top-k heads of the base circuit ablated (their
-  ``o_proj`` input columns scaled by ``calibration.alpha``: 0 ablates, 0.5 halves), and k random heads
-  outside the circuit (damage V should not blame on the circuit);
-- a negative control: an exact copy of the base.
+- graded positive controls: the top-k heads of the base circuit with their ``o_proj`` input columns
+  scaled by alpha (0 ablates, 0.5 halves);
+- random plants: k random heads outside the circuit, scaled by the same alpha;
+- a negative control that can fail (kind ``precision``, once for every probe): the base at numerical
+  precision, float32 weights cast to bfloat16 and back (16-bit weights: one unit in the last place up
+  or down), which must not be flagged and is when the instrument is over-sensitive.
 
-Each planted model is an HF folder under ``<storage>/calibration/models/`` and goes through the patching
-pipeline (``run_pipeline``) and the circuits stage (``run_circuits``) exactly as a fine-tuned checkpoint
-does; its numbers come from ``dcv.matched.probe_numbers``, the function every checkpoint's numbers come
-from. The table (``<storage>/calibration/calibration.parquet``, CALIBRATION_SCHEMA) gives per probe and
-plant: P against the noise floor, V with its item-bootstrap CI, how many planted heads rank among the
-most vulnerable, forgetting, and for the copy whether anything was flagged; per probe the minimum
-detectable damage (smallest k detected: recall >= 0.5 and V's CI above 0) and the minimum detectable
-effects on V, P and forgetting at the config's item count (one model against base, 80% power).
+Each planted model is an HF folder under ``<storage>/calibration/models/`` (named with its alpha) and
+goes through the patching pipeline (``run_pipeline``) and the circuits stage (``run_circuits``) exactly as
+a fine-tuned checkpoint does; its numbers come from ``dcv.matched.probe_numbers``, the function every
+checkpoint's numbers come from. The table (``<storage>/calibration/calibration.parquet``,
+CALIBRATION_SCHEMA) is long: one row per (probe, plant, metric) for the metrics in CALIBRATION_METRICS.
+Each row has the metric's value with its item-bootstrap CI (the same item draws for every plant) and:
+
+- ``detected``: the CI lies beyond the base model's own value in the metric's damage direction
+  (``dcv.metrics``); on the precision copy a detection is a false positive (``flagged`` adds P below its
+  noise floor);
+- ``separation`` (circuit rows): damage direction x (circuit plant - random plant of the same k and
+  alpha), both computed on every draw; ``separates`` when its CI lies above 0;
+- per probe and metric, the detection curve's summary (``min_detectable_k``, and at that k the largest
+  alpha detected) and the positive control's verdict: at the strongest damage (smallest alpha) the metric
+  must not move the wrong way at any k, must detect the circuit plant at some k, and (a metric measured on
+  circuit heads) must separate circuit from random plants at some k. ``failing_metrics`` says which fail
+  and why (relative V fails: ablated heads make the remaining heads' shares of the damaged model's own
+  gap grow). Per probe also the minimum detectable effects on V, P and forgetting at the config's item
+  count (one model against base, 80% power).
+
 Once the table is written the planted weights are deleted (``drop_planted_weights``); the rest of each
 folder stays, and a rerun plants a model again where its weights are missing.
 """
@@ -36,6 +52,7 @@ from dcv.circuits.competence import base_competence
 from dcv.circuits.noise_floor import bootstrap_floor
 from dcv.circuits.pipeline import build_work_items
 from dcv.config import MASK, ExperimentConfig
+from dcv.detection import CALIBRATION_METRICS, PRECISION, measure, metric_rows, verdict
 from dcv.matched import MDE_FACTOR, ProbeParts, ProbeReference, probe_numbers
 from dcv.results import build_results_table
 from dcv.storage import (
@@ -54,28 +71,31 @@ PLANTED_WEIGHTS = "model.safetensors"
 CALIBRATION_SCHEMA = {
     "probe": pl.String,
     "method": pl.String,  # patching method
-    "kind": pl.String,  # circuit | random | copy
-    "k": pl.Int32,  # heads planted (0 for the copy)
-    "alpha": pl.Float64,
+    "kind": pl.String,  # circuit | random | precision
+    "k": pl.Int32,  # heads planted (0 for the precision copy)
+    "alpha": pl.Float64,  # their output's scale (1 for the precision copy)
     "heads": pl.String,  # the planted heads, "layer.head"
     "n_items": pl.Int32,
-    "preservation": pl.Float64,
-    "noise_floor_preservation": pl.Float64,
-    "below_floor": pl.Boolean,
-    "jaccard": pl.Float64,
-    "circuit_vulnerability": pl.Float64,  # relative; the lost-behaviour rule applies
-    "circuit_vulnerability_abs": pl.Float64,
-    "v_ci_low": pl.Float64,  # item-bootstrap CI of V (absolute)
-    "v_ci_high": pl.Float64,
-    "planted_in_top_k": pl.Int32,  # planted heads among the k most vulnerable base-circuit heads
-    "planted_in_top5": pl.Int32,
-    "recall": pl.Float64,  # planted_in_top_k / k (circuit plants)
-    "forgetting": pl.Float64,
-    "forgetting_ld": pl.Float64,
-    "lost": pl.Boolean,
-    "detected": pl.Boolean,  # circuit plants: recall >= 0.5 and V's CI above 0
-    "flagged": pl.Boolean,  # any alarm: P below the floor or V's CI above 0 (false positive on the copy)
-    "min_detectable_k": pl.Int32,  # per probe: the smallest k of a detected circuit plant
+    "lost": pl.Boolean,  # the plant's gap fell below lost_fraction of the base's: relative V, P, J null
+    "planted_in_top_k": pl.Int32,  # circuit plants: planted heads among the k circuit heads of largest v_h
+    "noise_floor_preservation": pl.Float64,  # 5th percentile of the base circuit against itself
+    "below_floor": pl.Boolean,  # the plant's P below it
+    "metric": pl.String,  # one of CALIBRATION_METRICS
+    "damage": pl.Int8,  # +1: larger is worse; -1: smaller is worse (dcv.metrics)
+    "base_value": pl.Float64,  # the base model's own value: no change
+    "value": pl.Float64,  # null where not measurable (relative V, P and J of a lost plant)
+    "ci_low": pl.Float64,  # item-bootstrap CI (circuits.ci_level, circuits.n_bootstrap draws)
+    "ci_high": pl.Float64,
+    "detected": pl.Boolean,  # CI beyond base_value in the damage direction (precision: a false positive)
+    "flagged": pl.Boolean,  # detected, or (preservation) P below its noise floor: any alarm
+    "separation": pl.Float64,  # circuit rows: damage x (circuit - random plant of the same k and alpha)
+    "separation_ci_low": pl.Float64,
+    "separation_ci_high": pl.Float64,
+    "separates": pl.Boolean,  # separation's CI above 0
+    "passes_positive_control": pl.Boolean,  # per probe and metric (see the module docstring)
+    "failure": pl.String,  # per probe and metric: why it fails (null when it passes)
+    "min_detectable_k": pl.Int32,  # per probe and metric: the smallest k of a detected circuit plant
+    "min_detectable_alpha": pl.Float64,  # at that k, the largest alpha detected (the weakest damage)
     "mde_vulnerability": pl.Float64,  # per probe: minimum detectable V, P and forgetting (one model)
     "mde_preservation": pl.Float64,
     "mde_forgetting": pl.Float64,
@@ -93,30 +113,41 @@ def read_calibration(storage_root: Path) -> pl.DataFrame | None:
 
 @dataclass(frozen=True)
 class Plant:
-    probe: str
-    kind: str  # circuit | random | copy
+    probe: str  # "" for the precision copy (measured on every probe)
+    kind: str  # circuit | random | precision
     k: int
     heads: tuple[Head, ...]
+    alpha: float = 1.0
 
     @property
     def name(self) -> str:
-        return f"planted-{self.probe}-{self.kind}-k{self.k}" if self.kind != "copy" else "planted-copy"
+        if self.kind == PRECISION:
+            return "planted-precision"
+        return f"planted-{self.probe}-{self.kind}-k{self.k}-a{self.alpha:g}"
 
 
 def plan_plants(
-    circuits: dict[str, list[Head]], shape: tuple[int, int], ks: Sequence[int], seed: int
+    circuits: dict[str, list[Head]],
+    shape: tuple[int, int],
+    ks: Sequence[int],
+    alphas: Sequence[float],
+    seed: int,
 ) -> list[Plant]:
-    """Per probe and k: the top-k circuit heads and k random non-circuit heads; one exact copy."""
+    """The precision copy, then per probe, k and alpha: the top-k circuit heads and k random non-circuit
+    heads (the same random heads at every alpha of a k, so the curve grades one set)."""
     every = [(la, h) for la in range(shape[0]) for h in range(shape[1])]
-    plants = [Plant("", "copy", 0, ())]
+    plants = [Plant("", PRECISION, 0, ())]
     for probe, circuit in circuits.items():
         outside = [h for h in every if h not in set(circuit)]
         rng = random.Random(f"calibration:{seed}:{probe}")
         for k in ks:
-            if k <= len(circuit):
-                plants.append(Plant(probe, "circuit", k, tuple(circuit[:k])))
-            if k <= len(outside):
-                plants.append(Plant(probe, "random", k, tuple(sorted(rng.sample(outside, k)))))
+            top = tuple(circuit[:k]) if k <= len(circuit) else None
+            others = tuple(sorted(rng.sample(outside, k))) if k <= len(outside) else None
+            for alpha in alphas:
+                if top:
+                    plants.append(Plant(probe, "circuit", k, top, alpha))
+                if others:
+                    plants.append(Plant(probe, "random", k, others, alpha))
     return plants
 
 
@@ -133,10 +164,29 @@ def plant_damage(model, heads: Sequence[Head], alpha: float):
     return model
 
 
+def plant_precision(model, seed: int = 0):
+    """The model at numerical precision, in place: float32 weights cast to bfloat16 and back (a relative
+    error up to 2^-9 each, what storing them in bf16 does); weights already in 16 bits, where that round
+    trip is exact, each moved one unit in the last place up or down at random."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for weight in model.parameters():
+            if not weight.is_floating_point():
+                continue
+            if weight.element_size() >= 4:
+                weight.copy_(weight.to(torch.bfloat16).to(weight.dtype))
+            else:
+                up = (torch.rand(weight.shape, generator=generator) < 0.5).to(weight.device)
+                toward = torch.where(up, torch.inf, -torch.inf).to(weight.dtype)
+                weight.copy_(torch.nextafter(weight, toward))
+    return model
+
+
 def write_plants(
     cfg: ExperimentConfig,
     plants: Sequence[Plant],
-    alpha: float,
     storage: Path,
     probes: Sequence[str],
     progress: Callable[[str], None],
@@ -162,20 +212,24 @@ def write_plants(
         folder = calibration_dir(storage) / "models" / plant.name
         spec = {
             "base": cfg.model.name,
+            "kind": plant.kind,
             "heads": [list(h) for h in plant.heads],
-            "alpha": alpha,
+            "alpha": plant.alpha,
             "probes": [cfg.probe(p).model_dump(mode="json") for p in probes],
         }
         marker = folder / PLANT_FILE
         done = read_json(marker, ("spec", "item_ld")) or {}  # unreadable: moved aside, planted again
         # Weights missing: dropped after an earlier calibration finished (drop_planted_weights).
         if done.get("spec") != spec or not (folder / PLANTED_WEIGHTS).is_file():
-            model = plant_damage(copy.deepcopy(base), plant.heads, alpha).eval()
+            model = copy.deepcopy(base)
+            if plant.kind == PRECISION:
+                model = plant_precision(model, cfg.calibration.seed)
+            model = plant_damage(model, plant.heads, plant.alpha).eval()
             save_model(model, tokenizer, folder)
             done = {"spec": spec, "item_ld": scores_of(model)}
             with atomic_path(marker) as tmp:
                 tmp.write_text(json.dumps(done))
-            progress(f"calibration: wrote {plant.name} ({len(plant.heads)} heads at alpha {alpha:g})")
+            progress(f"calibration: wrote {plant.name} ({len(plant.heads)} heads at alpha {plant.alpha:g})")
         rows.append((plant.name, 1, str(folder), done["item_ld"]))
     table = build_results_table(
         [
@@ -220,6 +274,26 @@ def _index(shape: tuple[int, int], heads: Sequence[Head]) -> np.ndarray:
     return np.array([layer * shape[1] + head for layer, head in heads], dtype=np.int64)
 
 
+def _draws_and_floor(
+    cfg: ExperimentConfig, base: ProbeParts, circuit: np.ndarray, seed: int
+) -> tuple[list[np.ndarray], float, dict[str, float]]:
+    """A probe's item draws (shared by every model measured on it, so their values pair up), P's noise
+    floor (5th percentile of the base circuit against itself) and the minimum detectable effects."""
+    floor = bootstrap_floor(base.delta, base.denominator, circuit, cfg.circuits.noise_floor_resamples, seed)
+    rng = np.random.default_rng(seed)
+    n = base.denominator.shape[0]
+    draws = [rng.integers(0, n, n) for _ in range(cfg.circuits.n_bootstrap)]
+    ld = base.item_ld
+    base_accuracy = [float((ld[d] > 0).mean()) for d in draws] if ld is not None else [0.0]
+    mde = {
+        "mde_vulnerability": MDE_FACTOR * float(np.std(floor["circuit_vulnerability"], ddof=1)),
+        "mde_preservation": MDE_FACTOR * float(np.std(floor["preservation"], ddof=1)),
+        # Never below one item in n: a base model right on every item has no spread to scale.
+        "mde_forgetting": max(MDE_FACTOR * float(np.std(base_accuracy, ddof=1)), 1.0 / n),
+    }
+    return draws, float(np.quantile(floor["preservation"], 0.05)), mde
+
+
 def calibration_table(
     cfg: ExperimentConfig,
     plants: Sequence[Plant],
@@ -227,86 +301,64 @@ def calibration_table(
     effects: pl.DataFrame,
     circuits: pl.DataFrame,
     shape: tuple[int, int],
-    alpha: float,
     seed: int = 0,
 ) -> pl.DataFrame:
-    """CALIBRATION_SCHEMA rows: every plant measured against the base (the copy once per probe)."""
+    """CALIBRATION_SCHEMA rows: every plant and metric measured against the base (the precision copy once
+    per probe), with each probe's detection curves and positive-control verdicts."""
     method = cfg.patching.methods[0]
     item_ld = {r["trial"]: r for r in results.iter_rows(named=True)}
     reference = base_circuits(circuits)
     own = {
         (r["model"], r["probe"]): r for r in circuits.filter(pl.col("method") == method).iter_rows(named=True)
     }
-    probes = sorted({p.probe for p in plants if p.kind != "copy"})
-    copy = next(p for p in plants if p.kind == "copy")
+    probes = sorted({p.probe for p in plants if p.kind != PRECISION})
+    precision = [p for p in plants if p.kind == PRECISION]
     rows = []
     for probe in probes:
         probe_cfg = cfg.probe(probe)
         base = _parts(effects, BASE_MODEL, probe, method, item_ld[BASE_MODEL][f"probe/{probe}/item_ld"])
         circuit = _index(shape, reference[(probe, method)])
         ref = ProbeReference(probe, base, circuit, probe_cfg.lost_fraction, True, True)
-        floor = bootstrap_floor(
-            base.delta, base.denominator, circuit, cfg.circuits.noise_floor_resamples, seed
-        )
-        floor_p = float(np.quantile(floor["preservation"], 0.05))
-        rng = np.random.default_rng(seed)
         n = base.denominator.shape[0]
-        draws = [rng.integers(0, n, n) for _ in range(cfg.circuits.n_bootstrap)]
-        base_accuracy = (
-            [float((base.item_ld[d] > 0).mean()) for d in draws] if base.item_ld is not None else [0.0]
-        )
-        mde = {
-            "mde_vulnerability": MDE_FACTOR * float(np.std(floor["circuit_vulnerability"], ddof=1)),
-            "mde_preservation": MDE_FACTOR * float(np.std(floor["preservation"], ddof=1)),
-            # Never below one item in n: a base model right on every item has no spread to scale.
-            "mde_forgetting": max(MDE_FACTOR * float(np.std(base_accuracy, ddof=1)), 1.0 / n),
-        }
-        probe_rows = []
-        for plant in [p for p in plants if p.probe == probe] + [copy]:
+        draws, floor_p, mde = _draws_and_floor(cfg, base, circuit, seed)
+        base_value = probe_numbers(base, ref, circuit, None)[0]
+        ours = [p for p in plants if p.probe == probe] + precision
+        measured = {}
+        for plant in ours:
             model = f"{plant.name}@1"
             parts = _parts(effects, model, probe, method, item_ld[plant.name][f"probe/{probe}/item_ld"])
-            own_circuit = _index(shape, circuit_heads(own[(model, probe)]))
-            point, v_rel, v_abs = probe_numbers(parts, ref, own_circuit, None)
-            boot = np.array(
-                [probe_numbers(parts, ref, own_circuit, d)[0]["circuit_vulnerability_abs"] for d in draws]
-            )
-            low, high = (float(x) for x in np.quantile(boot, [0.025, 0.975]))
-            v = v_abs if point["lost"] else v_rel
-            ranked = [int(circuit[i]) for i in np.argsort(-v, kind="stable")]
+            measured[plant] = measure(parts, ref, _index(shape, circuit_heads(own[(model, probe)])), draws)
+        twins = {(p.k, p.alpha): measured[p] for p in ours if p.kind == "random"}
+        probe_rows = []
+        for plant in ours:
+            m = measured[plant]
+            ranked = [int(circuit[i]) for i in np.argsort(-m.v_abs, kind="stable")]
             planted = set(_index(shape, plant.heads).tolist())
-            in_top_k = len(planted & set(ranked[: plant.k])) if plant.kind == "circuit" else None
-            below = bool(point["preservation"] < floor_p) if np.isfinite(point["preservation"]) else True
-            probe_rows.append(
-                {
-                    "probe": probe,
-                    "method": method,
-                    "kind": plant.kind,
-                    "k": plant.k,
-                    "alpha": alpha,
-                    "heads": " ".join(f"{la}.{h}" for la, h in plant.heads),
-                    "n_items": n,
-                    "preservation": _finite(point["preservation"]),
-                    "noise_floor_preservation": floor_p,
-                    "below_floor": below,
-                    "jaccard": _finite(point["jaccard"]),
-                    "circuit_vulnerability": _finite(point["circuit_vulnerability"]),
-                    "circuit_vulnerability_abs": point["circuit_vulnerability_abs"],
-                    "v_ci_low": low,
-                    "v_ci_high": high,
-                    "planted_in_top_k": in_top_k,
-                    "planted_in_top5": len(planted & set(ranked[:5])) if plant.kind == "circuit" else None,
-                    "recall": in_top_k / plant.k if in_top_k is not None else None,
-                    "forgetting": point["forgetting"],
-                    "forgetting_ld": point["forgetting_ld"],
-                    "lost": bool(point["lost"]),
-                    "detected": plant.kind == "circuit" and in_top_k / plant.k >= 0.5 and low > 0,
-                    "flagged": below or low > 0,
-                    **mde,
-                }
-            )
-        detected = [r["k"] for r in probe_rows if r["detected"]]
-        for row in probe_rows:
-            row["min_detectable_k"] = min(detected) if detected else None
+            below = bool(m.point["preservation"] < floor_p) if np.isfinite(m.point["preservation"]) else True
+            twin = twins.get((plant.k, plant.alpha)) if plant.kind == "circuit" else None
+            top_k = len(planted & set(ranked[: plant.k])) if plant.kind == "circuit" else None
+            common = {
+                "probe": probe,
+                "method": method,
+                "kind": plant.kind,
+                "k": plant.k,
+                "alpha": plant.alpha,
+                "heads": " ".join(f"{la}.{h}" for la, h in plant.heads),
+                "n_items": n,
+                "lost": bool(m.point["lost"]),
+                "planted_in_top_k": top_k,
+                "noise_floor_preservation": floor_p,
+                "below_floor": below,
+                **mde,
+            }
+            for row in metric_rows(m, base_value, twin, cfg.circuits.ci_level):
+                flagged = row["detected"] or (row["metric"] == "preservation" and below)
+                probe_rows.append(common | row | {"flagged": flagged})
+        for metric in CALIBRATION_METRICS:
+            of_metric = [r for r in probe_rows if r["metric"] == metric]
+            judged = verdict(metric, of_metric)
+            for row in of_metric:
+                row.update(judged)
         rows += probe_rows
     return pl.DataFrame(rows, schema=CALIBRATION_SCHEMA)
 
@@ -317,10 +369,6 @@ def drop_planted_weights(storage: Path, plants: Sequence[Plant]) -> None:
     it again (``write_plants``: a deepcopy of the base and a few scaled columns, seconds)."""
     for plant in plants:
         (calibration_dir(storage) / "models" / plant.name / PLANTED_WEIGHTS).unlink(missing_ok=True)
-
-
-def _finite(x: float) -> float | None:
-    return float(x) if np.isfinite(x) else None
 
 
 def run_calibration(
@@ -378,18 +426,18 @@ def run_calibration(
         table = pl.DataFrame(schema=CALIBRATION_SCHEMA)
         write_parquet(table, calibration_path(storage))
         return table
-    plants = plan_plants({p: reference[(p, method)] for p in chosen}, shape, c.k, c.seed)
-    results = write_plants(cfg, plants, c.alpha, storage, chosen, progress)
+    plants = plan_plants({p: reference[(p, method)] for p in chosen}, shape, c.k, c.alphas, c.seed)
+    results = write_plants(cfg, plants, storage, chosen, progress)
     # The base model's items as the experiment has them (every probe and method: its circuit file is
     # shared with the circuits stage), each planted model on its own probe with the primary method.
-    keep = [(p.name + "@1", p.probe) for p in plants if p.kind != "copy"]
-    keep += [("planted-copy@1", p) for p in chosen]
+    keep = [(p.name + "@1", p.probe) for p in plants if p.kind != PRECISION]
+    keep += [(p.name + "@1", probe) for p in plants if p.kind == PRECISION for probe in chosen]
     keep_frame = pl.DataFrame(keep, schema={"model": pl.String, "probe": pl.String}, orient="row")
     planted = build_work_items(cfg, results, chosen).join(keep_frame, on=["model", "probe"])
     work = pl.concat([base_work, planted.filter(pl.col("method") == method)])
     effects = run_pipeline(cfg, progress=progress, work=work, out=folder / "effects.parquet").table
     circuits = run_circuits(cfg, effects, storage, progress, out_dir=folder, curves=False)
-    table = calibration_table(cfg, plants, results, effects, circuits, shape, c.alpha, c.seed)
+    table = calibration_table(cfg, plants, results, effects, circuits, shape, c.seed)
     write_parquet(table, calibration_path(storage))
     with atomic_path(folder / "calibration.csv") as tmp:
         table.write_csv(tmp)

@@ -25,9 +25,9 @@
                                               analysis and report (each stage resumes; see dcv.experiment);
                                               prints where the report and the MLflow store are
     dcv report RUN_DIR                        the report again from a run's stored analysis tables
-    dcv calibrate CONFIG [--probe P] [--k 1,2,3,5] [--alpha 0]
+    dcv calibrate CONFIG [--probe P] [--k 1,2,3,5] [--alphas 0.5,0]
                                               planted damage on the base model (top-k circuit heads, k
-                                              random heads, an exact copy) through the same patching,
+                                              random heads, a bf16 round trip) through the same patching,
                                               circuits and analysis; prints and writes the table
     dcv patch-all CONFIG [--probe P ...]      head effects of the base model and every checkpoint of the
                                               sweep's results table, on a Ray Data actor pool; writes
@@ -167,7 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("config")
     calibrate.add_argument("--probe", dest="probes", action="append", help="only this probe (repeatable)")
     calibrate.add_argument("--k", help="comma-separated head counts, e.g. 1,2,3,5 (default calibration.k)")
-    calibrate.add_argument("--alpha", type=float, help="scale of the planted heads' output (default 0)")
+    calibrate.add_argument(
+        "--alphas",
+        help="comma-separated scales of the planted heads' output, e.g. 0.5,0 (default calibration.alphas)",
+    )
 
     report = commands.add_parser("report", help="rebuild a run's report from its stored tables")
     report.add_argument("run_dir", help="the run's storage.root (holds experiment_config.json)")
@@ -260,12 +263,12 @@ COMMANDS: dict[str, Callable[..., object]] = {
 
 def config_overrides(args: argparse.Namespace) -> list[str]:
     """``--set`` items, then the options that are config fields under a short name (calibrate's --k and
-    --alpha), so a problem with them is named like one of a --set."""
+    --alphas), so a problem with them is named like one of a --set."""
     overrides = list(args.overrides)
     if getattr(args, "k", None):
         overrides.append(f"calibration.k=[{args.k}]")
-    if getattr(args, "alpha", None) is not None:
-        overrides.append(f"calibration.alpha={args.alpha}")
+    if getattr(args, "alphas", None):
+        overrides.append(f"calibration.alphas=[{args.alphas}]")
     return overrides
 
 
@@ -577,6 +580,7 @@ def run_calibrate(cfg: ExperimentConfig, probes: list[str] | None, console: Cons
 
     from dcv.calibration import calibration_path, run_calibration
     from dcv.config import select_probes
+    from dcv.detection import plant_table, verdict_table
     from dcv.experiment import prepare_base
 
     _quiet_transformers()
@@ -586,28 +590,23 @@ def run_calibrate(cfg: ExperimentConfig, probes: list[str] | None, console: Cons
     start_ray(cfg, console, "calibrate")
     start = time.perf_counter()
     table = run_calibration(prepare_base(cfg, storage), storage, probes, progress=console.progress)
-    columns = [
-        "probe",
-        "kind",
-        "k",
-        "preservation",
-        "noise_floor_preservation",
-        "circuit_vulnerability_abs",
-        "v_ci_low",
-        "v_ci_high",
-        "planted_in_top_k",
-        "planted_in_top5",
-        "detected",
-        "flagged",
-    ]
-    with pl.Config(tbl_rows=60, tbl_cols=20, tbl_width_chars=200):
-        console.line(str(table.select(columns)))
+    with pl.Config(tbl_rows=100, tbl_cols=20, tbl_width_chars=250, fmt_str_lengths=40):
+        console.line(str(plant_table(table)))  # " *": flagged (on the precision copy, a false positive)
+    for row in verdict_table(table).iter_rows(named=True):
+        judged = (
+            "passes its positive control" if row["passes_positive_control"] else f"FAILS: {row['failure']}"
+        )
+        console.line(
+            f"{row['probe']} {row['metric']}: weakest detected k = {row['min_detectable_k']} at alpha "
+            f"{row['min_detectable_alpha']}; separates from random plants at k = "
+            f"{row['separates_at_k'] or '-'}; {judged}"
+        )
     for (probe,), rows in table.group_by("probe", maintain_order=True):
         row = rows.row(0, named=True)
         console.line(
-            f"{probe}: minimum detectable damage k = {row['min_detectable_k']}; minimum detectable effect "
-            f"(one model, {row['n_items']} items): V {row['mde_vulnerability']:.3g}, "
-            f"P {row['mde_preservation']:.3g}, forgetting {row['mde_forgetting']:.3g}"
+            f"{probe}: minimum detectable effect (one model, {row['n_items']} items): V "
+            f"{row['mde_vulnerability']:.3g}, P {row['mde_preservation']:.3g}, forgetting "
+            f"{row['mde_forgetting']:.3g}"
         )
     console.line(f"calibrated in {time.perf_counter() - start:.0f} s; table: {calibration_path(storage)}")
     _name_log(console)

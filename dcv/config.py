@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dcv.metrics import ANSWER_METRICS
+
 # Head-effect methods: the patching ones (dcv.circuits.patching) and learned masks (dcv.circuits.mask), which
 # learn one item over all heads instead of patching.
 PATCHING_METHODS = ("exact", "attribution", "ig")
@@ -41,6 +43,7 @@ PREDICTOR_NAMES = (
     "one_minus_preservation",
     "one_minus_jaccard",
     "cmap",
+    "steps",
 )
 RUN_NAME = r"^[A-Za-z0-9][\w.-]*$"  # names are used in MLflow filters and storage paths
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -650,7 +653,7 @@ class CircuitsConfig(Section):
     )
     n_bootstrap: PositiveInt = Field(
         1000,
-        description="bootstrap draws behind every CI (the analysis' hierarchical bootstrap, the competence "
+        description="bootstrap draws behind every CI (the analysis' item bootstrap, the competence "
         "guard, calibration)",
     )
     ci_level: Annotated[float, Field(gt=0, lt=1)] = Field(
@@ -681,8 +684,34 @@ class CircuitsConfig(Section):
         return fractions
 
 
+# The metrics a primary endpoint may name: those stated in the answer (damage measures that pass their
+# positive control; dcv.metrics holds one record per metric).
+PRIMARY_METRICS = ANSWER_METRICS
+
+
+class PrimaryEndpoint(Section):
+    """The one comparison the answer leads with; every other is secondary (Holm-corrected as a family)."""
+
+    metric: Literal[PRIMARY_METRICS] = Field(
+        "circuit_vulnerability_abs", description="the metric compared between SFT and RL"
+    )
+    axis: Literal["accuracy", "kl", "step"] = Field(
+        "accuracy", description="what the runs are matched on: target accuracy, KL to base, or step"
+    )
+    level: PositiveFloat | None = Field(
+        None,
+        description="the matched level; None = the highest level of the axis that at least "
+        "analysis.min_runs runs of each method reach (the most adaptation, drift or training)",
+    )
+
+
 class AnalysisConfig(Section):
     """The matched SFT-vs-RL comparison (DESIGN "Statistics")."""
+
+    primary: PrimaryEndpoint = Field(
+        default_factory=PrimaryEndpoint,
+        description="the primary endpoint: one metric at one matched level; the answer leads with it",
+    )
 
     accuracy_step: Annotated[float, Field(gt=0, le=0.5)] = Field(
         0.05, description="target-accuracy levels of the matched grid: multiples of this above the base's"
@@ -698,7 +727,17 @@ class AnalysisConfig(Section):
         description="candidate predictors of forgetting in the predictors table (R^2 and Spearman against "
         "forgetting over all fine-tuned checkpoints, by method and pooled): kl_to_base (RL's Razor's), "
         "weight_change (needs weight_change.enabled), circuit_vulnerability, circuit_vulnerability_abs, "
-        "one_minus_preservation, one_minus_jaccard; None = every one with data",
+        "one_minus_preservation, one_minus_jaccard, cmap, steps (the checkpoint's training step: the "
+        "baseline, always listed); None = every one with data",
+    )
+    predictor_item_split: bool = Field(
+        True,
+        description="the predictors table sets a circuit predictor read from probe items (V, V abs, 1 - P, "
+        "1 - J) against forgetting read from probe items (probe accuracy, mean LD) only on disjoint items: "
+        "the predictor on each probe's even-indexed items, forgetting on its odd-indexed ones (on the same "
+        "items a uniform shrink of every LD makes V abs and forgetting one number, R^2 = 1). false, or "
+        "probes without per-item LDs (masks), or CMAP (stored over all items): those pairs get status "
+        "'same items' and no R^2. KL, weight change and steps always use every item",
     )
 
     @field_validator("predictors")
@@ -736,13 +775,38 @@ class CalibrationConfig(Section):
     k: list[PositiveInt] = Field(
         default_factory=lambda: [1, 2, 3, 5],
         min_length=1,
-        description="planted sizes: for each k, one model with the probe's top-k circuit heads damaged and "
-        "one with k random heads outside the circuit damaged",
+        description="planted sizes: for each k and alpha, one model with the probe's top-k circuit heads "
+        "damaged and one with k random heads outside the circuit damaged",
     )
-    alpha: Annotated[float, Field(ge=0, lt=1)] = Field(
-        0.0, description="planted heads' o_proj input columns are scaled by alpha: 0 ablates, 0.5 halves"
+    alphas: list[Annotated[float, Field(ge=0, lt=1)]] = Field(
+        default_factory=lambda: [0.5, 0.0],
+        min_length=1,
+        description="graded damage: planted heads' o_proj input columns are scaled by each alpha (0 ablates, "
+        "0.5 halves), one model per (k, alpha, kind); the detection curves run over them and the positive "
+        "control is judged at the smallest (strongest damage)",
     )
     seed: int = Field(0, description="draws the random non-circuit heads")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_alpha(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "alpha" in data and "alphas" not in data:
+            import warnings
+
+            warnings.warn(
+                "calibration.alpha is renamed calibration.alphas (a list); read as alphas: [alpha]",
+                FutureWarning,
+                stacklevel=2,
+            )
+            data = {**{k: v for k, v in data.items() if k != "alpha"}, "alphas": [data["alpha"]]}
+        return data
+
+    @field_validator("alphas")
+    @classmethod
+    def _distinct_alphas(cls, alphas: list[float]) -> list[float]:
+        if len(set(alphas)) != len(alphas):
+            raise ValueError(f"duplicates in {alphas}: each alpha is one set of planted models")
+        return alphas
 
 
 class BenchmarksConfig(Section):

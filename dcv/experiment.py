@@ -203,19 +203,23 @@ def _about(cfg: ExperimentConfig, storage: Path, results: pl.DataFrame) -> list[
         "relative (e_M divided by the checkpoint's own gap) and absolute (divided by the base model's gap). "
         "A checkpoint whose gap fell below probes[].lost_fraction of the base gap has lost the behaviour "
         "('lost'): counted as forgetting, never as relative numbers. DCV_h = v_h(SFT) - v_h(RL). CIs: "
-        "hierarchical bootstrap over runs, probe items and target test items (the match is redone in each "
-        "draw).",
+        "these runs: bootstrap over probe items and target test items, runs held fixed (the match is redone "
+        "in each draw); across seeds: Welch's t on the runs' values with the item variance folded in.",
     ]
 
 
 def report_stage(cfg: ExperimentConfig, storage: Path, seconds: dict[str, float]):
-    """Figures and report from the stored analysis tables, logged to the MLflow parent run."""
+    """Figures and report from the stored analysis tables, logged to the MLflow parent run: the report and
+    figures as artifacts, the answer table as an MLflow table (``answer.json``, shown in the run's
+    Artifacts and the experiment's evaluation view) and CSV, the primary endpoint and the stage times as
+    metrics, the primary verdict and the answer as tags (not one metric per cell of the headline)."""
     from dcv.calibration import read_calibration
-    from dcv.report import answer_paragraphs, build_report
+    from dcv.report import answer_paragraphs, answer_table, build_report
 
     tables = read_analysis(storage)
     results = read_results(storage)
     calibration = read_calibration(storage)
+    endpoint = cfg.analysis.primary.model_dump()
     md, page, figures = build_report(
         tables,
         storage / "report",
@@ -223,32 +227,57 @@ def report_stage(cfg: ExperimentConfig, storage: Path, seconds: dict[str, float]
         _about(cfg, storage, results),
         seconds,
         calibration,
+        endpoint,
     )
     parent = tracking.get_or_create_parent_run(cfg)
     parent.log_artifact(md, artifact_path="report")
     parent.log_artifact(page, artifact_path="report")
     for figure in figures:
         parent.log_artifact(figure, artifact_path="report/figures")
-    seconds_metrics = {f"stage_seconds/{name}": value for name, value in seconds.items()}
-    parent.log_metrics(headline_metrics(tables["headline"]) | seconds_metrics)
     primary = cfg.patching.methods[0]
-    answer = answer_paragraphs(tables["headline"], tables["base_circuits"], primary, calibration)
-    parent.set_tag("dcv.answer", " ".join(answer)[:5000])
+    table = answer_table(tables["headline"], primary)
+    if not table.is_empty():
+        parent.log_table(table, "answer.json")
+        parent.log_artifact(write_csv(table, storage / "report" / "answer.csv"), artifact_path="report")
+    seconds_metrics = {f"stage_seconds/{name}": value for name, value in seconds.items()}
+    parent.log_metrics(primary_metrics(tables["headline"], primary) | seconds_metrics)
+    answer = answer_paragraphs(tables["headline"], tables["base_circuits"], primary, calibration, endpoint)
+    parent.set_tag("dcv.primary", answer[0][:5000])
+    parent.set_tag("dcv.verdict", primary_verdict(tables["headline"], primary))
+    parent.set_tag("dcv.answer", "\n\n".join(answer)[:5000])
     return md, page, answer
 
 
-def headline_metrics(headline: pl.DataFrame) -> dict[str, float]:
-    """The matched comparison as MLflow metrics: each used level's means, CI bounds and n per method
-    (``headline/<patching>/<axis>:<level>/<metric>/<sft|rl|sft-rl>/<mean|ci_low|ci_high|mde>``)."""
-    metrics = {}
-    for row in headline.filter(pl.col("status") != "insufficient runs").iter_rows(named=True):
-        level = f"{row['matched_by']}:{row['matched_at']:.4g}"
-        key = f"headline/{row['patching']}/{level}/{row['metric']}/{row['training']}"
-        for field in ("mean", "ci_low", "ci_high", "mde"):
-            if row[field] is not None and np.isfinite(row[field]):
-                metrics[f"{key}/{field}"] = float(row[field])
-        metrics[f"{key}/n_runs_sft"], metrics[f"{key}/n_runs_rl"] = row["n_runs_sft"], row["n_runs_rl"]
-    return metrics
+def write_csv(frame: pl.DataFrame, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        frame.write_csv(tmp)
+    return path
+
+
+def _primary_row(headline: pl.DataFrame, patching: str) -> dict | None:
+    if "role" not in headline.columns:
+        return None
+    rows = headline.filter((pl.col("patching") == patching) & (pl.col("role") == "primary"))
+    return rows.row(0, named=True) if rows.height else None
+
+
+def primary_verdict(headline: pl.DataFrame, patching: str) -> str:
+    """The primary endpoint's verdicts as one tag value: "across seeds: ...; these runs: ..."."""
+    row = _primary_row(headline, patching)
+    if row is None:
+        return "not compared (insufficient runs)"
+    return f"across seeds: {row['verdict_seeds']}; these runs: {row['verdict_runs']}"
+
+
+def primary_metrics(headline: pl.DataFrame, patching: str) -> dict[str, float]:
+    """The primary endpoint as a handful of MLflow metrics (``primary/<name>``): the SFT - RL difference,
+    both CIs, p, the MDE, the runs per method it would need and n per method."""
+    row = _primary_row(headline, patching)
+    if row is None:
+        return {}
+    names = ("mean", "ci_low", "ci_high", "seed_ci_low", "seed_ci_high", "p_value", "mde", "runs_needed")
+    metrics = {f"primary/{n}": float(row[n]) for n in names if row[n] is not None and np.isfinite(row[n])}
+    return metrics | {"primary/n_runs_sft": row["n_runs_sft"], "primary/n_runs_rl": row["n_runs_rl"]}
 
 
 def preflight(cfg: ExperimentConfig) -> None:
@@ -357,7 +386,8 @@ def _run_stages(
 
         calibration = run_calibration(cfg, storage, progress=progress)
         parent.log_artifact(calibration_path(storage), artifact_path="calibration")
-        finished("calibration", start, f": {calibration.height} planted models measured")
+        plants = calibration.unique(["probe", "kind", "k", "alpha"]).height  # one row per metric of each
+        finished("calibration", start, f": {plants} (probe, plant) pairs measured")
     else:
         finished("calibration", start, ": off (calibration.enabled: false)")
 

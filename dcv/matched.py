@@ -1,4 +1,4 @@
-"""SFT against RL at matched points, with the hierarchical bootstrap (DESIGN "Statistics").
+"""SFT against RL at matched points, these runs (item bootstrap) and across seeds (DESIGN "Statistics").
 
 Every number a checkpoint gets from patching is a function of per-item parts, so one function
 (``checkpoint_numbers``) computes them all for a choice of probe items and target test items: with all
@@ -16,10 +16,22 @@ Means over probes leave out the target-task probe and probes the base model cann
 leave out probes whose base circuit did not reach tau (``ProbeReference.in_means``).
 
 Matched points: on a grid of target accuracy, KL to base and step, each run is interpolated linearly
-between its evaluated checkpoints where it first reaches the level (``interpolation_weights``). A level
-is used only where at least ``min_runs`` runs of each method reach it. The bootstrap resamples runs within
-each method, probe items (one draw per probe, shared by every model: all are patched on the same items)
-and target test items (the accuracy each run is matched on is recomputed, so the matched step moves).
+between its evaluated checkpoints where it first reaches the level (``interpolation_weights``); never at
+its step 0 (the base, or an RL run's SFT start), also not inside a draw whose resampled start reaches the
+level (that draw leaves the run out; ``Level.start_reached`` is the share of such draws). A level is used
+only where at least ``min_runs`` runs of each method reach it.
+
+Two levels of claim (DESIGN "Statistics", v3):
+
+- *These runs* (``Level.draws``): conditional on the trained checkpoints, every run kept; the bootstrap
+  resamples probe items (one draw per probe, shared by every model: all are patched on the same items) and
+  target test items (the accuracy each run is matched on is recomputed, so the matched step moves). Valid
+  at any number of runs; it says what these models did.
+- *Across seeds* (``across_seeds``): Welch's t on the runs' values at the level, the item part of the
+  difference's variance (from the item draws) added to the runs' s^2/n terms, Welch's df of the runs'
+  terms. Its false-positive rate under the null is measured by ``bench/null_calibration.py`` at 2, 3
+  and 5 runs per method; the minimum detectable effect and the runs per method an effect would need use
+  the same t.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import stats
 
 from dcv.circuits.competence import is_lost
 from dcv.circuits.vulnerability import interpolation_weights, vulnerability
@@ -53,8 +66,11 @@ PROBE_METRICS = (
     "probe_mean_ld",
     *(m for m in MEAN_METRICS if m != "n_lost"),
 )
-# A minimum detectable effect at 80% power for a two-sided 5% test: (z_0.975 + z_0.8) standard errors.
+# An item-level minimum detectable effect (one model against base over n items, n >> 30, where z is right):
+# (z_0.975 + z_0.8) standard errors. Across seeds the t of ``across_seeds`` stands in its place.
 MDE_FACTOR = 1.959964 + 0.841621
+POWER = 0.8  # the power a minimum detectable effect and the runs an effect would need are stated at
+MAX_RUNS_NEEDED = 100  # beyond this many runs per method the answer says "more than 100"
 
 
 @dataclass(frozen=True)
@@ -64,6 +80,9 @@ class ProbeParts:
     delta: np.ndarray  # [heads, items]: LD_clean - LD_patched, every head in (layer, head) order
     denominator: np.ndarray  # [items]: LD_clean - LD_corrupt
     item_ld: np.ndarray | None = None  # [items]: LD_clean; None when the results table has none
+    # The gap the lost rule reads where ``denominator`` is a pseudo-item (learned masks: [1] in every model):
+    # another method's mean LD_clean - LD_corrupt, or the mean clean LD. None: the denominator's mean.
+    gap: float | None = None
 
 
 @dataclass(frozen=True)
@@ -136,8 +155,11 @@ def probe_numbers(
         items = None  # learned masks: one pseudo-item, nothing to resample (the per-item LDs still are)
     g_base = _mean(ref.base.denominator, items)
     g_model = _mean(parts.denominator, items)
-    lost = is_lost(g_model, g_base, ref.lost_fraction)
-    out = {"gap": g_model, "lost": float(lost)}
+    # Masks: the real gaps (not the pseudo-denominator the effects divide by) decide lost, not resampled.
+    real = parts.gap is not None and ref.base.gap is not None
+    gap_model, gap_base = (parts.gap, ref.base.gap) if real else (g_model, g_base)
+    lost = is_lost(gap_model, gap_base, ref.lost_fraction)
+    out = {"gap": gap_model, "lost": float(lost)}
     if parts.item_ld is not None and ref.base.item_ld is not None:
         ld_model = parts.item_ld if ld_items is None else parts.item_ld[ld_items]
         ld_base = ref.base.item_ld if ld_items is None else ref.base.item_ld[ld_items]
@@ -245,12 +267,19 @@ def checkpoint_numbers(
     return out
 
 
-def run_at(xs: np.ndarray, numbers: np.ndarray, level: float) -> np.ndarray | None:
-    """A run's numbers [points, width] interpolated where its ``xs`` first reach ``level``."""
+def run_at(xs: np.ndarray, numbers: np.ndarray, level: float, from_start: bool = True) -> np.ndarray | None:
+    """A run's numbers [points, width] interpolated where its ``xs`` first reach ``level``; None where it
+    never does, or where its first point already does and that point is the run's start (``from_start``:
+    step 0, the base model or an RL run's SFT start) — the start is not a fine-tuned model."""
     weights = interpolation_weights([float(x) for x in xs], level)
-    if weights is None:
+    if weights is None or (from_start and weights[0] == (0, 1.0)):
         return None
     return sum(w * numbers[j] for j, w in weights)
+
+
+def start_reaches(xs: np.ndarray, level: float, from_start: bool) -> bool:
+    """Whether a run's start (its step-0 point) already reaches ``level``: such a run is not matched."""
+    return from_start and len(xs) > 0 and float(xs[0]) >= level
 
 
 def axis_values(layout: Layout, numbers: np.ndarray, steps: np.ndarray, axis: str) -> np.ndarray:
@@ -263,7 +292,8 @@ def axis_values(layout: Layout, numbers: np.ndarray, steps: np.ndarray, axis: st
 
 @dataclass(frozen=True)
 class Level:
-    """One matched level: each method's mean vector and the bootstrap draws of SFT, RL and SFT - RL."""
+    """One matched level: each method's runs at it, their mean vectors, and the item bootstrap's draws of
+    SFT, RL and SFT - RL with every run kept (the "these runs" claim)."""
 
     axis: str
     value: float
@@ -271,6 +301,9 @@ class Level:
     used: bool
     mean: dict[str, np.ndarray]  # method -> [width] (only when used)
     draws: dict[str, np.ndarray]  # method or "sft-rl" -> [B, width] (NaN where no run reached it)
+    values: dict[str, np.ndarray] = field(default_factory=dict)  # method -> [runs, width] at the level
+    # Share of the draws in which a run's resampled start reached the level (that run left out there).
+    start_reached: float = 0.0
 
 
 def grid(runs: Sequence[Run], base_accuracy: float, accuracy_step: float, kl_levels: int) -> dict[str, list]:
@@ -292,8 +325,9 @@ def grid(runs: Sequence[Run], base_accuracy: float, accuracy_step: float, kl_lev
     return {"accuracy": levels, "kl": kl_grid, "step": [float(s) for s in steps]}
 
 
-# One hierarchical bootstrap draw: the runs chosen per method (indices into ``runs_by_method``) and every
-# run's checkpoint vectors [points, width] on that draw's probe and target items.
+# One bootstrap draw: the runs chosen per method (indices into ``runs_by_method``; read by the predictors
+# table only, the matched comparison keeps every run) and every run's checkpoint vectors [points, width] on
+# that draw's probe and target items.
 Draw = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
 
 
@@ -305,9 +339,10 @@ def runs_by_method(runs: Sequence[Run]) -> dict[str, list[Run]]:
 def resample(
     runs: Sequence[Run], refs: Sequence[ProbeReference], layout: Layout, n_bootstrap: int, seed: int = 0
 ) -> list[Draw]:
-    """The hierarchical bootstrap's draws (DESIGN "Statistics"): probe items (one draw per probe, shared
-    by every model), target test items, then runs within each method. One set serves every level of the
-    matched comparison and the predictors table, so their numbers are comparable."""
+    """The bootstrap's draws (DESIGN "Statistics"): probe items (one draw per probe, shared
+    by every model), target test items, then runs within each method (the predictors table's; the matched
+    comparison holds the runs fixed). One set serves every level of the matched comparison and the
+    predictors table, so their numbers are comparable."""
     by_method = runs_by_method(runs)
     rng = np.random.default_rng(seed)
     # Probe items: as many as the patching parts have, or (masks: one pseudo-item) as the per-item LDs.
@@ -322,12 +357,13 @@ def resample(
         probe_items = {name: rng.integers(0, n, n) for name, n in n_items.items()}
         target_items = rng.integers(0, n_target, n_target) if n_target else None
         chosen = {m: rng.integers(0, len(rs), len(rs)) for m, rs in by_method.items() if rs}
-        numbers = {
-            r.name: np.stack(
-                [checkpoint_numbers(p, refs, layout, probe_items, target_items) for p in r.points]
-            )
-            for r in runs
-        }
+        # A point shared by several runs (the base at step 0, an SFT start) is computed once per draw.
+        cache: dict[int, np.ndarray] = {}
+        for r in runs:
+            for p in r.points:
+                if id(p) not in cache:
+                    cache[id(p)] = checkpoint_numbers(p, refs, layout, probe_items, target_items)
+        numbers = {r.name: np.stack([cache[id(p)] for p in r.points]) for r in runs}
         draws.append((chosen, numbers))
     return draws
 
@@ -343,28 +379,25 @@ def compare(
     draws: Sequence[Draw] | None = None,
 ) -> list[Level]:
     """Every level of ``levels``: which methods reach it and, where both reach it with ``min_runs`` runs,
-    the point means and the hierarchical bootstrap draws (``draws``: from ``resample``, made here when
-    None)."""
+    the runs' values, their means and the item bootstrap's draws with every run kept (``draws``: from
+    ``resample``, made here when None; their run choices are not used here)."""
     by_method = runs_by_method(runs)
     point = {r.name: np.stack([checkpoint_numbers(p, refs, layout) for p in r.points]) for r in runs}
     steps = {r.name: np.array([p.step for p in r.points]) for r in runs}
-    # One set of draws (items, then runs) shared by every level, so levels are comparable.
+    from_start = {name: bool(s.size and s[0] == 0) for name, s in steps.items()}
+    # One set of draws (items) shared by every level, so levels are comparable.
     draws = resample(runs, refs, layout, n_bootstrap, seed) if draws is None else draws
     n_bootstrap = len(draws)
+
+    def at_level(numbers: np.ndarray, run: Run, axis: str, value: float) -> np.ndarray | None:
+        xs = axis_values(layout, numbers, steps[run.name], axis)
+        return run_at(xs, numbers, value, from_start[run.name])
+
     out = []
     for axis, values in levels.items():
         for value in values:
             reached = {
-                m: [
-                    at
-                    for r in rs
-                    if (
-                        at := run_at(
-                            axis_values(layout, point[r.name], steps[r.name], axis), point[r.name], value
-                        )
-                    )
-                    is not None
-                ]
+                m: [at for r in rs if (at := at_level(point[r.name], r, axis, value)) is not None]
                 for m, rs in by_method.items()
             }
             n_runs = {m: len(reached[m]) for m in TRAINING_METHODS}
@@ -374,22 +407,110 @@ def compare(
                 continue
             mean = {m: np.mean(reached[m], axis=0) for m in TRAINING_METHODS}
             boot = {m: np.full((n_bootstrap, layout.size), np.nan) for m in TRAINING_METHODS}
-            for b, (chosen, numbers) in enumerate(draws):
+            started = 0
+            for b, (_, numbers) in enumerate(draws):
+                left_out = False
                 for m in TRAINING_METHODS:
                     at = []
-                    for i in chosen[m]:
-                        run = by_method[m][i]
+                    for run in by_method[m]:
                         xs = axis_values(layout, numbers[run.name], steps[run.name], axis)
-                        hit = run_at(xs, numbers[run.name], value)
+                        left_out |= start_reaches(xs, value, from_start[run.name])
+                        hit = run_at(xs, numbers[run.name], value, from_start[run.name])
                         if hit is not None:
                             at.append(hit)
                     if at:
                         with warnings.catch_warnings():
                             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN
                             boot[m][b] = np.nanmean(at, axis=0)
+                started += left_out
             boot["sft-rl"] = boot["sft"] - boot["rl"]
-            out.append(Level(axis, value, n_runs, True, mean, boot))
+            values_at = {m: np.stack(reached[m]) for m in TRAINING_METHODS}
+            share = started / n_bootstrap if n_bootstrap else 0.0
+            out.append(Level(axis, value, n_runs, True, mean, boot, values_at, share))
     return out
+
+
+@dataclass(frozen=True)
+class SeedTest:
+    """The across-seeds comparison of one level, per column of the layout (DESIGN "Statistics" v3)."""
+
+    difference: np.ndarray  # mean over SFT runs - mean over RL runs
+    se: np.ndarray  # sqrt(s_sft^2 / n_sft + s_rl^2 / n_rl + item variance of the difference)
+    df: np.ndarray  # Satterthwaite's
+    p: np.ndarray  # two-sided
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+    mde: np.ndarray  # (t_{1-alpha/2, df} + t_{power, df}) se
+    runs_needed: np.ndarray  # runs per method at which the observed difference is the MDE (NaN: > max)
+
+
+def _satterthwaite(parts: Sequence[np.ndarray], dfs: Sequence[float]) -> np.ndarray:
+    total = sum(parts)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return total**2 / sum(p**2 / d for p, d in zip(parts, dfs, strict=True))
+
+
+def _df(part1: np.ndarray, part2: np.ndarray, n1: int, n2: int, df_item: int) -> np.ndarray:
+    """Welch's Satterthwaite df of the runs' parts alone: the item part widens the SE but never raises
+    the df (a run variance estimated small by chance on 1-2 df must not borrow the items' df); where the
+    runs did not vary at all, the item part's own df."""
+    df = _satterthwaite([part1, part2], [n1 - 1, n2 - 1])
+    return np.where((part1 + part2) > 0, df, df_item)
+
+
+def _t_factor(df: np.ndarray, alpha: float, power: float) -> np.ndarray:
+    return stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)
+
+
+def across_seeds(
+    values: dict[str, np.ndarray], item_draws: np.ndarray, n_items: int, alpha: float, power: float = POWER
+) -> SeedTest:
+    """Welch's t of SFT against RL on run-level values [runs, width] per method, with the item part of
+    the difference's variance (the variance over ``item_draws`` [B, width], every run kept) added to the
+    runs' terms; the df is Welch's of the runs' terms alone (``_df``). Under the null its
+    false-positive rate is at most ``alpha`` at 2, 3 and 5 runs per method (bench/null_calibration.py).
+
+    ``runs_needed``: the smallest runs per method (equal n, the observed variances) at which the observed
+    difference equals the minimum detectable effect at ``power``; NaN when even ``MAX_RUNS_NEEDED`` does
+    not reach it (the item part alone may be too large: more items, not more runs)."""
+    sft, rl = values["sft"], values["rl"]
+    n1, n2 = sft.shape[0], rl.shape[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        var1, var2 = np.var(sft, axis=0, ddof=1), np.var(rl, axis=0, ddof=1)
+        finite = np.isfinite(item_draws).sum(axis=0) >= 2
+        item = np.where(finite, np.nanvar(item_draws, axis=0, ddof=1), 0.0)
+    difference = np.mean(sft, axis=0) - np.mean(rl, axis=0)
+    df_item = max(n_items - 1, 1)
+    parts = [var1 / n1, var2 / n2, item]
+    se = np.sqrt(sum(parts))
+    df = _df(var1 / n1, var2 / n2, n1, n2, df_item)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.abs(difference) / se
+    p = np.where(se > 0, 2 * stats.t.sf(t, df), np.where(difference == 0, 1.0, 0.0))
+    half = stats.t.ppf(1 - alpha / 2, df) * se
+    mde = _t_factor(df, alpha, power) * se
+    # Every n at once: [n, width] minimum detectable effects at n runs per method (equal n).
+    n = np.arange(2, MAX_RUNS_NEEDED + 1)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mde_n = _t_factor(_df(var1 / n, var2 / n, n, n, df_item), alpha, power) * np.sqrt(
+            var1 / n + var2 / n + item
+        )
+    enough = mde_n <= np.abs(difference)
+    todo = np.isfinite(difference) & (np.abs(difference) > 0) & (se > 0) & enough.any(axis=0)
+    needed = np.where(todo, n[np.argmax(enough, axis=0), 0], np.nan)
+    return SeedTest(difference, se, df, p, difference - half, difference + half, mde, needed)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error at most alpha across the family)."""
+    order = np.argsort(p_values, kind="stable")
+    m = len(p_values)
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def interval(draws: np.ndarray, ci_level: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

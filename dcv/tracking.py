@@ -13,8 +13,11 @@ Credentials for a tracking server come from the environment (``MLFLOW_TRACKING_U
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import polars as pl
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -34,6 +38,7 @@ from dcv.storage import is_remote_storage, local_storage_root
 PARENT_TAG = "dcv.parent"
 EXPERIMENT_TAG = "dcv.experiment"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"  # how the MLflow UI finds a run's tables
 
 
 def default_tracking_uri(cfg: ExperimentConfig) -> str:
@@ -92,6 +97,23 @@ class RunLogger:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+
+    def log_table(self, table: pl.DataFrame, artifact_file: str) -> None:
+        """``table`` as an MLflow table (JSON, orient "split", the run's ``mlflow.loggedArtifacts`` tag), as
+        ``MlflowClient.log_table`` writes it, but replaced rather than appended to on a rerun."""
+        folder = Path(tempfile.mkdtemp(prefix="dcv-table-"))
+        try:
+            path = folder / Path(artifact_file).name
+            table.to_pandas().to_json(path, orient="split", index=False)
+            parent = str(Path(artifact_file).parent)
+            self.log_artifact(path, None if parent == "." else parent)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        tags = self.client.get_run(self.run_id).data.tags
+        logged = json.loads(tags.get(LOGGED_ARTIFACTS_TAG, "[]"))
+        entry = {"path": artifact_file, "type": "table"}
+        if entry not in logged:
+            self.set_tag(LOGGED_ARTIFACTS_TAG, json.dumps([*logged, entry]))
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)

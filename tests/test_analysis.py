@@ -199,8 +199,10 @@ def test_headline_at_matched_accuracy(tables):
     assert diff["n_runs_sft"] == 2 and diff["n_runs_rl"] == 2
     assert diff["n_probe_items"] == N_ITEMS and diff["n_target_items"] == N_TEST
     assert diff["probe_items"] == ", ".join(f"{p} {N_ITEMS}" for p in ("ioi",))
-    # Runs, probe items and target items are resampled: a real interval around the point, an MDE beside it.
+    # Probe items and target items are resampled (these runs): a real interval around the point; across
+    # seeds a Welch interval, wider, and an MDE beside it.
     assert diff["ci_low"] < diff["mean"] < diff["ci_high"] and diff["mde"] > 0
+    assert diff["seed_ci_low"] < diff["mean"] < diff["seed_ci_high"] and diff["seed_df"] > 0
     assert headline_row(headline, "accuracy", 0.45, "forgetting_bench", "sft")["mean"] == pytest.approx(
         0.8 * (0.5 - 0.5 * 0.8 * (1 - 0.01))
     )
@@ -209,8 +211,9 @@ def test_headline_at_matched_accuracy(tables):
         (pl.col("matched_by") == "accuracy") & (pl.col("metric") == "target_accuracy")
     ).is_empty()
     # Every CI of a used level has width (a zero-width CI is a bug, not a result); numbers equal in every
-    # draw (or in 95% of them) are said to be so: no run lost a probe, faithfulness 0.9 everywhere here, and
-    # below step 4 every circuit head is kept in nearly every draw.
+    # draw (or in 95% of them) are said to be so: no run lost a probe, faithfulness 0.9 everywhere here,
+    # below step 4 every circuit head is kept in nearly every draw, and KL and benchmarks are not
+    # item-resampled (with the runs held fixed they are fixed numbers).
     ok = headline.filter(pl.col("status") == "ok")
     assert (ok["ci_high"] > ok["ci_low"]).all(), ok.filter(pl.col("ci_high") <= pl.col("ci_low"))
     constant = headline.filter(pl.col("status") == "no variation")
@@ -220,6 +223,8 @@ def test_headline_at_matched_accuracy(tables):
         "forgetting",
         "preservation",
         "jaccard",
+        "kl_to_base",
+        "forgetting_bench",
     }
     assert (constant["ci_low"] == constant["ci_high"]).all()
 
@@ -239,11 +244,12 @@ def test_headline_at_matched_step(tables):
     at4 = headline_row(tables["headline"], "step", 4.0, "circuit_vulnerability", "sft-rl")
     assert at4["mean"] == pytest.approx(0.4 - 0.05)
     kl = headline_row(tables["headline"], "step", 4.0, "kl_to_base", "sft")
-    assert (
-        kl["mean"] == pytest.approx(0.4 * 1.1)
-        and kl["ci_low"] == pytest.approx(0.4)
-        and kl["ci_high"] == pytest.approx(0.48)
-    )
+    # KL is not item-resampled: with these runs held fixed it is one number (the runs' 0.4 and 0.48).
+    assert kl["mean"] == pytest.approx(0.4 * 1.1) and kl["status"] == "no variation"
+    assert kl["ci_low"] == kl["ci_high"] == pytest.approx(0.44)
+    # Across seeds the two runs' spread is the difference's: Welch's df from the runs' variances.
+    kl_diff = headline_row(tables["headline"], "step", 4.0, "kl_to_base", "sft-rl")
+    assert kl_diff["seed_se"] > 0 and kl_diff["seed_ci_low"] < kl_diff["mean"] < kl_diff["seed_ci_high"]
 
 
 def test_one_run_of_a_method_at_every_level_gives_no_verdict(tmp_path):
@@ -470,12 +476,16 @@ def test_report_from_stored_tables(tables, tmp_path):
     text = md.read_text()
     first = text.split("## ")[1]
     assert first.startswith("The answer: SFT vs RL")
-    # The highest accuracy both reach with 2 runs each, n per method, the difference with its CI.
-    assert (
-        "Matched at target accuracy = 0.45 (n = 2 SFT and 2 RL runs; 4 items per probe, 20 target test items"
-        in first
+    # The primary endpoint first (V absolute at the highest accuracy both reach with 2 runs each), n per
+    # method, both levels of claim; then the answer table; relative V is named as left out.
+    assert first.startswith(
+        "The answer: SFT vs RL (patching method exact)\n\nPrimary endpoint, circuit vulnerability V "
+        "(absolute) at matched target accuracy 0.45 (n = 2 SFT and 2 RL runs): SFT - RL = "
     )
-    assert "circuit vulnerability V (relative): SFT - RL = +0.11 [" in first
+    assert "across seeds (Welch t, df " in first and "in these runs (item bootstrap): " in first
+    assert "| circuit preservation P | target accuracy 0.45 | secondary |" in first
+    assert "4 items per probe, 20 target test items" in first
+    assert "circuit vulnerability V (relative) is not in the answer: it fails its positive control" in first
     assert "What this experiment can detect: no planted-damage calibration was run" in first
     assert "](figures/adaptation.png)" in text and "Noise floor of circuit discovery" in text
     html = page.read_text()
@@ -499,20 +509,34 @@ def test_read_analysis_names_the_missing_table(tmp_path):
         read_analysis(tmp_path)
 
 
-def test_headline_metrics_are_valid_mlflow_metrics(tables, tmp_path):
-    """Every used level's numbers, with n per method, log to a real MLflow store under valid names."""
+def test_the_parent_run_gets_the_answer_as_one_table_and_a_few_metrics(tables, tmp_path):
+    """The headline goes to MLflow as one table (replaced, not appended to, on a rerun) and the primary
+    endpoint as a handful of metrics under valid names (it was one metric per cell: 1,336 on the demo)."""
+    import json
+
     from mlflow.tracking import MlflowClient
 
-    from dcv.experiment import headline_metrics
+    from dcv.experiment import primary_metrics, primary_verdict
+    from dcv.report import answer_table
     from dcv.tracking import RunLogger
 
-    metrics = headline_metrics(tables["headline"])
-    assert metrics["headline/exact/accuracy:0.45/circuit_vulnerability/sft-rl/mean"] == pytest.approx(0.11)
-    assert metrics["headline/exact/accuracy:0.45/circuit_vulnerability/sft-rl/n_runs_rl"] == 2
-    assert not any(":0.5/" in k for k in metrics)  # an insufficient level has no numbers
+    metrics = primary_metrics(tables["headline"], "exact")
+    primary = tables["headline"].filter(pl.col("role") == "primary").row(0, named=True)
+    assert metrics["primary/mean"] == pytest.approx(primary["mean"]) and metrics["primary/n_runs_rl"] == 2
+    assert len(metrics) <= 12
+    assert primary_verdict(tables["headline"], "exact").startswith("across seeds: ")
+    table = answer_table(tables["headline"], "exact")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = client.create_run(client.create_experiment("t"))
-    RunLogger(client, run.info.run_id).log_metrics(metrics)
+    run = client.create_run(client.create_experiment("t", artifact_location=str(tmp_path / "artifacts")))
+    logger = RunLogger(client, run.info.run_id)
+    logger.log_metrics(metrics)
+    for _ in range(2):  # a rerun of the report stage
+        logger.log_table(table, "answer.json")
+    path = client.download_artifacts(run.info.run_id, "answer.json", str(tmp_path))
+    stored = json.loads(Path(path).read_text())
+    assert len(stored["data"]) == table.height and stored["columns"] == table.columns
+    tags = client.get_run(run.info.run_id).data.tags
+    assert json.loads(tags["mlflow.loggedArtifacts"]) == [{"path": "answer.json", "type": "table"}]
     assert len(client.get_run(run.info.run_id).data.metrics) == len(metrics)
 
 
@@ -615,13 +639,25 @@ def test_faithfulness_curve_areas_per_checkpoint_and_per_step(tmp_path):
 
 def headline_frame(rows: list[dict]) -> pl.DataFrame:
     """Headline rows with only what the report's sentences read."""
-    base = {"training": "sft-rl", "status": "ok", "mean": 0.1, "ci_low": 0.05, "ci_high": 0.15, "mde": 0.02}
+    base = {
+        "patching": "exact",
+        "training": "sft-rl",
+        "status": "ok",
+        "mean": 0.1,
+        "ci_low": 0.05,
+        "ci_high": 0.15,
+        "mde": 0.02,
+        "start_reached": 0.0,
+        "n_probe_items": 16,
+        "probe_items": "ioi 16",
+        "n_target_items": 0,
+    }
     return pl.DataFrame([{**base, **r} for r in rows])
 
 
-def test_the_short_answer_gives_the_runs_of_the_levels_it_states():
+def test_the_notes_give_the_runs_of_the_levels_the_answer_states():
     """Not the table's first row: a level with too few runs (1 SFT, 0 RL) comes first in it."""
-    from dcv.report import summary_sentence
+    from dcv.report import answer_notes
 
     rows = headline_frame(
         [
@@ -631,6 +667,8 @@ def test_the_short_answer_gives_the_runs_of_the_levels_it_states():
                 "metric": "preservation",
                 "n_runs_sft": 1,
                 "n_runs_rl": 0,
+                "status": "insufficient runs",
+                "role": "other",
             },
             {
                 "matched_by": "step",
@@ -638,6 +676,7 @@ def test_the_short_answer_gives_the_runs_of_the_levels_it_states():
                 "metric": "preservation",
                 "n_runs_sft": 2,
                 "n_runs_rl": 3,
+                "role": "primary",
             },
             {
                 "matched_by": "kl",
@@ -645,12 +684,14 @@ def test_the_short_answer_gives_the_runs_of_the_levels_it_states():
                 "metric": "preservation",
                 "n_runs_sft": 2,
                 "n_runs_rl": 2,
+                "role": "secondary",
             },
         ]
     )
-    text = summary_sentence(rows, {"step": 4.0, "kl": 1.0})
-    assert text.startswith("In short: with 2 SFT and 2-3 RL runs matched at step 4, KL to base 1,")
-    assert "circuit preservation P higher under SFT at step 4" in text
+    base = pl.DataFrame(schema={"method": pl.String, "in_means": pl.Boolean, "probe": pl.String})
+    text = " ".join(answer_notes(rows, base, "exact", None))
+    assert "How to read it: 2 SFT and 2-3 RL runs, 16 items per probe" in text
+    assert "(1 comparisons)" not in text and "Holm-adjusted" in text
 
 
 def test_a_metric_that_never_varied_gets_no_minimum_detectable_difference():

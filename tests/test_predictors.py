@@ -1,5 +1,7 @@
-"""What predicts forgetting: a synthetic experiment where forgetting = 2 KL + noise, and the analysis and
-report with a weight-change table."""
+"""What predicts forgetting: a synthetic experiment where forgetting = 2 KL + noise; Simpson's paradox
+(within-method fits against the pooled one and the method effect); leave-one-run-out R^2 on a table worked
+by hand; the uniform-shrink model that makes V and forgetting one number on the same items; the analysis
+and report with a weight-change table."""
 
 from __future__ import annotations
 
@@ -10,9 +12,17 @@ import pytest
 from dcv.analysis import analyze
 from dcv.circuits.weight_change import WEIGHT_CHANGE_SCHEMA
 from dcv.config import PREDICTOR_NAMES, ConfigError, parse_config
-from dcv.matched import Layout, Point, Run, checkpoint_numbers, resample
-from dcv.predictors import PREDICTORS, predictor_table, weight_function_table
-from dcv.report import build_report, pareto_front, predictor_paragraphs
+from dcv.matched import Layout, Point, ProbeParts, ProbeReference, Run, checkpoint_numbers, resample
+from dcv.predictors import (
+    FIXED_EFFECT,
+    GROUPS,
+    PREDICTORS,
+    fit,
+    loro_r2,
+    predictor_table,
+    weight_function_table,
+)
+from dcv.report import build_report, pareto_front, predictor_paragraphs, predictor_rows
 from dcv.results import build_results_table
 from dcv.tables import CIRCUITS_SCHEMA, EFFECTS_SCHEMA
 from tests.helpers import tiny_config_dict
@@ -41,12 +51,27 @@ def synthetic_runs(n_runs: int = 4, seed: int = 0) -> list[Run]:
     return runs
 
 
+def table_of(runs, refs=(), names=None, n_draws=400, item_split=True) -> pl.DataFrame:
+    layout = Layout.build(refs, FIXED)
+    observed = {r.name: np.stack([checkpoint_numbers(p, refs, layout) for p in r.points]) for r in runs}
+    draws = resample(runs, refs, layout, n_draws)
+    return predictor_table(
+        "exact", runs, observed, layout, draws, names, 0.95, refs=refs, item_split=item_split
+    )
+
+
 def fitted(names=None) -> pl.DataFrame:
-    runs = synthetic_runs()
-    layout = Layout.build([], FIXED)
-    observed = {r.name: np.stack([checkpoint_numbers(p, [], layout) for p in r.points]) for r in runs}
-    draws = resample(runs, [], layout, 400)
-    return predictor_table("exact", runs, observed, layout, draws, names, 0.95)
+    return table_of(synthetic_runs(), names=names)
+
+
+def row_of(table: pl.DataFrame, predictor: str, training: str, forgetting: str = "forgetting") -> dict:
+    rows = table.filter(
+        (pl.col("predictor") == predictor)
+        & (pl.col("training") == training)
+        & (pl.col("forgetting") == forgetting)
+    )
+    assert rows.height == 1, rows
+    return rows.row(0, named=True)
 
 
 def test_forgetting_twice_kl_plus_noise_gives_r2_near_1_for_kl_with_n():
@@ -66,8 +91,9 @@ def test_forgetting_twice_kl_plus_noise_gives_r2_near_1_for_kl_with_n():
     assert per_method["n_checkpoints"].to_list() == [12, 12] and per_method["n_runs"].to_list() == [4, 4]
     noise = table.filter((pl.col("predictor") == "weight_change") & (pl.col("training") == "pooled"))
     assert (noise["r2"] < 0.3).all() and set(noise["versus_best"]) == {"below best"}
-    # No probes here: V, P and J have no value and are left out unless asked for.
-    assert set(table["predictor"]) == {"kl_to_base", "weight_change"}
+    # No probes here: V, P and J have no value and are left out unless asked for; steps is the baseline.
+    assert set(table["predictor"]) == {"kl_to_base", "weight_change", "steps"}
+    assert table["training"].unique(maintain_order=True).to_list() == list(GROUPS)  # within-method first
     assert set(table["forgetting"]) == {"forgetting", "forgetting_ld"}  # no benchmarks
 
 
@@ -79,6 +105,144 @@ def test_a_predictor_asked_for_without_a_value_is_said_not_measured():
     text = " ".join(predictor_paragraphs(table, "exact"))
     assert "n = 24 fine-tuned checkpoints of 8 runs" in text
     assert "RL's Razor" in text and "Not measured here: V (relative)" in text and "CMAP" in text
+
+
+def fixed_runs(values: dict[str, list[list[tuple[float, float]]]], kl=None) -> list[Run]:
+    """Runs whose fine-tuned checkpoints (steps 2, 4, 6) have the given (weight change, forgetting); ``kl``:
+    per method, a function of (run, checkpoint) giving KL (default 0.1 step)."""
+    runs = []
+    for method, per_run in values.items():
+        for i, pairs in enumerate(per_run):
+            points = [Point(0, 0.0, 0.2, None, {}, {}, fixed={"forgetting": 0.0, "forgetting_ld": 0.0})]
+            for j, (x, y) in enumerate(pairs):
+                step = 2 * (j + 1)
+                fixed = {"forgetting": y, "forgetting_ld": y, "weight_change": x}
+                k = 0.1 * step if kl is None else kl[method](i, j)
+                points.append(Point(step, k, 0.5, None, {}, {}, fixed=fixed))
+            runs.append(Run(f"{method}-{i}", method, tuple(points)))
+    return runs
+
+
+def test_simpsons_paradox_within_method_against_pooled_and_the_method_effect():
+    """Within each method forgetting falls with x (slope -0.2); pooled it rises, because SFT has both more
+    x and more forgetting. The method-effect fit recovers the within slope; KL, which only separates the
+    methods, has a high pooled R^2, none within, and adds nothing to the method alone."""
+    rng = np.random.default_rng(0)
+    values = {}
+    for method, x0, y0 in (("sft", 5.0, 2.0), ("rl", 1.0, 0.5)):
+        values[method] = [
+            [
+                (x := x0 + (j + 1) / 1.5 + 0.1 * i, y0 - 0.2 * (x - x0 - 1) + rng.normal(0, 0.01))
+                for j in range(3)
+            ]
+            for i in range(3)
+        ]
+    kl = {
+        "sft": lambda i, j: 1.0 + 0.01 * ((i + 2 * j) % 3),
+        "rl": lambda i, j: 0.1 + 0.01 * ((2 * i + j) % 3),
+    }
+    table = table_of(fixed_runs(values, kl), n_draws=200)
+    for training in ("sft", "rl"):
+        within = row_of(table, "weight_change", training)
+        assert within["slope"] < 0 and within["r2"] > 0.9
+    pooled = row_of(table, "weight_change", "pooled")
+    assert pooled["slope"] > 0  # the paradox: the pooled line rises
+    effect = row_of(table, "weight_change", FIXED_EFFECT)
+    assert effect["slope"] == pytest.approx(-0.2, abs=0.02)
+    assert effect["r2"] > 0.99 > pooled["r2"] and effect["r2"] > effect["r2_method_only"] > 0.8
+    assert effect["spearman"] < -0.9  # of the method-demeaned values
+    # KL only separates the methods: pooled it explains most, within a method nearly nothing.
+    kl_pooled, kl_effect = row_of(table, "kl_to_base", "pooled"), row_of(table, "kl_to_base", FIXED_EFFECT)
+    assert kl_pooled["r2"] > 0.8
+    assert all(row_of(table, "kl_to_base", t)["r2"] < 0.3 for t in ("sft", "rl"))
+    assert kl_effect["r2"] - kl_effect["r2_method_only"] < 0.05
+    assert kl_effect["versus_best"] == "below best"  # 3 runs of each method: a verdict is given
+    text = " ".join(predictor_paragraphs(table, "exact"))
+    assert text.index("Within SFT") < text.index("Within RL") < text.index("Pooled with a method effect")
+    assert "The method alone gives R²" in text and "steps-only baseline" in text
+
+
+def test_leave_one_run_out_r2_on_a_table_worked_by_hand():
+    """Run A: (0, 0), (1, 1), (2, 2); run B: y = x + 1. Within a method, leaving A out fits y = x + 1 on B
+    and misses A by 1 at each point (SSE 3), and the other way round: SSE 6 against SST 5.5, LORO R^2 =
+    -1/11, against the in-sample 8/11. Pooled over two such methods (4 runs), a left-out run is fitted by
+    intercept 2/3 or 1/3: SSE 4 (4/3) = 16/3 against SST 11, 17/33; with the method effect the remaining run
+    of its method sets the intercept: SSE 12, -1/11."""
+    a, b = [(0.0, 0.0), (1.0, 1.0), (2.0, 2.0)], [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0)]
+    table = table_of(fixed_runs({"sft": [a, b], "rl": [a, b]}), n_draws=50)
+    sft = row_of(table, "weight_change", "sft")
+    assert sft["r2"] == pytest.approx(8 / 11) and sft["r2_loro"] == pytest.approx(-1 / 11)
+    assert row_of(table, "weight_change", "pooled")["r2_loro"] == pytest.approx(17 / 33)
+    assert row_of(table, "weight_change", FIXED_EFFECT)["r2_loro"] == pytest.approx(-1 / 11)
+    x, y = np.array([0, 1, 2, 0, 1, 2.0]), np.array([0, 1, 2, 1, 2, 3.0])
+    assert loro_r2(x, y, np.array([0, 0, 0, 1, 1, 1])) == pytest.approx(-1 / 11)
+    assert np.isnan(loro_r2(x, y, np.zeros(6, np.int64)))  # one run: nothing to leave out
+    # Two runs of a method: the run bootstrap under-covers, so no versus_best verdict is given.
+    steps = row_of(table, "steps", "sft")  # steps and weight change tie here: steps is not the best
+    assert steps["versus_best"] == "not distinguishable at this power (2 runs)"
+    assert row_of(table, "steps", "pooled")["versus_best"].endswith("(2 runs of sft)")
+
+
+N_ITEMS = 40
+SHRINK_HEADS = np.array([1.0, 0.6, 0.05])[:, None]  # per-head share of the item's base delta
+
+
+def shrink_runs(seed: int = 0) -> tuple[list[Run], ProbeReference]:
+    """One probe (40 items); each checkpoint scales every item's LD, delta and gap by s (1 + e_i), s per
+    checkpoint, e_i item noise: on the same items V (absolute) and forgetting (mean LD) are one number up
+    to scale, whatever the noise."""
+    rng = np.random.default_rng(seed)
+    d = 1 + 0.5 * rng.uniform(size=N_ITEMS)  # the base model's per-item size
+
+    def parts(scale: np.ndarray) -> ProbeParts:
+        return ProbeParts(SHRINK_HEADS * d * scale, d * scale, 4 * d * scale)
+
+    base = parts(np.ones(N_ITEMS))
+    ref = ProbeReference("ioi", base, np.array([0, 1]), 0.25, True, True, (1.0, float(4 * d.mean())))
+    own = {"ioi": np.array([0, 1])}
+    runs = []
+    for method in ("sft", "rl"):
+        for i in range(2):
+            points = [Point(0, 0.0, 0.2, None, {"ioi": base}, own)]
+            for step in (2, 4, 6):
+                s = rng.uniform(0.5, 0.95)
+                scale = s * np.clip(1 + rng.normal(0, 0.3, N_ITEMS), 0.1, None)
+                points.append(Point(step, 1 - s + rng.normal(0, 0.05), 0.5, None, {"ioi": parts(scale)}, own))
+            runs.append(Run(f"{method}-{i}", method, tuple(points)))
+    return runs, ref
+
+
+def test_uniform_shrink_v_against_forgetting_only_on_disjoint_items():
+    runs, ref = shrink_runs()
+    layout = Layout.build([ref], FIXED)
+    tuned = np.stack([checkpoint_numbers(p, [ref], layout) for r in runs for p in r.points if p.step > 0])
+    same = fit(layout.scalar(tuned, "circuit_vulnerability_abs"), layout.scalar(tuned, "forgetting_ld"))
+    assert same.r2 == pytest.approx(1.0, abs=1e-9)  # the trap: on the same items R^2 = 1 by construction
+    split = table_of(runs, [ref], n_draws=50)
+    row = row_of(split, "circuit_vulnerability_abs", "pooled", "forgetting_ld")
+    assert row["status"] == "ok" and row["items"] == "split"
+    assert 0.2 < row["r2"] < 0.95 and row["r2_ci_low"] < row["r2_ci_high"] < 1  # item noise of each half
+    assert row_of(split, "kl_to_base", "pooled", "forgetting_ld")["items"] == "all"
+    whole = table_of(runs, [ref], n_draws=50, item_split=False)
+    item_based = [n for n, p in PREDICTORS.items() if p.items]
+    rows = whole.filter(pl.col("predictor").is_in(item_based) & pl.col("forgetting").is_in(["forgetting_ld"]))
+    measured = rows.filter(pl.col("status") != "not measured")
+    assert measured.height > 0 and set(measured["status"]) == {"same items"}
+    assert measured["r2"].null_count() == measured.height and set(measured["versus_best"]) == {None}
+    assert "predictor_item_split is off" in measured["note"][0]
+    best = whole.filter((pl.col("forgetting") == "forgetting_ld") & (pl.col("versus_best") == "best"))
+    assert set(best["predictor"]) <= {"kl_to_base", "steps"}
+    text = " ".join(predictor_paragraphs(whole, "exact"))
+    assert "Not reported (same items): " in text and "V (absolute)" in text
+    shown = predictor_rows(whole, "exact")
+    assert "same items" in shown["status"].to_list() and shown["training"][0] == "sft"
+
+
+def test_steps_baseline_is_in_every_group_even_when_not_asked_for():
+    table = fitted(["kl_to_base"])
+    steps = table.filter(pl.col("predictor") == "steps")
+    assert steps.height == 2 * len(GROUPS) and set(steps["status"]) == {"ok"}
+    assert "steps-only baseline" in " ".join(predictor_paragraphs(table, "exact"))
 
 
 def test_config_names_every_predictor_once():
@@ -276,8 +440,10 @@ def test_analysis_with_cmap_gives_the_cmap_table_and_predictor(tmp_path):
         & (pl.col("training") == "pooled")
         & (pl.col("forgetting") == "forgetting_ld")
     )
-    assert predictor["status"].to_list() == ["ok"] and predictor["n_checkpoints"].to_list() == [8]
-    assert predictor["r2"][0] > 0.5  # cmap grows with 1 - keep, as forgetting does
+    # CMAP is patched on the probe items that measure forgetting and is stored over all of them: not a
+    # predictor of item-based forgetting (no split of it), so the row says so and has no R^2.
+    assert predictor["status"].to_list() == ["same items"] and predictor["n_checkpoints"].to_list() == [8]
+    assert predictor["r2"].to_list() == [None] and "all items" in predictor["note"][0]
     # Each checkpoint's predictor value is in the summary (the report's scatter reads it there; a real
     # run's report failed on its absence): the mean |cmap| over the base circuit, 0 for the base.
     summary = tables["summary"]
