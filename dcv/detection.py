@@ -71,17 +71,50 @@ def beyond(low: float | None, high: float | None, base: float | None, direction:
     return low > base if direction > 0 else high < base
 
 
+def noise_margins(
+    floor: dict[str, np.ndarray], base_ld: np.ndarray | None, draws: Sequence[np.ndarray]
+) -> dict:
+    """Per metric, how far item noise alone moves it (the base against itself on resampled items): a
+    change within it is no damage, however tight its CI (a model at numerical precision moves V by 0.002
+    with a CI that excludes 0, on the same items). P and J: 1 - their noise floor's 5th percentile; V
+    (both): its 95th percentile (``bootstrap_floor``, relative; the absolute V of the base against
+    itself differs only by the resample's gap); forgetting: the 95th percentile of base - resampled base
+    (accuracy, mean LD)."""
+    margins = {
+        "preservation": 1 - float(np.quantile(floor["preservation"], 0.05)),
+        "jaccard": 1 - float(np.quantile(floor["jaccard"], 0.05)),
+        "circuit_vulnerability": float(np.quantile(floor["circuit_vulnerability"], 0.95)),
+        "circuit_vulnerability_abs": float(np.quantile(floor["circuit_vulnerability"], 0.95)),
+    }
+    if base_ld is not None and draws:
+        accuracy = float((base_ld > 0).mean()) - np.array([(base_ld[d] > 0).mean() for d in draws])
+        mean_ld = float(base_ld.mean()) - np.array([base_ld[d].mean() for d in draws])
+        margins |= {
+            "forgetting": float(np.quantile(accuracy, 0.95)),
+            "forgetting_ld": float(np.quantile(mean_ld, 0.95)),
+        }
+    return {m: max(v, 0.0) for m, v in margins.items()}
+
+
 def metric_rows(
-    measured: Measured, base: dict[str, float], twin: Measured | None, level: float
+    measured: Measured,
+    base: dict[str, float],
+    twin: Measured | None,
+    level: float,
+    margins: dict[str, float] | None = None,
 ) -> list[dict]:
-    """One row per metric of one plant: value, CI and whether it is detected (beyond the base's value in
-    the damage direction); with ``twin`` (the random plant of a circuit plant's k and alpha) the
-    separation, damage x (circuit - random), on all items and on every draw."""
+    """One row per metric of one plant: value, CI and whether it is detected (its CI beyond the base's
+    value in the damage direction, and the change beyond the metric's noise margin, ``noise_margins``);
+    with ``twin`` (the random plant of a circuit plant's k and alpha) the separation, damage x (circuit -
+    random), on all items and on every draw."""
+    margins = margins or {}
     rows = []
     for metric in CALIBRATION_METRICS:
         damage = METRICS[metric].damage
         value = measured.point[metric]
         low, high = interval(measured.draws[metric], level) if np.isfinite(value) else (None, None)
+        margin = margins.get(metric, 0.0)
+        change = damage * (value - base[metric]) if np.isfinite(value) and np.isfinite(base[metric]) else 0.0
         row = {
             "metric": metric,
             "damage": damage,
@@ -89,7 +122,8 @@ def metric_rows(
             "value": finite(value),
             "ci_low": low,
             "ci_high": high,
-            "detected": beyond(low, high, base[metric], damage),
+            "noise_margin": margin,
+            "detected": beyond(low, high, base[metric], damage) and change > margin,
         }
         if twin is not None:
             separation = damage * (value - twin.point[metric])
@@ -117,7 +151,7 @@ def verdict(metric: str, rows: Sequence[dict]) -> dict:
         "min_detectable_alpha": -found[0][1] if found else None,
     }
     if not circuit:
-        return out | {"passes_positive_control": None, "failure": "no circuit plant"}
+        return out | {"passes_positive_control": None, "failure": "no circuit plant", "invalid": False}
     strongest = min(r["alpha"] for r in circuit)
     at = sorted((r for r in circuit if r["alpha"] == strongest), key=lambda r: r["k"])
     damage = "ablated" if strongest == 0 else f"scaled by {strongest:g}"
@@ -136,15 +170,22 @@ def verdict(metric: str, rows: Sequence[dict]) -> dict:
         failure = f"does not rank circuit plants above random plants of the same size ({damage}) at any k"
     else:
         failure = None
-    return out | {"passes_positive_control": failure is None, "failure": failure}
+    # A metric that moves the wrong way, or claims circuit damage and cannot tell circuit from random
+    # heads, measures the wrong thing: it leaves the answer. One that detects nothing here may lack power.
+    invalid = failure is not None and not failure.startswith("does not detect")
+    return out | {"passes_positive_control": failure is None, "failure": failure, "invalid": invalid}
 
 
-def failing_metrics(calibration: pl.DataFrame) -> dict[str, str]:
-    """Metric -> why it fails its positive control, for each metric that fails on any calibrated probe
-    (the answer averages over probes: a metric wrong on one probe is wrong in the mean)."""
+def failing_metrics(calibration: pl.DataFrame | None) -> dict[str, str]:
+    """Metric -> why it fails its positive control as an instrument (moves the wrong way, or a circuit
+    metric that does not separate circuit from random plants), for each metric that does so on any
+    calibrated probe (the answer averages over probes: a metric wrong on one probe is wrong in the mean).
+    A metric that only detected nothing is not listed: that is the calibration's power, said elsewhere."""
+    if calibration is None or calibration.is_empty() or "invalid" not in calibration.columns:
+        return {}
     reasons: dict[str, list[str]] = {}
     verdicts = calibration.unique(["probe", "metric"], maintain_order=True)
-    for row in verdicts.filter(pl.col("passes_positive_control").not_()).iter_rows(named=True):
+    for row in verdicts.filter(pl.col("invalid")).iter_rows(named=True):
         reasons.setdefault(row["metric"], []).append(f"{row['probe']}: {row['failure']}")
     return {metric: "; ".join(parts) for metric, parts in reasons.items()}
 

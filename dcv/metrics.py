@@ -32,9 +32,7 @@ METRICS: dict[str, Metric] = {
         Metric("forgetting", "forgetting (probe accuracy)", +1),
         Metric("forgetting_ld", "forgetting (mean LD)", +1),
         Metric("forgetting_bench", "forgetting (benchmarks)", +1),
-        Metric(
-            "preservation", "circuit preservation P", -1, chance="preservation_chance", circuit=True
-        ),
+        Metric("preservation", "circuit preservation P", -1, chance="preservation_chance", circuit=True),
         Metric("jaccard", "circuit Jaccard J", -1, chance="jaccard_chance", circuit=True),
         Metric(
             "circuit_vulnerability",

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from dcv.analysis import UNRESOLVED  # noqa: E402
-from dcv.detection import PRECISION, plant_table, verdict_table  # noqa: E402
+from dcv.detection import PRECISION, failing_metrics, plant_table, verdict_table  # noqa: E402
 from dcv.matched import MAX_RUNS_NEEDED, TRAINING_METHODS  # noqa: E402
 from dcv.metrics import METRICS  # noqa: E402
 from dcv.predictors import (  # noqa: E402
@@ -596,8 +596,14 @@ def _runs_needed(row: dict) -> str:
     )
 
 
-def primary_sentence(headline: pl.DataFrame, patching: str, primary: dict | None = None) -> str:
-    """The answer's first sentence: the primary endpoint's verdict at both levels of claim, with n."""
+def primary_sentence(
+    headline: pl.DataFrame,
+    patching: str,
+    primary: dict | None = None,
+    calibration: pl.DataFrame | None = None,
+) -> str:
+    """The answer's first sentence: the primary endpoint's verdict at both levels of claim, with n (and,
+    where its metric fails its positive control in ``calibration``, that it does)."""
     rows = headline.filter((pl.col("patching") == patching) & (pl.col("role") == "primary"))
     if rows.is_empty():
         what = (
@@ -627,16 +633,29 @@ def primary_sentence(headline: pl.DataFrame, patching: str, primary: dict | None
         f"(95% CI {_interval(row['ci_low'], row['ci_high'])})"
     )
     lead = f"Primary endpoint, {name} at matched {where} ({n}): SFT - RL = {row['mean']:+.3g}"
-    return f"{lead}; {seeds}; {runs}."
+    failing = failing_metrics(calibration).get(row["metric"])
+    caveat = f" Its metric fails its positive control in this calibration: {failing}." if failing else ""
+    return f"{lead}; {seeds}; {runs}.{caveat}"
 
 
-def answer_table(headline: pl.DataFrame, patching: str) -> pl.DataFrame:
+def answer_table(
+    headline: pl.DataFrame, patching: str, calibration: pl.DataFrame | None = None
+) -> pl.DataFrame:
     """The answer as a table: the primary endpoint and the secondary family, metric x axis: SFT, RL,
-    SFT - RL with both levels' CIs and verdicts, Holm-adjusted p, n per method and the chance level."""
+    SFT - RL with both levels' CIs and verdicts, Holm-adjusted p, n per method and the chance level. A
+    secondary metric that fails its positive control in ``calibration`` (``failing_metrics``) is left out
+    (its p still counted in the Holm family: conservative)."""
     rows = headline.filter(pl.col("patching") == patching)
     if "role" not in rows.columns:
         return pl.DataFrame()
-    diffs = rows.filter((pl.col("training") == "sft-rl") & pl.col("role").is_in(["primary", "secondary"]))
+    failing = list(failing_metrics(calibration))
+    diffs = rows.filter(
+        (pl.col("training") == "sft-rl")
+        & (
+            (pl.col("role") == "primary")
+            | ((pl.col("role") == "secondary") & ~pl.col("metric").is_in(failing))
+        )
+    )
     if diffs.is_empty():
         return pl.DataFrame()
     keys = ["matched_by", "matched_at", "metric"]
@@ -668,9 +687,7 @@ def answer_table(headline: pl.DataFrame, patching: str) -> pl.DataFrame:
                 "p": _g(row["p_adjusted"]) if row["p_adjusted"] is not None else "-",
                 "across seeds": row["verdict_seeds"] or "-",
                 "n (SFT/RL)": f"{row['n_runs_sft']}/{row['n_runs_rl']}",
-                "chance (SFT/RL)": "-"
-                if None in chance
-                else f"{_g(chance[0])}/{_g(chance[1])}",
+                "chance (SFT/RL)": "-" if None in chance else f"{_g(chance[0])}/{_g(chance[1])}",
             }
         )
     return pl.DataFrame(out).rename({"p": "p (primary raw, others Holm)"})
@@ -744,9 +761,10 @@ def answer_notes(
                 + (f"; {short.height} more have insufficient runs" if short.height else "")
                 + " (every level's numbers are in the headline table; only the highest is stated here)."
             )
-    excluded = [m for m in METRICS.values() if m.excluded_because]
-    for metric in excluded:
-        out.append(f"{metric.label} is not in the answer: it {metric.excluded_because}.")
+    excluded = {m.name: m.excluded_because for m in METRICS.values() if m.excluded_because}
+    for name, reason in (failing_metrics(calibration) | excluded).items():
+        how = reason if name in excluded else f"fails its positive control in this calibration ({reason})"
+        out.append(f"{METRIC_NAMES.get(name, name)} is not in the answer: it {how}.")
     left_out = base_circuits.filter((pl.col("method") == patching) & ~pl.col("in_means"))
     for row in left_out.iter_rows(named=True):
         out.append(f"Probe {row['probe']} is left out of the means: {row['excluded_because']}.")
@@ -767,9 +785,9 @@ def answer_paragraphs(
     rows = headline.filter(pl.col("patching") == patching)
     if rows.is_empty():
         return ["No matched comparison: the results hold no fine-tuned run of one of the methods."]
-    table = text_table(answer_table(headline, patching))
+    table = text_table(answer_table(headline, patching, calibration))
     return [
-        primary_sentence(headline, patching, primary),
+        primary_sentence(headline, patching, primary, calibration),
         *([table] if table else []),
         *answer_notes(headline, base_circuits, patching, calibration),
     ]
@@ -1065,8 +1083,8 @@ def build_report(
             ("p", line) for line in answer_paragraphs(headline, base, primary, calibration, primary_endpoint)
         ]
     else:
-        blocks += [("p", primary_sentence(headline, primary, primary_endpoint))]
-        blocks += [("table", answer_table(headline, primary))]
+        blocks += [("p", primary_sentence(headline, primary, primary_endpoint, calibration))]
+        blocks += [("table", answer_table(headline, primary, calibration))]
         blocks += [("p", line) for line in answer_notes(headline, base, primary, calibration)]
     blocks += [("h2", "About this experiment")] + [("p", line) for line in about]
     blocks += [

@@ -472,6 +472,7 @@ def paper_toy_overrides(source: Path, storage: Path) -> list[str]:
         "circuits.n_bootstrap": 100,
         "circuits.mask.steps": 10,
         "calibration.k": [1],
+        "calibration.alphas": [0.0],  # ablation only: one circuit and one random plant per probe
         "benchmarks.tasks": ["dcv_winogrande"],
         "benchmarks.include_path": str(REPO / "configs" / "benchmarks"),
         "benchmarks.limit": 2,

@@ -182,9 +182,12 @@ def test_relative_v_fails_its_positive_control_and_absolute_v_passes(graded):
     failing = failing_metrics(graded)
     assert failing["circuit_vulnerability"].startswith("ioi: moves the wrong way when the top circuit heads")
     # Every probe item stays right (LD > 0): accuracy cannot tell a plant from the base, or circuit from
-    # random plants (both 0 on every draw); mean LD can.
-    assert failing["forgetting"] == "ioi: does not detect the top circuit heads ablated at any k (1, 2)"
-    assert set(failing) == {"circuit_vulnerability", "forgetting"}
+    # random plants (both 0 on every draw); mean LD can. Detecting nothing is this calibration's power, not
+    # an instrument that measures the wrong thing: forgetting stays in the answer.
+    forgetting = _row(graded, "circuit", 1, 0.0, "forgetting")
+    assert forgetting["failure"] == "does not detect the top circuit heads ablated at any k (1, 2)"
+    assert forgetting["passes_positive_control"] is False and not forgetting["invalid"]
+    assert set(failing) == {"circuit_vulnerability"}
     verdicts = {r["metric"]: r for r in verdict_table(graded).iter_rows(named=True)}
     assert set(verdicts) == set(CALIBRATION_METRICS) and verdicts["preservation"]["passes_positive_control"]
     assert verdicts["circuit_vulnerability_abs"]["separates_at_k"] == "1, 2"
@@ -210,22 +213,29 @@ def test_circuit_plants_separate_from_random_plants_where_the_metric_can_tell(gr
     assert top["preservation"] == "0.667 [0.667, 0.667] *"
 
 
-def test_the_precision_copy_is_not_flagged_and_an_over_sensitive_instrument_flags_it(graded, tmp_path):
+def test_the_precision_copy_is_not_flagged_and_an_over_sensitive_instrument_flags_it(
+    graded, tmp_path, monkeypatch
+):
     precision = graded.filter(pl.col("kind") == PRECISION)
     assert precision.height == len(CALIBRATION_METRICS)
     v = precision.filter(pl.col("metric") == "circuit_vulnerability_abs").row(0, named=True)
     assert 0 < abs(v["value"]) < 1e-3  # it differs, at precision
     assert not precision["flagged"].any()
-    # The same copy under a CI that has no width left (1% level: flag any difference from base) is flagged:
-    # the negative control can fail.
+    # The same copy judged without the noise margin (any change whose CI excludes the base counts: on the
+    # same items a precision-level change has a CI that does) is flagged: the negative control can fail.
+    # As on SmolLM2 (the bf16 round trip moved V by 0.0015 [0.0007, 0.0024]): a copy 0.2% smaller everywhere.
     plants = plan_plants({"ioi": CIRCUIT}, SHAPE, [1], [0.0], seed=0)
-    broken = calibrate(_config(tmp_path, ci_level=0.01), plants)
+    tiny = calibrate(_config(tmp_path), plants, shrink=0.002)
+    assert not tiny.filter(pl.col("kind") == PRECISION)["flagged"].any()
+    monkeypatch.setattr("dcv.calibration.noise_margins", lambda *args: {})
+    broken = calibrate(_config(tmp_path), plants, shrink=0.002)
     assert broken.filter((pl.col("kind") == PRECISION) & pl.col("flagged")).height >= 1
-    # Noise on the items, however large, is what the CI allows for; a "copy" that changed every head by
-    # 2% is a change, and the 95% instrument flags it (absolute V = 0.02).
+    monkeypatch.undo()
+    # Noise on the items, however large, is what the CI allows for; a "copy" that shrank every head by
+    # 25% is damage beyond the noise margin, and the instrument flags it (absolute V = 0.25).
     noisy = calibrate(_config(tmp_path), plants, jitter=0.05)
     assert not noisy.filter(pl.col("kind") == PRECISION)["flagged"].any()
-    shrunk = calibrate(_config(tmp_path), plants, shrink=0.02)
+    shrunk = calibrate(_config(tmp_path), plants, shrink=0.25)
     flagged = shrunk.filter((pl.col("kind") == PRECISION) & pl.col("flagged"))["metric"].to_list()
     assert "circuit_vulnerability_abs" in flagged
 
