@@ -24,10 +24,12 @@ Cost model, in CPU-seconds at one torch thread (what every demo worker computes 
 The units were measured beside the test suite (load average 5-18); ``busy`` spreads the CPU over 2 cores,
 ``idle`` scales that by how much faster the same work ran on the idle machine (``IDLE``).
 
-Power model (DESIGN "Statistics"): the minimum detectable SFT - RL difference (2.80 bootstrap standard
-errors: 80% power, two-sided 5%) measured on a reference run at each matched step (``NOISE``), read at
+Power model (DESIGN "Statistics" v3): the standard error of SFT - RL measured on a reference run at each
+matched step (``NOISE``: version 2's minimum detectable differences, 2.80 bootstrap SEs), read at
 the config's last step common to both methods and scaled as 1/sqrt(items per probe x probes in the
-means) and 1/sqrt(runs per method). Probes in the means are those whose measured top-k faithfulness
+means) and 1/sqrt(runs per method), times the across-seeds test's factor t_{0.975,df} + t_{0.8,df} at
+df = 2 (runs - 1) (its SE at 2 runs is taken as measured: version 2 underestimated the run part, so
+this still flatters small n). Probes in the means are those whose measured top-k faithfulness
 reaches tau (``FAITHFULNESS``); the noise floor per probe (5th-percentile Jaccard of the base circuit
 against itself on bootstrap resamples of the items) comes from the base model's per-item attribution
 effects measured at 16..64 items (``FLOOR``).
@@ -49,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dcv.config import ExperimentConfig, load_config  # noqa: E402
 
-MDE_FACTOR = 1.959964 + 0.841621  # z_0.975 + z_0.8, as dcv.matched
+Z_FACTOR = 1.959964 + 0.841621  # z_0.975 + z_0.8: what NOISE's v2 figures were (2.80 bootstrap SEs)
 
 # Unit costs, CPU-seconds at 1 torch thread, SmolLM2-135M fp32 (filled from measurements; see README).
 UNIT = {
@@ -297,11 +299,17 @@ def mde(cfg: ExperimentConfig, metric: str, probes: list[str], runs: int, step: 
     One run cannot split its SE into the item and run parts, so both are scaled together: a config that
     adds only items or only runs is predicted better than it will be; the README compares with real runs.
     """
+    from scipy import stats
+
     ref = NOISE[metric]
     at = min(ref["by_step"], key=lambda s: (abs(s - step), s))
     n = min((p.n_items for p in cfg.probes if p.name in probes), default=ref["items"])
     scale = (ref["items"] / n) * (ref["probes"] / max(len(probes), 1)) * (ref["runs"] / max(runs, 1))
-    return ref["by_step"][at] * math.sqrt(scale)
+    se = ref["by_step"][at] / Z_FACTOR * math.sqrt(scale)
+    # The across-seeds test's MDE (dcv.matched.across_seeds): t at Welch's df, 2 (n - 1) for equal runs
+    # and variances, not z: at 2 runs per method 3.3 times the z figure.
+    df = max(2 * (runs - 1), 1)
+    return se * (stats.t.ppf(0.975, df) + stats.t.ppf(0.8, df))
 
 
 def predict(cfg: ExperimentConfig, cores: float) -> dict:
