@@ -13,7 +13,7 @@ circuit above random plants at some k. ``failing_metrics`` names the metrics tha
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,15 +176,24 @@ def verdict(metric: str, rows: Sequence[dict]) -> dict:
     return out | {"passes_positive_control": failure is None, "failure": failure, "invalid": invalid}
 
 
-def failing_metrics(calibration: pl.DataFrame | None) -> dict[str, str]:
+def failing_metrics(
+    calibration: pl.DataFrame | None, circuit_probes: Collection[str] | None = None
+) -> dict[str, str]:
     """Metric -> why it fails its positive control as an instrument (moves the wrong way, or a circuit
     metric that does not separate circuit from random plants), for each metric that does so on any
-    calibrated probe (the answer averages over probes: a metric wrong on one probe is wrong in the mean).
-    A metric that only detected nothing is not listed: that is the calibration's power, said elsewhere."""
+    calibrated probe that enters its mean in the answer (a metric wrong on one of them is wrong in the
+    mean): ``circuit_probes`` are the probes in the means of P, J and V (None: every calibrated probe);
+    forgetting averages every calibrated prior probe. A metric that only detected nothing is not listed:
+    that is the calibration's power, said elsewhere."""
     if calibration is None or calibration.is_empty() or "invalid" not in calibration.columns:
         return {}
     reasons: dict[str, list[str]] = {}
     verdicts = calibration.unique(["probe", "metric"], maintain_order=True)
+    if circuit_probes is not None:
+        circuit = [m for m in CALIBRATION_METRICS if METRICS[m].circuit]
+        verdicts = verdicts.filter(
+            ~pl.col("metric").is_in(circuit) | pl.col("probe").is_in(list(circuit_probes))
+        )
     for row in verdicts.filter(pl.col("invalid")).iter_rows(named=True):
         reasons.setdefault(row["metric"], []).append(f"{row['probe']}: {row['failure']}")
     return {metric: "; ".join(parts) for metric, parts in reasons.items()}

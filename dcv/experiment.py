@@ -235,7 +235,7 @@ def report_stage(cfg: ExperimentConfig, storage: Path, seconds: dict[str, float]
     for figure in figures:
         parent.log_artifact(figure, artifact_path="report/figures")
     primary = cfg.patching.methods[0]
-    table = answer_table(tables["headline"], primary, calibration)
+    table = answer_table(tables["headline"], primary, calibration, tables["base_circuits"])
     if not table.is_empty():
         parent.log_table(table, "answer.json")
         parent.log_artifact(write_csv(table, storage / "report" / "answer.csv"), artifact_path="report")

@@ -601,6 +601,7 @@ def primary_sentence(
     patching: str,
     primary: dict | None = None,
     calibration: pl.DataFrame | None = None,
+    base_circuits: pl.DataFrame | None = None,
 ) -> str:
     """The answer's first sentence: the primary endpoint's verdict at both levels of claim, with n (and,
     where its metric fails its positive control in ``calibration``, that it does)."""
@@ -633,22 +634,34 @@ def primary_sentence(
         f"(95% CI {_interval(row['ci_low'], row['ci_high'])})"
     )
     lead = f"Primary endpoint, {name} at matched {where} ({n}): SFT - RL = {row['mean']:+.3g}"
-    failing = failing_metrics(calibration).get(row["metric"])
+    failing = failing_metrics(calibration, in_means_probes(base_circuits, patching)).get(row["metric"])
     caveat = f" Its metric fails its positive control in this calibration: {failing}." if failing else ""
     return f"{lead}; {seeds}; {runs}.{caveat}"
 
 
+def in_means_probes(base_circuits: pl.DataFrame | None, patching: str) -> list[str] | None:
+    """The probes in the means of P, J and V for one patching method (None: not known)."""
+    if base_circuits is None or "in_means" not in base_circuits.columns:
+        return None
+    rows = base_circuits.filter((pl.col("method") == patching) & pl.col("in_means"))
+    return rows["probe"].to_list()
+
+
 def answer_table(
-    headline: pl.DataFrame, patching: str, calibration: pl.DataFrame | None = None
+    headline: pl.DataFrame,
+    patching: str,
+    calibration: pl.DataFrame | None = None,
+    base_circuits: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """The answer as a table: the primary endpoint and the secondary family, metric x axis: SFT, RL,
-    SFT - RL with both levels' CIs and verdicts, Holm-adjusted p, n per method and the chance level. A
+    SFT - RL with both levels' CIs and verdicts, Holm-adjusted p, n per method, the chance level and how
+    far above it each method is (P, J). A
     secondary metric that fails its positive control in ``calibration`` (``failing_metrics``) is left out
     (its p still counted in the Holm family: conservative)."""
     rows = headline.filter(pl.col("patching") == patching)
     if "role" not in rows.columns:
         return pl.DataFrame()
-    failing = list(failing_metrics(calibration))
+    failing = list(failing_metrics(calibration, in_means_probes(base_circuits, patching)))
     diffs = rows.filter(
         (pl.col("training") == "sft-rl")
         & (
@@ -660,7 +673,7 @@ def answer_table(
         return pl.DataFrame()
     keys = ["matched_by", "matched_at", "metric"]
     per_method = rows.filter(pl.col("training").is_in(["sft", "rl"])).select(
-        *keys, "training", "mean", "chance"
+        *keys, "training", "mean", "chance", "ci_low", "ci_high"
     )
     out = []
     for row in diffs.sort(pl.col("role") != "primary", "matched_by", "metric").iter_rows(named=True):
@@ -688,9 +701,20 @@ def answer_table(
                 "across seeds": row["verdict_seeds"] or "-",
                 "n (SFT/RL)": f"{row['n_runs_sft']}/{row['n_runs_rl']}",
                 "chance (SFT/RL)": "-" if None in chance else f"{_g(chance[0])}/{_g(chance[1])}",
+                "above chance, these runs (SFT/RL)": "-"
+                if None in chance
+                else " / ".join(_above_chance(method[t]) for t in TRAINING_METHODS),
             }
         )
     return pl.DataFrame(out).rename({"p": "p (primary raw, others Holm)"})
+
+
+def _above_chance(row: dict) -> str:
+    """A method's value less its chance level, with its these-runs CI (the chance level is fixed: it
+    depends on circuit sizes only, which every draw keeps)."""
+    d = row["mean"] - row["chance"]
+    low, high = (None if row[c] is None else row[c] - row["chance"] for c in ("ci_low", "ci_high"))
+    return f"{d:+.3g} {_interval(low, high)}"
 
 
 def text_table(frame: pl.DataFrame) -> str:
@@ -762,7 +786,8 @@ def answer_notes(
                 + " (every level's numbers are in the headline table; only the highest is stated here)."
             )
     excluded = {m.name: m.excluded_because for m in METRICS.values() if m.excluded_because}
-    for name, reason in (failing_metrics(calibration) | excluded).items():
+    failing = failing_metrics(calibration, in_means_probes(base_circuits, patching))
+    for name, reason in (failing | excluded).items():
         how = reason if name in excluded else f"fails its positive control in this calibration ({reason})"
         out.append(f"{METRIC_NAMES.get(name, name)} is not in the answer: it {how}.")
     left_out = base_circuits.filter((pl.col("method") == patching) & ~pl.col("in_means"))
@@ -785,9 +810,9 @@ def answer_paragraphs(
     rows = headline.filter(pl.col("patching") == patching)
     if rows.is_empty():
         return ["No matched comparison: the results hold no fine-tuned run of one of the methods."]
-    table = text_table(answer_table(headline, patching, calibration))
+    table = text_table(answer_table(headline, patching, calibration, base_circuits))
     return [
-        primary_sentence(headline, patching, primary, calibration),
+        primary_sentence(headline, patching, primary, calibration, base_circuits),
         *([table] if table else []),
         *answer_notes(headline, base_circuits, patching, calibration),
     ]
@@ -1083,8 +1108,8 @@ def build_report(
             ("p", line) for line in answer_paragraphs(headline, base, primary, calibration, primary_endpoint)
         ]
     else:
-        blocks += [("p", primary_sentence(headline, primary, primary_endpoint, calibration))]
-        blocks += [("table", answer_table(headline, primary, calibration))]
+        blocks += [("p", primary_sentence(headline, primary, primary_endpoint, calibration, base))]
+        blocks += [("table", answer_table(headline, primary, calibration, base))]
         blocks += [("p", line) for line in answer_notes(headline, base, primary, calibration)]
     blocks += [("h2", "About this experiment")] + [("p", line) for line in about]
     blocks += [

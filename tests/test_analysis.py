@@ -10,7 +10,7 @@ import pytest
 
 from dcv.analysis import analyze, read_analysis, write_analysis
 from dcv.config import parse_config
-from dcv.report import build_report
+from dcv.report import answer_table, build_report
 from dcv.results import build_results_table
 from dcv.tables import CIRCUITS_SCHEMA, EFFECTS_SCHEMA
 from tests.helpers import tiny_config_dict
@@ -484,6 +484,14 @@ def test_report_from_stored_tables(tables, tmp_path):
     )
     assert "across seeds (Welch t, df " in first and "in these runs (item bootstrap): " in first
     assert "| circuit preservation P | target accuracy 0.45 | secondary |" in first
+    # P's chance level (a random set of each checkpoint's circuit size: |C(M)| / N, as in the checkpoints
+    # table) and how far above it each method is.
+    p_row = answer_table(tables["headline"], "exact").filter(pl.col("metric") == "circuit preservation P")
+    chance = tables["headline"].filter(
+        (pl.col("metric") == "preservation") & (pl.col("training") == "sft") & (pl.col("matched_at") == 0.45)
+    )["chance"][0]
+    assert 0 < chance < 1 and p_row["chance (SFT/RL)"][0].startswith(f"{chance:.3g}/")
+    assert p_row["above chance, these runs (SFT/RL)"][0].startswith("+")
     assert "4 items per probe, 20 target test items" in first
     assert "circuit vulnerability V (relative) is not in the answer: it fails its positive control" in first
     assert "What this experiment can detect: no planted-damage calibration was run" in first

@@ -188,6 +188,10 @@ def test_relative_v_fails_its_positive_control_and_absolute_v_passes(graded):
     assert forgetting["failure"] == "does not detect the top circuit heads ablated at any k (1, 2)"
     assert forgetting["passes_positive_control"] is False and not forgetting["invalid"]
     assert set(failing) == {"circuit_vulnerability"}
+    # Judged only on the probes whose circuits enter the answer's means: a probe below tau (here: none in
+    # the means) cannot fail P, J or V there.
+    assert failing_metrics(graded, circuit_probes=[]) == {}
+    assert set(failing_metrics(graded, circuit_probes=["ioi"])) == {"circuit_vulnerability"}
     verdicts = {r["metric"]: r for r in verdict_table(graded).iter_rows(named=True)}
     assert set(verdicts) == set(CALIBRATION_METRICS) and verdicts["preservation"]["passes_positive_control"]
     assert verdicts["circuit_vulnerability_abs"]["separates_at_k"] == "1, 2"
