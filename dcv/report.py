@@ -767,7 +767,8 @@ def answer_notes(
             "rate is at most 5% at 2, 3 and 5 runs per method (bench/null_calibration.py). The primary "
             "endpoint's p is unadjusted; the secondary rows (every other answer metric at each axis's "
             f"highest level: {stated.filter(pl.col('role') == 'secondary').height} comparisons) are "
-            "Holm-adjusted as one family, at both levels of claim."
+            "Holm-adjusted as one family, at both levels of claim (the CIs are unadjusted: a secondary CI "
+            "that excludes 0 beside 'not distinguishable' is that correction)."
             + (
                 f" At some accuracy levels a run's resampled base already reached the level in up to "
                 f"{reached['start_reached'].max():.0%} of draws: those draws leave that run out (no run is "
