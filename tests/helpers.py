@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import psutil
 import pytest
@@ -25,6 +26,7 @@ import yaml
 
 from dcv.config import ExperimentConfig, parse_config
 from dcv.results import build_results_table
+from dcv.tables import CIRCUITS_SCHEMA, EFFECTS_SCHEMA
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
@@ -490,3 +492,139 @@ def paper_toy_overrides(source: Path, storage: Path) -> list[str]:
         },
     }
     return [f"{key}={json.dumps(value)}" for key, value in sizes.items()]
+
+
+# Hand-built analysis tables whose answers are known in closed form (tests/test_analysis.py and
+# tests/test_lost_and_chance.py): 4 heads, a base circuit of 2, two runs per method at steps 0, 2, 4.
+HEADS = [(0, 0), (0, 1), (1, 0), (1, 1)]
+BASE_EFFECTS = [1.0, 0.5, 0.1, 0.0]
+BASE_CIRCUIT = [(0, 0), (0, 1)]
+STEPS = (0, 2, 4)
+# Target accuracy per step: SFT adapts faster than RL.
+ACCURACY = {"sft": (0.25, 0.5, 0.75), "rl": (0.25, 0.35, 0.45)}
+# Effects of every head are the base's times this factor: SFT loses 20% per 2 steps, RL 2.5%.
+SCALE = {"sft": (1.0, 0.8, 0.6), "rl": (1.0, 0.975, 0.95)}
+N_ITEMS = 4
+N_TEST = 20  # target test items: every accuracy above is a whole number of them
+# Per-item noise of the patching parts: the base model's pattern, and another one for fine-tuned models
+# (same mean), so the item bootstrap moves effects and V.
+BASE_NOISE = (-0.1, 0.1, -0.05, 0.05)
+TUNED_NOISE = (0.1, -0.05, 0.05, -0.1)
+
+
+def correct(accuracy: float, seed: int) -> list[float]:
+    """Per-item correctness with the given accuracy; which items are right depends on the seed."""
+    k = round(accuracy * N_TEST)
+    right = [1.0] * k + [0.0] * (N_TEST - k)
+    return right[seed:] + right[:seed]
+
+
+def results_table() -> pl.DataFrame:
+    rows = []
+    for method in ("sft", "rl"):
+        for seed in (0, 1):
+            trial = f"{method}-seed{seed}"
+            for i, step in enumerate(STEPS):
+                lds = item_lds(f"{trial}@{step}" if step else "base", SCALE[method][i])
+                rows.append(
+                    {
+                        "trial": trial,
+                        "method": method,
+                        "learning_rate": 1e-5,
+                        "seed": seed,
+                        "init": "base",
+                        "step": step,
+                        "checkpoint": f"/ckpt/{trial}/{step}",
+                        "metrics": {
+                            "target/accuracy": ACCURACY[method][i],
+                            "probe/ioi/accuracy": float((np.array(lds) > 0).mean()),
+                            "probe/ioi/mean_ld": float(np.mean(lds)),
+                            "kl_to_base": (1.0 - SCALE[method][i]) * (1 + 0.2 * seed),
+                            "bench/t/acc": 0.5 * SCALE[method][i] * (1 - 0.02 * seed),
+                            "bench/t/acc_norm": 0.0,  # not an accuracy column: left out of forgetting
+                        },
+                        "items": {
+                            "target/item_correct": correct(ACCURACY[method][i], seed),
+                            "probe/ioi/item_ld": lds,
+                        },
+                    }
+                )
+    rows.sort(key=lambda r: (r["trial"], r["step"]))  # the table's order
+    table = build_results_table([{k: v for k, v in r.items() if k != "items"} for r in rows])
+    return table.with_columns(
+        pl.Series(name, [r["items"][name] for r in rows]).cast(pl.List(pl.Float64))
+        for name in ("target/item_correct", "probe/ioi/item_ld")
+    )
+
+
+def item_lds(model: str, scale: float) -> list[float]:
+    """Per-item clean LDs (mean 4 x scale); SFT at step 4 gets its first item wrong."""
+    noise = BASE_NOISE if model == "base" else TUNED_NOISE
+    lds = [4.0 * scale * (1 + d) for d in noise]
+    if model.startswith("sft") and model.endswith("@4"):
+        lds[0] = -1.0
+    return lds
+
+
+def effect_rows(model: str, trial: str, step: int, scale: float) -> list[dict]:
+    rows = []
+    for (layer, head), effect in zip(HEADS, BASE_EFFECTS, strict=True):
+        # Per-item parts whose ratio of means is the effect: items differ, the mean does not.
+        noise = BASE_NOISE if model == "base" else TUNED_NOISE
+        if model.startswith("sft") and model.endswith("@4") and (layer, head) == (1, 0):
+            effect, scale = 0.35, 1.0  # above head (0, 1)'s 0.3: SFT's own circuit at step 4 is 0.0 and 1.0
+        delta = [effect * scale * (1 + d) for d in noise]
+        rows.append(
+            {
+                "model": model,
+                "probe": "ioi",
+                "method": "exact",
+                "layer": layer,
+                "head": head,
+                "effect": effect * scale,
+                "n_items": N_ITEMS,
+                "trial": trial,
+                "step": step,
+                "checkpoint": "x",
+                "item_delta": delta,
+                "item_denominator": [1.0] * N_ITEMS,
+            }
+        )
+    return rows
+
+
+def effects_table() -> pl.DataFrame:
+    rows = effect_rows("base", "base", 0, 1.0)
+    for method in ("sft", "rl"):
+        for seed in (0, 1):
+            for i, step in enumerate(STEPS[1:], start=1):
+                trial = f"{method}-seed{seed}"
+                rows += effect_rows(f"{trial}@{step}", trial, step, SCALE[method][i])
+    return pl.DataFrame(rows, schema=EFFECTS_SCHEMA)
+
+
+def circuits_table() -> pl.DataFrame:
+    def row(model, trial, step, heads):
+        return {
+            "model": model,
+            "trial": trial,
+            "step": step,
+            "probe": "ioi",
+            "method": "exact",
+            "size": len(heads),
+            "faithfulness": 0.9,
+            "reached_tau": True,
+            "base_circuit_faithfulness": 0.9,
+            "layers": [la for la, _ in heads],
+            "heads": [h for _, h in heads],
+        }
+
+    rows = [row("base", "base", 0, BASE_CIRCUIT)]
+    for method in ("sft", "rl"):
+        for seed in (0, 1):
+            trial = f"{method}-seed{seed}"
+            for step in STEPS[1:]:
+                # SFT's circuit loses head (0, 1) after step 2; RL keeps the base circuit.
+                heads = [(0, 0), (1, 0)] if method == "sft" and step == 4 else BASE_CIRCUIT
+                rows.append(row(f"{trial}@{step}", trial, step, heads))
+    return pl.DataFrame(rows, schema=CIRCUITS_SCHEMA)

@@ -1,6 +1,6 @@
-"""Chance levels beside P and J, and "lost is lost everywhere" (DESIGN "Statistics"), on hand-built tables
-(those of ``tests/test_analysis.py``, restated: test modules import no other test module): 4 heads, a base
-circuit of 2; SFT's own circuit at step 4 is 2 heads, one of them the base's."""
+"""Chance levels beside P and J, and "lost is lost everywhere" (DESIGN "Statistics"), on the hand-built
+analysis tables of ``tests.helpers`` (those of tests/test_analysis.py): 4 heads, a base circuit of 2; SFT's
+own circuit at step 4 is 2 heads, one of them the base's."""
 
 from __future__ import annotations
 
@@ -11,20 +11,7 @@ import pytest
 from dcv.analysis import analyze, build_inputs
 from dcv.config import parse_config
 from dcv.report import build_report
-from dcv.results import build_results_table
-from dcv.tables import CIRCUITS_SCHEMA, EFFECTS_SCHEMA
-from tests.helpers import tiny_config_dict
-
-HEADS = [(0, 0), (0, 1), (1, 0), (1, 1)]
-BASE_EFFECTS = [1.0, 0.5, 0.1, 0.0]
-BASE_CIRCUIT = [(0, 0), (0, 1)]
-STEPS = (0, 2, 4)
-ACCURACY = {"sft": (0.25, 0.5, 0.75), "rl": (0.25, 0.35, 0.45)}
-SCALE = {"sft": (1.0, 0.8, 0.6), "rl": (1.0, 0.975, 0.95)}  # every head's effect: the base's times this
-N_ITEMS = 4
-N_TEST = 20
-BASE_NOISE = (-0.1, 0.1, -0.05, 0.05)
-TUNED_NOISE = (0.1, -0.05, 0.05, -0.1)
+from tests.helpers import N_ITEMS, circuits_table, effects_table, results_table, tiny_config_dict
 
 
 def config(tmp_path):
@@ -33,113 +20,6 @@ def config(tmp_path):
     raw["patching"]["methods"] = ["exact"]
     raw["circuits"].update(n_bootstrap=50)
     return parse_config(raw)
-
-
-def item_lds(model: str, scale: float) -> list[float]:
-    """Per-item clean LDs (mean 4 x scale); SFT at step 4 gets its first item wrong."""
-    lds = [4.0 * scale * (1 + d) for d in (BASE_NOISE if model == "base" else TUNED_NOISE)]
-    if model.startswith("sft") and model.endswith("@4"):
-        lds[0] = -1.0
-    return lds
-
-
-def results_table() -> pl.DataFrame:
-    rows = []
-    for method in ("sft", "rl"):
-        for seed in (0, 1):
-            trial = f"{method}-seed{seed}"
-            for i, step in enumerate(STEPS):
-                lds = item_lds(f"{trial}@{step}" if step else "base", SCALE[method][i])
-                k = round(ACCURACY[method][i] * N_TEST)
-                right = [1.0] * k + [0.0] * (N_TEST - k)
-                rows.append(
-                    {
-                        "trial": trial,
-                        "method": method,
-                        "learning_rate": 1e-5,
-                        "seed": seed,
-                        "init": "base",
-                        "step": step,
-                        "checkpoint": f"/ckpt/{trial}/{step}",
-                        "metrics": {
-                            "target/accuracy": ACCURACY[method][i],
-                            "probe/ioi/accuracy": float((np.array(lds) > 0).mean()),
-                            "probe/ioi/mean_ld": float(np.mean(lds)),
-                            "kl_to_base": (1.0 - SCALE[method][i]) * (1 + 0.2 * seed),
-                        },
-                        "items": {
-                            "target/item_correct": right[seed:] + right[:seed],
-                            "probe/ioi/item_ld": lds,
-                        },
-                    }
-                )
-    rows.sort(key=lambda r: (r["trial"], r["step"]))
-    table = build_results_table([{k: v for k, v in r.items() if k != "items"} for r in rows])
-    return table.with_columns(
-        pl.Series(name, [r["items"][name] for r in rows]).cast(pl.List(pl.Float64))
-        for name in ("target/item_correct", "probe/ioi/item_ld")
-    )
-
-
-def effect_rows(model: str, trial: str, step: int, scale: float) -> list[dict]:
-    rows = []
-    noise = BASE_NOISE if model == "base" else TUNED_NOISE
-    for (layer, head), effect in zip(HEADS, BASE_EFFECTS, strict=True):
-        if model.startswith("sft") and model.endswith("@4") and (layer, head) == (1, 0):
-            effect, scale = 0.35, 1.0  # above head (0, 1)'s 0.3: SFT's own circuit at step 4 is 0.0 and 1.0
-        rows.append(
-            {
-                "model": model,
-                "probe": "ioi",
-                "method": "exact",
-                "layer": layer,
-                "head": head,
-                "effect": effect * scale,
-                "n_items": N_ITEMS,
-                "trial": trial,
-                "step": step,
-                "checkpoint": "x",
-                "item_delta": [effect * scale * (1 + d) for d in noise],
-                "item_denominator": [1.0] * N_ITEMS,
-            }
-        )
-    return rows
-
-
-def effects_table() -> pl.DataFrame:
-    rows = effect_rows("base", "base", 0, 1.0)
-    for method in ("sft", "rl"):
-        for seed in (0, 1):
-            for i, step in enumerate(STEPS[1:], start=1):
-                rows += effect_rows(
-                    f"{method}-seed{seed}@{step}", f"{method}-seed{seed}", step, SCALE[method][i]
-                )
-    return pl.DataFrame(rows, schema=EFFECTS_SCHEMA)
-
-
-def circuits_table() -> pl.DataFrame:
-    def row(model, trial, step, heads):
-        return {
-            "model": model,
-            "trial": trial,
-            "step": step,
-            "probe": "ioi",
-            "method": "exact",
-            "size": len(heads),
-            "faithfulness": 0.9,
-            "reached_tau": True,
-            "base_circuit_faithfulness": 0.9,
-            "layers": [la for la, _ in heads],
-            "heads": [h for _, h in heads],
-        }
-
-    rows = [row("base", "base", 0, BASE_CIRCUIT)]
-    for method in ("sft", "rl"):
-        for seed in (0, 1):
-            for step in STEPS[1:]:
-                heads = [(0, 0), (1, 0)] if method == "sft" and step == 4 else BASE_CIRCUIT
-                rows.append(row(f"{method}-seed{seed}@{step}", f"{method}-seed{seed}", step, heads))
-    return pl.DataFrame(rows, schema=CIRCUITS_SCHEMA)
 
 
 SFT4 = (pl.col("trial") == "sft-seed0") & (pl.col("step") == 4)

@@ -405,4 +405,7 @@ def test_cmap_through_the_pipeline_equals_the_direct_computation(
     assert top.height == 2 * 2 * 2  # checkpoints x heads x directions
     keys = ["model", "direction", "layer", "head"]
     joined = top.join(table, on=keys, suffix="_all")
-    assert joined.height == top.height and (joined["effect"] - joined["effect_all"]).abs().max() < 1e-9
+    # The same heads' values as in the all-heads item, up to float32 rounding: the patched batch holds other
+    # heads (measured 2026-12-07: 1.8e-6 on effects of 0.8-5; tests/circuits/test_cmap.py holds 1e-6 in one
+    # process).
+    assert joined.height == top.height and (joined["effect"] - joined["effect_all"]).abs().max() < 1e-5
