@@ -46,8 +46,8 @@ def plot_head_heatmap(
     finite = np.abs(grid[np.isfinite(grid)])
     limit = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
     fig, ax = plt.subplots(figsize=(1.2 + 0.45 * n_heads, 1.0 + 0.25 * n_layers))
-    cmap = plt.get_cmap("RdBu_r").copy()
-    cmap.set_bad("#dddddd")  # heads without a value (outside a circuit) in grey, apart from a value of 0
+    # Heads without a value (outside a circuit) in grey, apart from a value of 0.
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#dddddd")
     image = ax.imshow(grid, cmap=cmap, vmin=-limit, vmax=limit, aspect="auto", origin="lower")
     for layer, head in marked:
         ax.add_patch(

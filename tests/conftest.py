@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from dcv.config import ExperimentConfig, ModelConfig, load_config
-from tests.helpers import DcvRun, fault_env, tiny_config_dict, tiny_run_config_dict
+from tests.helpers import DcvRun, TrackingServer, fault_env, tiny_config_dict, tiny_run_config_dict
 
 # One intra-op thread in this process and in every process it starts (`dcv`, `ray start`, their workers),
 # unless OMP_NUM_THREADS is set. On 2 cores that other work also uses, torch's 2 OpenMP threads spin-wait
@@ -112,3 +112,22 @@ def tiny_run(tmp_path_factory) -> TinyRun:
     run = DcvRun(["run", str(config)], cwd=root, env=fault_env(), log=root / "run.stderr")
     run.finish(1200)
     return TinyRun(config, storage, run)
+
+
+@pytest.fixture(scope="session")
+def _tracking_server(tmp_path_factory):
+    server = TrackingServer(tmp_path_factory.mktemp("tracking-server"), auth=True)
+    server.start()  # 15-40 s on 2 cores: one server for the session
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture(scope="module")
+def tracking_server(_tracking_server) -> TrackingServer:
+    """The session's real tracking server (mlflow/serve on loopback, basic auth on); running when a module
+    starts, even if an earlier module killed it and failed before starting it again."""
+    if not _tracking_server.running():
+        _tracking_server.start()
+    return _tracking_server

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -196,6 +197,75 @@ def run_dcv(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([DCV, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+# The session's tracking server (tests/conftest.py `tracking_server`) has basic auth on, as on a cluster. The
+# admin password doubles as the secret marker: it must never show up in a run or a log.
+MLFLOW_ADMIN = "admin"
+MLFLOW_PASSWORD = f"pw-{uuid.uuid4().hex}"
+
+
+class TrackingServer:
+    """mlflow/serve (SQLite store and artifacts in ``data``) on a loopback port, with basic auth when
+    ``auth``; kill() and start() again keep the store and the port (the fault suite kills it mid-run)."""
+
+    def __init__(self, data: Path, auth: bool = False):
+        self.data = data
+        self.auth = auth
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    @property
+    def log(self) -> Path:
+        return self.data.parent / f"{self.data.name}-{self.starts}.log"
+
+    @property
+    def credentials(self) -> dict[str, str]:
+        """The client's environment for this server."""
+        return {"MLFLOW_TRACKING_USERNAME": MLFLOW_ADMIN, "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD}
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        self.starts += 1
+        command = [str(REPO / "mlflow" / "serve"), "--data", str(self.data), "--port", str(self.port)]
+        command += ["--workers", "1", *(["--auth"] if self.auth else [])]
+        env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": MLFLOW_PASSWORD}
+        with self.log.open("w") as out:
+            # Its own session: kill() stops the server and its uvicorn workers as one group.
+            self.proc = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        deadline = time.monotonic() + 150
+        while True:
+            if self.proc.poll() is not None:
+                log = self.log.read_text()[-3000:]
+                pytest.fail(f"mlflow/serve exited with {self.proc.returncode}:\n{log}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow/serve not healthy after 150 s:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.25)
+
+    def kill(self) -> None:
+        """SIGKILL the server and its workers: gone at once, as a crashed host would be."""
+        if self.running():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+def fault_env(**extra: str) -> dict[str, str]:
+    """This environment without a cluster or tracking server of the caller's, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    return {**env, **extra}
+
+
 def wait_for_no_processes(marker: str, value: str, seconds: float) -> None:
     """Wait until no process carries ``marker=value``; then SIGKILL what is left (the test started them)."""
     deadline = time.monotonic() + seconds
@@ -221,12 +291,6 @@ def wait_for_no_processes(marker: str, value: str, seconds: float) -> None:
 # started, and what a test compares before and after a rerun.
 
 FAULT_MARKER = "DCV_TEST_FAULT_RUN"  # in the environment of every process a DcvRun starts (Ray's included)
-
-
-def fault_env(**extra: str) -> dict[str, str]:
-    """This environment without a cluster or tracking server of the caller's, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    return {**env, **extra}
 
 
 class DcvRun:

@@ -1,15 +1,17 @@
-"""The dcv command: `dcv eval`, `patch`, `circuit` end to end on the tiny model (through the installed
-console script), `validate --set` and `--version`, the parser and its dispatch, `dcv run`'s checks from
-Python (run_experiment's preflight), and the ray_jobs/ scripts that forward to the commands."""
+"""The dcv command: `dcv eval`, `patch`, `circuit` end to end on the tiny model (``main`` in this process:
+the console script is only ``dcv.cli:main``, run as a process by the fault suite and the job tests),
+`validate --set` and `--version`, the parser and its dispatch, `dcv run`'s checks from Python
+(run_experiment's preflight), and the ray_jobs/ scripts that forward to the commands."""
 
 from __future__ import annotations
 
 import copy
 import json
 import re
+import runpy
 import shutil
-import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -20,12 +22,34 @@ from mlflow.tracking import MlflowClient
 from dcv.cli import COMMANDS, build_parser, circuit_outputs, job_main, main, patch_work
 from dcv.config import ConfigError, load_config, parse_config
 from dcv.tracking import TrackingServerError
-from tests.helpers import REPO, fault_env, free_port, run_dcv, tiny_config_dict, write_sciknoweval_layout
+from tests.helpers import REPO, free_port, tiny_config_dict, write_sciknoweval_layout
 
 
-@pytest.mark.e2e
-def test_dcv_eval_tiny_prints_scores_and_logs_to_mlflow(tiny_config_file, tmp_path):
-    result = run_dcv("eval", str(tiny_config_file), cwd=tmp_path)
+@dataclass(frozen=True)
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def dcv(capsys, monkeypatch, tmp_path):
+    """``dcv ARGS`` in this process, from tmp_path, without the caller's tracking server: what it returned
+    and printed."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def run(*args: str) -> Ran:
+        capsys.readouterr()
+        code = main(list(args))
+        printed = capsys.readouterr()
+        return Ran(code, printed.out, printed.err)
+
+    return run
+
+
+def test_dcv_eval_tiny_prints_scores_and_logs_to_mlflow(tiny_config_file, tmp_path, dcv):
+    result = dcv("eval", str(tiny_config_file))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     for task in ("target", "probe:ioi", "probe:capitals", "probe:greater_than", "probe:induction"):
@@ -44,8 +68,7 @@ def test_dcv_eval_tiny_prints_scores_and_logs_to_mlflow(tiny_config_file, tmp_pa
     assert not (tmp_path / "mlruns").exists()  # nothing written to the working directory
 
 
-@pytest.mark.e2e
-def test_dcv_eval_of_another_model_reports_kl_to_base(tiny_config_file, tmp_path, tokenizer):
+def test_dcv_eval_of_another_model_reports_kl_to_base(tiny_config_file, tmp_path, tokenizer, dcv):
     from dcv.config import ModelConfig, TinyModelConfig
     from dcv.models import load_model, save_model
 
@@ -54,28 +77,26 @@ def test_dcv_eval_of_another_model_reports_kl_to_base(tiny_config_file, tmp_path
         tokenizer,
         tmp_path / "tiny-seed-1",
     )
-    result = run_dcv("eval", str(tiny_config_file), "--model", str(other), cwd=tmp_path)
+    result = dcv("eval", str(tiny_config_file), "--model", str(other))
     assert result.returncode == 0, result.stderr
     kl_line = next(line for line in result.stdout.splitlines() if line.startswith("KL(base || model)"))
     assert float(kl_line.split()[-1]) > 0.01
-    result = run_dcv("eval", str(tiny_config_file), "--model", str(tmp_path / "missing"), cwd=tmp_path)
+    result = dcv("eval", str(tiny_config_file), "--model", str(tmp_path / "missing"))
     assert result.returncode == 2 and "model.name" in result.stderr
 
 
-@pytest.mark.e2e
-def test_dcv_eval_bad_config_exits_2_before_loading(tmp_path):
+def test_dcv_eval_bad_config_exits_2_before_loading(tmp_path, dcv):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {name: tiny}\nprobes: [{name: ioi}]\nsft: {learning_rate: -1}\n")
-    result = run_dcv("eval", str(bad), cwd=tmp_path)
+    result = dcv("eval", str(bad))
     assert result.returncode == 2
     assert "sft.learning_rate" in result.stderr and str(bad) in result.stderr
-    result = run_dcv("eval", str(bad).replace("bad", "absent"), cwd=tmp_path)
+    result = dcv("eval", str(bad).replace("bad", "absent"))
     assert result.returncode == 2 and "no such config file" in result.stderr
 
 
-@pytest.mark.e2e
-def test_dcv_patch_then_circuit_reuses_the_table(tiny_config_file, tmp_path):
-    result = run_dcv("patch", str(tiny_config_file), "--probe", "ioi", "--top", "3", cwd=tmp_path)
+def test_dcv_patch_then_circuit_reuses_the_table(tiny_config_file, tmp_path, dcv):
+    result = dcv("patch", str(tiny_config_file), "--probe", "ioi", "--top", "3")
     assert result.returncode == 0, result.stderr
     assert "patched 8 heads x 8 items (exact)" in result.stdout
     cfg = load_config(tiny_config_file)
@@ -85,7 +106,7 @@ def test_dcv_patch_then_circuit_reuses_the_table(tiny_config_file, tmp_path):
     assert table.name.startswith("base__ioi__exact__h00000-00008__")
     assert table.is_file()
     stamp = table.stat().st_mtime_ns
-    result = run_dcv("circuit", str(tiny_config_file), "--probe", "ioi", cwd=tmp_path)
+    result = dcv("circuit", str(tiny_config_file), "--probe", "ioi")
     assert result.returncode == 0, result.stderr
     assert "reusing" in result.stdout and table.stat().st_mtime_ns == stamp  # not recomputed
     assert "faithfulness" in result.stdout
@@ -140,9 +161,8 @@ def test_dcv_patch_items_are_the_pipelines(tmp_path):
     assert not {i["item_id"] for i in patch_work(cfg, other, "ioi", "attribution")} & set(pipeline["item_id"])
 
 
-@pytest.mark.e2e
-def test_dcv_patch_unknown_probe_exits_2(tiny_config_file, tmp_path):
-    result = run_dcv("patch", str(tiny_config_file), "--probe", "sarcasm", cwd=tmp_path)
+def test_dcv_patch_unknown_probe_exits_2(tiny_config_file, dcv):
+    result = dcv("patch", str(tiny_config_file), "--probe", "sarcasm")
     assert result.returncode == 2
     assert "--probe 'sarcasm' is not one of the config's probes" in result.stderr
 
@@ -240,32 +260,34 @@ def test_ray_jobs_name_the_config_with_dash_dash_config(tiny_config_file, capsys
     assert "circuits.tau" in capsys.readouterr().err
 
 
-@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("script", "command", "error"),
     [
-        (["ray_jobs/experiment.py"], "run", "[tracking] uri="),
-        (["-m", "ray_jobs.sweep"], "sweep", "[tracking] uri="),
-        (["ray_jobs/patch.py"], "patch-all", "no results table"),
+        ("ray_jobs/experiment.py", "run", "[tracking] uri="),
+        ("ray_jobs.sweep", "sweep", "[tracking] uri="),
+        ("ray_jobs/patch.py", "patch-all", "no results table"),
     ],
 )
-def test_ray_job_scripts_forward_to_their_command(tmp_path, script, command, error):
-    """Each script as `ray job submit` runs it (from the repository root): the command's own checks fail
-    fast with its exit code and message, before Ray starts."""
+def test_ray_job_scripts_forward_to_their_command(tmp_path, monkeypatch, capsys, script, command, error):
+    """Each script as `ray job submit` runs it (from the repository root, as `python SCRIPT` or `python -m`;
+    here in this process, as __main__): the command's own checks fail fast with its exit code and message,
+    before Ray starts. tests/test_ray_jobs.py runs ray_jobs/experiment.py as a real job."""
     raw = tiny_config_dict(tmp_path / "storage")
     raw["tracking"]["uri"] = f"http://127.0.0.1:{free_port()}"  # down: run and sweep stop there
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(raw))
-    result = subprocess.run(
-        [sys.executable, *script, "--config", str(config), "--set", "circuits.tau=0.9"],
-        cwd=REPO,
-        env=fault_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
-    assert f"dcv {command}: " in result.stderr and error in result.stderr, result.stderr[-3000:]
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(sys, "argv", [script, "--config", str(config), "--set", "circuits.tau=0.9"])
+    monkeypatch.setattr(sys, "path", list(sys.path))  # a script puts the repository root first
+    with pytest.raises(SystemExit) as exited:
+        if script.endswith(".py"):
+            runpy.run_path(str(REPO / script), run_name="__main__")
+        else:
+            runpy.run_module(script, run_name="__main__", alter_sys=True)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err[-3000:]
+    assert f"dcv {command}: " in err and error in err, err[-3000:]
 
 
 def test_dcv_version_names_dcv_and_its_libraries(capsys):

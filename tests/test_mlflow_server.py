@@ -1,22 +1,19 @@
 """The tracking server script (mlflow/serve) run for real: runs and proxied artifacts over HTTP, basic auth,
 `dcv train` failing fast when the server is down, and no secret in anything a run records.
 
-One server per module (starting one takes 15-40 s on 2 cores), with basic auth on: the tests that log
-send the admin credentials, as a job on the cluster does.
+The session's server (tests/conftest.py `tracking_server`: starting one takes 15-40 s on 2 cores, so the fault
+suite shares it), with basic auth on: the tests that log send the admin credentials, as a job on the cluster
+does.
 """
 
 from __future__ import annotations
 
 import base64
-import os
-import signal
 import socket
-import subprocess
 import time
 import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,57 +23,11 @@ from mlflow.tracking import MlflowClient
 from dcv import tracking
 from dcv.cli import main
 from dcv.config import parse_config
-from tests.helpers import REPO, free_port, tiny_config_dict
+from tests.helpers import MLFLOW_ADMIN as ADMIN
+from tests.helpers import MLFLOW_PASSWORD as PASSWORD
+from tests.helpers import free_port, tiny_config_dict
 
-ADMIN = "admin"
-# The admin password doubles as the secret marker: it must never show up in a run or a log.
-PASSWORD = f"pw-{uuid.uuid4().hex}"
 SEARCH = "/api/2.0/mlflow/experiments/search?max_results=1"
-
-
-@dataclass(frozen=True)
-class Server:
-    uri: str
-    port: int
-    data: Path
-    log: Path
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    data = tmp_path_factory.mktemp("mlflow-server")
-    log = data.parent / f"{data.name}.log"
-    port = free_port()
-    env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD}
-    command = [str(REPO / "mlflow" / "serve"), "--data", str(data), "--port", str(port), "--workers", "1"]
-    with log.open("w") as out:
-        # Its own session, so teardown can stop the server and its uvicorn workers as one group.
-        proc = subprocess.Popen(
-            [*command, "--auth"], stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 150
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow/serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow/serve not healthy after 150 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.25)
-        yield Server(uri, port, data, log)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture
@@ -99,14 +50,14 @@ def get_status(url: str, user: str | None = None, password: str | None = None) -
 
 
 @pytest.mark.e2e
-def test_runs_and_artifacts_go_through_the_server(server, credentials, tmp_path, monkeypatch):
+def test_runs_and_artifacts_go_through_the_server(tracking_server, credentials, tmp_path, monkeypatch):
     client_dir = tmp_path / "client"
     client_dir.mkdir()
     monkeypatch.chdir(client_dir)  # where MLflow would put a local ./mlruns or ./mlartifacts
     raw = tiny_config_dict(tmp_path / "storage")
-    raw["tracking"] = {"uri": server.uri, "experiment_name": "served"}
+    raw["tracking"] = {"uri": tracking_server.uri, "experiment_name": "served"}
     cfg = parse_config(raw)
-    tracking.check_tracking_server(server.uri)
+    tracking.check_tracking_server(tracking_server.uri)
     note = tmp_path / "note.txt"
     note.write_text("logged through the proxy\n")
     with tracking.child_run(cfg, "served-child", tags={"dcv.stage": "test"}) as run:
@@ -114,7 +65,7 @@ def test_runs_and_artifacts_go_through_the_server(server, credentials, tmp_path,
         run.log_metrics({"target/accuracy": 0.25}, step=2)
         run.log_artifact(note, artifact_path="notes")
 
-    client = MlflowClient(server.uri)
+    client = MlflowClient(tracking_server.uri)
     experiment = client.get_experiment_by_name("served")
     # The server hands out its proxy URI: clients never write to the artifact store directly.
     assert experiment.artifact_location.startswith("mlflow-artifacts:")
@@ -129,37 +80,39 @@ def test_runs_and_artifacts_go_through_the_server(server, credentials, tmp_path,
     assert [(m.step, m.value) for m in history] == [(2, 0.25)]
     assert [a.path for a in client.list_artifacts(run.run_id, "notes")] == ["notes/note.txt"]
 
-    landed = list((server.data / "artifacts").rglob(f"{run.run_id}/artifacts/notes/note.txt"))
+    landed = list((tracking_server.data / "artifacts").rglob(f"{run.run_id}/artifacts/notes/note.txt"))
     assert [p.read_text() for p in landed] == ["logged through the proxy\n"]
     assert sorted(p.name for p in client_dir.iterdir()) == []  # no mlruns/, mlartifacts/ or mlflow.db here
     assert not (tmp_path / "storage").exists()  # a tracking server needs no local storage folder
 
 
 @pytest.mark.e2e
-def test_basic_auth_refuses_requests_without_valid_credentials(server, monkeypatch):
+def test_basic_auth_refuses_requests_without_valid_credentials(tracking_server, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
-    url = server.uri + SEARCH
+    url = tracking_server.uri + SEARCH
     assert get_status(url) == 401
     assert get_status(url, ADMIN, "not-the-password") == 401
     assert get_status(url, ADMIN, PASSWORD) == 200
-    assert get_status(server.uri + "/health") == 200  # unauthenticated, for load balancers and readiness
+    assert (
+        get_status(tracking_server.uri + "/health") == 200
+    )  # unauthenticated, for load balancers and readiness
 
     no_credentials = r"refused the request \(HTTP 401, no credentials\)"
     with pytest.raises(tracking.TrackingServerError, match=no_credentials):
-        tracking.check_tracking_server(server.uri)
+        tracking.check_tracking_server(tracking_server.uri)
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong-password-marker")
     with pytest.raises(tracking.TrackingServerError, match="MLFLOW_TRACKING_PASSWORD") as refused:
-        tracking.check_tracking_server(server.uri)
-    assert f"[tracking] uri={server.uri}" in str(refused.value)
+        tracking.check_tracking_server(tracking_server.uri)
+    assert f"[tracking] uri={tracking_server.uri}" in str(refused.value)
     assert "wrong-password-marker" not in str(refused.value)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
-    tracking.check_tracking_server(server.uri)
+    tracking.check_tracking_server(tracking_server.uri)
 
 
 @pytest.mark.e2e
-def test_server_listens_on_loopback_only(server):
+def test_server_listens_on_loopback_only(tracking_server):
     # The machine's own outward address (no packet is sent for a UDP connect).
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:
@@ -169,7 +122,10 @@ def test_server_listens_on_loopback_only(server):
             pytest.skip("this machine has no non-loopback IPv4 address")
     if address.startswith("127."):
         pytest.skip("this machine has no non-loopback IPv4 address")
-    with pytest.raises(ConnectionRefusedError), socket.create_connection((address, server.port), timeout=5):
+    with (
+        pytest.raises(ConnectionRefusedError),
+        socket.create_connection((address, tracking_server.port), timeout=5),
+    ):
         pass
 
 
@@ -224,18 +180,18 @@ def all_artifact_text(client: MlflowClient, run_id: str, dest: Path, path: str |
 
 
 @pytest.mark.e2e
-def test_no_secret_in_what_a_run_records(server, credentials, tmp_path, monkeypatch, capsys):
+def test_no_secret_in_what_a_run_records(tracking_server, credentials, tmp_path, monkeypatch, capsys):
     """A trial's logging (config params on the parent and child runs, tags, metrics, an artifact) with the
     tracking password and a Ray token in the environment: neither shows up anywhere."""
     ray_token = f"ray-token-{uuid.uuid4().hex}"
     monkeypatch.setenv("RAY_AUTH_TOKEN", ray_token)
     monkeypatch.chdir(tmp_path)
     raw = tiny_config_dict(tmp_path / "storage")
-    raw["tracking"] = {"uri": server.uri, "experiment_name": "secrets"}
+    raw["tracking"] = {"uri": tracking_server.uri, "experiment_name": "secrets"}
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(raw))
     cfg = parse_config(raw)
-    tracking.check_tracking_server(server.uri)
+    tracking.check_tracking_server(tracking_server.uri)
     tags = {"dcv.stage": "train", "dcv.method": "sft"}
     run = tracking.get_or_create_child_run(cfg, "sft-lr1e-05-seed0", tags=tags)
     run.log_params({"trial.method": "sft", "trial.seed": 0})
@@ -244,13 +200,13 @@ def test_no_secret_in_what_a_run_records(server, credentials, tmp_path, monkeypa
     run.finish()
     printed = capsys.readouterr()
 
-    client = MlflowClient(server.uri)
+    client = MlflowClient(tracking_server.uri)
     experiment = client.get_experiment_by_name("secrets")
     runs = client.search_runs([experiment.experiment_id])
     assert {r.info.run_name for r in runs} == {"tiny-test", "sft-lr1e-05-seed0"}
     artifacts = "".join(all_artifact_text(client, r.info.run_id, tmp_path / r.info.run_id) for r in runs)
     assert "experiment_name: secrets" in artifacts  # the config file was read back through the proxy
-    recorded = [printed.out, printed.err, server.log.read_text(), str(experiment.tags), artifacts]
+    recorded = [printed.out, printed.err, tracking_server.log.read_text(), str(experiment.tags), artifacts]
     for r in runs:
         recorded += [r.info.run_name, str(r.data.params), str(r.data.tags), str(list(r.data.metrics))]
     assert len(next(r for r in runs if r.info.run_name == "tiny-test").data.params) > 50  # the whole config

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import signal
-import subprocess
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import polars as pl
@@ -18,7 +15,6 @@ import psutil
 import pytest
 import torch
 import yaml
-from mlflow.tracking import MlflowClient
 
 from dcv.circuits.decoder import model_shape
 from dcv.circuits.patching import head_effects
@@ -31,14 +27,14 @@ from dcv.circuits.pipeline import (
     run_pipeline,
 )
 from dcv.cli import main as dcv_main
-from dcv.config import ModelConfig, load_config, parse_config
+from dcv.config import ModelConfig, parse_config
 from dcv.models import load_model, save_model
 from dcv.results import write_results
 from dcv.stages import split_done
 from dcv.storage import items_dir
 from dcv.tables import EFFECTS_SCHEMA
 from dcv.tasks.probes import build_probe
-from tests.helpers import DCV, chem_configs, results_of, tiny_config_dict, wait_for_no_processes
+from tests.helpers import chem_configs, results_of, tiny_config_dict
 
 PROBES = ("ioi", "capitals")
 METHODS = ("exact", "attribution")
@@ -204,53 +200,6 @@ def test_a_killed_actor_is_restarted_and_the_table_is_the_same(ray_cluster, tmp_
     assert not psutil.pid_exists(killed["pid"]) or psutil.Process(killed["pid"]).status() == "zombie"
     assert (run.total, run.skipped, run.computed) == (N_ITEMS, 0, N_ITEMS)
     assert_same_effects(run.table, reference)
-
-
-@pytest.mark.e2e
-@pytest.mark.ray
-def test_a_killed_driver_reruns_only_unfinished_items(tmp_path, checkpoints, reference):
-    _, config_file = make_store(tmp_path, checkpoints)
-    storage = tmp_path / "store"
-    marker = uuid.uuid4().hex
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["DCV_TEST_PIPELINE_DRIVER"] = marker
-    command = [DCV, "patch-all", str(config_file)]
-    command += ["--set", "patching.num_actors=1"]  # one actor: items finish one by one, a wide window to kill
-
-    with open(tmp_path / "first.log", "w") as log:
-        driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 90
-        while len(item_stamps(storage)) < 2:
-            assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the first run wrote no item files"
-            time.sleep(0.01)
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=30)
-    # The driver's Ray (raylet, actor) shares its fate; wait until every process of that run is gone.
-    wait_for_no_processes("DCV_TEST_PIPELINE_DRIVER", marker, seconds=30)
-    before = item_stamps(storage)
-    assert 0 < len(before) < N_ITEMS, len(before)
-
-    rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=150)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    summary = re.search(r"patch-all: (\d+) items computed, (\d+) skipped, (\d+) in all", rerun.stdout)
-    assert summary, rerun.stdout[-3000:]
-    computed, skipped, total = map(int, summary.groups())
-    assert (total, skipped, computed) == (N_ITEMS, len(before), N_ITEMS - len(before))
-    after = item_stamps(storage)
-    assert len(after) == N_ITEMS
-    assert {name: after[name] for name in before} == before  # finished items were not rewritten
-    # The console shows one progress line per stage; the run's log (named in the summary) has them all.
-    log = re.search(r"^log: (\S+)$", rerun.stdout, re.MULTILINE)
-    assert log, rerun.stdout[-3000:]
-    assert f"{N_ITEMS}/{N_ITEMS} items done ({len(before)} skipped)" in Path(log.group(1)).read_text()
-    assert_same_effects(pl.read_parquet(storage / "patching" / "effects.parquet"), reference)
-    # Only the finished run logged to MLflow: one child run, counting what it computed.
-    client = MlflowClient(f"sqlite:///{storage.resolve() / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name(load_config(config_file).tracking.experiment_name)
-    (logged,) = client.search_runs([experiment.experiment_id], filter_string="tags.`dcv.stage` = 'patch'")
-    assert logged.info.status == "FINISHED"
-    assert logged.data.metrics["patch/computed"] == N_ITEMS - len(before)
 
 
 def test_bad_input_is_a_clear_error_before_any_compute(ray_cluster, tmp_path, checkpoints, capsys):

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import polars as pl
 import pytest
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
@@ -21,8 +15,8 @@ from dcv.config import ConfigError, parse_config
 from dcv.results import KEY_COLUMNS, read_results
 from dcv.storage import checkpoint_model, local_storage_root
 from dcv.training.sweep import check_plan, concurrent_trials, plan_trials, run_sweep, sweep_phases
-from dcv.training.trial import TRIAL_FILE, start_point, trials_root
-from tests.helpers import DCV, sweep_config_dict
+from dcv.training.trial import start_point, trials_root
+from tests.helpers import sweep_config_dict
 
 
 def train_child_runs(cfg) -> list:
@@ -118,55 +112,6 @@ def test_sweep_chains_rl_after_sft(ray_cluster, tmp_path):
     assert again.equals(table)
     assert {p: p.stat().st_mtime_ns for p in trials_root(cfg).rglob("checkpoint_*/*")} == stamps
     assert len(train_child_runs(cfg)) == len(specs)
-
-
-@pytest.mark.e2e
-@pytest.mark.ray
-def test_killed_sweep_driver_resumes_without_repeating_finished_trials(tmp_path, monkeypatch):
-    storage = tmp_path / "store"
-    # A relative storage root, as in configs/demo.yaml: Tune runs each trial in a working dir of its own,
-    # so the trials land in the right folder only if the root was made absolute where the command ran.
-    raw = sweep_config_dict(
-        Path("store"), methods=["sft"], sft_learning_rates=[1e-5], max_concurrent_trials=1
-    )
-    raw["sft"].update(max_steps=2, eval_every=2)
-    config_file = tmp_path / "sweep.yaml"
-    config_file.write_text(yaml.safe_dump(raw))
-    monkeypatch.chdir(tmp_path)  # the test's own view of the config resolves "store" there too
-    cfg = parse_config(raw)
-    assert cfg.storage.root == str(storage.resolve())
-    first, second = (trials_root(cfg) / s.name for s in plan_trials(cfg))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    driver = subprocess.Popen(
-        [DCV, "sweep", str(config_file)],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: the kill takes the driver's local Ray with it
-        env=env,
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while not (first / TRIAL_FILE).exists():
-            assert driver.poll() is None, "the sweep driver exited before the first trial finished"
-            assert time.monotonic() < deadline, "the first trial did not finish in time"
-            time.sleep(0.2)
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
-    assert not (second / TRIAL_FILE).exists()  # killed mid-sweep
-    stamps = {p: p.stat().st_mtime_ns for p in first.rglob("*")}
-
-    result = subprocess.run(
-        [DCV, "sweep", str(config_file)], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert {p: p.stat().st_mtime_ns for p in first.rglob("*")} == stamps  # the finished trial was not rerun
-    assert json.loads((second / TRIAL_FILE).read_text())["checkpoints"][-1]["step"] == 2
-    table = read_results(storage.resolve())
-    assert table.height == 2 * 2 and set(table["trial"]) == {first.name, second.name}
-    runs = train_child_runs(cfg)
-    assert sorted(r.data.tags["dcv.run_key"] for r in runs) == sorted([first.name, second.name])
 
 
 def test_concurrency_is_lowered_to_what_the_cluster_fits(tmp_path):
