@@ -117,8 +117,8 @@ def tiny_run(tmp_path_factory) -> TinyRun:
 @pytest.fixture(scope="session")
 def _tracking_server(tmp_path_factory):
     server = TrackingServer(tmp_path_factory.mktemp("tracking-server"), auth=True)
-    server.start()  # 15-40 s on 2 cores: one server for the session
     try:
+        server.start()  # 15-40 s on 2 cores: one server for the session
         yield server
     finally:
         server.kill()

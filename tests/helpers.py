@@ -134,19 +134,28 @@ def chem_configs(storage: Path) -> tuple[ExperimentConfig, ExperimentConfig]:
     return parse_config(raw), parse_config(other)
 
 
+def results_row(
+    trial: str, step: int, checkpoint: str, metrics: dict, item_scores: dict | None = None
+) -> dict:
+    """One trial record row for ``build_results_table``: method from the trial name, lr 1e-5, seed 0, from
+    "base"."""
+    row = {
+        "trial": trial,
+        "method": trial.split("-")[0],
+        "learning_rate": 1e-5,
+        "seed": 0,
+        "init": "base",
+        "step": step,
+        "checkpoint": checkpoint,
+        "metrics": metrics,
+    }
+    return row if item_scores is None else {**row, "item_scores": item_scores}
+
+
 def results_of(checkpoints: dict[tuple[str, int], Path]) -> pl.DataFrame:
-    """A results table of {(trial, step): HF folder}, method from the trial name, all from "base"."""
+    """A results table of {(trial, step): HF folder}."""
     return build_results_table(
-        {
-            "trial": trial,
-            "method": trial.split("-")[0],
-            "learning_rate": 1e-5,
-            "seed": 0,
-            "init": "base",
-            "step": step,
-            "checkpoint": str(path),
-            "metrics": {"target/accuracy": 0.5},
-        }
+        results_row(trial, step, str(path), {"target/accuracy": 0.5})
         for (trial, step), path in checkpoints.items()
     )
 
@@ -237,7 +246,7 @@ class TrackingServer:
             self.proc = subprocess.Popen(
                 command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
-        deadline = time.monotonic() + 150
+        deadline = time.monotonic() + 300
         while True:
             if self.proc.poll() is not None:
                 log = self.log.read_text()[-3000:]
@@ -249,7 +258,7 @@ class TrackingServer:
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"mlflow/serve not healthy after 150 s:\n{self.log.read_text()[-3000:]}")
+                pytest.fail(f"mlflow/serve not healthy after 300 s:\n{self.log.read_text()[-3000:]}")
             time.sleep(0.25)
 
     def kill(self) -> None:

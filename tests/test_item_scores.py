@@ -19,6 +19,7 @@ from dcv.tasks.probes import build_probe
 from dcv.training.checkpoints import METADATA_FILE, EvaluationKit
 from dcv.training.sweep import TrialSpec, collect_results
 from dcv.training.trial import list_checkpoints, trials_root
+from tests.helpers import results_row
 
 EVAL = EvaluationConfig(batch_size=4, max_new_tokens=6, kl_prompts=4, kl_max_new_tokens=6, kl_seed=0)
 PROBES = ("ioi", "induction")
@@ -68,19 +69,8 @@ def test_base_scores_cache_keeps_item_scores_and_ignores_stale_files(tiny_config
 
 
 def _row(trial: str, step: int, item_scores: dict | None = None) -> dict:
-    row = {
-        "trial": trial,
-        "method": trial.split("-")[0],
-        "learning_rate": 1e-5,
-        "seed": 0,
-        "init": "base",
-        "step": step,
-        "checkpoint": f"/ckpt/{trial}/{step}",
-        "metrics": {"step": float(step), "target/accuracy": 0.5, "probe/ioi/mean_ld": 1.0},
-    }
-    if item_scores is not None:
-        row["item_scores"] = item_scores
-    return row
+    metrics = {"step": float(step), "target/accuracy": 0.5, "probe/ioi/mean_ld": 1.0}
+    return results_row(trial, step, f"/ckpt/{trial}/{step}", metrics, item_scores)
 
 
 ITEMS = {"target/correct": [1.0, 0.0], "probe/ioi/ld": [1.5, 0.5]}

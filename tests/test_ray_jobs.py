@@ -19,6 +19,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from dcv.cli import main
 from dcv.config import apply_overrides, parse_config
 from dcv.experiment import STAGES
 from dcv.results import read_results
@@ -32,7 +33,6 @@ from dcv.storage import (
 )
 from dcv.training.sweep import plan_trials
 from tests.helpers import (
-    DCV,
     PAPER_CONFIG,
     REPO,
     free_port,
@@ -170,7 +170,7 @@ def submit(address: str, env: dict[str, str], config_file: Path) -> str:
     return output
 
 
-def test_experiment_submitted_as_a_ray_job(ray_head, tmp_path):
+def test_experiment_submitted_as_a_ray_job(ray_head, tmp_path, capsys):
     """The paper config at toy size (rl.init sft, Dr. GRPO, exact + attribution + masks + cmap, the chem
     probe, benchmarks, calibration, weight change, FSDP) through `ray job submit`: every stage's table; a
     resubmission trains and patches nothing again; `dcv report` rebuilds the report from the stored tables."""
@@ -262,14 +262,8 @@ def test_experiment_submitted_as_a_ray_job(ray_head, tmp_path):
     analysis = {p: pl.read_parquet(p) for p in (storage / "analysis").glob("*.parquet")}
     circuit_files = {p: p.stat().st_mtime_ns for p in (storage / "circuits").rglob("*.parquet")}
     (report / "report.md").unlink()
-    rebuilt = subprocess.run(
-        [DCV, "report", str(storage)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
-    assert (report / "report.md").is_file() and "Insufficient runs" in rebuilt.stdout
+    assert main(["report", str(storage)]) == 0
+    assert (report / "report.md").is_file() and "Insufficient runs" in capsys.readouterr().out
     assert all(pl.read_parquet(p).equals(table) for p, table in analysis.items())
     assert {p: p.stat().st_mtime_ns for p in circuit_files} == circuit_files
     assert {p: p.stat().st_mtime_ns for p in items} == items

@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import periodictable
 
@@ -158,84 +159,79 @@ def _near(
     return [key(e) for e in pool]
 
 
-def _element_questions(elements: list[Element], kinds: set[str]) -> Iterator[tuple[str, str, Callable]]:
-    """(kind, question, make_options(rng)) for every element and requested kind."""
-    for el in elements:
-        if "symbol_to_name" in kinds:
-            yield (
-                "symbol_to_name",
-                f"Which element has the chemical symbol {el.symbol}?",
-                (lambda rng, el=el: (el.name, _near(elements, el, rng, lambda e: e.name))),
-            )
-        if "name_to_symbol" in kinds:
-            yield (
-                "name_to_symbol",
-                f"What is the chemical symbol of {el.name.lower()}?",
-                (lambda rng, el=el: (el.symbol, _near(elements, el, rng, lambda e: e.symbol))),
-            )
-        if "atomic_number" in kinds:
-            yield (
-                "atomic_number",
-                f"What is the atomic number of {el.name.lower()}?",
-                (
-                    lambda rng, el=el: (
-                        str(el.number),
-                        [
-                            str(el.number + d)
-                            for d in _shuffled(
-                                rng, [d for d in (-4, -3, -2, -1, 1, 2, 3, 4) if el.number + d >= 1]
-                            )
-                        ],
-                    )
-                ),
-            )
-        if "element_from_number" in kinds:
-            yield (
-                "element_from_number",
-                f"Which element has atomic number {el.number}?",
-                (lambda rng, el=el: (el.name, _near(elements, el, rng, lambda e: e.name))),
-            )
-        if "period" in kinds:
-            yield (
-                "period",
-                f"In which period of the periodic table is {el.name.lower()}?",
-                (
-                    lambda rng, el=el: (
-                        f"Period {el.period}",
-                        [f"Period {p}" for p in _shuffled(rng, [p for p in range(1, 8) if p != el.period])],
-                    )
-                ),
-            )
-        if el.number in AMBIGUOUS_POSITION:
-            continue
-        if "group" in kinds and el.group is not None:
-            yield (
-                "group",
-                f"In which group of the periodic table is {el.name.lower()}?",
-                (
-                    lambda rng, el=el: (
-                        f"Group {el.group}",
-                        [
-                            f"Group {g}"
-                            for g in _shuffled(
-                                rng, [g for g in range(1, 19) if g != el.group and abs(g - el.group) <= 5]
-                            )
-                        ],
-                    )
-                ),
-            )
-        if "block" in kinds:
-            yield (
-                "block",
-                f"In which block of the periodic table is {el.name.lower()}?",
-                (lambda rng, el=el: (f"{el.block}-block", [f"{b}-block" for b in "spdf" if b != el.block])),
-            )
-
-
 def _count_options(rng: random.Random, count: int) -> tuple[str, list[str]]:
     """A count and nearby positive counts as distractors (off by one to four)."""
     near = [count + d for d in (-4, -3, -2, -1, 1, 2, 3, 4) if count + d >= 1]
     return str(count), [str(n) for n in _shuffled(rng, near)]
+
+
+@dataclass(frozen=True)
+class ElementKind:
+    """One kind of question about an element: its text, and its answer with distractors."""
+
+    name: str  # a CHEMISTRY_KINDS entry
+    question: Callable[[Element], str]
+    # (elements, element, rng) -> (correct, distractors)
+    options: Callable[[list[Element], Element, random.Random], tuple[str, list[str]]]
+    asked: Callable[[Element], bool] = lambda el: True  # of which elements
+
+
+ELEMENT_KINDS = (
+    ElementKind(
+        "symbol_to_name",
+        lambda el: f"Which element has the chemical symbol {el.symbol}?",
+        lambda els, el, rng: (el.name, _near(els, el, rng, lambda e: e.name)),
+    ),
+    ElementKind(
+        "name_to_symbol",
+        lambda el: f"What is the chemical symbol of {el.name.lower()}?",
+        lambda els, el, rng: (el.symbol, _near(els, el, rng, lambda e: e.symbol)),
+    ),
+    ElementKind(
+        "atomic_number",
+        lambda el: f"What is the atomic number of {el.name.lower()}?",
+        lambda els, el, rng: _count_options(rng, el.number),
+    ),
+    ElementKind(
+        "element_from_number",
+        lambda el: f"Which element has atomic number {el.number}?",
+        lambda els, el, rng: (el.name, _near(els, el, rng, lambda e: e.name)),
+    ),
+    ElementKind(
+        "period",
+        lambda el: f"In which period of the periodic table is {el.name.lower()}?",
+        lambda els, el, rng: (
+            f"Period {el.period}",
+            [f"Period {p}" for p in _shuffled(rng, [p for p in range(1, 8) if p != el.period])],
+        ),
+    ),
+    ElementKind(
+        "group",
+        lambda el: f"In which group of the periodic table is {el.name.lower()}?",
+        lambda els, el, rng: (
+            f"Group {el.group}",
+            [
+                f"Group {g}"
+                for g in _shuffled(rng, [g for g in range(1, 19) if g != el.group and abs(g - el.group) <= 5])
+            ],
+        ),
+        asked=lambda el: el.number not in AMBIGUOUS_POSITION and el.group is not None,
+    ),
+    ElementKind(
+        "block",
+        lambda el: f"In which block of the periodic table is {el.name.lower()}?",
+        lambda els, el, rng: (f"{el.block}-block", [f"{b}-block" for b in "spdf" if b != el.block]),
+        asked=lambda el: el.number not in AMBIGUOUS_POSITION,
+    ),
+)
+
+
+def _element_questions(elements: list[Element], kinds: set[str]) -> Iterator[tuple[str, str, Callable]]:
+    """(kind, question, make_options(rng)) for every element and requested kind, element by element."""
+    for el in elements:
+        for kind in ELEMENT_KINDS:
+            if kind.name in kinds and kind.asked(el):
+                yield kind.name, kind.question(el), partial(kind.options, elements, el)
 
 
 def _reading_questions(elements: list[Element], kinds: set[str]) -> Iterator[tuple[str, str, Callable]]:

@@ -1,5 +1,5 @@
 """The Ray Data patching pipeline on the tiny model: same numbers as a plain loop, survives a killed actor,
-and a killed driver's rerun computes only the unfinished items."""
+and a rerun computes only the unfinished items (a killed `dcv run` in patching: tests/faults/)."""
 
 from __future__ import annotations
 
@@ -119,9 +119,12 @@ def reference(checkpoints, tokenizer) -> pl.DataFrame:
     return pl.concat(tables).sort(KEYS)
 
 
-def assert_same_effects(table: pl.DataFrame, reference: pl.DataFrame) -> None:
+def assert_same_effects(
+    table: pl.DataFrame, reference: pl.DataFrame, probes: tuple[str, ...] = PROBES
+) -> None:
+    reference = reference.filter(pl.col("probe").is_in(probes))
     assert table.schema == EFFECTS_SCHEMA
-    assert table.height == reference.height == 3 * len(PROBES) * len(METHODS) * 8
+    assert table.height == reference.height == 3 * len(probes) * len(METHODS) * 8
     table = table.sort(KEYS)
     key_columns = [c for c in EFFECTS_SCHEMA if c not in ("effect", "item_delta", "item_denominator")]
     assert table.select(key_columns).equals(reference.select(key_columns))
@@ -193,13 +196,14 @@ def test_a_killed_actor_is_restarted_and_the_table_is_the_same(ray_cluster, tmp_
 
     killer = threading.Thread(target=kill_an_actor_mid_run)
     killer.start()
-    run = run_pipeline(cfg)
+    run = run_pipeline(cfg, probes=["ioi"])  # half the grid: room enough to kill an actor part-way
     killer.join()
+    n_items = N_ITEMS // len(PROBES)
     assert killed, "no StageWorker actor of this session was found while items were being computed"
-    assert 0 < killed["done"] < N_ITEMS, killed  # killed mid-run
+    assert 0 < killed["done"] < n_items, killed  # killed mid-run
     assert not psutil.pid_exists(killed["pid"]) or psutil.Process(killed["pid"]).status() == "zombie"
-    assert (run.total, run.skipped, run.computed) == (N_ITEMS, 0, N_ITEMS)
-    assert_same_effects(run.table, reference)
+    assert (run.total, run.skipped, run.computed) == (n_items, 0, n_items)
+    assert_same_effects(run.table, reference, probes=("ioi",))
 
 
 def test_bad_input_is_a_clear_error_before_any_compute(ray_cluster, tmp_path, checkpoints, capsys):
