@@ -22,11 +22,11 @@ Pure polars/numpy on stored tables (no model, no Ray), so ``dcv report`` can reb
   v_h(SFT) - v_h(RL) of every base-circuit head, with bootstrap CIs over seeds and probe items.
 - ``correlations``: Spearman of V(M) with forgetting across fine-tuned checkpoints, per probe (and the
   mean over probes), per method and pooled.
-- ``headline``: SFT vs RL at every matched level of target accuracy, KL and step: each metric's mean over
-  runs per method and the SFT - RL difference at two levels of claim (docs/method.md "Statistics"): these runs
-  (item-bootstrap CI, runs held fixed) and across seeds (``dcv.matched.across_seeds``: Welch's t with the
-  item variance folded in, its MDE and the runs per method an effect would need); ``role`` marks the
-  primary endpoint (``analysis.primary``) and the Holm-adjusted secondary family (``assign_roles``).
+- ``headline``: SFT vs RL at every matched level of target accuracy, KL and step: each metric's mean over runs
+  per method and the SFT - RL difference at two levels of claim (docs/method.md "Statistics: what a comparison
+  may claim"): these runs (item-bootstrap CI, runs held fixed) and across seeds (``dcv.matched.across_seeds``:
+  Welch's t with the item variance folded in, its MDE and the runs per method an effect would need); ``role``
+  marks the primary endpoint (``analysis.primary``) and the Holm-adjusted secondary family (``assign_roles``).
 - ``noise_floor``: the base circuit against itself on bootstrap resamples of the probe items (masks: refits
   on resamples and with the next seed), ``dcv.circuits.noise_floor``; its floors of preservation and
   Jaccard (5th percentiles) stand beside every checkpoint's preservation (``noise_floor_*`` columns,
@@ -249,7 +249,8 @@ def _probe_parts(frame: pl.DataFrame, item_ld: np.ndarray | None, gap: float | N
 def _mask_gaps(
     effects: pl.DataFrame, results: pl.DataFrame, probes: Sequence[str]
 ) -> dict[tuple[str, str], float]:
-    """Learned masks' real gap per (model, probe), for the lost rule (docs/method.md "Competence guard"):
+    """Learned masks' real gap per (model, probe), for the lost rule (docs/method.md "Competence guard and the
+    lost rule"):
     their parts hold a pseudo-item of 1 in every model, so a model that forgot a probe was never lost.
     Another patching method's mean LD_clean - LD_corrupt on the same model and probe where every model
     has one, else the model's mean clean LD (``probe/<p>/mean_ld``); there, masks that are all 0

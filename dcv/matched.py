@@ -340,10 +340,10 @@ def runs_by_method(runs: Sequence[Run]) -> dict[str, list[Run]]:
 def resample(
     runs: Sequence[Run], refs: Sequence[ProbeReference], layout: Layout, n_bootstrap: int, seed: int = 0
 ) -> list[Draw]:
-    """The bootstrap's draws (docs/method.md "Statistics"): probe items (one draw per probe, shared
-    by every model), target test items, then runs within each method (the predictors table's; the matched
-    comparison holds the runs fixed). One set serves every level of the matched comparison and the
-    predictors table, so their numbers are comparable."""
+    """The bootstrap's draws (docs/method.md "Statistics: what a comparison may claim"): probe items (one draw
+    per probe, shared by every model), target test items, then runs within each method (the predictors
+    table's; the matched comparison holds the runs fixed). One set serves every level of the matched
+    comparison and the predictors table, so their numbers are comparable."""
     by_method = runs_by_method(runs)
     rng = np.random.default_rng(seed)
     # Probe items: as many as the patching parts have, or (masks: one pseudo-item) as the per-item LDs.
@@ -433,7 +433,8 @@ def compare(
 
 @dataclass(frozen=True)
 class SeedTest:
-    """The across-seeds comparison of one level, per column of the layout (docs/method.md "Statistics")."""
+    """The across-seeds comparison of one level, per column of the layout (docs/method.md "Statistics: what a
+    comparison may claim")."""
 
     difference: np.ndarray  # mean over SFT runs - mean over RL runs
     se: np.ndarray  # sqrt(s_sft^2 / n_sft + s_rl^2 / n_rl + item variance of the difference)
