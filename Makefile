@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/dcv run configs/demo.yaml
 
-# Test tiers by cost (markers in pyproject.toml; README "Tests" has counts and times). `make test` runs them all.
+# Test tiers by cost (markers in pyproject.toml; docs/development.md "Tests"; times in docs/measurements.md). `make test` runs them all.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 

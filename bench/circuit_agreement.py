@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/circuit_agreement.py [--items 32] [--steps 100] [--threads 2]
 
-Hardware: whatever runs it (the figures quoted in the README come from a 2-core CPU). The model is the one
-of configs/demo.yaml (base SmolLM2-135M-Instruct), the probe IOI, circuit settings from that config
+Hardware: whatever runs it (the figures quoted in docs/measurements.md come from a 2-core CPU). The model
+is the one of configs/demo.yaml (base SmolLM2-135M-Instruct), the probe IOI, circuit settings from that config
 (``circuits``, ``circuits.mask``) except where a flag overrides them. Fixed seeds throughout.
 
 - mask circuit: {h : m_h >= 0.5} after `dcv.circuits.mask.mask_effects`; its size and faithfulness.

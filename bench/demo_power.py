@@ -24,15 +24,15 @@ Cost model, in CPU-seconds at one torch thread (what every demo worker computes 
 The units were measured beside the test suite (load average 5-18); ``busy`` spreads the CPU over 2 cores,
 ``idle`` scales that by how much faster the same work ran on the idle machine (``IDLE``).
 
-Power model (DESIGN "Statistics" v3): the standard error of SFT - RL measured on a reference run at each
-matched step (``NOISE``: version 2's minimum detectable differences, 2.80 bootstrap SEs), read at
-the config's last step common to both methods and scaled as 1/sqrt(items per probe x probes in the
-means) and 1/sqrt(runs per method), times the across-seeds test's factor t_{0.975,df} + t_{0.8,df} at
-df = 2 (runs - 1) (its SE at 2 runs is taken as measured: version 2 underestimated the run part, so
-this still flatters small n). Probes in the means are those whose measured top-k faithfulness
-reaches tau (``FAITHFULNESS``); the noise floor per probe (5th-percentile Jaccard of the base circuit
-against itself on bootstrap resamples of the items) comes from the base model's per-item attribution
-effects measured at 16..64 items (``FLOOR``).
+Power model (docs/method.md "Statistics: what a comparison may claim"): the standard error of SFT - RL
+measured on a reference run at each matched step (``NOISE``: version 2's minimum detectable differences, 2.80
+bootstrap SEs), read at the config's last step common to both methods and scaled as 1/sqrt(items per probe x
+probes in the means) and 1/sqrt(runs per method), times the across-seeds test's factor t_{0.975,df} +
+t_{0.8,df} at df = 2 (runs - 1) (its SE at 2 runs is taken as measured: version 2 underestimated the run part,
+so this still flatters small n). Probes in the means are those whose measured top-k faithfulness reaches tau
+(``FAITHFULNESS``); the noise floor per probe (5th-percentile Jaccard of the base circuit against itself on
+bootstrap resamples of the items) comes from the base model's per-item attribution effects measured at 16..64
+items (``FLOOR``).
 
 The last lines are ``BENCH predicted_minutes <X>`` (the run), ``BENCH predicted_make_demo_minutes`` (with
 ``make venv`` on a fresh clone and ``dcv run``'s start: ``VENV_S``, ``START_S``) and
@@ -53,7 +53,7 @@ from dcv.config import ExperimentConfig, load_config  # noqa: E402
 
 Z_FACTOR = 1.959964 + 0.841621  # z_0.975 + z_0.8: what NOISE's v2 figures were (2.80 bootstrap SEs)
 
-# Unit costs, CPU-seconds at 1 torch thread, SmolLM2-135M fp32 (filled from measurements; see README).
+# Unit costs, CPU-seconds at 1 torch thread, SmolLM2-135M fp32 (measured: docs/measurements.md).
 UNIT = {
     "ray_start": 12.0,  # CLI imports, local Ray up, base snapshot read (converted once into ~/.cache/dcv)
     "ray_start_s": 22.0,  # the same in wall seconds (mostly waiting for Ray's processes)
@@ -297,7 +297,8 @@ def mde(cfg: ExperimentConfig, metric: str, probes: list[str], runs: int, step: 
     the nearest measured step, scaled as 1/sqrt(items per probe x probes) and 1/sqrt(runs per method).
 
     One run cannot split its SE into the item and run parts, so both are scaled together: a config that
-    adds only items or only runs is predicted better than it will be; the README compares with real runs.
+    adds only items or only runs is predicted better than it will be; docs/measurements.md compares with
+    real runs.
     """
     from scipy import stats
 

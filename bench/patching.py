@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/patching.py [--model smollm2-135m-instruct] [--probe ioi] [--items 16]
 
-Hardware: whatever runs it (the figures quoted in the README come from a 2-core CPU). Fixed seed; one
-warm-up call of every method, then the timed calls. All methods patch the same heads on the same items
+Hardware: whatever runs it (the figures quoted in docs/measurements.md come from a 2-core CPU). Fixed seed;
+one warm-up call of every method, then the timed calls. All methods patch the same heads on the same items
 (the probe's items of its most common token length, since TransformerLens's utility takes one unpadded
 batch). The plain loop and TransformerLens's utility run one full forward per head whatever its layer, so
 their heads/s is measured on a spread subset of heads (``--baseline-heads``) and compared as a rate.

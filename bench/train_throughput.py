@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/train_throughput.py [--config configs/demo.yaml] [--sft-steps 4] [--grpo-steps 2]
 
-Hardware: whatever runs it (CPU; the figures quoted in the README come from a 2-core machine, 1 torch
-thread as in the demo). Fixed seed. Plain TRL in one process, no Ray: SFTTrainer and GRPOTrainer (with
+Hardware: whatever runs it (CPU; the figures quoted in docs/measurements.md come from a 2-core machine, 1
+torch thread as in the demo). Fixed seed. Plain TRL in one process, no Ray: SFTTrainer and GRPOTrainer (with
 transformers generation, the compute dcv's ``hf`` rollout actor runs) on the config's model, target task and
 ``sft``/``rl`` batch settings, without evaluation or checkpoints. Each trainer runs warm-up steps, then
 the timed steps.

@@ -14,21 +14,23 @@ Pure polars/numpy on stored tables (no model, no Ray), so ``dcv report`` can reb
   levels (``preservation_chance``, ``jaccard_chance``: a random head set of the checkpoint's circuit size,
   ``dcv.circuits.chance``) and ``*_above_chance`` = value - chance. A lost checkpoint (``status`` "lost")
   has no number divided by its own gap: own-circuit F, F(C_base, M), the effect Spearman, P, J, relative
-  V and the chance levels are null (DESIGN "Lost is lost everywhere"); learned masks, whose parts hold a
-  pseudo-gap of 1, take the lost rule from another method's gap or the clean LD (``_mask_gaps``).
+  V and the chance levels are null (docs/method.md "Competence guard and the lost rule"); learned masks,
+  whose parts hold a pseudo-gap of 1, take the lost rule from another method's gap or the clean LD
+  (``_mask_gaps``).
 - ``summary``: per (trial, step, patching method), the means over probes (chance levels included).
 - ``dcv_heads``: per probe, patching method and matching point (``by`` = step | accuracy), DCV_h =
   v_h(SFT) - v_h(RL) of every base-circuit head, with bootstrap CIs over seeds and probe items.
 - ``correlations``: Spearman of V(M) with forgetting across fine-tuned checkpoints, per probe (and the
   mean over probes), per method and pooled.
-- ``headline``: SFT vs RL at every matched level of target accuracy, KL and step: each metric's mean over
-  runs per method and the SFT - RL difference at two levels of claim (DESIGN "Statistics" v3): these runs
-  (item-bootstrap CI, runs held fixed) and across seeds (``dcv.matched.across_seeds``: Welch's t with the
-  item variance folded in, its MDE and the runs per method an effect would need); ``role`` marks the
-  primary endpoint (``analysis.primary``) and the Holm-adjusted secondary family (``assign_roles``).
-- ``noise_floor``: the base circuit against itself from disjoint halves of the probe items (and another
-  mask seed), ``dcv.circuits.noise_floor``; its halves' preservation and Jaccard stand beside every
-  checkpoint's preservation (``noise_floor_*`` columns, ``within_noise_floor``).
+- ``headline``: SFT vs RL at every matched level of target accuracy, KL and step: each metric's mean over runs
+  per method and the SFT - RL difference at two levels of claim (docs/method.md "Statistics: what a comparison
+  may claim"): these runs (item-bootstrap CI, runs held fixed) and across seeds (``dcv.matched.across_seeds``:
+  Welch's t with the item variance folded in, its MDE and the runs per method an effect would need); ``role``
+  marks the primary endpoint (``analysis.primary``) and the Holm-adjusted secondary family (``assign_roles``).
+- ``noise_floor``: the base circuit against itself on bootstrap resamples of the probe items (masks: refits
+  on resamples and with the next seed), ``dcv.circuits.noise_floor``; its floors of preservation and
+  Jaccard (5th percentiles) stand beside every checkpoint's preservation (``noise_floor_*`` columns,
+  ``within_noise_floor``).
 - ``after_sft``: each GRPO-after-SFT checkpoint beside the SFT checkpoint it started from (its step 0).
 - ``benchmarks``: every checkpoint's lm-eval scores; ``forgetting_bench`` in ``checkpoints`` and
   ``summary`` is the mean over benchmarks of base accuracy - checkpoint accuracy.
@@ -142,7 +144,8 @@ NULLABLE = (
     "preservation_chance",
     "jaccard_chance",
 )
-# The seed paper's figures (Qwen2.5-3B-Instruct, 576 heads, learned masks; DESIGN.md), set beside ours.
+# The seed paper's figures (Qwen2.5-3B-Instruct, 576 heads, learned masks), set beside ours (docs/method.md
+# "The seed paper's protocol and numbers").
 PAPER = {
     "circuit_size": {"base": 297.0, "sft": 265.0, "rl": 296.0},
     "retention_pct": {"base": 100.0, "sft": 52.0, "rl": 68.0},
@@ -246,7 +249,8 @@ def _probe_parts(frame: pl.DataFrame, item_ld: np.ndarray | None, gap: float | N
 def _mask_gaps(
     effects: pl.DataFrame, results: pl.DataFrame, probes: Sequence[str]
 ) -> dict[tuple[str, str], float]:
-    """Learned masks' real gap per (model, probe), for the lost rule (DESIGN "Lost is lost everywhere"):
+    """Learned masks' real gap per (model, probe), for the lost rule (docs/method.md "Competence guard and the
+    lost rule"):
     their parts hold a pseudo-item of 1 in every model, so a model that forgot a probe was never lost.
     Another patching method's mean LD_clean - LD_corrupt on the same model and probe where every model
     has one, else the model's mean clean LD (``probe/<p>/mean_ld``); there, masks that are all 0

@@ -1,7 +1,7 @@
 """Calibration: planted damage on the base model, measured by the same patching, circuits and analysis.
 
 An instrument is trusted once it finds damage put there on purpose, and once it could have failed to
-(DESIGN "Calibration: controls that can fail"). Per probe, for k in ``calibration.k`` and alpha in
+(docs/method.md "Calibration: controls that can fail"). Per probe, for k in ``calibration.k`` and alpha in
 ``calibration.alphas``:
 
 - graded positive controls: the top-k heads of the base circuit with their ``o_proj`` input columns
@@ -19,8 +19,9 @@ CALIBRATION_SCHEMA) is long: one row per (probe, plant, metric) for the metrics 
 Each row has the metric's value with its item-bootstrap CI (the same item draws for every plant) and:
 
 - ``detected``: the CI lies beyond the base model's own value in the metric's damage direction
-  (``dcv.metrics``); on the precision copy a detection is a false positive (``flagged`` adds P below its
-  noise floor);
+  (``dcv.metrics``) and the change exceeds the metric's noise margin (``noise_margin``,
+  ``dcv.detection.noise_margins``); on the precision copy a detection is a false positive (``flagged``
+  adds P below its noise floor);
 - ``separation`` (circuit rows): damage direction x (circuit plant - random plant of the same k and
   alpha), both computed on every draw; ``separates`` when its CI lies above 0;
 - per probe and metric, the detection curve's summary (``min_detectable_k``, and at that k the largest

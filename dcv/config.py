@@ -33,8 +33,8 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
 
 BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny")
-# Candidate predictors of forgetting in the analysis' ``predictors`` table (dcv.analysis.PREDICTORS says what
-# each is); CMAP joins them with the cmap patching method.
+# Candidate predictors of forgetting in the analysis' ``predictors`` table (dcv.predictors.PREDICTORS says
+# what each is); cmap has a value only where patching.methods has cmap.
 PREDICTOR_NAMES = (
     "kl_to_base",
     "weight_change",
@@ -706,7 +706,7 @@ class PrimaryEndpoint(Section):
 
 
 class AnalysisConfig(Section):
-    """The matched SFT-vs-RL comparison (DESIGN "Statistics")."""
+    """The matched SFT-vs-RL comparison (docs/method.md "Statistics: what a comparison may claim")."""
 
     primary: PrimaryEndpoint = Field(
         default_factory=PrimaryEndpoint,

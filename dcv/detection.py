@@ -1,5 +1,5 @@
-"""Detection curves and positive-control verdicts from planted damage (DESIGN "Calibration: controls that
-can fail"): the pure half of ``dcv.calibration``, which the report and the analysis read.
+"""Detection curves and positive-control verdicts from planted damage (docs/method.md "Calibration:
+controls that can fail"): the pure half of ``dcv.calibration``, which the report and the analysis read.
 
 Per plant and metric, ``metric_rows`` gives the value with its item-bootstrap CI, whether it is detected
 (the CI lies beyond the base model's own value in the metric's damage direction, ``dcv.metrics``) and, for

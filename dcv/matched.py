@@ -1,4 +1,5 @@
-"""SFT against RL at matched points, these runs (item bootstrap) and across seeds (DESIGN "Statistics").
+"""SFT against RL at matched points, these runs (item bootstrap) and across seeds (docs/method.md
+"Statistics: what a comparison may claim").
 
 Every number a checkpoint gets from patching is a function of per-item parts, so one function
 (``checkpoint_numbers``) computes them all for a choice of probe items and target test items: with all
@@ -21,7 +22,7 @@ its step 0 (the base, or an RL run's SFT start), also not inside a draw whose re
 level (that draw leaves the run out; ``Level.start_reached`` is the share of such draws). A level is used
 only where at least ``min_runs`` runs of each method reach it.
 
-Two levels of claim (DESIGN "Statistics", v3):
+Two levels of claim (docs/method.md "Statistics: what a comparison may claim"):
 
 - *These runs* (``Level.draws``): conditional on the trained checkpoints, every run kept; the bootstrap
   resamples probe items (one draw per probe, shared by every model: all are patched on the same items) and
@@ -339,10 +340,10 @@ def runs_by_method(runs: Sequence[Run]) -> dict[str, list[Run]]:
 def resample(
     runs: Sequence[Run], refs: Sequence[ProbeReference], layout: Layout, n_bootstrap: int, seed: int = 0
 ) -> list[Draw]:
-    """The bootstrap's draws (DESIGN "Statistics"): probe items (one draw per probe, shared
-    by every model), target test items, then runs within each method (the predictors table's; the matched
-    comparison holds the runs fixed). One set serves every level of the matched comparison and the
-    predictors table, so their numbers are comparable."""
+    """The bootstrap's draws (docs/method.md "Statistics: what a comparison may claim"): probe items (one draw
+    per probe, shared by every model), target test items, then runs within each method (the predictors
+    table's; the matched comparison holds the runs fixed). One set serves every level of the matched
+    comparison and the predictors table, so their numbers are comparable."""
     by_method = runs_by_method(runs)
     rng = np.random.default_rng(seed)
     # Probe items: as many as the patching parts have, or (masks: one pseudo-item) as the per-item LDs.
@@ -432,7 +433,8 @@ def compare(
 
 @dataclass(frozen=True)
 class SeedTest:
-    """The across-seeds comparison of one level, per column of the layout (DESIGN "Statistics" v3)."""
+    """The across-seeds comparison of one level, per column of the layout (docs/method.md "Statistics: what a
+    comparison may claim")."""
 
     difference: np.ndarray  # mean over SFT runs - mean over RL runs
     se: np.ndarray  # sqrt(s_sft^2 / n_sft + s_rl^2 / n_rl + item variance of the difference)

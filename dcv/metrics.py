@@ -4,8 +4,9 @@ comparison, the analysis tables, the report and the predictors (adding one = one
 A metric's ``damage`` says which way is worse: +1 when a larger value means more damage or forgetting
 (V, forgetting), -1 when a smaller value does (P, J, faithfulness), 0 when it is not a damage measure (the
 matched-on quantities). ``in_answer``: stated in the report's answer; a metric that fails its own positive
-control (DESIGN "Calibration") is kept in the tables but left out of the answer, with ``excluded_because``
-saying why. ``chance``: the column holding the value a random head set of the same sizes would score.
+control (docs/method.md "Calibration: controls that can fail") is kept in the tables but left out of the
+answer, with ``excluded_because`` saying why. ``chance``: the column holding the value a random head set of
+the same sizes would score.
 """
 
 from __future__ import annotations

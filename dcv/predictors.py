@@ -1,5 +1,5 @@
-"""What predicts forgetting, and weight change against function change (DESIGN "What predicts forgetting
-(v3)" and "Beyond the seed paper").
+"""What predicts forgetting, and weight change against function change (docs/method.md "What predicts
+forgetting").
 
 RL's Razor (Shenfeld et al. 2025) fits forgetting against the forward KL to the base on the new task
 (R^2 about 0.7 for LLMs) and rules out weight change. dcv puts every candidate in one table per patching
@@ -74,7 +74,7 @@ FIXED_EFFECT = "pooled (method effect)"
 # The fits, in the table's and the report's order: within each method first, then pooled with a method
 # fixed effect, then pooled without it (RL's Razor's fit).
 GROUPS = {"sft": ("sft",), "rl": ("rl",), FIXED_EFFECT: TRAINING_METHODS, "pooled": TRAINING_METHODS}
-# RL's Razor's figure for LLMs: R^2 of forgetting against forward KL on the new task (DESIGN).
+# RL's Razor's figure for LLMs: R^2 of forgetting against forward KL on the new task (docs/method.md).
 RAZOR_R2 = 0.7
 # versus_best needs this many runs of each method in the group: below it the run bootstrap under-covers
 # (with two runs a method's resamples take two values).

@@ -1018,7 +1018,7 @@ def curve_lines(area_means: pl.DataFrame, patching: str, step: int) -> list[str]
 
 def chance_lines(paper: pl.DataFrame) -> list[str]:
     """Per patching method, one sentence: each model's retention, its chance level and "above chance by
-    d" (percentage points), then the seed paper's the same way (DESIGN "Statistics", "Chance level")."""
+    d" (percentage points), then the seed paper's the same way (docs/method.md "Chance level")."""
 
     def part(name: str, retention, chance) -> str | None:
         if retention is None or chance is None:

@@ -1,8 +1,8 @@
 """The schemas of the tables the circuit stages store, and readers of their rows.
 
 Pure (polars only): the analysis, the report and the tests name these columns without importing torch,
-Ray or the stage that writes them (``dcv.circuits.pipeline`` writes effects, ``dcv.circuits.model_circuits``
-circuits).
+Ray or the stage that writes them (``dcv.circuits.pipeline`` writes effects and cmap,
+``dcv.circuits.model_circuits`` circuits).
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ EFFECTS_SCHEMA = {
 }
 # The cross-model patching table (``<storage>/patching/cmap.parquet``, method ``cmap``): one row per
 # (checkpoint, probe, direction, layer, head). ``effect`` is cmap_h = mean_i(delta) / mean_i(denominator):
-# item_delta is LD_target - LD_(target with h's z from the other model's clean run), item_denominator
-# the base's gap LD_base_clean - LD_base_corrupt, in both directions. ``trial``/``step``/``checkpoint``
+# item_delta is LD_target - LD_(target with h's output from the other model's clean run; a head's output is
+# its z times its own model's o_proj columns, swapped at hook_attn_out), item_denominator the base's gap
+# LD_base_clean - LD_base_corrupt, in both directions. ``trial``/``step``/``checkpoint``
 # name the checkpoint (the base model has no rows: its cmap with itself is 0 by construction).
 CMAP_SCHEMA = {
     **EFFECTS_SCHEMA,
@@ -57,7 +58,8 @@ CIRCUITS_SCHEMA = {
     "layers": pl.List(pl.Int32),  # the circuit's heads, largest |effect| first
     "heads": pl.List(pl.Int32),
     # The faithfulness curve (dcv.circuits.curves): F(top-k of the base ranking, M) at each fraction of
-    # circuits.curve_fractions; empty lists for a method that ranks no heads (mask, cmap) or curves off.
+    # circuits.curve_fractions; empty lists for a method that ranks no heads (mask) or curves off. (cmap finds
+    # no circuit and has no rows here.)
     "curve_fractions": pl.List(pl.Float64),
     "curve_k": pl.List(pl.Int32),
     "curve_faithfulness": pl.List(pl.Float64),

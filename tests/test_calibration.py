@@ -3,7 +3,7 @@
 The synthetic probe has 8 heads; heads 0.0, 0.1 and 0.2 (effects 1.0, 0.8, 0.6) are the base circuit. A
 head scaled by alpha has effect alpha x e, and the probe's gap (2.0 in the base) falls by the effect the
 plant removed, as when the removed heads also drive later ones: so the remaining heads' shares of the
-damaged model's own gap grow, and relative V reads negative when the top head is ablated (DESIGN
+damaged model's own gap grow, and relative V reads negative when the top head is ablated (docs/method.md
 "Calibration: controls that can fail"). Per-item LDs scale with the gap."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Chance levels beside P and J, and "lost is lost everywhere" (DESIGN "Statistics"), on the hand-built
-analysis tables of ``tests.helpers`` (those of tests/test_analysis.py): 4 heads, a base circuit of 2; SFT's
-own circuit at step 4 is 2 heads, one of them the base's."""
+"""Chance levels beside P and J, and "lost is lost everywhere" (docs/method.md "Competence guard and the
+lost rule"), on the hand-built analysis tables of ``tests.helpers`` (those of tests/test_analysis.py): 4
+heads, a base circuit of 2; SFT's own circuit at step 4 is 2 heads, one of them the base's."""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""Head effects, circuits and their vulnerability under fine-tuning (DESIGN.md, "Circuit definitions")."""
+"""Head effects, circuits and their vulnerability under fine-tuning (docs/method.md)."""

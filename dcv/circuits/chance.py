@@ -1,5 +1,5 @@
-"""Chance levels of circuit overlap: what a random head set of the same size would score (DESIGN
-"Statistics", bullet "Chance level").
+"""Chance levels of circuit overlap: what a random head set of the same size would score (docs/method.md
+"Chance level").
 
 Preservation P(M) = |C(base) ∩ C(M)| / |C(base)| and Jaccard J(M) = |∩| / |∪| grow with the circuits'
 sizes alone: at the seed paper's density (297 of 576 heads in the base circuit) a random set of 265 heads

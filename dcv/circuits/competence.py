@@ -2,7 +2,8 @@
 
 Every effect, faithfulness and vulnerability divides by a logit-difference gap g = mean_i(LD_clean_i -
 LD_corrupt_i). A gap near 0 (a probe the base model cannot do, a checkpoint that forgot it, a bootstrap
-resample) turns those ratios into large numbers of arbitrary sign, so (DESIGN "Circuit definitions"):
+resample) turns those ratios into large numbers of arbitrary sign, so (docs/method.md "Competence guard and
+the lost rule"):
 
 - a probe is used for circuits only where the base model does it: the 95% item-bootstrap CI of its gap
   lies above 0 and its accuracy (LD > 0) is at least ``min_accuracy``;

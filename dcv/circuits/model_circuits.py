@@ -3,7 +3,7 @@
 For each model of the patching table (the base model and every checkpoint), probe and patching method:
 
 - the model's own circuit C_T(M) (``select_circuit`` on M's own head effects), its size and faithfulness;
-- F(C_T(base), M): the base circuit's faithfulness in M (DESIGN.md, "Preservation");
+- F(C_T(base), M): the base circuit's faithfulness in M (docs/method.md "Circuits and faithfulness");
 - the faithfulness curve F(C_k(base), M) of the base ranking's top k heads over
   ``circuits.curve_fractions`` (``dcv.circuits.curves``; ranking methods only), in the same row.
 

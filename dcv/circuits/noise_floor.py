@@ -1,4 +1,5 @@
-"""The noise floor of circuit discovery: how well the base circuit agrees with itself (DESIGN v2).
+"""The noise floor of circuit discovery: how well the base circuit agrees with itself (docs/method.md
+"Noise floor").
 
 A circuit found from a finite sample of probe items (and, for learned masks, one optimiser seed) is itself
 noisy, so a checkpoint's preservation below 1 means something only where it is below what the base model

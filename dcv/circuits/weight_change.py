@@ -2,8 +2,8 @@
 
 No forward passes: per checkpoint of the results table (``dcv.results.list_models``, the base model left
 out) it reads the attention tensors of the checkpoint and of the base model (two safetensors files, only
-the ``self_attn.{q,k,v,o}_proj`` tensors) and, per (layer, head), compares them (DESIGN "Beyond the seed
-paper: what predicts forgetting"; RL Finetunes Small Subnetworks, Mukherjee et al. 2025):
+the ``self_attn.{q,k,v,o}_proj`` tensors) and, per (layer, head), compares them (docs/method.md "What predicts
+forgetting"; RL Finetunes Small Subnetworks, Mukherjee et al. 2025):
 
 - ``q_change``, ``k_change``, ``v_change``, ``o_change``: the relative Frobenius change
   ||W_ckpt - W_base||_F / ||W_base||_F of the head's block: its ``head_dim`` rows of q_proj, of k_proj

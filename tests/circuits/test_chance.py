@@ -51,7 +51,8 @@ def test_monte_carlo_at_the_seed_papers_density():
 
 
 def test_the_seed_papers_chance_retention():
-    # DESIGN "Chance level": 297 of 576 heads in the base circuit; SFT's 265-head and RL's 296-head circuits.
+    # docs/method.md "Chance level": 297 of 576 heads in the base circuit; SFT's 265-head and RL's 296-head
+    # circuits.
     assert 100 * chance_preservation(576, 297, 265) == pytest.approx(46.0, abs=0.05)
     assert 100 * chance_preservation(576, 297, 296) == pytest.approx(51.4, abs=0.05)
 
