@@ -328,7 +328,7 @@ class Plan:
         return next(s for s in self.stages if s.stage == name)
 
 
-class _Costs:
+class Costs:
     """The cost functions of one (config, model, device): seconds of each kind of work on one device."""
 
     def __init__(self, cfg: ExperimentConfig, shape: ModelShape, dev: DeviceCosts):
@@ -371,7 +371,7 @@ class _Costs:
         return self.generate(n, prompt, e.kl_max_new_tokens, e.batch_size, "hf", devices)
 
 
-def _trial_seconds(c: _Costs, t: Trial, gpu: bool) -> tuple[float, str]:
+def _trial_seconds(c: Costs, t: Trial, gpu: bool) -> tuple[float, str]:
     """Wall seconds of one trial and a few words on its work."""
     tc, dev = t.cfg, c.dev
     r = tc.resources
@@ -405,7 +405,7 @@ def _trial_seconds(c: _Costs, t: Trial, gpu: bool) -> tuple[float, str]:
     return dev.start_rl_s + fixed + rl.max_steps * step, f"{completions} x {rl.max_completion_length}"
 
 
-def sweep_stage(c: _Costs, trials: list[Trial], cluster: Cluster, gpu: bool) -> StagePlan:
+def sweep_stage(c: Costs, trials: list[Trial], cluster: Cluster, gpu: bool) -> StagePlan:
     """Trials on ``slots`` at once, greedily in the sweep's order; phase 2 (GRPO after SFT) waits for
     phase 1, as dcv.training.sweep runs them."""
     largest = max(trial_devices(t, gpu) for t in trials)
@@ -428,7 +428,7 @@ def sweep_stage(c: _Costs, trials: list[Trial], cluster: Cluster, gpu: bool) -> 
     return StagePlan("sweep", work, device_s, wall, slots * largest)
 
 
-def _pool(c: _Costs, num_actors: int, per_actor: float, cluster: Cluster, gpu: bool) -> tuple[int, float]:
+def _pool(c: Costs, num_actors: int, per_actor: float, cluster: Cluster, gpu: bool) -> tuple[int, float]:
     """(actors that fit the cluster, devices each): a stage's actor pool (dcv.stages.Resources)."""
     have = cluster.gpus if gpu else cluster.cpus
     fits = int(have // per_actor) if per_actor > 0 else num_actors
@@ -436,7 +436,7 @@ def _pool(c: _Costs, num_actors: int, per_actor: float, cluster: Cluster, gpu: b
 
 
 def _pool_plan(
-    name: str, work: str, c: _Costs, compute_s: float, items: int, cluster: Cluster, gpu: bool
+    name: str, work: str, c: Costs, compute_s: float, items: int, cluster: Cluster, gpu: bool
 ) -> StagePlan:
     p = c.cfg.patching
     per_actor = p.num_gpus_per_actor if gpu else float(_threads(None, p.num_cpus_per_actor))
@@ -448,7 +448,7 @@ def _pool_plan(
     return StagePlan(name, work, (c.dev.actor_start_s * actors + seconds) * per, wall, actors * per)
 
 
-def patching_seconds(c: _Costs, models: int, probes: list, methods: list[str]) -> float:
+def patching_seconds(c: Costs, models: int, probes: list, methods: list[str]) -> float:
     """Head effects of ``models`` models on ``probes`` by ``methods`` (dcv.circuits.patching), at one device.
     Exact: per head a forward from its layer on (half the model on average) of every item; attribution:
     clean and corrupted forwards and one backward (2 forwards); ig: ig_steps forward-backward passes;
@@ -477,7 +477,7 @@ def patching_seconds(c: _Costs, models: int, probes: list, methods: list[str]) -
     return total
 
 
-def circuits_seconds(c: _Costs, models: int) -> float:
+def circuits_seconds(c: Costs, models: int) -> float:
     """Faithfulness passes (dcv.circuits.circuit.faithfulness): per model, probe and circuit method, clean
     and corrupted forwards plus one forward per head set: the selection's sets (top_k: 1; faithfulness:
     1..k_max), the base circuit in the model (checkpoints), the curves' distinct sizes (ranking methods);
@@ -509,7 +509,7 @@ def calibration_plants(cfg: ExperimentConfig) -> int:
     return 1 + len(probes) * len(c.k) * len(c.alphas) * 2
 
 
-def benchmarks_seconds(c: _Costs, models: int) -> tuple[float, str]:
+def benchmarks_seconds(c: Costs, models: int) -> tuple[float, str]:
     """lm-eval on every model: loglikelihood requests as forwards, generation as hf decoding."""
     b = c.cfg.benchmarks
     per_model, rows_total = c.dev.bench_model_s, 0
@@ -558,7 +558,7 @@ def build_plan(
     dev = device or (H100 if gpu else CPU_CORE)
     shape = model_shape(cfg)
     cluster = cluster or default_cluster(cfg)
-    c = _Costs(cfg, shape, dev)
+    c = Costs(cfg, shape, dev)
     trials = plan_trials(cfg)
     models = n_models(trials)
     heads = shape.layers * shape.heads
