@@ -38,7 +38,16 @@ from pathlib import Path
 
 import yaml
 
-from dcv.config import CMAP, MASK, ExperimentConfig, apply_overrides, config_to_dict, parse_config
+from dcv.config import (
+    CMAP,
+    MASK,
+    BenchmarksConfig,
+    ExperimentConfig,
+    ProbeConfig,
+    apply_overrides,
+    config_to_dict,
+    parse_config,
+)
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ADAM_BYTES_PER_PARAM = 8  # AdamW's two fp32 moments in every resumable checkpoint (dcv.training.checkpoints)
@@ -329,11 +338,16 @@ class Plan:
 
 
 class Costs:
-    """The cost functions of one (config, model, device): seconds of each kind of work on one device."""
+    """What one (config, model, device, cluster) is priced with: seconds of each kind of work on one
+    device, and the counts every stage shares (the sweep's trials, the models the circuit stages see)."""
 
-    def __init__(self, cfg: ExperimentConfig, shape: ModelShape, dev: DeviceCosts):
-        self.cfg, self.shape, self.dev = cfg, shape, dev
+    def __init__(self, cfg: ExperimentConfig, shape: ModelShape, dev: DeviceCosts, cluster: Cluster):
+        self.cfg, self.shape, self.dev, self.cluster = cfg, shape, dev, cluster
+        self.gpu = cfg.resources.use_gpu  # GPU configs hold GPUs; CPU configs hold cores
         self.gb = shape.params * BYTES[cfg.model.dtype] / 1e9
+        self.heads = shape.layers * shape.heads
+        self.trials = plan_trials(cfg)
+        self.models = n_models(self.trials)
 
     def forward(self, tokens: float, devices: float = 1.0) -> float:
         return 2 * self.shape.params * tokens / (self.dev.forward_flops * devices)
@@ -370,27 +384,56 @@ class Costs:
         prompt = PROMPT_TOKENS[tc.target_task.name]
         return self.generate(n, prompt, e.kl_max_new_tokens, e.batch_size, "hf", devices)
 
+    def faithfulness(self, probe: ProbeConfig, method: str, models: int, curves: bool = True) -> float:
+        """Faithfulness passes (dcv.circuits.circuit.faithfulness) of ``models`` models on one probe and
+        method: clean and corrupted forwards plus one forward per head set: the selection's sets (top_k:
+        1; faithfulness: 1..k_max; masks: their own circuit), the base circuit in each checkpoint, the
+        curves' distinct sizes (ranking methods)."""
+        ci = self.cfg.circuits
+        sets = 1.0
+        if method != MASK:
+            sets = 1.0 if ci.selection == "top_k" else float(min(ci.k_max, self.heads))
+            sets += (
+                len({math.ceil(f * self.heads) for f in ci.curve_fractions} - {self.heads}) if curves else 0
+            )
+        tokens = probe.n_items * PROBE_TOKENS[probe.name]
+        return self.forward(tokens) * (models * (2 + sets) + (models - 1))
 
-def _trial_seconds(c: Costs, t: Trial, gpu: bool) -> tuple[float, str]:
-    """Wall seconds of one trial and a few words on its work."""
+    def pool(self, name: str, work: str, compute_s: float, items: int) -> StagePlan:
+        """A stage on the patching actor pool (dcv.stages.patching_resources): ``compute_s`` at one device
+        spread over the actors that fit the cluster, after each actor's start-up."""
+        p = self.cfg.patching
+        per = p.num_gpus_per_actor if self.gpu else float(_threads(None, p.num_cpus_per_actor))
+        actors = max(1, min(_fits(self, p.num_actors, per), items))
+        seconds = compute_s / per if per >= 1 else compute_s  # a fraction of a GPU computes at its speed
+        wall = self.dev.actor_start_s + seconds / actors
+        return StagePlan(name, work, (self.dev.actor_start_s * actors + seconds) * per, wall, actors * per)
+
+
+def _fits(c: Costs, wanted: int, per: float) -> int:
+    """How many of ``wanted`` actors of ``per`` devices the cluster holds at once (at least 1)."""
+    have = c.cluster.gpus if c.gpu else c.cluster.cpus
+    return max(1, min(wanted, int(have // per))) if per > 0 else wanted
+
+
+def _trial_seconds(c: Costs, t: Trial) -> tuple[float, str]:
+    """Wall seconds of one trial and its batch in words. Generation, learning and the weight sync of a
+    GRPO step follow one another (dcv's GRPO is synchronous): the trial holds every device all along."""
     tc, dev = t.cfg, c.dev
     r = tc.resources
-    learner = r.num_workers * (r.gpus_per_worker if gpu else _threads(r.torch_threads, r.cpus_per_worker))
+    learner = r.num_workers * (r.gpus_per_worker if c.gpu else _threads(r.torch_threads, r.cpus_per_worker))
     rank0 = learner / r.num_workers  # evaluation runs on rank 0's device
     prompt = PROMPT_TOKENS[tc.target_task.name]
-    evals = len(eval_steps(*_steps(t)))
-    fixed = c.kl_reference(tc, rank0) + evals * c.evaluate(tc, rank0)
+    fixed = c.kl_reference(tc, rank0) + len(eval_steps(*_steps(t))) * c.evaluate(tc, rank0)
     if t.method == "sft":
         s = tc.sft
         examples = s.per_device_batch_size * s.gradient_accumulation_steps * r.num_workers
         tokens = examples * min(prompt + ANSWER_TOKENS, s.max_seq_length)
-        return dev.start_sft_s + fixed + s.max_steps * c.train(
-            tokens, learner
-        ), f"{examples} x {tokens // examples}"
-    rl = tc.rl
+        step = c.train(tokens, learner)
+        return dev.start_sft_s + fixed + s.max_steps * step, f"{examples} x {tokens // examples}"
+    rl, ro = tc.rl, tc.rl.rollout
     completions = rl.per_device_batch_size * rl.gradient_accumulation_steps * r.num_workers
-    ro = rl.rollout
-    actor = ro.num_gpus if gpu else _threads(r.torch_threads, ro.num_cpus)
+    actor = ro.num_gpus if c.gpu else _threads(r.torch_threads, ro.num_cpus)
     per_actor = math.ceil(completions / ro.num_actors)
     generate = c.generate(
         per_actor, prompt, rl.max_completion_length, per_actor, ro.backend, max(actor, 1e-9)
@@ -400,118 +443,45 @@ def _trial_seconds(c: Costs, t: Trial, gpu: bool) -> tuple[float, str]:
     tis = rl.importance_sampling_correction
     if rl.num_iterations > 1 or tis or (tis is None and ro.backend == "vllm") or rl.beta > 0:
         learn += c.forward(tokens, learner)  # old / sampler log-probs (and the reference's, with a KL term)
-    sync = c.gb / dev.sync_gb_s
-    step = generate + learn + sync
+    step = generate + learn + c.gb / dev.sync_gb_s
     return dev.start_rl_s + fixed + rl.max_steps * step, f"{completions} x {rl.max_completion_length}"
 
 
-def sweep_stage(c: Costs, trials: list[Trial], cluster: Cluster, gpu: bool) -> StagePlan:
-    """Trials on ``slots`` at once, greedily in the sweep's order; phase 2 (GRPO after SFT) waits for
-    phase 1, as dcv.training.sweep runs them."""
-    largest = max(trial_devices(t, gpu) for t in trials)
-    have = cluster.gpus if gpu else cluster.cpus
+def base_stage(c: Costs) -> StagePlan:
+    work = f"{c.shape.params / 1e9:.3g}B params, {c.gb:.2g} GB snapshot"
+    return StagePlan("base", work, c.dev.base_s, c.dev.base_s, 1)
+
+
+def sweep_stage(c: Costs) -> StagePlan:
+    """Trials on as many slots as ``sweep.max_concurrent_trials`` and the cluster allow for the largest
+    trial (dcv.training.sweep.concurrent_trials), greedily in the sweep's order; phase 2 (GRPO after SFT)
+    waits for phase 1, as dcv.training.sweep runs them."""
+    trials = c.trials
+    largest = max(trial_devices(t, c.gpu) for t in trials)
+    have = c.cluster.gpus if c.gpu else c.cluster.cpus
     slots = max(1, min(c.cfg.sweep.max_concurrent_trials, int(have // largest) if largest else 1))
     wall = device_s = 0.0
     words = {}
     for phase in (False, True):
         free = [0.0] * slots
         for t in (t for t in trials if t.after_sft == phase):
-            seconds, batch = _trial_seconds(c, t, gpu)
-            device_s += seconds * trial_devices(t, gpu)
-            slot = min(range(slots), key=free.__getitem__)
-            free[slot] += seconds
-            steps, _ = _steps(t)
+            seconds, batch = _trial_seconds(c, t)
+            device_s += seconds * trial_devices(t, c.gpu)
+            free[min(range(slots), key=free.__getitem__)] += seconds
             n = sum(x.method == t.method for x in trials)
-            words[t.method] = f"{n} {t.method.upper()} x {steps} steps x {batch} tokens"
+            words[t.method] = f"{n} {t.method.upper()} x {_steps(t)[0]} steps x {batch} tokens"
         wall += max(free)
-    work = ", ".join(words.values()) + f"; {slots} at a time"
-    return StagePlan("sweep", work, device_s, wall, slots * largest)
+    return StagePlan(
+        "sweep", ", ".join(words.values()) + f"; {slots} at a time", device_s, wall, slots * largest
+    )
 
 
-def _pool(c: Costs, num_actors: int, per_actor: float, cluster: Cluster, gpu: bool) -> tuple[int, float]:
-    """(actors that fit the cluster, devices each): a stage's actor pool (dcv.stages.Resources)."""
-    have = cluster.gpus if gpu else cluster.cpus
-    fits = int(have // per_actor) if per_actor > 0 else num_actors
-    return max(1, min(num_actors, fits)), per_actor
-
-
-def _pool_plan(
-    name: str, work: str, c: Costs, compute_s: float, items: int, cluster: Cluster, gpu: bool
-) -> StagePlan:
-    p = c.cfg.patching
-    per_actor = p.num_gpus_per_actor if gpu else float(_threads(None, p.num_cpus_per_actor))
-    actors, per = _pool(c, p.num_actors, per_actor, cluster, gpu)
-    actors = max(1, min(actors, items))
-    # compute_s is at one device; an actor with more devices (or threads) computes faster.
-    seconds = compute_s / max(per, 1e-9) if per >= 1 else compute_s
-    wall = c.dev.actor_start_s + seconds / actors
-    return StagePlan(name, work, (c.dev.actor_start_s * actors + seconds) * per, wall, actors * per)
-
-
-def patching_seconds(c: Costs, models: int, probes: list, methods: list[str]) -> float:
-    """Head effects of ``models`` models on ``probes`` by ``methods`` (dcv.circuits.patching), at one device.
-    Exact: per head a forward from its layer on (half the model on average) of every item; attribution:
-    clean and corrupted forwards and one backward (2 forwards); ig: ig_steps forward-backward passes;
-    mask: circuits.mask.steps forward-backward passes of one batch; cmap (checkpoints only): about 4 x
-    exact per head (its description in dcv.config), on every head or patching.cmap_top_heads."""
-    cfg, shape = c.cfg, c.shape
-    heads = shape.layers * shape.heads
-    total = 0.0
-    for probe in probes:
-        tokens = probe.n_items * PROBE_TOKENS[probe.name]
-        for method in methods:
-            if method == "exact":
-                passes = heads * 0.5
-            elif method == "attribution":
-                passes = 4.0
-            elif method == "ig":
-                passes = 2.0 + 3.0 * cfg.patching.ig_steps
-            elif method == MASK:
-                batch = min(cfg.patching.batch_size, probe.n_items) / probe.n_items
-                passes = 2.0 + 3.0 * cfg.circuits.mask.steps * batch
-            else:  # CMAP: checkpoints only
-                cmap_heads = min(cfg.patching.cmap_top_heads or heads, heads)
-                total += (models - 1) * c.forward(tokens) * cmap_heads * 0.5 * 4
-                continue
-            total += models * c.forward(tokens) * passes
-    return total
-
-
-def circuits_seconds(c: Costs, models: int) -> float:
-    """Faithfulness passes (dcv.circuits.circuit.faithfulness): per model, probe and circuit method, clean
-    and corrupted forwards plus one forward per head set: the selection's sets (top_k: 1; faithfulness:
-    1..k_max), the base circuit in the model (checkpoints), the curves' distinct sizes (ranking methods);
-    masks learn their noise floor again (mask_noise_floor_resamples + 1 fits on the base)."""
-    cfg, shape = c.cfg, c.shape
-    ci = cfg.circuits
-    heads = shape.layers * shape.heads
-    total = 0.0
-    for probe in cfg.probes:
-        tokens = probe.n_items * PROBE_TOKENS[probe.name]
-        for method in (m for m in cfg.patching.methods if m != CMAP):
-            if method == MASK:
-                sets = 1.0
-            else:
-                sets = 1.0 if ci.selection == "top_k" else float(min(ci.k_max, heads))
-                sets += len({math.ceil(f * heads) for f in ci.curve_fractions} - {heads})
-            total += c.forward(tokens) * (models * (2 + sets) + (models - 1))
-        if MASK in cfg.patching.methods and ci.noise_floor:
-            batch = min(cfg.patching.batch_size, probe.n_items) / probe.n_items
-            total += (ci.mask_noise_floor_resamples + 1) * c.forward(tokens) * 3 * ci.mask.steps * batch
-    return total
-
-
-def calibration_plants(cfg: ExperimentConfig) -> int:
-    """Planted models (dcv.calibration.plan_plants): the precision copy, then per calibrated probe, k and
-    alpha, the top-k circuit heads and k random heads."""
-    c = cfg.calibration
-    probes = c.probes or [p.name for p in cfg.probes if p.name != "chem"]
-    return 1 + len(probes) * len(c.k) * len(c.alphas) * 2
-
-
-def benchmarks_seconds(c: Costs, models: int) -> tuple[float, str]:
-    """lm-eval on every model: loglikelihood requests as forwards, generation as hf decoding."""
+def benchmarks_stage(c: Costs) -> StagePlan:
+    """lm-eval on every model, one task per model on ``benchmarks.num_gpus`` / ``num_cpus``: loglikelihood
+    requests as forwards, generation as HF decoding, a model load each."""
     b = c.cfg.benchmarks
+    if not b.tasks:
+        return StagePlan("benchmarks", "none configured", 0.0, 0.0, 0)
     per_model, rows_total = c.dev.bench_model_s, 0
     for task in b.tasks:
         rows, requests, tokens, new = _task_size(b, task)
@@ -520,10 +490,123 @@ def benchmarks_seconds(c: Costs, models: int) -> tuple[float, str]:
         per_model += c.forward(rows * requests * tokens)
         if new:
             per_model += c.generate(rows, tokens, new, b.batch_size, "hf")
-    return models * per_model, f"{models} models x {len(b.tasks)} tasks ({rows_total} rows each model)"
+    seconds = c.models * per_model
+    per = b.num_gpus if c.gpu else float(_threads(None, b.num_cpus))
+    actors = _fits(c, c.models, per)
+    work = f"{c.models} models x {len(b.tasks)} tasks ({rows_total} rows each model)"
+    return StagePlan("benchmarks", work, seconds * per, seconds / actors, actors * per)
 
 
-def _task_size(b, task: str) -> tuple[int, int, int, int]:
+def patching_seconds(c: Costs, models: int, probes: list[ProbeConfig], methods: list[str]) -> float:
+    """Head effects of ``models`` models on ``probes`` by ``methods`` (dcv.circuits.patching), at one device.
+    Exact: per head a forward from its layer on (half the model on average) of every item; attribution:
+    clean and corrupted forwards and one backward (2 forwards); ig: ig_steps forward-backward passes;
+    mask: circuits.mask.steps forward-backward passes of one batch; cmap (checkpoints only): about 4 x
+    exact per head (its description in dcv.config), on every head or patching.cmap_top_heads."""
+    cfg = c.cfg
+    total = 0.0
+    for probe in probes:
+        pass_s = c.forward(probe.n_items * PROBE_TOKENS[probe.name])  # one forward of every item
+        batch = min(cfg.patching.batch_size, probe.n_items) / probe.n_items
+        for method in methods:
+            if method == CMAP:
+                heads = min(cfg.patching.cmap_top_heads or c.heads, c.heads)
+                total += (models - 1) * pass_s * heads * 0.5 * 4
+                continue
+            passes = {
+                "exact": c.heads * 0.5,
+                "attribution": 4.0,
+                "ig": 2.0 + 3.0 * cfg.patching.ig_steps,
+                MASK: 2.0 + 3.0 * cfg.circuits.mask.steps * batch,
+            }[method]
+            total += models * pass_s * passes
+    return total
+
+
+def patching_stage(c: Costs) -> StagePlan:
+    cfg, methods = c.cfg, list(c.cfg.patching.methods)
+    seconds = patching_seconds(c, c.models, list(cfg.probes), methods)
+    items = sum(p.n_items for p in cfg.probes)
+    work = f"{c.models} models x {len(cfg.probes)} probes ({items} items) x {c.heads} heads x " + "/".join(
+        methods
+    )
+    return c.pool("patching", work, seconds, c.models * len(cfg.probes) * len(methods))
+
+
+def circuits_stage(c: Costs) -> StagePlan:
+    """Every model's circuits and faithfulness; with masks, their noise floor (mask_noise_floor_resamples
+    + 1 mask fits per probe on the base)."""
+    cfg, ci = c.cfg, c.cfg.circuits
+    seconds = 0.0
+    for probe in cfg.probes:
+        for method in (m for m in cfg.patching.methods if m != CMAP):
+            seconds += c.faithfulness(probe, method, c.models)
+        if MASK in cfg.patching.methods and ci.noise_floor:
+            fit = patching_seconds(c, 1, [probe], [MASK])
+            seconds += (ci.mask_noise_floor_resamples + 1) * fit
+    work = f"{c.models} models x {len(cfg.probes)} probes, {ci.selection} selection"
+    return c.pool("circuits", work, seconds, c.models)
+
+
+def weight_change_stage(c: Costs) -> StagePlan:
+    """Two safetensors reads per checkpoint and per-head norms, on CPU actors whatever the device: 17 s a
+    checkpoint at 3B on one CPU (configs/qwen2.5-3b.yaml's note, scaled from SmolLM2)."""
+    if not c.cfg.weight_change.enabled:
+        return StagePlan("weight_change", "off", 0.0, 0.0, 0)
+    seconds = (c.models - 1) * 17.0 * c.shape.params / 3.09e9
+    actors = max(1, min(c.cfg.patching.num_actors, int(c.cluster.cpus)))
+    return StagePlan("weight_change", f"{c.models - 1} checkpoints (CPU)", 0.0, seconds / actors, 0)
+
+
+def calibration_stage(c: Costs) -> StagePlan:
+    """Planted models (dcv.calibration.plan_plants: per calibrated probe, k and alpha, its top-k circuit
+    heads and k random heads; one precision copy on every calibrated probe), each written and read back,
+    patched by the primary method on its own probe, its circuit and faithfulness found (no curves)."""
+    cfg, cal = c.cfg, c.cfg.calibration
+    if not cal.enabled:
+        return StagePlan("calibration", "off", 0.0, 0.0, 0)
+    names = cal.probes or [p.name for p in cfg.probes if p.name != "chem"]
+    probes = [cfg.probe(n) for n in names]
+    per_probe = len(cal.k) * len(cal.alphas) * 2
+    plants = 1 + len(probes) * per_probe
+    method = cfg.patching.methods[0]
+    seconds = sum(
+        patching_seconds(c, per_probe + 1, [p], [method])
+        + c.faithfulness(p, method, per_probe + 1, curves=False)
+        for p in probes
+    )
+    pool = c.pool("calibration", f"{plants} planted models on {', '.join(names)}", seconds, plants)
+    save = plants * c.gb / c.dev.write_gb_s * 2  # the driver writes each, an actor reads it back
+    return StagePlan(pool.stage, pool.work, pool.device_s + save, pool.wall_s + save, pool.devices)
+
+
+def analysis_stage(c: Costs) -> StagePlan:
+    """The hierarchical bootstrap in the driver: 0.2 ms per (draw, model, probe) on the demo machine
+    (bench/demo_power.py UNIT bootstrap_draw), plus 5 s of reading tables."""
+    n = c.cfg.circuits.n_bootstrap
+    draws = n * c.models * len(c.cfg.probes)
+    work = f"bootstrap {n} draws x {c.models} models x {len(c.cfg.probes)} probes"
+    return StagePlan("analysis", work, 0.0, 5.0 + draws * 2e-4, 0)
+
+
+def report_stage(c: Costs) -> StagePlan:
+    return StagePlan("report", "figures and report (5 s on the demo)", 0.0, 5.0, 0)
+
+
+STAGE_PLANS = (
+    base_stage,
+    sweep_stage,
+    benchmarks_stage,
+    patching_stage,
+    circuits_stage,
+    weight_change_stage,
+    calibration_stage,
+    analysis_stage,
+    report_stage,
+)  # in dcv.experiment.STAGES's order (a test checks)
+
+
+def _task_size(b: BenchmarksConfig, task: str) -> tuple[int, int, int, int]:
     """(rows, requests per row, tokens per request, generated tokens) of an lm-eval task: a local task
     YAML under benchmarks.include_path counts its data file's rows and takes a quarter of a row's
     characters as a request's tokens (English runs about 4 characters a token); the requests per row and
@@ -558,110 +641,24 @@ def build_plan(
 ) -> Plan:
     """Every stage's work and cost for ``cfg`` on ``cluster`` (default ``default_cluster``). GPU configs
     (resources.use_gpu) are priced on ``H100``, CPU configs on ``CPU_CORE``, unless ``device`` says."""
-    gpu = cfg.resources.use_gpu
-    dev = device or (H100 if gpu else CPU_CORE)
-    shape = model_shape(cfg)
+    dev = device or (H100 if cfg.resources.use_gpu else CPU_CORE)
     cluster = cluster or default_cluster(cfg)
-    c = Costs(cfg, shape, dev)
-    trials = plan_trials(cfg)
-    models = n_models(trials)
-    heads = shape.layers * shape.heads
-    items = sum(p.n_items for p in cfg.probes)
-    methods = list(cfg.patching.methods)
-    stages = [
-        StagePlan(
-            "base", f"{shape.params / 1e9:.3g}B params, {c.gb:.2g} GB snapshot", dev.base_s, dev.base_s, 1
-        )
-    ]
-    stages.append(sweep_stage(c, trials, cluster, gpu))
-    if cfg.benchmarks.tasks:
-        b = cfg.benchmarks
-        seconds, work = benchmarks_seconds(c, models)
-        per = b.num_gpus if gpu else float(_threads(None, b.num_cpus))
-        actors, per = _pool(c, models, per, cluster, gpu)
-        stages.append(StagePlan("benchmarks", work, seconds * per, seconds / actors, actors * per))
-    else:
-        stages.append(StagePlan("benchmarks", "none configured", 0.0, 0.0, 0))
-    patch = patching_seconds(c, models, list(cfg.probes), methods)
-    work_items = models * len(cfg.probes) * len(methods)
-    stages.append(
-        _pool_plan(
-            "patching",
-            f"{models} models x {len(cfg.probes)} probes ({items} items) x {heads} heads x "
-            + "/".join(methods),
-            c,
-            patch,
-            work_items,
-            cluster,
-            gpu,
-        )
-    )
-    circuits = circuits_seconds(c, models)
-    stages.append(
-        _pool_plan(
-            "circuits",
-            f"{models} models x {len(cfg.probes)} probes, {cfg.circuits.selection} selection",
-            c,
-            circuits,
-            models,
-            cluster,
-            gpu,
-        )
-    )
-    if cfg.weight_change.enabled:
-        # Two safetensors reads per checkpoint and per-head norms: 17 s a checkpoint at 3B on one CPU
-        # (configs/qwen2.5-3b.yaml, scaled from SmolLM2), on CPU actors whatever the device.
-        seconds = (models - 1) * 17.0 * shape.params / 3.09e9
-        actors = max(1, min(cfg.patching.num_actors, int(cluster.cpus)))
-        stages.append(StagePlan("weight_change", f"{models - 1} checkpoints", 0.0, seconds / actors, 0))
-    else:
-        stages.append(StagePlan("weight_change", "off", 0.0, 0.0, 0))
-    if cfg.calibration.enabled:
-        plants = calibration_plants(cfg)
-        calibrated = [p for p in cfg.probes if p.name in (cfg.calibration.probes or [])] or [
-            p for p in cfg.probes if p.name != "chem"
-        ]
-        planted = patching_seconds(c, plants + 1, calibrated, [methods[0]]) / 2  # one probe per plant
-        planted += circuits_seconds(c, 1) * plants / max(len(cfg.probes), 1)
-        save = plants * c.gb / dev.write_gb_s * 2  # write, then every actor reads it back
-        plan = _pool_plan(
-            "calibration",
-            f"{plants} planted models on {', '.join(p.name for p in calibrated)}",
-            c,
-            planted,
-            plants,
-            cluster,
-            gpu,
-        )
-        stages.append(
-            StagePlan(plan.stage, plan.work, plan.device_s + save, plan.wall_s + save, plan.devices)
-        )
-    else:
-        stages.append(StagePlan("calibration", "off", 0.0, 0.0, 0))
-    draws = cfg.circuits.n_bootstrap * models * len(cfg.probes)
-    stages.append(
-        StagePlan(
-            "analysis",
-            f"bootstrap {cfg.circuits.n_bootstrap} draws x {models} models x {len(cfg.probes)} probes",
-            0.0,
-            5.0 + draws * 2e-4,
-            0,
-        )
-    )
-    stages.append(StagePlan("report", "figures and report", 0.0, 5.0, 0))
-    return Plan(config, shape, dev, cluster, tuple(stages))
+    c = Costs(cfg, model_shape(cfg), dev, cluster)
+    return Plan(config, c.shape, dev, cluster, tuple(stage(c) for stage in STAGE_PLANS))
 
 
 def format_plan(plan: Plan) -> list[str]:
-    """The plan as a table: one row per stage (work, device-hours, wall), then the total."""
+    """The plan as a table: one row per stage (devices held at once, device-hours, wall, work), then the
+    total."""
     unit = plan.device.unit
     lines = [
         f"plan for {plan.config}: model {plan.shape.params / 1e9:.3g}B params ({plan.shape.source}); "
         f"priced on {plan.device.name}; cluster {plan.cluster.declared}",
-        f"{'stage':<14} {unit + '-h':>9} {'wall':>9}  work",
+        f"{'stage':<14} {unit + 's':>6} {unit + '-h':>9} {'wall':>9}  work",
     ]
     for s in plan.stages:
-        lines.append(f"{s.stage:<14} {s.device_s / 3600:9.2f} {_duration(s.wall_s):>9}  {s.work}")
+        held = f"{s.devices:g}" if s.devices else ""
+        lines.append(f"{s.stage:<14} {held:>6} {s.device_s / 3600:9.2f} {_duration(s.wall_s):>9}  {s.work}")
     lines.append(total_line(plan))
     return lines
 

@@ -75,7 +75,9 @@ def test_adding_a_probe_adds_its_patching_work():
     raw["target_task"]["answer_format"] = "letter"  # the chem probe compares answer letters
     cfg = parse_config(raw)
     after = build_plan(cfg, TWO_CORES)
-    added = patching_seconds(Costs(cfg, model_shape(cfg), CPU_CORE), 9, [cfg.probe("chem")], ["attribution"])
+    added = patching_seconds(
+        Costs(cfg, model_shape(cfg), CPU_CORE, TWO_CORES), 9, [cfg.probe("chem")], ["attribution"]
+    )
     assert added > 0
     # One core per actor, 2 actors: the probe's compute once in device time, half of it in wall time.
     assert after.stage("patching").device_s - before.stage("patching").device_s == pytest.approx(added)
@@ -110,7 +112,8 @@ def test_dcv_plan_prints_a_row_per_stage_and_the_total(capsys):
     assert main(["plan", str(PAPER), "--gpus", "8", "--cpus", "128"]) == 0
     out = capsys.readouterr().out
     for stage in STAGES:
-        assert re.search(rf"^{stage} +\d+\.\d\d +\S+", out, re.MULTILINE), stage
+        assert re.search(rf"^{stage} +(\d+ +)?\d+\.\d\d +\S+", out, re.MULTILINE), stage
+    assert re.search(r"^sweep +6 +\d+\.\d\d ", out, re.MULTILINE)  # one RL trial of 6 GPUs at a time
     assert re.search(
         r"^plan: [\d.]+ GPU-hours held by the stages, [\d.]+ h wall .* on 8 GPUs", out, re.MULTILINE
     )
