@@ -217,8 +217,12 @@ def model_shape(cfg: ExperimentConfig) -> ModelShape:
 
 
 def _shape_from_dims(d: Mapping, source: str) -> ModelShape:
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+    missing = [k for k in keys if not isinstance(d.get(k), int)]
+    if missing:
+        raise ValueError(f"model.name: {source} has no {', '.join(missing)}; the plan cannot size the model")
     h, layers, heads = d["hidden_size"], d["num_hidden_layers"], d["num_attention_heads"]
-    kv = d.get("num_key_value_heads", heads)
+    kv = d.get("num_key_value_heads") or heads
     attention = h * h * 2 + 2 * h * (h // heads) * kv  # q, o; k, v under grouped-query attention
     mlp = 3 * h * d["intermediate_size"]
     embeddings = d["vocab_size"] * h * (1 if d.get("tie_word_embeddings", True) else 2)

@@ -106,6 +106,14 @@ def test_a_hub_model_of_unknown_size_is_an_error_naming_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"model\.name='someone/unknown-7b'"):
         build_plan(cfg, TWO_CORES)
     assert plan_summary(cfg).startswith("plan: not available (model.name=")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"hidden_size": 64, "num_hidden_layers": 2}')
+    raw["model"]["name"] = str(folder)
+    with pytest.raises(
+        ValueError, match=r"config\.json has no num_attention_heads, intermediate_size, vocab_size"
+    ):
+        build_plan(parse_config(raw), TWO_CORES)
 
 
 def test_dcv_plan_prints_a_row_per_stage_and_the_total(capsys):
@@ -171,3 +179,17 @@ def test_plan_trials_counts_the_trials_the_sweep_runs():
     assert [key(t.method, t.cfg) for t in ours] == [key(s.method, s.config(cfg)) for s in theirs]
     assert [t.after_sft for t in ours] == [s.name.endswith("-after-sft") for s in theirs]
     assert len(ours) == 2 * 3 * 3 * 2 + 3 * 3 * 2  # SFT: rates x max_steps x tau x seeds; RL: tau only
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_the_tiny_models_size_is_its_parameter_count(architecture):
+    """The plan sizes a model from its dims (model.tiny, or a folder's config.json) without loading it:
+    within 0.1% of the parameters transformers builds (the plan leaves out norms and biases)."""
+    from dcv.models import load_model_and_tokenizer
+
+    raw = yaml.safe_load(DEMO.read_text())
+    raw["model"] = {"name": "tiny", "tiny": {"architecture": architecture}}
+    cfg = parse_config(raw)
+    model, _ = load_model_and_tokenizer(cfg.model)
+    assert model_shape(cfg).params == pytest.approx(sum(p.numel() for p in model.parameters()), rel=1e-3)
+    assert (model_shape(cfg).layers, model_shape(cfg).heads) == (2, 4)
