@@ -158,6 +158,10 @@ DEVICES = {"cpu": CPU_CORE, "h100": H100}
 # template). Target-task prompts: chemistry measured (FACTS.md: SFT examples "about 90 tokens"); SciKnowEval
 # L3 chemistry multiple-choice prompts with the system prompt and four options are an estimate.
 PROBE_TOKENS = {"ioi": 15, "capitals": 19, "greater_than": 17, "induction": 15, "chem": 85}
+# Tokens from an item's first clean/corrupted difference to its end (same measurement): exact patching,
+# faithfulness and mask steps run only those positions (dcv.circuits.decoder's prefix cache). A batch
+# starts at its items' earliest difference, so a little more is run than these means.
+PATCHED_TOKENS = {"ioi": 5, "capitals": 2.25, "greater_than": 8, "induction": 15, "chem": 37.5}
 PROMPT_TOKENS = {"chemistry": 80, "sciknoweval": 250}
 ANSWER_TOKENS = 10  # "<answer>X</answer>" and the end-of-turn token, what SFT adds to a prompt
 # lm-eval tasks by name: (rows, requests per row, tokens per request, generated tokens per row). Rows are
@@ -390,9 +394,9 @@ class Costs:
 
     def faithfulness(self, probe: ProbeConfig, method: str, models: int, curves: bool = True) -> float:
         """Faithfulness passes (dcv.circuits.circuit.faithfulness) of ``models`` models on one probe and
-        method: clean and corrupted forwards plus one forward per head set: the selection's sets (top_k:
-        1; faithfulness: 1..k_max; masks: their own circuit), the base circuit in each checkpoint, the
-        curves' distinct sizes (ranking methods)."""
+        method: clean and corrupted forwards, then per head set a forward from the first difference on:
+        the selection's sets (top_k: 1; faithfulness: 1..k_max; masks: their own circuit), the base
+        circuit in each checkpoint, the curves' distinct sizes (ranking methods)."""
         ci = self.cfg.circuits
         sets = 1.0
         if method != MASK:
@@ -400,8 +404,9 @@ class Costs:
             sets += (
                 len({math.ceil(f * self.heads) for f in ci.curve_fractions} - {self.heads}) if curves else 0
             )
-        tokens = probe.n_items * PROBE_TOKENS[probe.name]
-        return self.forward(tokens) * (models * (2 + sets) + (models - 1))
+        full = self.forward(probe.n_items * PROBE_TOKENS[probe.name])
+        after = self.forward(probe.n_items * PATCHED_TOKENS[probe.name])  # a head set from the difference on
+        return models * 2 * full + after * (models * sets + (models - 1))
 
     def pool(self, name: str, work: str, compute_s: float, items: int) -> StagePlan:
         """A stage on the patching actor pool (dcv.stages.patching_resources): ``compute_s`` at one device
@@ -503,27 +508,31 @@ def benchmarks_stage(c: Costs) -> StagePlan:
 
 def patching_seconds(c: Costs, models: int, probes: list[ProbeConfig], methods: list[str]) -> float:
     """Head effects of ``models`` models on ``probes`` by ``methods`` (dcv.circuits.patching), at one device.
-    Exact: per head a forward from its layer on (half the model on average) of every item; attribution:
-    clean and corrupted forwards and one backward (2 forwards); ig: ig_steps forward-backward passes;
-    mask: circuits.mask.steps forward-backward passes of one batch; cmap (checkpoints only): about 4 x
-    exact per head (its description in dcv.config), on every head or patching.cmap_top_heads."""
+    Every method but cmap caches a clean and a corrupted forward of every item. Exact: then per head a
+    forward of the positions after the first difference from the head's layer on (half the model on
+    average); attribution: one backward; ig: ig_steps forward-backward passes; mask: circuits.mask.steps
+    forward-backward passes of one batch, after the first difference. The model is frozen, so a backward
+    computes activation gradients only: about one forward (training's is two). cmap
+    (checkpoints only, from position 0): about 4 x exact per head (its description in dcv.config), on
+    every head or patching.cmap_top_heads."""
     cfg = c.cfg
     total = 0.0
     for probe in probes:
-        pass_s = c.forward(probe.n_items * PROBE_TOKENS[probe.name])  # one forward of every item
+        full = c.forward(probe.n_items * PROBE_TOKENS[probe.name])  # one forward of every item
+        after = c.forward(probe.n_items * PATCHED_TOKENS[probe.name])  # from the first difference on
         batch = min(cfg.patching.batch_size, probe.n_items) / probe.n_items
         for method in methods:
             if method == CMAP:
                 heads = min(cfg.patching.cmap_top_heads or c.heads, c.heads)
-                total += (models - 1) * pass_s * heads * 0.5 * 4
+                total += (models - 1) * full * heads * 0.5 * 4
                 continue
-            passes = {
-                "exact": c.heads * 0.5,
-                "attribution": 4.0,
-                "ig": 2.0 + 3.0 * cfg.patching.ig_steps,
-                MASK: 2.0 + 3.0 * cfg.circuits.mask.steps * batch,
+            seconds = {
+                "exact": after * c.heads * 0.5,
+                "attribution": full,
+                "ig": 2 * full * cfg.patching.ig_steps,
+                MASK: 2 * after * cfg.circuits.mask.steps * batch,
             }[method]
-            total += models * pass_s * passes
+            total += models * (2 * full + seconds)
     return total
 
 
