@@ -8,8 +8,10 @@ what it computes: an RL trial holds its learners' and rollout actors' GPUs while
 
 The cost model is FLOP-based and deliberately small:
 
-- a forward pass costs 2 x params FLOP per token, a training step 6 x params (fwd + bwd), attention's
-  own FLOP are left out (prompts here are 15-300 tokens, far below the hidden size's scale);
+- a forward pass costs 2 x params FLOP per token, a training step 6 x params (fwd + bwd), a frozen
+  model's backward (patching, masks) one forward; attention's own FLOP are left out (prompts here are
+  15-300 tokens, far below the hidden size); exact patching, faithfulness and mask steps run only the
+  positions from an item's first clean/corrupted difference (``PATCHED_TOKENS``);
 - generation is a decode step per new token, each as slow as the larger of reading the weights once
   (memory bound: small batches) and the batch's FLOP at the device's decode rate (large batches);
 - every trial, actor pool and lm-eval task pays a fixed start-up (processes, model loads);
@@ -17,8 +19,10 @@ The cost model is FLOP-based and deliberately small:
 
 The rates are one record per device kind (``DeviceCosts``): ``CPU_CORE`` from numbers measured on the
 2-core demo machine (FACTS.md, README), ``H100`` from NVIDIA's datasheet and published throughputs,
-each with its source in ``sources``. What the model leaves out (it under-counts): retries, stragglers,
-Ray's scheduling gaps, data loading, evaluation-time padding. Trials are scheduled greedily in the
+each with its source in ``sources``. What the model leaves out, so that it is a lower bound: per-step
+and per-item overheads (Python, small kernels; the demo took 1.35-2.1 times its plan), retries,
+stragglers, Ray's scheduling gaps, data loading, padding; ``sweep.scheduler: asha`` stopping trials
+early is not modelled (every trial runs to max_steps). Trials are scheduled greedily in the
 sweep's order on as many slots as both ``sweep.max_concurrent_trials`` and the cluster allow, RL trials
 that continue an SFT trial (``rl.init: sft``) in a second phase, as dcv.training.sweep runs them.
 
@@ -465,7 +469,7 @@ def sweep_stage(c: Costs) -> StagePlan:
     """Trials on as many slots as ``sweep.max_concurrent_trials`` and the cluster allow for the largest
     trial (dcv.training.sweep.concurrent_trials), greedily in the sweep's order; phase 2 (GRPO after SFT)
     waits for phase 1, as dcv.training.sweep runs them."""
-    trials = c.trials
+    trials, asha = c.trials, c.cfg.sweep.scheduler == "asha"
     largest = max(trial_devices(t, c.gpu) for t in trials)
     have = c.cluster.gpus if c.gpu else c.cluster.cpus
     slots = max(1, min(c.cfg.sweep.max_concurrent_trials, int(have // largest) if largest else 1))
@@ -481,7 +485,11 @@ def sweep_stage(c: Costs) -> StagePlan:
             words[t.method] = f"{n} {t.method.upper()} x {_steps(t)[0]} steps x {batch} tokens"
         wall += max(free)
     return StagePlan(
-        "sweep", ", ".join(words.values()) + f"; {slots} at a time", device_s, wall, slots * largest
+        "sweep",
+        ", ".join(words.values()) + f"; {slots} at a time" + ("; asha may stop some early" if asha else ""),
+        device_s,
+        wall,
+        slots * largest,
     )
 
 
