@@ -21,6 +21,10 @@
     dcv sweep CONFIG                          a Ray Tune sweep: every (method, lr, seed, grid) trial of the
                                               config's sweep section; resumes when rerun; writes the results
                                               table to <storage>/results/checkpoints.{parquet,csv}
+    dcv plan CONFIG [--gpus N] [--cpus N]     what the run will cost before it starts: per stage its work,
+                                              device-hours and wall time on a cluster of N GPUs / N CPU
+                                              cores (default: this machine's cores for a CPU config, the
+                                              GPUs the config asks for at once for a GPU one); dcv.plan
     dcv run CONFIG                            the whole experiment: base snapshot, sweep, patching, circuits,
                                               analysis and report (each stage resumes; see dcv.experiment);
                                               prints where the report and the MLflow store are
@@ -154,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     patch_all.add_argument("config")
     patch_all.add_argument("--probe", dest="probes", action="append", help="only this probe (repeatable)")
 
+    plan = commands.add_parser(
+        "plan", parents=[overrides], help="each stage's work, device-hours and wall time, before running"
+    )
+    plan.add_argument("config")
+    plan.add_argument("--gpus", type=float, help="GPUs of the cluster to price on (default: see dcv.plan)")
+    plan.add_argument("--cpus", type=float, help="CPU cores of the cluster (default: this machine's)")
+
     run = commands.add_parser(
         "run",
         parents=[overrides, verbose],
@@ -255,6 +266,7 @@ COMMANDS: dict[str, Callable[..., object]] = {
     ),
     "sweep": lambda args, cfg, model_cfg, console: run_sweep_command(cfg, console),
     "patch-all": lambda args, cfg, model_cfg, console: run_patch_all(cfg, args.probes, console),
+    "plan": lambda args, cfg, model_cfg, console: run_plan(args, cfg, console),
     "run": lambda args, cfg, model_cfg, console: run_experiment_command(cfg, console),
     "calibrate": lambda args, cfg, model_cfg, console: run_calibrate(cfg, args.probes, console),
     "report": lambda args, cfg, model_cfg, console: run_report(Path(args.run_dir)),
@@ -301,6 +313,25 @@ def run_validate(args: argparse.Namespace, cfg: ExperimentConfig, console: Conso
         console.line(f"target_task: {read_sciknoweval(cfg.target_task).summary()}")
     if args.explain:
         console.line("\n".join(explain_config(cfg)))
+
+
+def run_plan(args: argparse.Namespace, cfg: ExperimentConfig, console: Console):
+    """``dcv plan``: the plan's table (dcv.plan); a config ``dcv validate`` refuses fails here the same way
+    (run_command loads it), an unknown model's size is an error naming model.name."""
+    from dcv.plan import Cluster, build_plan, default_cluster, format_plan
+
+    cluster = default_cluster(cfg)
+    if args.gpus is not None or args.cpus is not None:
+        gpus = cluster.gpus if args.gpus is None else args.gpus
+        cpus = cluster.cpus if args.cpus is None else args.cpus
+        if gpus < 0 or cpus <= 0:
+            raise ValueError(
+                f"--gpus {gpus:g} / --cpus {cpus:g}: a cluster needs >= 0 GPUs and > 0 CPU cores"
+            )
+        cluster = Cluster(gpus, cpus, f"{gpus:g} GPUs, {cpus:g} CPU cores (--gpus/--cpus)")
+    plan = build_plan(cfg, cluster, args.config)
+    console.line("\n".join(format_plan(plan)))
+    return plan
 
 
 def checked_probe(cfg: ExperimentConfig, probe: str) -> str:

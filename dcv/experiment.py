@@ -38,6 +38,7 @@ import polars as pl
 from dcv import tracking
 from dcv.analysis import analyze, read_analysis, write_analysis
 from dcv.config import CMAP, ExperimentConfig, config_to_dict, parse_config
+from dcv.plan import plan_summary
 from dcv.results import read_results, write_results
 from dcv.storage import (
     CIRCUITS_FILE,
@@ -310,6 +311,8 @@ def run_experiment(
     inside a stage (items done / total, ETA). ``dcv run`` prints the first as lines and keeps the second
     to one line per stage (dcv.console)."""
     preflight(cfg)
+    # What the run will cost, before it spends anything (dcv.plan; `dcv plan` prints every stage).
+    (stage_line or progress)(plan_summary(cfg, cfg.name))
     if connect is not None:
         connect()
     storage = local_storage_root(cfg)

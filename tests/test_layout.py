@@ -32,6 +32,7 @@ TIERS = {
         "dcv.predictors",
         "dcv.analysis",
         "dcv.report",
+        "dcv.plan",
     ),
     # Torch: models and what runs on them in one process (patching, circuits, evaluation); no Ray.
     "torch": (
