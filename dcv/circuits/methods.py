@@ -163,7 +163,9 @@ METHODS: dict[str, PatchingMethod] = build_registry(
         PatchingMethod(
             MASK,
             "mask",
-            keys={"mask": "circuits.mask"},
+            # Its minibatches are patching.batch_size items, so its numbers follow that too (unkeyed, and
+            # stale items reused, before 2026-12-07).
+            keys={"mask": "circuits.mask", "batch_size": "patching.batch_size"},
             compute="dcv.circuits.pipeline:compute_mask_item",
             about="learned masks",
         ),
