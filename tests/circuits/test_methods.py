@@ -111,7 +111,7 @@ def test_item_ids_are_those_stored_before_the_registry(cfg):
     """Stored patching items stay valid: the registry's keys give every method its old id, but mask's,
     renamed once when it came to key patching.batch_size (its minibatches)."""
     for model, checkpoint in [("base", "tiny"), CHECKPOINT]:
-        for method in METHODS:
+        for method in ("exact", "attribution", "ig", "mask", "cmap"):  # the methods of that time
             if method == "mask":
                 assert build_item_id(cfg, model, checkpoint, "ioi", method, (0, 8)) != legacy_item_id(
                     cfg, model, checkpoint, "ioi", method, (0, 8)
@@ -151,13 +151,13 @@ def test_the_config_accepts_exactly_the_registered_methods(tmp_path):
     raw["patching"]["methods"] = list(METHODS)
     assert parse_config(raw).patching.methods == list(METHODS)
     raw["patching"]["methods"] = ["exact", "nope"]
-    with pytest.raises(
-        ConfigError, match=r"patching.methods\[1\].*'exact', 'attribution', 'ig', 'mask' or 'cmap'"
-    ):
+    names = [repr(m) for m in METHODS]
+    listed = ", ".join(names[:-1]) + f" or {names[-1]}"
+    with pytest.raises(ConfigError, match=rf"patching.methods\[1\].*{listed}"):
         parse_config(raw)
     # What each kind does, as the stages read it.
-    assert RANKING_METHODS == PATCHING_METHODS == ("exact", "attribution", "ig")
-    assert CIRCUIT_METHODS == ("exact", "attribution", "ig", "mask")
+    assert RANKING_METHODS == PATCHING_METHODS and {"exact", "attribution", "ig"} <= set(RANKING_METHODS)
+    assert "mask" in CIRCUIT_METHODS and "mask" not in RANKING_METHODS and "cmap" not in CIRCUIT_METHODS
     assert methods.CROSS_MODEL_METHODS == ("cmap",) and methods.MASK_METHODS == ("mask",)
     assert [m for m in METHODS.values() if m.whole_model] == [METHODS["mask"]]
 
