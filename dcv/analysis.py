@@ -249,10 +249,9 @@ def _mask_gaps(
 ) -> dict[tuple[str, str], float]:
     """Learned masks' (``method``'s) real gap per (model, probe), for the lost rule (DESIGN "Lost is lost
     everywhere"): their parts hold a pseudo-item of 1 in every model, so a model that forgot a probe was
-    never lost.
-    Another patching method's mean LD_clean - LD_corrupt on the same model and probe where every model
-    has one, else the model's mean clean LD (``probe/<p>/mean_ld``); there, masks that are all 0
-    (``learn_masks``' answer to a gap <= 0) count as a gap of at most 0."""
+    never lost. Another patching method's mean LD_clean - LD_corrupt on the same model and probe where
+    every model has one, else the model's mean clean LD (``probe/<p>/mean_ld``); there, masks that are all
+    0 (``learn_masks``' answer to a gap <= 0) count as a gap of at most 0."""
     models = _with_model(results).unique("model", maintain_order=True)
     zero = {
         (m, p): z

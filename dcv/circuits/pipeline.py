@@ -12,9 +12,9 @@ by checkpoint, so an actor that takes consecutive items keeps its loaded model.
 rows are written atomically to ``<storage>/patching/items/<item_id>.parquet``; the item id is readable
 (model, probe, method, head range) and ends in a hash of everything that decides the numbers (checkpoint
 path, probe config, for ``chem`` the target task, method, heads, dtype, and the settings the method's
-record keys: ``dcv.circuits.methods``, e.g. ig steps, mask config), so a changed config never reuses a
-stale file. A file counts as finished when it is readable, has
-EFFECTS_SCHEMA and one row per head of the chunk.
+record keys in ``dcv.circuits.methods``: ig steps, the mask config and batch size), so a changed config
+never reuses a stale file. A file counts as finished when it is readable, has EFFECTS_SCHEMA and one row
+per head of the chunk.
 
 The assembled table (``run_pipeline``; written to ``<storage>/patching/effects.parquet``) has one row per
 (model, probe, method, layer, head), ``dcv.tables.EFFECTS_SCHEMA``:
