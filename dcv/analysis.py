@@ -75,9 +75,10 @@ import polars as pl
 from dcv.circuits.chance import chance_jaccard, chance_preservation
 from dcv.circuits.competence import Competence, base_competence
 from dcv.circuits.curves import curve_tables
+from dcv.circuits.methods import ITEM_PARTS_METHODS, circuit_methods, patching_method
 from dcv.circuits.noise_floor import NOISE_FLOOR_SCHEMA, bootstrap_floor, floor_row
 from dcv.circuits.vulnerability import effect_spearman
-from dcv.config import CMAP, MASK, ExperimentConfig
+from dcv.config import ExperimentConfig
 from dcv.matched import (
     TRAINING_METHODS,
     Layout,
@@ -247,24 +248,23 @@ def _probe_parts(frame: pl.DataFrame, item_ld: np.ndarray | None, gap: float | N
 
 
 def _mask_gaps(
-    effects: pl.DataFrame, results: pl.DataFrame, probes: Sequence[str]
+    effects: pl.DataFrame, results: pl.DataFrame, probes: Sequence[str], method: str
 ) -> dict[tuple[str, str], float]:
-    """Learned masks' real gap per (model, probe), for the lost rule (docs/method.md "Competence guard and the
-    lost rule"):
-    their parts hold a pseudo-item of 1 in every model, so a model that forgot a probe was never lost.
-    Another patching method's mean LD_clean - LD_corrupt on the same model and probe where every model
-    has one, else the model's mean clean LD (``probe/<p>/mean_ld``); there, masks that are all 0
-    (``learn_masks``' answer to a gap <= 0) count as a gap of at most 0."""
+    """Learned masks' (``method``'s) real gap per (model, probe), for the lost rule (docs/method.md
+    "Competence guard and the lost rule"): their parts hold a pseudo-item of 1 in every model, so a model
+    that forgot a probe was never lost. Another patching method's mean LD_clean - LD_corrupt on the same
+    model and probe where every model has one, else the model's mean clean LD (``probe/<p>/mean_ld``);
+    there, masks that are all 0 (``learn_masks``' answer to a gap <= 0) count as a gap of at most 0."""
     models = _with_model(results).unique("model", maintain_order=True)
     zero = {
         (m, p): z
-        for m, p, z in effects.filter(pl.col("method") == MASK)
+        for m, p, z in effects.filter(pl.col("method") == method)
         .group_by("model", "probe")
         .agg((pl.col("effect") == 0).all())
         .iter_rows()
     }
     others = (
-        effects.filter(~pl.col("method").is_in([MASK, CMAP]))
+        effects.filter(pl.col("method").is_in(ITEM_PARTS_METHODS))
         .group_by("probe", "method", "model")
         .agg(pl.col("item_denominator").first())
         .sort("probe", "method")
@@ -305,7 +305,7 @@ def _competence(cfg: ExperimentConfig, effects: pl.DataFrame, base_row: dict) ->
     base = effects.filter(pl.col("model") == BASE_MODEL)
     for probe in cfg.probes:
         rows = base.filter(pl.col("probe") == probe.name)
-        gaps = rows.filter(pl.col("method") != MASK)
+        gaps = rows.filter(pl.col("method").is_in(ITEM_PARTS_METHODS))
         source = gaps if not gaps.is_empty() else rows
         out[probe.name] = base_competence(
             np.asarray(source["item_denominator"][0], dtype=np.float64),
@@ -333,7 +333,7 @@ def build_inputs(
     base_row = _base_row(results)
     competence = _competence(cfg, effects, base_row)
     # Masks' parts divide by a pseudo-item of 1: the lost rule reads their real gap instead.
-    gaps = _mask_gaps(effects, results, probes) if method == MASK else {}
+    gaps = {} if patching_method(method).item_parts else _mask_gaps(effects, results, probes, method)
     own = {
         (r["model"], r["probe"]): r for r in circuits.filter(pl.col("method") == method).iter_rows(named=True)
     }
@@ -667,7 +667,7 @@ def noise_floor_table(
     """The patching methods' floor from the base model's per-item parts, beside the masks' stored rows."""
     rows = []
     for data in inputs:
-        if data.method == MASK or not cfg.circuits.noise_floor:
+        if not patching_method(data.method).item_parts or not cfg.circuits.noise_floor:
             continue
         base = data.points[(BASE_MODEL, 0)]
         for ref in data.refs:
@@ -1157,7 +1157,7 @@ def analyze(
     changes = head_changes(weight_change)
     means = {m: float(c.mean()) for m, c in changes.items()} if weight_change is not None else None
     # cmap is a change measure against the base, not a circuit: no inputs of its own.
-    methods = [m for m in cfg.patching.methods if m != CMAP]
+    methods = circuit_methods(cfg.patching.methods)
     inputs = [build_inputs(cfg, results, effects, circuits, m, means, cmap) for m in methods]
     floor = noise_floor_table(cfg, inputs, noise_floor)
     checkpoints = checkpoint_table(cfg, inputs, circuits, floor)

@@ -50,9 +50,10 @@ import numpy as np
 import polars as pl
 
 from dcv.circuits.competence import base_competence
+from dcv.circuits.methods import RANKING_METHODS, patching_method
 from dcv.circuits.noise_floor import bootstrap_floor
 from dcv.circuits.pipeline import build_work_items
-from dcv.config import MASK, ExperimentConfig
+from dcv.config import ExperimentConfig
 from dcv.detection import CALIBRATION_METRICS, PRECISION, measure, metric_rows, noise_margins, verdict
 from dcv.matched import MDE_FACTOR, ProbeParts, ProbeReference, probe_numbers
 from dcv.results import build_results_table
@@ -392,8 +393,12 @@ def run_calibration(
 
     c = cfg.calibration
     method = cfg.patching.methods[0]
-    if method == MASK:
-        raise ValueError("calibration: patching.methods[0] is mask; calibrate a patching method first")
+    if not patching_method(method).ranks_heads:
+        # The plants are the top-k of a ranked circuit, measured on per-item parts: a ranking method's.
+        raise ValueError(
+            f"calibration: patching.methods[0] is {method}, which ranks no heads; calibrate a method that "
+            f"does first ({', '.join(RANKING_METHODS)})"
+        )
     folder = calibration_dir(storage)
     start = time.perf_counter()
     empty = build_results_table(

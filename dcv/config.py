@@ -16,16 +16,22 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dcv.circuits.methods import (  # noqa: F401 (CMAP, CMAP_DIRECTIONS, MASK: re-exported)
+    CIRCUIT_METHODS,
+    CMAP,
+    CMAP_DIRECTIONS,
+    MASK,
+    METHOD_NAMES,
+    RANKING_METHODS,
+    check_keys,
+    patching_method,
+)
 from dcv.metrics import ANSWER_METRICS
 
-# Head-effect methods: the patching ones (dcv.circuits.patching) and learned masks (dcv.circuits.mask), which
-# learn one item over all heads instead of patching.
-PATCHING_METHODS = ("exact", "attribution", "ig")
-MASK = "mask"
-# Cross-model activation patching (dcv.circuits.patching.cmap_item_effects): a per-head change measure of a
-# checkpoint against the base, not a circuit-discovery method; its rows go to their own table, per direction.
-CMAP = "cmap"
-CMAP_DIRECTIONS = ("ckpt_into_base", "base_into_ckpt")
+# Head-effect methods are records of dcv.circuits.methods (kinds: ranking, mask, cross_model); MASK, CMAP and
+# CMAP_DIRECTIONS are re-exported from there. PATCHING_METHODS: the methods that rank heads by patching
+# (dcv.circuits.patching.item_effects computes them).
+PATCHING_METHODS = RANKING_METHODS
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -535,7 +541,7 @@ class SweepConfig(Section):
 
 
 class PatchingConfig(Section):
-    methods: list[Literal[(*PATCHING_METHODS, MASK, CMAP)]] = Field(
+    methods: list[Literal[METHOD_NAMES]] = Field(
         default_factory=lambda: ["exact"],
         min_length=1,
         description="head-effect methods run on every model: exact activation patching, attribution "
@@ -575,10 +581,11 @@ class PatchingConfig(Section):
     @field_validator("methods")
     @classmethod
     def _circuit_method_first(cls, methods: list[str]) -> list[str]:
-        if methods[0] == CMAP:
+        first = patching_method(methods[0])
+        if not first.finds_circuit:
             raise ValueError(
-                f"methods: {methods} starts with cmap; cmap measures change against the base and finds no "
-                "circuit, so put a circuit method (exact, attribution, ig, mask) first"
+                f"methods: {methods} starts with {first.name}; {first.name} ({first.about}) finds no "
+                f"circuit, so put a circuit method ({', '.join(CIRCUIT_METHODS)}) first"
             )
         return methods
 
@@ -1005,6 +1012,11 @@ class ExperimentConfig(Section):
             if p.name == name:
                 return p
         raise KeyError(f"probe {name!r} is not in this config's probes: {[p.name for p in self.probes]}")
+
+
+# Every patching method's cache keys name real settings, checked once here (where the config tree is
+# known): a misspelt key would otherwise surface only when the first work item is named.
+check_keys(ExperimentConfig)
 
 
 def is_local_path(name: str) -> bool:

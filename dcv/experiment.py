@@ -37,7 +37,8 @@ import polars as pl
 
 from dcv import tracking
 from dcv.analysis import analyze, read_analysis, write_analysis
-from dcv.config import CMAP, ExperimentConfig, config_to_dict, parse_config
+from dcv.circuits.methods import CROSS_MODEL_METHODS
+from dcv.config import ExperimentConfig, config_to_dict, parse_config
 from dcv.plan import plan_summary
 from dcv.results import read_results, write_results
 from dcv.storage import (
@@ -419,7 +420,8 @@ def read_weight_change(cfg: ExperimentConfig, storage: Path) -> pl.DataFrame | N
 
 def read_cmap(cfg: ExperimentConfig, storage: Path) -> pl.DataFrame | None:
     """The patching stage's CMAP table where ``patching.methods`` has cmap (None otherwise)."""
-    return read_parquet(patching_dir(storage) / CMAP_FILE) if CMAP in cfg.patching.methods else None
+    measured = set(CROSS_MODEL_METHODS) & set(cfg.patching.methods)
+    return read_parquet(patching_dir(storage) / CMAP_FILE) if measured else None
 
 
 def load_run_config(run_dir: Path) -> ExperimentConfig:

@@ -20,6 +20,7 @@ TIERS = {
         "dcv.console",
         "dcv.tasks",
         "dcv.circuits",
+        "dcv.circuits.methods",
         "dcv.circuits.chance",
         "dcv.circuits.competence",
         "dcv.circuits.vulnerability",

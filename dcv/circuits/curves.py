@@ -30,10 +30,6 @@ import polars as pl
 from dcv.storage import BASE_MODEL
 from dcv.tables import Head
 
-# The patching methods whose effects rank heads, so that "the top k" exists: not learned masks (a set, no
-# ranking) and not cross-model patching (a change between models, not a head's role in one).
-RANKING_METHODS = ("exact", "attribution", "ig")
-
 
 def curve_sizes(fractions: Sequence[float], n_heads: int) -> list[int]:
     """k for each fraction of ``n_heads``: ceil(f * n_heads), at least 1 and at most n_heads."""

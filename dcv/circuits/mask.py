@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from dcv.circuits.decoder import DecoderCache, Prefix, check_heads, hook_z_name, model_shape, run_decoder
-from dcv.config import MASK, MaskConfig
+from dcv.circuits.methods import MASK
+from dcv.config import MaskConfig
 from dcv.evaluation import ContrastBatch, contrast_batches
 from dcv.tables import EFFECT_SCHEMA, Head
 from dcv.tasks.items import ProbeItem

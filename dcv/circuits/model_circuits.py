@@ -25,7 +25,8 @@ from pathlib import Path
 
 import polars as pl
 
-from dcv.config import CMAP, MASK, ExperimentConfig
+from dcv.circuits.methods import MASK_METHODS, RANKING_METHODS, circuit_methods, patching_method
+from dcv.config import ExperimentConfig
 from dcv.stages import WORK_COLUMNS, Progress, Stage, patching_resources, run_stage
 from dcv.storage import (
     BASE_MODEL,
@@ -56,7 +57,7 @@ def model_circuits(
     base model ranks by its own effects without it); no ``fractions``: no curves (empty lists).
     """
     from dcv.circuits.circuit import Circuit, faithfulness, rank_heads, select_circuit
-    from dcv.circuits.curves import RANKING_METHODS, faithfulness_curve
+    from dcv.circuits.curves import faithfulness_curve
     from dcv.circuits.mask import mask_circuit
 
     rows = []
@@ -64,8 +65,10 @@ def model_circuits(
     for model_id, trial, step, probe, method in keys.iter_rows():
         table = effects.filter((pl.col("probe") == probe) & (pl.col("method") == method))
         items = probe_items[probe]
-        if method == MASK:
-            # The learned masks are the circuit ({h : m_h >= 0.5}); faithfulness scores it like any other.
+        ranks_heads = patching_method(method).ranks_heads
+        if not ranks_heads:
+            # A method that ranks no heads gives its circuit as a set: the learned masks are the circuit
+            # ({h : m_h >= 0.5}); faithfulness scores it like any other.
             heads = mask_circuit(table)
             f = faithfulness(model, items, [set(heads)], cfg.patching.batch_size)[0] if heads else 0.0
             circuit = Circuit(probe, tuple(heads), f, f >= cfg.circuits.tau, (f,))
@@ -76,7 +79,7 @@ def model_circuits(
         else:
             base_f = faithfulness(model, items, [set(reference[(probe, method)])], cfg.patching.batch_size)[0]
         sizes, curve = [], []
-        if fractions and method in RANKING_METHODS:
+        if fractions and ranks_heads:
             ranking = rank_heads(table) if reference is None else (rankings or {}).get((probe, method))
             if ranking is None:
                 raise ValueError(f"model_circuits: no base ranking for probe {probe!r}, method {method!r}")
@@ -122,7 +125,7 @@ def model_file(
         # chem's items are the target task's questions: a changed target task changes its circuits.
         **({"target_task": cfg.target_task.model_dump(mode="json")} if "chem" in probe_names else {}),
         # cmap finds no circuit: adding it to a finished run must not redo the circuits.
-        "methods": [m for m in cfg.patching.methods if m != CMAP],
+        "methods": circuit_methods(cfg.patching.methods),
         "reference": None
         if reference is None
         else sorted((f"{p}/{m}", h) for (p, m), h in reference.items()),
@@ -175,7 +178,6 @@ def run_circuits(
     tables go to ``out_dir`` (default ``<storage>/circuits``); per-model files are shared by every caller.
     ``curves=False`` skips the faithfulness curves whatever ``circuits.curve_fractions`` says."""
     from dcv.circuits.circuit import rank_heads
-    from dcv.circuits.curves import RANKING_METHODS
     from dcv.circuits.noise_floor import NOISE_FLOOR_SCHEMA
     from dcv.models import load_tokenizer
     from dcv.tasks.probes import build_probe
@@ -183,7 +185,7 @@ def run_circuits(
     models = effects.select("model", "checkpoint").unique().sort("model")
     if BASE_MODEL not in models["model"].to_list():
         raise ValueError("the patching table has no base-model rows; rerun the patching stage")
-    base_masks = effects.filter((pl.col("model") == BASE_MODEL) & (pl.col("method") == MASK))
+    base_masks = effects.filter((pl.col("model") == BASE_MODEL) & pl.col("method").is_in(MASK_METHODS))
     effects = effects.drop("item_delta", "item_denominator", strict=False)
     # A model's file holds one row per (probe, method) it was patched on (calibration models: one probe).
     n_rows = dict(effects.group_by("model").agg(pl.struct("probe", "method").n_unique()).iter_rows())

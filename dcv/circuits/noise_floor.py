@@ -23,8 +23,9 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from dcv.circuits.methods import MASK_METHODS
 from dcv.circuits.vulnerability import effect_spearman
-from dcv.config import MASK, ExperimentConfig
+from dcv.config import ExperimentConfig
 from dcv.tables import Head
 
 NOISE_FLOOR_SCHEMA = {
@@ -121,8 +122,9 @@ def mask_noise_floor(
     ``reference`` the base circuits {(probe, method): heads}."""
     rows = []
     seed = cfg.circuits.mask.seed
-    for (probe,), table in sorted(effects.filter(pl.col("method") == MASK).group_by("probe")):
-        items, base = probe_items[probe], reference[(probe, MASK)]
+    masks = effects.filter(pl.col("method").is_in(MASK_METHODS))
+    for (probe, method), table in sorted(masks.group_by("probe", "method")):
+        items, base = probe_items[probe], reference[(probe, method)]
         if not base:
             continue
         rng = np.random.default_rng(seed)
@@ -135,5 +137,5 @@ def mask_noise_floor(
         seeded = [_mask_refit(model, list(items), table, base, cfg, seed + 1)]
         for kind, draws in (("bootstrap", resamples), ("seed", seeded)):
             columns = {k: [d[k] for d in draws] for k in draws[0]}
-            rows.append(floor_row(probe, MASK, kind, len(items), len(base), columns))
+            rows.append(floor_row(probe, method, kind, len(items), len(base), columns))
     return pl.DataFrame(rows, schema=NOISE_FLOOR_SCHEMA)

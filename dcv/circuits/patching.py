@@ -47,10 +47,14 @@ from dcv.circuits.decoder import (
     model_shape,
     run_decoder,
 )
-from dcv.config import CMAP_DIRECTIONS, PATCHING_METHODS
+from dcv.circuits.methods import CMAP_DIRECTIONS
 from dcv.evaluation import ContrastBatch, contrast_batches
 from dcv.tables import EFFECT_SCHEMA, Head
 from dcv.tasks.items import ProbeItem
+
+# The ranking methods ``item_effects`` computes (``dcv.circuits.methods`` registers them): a new one needs
+# its estimator below, or a compute function of its own.
+ESTIMATORS = ("exact", "attribution", "ig")
 
 # Per-item parts of an effect (for bootstrap over items): effect = mean(delta) / mean(denominator).
 ITEM_SCHEMA = {
@@ -184,8 +188,8 @@ def item_effects(
     ig_steps: int = 8,
 ) -> ItemEffects:
     """Per-item effect parts of ``heads`` (default: every head) on ``items`` by ``method``."""
-    if method not in PATCHING_METHODS:
-        choices = ", ".join(PATCHING_METHODS)
+    if method not in ESTIMATORS:
+        choices = ", ".join(ESTIMATORS)
         raise ValueError(f"patching method {method!r} is unknown; choose one of {choices}")
     heads = list(heads) if heads is not None else model_shape(model).heads
     check_heads(model, heads)

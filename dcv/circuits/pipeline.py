@@ -11,9 +11,10 @@ by checkpoint, so an actor that takes consecutive items keeps its loaded model.
 ``dcv.stages.run_stage`` computes the unfinished items (``patch_item``) and skips the rest. Each item's
 rows are written atomically to ``<storage>/patching/items/<item_id>.parquet``; the item id is readable
 (model, probe, method, head range) and ends in a hash of everything that decides the numbers (checkpoint
-path, probe config, for ``chem`` the target task, method, heads, ig steps, mask config, dtype), so a
-changed config never reuses a stale file. A file counts as finished when it is readable, has
-EFFECTS_SCHEMA and one row per head of the chunk.
+path, probe config, for ``chem`` the target task, method, heads, dtype, and the settings the method's
+record keys in ``dcv.circuits.methods``: ig steps, the mask config and batch size), so a changed config
+never reuses a stale file. A file counts as finished when it is readable, has EFFECTS_SCHEMA and one row
+per head of the chunk.
 
 The assembled table (``run_pipeline``; written to ``<storage>/patching/effects.parquet``) has one row per
 (model, probe, method, layer, head), ``dcv.tables.EFFECTS_SCHEMA``:
@@ -53,7 +54,8 @@ from pathlib import Path
 
 import polars as pl
 
-from dcv.config import CMAP, CMAP_DIRECTIONS, MASK, ExperimentConfig, select_probes
+from dcv.circuits.methods import CMAP_DIRECTIONS, CROSS_MODEL_METHODS, circuit_methods, patching_method
+from dcv.config import ExperimentConfig, select_probes
 from dcv.models import model_head_grid
 from dcv.results import list_models, read_results
 from dcv.stages import WORK_COLUMNS, Progress, Stage, StageRun, log_stage, patching_resources, run_stage
@@ -71,6 +73,10 @@ from dcv.storage import (
     write_parquet,
 )
 from dcv.tables import CMAP_SCHEMA, EFFECTS_SCHEMA
+
+# Entries every item's hash held before the method registry, None but for their own method: kept so that
+# stored items stay valid (``build_item_id``). A new method's settings go in its record's ``keys`` only.
+LEGACY_KEYS = ("ig_steps", "mask")
 
 # The work grid: one row per item; heads are head_start..head_end-1 in (layer, head) order, or where
 # head_index is not empty those flat indices (layer * n_heads + head): cmap on the top heads.
@@ -104,7 +110,9 @@ def build_item_id(
     head_index: Sequence[int] = (),
 ) -> str:
     """``<model>__<probe>__<method>__h<start>-<end>__<hash>`` (with ``head_index``, the item's own heads:
-    ``__top<count>__``): stable across runs of the same config."""
+    ``__top<count>__``): stable across runs of the same config. The method's record
+    (``dcv.circuits.methods``) adds the settings that key it."""
+    record = patching_method(method)
     decides = {
         **probe_key(cfg, probe),
         "model": model,
@@ -117,13 +125,9 @@ def build_item_id(
         "method": method,
         "heads": list(heads),
         **({"head_index": [int(i) for i in head_index]} if len(head_index) else {}),
-        "ig_steps": cfg.patching.ig_steps if method == "ig" else None,
-        "mask": cfg.circuits.mask.model_dump(mode="json") if method == MASK else None,
+        **dict.fromkeys(LEGACY_KEYS),
+        **record.cache_entries(cfg),
     }
-    if method == CMAP:  # cmap's numbers also depend on the base model it is patched against
-        decides["base"] = [cfg.model.name, cfg.model.model_dump(mode="json", exclude={"cache_dir"})]
-        # cmap swapped hook_z until 2026-12-02; a stored item of that definition must not be reused.
-        decides["hook"] = "hook_attn_out"
     digest = content_hash(decides)
     span = f"top{len(head_index)}" if len(head_index) else f"h{heads[0]:05d}-{heads[1]:05d}"
     return f"{file_slug(model)}__{probe}__{method}__{span}__{digest}"
@@ -142,8 +146,9 @@ def model_items(
     model_id, trial, step, checkpoint = model
     n_layers, n_heads = shape
     total = n_layers * n_heads
+    record = patching_method(method)
     # One mask is learned over all heads together: a mask item is never split into chunks.
-    chunk = total if method == MASK else cfg.patching.head_chunk_size
+    chunk = total if record.whole_model else cfg.patching.head_chunk_size
     rows = []
     for start in range(0, total, chunk):
         heads = (start, min(start + chunk, total))
@@ -153,7 +158,7 @@ def model_items(
                 "item_id": item_id,
                 "path": str(item_path(storage, item_id)),
                 # cmap: one row per head and direction.
-                "n_rows": (heads[1] - heads[0]) * (len(CMAP_DIRECTIONS) if method == CMAP else 1),
+                "n_rows": (heads[1] - heads[0]) * (len(CMAP_DIRECTIONS) if record.cross_model else 1),
                 "model": model_id,
                 "trial": trial,
                 "step": step,
@@ -183,7 +188,7 @@ def build_work_items(
         shape = model_head_grid(model_cfg)
         for probe in probe_names:
             for method in cfg.patching.methods:
-                if method == CMAP and model == BASE_MODEL:
+                if patching_method(method).cross_model and model == BASE_MODEL:
                     continue  # the base against itself: 0 by construction
                 rows += model_items(cfg, storage, (model, trial, step, checkpoint), shape, probe, method)
     return pl.DataFrame(rows, schema=WORK_SCHEMA).sort("checkpoint", "probe", "method", "head_start")
@@ -210,10 +215,10 @@ def cmap_on_top_heads(cfg: ExperimentConfig, cmap_work: pl.DataFrame, effects: p
         return cmap_work
     storage = local_storage_root(cfg)
     base = effects.filter(pl.col("model") == BASE_MODEL)
-    methods = [m for m in cfg.patching.methods if m != CMAP]
+    methods = circuit_methods(cfg.patching.methods)
     top: dict[str, list[int]] = {}
     rows = []
-    firsts = cmap_work.unique(["model", "probe"], keep="first", maintain_order=True)
+    firsts = cmap_work.unique(["model", "probe", "method"], keep="first", maintain_order=True)
     for first in firsts.iter_rows(named=True):
         probe, n_heads = first["probe"], first["n_heads"]
         if probe not in top:
@@ -229,7 +234,8 @@ def cmap_on_top_heads(cfg: ExperimentConfig, cmap_work: pl.DataFrame, effects: p
             top[probe] = sorted(layer * n_heads + head for layer, head in chosen)
         index = top[probe]
         heads = (index[0], index[-1] + 1)
-        item_id = build_item_id(cfg, first["model"], first["checkpoint"], probe, CMAP, heads, index)
+        model, checkpoint = first["model"], first["checkpoint"]
+        item_id = build_item_id(cfg, model, checkpoint, probe, first["method"], heads, index)
         rows.append(
             {
                 **first,
@@ -251,37 +257,45 @@ def read_item(path: Path, n_rows: int) -> pl.DataFrame | None:
 
 
 def compute_item(model, items: Sequence, item: dict, cfg: ExperimentConfig) -> pl.DataFrame:
-    """One item's rows (EFFECTS_SCHEMA): ``item_effects`` on the item's heads, or learned masks."""
+    """One item's rows (EFFECTS_SCHEMA) of a method run on one model: its record's compute
+    (``dcv.circuits.methods``)."""
+    return patching_method(str(item["method"])).compute_function()(None, model, items, item, cfg)
+
+
+def compute_patched_item(base, model, items: Sequence, item: dict, cfg: ExperimentConfig) -> pl.DataFrame:
+    """A ranking method's rows (EFFECTS_SCHEMA): ``item_effects`` on the item's heads (``base`` unused)."""
     from dcv.circuits.patching import effects_table, item_effects
 
-    if item["method"] == MASK:
-        from dcv.circuits.mask import mask_effects
+    effects = item_effects(
+        model,
+        items,
+        str(item["method"]),
+        heads=item_heads(item),
+        batch_size=cfg.patching.batch_size,
+        head_chunk_size=cfg.patching.head_chunk_size,
+        ig_steps=cfg.patching.ig_steps,
+    )
+    table = effects_table(effects, str(item["model"]), str(item["probe"]), str(item["method"]))
+    denominator = [effects.denominator.double().tolist()] * table.height
+    return item_rows(table, item, effects.delta.double().tolist(), denominator).select(list(EFFECTS_SCHEMA))
 
-        table = mask_effects(
-            model,
-            items,
-            cfg.circuits.mask,
-            str(item["model"]),
-            str(item["probe"]),
-            item_heads(item),
-            batch_size=cfg.patching.batch_size,
-        )
-        # A mask has no per-item parts: one pseudo-item whose ratio is the mask value.
-        delta = [[v] for v in table["effect"].to_list()]
-        denominator = [[1.0]] * table.height
-    else:
-        effects = item_effects(
-            model,
-            items,
-            str(item["method"]),
-            heads=item_heads(item),
-            batch_size=cfg.patching.batch_size,
-            head_chunk_size=cfg.patching.head_chunk_size,
-            ig_steps=cfg.patching.ig_steps,
-        )
-        table = effects_table(effects, str(item["model"]), str(item["probe"]), str(item["method"]))
-        delta = effects.delta.double().tolist()
-        denominator = [effects.denominator.double().tolist()] * table.height
+
+def compute_mask_item(base, model, items: Sequence, item: dict, cfg: ExperimentConfig) -> pl.DataFrame:
+    """Learned masks' rows (EFFECTS_SCHEMA): one mask over the item's heads (``base`` unused)."""
+    from dcv.circuits.mask import mask_effects
+
+    table = mask_effects(
+        model,
+        items,
+        cfg.circuits.mask,
+        str(item["model"]),
+        str(item["probe"]),
+        item_heads(item),
+        batch_size=cfg.patching.batch_size,
+    )
+    # A mask has no per-item parts: one pseudo-item whose ratio is the mask value.
+    delta = [[v] for v in table["effect"].to_list()]
+    denominator = [[1.0]] * table.height
     return item_rows(table, item, delta, denominator).select(list(EFFECTS_SCHEMA))
 
 
@@ -311,7 +325,7 @@ def compute_cmap_item(base, model, items: Sequence, item: dict, cfg: ExperimentC
     )
     tables = []
     for direction, effects in by_direction.items():
-        table = effects_table(effects, str(item["model"]), str(item["probe"]), CMAP)
+        table = effects_table(effects, str(item["model"]), str(item["probe"]), str(item["method"]))
         denominator = [effects.denominator.double().tolist()] * table.height
         rows = item_rows(table, item, effects.delta.double().tolist(), denominator)
         tables.append(
@@ -332,9 +346,9 @@ def patch_item(worker, item: dict, probe_items: dict[str, list]) -> pl.DataFrame
             f"checkpoint {item['checkpoint']}: {shape.n_layers} layers x {shape.n_heads} heads, but its "
             f"config.json said {item['n_layers']} x {item['n_heads']}"
         )
-    if item["method"] == CMAP:
-        return compute_cmap_item(worker.base_model(), model, probe_items[item["probe"]], item, worker.cfg)
-    return compute_item(model, probe_items[item["probe"]], item, worker.cfg)
+    record = patching_method(str(item["method"]))
+    base = worker.base_model() if record.cross_model else None
+    return record.compute_function()(base, model, probe_items[item["probe"]], item, worker.cfg)
 
 
 def patching_stage(cfg: ExperimentConfig, work: pl.DataFrame) -> Stage:
@@ -378,8 +392,9 @@ def run_pipeline(
     storage = local_storage_root(cfg)
     work = build_work_items(cfg, read_results(storage), probes) if work is None else work
     check_resources("patching", patching_resources(cfg), ray.cluster_resources())
-    cmap_work = work.filter(pl.col("method") == CMAP)
-    run = run_stage(patching_stage(cfg, work.filter(pl.col("method") != CMAP)), progress)
+    cross_model = pl.col("method").is_in(CROSS_MODEL_METHODS)
+    cmap_work = work.filter(cross_model)
+    run = run_stage(patching_stage(cfg, work.filter(~cross_model)), progress)
     table = run.table.sort("checkpoint", "model", "probe", "method", "layer", "head")
     path = write_parquet(table, patching_dir(storage) / EFFECTS_FILE if out is None else out)
     if cmap_work.height:
