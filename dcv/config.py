@@ -301,7 +301,12 @@ class EvaluationConfig(Section):
         description="prompts per forward pass when scoring (target answers, probes, KL); memory grows with "
         "it",
     )
-    max_new_tokens: PositiveInt = Field(16, description="greedy answer length for target accuracy")
+    max_new_tokens: PositiveInt = Field(
+        32,
+        description="greedy answer length for target accuracy; at least rl.max_completion_length, so an "
+        "answer GRPO learned to give at full length is not cut off when it is scored (a sweep of rl refuses "
+        "less)",
+    )
     kl_prompts: PositiveInt = Field(32, description="target prompts used for KL(base || model)")
     kl_samples_per_prompt: PositiveInt = Field(
         1, description="base-model continuations sampled per KL prompt (plain sampling at temperature 1)"
@@ -437,10 +442,18 @@ class RLConfig(Section):
     init_trial: str | None = Field(
         None,
         pattern=RUN_NAME,
-        description="rl.init=sft: the SFT trial to start from; default: the sweep's SFT trial of that seed",
+        description="rl.init=sft: the SFT trial to start from; default: the sweep's SFT trial of that seed "
+        "at rl.init_sft_learning_rate",
     )
     init_step: NonNegativeInt | None = Field(
         None, description="rl.init=sft: the SFT checkpoint step to start from; default the trial's last"
+    )
+    init_sft_learning_rate: PositiveFloat | None = Field(
+        None,
+        description="rl.init=sft without rl.init_trial: the SFT learning rate whose trial (same seed and "
+        "grid values) each RL trial continues from; required when sweep.sft_learning_rates has more than one "
+        "rate, so the start is chosen, never the first rate by default; must be one of them. Outside a "
+        "sweep (dcv train --method rl) default sft.learning_rate",
     )
     rollout: RolloutConfig = Field(
         RolloutConfig(), description="the Ray actors that generate GRPO's completions"
@@ -473,7 +486,7 @@ class RLConfig(Section):
                 f"num_generations={self.num_generations}, so every prompt's group fits in one batch"
             )
         if self.init == "base":
-            for field in ("init_trial", "init_step"):
+            for field in ("init_trial", "init_step", "init_sft_learning_rate"):
                 if getattr(self, field) is not None:
                     raise ValueError(f"{field}: only meaningful with rl.init=sft (rl.init is 'base')")
         return self
@@ -998,6 +1011,38 @@ class ExperimentConfig(Section):
         unknown = [p for p in self.calibration.probes or [] if p not in names]
         if unknown:
             raise ValueError(f"calibration: probes {unknown} are not in the config's probes {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _evaluation_covers_completions(self) -> ExperimentConfig:
+        # Target accuracy is scored on greedy answers cut at evaluation.max_new_tokens; GRPO rewards
+        # completions up to rl.max_completion_length. Shorter evaluation would score a cut-off answer.
+        if "rl" in self.sweep.methods and self.evaluation.max_new_tokens < self.rl.max_completion_length:
+            raise ValueError(
+                f"evaluation.max_new_tokens: {self.evaluation.max_new_tokens} is shorter than "
+                f"rl.max_completion_length={self.rl.max_completion_length}; GRPO trains on completions up to "
+                "that length, and evaluation would cut them off: set evaluation.max_new_tokens to at least "
+                f"{self.rl.max_completion_length}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _rl_start_is_chosen(self) -> ExperimentConfig:
+        r, s = self.rl, self.sweep
+        if r.init != "sft" or r.init_trial is not None:
+            return self
+        rate = r.init_sft_learning_rate
+        if rate is None and "sft" in s.methods and len(s.sft_learning_rates) > 1:
+            raise ValueError(
+                f"rl.init_sft_learning_rate: rl.init=sft and sweep.sft_learning_rates={s.sft_learning_rates} "
+                "has several rates; name the one whose SFT trial RL continues from (or a trial in "
+                "rl.init_trial)"
+            )
+        if rate is not None and "sft" in s.methods and rate not in s.sft_learning_rates:
+            raise ValueError(
+                f"rl.init_sft_learning_rate: {rate:g} is not one of sweep.sft_learning_rates="
+                f"{s.sft_learning_rates}; no SFT trial of the sweep trains at that rate"
+            )
         return self
 
     def probe(self, name: str) -> ProbeConfig:

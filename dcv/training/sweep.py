@@ -75,8 +75,9 @@ def _grid_suffix(overrides: tuple[tuple[str, Any], ...]) -> str:
 def plan_trials(cfg: ExperimentConfig) -> list[TrialSpec]:
     """Every trial of the sweep, in a fixed order (method, lr, grid, seed).
 
-    With ``rl.init=sft`` and no ``rl.init_trial``, each RL trial starts from the sweep's first SFT trial
-    of its seed (named in its overrides, so its config says where it starts) and its name ends in
+    With ``rl.init=sft`` and no ``rl.init_trial``, each RL trial starts from the sweep's SFT trial of its
+    seed and shared grid values at ``rl.init_sft_learning_rate`` (which the config requires when there are
+    several SFT rates), named in its overrides so its config says where it starts; its name ends in
     ``-after-sft``.
     """
     specs = []
@@ -93,18 +94,31 @@ def plan_trials(cfg: ExperimentConfig) -> list[TrialSpec]:
 
 
 def _with_start(cfg: ExperimentConfig, spec: TrialSpec, specs: list[TrialSpec]) -> TrialSpec:
-    if spec.method != "rl" or spec.config(cfg).rl.init != "sft":
+    trial_cfg = spec.config(cfg)
+    if spec.method != "rl" or trial_cfg.rl.init != "sft":
         return spec
-    if spec.config(cfg).rl.init_trial is not None:
+    if trial_cfg.rl.init_trial is not None:
         return replace(spec, name=f"{spec.name}-after-sft")
-    sft = next((s for s in specs if s.method == "sft" and s.seed == spec.seed), None)
-    if sft is None:
+    # The config validator made the rate explicit when the sweep has several (rl.init_sft_learning_rate).
+    rate = trial_cfg.rl.init_sft_learning_rate or cfg.sweep.sft_learning_rates[0]
+    shared = {k: v for k, v in spec.overrides if not k.startswith("rl.")}  # grid values SFT also varies by
+    candidates = [
+        s
+        for s in specs
+        if s.method == "sft"
+        and s.seed == spec.seed
+        and s.learning_rate == rate
+        and {k: v for k, v in s.overrides if not k.startswith("sft.")} == shared
+    ]
+    if len(candidates) != 1:
+        found = f"{len(candidates)} SFT trials" if candidates else "no SFT trial"
         raise ValueError(
-            f"rl.init_trial: rl.init=sft, but the sweep has no SFT trial of seed {spec.seed} for trial "
-            f"{spec.name} to start from; add 'sft' to sweep.methods or name a finished SFT trial in "
+            f"rl.init_trial: rl.init=sft, but the sweep has {found} of seed {spec.seed} at learning rate "
+            f"{rate:g} for trial {spec.name} to start from; add 'sft' to sweep.methods, set "
+            "rl.init_sft_learning_rate to one of sweep.sft_learning_rates, or name a finished SFT trial in "
             "rl.init_trial"
         )
-    overrides = (*spec.overrides, ("rl.init_trial", sft.name))
+    overrides = (*spec.overrides, ("rl.init_trial", candidates[0].name))
     return replace(spec, name=f"{spec.name}-after-sft", overrides=overrides)
 
 

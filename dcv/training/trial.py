@@ -209,7 +209,8 @@ def start_point(cfg: ExperimentConfig, method: str, seed: int) -> tuple[str, str
     from a checkpoint its SFT run could still replace."""
     if method == "sft" or cfg.rl.init == "base":
         return "base", None
-    sft_trial = cfg.rl.init_trial or trial_name(cfg, "sft", seed)
+    rate = cfg.rl.init_sft_learning_rate or cfg.sft.learning_rate
+    sft_trial = cfg.rl.init_trial or f"sft-lr{rate:g}-seed{seed}"  # trial_name at that rate
     records = finished_trial(cfg, sft_trial)
     if records is None:
         raise ValueError(
