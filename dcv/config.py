@@ -518,7 +518,17 @@ class SweepConfig(Section):
         "rl.* key varies only that method's trials",
     )
     max_concurrent_trials: PositiveInt = Field(
-        1, description="Tune trials at once; lowered to as many of the largest trials as the cluster fits"
+        1,
+        description="Tune trials at once; lowered to as many of the largest trials (learners, rollout actors "
+        "and driver) as sweep.cluster_resources (or the cluster) fits",
+    )
+    cluster_resources: dict[str, PositiveFloat] | None = Field(
+        None,
+        description="the Ray resources (CPU, GPU, ...) the cluster can reach, e.g. an autoscaling cluster's "
+        "largest size (cluster.yaml: max worker nodes x their GPUs and CPUs); concurrent trials are capped "
+        "to as many of the largest trial as fit it. Default: what ray.cluster_resources() has when the "
+        "sweep starts, which under an autoscaler may be the head node only. A trial that fits neither is "
+        "refused, never run on a guess",
     )
     scheduler: Literal["none", "asha"] = Field(
         "none",
@@ -1045,11 +1055,45 @@ class ExperimentConfig(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _declared_cluster_fits_a_trial(self) -> ExperimentConfig:
+        declared = self.sweep.cluster_resources
+        if declared is None:
+            return self
+        for method in self.sweep.methods:
+            need = trial_resource_needs(self, method)
+            short = {k: v for k, v in need.items() if v > declared.get(k, 0.0)}
+            if short:
+                parts = ", ".join(f"{v:g} {k} (declared {declared.get(k, 0.0):g})" for k, v in short.items())
+                holders = "driver, resources.num_workers learners"
+                if method == "rl":
+                    holders += ", rl.rollout.num_actors rollout actors"
+                raise ValueError(
+                    f"sweep.cluster_resources: one {method} trial needs {parts} at once ({holders}); no "
+                    "trial could start: declare what the cluster can reach, or lower the trial's resources"
+                )
+        return self
+
     def probe(self, name: str) -> ProbeConfig:
         for p in self.probes:
             if p.name == name:
                 return p
         raise KeyError(f"probe {name!r} is not in this config's probes: {[p.name for p in self.probes]}")
+
+
+TRIAL_DRIVER_CPU = 0.01  # a sweep trial's Tune driver only waits on its TorchTrainer: a sliver of a CPU
+
+
+def trial_resource_needs(cfg: ExperimentConfig, method: str) -> dict[str, float]:
+    """What one trial of ``method`` holds at once: its Tune driver, its learners (resources.*) and, for
+    rl, its rollout actors (rl.rollout.*); the sweep runs only as many trials as fit together."""
+    res, rollout = cfg.resources, cfg.rl.rollout
+    need = {"CPU": TRIAL_DRIVER_CPU + res.num_workers * res.cpus_per_worker}
+    need["GPU"] = res.num_workers * res.gpus_per_worker
+    if method == "rl":
+        need["CPU"] += rollout.num_actors * rollout.num_cpus
+        need["GPU"] += rollout.num_actors * rollout.num_gpus
+    return {k: v for k, v in need.items() if v > 0}
 
 
 def is_local_path(name: str) -> bool:

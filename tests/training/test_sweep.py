@@ -183,5 +183,6 @@ def test_concurrency_is_lowered_to_what_the_cluster_fits(tmp_path):
     assert concurrent_trials(cfg, specs, {"CPU": 64.0}) == 3
     sft_only = [s for s in specs if s.method == "sft"]
     assert concurrent_trials(cfg, sft_only, {"CPU": 2.5}) == 2
-    # Room for no trial at all now: left to the autoscaler.
-    assert concurrent_trials(cfg, specs, {"CPU": 1.0}) == 3
+    # Room for no trial at all: refused (sweep.cluster_resources declares what an autoscaler can reach).
+    with pytest.raises(ValueError, match="sweep.cluster_resources: the largest trial needs 2.01 CPU"):
+        concurrent_trials(cfg, specs, {"CPU": 1.0})
