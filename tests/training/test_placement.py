@@ -161,11 +161,10 @@ def run_two_rl_trials(storage: str) -> None:
     )
     try:
         results = build_tuner(cfg, specs, trainable=_cheap_rl_trial).fit()
+        keys = ("start", "end", "placement", "learner_gpus", "actors")
         for r in results:
-            print(
-                "TRIAL "
-                + json.dumps({"name": r.config["spec"]["name"], "error": str(r.error or ""), **r.metrics})
-            )
+            row = {"name": r.config["spec"]["name"], "error": str(r.error or "")}
+            print("TRIAL " + json.dumps({**row, **{k: r.metrics.get(k) for k in keys}}))
     finally:
         ray.shutdown()
 
