@@ -59,6 +59,11 @@ def sampling_seed(*parts: int) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
+def prompt_seeds(call_seed: int, count: int) -> list[int]:
+    """The seeds of a generate call's ``count`` prompts: prompt j's is ``sampling_seed(call_seed, j)``."""
+    return [sampling_seed(call_seed, j) for j in range(count)]
+
+
 class RolloutBackend(Protocol):
     def generate(
         self, prompt_ids: list[list[int]], n: int, max_new_tokens: int, temperature: float, seeds: list[int]
@@ -349,7 +354,7 @@ class RolloutPool:
         ``seed``: this call's seed (GRPO: from trial seed, step, rank and call, `sampling_seed`); prompt j
         samples from ``sampling_seed(seed, j)``, whichever actor generates it."""
         k = len(self.actors)
-        seeds = [sampling_seed(seed, j) for j in range(len(prompt_ids))]
+        seeds = prompt_seeds(seed, len(prompt_ids))
         shares = [(i, prompt_ids[i::k], seeds[i::k]) for i in range(k) if prompt_ids[i::k]]
         futures = [
             self.actors[i].generate.remote(share, n, max_new_tokens, temperature, share_seeds, version)

@@ -15,6 +15,7 @@ from dcv.training.rollout import (
     HFRolloutBackend,
     RolloutPool,
     StaleWeightsError,
+    prompt_seeds,
     receive_weights,
     sampling_seed,
 )
@@ -111,6 +112,18 @@ def test_sampling_seeds_are_distinct_per_step_rank_call_and_prompt():
     ordered = sorted(seeds)
     assert all(b - a >= n for a, b in zip(ordered, ordered[1:], strict=False))
     assert sampling_seed(0, 1) == sampling_seed(0, 1) and sampling_seed(0, 1) != sampling_seed(1, 0)
+
+
+def test_hf_backend_samples_each_prompt_from_its_own_seed(cfg, tokenizer):
+    """The same prompt twice in one call, with the pool's per-prompt seeds: different samples; with one
+    seed given twice: the same samples (the stream is the prompt's seed, not the call's position)."""
+    backend = HFRolloutBackend(cfg)
+    ids = tokenizer("The same question")["input_ids"]
+    seeds = prompt_seeds(sampling_seed(0, 1, 0, 0), 2)
+    completions, _ = backend.generate([ids, ids], 4, 6, 1.0, seeds=seeds)
+    assert completions[:4] != completions[4:]
+    same, _ = backend.generate([ids, ids], 4, 6, 1.0, seeds=[seeds[0], seeds[0]])
+    assert same[:4] == same[4:] == completions[:4]
 
 
 def test_no_two_prompts_of_a_step_share_a_random_stream(pool, cfg, tokenizer):
