@@ -307,7 +307,12 @@ class EvaluationConfig(Section):
         description="prompts per forward pass when scoring (target answers, probes, KL); memory grows with "
         "it",
     )
-    max_new_tokens: PositiveInt = Field(16, description="greedy answer length for target accuracy")
+    max_new_tokens: PositiveInt = Field(
+        32,
+        description="greedy answer length for target accuracy; at least rl.max_completion_length, so an "
+        "answer GRPO learned to give at full length is not cut off when it is scored (a sweep of rl refuses "
+        "less)",
+    )
     kl_prompts: PositiveInt = Field(32, description="target prompts used for KL(base || model)")
     kl_samples_per_prompt: PositiveInt = Field(
         1, description="base-model continuations sampled per KL prompt (plain sampling at temperature 1)"
@@ -443,10 +448,18 @@ class RLConfig(Section):
     init_trial: str | None = Field(
         None,
         pattern=RUN_NAME,
-        description="rl.init=sft: the SFT trial to start from; default: the sweep's SFT trial of that seed",
+        description="rl.init=sft: the SFT trial to start from; default: the sweep's SFT trial of that seed "
+        "at rl.init_sft_learning_rate",
     )
     init_step: NonNegativeInt | None = Field(
         None, description="rl.init=sft: the SFT checkpoint step to start from; default the trial's last"
+    )
+    init_sft_learning_rate: PositiveFloat | None = Field(
+        None,
+        description="rl.init=sft without rl.init_trial: the SFT learning rate whose trial (same seed and "
+        "grid values) each RL trial continues from; required when sweep.sft_learning_rates has more than one "
+        "rate, so the start is chosen, never the first rate by default; must be one of them. Outside a "
+        "sweep (dcv train --method rl) default sft.learning_rate",
     )
     rollout: RolloutConfig = Field(
         RolloutConfig(), description="the Ray actors that generate GRPO's completions"
@@ -479,7 +492,7 @@ class RLConfig(Section):
                 f"num_generations={self.num_generations}, so every prompt's group fits in one batch"
             )
         if self.init == "base":
-            for field in ("init_trial", "init_step"):
+            for field in ("init_trial", "init_step", "init_sft_learning_rate"):
                 if getattr(self, field) is not None:
                     raise ValueError(f"{field}: only meaningful with rl.init=sft (rl.init is 'base')")
         return self
@@ -511,7 +524,17 @@ class SweepConfig(Section):
         "rl.* key varies only that method's trials",
     )
     max_concurrent_trials: PositiveInt = Field(
-        1, description="Tune trials at once; lowered to as many of the largest trials as the cluster fits"
+        1,
+        description="Tune trials at once; lowered to as many of the largest trials (learners, rollout actors "
+        "and driver) as sweep.cluster_resources (or the cluster) fits",
+    )
+    cluster_resources: dict[str, PositiveFloat] | None = Field(
+        None,
+        description="the Ray resources (CPU, GPU, ...) the cluster can reach, e.g. an autoscaling cluster's "
+        "largest size (cluster.yaml: max worker nodes x their GPUs and CPUs); concurrent trials are capped "
+        "to as many of the largest trial as fit it. Default: what ray.cluster_resources() has when the "
+        "sweep starts, which under an autoscaler may be the head node only. A trial that fits neither is "
+        "refused, never run on a guess",
     )
     scheduler: Literal["none", "asha"] = Field(
         "none",
@@ -1007,6 +1030,57 @@ class ExperimentConfig(Section):
             raise ValueError(f"calibration: probes {unknown} are not in the config's probes {names}")
         return self
 
+    @model_validator(mode="after")
+    def _evaluation_covers_completions(self) -> ExperimentConfig:
+        # Target accuracy is scored on greedy answers cut at evaluation.max_new_tokens; GRPO rewards
+        # completions up to rl.max_completion_length. Shorter evaluation would score a cut-off answer.
+        if "rl" in self.sweep.methods and self.evaluation.max_new_tokens < self.rl.max_completion_length:
+            raise ValueError(
+                f"evaluation.max_new_tokens: {self.evaluation.max_new_tokens} is shorter than "
+                f"rl.max_completion_length={self.rl.max_completion_length}; GRPO trains on completions up to "
+                "that length, and evaluation would cut them off: set evaluation.max_new_tokens to at least "
+                f"{self.rl.max_completion_length}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _rl_start_is_chosen(self) -> ExperimentConfig:
+        r, s = self.rl, self.sweep
+        if r.init != "sft" or r.init_trial is not None:
+            return self
+        rate = r.init_sft_learning_rate
+        if rate is None and "sft" in s.methods and len(s.sft_learning_rates) > 1:
+            raise ValueError(
+                f"rl.init_sft_learning_rate: rl.init=sft and sweep.sft_learning_rates={s.sft_learning_rates} "
+                "has several rates; name the one whose SFT trial RL continues from (or a trial in "
+                "rl.init_trial)"
+            )
+        if rate is not None and "sft" in s.methods and rate not in s.sft_learning_rates:
+            raise ValueError(
+                f"rl.init_sft_learning_rate: {rate:g} is not one of sweep.sft_learning_rates="
+                f"{s.sft_learning_rates}; no SFT trial of the sweep trains at that rate"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _declared_cluster_fits_a_trial(self) -> ExperimentConfig:
+        declared = self.sweep.cluster_resources
+        if declared is None:
+            return self
+        for method in self.sweep.methods:
+            need = trial_resource_needs(self, method)
+            short = {k: v for k, v in need.items() if v > declared.get(k, 0.0)}
+            if short:
+                parts = ", ".join(f"{v:g} {k} (declared {declared.get(k, 0.0):g})" for k, v in short.items())
+                holders = "driver, resources.num_workers learners"
+                if method == "rl":
+                    holders += ", rl.rollout.num_actors rollout actors"
+                raise ValueError(
+                    f"sweep.cluster_resources: one {method} trial needs {parts} at once ({holders}); no "
+                    "trial could start: declare what the cluster can reach, or lower the trial's resources"
+                )
+        return self
+
     def probe(self, name: str) -> ProbeConfig:
         for p in self.probes:
             if p.name == name:
@@ -1017,6 +1091,21 @@ class ExperimentConfig(Section):
 # Every patching method's cache keys name real settings, checked once here (where the config tree is
 # known): a misspelt key would otherwise surface only when the first work item is named.
 check_keys(ExperimentConfig)
+
+
+TRIAL_DRIVER_CPU = 0.01  # a sweep trial's Tune driver only waits on its TorchTrainer: a sliver of a CPU
+
+
+def trial_resource_needs(cfg: ExperimentConfig, method: str) -> dict[str, float]:
+    """What one trial of ``method`` holds at once: its Tune driver, its learners (resources.*) and, for
+    rl, its rollout actors (rl.rollout.*); the sweep runs only as many trials as fit together."""
+    res, rollout = cfg.resources, cfg.rl.rollout
+    need = {"CPU": TRIAL_DRIVER_CPU + res.num_workers * res.cpus_per_worker}
+    need["GPU"] = res.num_workers * res.gpus_per_worker
+    if method == "rl":
+        need["CPU"] += rollout.num_actors * rollout.num_cpus
+        need["GPU"] += rollout.num_actors * rollout.num_gpus
+    return {k: v for k, v in need.items() if v > 0}
 
 
 def is_local_path(name: str) -> bool:

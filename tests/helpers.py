@@ -61,7 +61,8 @@ def tiny_config_dict(storage: Path) -> dict:
     raw["probes"] = [
         {"name": name, "n_items": 8, "seed": 0} for name in ("ioi", "capitals", "greater_than", "induction")
     ]
-    raw["evaluation"].update(batch_size=8, max_new_tokens=8, kl_prompts=4, kl_max_new_tokens=8)
+    # max_new_tokens: the demo's rl.max_completion_length (12), the least the config accepts.
+    raw["evaluation"].update(batch_size=8, max_new_tokens=12, kl_prompts=4, kl_max_new_tokens=8)
     raw["storage"] = {"root": str(storage)}
     raw["tracking"] = {"experiment_name": "tiny-test"}
     raw.pop("benchmarks", None)  # lm-eval runs only where a test asks for it

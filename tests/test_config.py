@@ -109,6 +109,26 @@ MALFORMED = [
     ("section is a list", edit("sft", [1, 2]), "sft: Input should be"),
     ("name unsafe for paths", edit("name", "../etc"), "name: String should match pattern"),
     ("empty sweep grid values", edit("sweep.grid", {"sft.max_steps": []}), "sweep.grid.sft.max_steps: empty"),
+    (
+        "evaluation shorter than GRPO completions",
+        edit("evaluation.max_new_tokens", 8),  # demo.yaml: rl.max_completion_length 12
+        "evaluation.max_new_tokens: 8 is shorter than rl.max_completion_length=12",
+    ),
+    (
+        "rl after sft with no chosen SFT rate",
+        lambda r: edit("sweep.sft_learning_rates", [1e-5, 3e-5])(edit("rl.init", "sft")(r)),
+        "rl.init_sft_learning_rate: rl.init=sft and sweep.sft_learning_rates=[1e-05, 3e-05] has several",
+    ),
+    (
+        "rl after sft at a rate the sweep lacks",
+        lambda r: edit("rl.init_sft_learning_rate", 2e-5)(edit("rl.init", "sft")(r)),
+        "rl.init_sft_learning_rate: 2e-05 is not one of sweep.sft_learning_rates=[0.0005]",
+    ),
+    (
+        "an SFT rate for rl from the base model",
+        edit("rl.init_sft_learning_rate", 5e-4),
+        "rl.init_sft_learning_rate: only meaningful with rl.init=sft",
+    ),
 ]
 
 
@@ -267,3 +287,14 @@ def test_dcv_validate_explain_prints_the_tree_and_plain_validate_one_line(capsys
     assert "with rl.loss_type=dr_grpo: ok" in out[0]
     assert "default dapo  config dr_grpo  # how token losses" in field_line(out[1:], "rl.loss_type")
     assert out[1:] == explain_config(load_config(DEMO_CONFIG, ["rl.loss_type=dr_grpo"]))
+
+
+def test_dcv_run_refuses_what_dcv_validate_refuses(tmp_path, capsys):
+    """The evaluation-length rule is the config's, so `dcv run` exits 2 with the same line, before Ray."""
+    path = tmp_path / "short-eval.yaml"
+    path.write_text(yaml.safe_dump(edit("evaluation.max_new_tokens", 8)(demo_raw())))
+    expected = "evaluation.max_new_tokens: 8 is shorter than rl.max_completion_length=12"
+    assert main(["validate", str(path)]) == 2
+    assert expected in capsys.readouterr().err
+    assert main(["run", str(path)]) == 2
+    assert expected in capsys.readouterr().err

@@ -18,11 +18,14 @@ checkpoint engine and OpenRLHF's ``vllm_worker_wrap.py`` do); nothing else needs
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any, Protocol
 
 import ray
 import torch
+from ray.util.placement_group import PlacementGroup
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dcv.config import ExperimentConfig, parse_config
 from dcv.evaluation import stop_token_ids, until_stop
@@ -45,11 +48,28 @@ class StaleWeightsError(RuntimeError):
     """A rollout actor was asked to generate with weights it has not received."""
 
 
+def sampling_seed(*parts: int) -> int:
+    """A 63-bit seed from a tuple of ints (trial seed, step, rank, call, prompt index ...), by hash.
+
+    Why a hash and not ``seed + i``: sums collide (seed 0 at step 1 is seed 1 at step 0; vLLM seeds child
+    k of a request with ``seed + k``, so prompts seeded i and i + 1 share n - 1 streams). Hashed seeds of
+    distinct tuples are distinct (up to 2**-63), so every prompt of every step of every rank gets its own
+    random stream in both backends. 63 bits: torch and vLLM both take it as a non-negative int64."""
+    digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def prompt_seeds(call_seed: int, count: int) -> list[int]:
+    """The seeds of a generate call's ``count`` prompts: prompt j's is ``sampling_seed(call_seed, j)``."""
+    return [sampling_seed(call_seed, j) for j in range(count)]
+
+
 class RolloutBackend(Protocol):
     def generate(
-        self, prompt_ids: list[list[int]], n: int, max_new_tokens: int, temperature: float, seed: int
+        self, prompt_ids: list[list[int]], n: int, max_new_tokens: int, temperature: float, seeds: list[int]
     ) -> tuple[list[list[int]], list[list[float]]]:
-        """``n`` sampled completions per prompt (prompt-major order) and their per-token log-probs."""
+        """``n`` sampled completions per prompt (prompt-major order) and their per-token log-probs;
+        ``seeds[j]`` seeds prompt j's samples (`sampling_seed`), so no two prompts share a random stream."""
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None: ...
 
@@ -74,11 +94,12 @@ class HFRolloutBackend:
         self.stop_ids = stop_token_ids(self.tokenizer, self.model.generation_config)
 
     @torch.inference_mode()
-    def generate(self, prompt_ids, n, max_new_tokens, temperature, seed):
+    def generate(self, prompt_ids, n, max_new_tokens, temperature, seeds):
         completions, logprobs = [], []
-        torch.manual_seed(seed)
         pad = self.tokenizer.pad_token_id
-        for ids in prompt_ids:  # one prompt at a time: no padding, so sampling sees exactly the prompt
+        # One prompt at a time: no padding, so sampling sees exactly the prompt; each from its own seed.
+        for ids, seed in zip(prompt_ids, seeds, strict=True):
+            torch.manual_seed(seed)  # seeds every device's generator (CUDA too)
             inputs = torch.tensor([ids], device=self.device).repeat(n, 1)
             out = self.model.generate(
                 input_ids=inputs,
@@ -160,18 +181,24 @@ class VLLMRolloutBackend:
             generation = None
         self.stop_ids = stop_token_ids(tokenizer, generation)
 
-    def generate(self, prompt_ids, n, max_new_tokens, temperature, seed):
+    def generate(self, prompt_ids, n, max_new_tokens, temperature, seeds):
         from vllm import SamplingParams, TokensPrompt
 
-        params = SamplingParams(
-            n=n,
-            temperature=temperature,
-            max_tokens=max_new_tokens,
-            logprobs=0,
-            seed=seed,
-            stop_token_ids=self.stop_ids,
-        )
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params)
+        # One SamplingParams per prompt, each with its prompt's seed (vLLM seeds child k with seed + k:
+        # hashed per-prompt seeds keep those ranges apart).
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=temperature,
+                max_tokens=max_new_tokens,
+                logprobs=0,
+                seed=seed,
+                stop_token_ids=self.stop_ids,
+            )
+            for seed in seeds
+        ]
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
+        outputs = self.llm.generate(prompts, params)
         completions, logprobs = [], []
         for output in outputs:
             for sample in output.outputs:
@@ -231,12 +258,12 @@ class RolloutActor:
         self.backend = BACKENDS[cfg.rl.rollout.backend](cfg)
         self.version = 0
 
-    def generate(self, prompt_ids, n, max_new_tokens, temperature, seed, version):
+    def generate(self, prompt_ids, n, max_new_tokens, temperature, seeds, version):
         if version != self.version:
             raise StaleWeightsError(
                 f"rollout actor holds weights version {self.version}, asked for {version}"
             )
-        return self.backend.generate(prompt_ids, n, max_new_tokens, temperature, seed)
+        return self.backend.generate(prompt_ids, n, max_new_tokens, temperature, seeds)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
         receive_weights(self.backend, state_dict, version)
@@ -250,23 +277,52 @@ class RolloutActor:
         return self.backend.logits(input_ids)
 
 
-class RolloutPool:
-    """The rollout actors of one trial, named so every training worker finds the same ones."""
+# A sweep's RL trial reserves its rollout actors with its Tune driver, in one placement group: bundle 0
+# for the driver (dcv.training.sweep.trial_placement), then one bundle per actor, in actor order.
+ROLLOUT_FIRST_BUNDLE = 1
 
-    def __init__(self, cfg: ExperimentConfig, trial: str):
-        rollout = cfg.rl.rollout
+
+def rollout_bundles(cfg: ExperimentConfig) -> list[dict[str, float]]:
+    """One placement-group bundle per rollout actor: exactly what the actor asks Ray for."""
+    rollout = cfg.rl.rollout
+    bundle = {"CPU": rollout.num_cpus, **({"GPU": rollout.num_gpus} if rollout.num_gpus else {})}
+    return [dict(bundle) for _ in range(rollout.num_actors)]
+
+
+def rollout_actor_options(
+    cfg: ExperimentConfig, trial: str, index: int, placement: PlacementGroup | None
+) -> dict[str, Any]:
+    """Ray options of rollout actor ``index``: named (every training worker finds the same one), and in
+    its own bundle of ``placement`` (the trial's group, reserved before the trial started) when given."""
+    rollout = cfg.rl.rollout
+    if placement is None:
+        # A trial outside a sweep (dcv train): nothing reserved the actors. Not inside the learner's
+        # placement group: it captures its children, and an actor would wait for a CPU its learner holds.
+        strategy: Any = "DEFAULT"
+    else:
+        strategy = PlacementGroupSchedulingStrategy(
+            placement_group=placement, placement_group_bundle_index=ROLLOUT_FIRST_BUNDLE + index
+        )
+    return {
+        "name": f"dcv-rollout-{trial}-{index}",
+        "get_if_exists": True,
+        "num_cpus": rollout.num_cpus,
+        "num_gpus": rollout.num_gpus,
+        "scheduling_strategy": strategy,
+    }
+
+
+class RolloutPool:
+    """The rollout actors of one trial, named so every training worker finds the same ones.
+
+    ``placement``: the sweep trial's placement group, whose bundles from ``ROLLOUT_FIRST_BUNDLE`` on were
+    reserved for these actors together with the trial (`rollout_bundles`); None outside a sweep."""
+
+    def __init__(self, cfg: ExperimentConfig, trial: str, placement: PlacementGroup | None = None):
         config = cfg.model_dump(mode="json")
         self.actors = [
-            RolloutActor.options(
-                name=f"dcv-rollout-{trial}-{i}",
-                get_if_exists=True,
-                num_cpus=rollout.num_cpus,
-                num_gpus=rollout.num_gpus,
-                # Not inside the learner's placement group: under Tune the learner's group captures its
-                # children, and a rollout actor would wait forever for a CPU its learner already holds.
-                scheduling_strategy="DEFAULT",
-            ).remote(config)
-            for i in range(rollout.num_actors)
+            RolloutActor.options(**rollout_actor_options(cfg, trial, i, placement)).remote(config)
+            for i in range(cfg.rl.rollout.num_actors)
         ]
         self.version: int | None = None
 
@@ -293,15 +349,19 @@ class RolloutPool:
         seed: int,
         version: int,
     ) -> tuple[list[list[int]], list[list[float]]]:
-        """``n`` completions per prompt, prompts spread over the actors, results in prompt order."""
+        """``n`` completions per prompt, prompts spread over the actors, results in prompt order.
+
+        ``seed``: this call's seed (GRPO: from trial seed, step, rank and call, `sampling_seed`); prompt j
+        samples from ``sampling_seed(seed, j)``, whichever actor generates it."""
         k = len(self.actors)
-        shares = [(i, prompt_ids[i::k]) for i in range(k) if prompt_ids[i::k]]
+        seeds = prompt_seeds(seed, len(prompt_ids))
+        shares = [(i, prompt_ids[i::k], seeds[i::k]) for i in range(k) if prompt_ids[i::k]]
         futures = [
-            self.actors[i].generate.remote(share, n, max_new_tokens, temperature, seed + i, version)
-            for i, share in shares
+            self.actors[i].generate.remote(share, n, max_new_tokens, temperature, share_seeds, version)
+            for i, share, share_seeds in shares
         ]
         per_prompt: dict[int, tuple[list[list[int]], list[list[float]]]] = {}
-        for (i, share), (share_completions, share_logprobs) in zip(shares, ray.get(futures), strict=True):
+        for (i, share, _), (share_completions, share_logprobs) in zip(shares, ray.get(futures), strict=True):
             for j in range(len(share)):
                 per_prompt[i + j * k] = (
                     share_completions[j * n : (j + 1) * n],

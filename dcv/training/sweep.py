@@ -30,11 +30,20 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
+from ray.util.placement_group import get_current_placement_group
 
 from dcv import tracking
-from dcv.config import ExperimentConfig, apply_overrides, config_to_dict, parse_config
+from dcv.config import (
+    TRIAL_DRIVER_CPU,
+    ExperimentConfig,
+    apply_overrides,
+    config_to_dict,
+    parse_config,
+    trial_resource_needs,
+)
 from dcv.results import build_results_table, write_results
 from dcv.storage import atomic_path, local_storage_root, read_json, set_aside, sweeps_dir
+from dcv.training.rollout import rollout_bundles
 from dcv.training.trial import (
     finished_trial,
     list_checkpoints,
@@ -46,7 +55,7 @@ from dcv.training.trial import (
 
 # The trial driver only waits on its TorchTrainer, whose workers ask for their own CPUs/GPUs. Tune refuses
 # an empty request, so it takes a sliver of a CPU: trials never starve their own workers of a core.
-TRIAL_DRIVER_RESOURCES = {"CPU": 0.01}
+TRIAL_DRIVER_RESOURCES = {"CPU": TRIAL_DRIVER_CPU}
 PLAN_FILE = "dcv_plan.json"  # beside Tune's experiment state: the trials this sweep folder was started with
 
 
@@ -75,8 +84,9 @@ def _grid_suffix(overrides: tuple[tuple[str, Any], ...]) -> str:
 def plan_trials(cfg: ExperimentConfig) -> list[TrialSpec]:
     """Every trial of the sweep, in a fixed order (method, lr, grid, seed).
 
-    With ``rl.init=sft`` and no ``rl.init_trial``, each RL trial starts from the sweep's first SFT trial
-    of its seed (named in its overrides, so its config says where it starts) and its name ends in
+    With ``rl.init=sft`` and no ``rl.init_trial``, each RL trial starts from the sweep's SFT trial of its
+    seed and shared grid values at ``rl.init_sft_learning_rate`` (which the config requires when there are
+    several SFT rates), named in its overrides so its config says where it starts; its name ends in
     ``-after-sft``.
     """
     specs = []
@@ -93,18 +103,31 @@ def plan_trials(cfg: ExperimentConfig) -> list[TrialSpec]:
 
 
 def _with_start(cfg: ExperimentConfig, spec: TrialSpec, specs: list[TrialSpec]) -> TrialSpec:
-    if spec.method != "rl" or spec.config(cfg).rl.init != "sft":
+    trial_cfg = spec.config(cfg)
+    if spec.method != "rl" or trial_cfg.rl.init != "sft":
         return spec
-    if spec.config(cfg).rl.init_trial is not None:
+    if trial_cfg.rl.init_trial is not None:
         return replace(spec, name=f"{spec.name}-after-sft")
-    sft = next((s for s in specs if s.method == "sft" and s.seed == spec.seed), None)
-    if sft is None:
+    # The config validator made the rate explicit when the sweep has several (rl.init_sft_learning_rate).
+    rate = trial_cfg.rl.init_sft_learning_rate or cfg.sweep.sft_learning_rates[0]
+    shared = {k: v for k, v in spec.overrides if not k.startswith("rl.")}  # grid values SFT also varies by
+    candidates = [
+        s
+        for s in specs
+        if s.method == "sft"
+        and s.seed == spec.seed
+        and s.learning_rate == rate
+        and {k: v for k, v in s.overrides if not k.startswith("sft.")} == shared
+    ]
+    if len(candidates) != 1:
+        found = f"{len(candidates)} SFT trials" if candidates else "no SFT trial"
         raise ValueError(
-            f"rl.init_trial: rl.init=sft, but the sweep has no SFT trial of seed {spec.seed} for trial "
-            f"{spec.name} to start from; add 'sft' to sweep.methods or name a finished SFT trial in "
+            f"rl.init_trial: rl.init=sft, but the sweep has {found} of seed {spec.seed} at learning rate "
+            f"{rate:g} for trial {spec.name} to start from; add 'sft' to sweep.methods, set "
+            "rl.init_sft_learning_rate to one of sweep.sft_learning_rates, or name a finished SFT trial in "
             "rl.init_trial"
         )
-    overrides = (*spec.overrides, ("rl.init_trial", sft.name))
+    overrides = (*spec.overrides, ("rl.init_trial", candidates[0].name))
     return replace(spec, name=f"{spec.name}-after-sft", overrides=overrides)
 
 
@@ -171,54 +194,96 @@ def tune_dir(cfg: ExperimentConfig, phase: int) -> Path:
 
 
 def train_trial(tune_config: dict[str, Any]) -> None:
-    """The Tune trainable: one trial's driver. Finished trials only report their last checkpoint."""
+    """The Tune trainable: one trial's driver. Finished trials only report their last checkpoint.
+
+    It runs in bundle 0 of the trial's placement group (``trial_placement``); an RL trial's rollout
+    actors are scheduled into the group's other bundles, reserved with it."""
     cfg = parse_config(tune_config["config"])
-    raw = tune_config["spec"]
-    spec = TrialSpec(**{**raw, "overrides": tuple(tuple(o) for o in raw["overrides"])})
+    spec = trial_spec(tune_config)
     trial_cfg = spec.config(cfg)
     done = finished_trial(trial_cfg, spec.name)
     if done is not None:
         tune.report({"step": float(done[-1].step), **done[-1].metrics})
         return
-    run_trial(trial_cfg, spec.method, spec.seed, name=spec.name, callbacks=[TuneReportCallback()])
+    placement = get_current_placement_group() if spec.method == "rl" else None
+    run_trial(
+        trial_cfg,
+        spec.method,
+        spec.seed,
+        name=spec.name,
+        callbacks=[TuneReportCallback()],
+        rollout_placement=placement,
+    )
+
+
+def trial_spec(tune_config: dict[str, Any]) -> TrialSpec:
+    """The TrialSpec a Tune trial's config carries."""
+    raw = tune_config["spec"]
+    return TrialSpec(**{**raw, "overrides": tuple(tuple(o) for o in raw["overrides"])})
+
+
+def trial_placement(tune_config: dict[str, Any]) -> tune.PlacementGroupFactory:
+    """A Tune trial's placement group: its driver (bundle 0) and, for RL, one bundle per rollout actor.
+
+    Why: rollout actors created outside it (Ray's default scheduling) competed with other trials'
+    learners; under an autoscaler, learners could take the GPUs their actors needed and wait in
+    ``dist.barrier()`` until the NCCL timeout. Tune starts the trial only once the whole group is placed.
+    The learners are Ray Train's own placement group (``dcv.training.trial.learner_scaling``), requested
+    after; ``concurrent_trials`` runs only as many trials as all of theirs fit together."""
+    spec = trial_spec(tune_config)
+    bundles = [dict(TRIAL_DRIVER_RESOURCES)]
+    if spec.method == "rl":
+        bundles += rollout_bundles(spec.config(parse_config(tune_config["config"])))
+    return tune.PlacementGroupFactory(bundles, strategy="PACK")
 
 
 def trial_resources(cfg: ExperimentConfig, method: str) -> dict[str, float]:
-    """What one trial holds while it runs: its Tune driver, its learners and, for RL, its rollout actors."""
-    res = cfg.resources
-    need = {
-        "CPU": TRIAL_DRIVER_RESOURCES["CPU"] + res.num_workers * res.cpus_per_worker,
-        "GPU": res.num_workers * res.gpus_per_worker,
-    }
-    if method == "rl":
-        rollout = cfg.rl.rollout
-        need["CPU"] += rollout.num_actors * rollout.num_cpus
-        need["GPU"] += rollout.num_actors * rollout.num_gpus
-    return need
+    """What one trial holds while it runs: its Tune driver, its learners and, for RL, its rollout actors
+    (`dcv.config.trial_resource_needs`, which the config's own check of sweep.cluster_resources uses)."""
+    return trial_resource_needs(cfg, method)
 
 
 def concurrent_trials(cfg: ExperimentConfig, specs: list[TrialSpec], cluster: dict[str, float]) -> int:
-    """``sweep.max_concurrent_trials``, lowered so that that many of the largest trials fit the cluster.
+    """``sweep.max_concurrent_trials``, lowered so that that many of the largest trials fit together in
+    ``sweep.cluster_resources`` when the config declares it, else in ``cluster``
+    (``ray.cluster_resources()`` now).
 
-    Why: an RL trial takes its learner's CPU first and its rollout actors' later; two RL trials that each
-    got a learner on a cluster with room for only one rollout actor wait for each other forever. A
-    cluster that cannot fit even one trial now is left alone (an autoscaler adds nodes on demand).
+    Why: a trial holds its driver and rollout actors (its Tune placement group) while Ray Train places
+    its learners; trials whose learners could not all be placed at once would hold GPUs and wait for
+    each other forever. Raises when not even one trial fits: under an autoscaler the cluster starts at
+    its head node, and a guess (the old fallback to max_concurrent_trials) could be that deadlock.
     """
+    declared = cfg.sweep.cluster_resources
+    have = dict(declared) if declared is not None else cluster
+    source = "sweep.cluster_resources" if declared is not None else "the Ray cluster now"
     largest: dict[str, float] = {}
     for spec in specs:
         for key, value in trial_resources(spec.config(cfg), spec.method).items():
             largest[key] = max(largest.get(key, 0.0), value)
-    fits = [int(cluster.get(key, 0.0) // value) for key, value in largest.items() if value > 0]
-    cap = min(fits) if fits else cfg.sweep.max_concurrent_trials
-    return min(cfg.sweep.max_concurrent_trials, cap) if cap >= 1 else cfg.sweep.max_concurrent_trials
+    needed = largest
+    fits = min((int(have.get(key, 0.0) // value) for key, value in needed.items()), default=None)
+    if fits is None:
+        return cfg.sweep.max_concurrent_trials
+    if fits < 1:
+        short = ", ".join(f"{v:g} {k} (has {have.get(k, 0.0):g})" for k, v in needed.items())
+        raise ValueError(
+            f"sweep.cluster_resources: the largest trial needs {short} at once (driver, "
+            f"resources.num_workers learners, rl.rollout.num_actors rollout actors); {source} has less. "
+            "Declare in sweep.cluster_resources what an autoscaling cluster can reach, or lower the trial's "
+            "resources"
+        )
+    return min(cfg.sweep.max_concurrent_trials, fits)
 
 
-def build_tuner(cfg: ExperimentConfig, specs: list[TrialSpec], phase: int = 0) -> tune.Tuner:
+def build_tuner(
+    cfg: ExperimentConfig, specs: list[TrialSpec], phase: int = 0, trainable: Any = train_trial
+) -> tune.Tuner:
     """A new Tuner over ``specs``, or the restored one when this sweep ran (part-way) before.
 
     Phase 0 is Tune experiment ``sweep.name``; phase 1 (RL after SFT) is ``<sweep.name>-after-sft``.
+    Each trial runs ``trainable`` (``train_trial``; a test passes a cheap one) in ``trial_placement``.
     """
-    trainable = tune.with_resources(train_trial, TRIAL_DRIVER_RESOURCES)
+    trainable = tune.with_resources(trainable, trial_placement)
     folder = tune_dir(cfg, phase)
     name = folder.name
     if tune.Tuner.can_restore(str(folder)):

@@ -18,6 +18,7 @@ from typing import Any
 
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.util.placement_group import PlacementGroup
 
 from dcv import tracking
 from dcv.config import ExperimentConfig, config_to_dict
@@ -209,7 +210,8 @@ def start_point(cfg: ExperimentConfig, method: str, seed: int) -> tuple[str, str
     from a checkpoint its SFT run could still replace."""
     if method == "sft" or cfg.rl.init == "base":
         return "base", None
-    sft_trial = cfg.rl.init_trial or trial_name(cfg, "sft", seed)
+    rate = cfg.rl.init_sft_learning_rate or cfg.sft.learning_rate
+    sft_trial = cfg.rl.init_trial or f"sft-lr{rate:g}-seed{seed}"  # trial_name at that rate
     records = finished_trial(cfg, sft_trial)
     if records is None:
         raise ValueError(
@@ -248,17 +250,29 @@ def check_trial_config(cfg: ExperimentConfig, trial_dir: Path) -> None:
         )
 
 
+def learner_scaling(cfg: ExperimentConfig) -> ScalingConfig:
+    """The trial's Ray Train workers (learners). Ray Train V2 reserves them in a placement group of its own
+    (ray/train/v2/_internal/execution/worker_group/worker_group.py, ``_create_placement_group``): it has
+    no way to use bundles of the Tune trial's group, so a sweep reserves only the rollout actors there."""
+    res = cfg.resources
+    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
+    return ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker=per_worker)
+
+
 def run_trial(
     cfg: ExperimentConfig,
     method: str,
     seed: int | None = None,
     name: str | None = None,
     callbacks: Sequence[Any] = (),
+    rollout_placement: PlacementGroup | None = None,
 ) -> list[CheckpointRecord]:
     """Train one trial (or return a finished one's checkpoints without training).
 
     ``name`` defaults to ``trial_name(cfg, method, seed)`` (a sweep adds its grid values); ``callbacks``
-    are Ray Train callbacks (a sweep passes Tune's ``TuneReportCallback``).
+    are Ray Train callbacks (a sweep passes Tune's ``TuneReportCallback``); ``rollout_placement``: the
+    placement group whose bundles were reserved for an RL trial's rollout actors (a sweep passes its Tune
+    trial's group, `dcv.training.sweep.trial_placement`).
     """
     if method not in METHODS:
         raise ValueError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
@@ -284,8 +298,6 @@ def run_trial(
         from dcv.training.sft import train_loop_per_worker
     else:
         from dcv.training.grpo import train_loop_per_worker
-    res = cfg.resources
-    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -295,14 +307,13 @@ def run_trial(
             "tracking_uri": uri,
             "run_id": run.run_id,
             "init_checkpoint": init_checkpoint,
+            "rollout_placement": rollout_placement,
         },
-        scaling_config=ScalingConfig(
-            num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker=per_worker
-        ),
+        scaling_config=learner_scaling(cfg),
         run_config=RunConfig(
             name=name,
             storage_path=str(trials_root(cfg)),
-            failure_config=FailureConfig(max_failures=res.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.resources.max_failures),
             # Every evaluated checkpoint is kept (later stages read them all); only the latest keeps its
             # optimizer, scheduler and RNG state.
             checkpoint_config=CheckpointConfig(num_to_keep=None),

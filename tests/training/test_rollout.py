@@ -11,7 +11,14 @@ import torch
 from dcv.config import parse_config
 from dcv.models import load_model
 from dcv.training.grpo import make_rollout_func
-from dcv.training.rollout import HFRolloutBackend, RolloutPool, StaleWeightsError, receive_weights
+from dcv.training.rollout import (
+    HFRolloutBackend,
+    RolloutPool,
+    StaleWeightsError,
+    prompt_seeds,
+    receive_weights,
+    sampling_seed,
+)
 from tests.helpers import tiny_config_dict
 
 
@@ -87,6 +94,66 @@ def test_rollout_func_keeps_row_order_and_syncs_weights(pool, cfg, tokenizer):
     ids_a = tokenizer(prompt_a, add_special_tokens=False)["input_ids"]
     assert out["prompt_ids"][:4] == [ids_a] * 4 and out["prompt_ids"][4] != ids_a
     assert len(out["completion_ids"]) == len(out["logprobs"]) == 8
+
+
+def test_sampling_seeds_are_distinct_per_step_rank_call_and_prompt():
+    """Every (step, rank, call, prompt) of a sweep-sized trial gets its own seed, and vLLM's per-child
+    ranges [seed, seed + n) of two prompts never overlap (the old seed + actor sums collided)."""
+    n = 16
+    seeds = [
+        sampling_seed(sampling_seed(trial_seed, step, rank, call), prompt)
+        for trial_seed in range(3)
+        for step in range(20)
+        for rank in range(4)
+        for call in range(2)
+        for prompt in range(16)
+    ]
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**63 for s in seeds)
+    ordered = sorted(seeds)
+    assert all(b - a >= n for a, b in zip(ordered, ordered[1:], strict=False))
+    assert sampling_seed(0, 1) == sampling_seed(0, 1) and sampling_seed(0, 1) != sampling_seed(1, 0)
+
+
+def test_hf_backend_samples_each_prompt_from_its_own_seed(cfg, tokenizer):
+    """The same prompt twice in one call, with the pool's per-prompt seeds: different samples; with one
+    seed given twice: the same samples (the stream is the prompt's seed, not the call's position)."""
+    backend = HFRolloutBackend(cfg)
+    ids = tokenizer("The same question")["input_ids"]
+    seeds = prompt_seeds(sampling_seed(0, 1, 0, 0), 2)
+    completions, _ = backend.generate([ids, ids], 4, 6, 1.0, seeds=seeds)
+    assert completions[:4] != completions[4:]
+    same, _ = backend.generate([ids, ids], 4, 6, 1.0, seeds=[seeds[0], seeds[0]])
+    assert same[:4] == same[4:] == completions[:4]
+
+
+def test_no_two_prompts_of_a_step_share_a_random_stream(pool, cfg, tokenizer):
+    """One GRPO step on two ranks, the same question in several groups of each rank's rows (two group
+    sizes, so two generate calls): at temperature 1 every group's samples differ from every other's,
+    because each prompt of the step has its own seed. Rerun, the step gives the same samples (seeded)."""
+    learner = load_model(cfg.model, tokenizer)
+    trainer = SimpleNamespace(
+        state=SimpleNamespace(global_step=13),
+        model=learner,
+        accelerator=SimpleNamespace(unwrap_model=lambda m: m),
+    )
+    a = [{"role": "user", "content": "Question A"}]
+    b = [{"role": "user", "content": "Question B"}]
+    rows = [a] * 4 + [b] * 4 + [a] * 4 + [a] * 2  # groups a, b, a (size 4: one call), a (size 2: another)
+    outputs = [
+        make_rollout_func(pool, cfg, tokenizer, seed=0, publishes=rank == 0, rank=rank)(rows, trainer)
+        for rank in (0, 1)
+    ]
+    assert cfg.rl.temperature == 1.0
+    groups = []
+    for out in outputs:
+        completions = out["completion_ids"]
+        for start, size in ((0, 4), (4, 4), (8, 4), (12, 2)):
+            groups.append(tuple(tuple(c) for c in completions[start : start + size]))
+    firsts = [group[0] for group in groups]
+    assert len(set(groups)) == len(groups) == 8
+    assert len(set(firsts)) == len(firsts)  # not even one stream is shared: first samples differ too
+    again = make_rollout_func(pool, cfg, tokenizer, seed=0, publishes=False, rank=1)(rows, trainer)
+    assert again["completion_ids"] == outputs[1]["completion_ids"]
 
 
 NEAR_GREEDY = 1e-6  # logits / 1e-6: sampling picks the argmax unless two logits tie to within ~1e-6
@@ -202,5 +269,5 @@ def test_hf_rollouts_end_at_the_generation_configs_second_eos(cfg, tokenizer, tm
     two_eos = parse_config({**cfg.model_dump(mode="json"), "model": {"name": str(folder)}})
     backend = HFRolloutBackend(two_eos)
     assert set(backend.stop_ids) == {tokenizer.eos_token_id, first}
-    completions, logprobs = backend.generate([prompt], 2, 5, NEAR_GREEDY, seed=0)
+    completions, logprobs = backend.generate([prompt], 2, 5, NEAR_GREEDY, seeds=[0])
     assert completions == [[first], [first]] and [len(lp) for lp in logprobs] == [1, 1]

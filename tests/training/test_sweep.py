@@ -49,12 +49,16 @@ def test_a_grid_value_that_breaks_the_config_is_refused_before_compute(tmp_path)
 def test_rl_after_sft_plan_and_errors(tmp_path):
     raw = sweep_config_dict(tmp_path, rl_learning_rates=[1e-6])
     raw["rl"]["init"] = "sft"
+    # Two SFT rates: the start must be chosen (a ConfigError names the field), never the first by default.
+    with pytest.raises(ConfigError, match="rl.init_sft_learning_rate: rl.init=sft and sweep.sft_learning"):
+        parse_config(raw)
+    raw["rl"]["init_sft_learning_rate"] = 3e-5  # the second rate
     cfg = parse_config(raw)
     specs = plan_trials(cfg)
     rl = [s for s in specs if s.method == "rl"]
-    # Each RL trial starts from the sweep's first SFT trial of its seed, and waits for it (phase 2).
+    # Each RL trial starts from the sweep's SFT trial of its seed at the chosen rate, and waits for it.
     assert [s.name for s in rl] == ["rl-lr1e-06-seed0-after-sft", "rl-lr1e-06-seed1-after-sft"]
-    assert [dict(s.overrides)["rl.init_trial"] for s in rl] == ["sft-lr1e-05-seed0", "sft-lr1e-05-seed1"]
+    assert [dict(s.overrides)["rl.init_trial"] for s in rl] == ["sft-lr3e-05-seed0", "sft-lr3e-05-seed1"]
     phases = sweep_phases(cfg, specs)
     assert [[s.method for s in phase] for phase in phases] == [["sft"] * 4, ["rl"] * 2]
     only_rl = parse_config({**raw, "sweep": {**raw["sweep"], "methods": ["rl"]}})
@@ -62,7 +66,7 @@ def test_rl_after_sft_plan_and_errors(tmp_path):
         ValueError, match="rl.init_trial: rl.init=sft, but the sweep has no SFT trial of seed 0"
     ):
         plan_trials(only_rl)
-    with pytest.raises(ValueError, match="rl.init_trial: SFT trial 'sft-lr1e-05-seed0' has not finished"):
+    with pytest.raises(ValueError, match="rl.init_trial: SFT trial 'sft-lr3e-05-seed0' has not finished"):
         start_point(rl[0].config(cfg), "rl", 0)
     with pytest.raises(ConfigError, match="rl.init_step: only meaningful with rl.init=sft"):
         parse_config({**raw, "rl": {**raw["rl"], "init": "base", "init_step": 2}})
@@ -124,5 +128,6 @@ def test_concurrency_is_lowered_to_what_the_cluster_fits(tmp_path):
     assert concurrent_trials(cfg, specs, {"CPU": 64.0}) == 3
     sft_only = [s for s in specs if s.method == "sft"]
     assert concurrent_trials(cfg, sft_only, {"CPU": 2.5}) == 2
-    # Room for no trial at all now: left to the autoscaler.
-    assert concurrent_trials(cfg, specs, {"CPU": 1.0}) == 3
+    # Room for no trial at all: refused (sweep.cluster_resources declares what an autoscaler can reach).
+    with pytest.raises(ValueError, match="sweep.cluster_resources: the largest trial needs 2.01 CPU"):
+        concurrent_trials(cfg, specs, {"CPU": 1.0})
