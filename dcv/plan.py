@@ -32,7 +32,6 @@ Pure: reads the config only (and a local model folder's config.json); no Ray, to
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -42,15 +41,13 @@ from pathlib import Path
 
 import yaml
 
+from dcv import trials
 from dcv.config import (
     CMAP,
     MASK,
     BenchmarksConfig,
     ExperimentConfig,
     ProbeConfig,
-    apply_overrides,
-    config_to_dict,
-    parse_config,
 )
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -264,23 +261,10 @@ class Trial:
 
 
 def plan_trials(cfg: ExperimentConfig) -> list[Trial]:
-    """The sweep's trials, counted as dcv.training.sweep.plan_trials makes them (method x rate x grid x
-    seed; an ``sft.*`` / ``rl.*`` grid key only for that method), without importing Ray (a test keeps
-    the two in step)."""
-    trials = []
-    for method in cfg.sweep.methods:
-        rates = cfg.sweep.sft_learning_rates if method == "sft" else cfg.sweep.rl_learning_rates
-        other = "rl." if method == "sft" else "sft."
-        grid = {k: v for k, v in cfg.sweep.grid.items() if not k.startswith(other)}
-        for lr, values in itertools.product(rates, itertools.product(*grid.values())):
-            sets = [
-                f"{method}.learning_rate={lr!r}",
-                *(f"{k}={json.dumps(v)}" for k, v in zip(grid, values, strict=True)),
-            ]
-            trial_cfg = parse_config(apply_overrides(config_to_dict(cfg), sets), source=f"sweep {method}")
-            after = method == "rl" and trial_cfg.rl.init == "sft" and trial_cfg.rl.init_trial is None
-            trials += [Trial(method, trial_cfg, after and "sft" in cfg.sweep.methods)] * len(cfg.sweep.seeds)
-    return trials
+    """The sweep's trials (``dcv.trials``, which the sweep runs), each with its own config and its phase."""
+    specs = trials.plan_trials(cfg)
+    later = {s.name for phase in trials.sweep_phases(cfg, specs)[1:] for s in phase}
+    return [Trial(s.method, s.config(cfg), s.name in later) for s in specs]
 
 
 def eval_steps(max_steps: int, every: int) -> list[int]:

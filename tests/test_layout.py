@@ -33,6 +33,7 @@ TIERS = {
         "dcv.predictors",
         "dcv.analysis",
         "dcv.report",
+        "dcv.trials",
         "dcv.plan",
     ),
     # Torch: models and what runs on them in one process (patching, circuits, evaluation); no Ray.

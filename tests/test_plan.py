@@ -160,11 +160,13 @@ def test_dcv_run_prints_the_plan_before_it_connects(tmp_path):
 
 
 def test_plan_trials_counts_the_trials_the_sweep_runs():
-    """dcv.plan enumerates trials without importing Ray; it must match dcv.training.sweep.plan_trials."""
-    from dcv.training.sweep import plan_trials as sweep_trials
+    """dcv.plan prices the trials the sweep runs (dcv.trials, without Ray): each with its own config, RL
+    after SFT in the second phase."""
+    from dcv.trials import plan_trials as sweep_trials
 
     raw = yaml.safe_load(PAPER.read_text())
-    raw["sweep"]["grid"] = {"sft.max_steps": [100, 200], "circuits.tau": [0.7, 0.8]}
+    # A grid key of RL only and one of both methods: each RL trial has exactly one SFT trial to start from.
+    raw["sweep"]["grid"] = {"rl.max_steps": [100, 200], "circuits.tau": [0.7, 0.8]}
     cfg = parse_config(raw)
     ours, theirs = plan_trials(cfg), sweep_trials(cfg)
 
@@ -172,13 +174,14 @@ def test_plan_trials_counts_the_trials_the_sweep_runs():
         return (
             method,
             getattr(trial_cfg, method).learning_rate,
-            trial_cfg.sft.max_steps,
+            trial_cfg.rl.max_steps,
             trial_cfg.circuits.tau,
         )
 
     assert [key(t.method, t.cfg) for t in ours] == [key(s.method, s.config(cfg)) for s in theirs]
     assert [t.after_sft for t in ours] == [s.name.endswith("-after-sft") for s in theirs]
-    assert len(ours) == 2 * 3 * 3 * 2 + 3 * 3 * 2  # SFT: rates x max_steps x tau x seeds; RL: tau only
+    seeds, sweep = len(cfg.sweep.seeds), cfg.sweep
+    assert len(ours) == seeds * 2 * (len(sweep.sft_learning_rates) + 2 * len(sweep.rl_learning_rates))
 
 
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
