@@ -10,11 +10,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dcv.cli import main
 from dcv.config import ConfigError, parse_config
 from dcv.external import ExternalCheckpointError, check_external, hub_snapshot
-from tests.helpers import tiny_config_dict
+from tests.helpers import REPO, tiny_config_dict
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"  # a commit hash: the cache's snapshot folder name
 
@@ -173,3 +174,24 @@ def test_hub_checkpoints_are_read_offline_from_a_cache_in_the_hub_layout(tmp_pat
         "run 'rl0' step 2 (org/tiny-rl@v2): hub org/tiny-rl revision v2: not in the local hub cache"
         in problem
     )
+
+
+def test_the_public_trajectory_config_is_checked_offline(tmp_path, monkeypatch):
+    """configs/tulu3-8b-external.yaml: its schema, and offline checks only (nothing is downloaded): with an
+    empty hub cache, the base and every checkpoint are reported missing, each by run, step and revision."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    raw = yaml.safe_load((REPO / "configs" / "tulu3-8b-external.yaml").read_text())
+    raw["external"]["hub_cache"] = str(tmp_path / "empty-cache")
+    cfg = parse_config(raw)
+    assert cfg.comparison.methods == ("dpo", "rlvr")
+    assert all(c.hub and c.revision for r in cfg.external.runs for c in r.checkpoints)
+    problems = problems_of(raw)
+    assert (
+        "model.name='allenai/Llama-3.1-Tulu-3-8B-SFT' revision main: not in the local hub cache"
+        in problems[0]
+    )
+    assert [p.split(" (")[0] for p in problems[1:]] == [
+        "[external] external.runs[0] run 'tulu3-8b-dpo' step 1",
+        "[external] external.runs[1] run 'tulu3-8b-rlvr-ppo' step 1",
+        "[external] external.runs[2] run 'tulu3.1-8b-rlvr-grpo' step 1",
+    ]
