@@ -86,7 +86,9 @@ def test_config_refuses_bad_runs_naming_run_and_step(tmp_path):
         parse_config(raw)
 
 
-def test_every_bad_checkpoint_is_listed_before_compute_by_validate_and_run(tmp_path, tiny_folder, tokenizer):
+def test_every_bad_checkpoint_is_listed_before_compute_by_validate_and_run(
+    tmp_path, tiny_folder, tokenizer, capsys
+):
     no_weights = tmp_path / "no-weights"
     no_weights.mkdir()
     shutil.copy(tiny_folder / "config.json", no_weights)
@@ -131,9 +133,13 @@ def test_every_bad_checkpoint_is_listed_before_compute_by_validate_and_run(tmp_p
     # dcv validate and dcv run refuse the same file, with the same lines, before anything is written.
     path = tmp_path / "bad.yaml"
     path.write_text(json.dumps(raw))
+    capsys.readouterr()
     for command in ("validate", "run"):
         assert main([command, str(path)]) == 2
+        said = capsys.readouterr().err
+        assert all(problem in said for problem in problems), (command, said)
     assert not (tmp_path / "store").exists()
+    print("\n".join(problems))  # the bad-input list, for the README
 
 
 def test_hub_checkpoints_are_read_offline_from_a_cache_in_the_hub_layout(tmp_path, tiny_folder, monkeypatch):
