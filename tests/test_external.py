@@ -86,9 +86,8 @@ def test_config_refuses_bad_runs_naming_run_and_step(tmp_path):
         parse_config(raw)
 
 
-def test_every_bad_checkpoint_is_listed_before_compute_by_validate_and_run(
-    tmp_path, tiny_folder, tokenizer, capsys
-):
+def bad_config(tmp_path: Path, tiny_folder: Path, tokenizer) -> tuple[dict, list[Path]]:
+    """A config whose run 'bad' has one checkpoint of each kind of bad input; run 'ok' has a good one."""
     no_weights = tmp_path / "no-weights"
     no_weights.mkdir()
     shutil.copy(tiny_folder / "config.json", no_weights)
@@ -112,6 +111,11 @@ def test_every_bad_checkpoint_is_listed_before_compute_by_validate_and_run(
     ]
     raw = config_with(tmp_path, runs)
     raw["external"]["hub_cache"] = str(tmp_path / "empty-cache")
+    return raw, steps
+
+
+def test_every_bad_checkpoint_is_listed_naming_run_and_step(tmp_path, tiny_folder, tokenizer):
+    raw, (no_weights, gpt2, deeper, other_tokens) = bad_config(tmp_path, tiny_folder, tokenizer)
     problems = problems_of(raw)
     expected = [
         "run 'bad' step 1 (" + str(no_weights) + "): " + str(no_weights) + ": no weights file",
@@ -129,8 +133,15 @@ def test_every_bad_checkpoint_is_listed_before_compute_by_validate_and_run(
     for step in (1, 2, 3, 4, 5):  # each names its run and step
         assert sum(f"run 'bad' step {step} " in p for p in problems) == 1
     assert not any("run 'ok'" in p for p in problems)
+    print("\n".join(problems))  # the bad-input list, for the README
 
-    # dcv validate and dcv run refuse the same file, with the same lines, before anything is written.
+
+@pytest.mark.e2e  # `dcv run` in this process: imports every stage (MLflow, Ray), though it starts neither
+def test_validate_and_run_refuse_the_same_checkpoints_before_compute(
+    tmp_path, tiny_folder, tokenizer, capsys
+):
+    raw, _ = bad_config(tmp_path, tiny_folder, tokenizer)
+    problems = problems_of(raw)
     path = tmp_path / "bad.yaml"
     path.write_text(json.dumps(raw))
     capsys.readouterr()
@@ -138,8 +149,7 @@ def test_every_bad_checkpoint_is_listed_before_compute_by_validate_and_run(
         assert main([command, str(path)]) == 2
         said = capsys.readouterr().err
         assert all(problem in said for problem in problems), (command, said)
-    assert not (tmp_path / "store").exists()
-    print("\n".join(problems))  # the bad-input list, for the README
+    assert not (tmp_path / "store").exists()  # refused before anything was written under storage.root
 
 
 def test_hub_checkpoints_are_read_offline_from_a_cache_in_the_hub_layout(tmp_path, tiny_folder, monkeypatch):
