@@ -1293,8 +1293,8 @@ def _explain_rows(
         default = getattr(defaults, name) if defaults is not None else _field_default(field)
         item = _section_in(field.annotation)
         if item is not None:
-            is_list = item is not field.annotation
-            children = [child for v in values for child in _as_list(getattr(v, name))]
+            is_list = get_origin(field.annotation) is list
+            children = [child for v in values for child in _as_list(getattr(v, name)) if child is not None]
             path += "[]" if is_list else ""
             rows.append((path, f"# {field.description}"))
             item_defaults = default if isinstance(default, BaseModel) else None  # none for list items
@@ -1315,6 +1315,9 @@ def _field_default(field: Any) -> Any:
 def _section_in(annotation: Any) -> type[BaseModel] | None:
     """The section class of a section field or of a list-of-sections field (``probes``), else None."""
     args = get_args(annotation)
+    if get_origin(annotation) in (Union, UnionType) and type(None) in args:  # an optional section (external)
+        annotation = next(a for a in args if a is not type(None))
+        args = get_args(annotation)
     if get_origin(annotation) is list and args:
         annotation = args[0]
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
