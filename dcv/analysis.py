@@ -1141,6 +1141,20 @@ def cmap_table(
     return pl.DataFrame(rows, schema=CMAP_TABLE_SCHEMA)
 
 
+def comparison_slots(cfg: ExperimentConfig, frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame``'s rows of the two compared methods (comparison.methods), their ``method`` renamed to the
+    analysis' slots: the first to "sft", the second to "rl" (TRAINING_METHODS), so every table keeps its
+    columns whatever the labels (DPO vs RLVR: the sft columns hold DPO). Rows of other labels (a third
+    method of external runs) are left out. The sweep's own labels are the slots: nothing changes."""
+    first, second = cfg.comparison.methods
+    if (first, second) == TRAINING_METHODS:
+        return frame.filter(pl.col("method").is_in(TRAINING_METHODS))
+    slots = {first: TRAINING_METHODS[0], second: TRAINING_METHODS[1]}
+    return frame.filter(pl.col("method").is_in(list(slots))).with_columns(
+        pl.col("method").replace_strict(slots, return_dtype=pl.String)
+    )
+
+
 def analyze(
     cfg: ExperimentConfig,
     results: pl.DataFrame,
@@ -1152,6 +1166,9 @@ def analyze(
 ) -> dict[str, pl.DataFrame]:
     """Every analysis table (TABLES) from the stored results, effects, circuits, (masks') noise-floor,
     weight-change and CMAP tables (None: that stage did not run)."""
+    results = comparison_slots(cfg, results)
+    if weight_change is not None and "method" in weight_change.columns:
+        weight_change = comparison_slots(cfg, weight_change)
     heads = effects.filter(pl.col("model") == BASE_MODEL)
     shape = (int(heads["layer"].max()) + 1, int(heads["head"].max()) + 1)
     changes = head_changes(weight_change)

@@ -305,6 +305,12 @@ def run_validate(args: argparse.Namespace, cfg: ExperimentConfig, console: Conso
     probes = ", ".join(p.name for p in cfg.probes)
     given = f" with {', '.join(overrides)}" if overrides else ""
     about = f"model {cfg.model.name}, target {cfg.target_task.name}, probes {probes}"
+    if cfg.external is not None:
+        # dcv run refuses these in its preflight: validate refuses exactly the same (file-level checks only).
+        from dcv.external import check_external
+
+        planned = check_external(cfg)
+        about += f"; external: {len(cfg.external.runs)} runs, {len(planned)} checkpoints"
     console.line(f"{args.config}{given}: ok ({about})")
     if cfg.target_task.name == "sciknoweval" and not cfg.target_task.reads_hub():
         # What the rows give, before compute is spent (a hub source is read only by a run: no download here).

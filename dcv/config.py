@@ -7,6 +7,7 @@ the cluster (workers vs GPUs) are checked later, by the stage that knows the clu
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,6 +54,7 @@ PREDICTOR_NAMES = (
 )
 RUN_NAME = r"^[A-Za-z0-9][\w.-]*$"  # names are used in MLflow filters and storage paths
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+METHOD_LABEL = r"^[a-z][a-z0-9_]*$"  # a training method's label (sft, rl, dpo, rlvr): in column names
 PROBE_NAMES = ("ioi", "capitals", "greater_than", "induction", "chem")
 CHEMISTRY_KINDS = (
     "symbol_to_name",
@@ -946,6 +948,134 @@ class ResourcesConfig(Section):
         return self
 
 
+class ExternalCheckpoint(Section):
+    """One checkpoint of an external run: a local HF folder, or a hub id at a pinned revision that is
+    already in the local hub cache (dcv never downloads an external checkpoint: ``hf download ID
+    --revision REV`` first)."""
+
+    step: NonNegativeInt = Field(
+        description="the optimizer step it was saved at; 0 is the weights the run started from (added "
+        "when not listed: the base model, or the continued_from checkpoint)"
+    )
+    path: str | None = Field(None, description="a local HF model folder (config.json, weights, tokenizer)")
+    hub: str | None = Field(None, description="a hub id (org/name); needs revision")
+    revision: str | None = Field(
+        None,
+        description="the hub revision, pinned: a 40-hex commit hash (or a branch/tag that the local "
+        "cache's refs/ resolve); hub only",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ExternalCheckpoint:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError(f"step {self.step}: give exactly one of path (a local folder) or hub (an id)")
+        if self.hub is not None:
+            if not HUB_ID.match(self.hub):
+                raise ValueError(f"hub: {self.hub!r} at step {self.step} is not a hub id like 'org/name'")
+            if not self.revision:
+                raise ValueError(
+                    f"revision: step {self.step} ({self.hub}) needs a pinned revision (a commit hash): a "
+                    "branch moves, and the numbers would change with it"
+                )
+        elif self.revision is not None:
+            raise ValueError(f"revision: step {self.step} is a local path; revision is for hub ids only")
+        return self
+
+    def source(self) -> str:
+        return self.path if self.path is not None else f"{self.hub}@{self.revision}"
+
+
+class ExternalRun(Section):
+    """A run trained elsewhere (veRL, OpenRLHF, TRL, a public release): its label and checkpoints."""
+
+    run: str = Field(pattern=RUN_NAME, description="the run id: the results table's trial and its MLflow run")
+    method: str = Field(
+        pattern=METHOD_LABEL,
+        description="the training method's label (sft, rl, dpo, rlvr, ...): what comparison.methods names",
+    )
+    seed: int = Field(0, description="the run's seed, as its trainer set it (informational)")
+    learning_rate: PositiveFloat | None = Field(None, description="the run's peak learning rate, if known")
+    continued_from: str | None = Field(
+        None,
+        description="<run>@<step>: the listed checkpoint this run started from (RL after SFT); None = it "
+        "started from the base model (model.name)",
+    )
+    checkpoints: list[ExternalCheckpoint] = Field(
+        min_length=1, description="the run's checkpoints in increasing step order"
+    )
+
+    @model_validator(mode="after")
+    def _steps_in_order(self) -> ExternalRun:
+        steps = [c.step for c in self.checkpoints]
+        for before, after in itertools.pairwise(steps):
+            if after <= before:
+                raise ValueError(
+                    f"checkpoints: run {self.run!r}: step {after} comes after step {before}; list each "
+                    "step once, in increasing order"
+                )
+        return self
+
+
+class ExternalConfig(Section):
+    """Runs trained elsewhere, measured instead of trained: ``dcv run`` skips the sweep and evaluates
+    every listed checkpoint as the sweep evaluates its own (target accuracy, probes, KL to base), then
+    runs every later stage unchanged (dcv.external)."""
+
+    runs: list[ExternalRun] = Field(min_length=1, description="every run, each with its checkpoints")
+    hub_cache: Path | None = Field(
+        None,
+        description="the hub cache hub checkpoints are read from; None = huggingface_hub's (HF_HUB_CACHE)",
+    )
+
+    @model_validator(mode="after")
+    def _runs_resolve(self) -> ExternalConfig:
+        names = [r.run for r in self.runs]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"runs: run ids {twice} appear more than once")
+        steps = {r.run: [c.step for c in r.checkpoints] for r in self.runs}
+        for i, r in enumerate(self.runs):
+            if r.continued_from is None:
+                continue
+            parent, _, step = r.continued_from.rpartition("@")
+            if parent not in steps or not step.isdigit() or int(step) not in steps[parent]:
+                raise ValueError(
+                    f"runs[{i}].continued_from: run {r.run!r} continues from {r.continued_from!r}, which is "
+                    f"not a listed <run>@<step> (runs and steps: {steps})"
+                )
+            if parent == r.run or names.index(parent) > i:
+                raise ValueError(
+                    f"runs[{i}].continued_from: run {r.run!r} continues from {parent!r}, which must be "
+                    "listed before it"
+                )
+        return self
+
+    def labels(self) -> list[str]:
+        """The method labels, in order of first appearance."""
+        return list(dict.fromkeys(r.method for r in self.runs))
+
+
+class ComparisonConfig(Section):
+    """Which two training methods the matched comparison sets against each other."""
+
+    methods: tuple[str, str] = Field(
+        ("sft", "rl"),
+        description="the two method labels compared (first minus second, e.g. [dpo, rlvr]); the analysis "
+        "tables keep their sft/rl column names for the first/second. With external runs of 3+ labels, the "
+        "pair compared (the report says which); without external, sft and rl",
+    )
+
+    @field_validator("methods")
+    @classmethod
+    def _two_labels(cls, methods: tuple[str, str]) -> tuple[str, str]:
+        if methods[0] == methods[1]:
+            raise ValueError(f"methods: {list(methods)} names one method twice; give two labels")
+        for label in methods:
+            if not re.match(METHOD_LABEL, label):
+                raise ValueError(f"methods: {label!r} is not a method label ({METHOD_LABEL})")
+        return methods
+
+
 class ExperimentConfig(Section):
     name: str = Field(
         "dcv",
@@ -989,6 +1119,14 @@ class ExperimentConfig(Section):
         StorageConfig(), description="where checkpoints, tables, logs and the default MLflow store go"
     )
     resources: ResourcesConfig = Field(ResourcesConfig(), description="the Ray Train workers of every trial")
+    external: ExternalConfig | None = Field(
+        None,
+        description="runs trained elsewhere: when set, dcv run measures their checkpoints instead of running "
+        "the sweep (sweep, sft and rl are then unused)",
+    )
+    comparison: ComparisonConfig = Field(
+        ComparisonConfig(), description="the two training methods the matched comparison compares"
+    )
 
     @field_validator("probes")
     @classmethod
@@ -1079,6 +1217,25 @@ class ExperimentConfig(Section):
                     f"sweep.cluster_resources: one {method} trial needs {parts} at once ({holders}); no "
                     "trial could start: declare what the cluster can reach, or lower the trial's resources"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _compared_methods_exist(self) -> ExperimentConfig:
+        pair = list(self.comparison.methods)
+        if self.external is None:
+            if pair != ["sft", "rl"]:
+                raise ValueError(
+                    f"comparison: methods {pair}: the sweep trains sft and rl; other labels need "
+                    "external runs"
+                )
+            return self
+        labels = self.external.labels()
+        missing = [m for m in pair if m not in labels]
+        if missing:
+            raise ValueError(
+                f"comparison: methods {pair}: no external run has label(s) {missing} (labels: {labels}); "
+                "set comparison.methods to two of them"
+            )
         return self
 
     def probe(self, name: str) -> ProbeConfig:
@@ -1237,8 +1394,8 @@ def _explain_rows(
         default = getattr(defaults, name) if defaults is not None else _field_default(field)
         item = _section_in(field.annotation)
         if item is not None:
-            is_list = item is not field.annotation
-            children = [child for v in values for child in _as_list(getattr(v, name))]
+            is_list = get_origin(field.annotation) is list
+            children = [child for v in values for child in _as_list(getattr(v, name)) if child is not None]
             path += "[]" if is_list else ""
             rows.append((path, f"# {field.description}"))
             item_defaults = default if isinstance(default, BaseModel) else None  # none for list items
@@ -1259,6 +1416,9 @@ def _field_default(field: Any) -> Any:
 def _section_in(annotation: Any) -> type[BaseModel] | None:
     """The section class of a section field or of a list-of-sections field (``probes``), else None."""
     args = get_args(annotation)
+    if get_origin(annotation) in (Union, UnionType) and type(None) in args:  # an optional section (external)
+        annotation = next(a for a in args if a is not type(None))
+        args = get_args(annotation)
     if get_origin(annotation) is list and args:
         annotation = args[0]
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None

@@ -191,10 +191,12 @@ def _about(cfg: ExperimentConfig, storage: Path, results: pl.DataFrame) -> list[
     marker = storage / "base" / SOURCE_FILE
     source = json.loads(marker.read_text())["name"] if marker.is_file() else cfg.model.name
     trials = results.select("trial", "method").unique()
-    counts = {m: trials.filter(pl.col("method") == m).height for m in ("sft", "rl")}
+    first, second = cfg.comparison.methods
+    counts = {m: trials.filter(pl.col("method") == m).height for m in (first, second)}
     return [
         f"Experiment {cfg.name}: base model {source}, target task {cfg.target_task.name}, "
-        f"probes {', '.join(p.name for p in cfg.probes)}; {counts['sft']} SFT and {counts['rl']} RL runs, "
+        f"probes {', '.join(p.name for p in cfg.probes)}; {counts[first]} {first.upper()} and "
+        f"{counts[second]} {second.upper()} runs{_external_note(cfg, results)}, "
         f"{results.height} evaluated checkpoints; patching {', '.join(cfg.patching.methods)}; circuits by "
         f"{cfg.circuits.selection} (tau {cfg.circuits.tau}, at most {cfg.circuits.k_max} heads).",
         "Forgetting = base score - checkpoint score (accuracy: LD > 0; LD: mean logit difference), over the "
@@ -208,6 +210,23 @@ def _about(cfg: ExperimentConfig, storage: Path, results: pl.DataFrame) -> list[
         "these runs: bootstrap over probe items and target test items, runs held fixed (the match is redone "
         "in each draw); across seeds: Welch's t on the runs' values with the item variance folded in.",
     ]
+
+
+def _external_note(cfg: ExperimentConfig, results: pl.DataFrame) -> str:
+    """Where the runs came from, and which pair is compared, when they were trained elsewhere."""
+    if cfg.external is None:
+        return ""
+    first, second = cfg.comparison.methods
+    labels = cfg.external.labels()
+    others = [m for m in labels if m not in (first, second)]
+    left_out = f"; runs labelled {', '.join(others)} are not compared" if others else ""
+    slots = (
+        "" if (first, second) == ("sft", "rl") else " (the tables' sft columns hold the first, rl the second)"
+    )
+    return (
+        f" (trained elsewhere, listed in external.runs; compared: {first} vs {second}, comparison.methods"
+        f"{slots}{left_out})"
+    )
 
 
 def report_stage(cfg: ExperimentConfig, storage: Path, seconds: dict[str, float]):
@@ -242,7 +261,8 @@ def report_stage(cfg: ExperimentConfig, storage: Path, seconds: dict[str, float]
         parent.log_table(table, "answer.json")
         parent.log_artifact(write_csv(table, storage / "report" / "answer.csv"), artifact_path="report")
     seconds_metrics = {f"stage_seconds/{name}": value for name, value in seconds.items()}
-    parent.log_metrics(primary_metrics(tables["headline"], primary) | seconds_metrics)
+    parent.log_metrics(primary_metrics(tables["headline"], primary, cfg.comparison.methods) | seconds_metrics)
+    parent.set_tag("dcv.compared", " vs ".join(cfg.comparison.methods))
     answer = answer_paragraphs(tables["headline"], tables["base_circuits"], primary, calibration, endpoint)
     parent.set_tag("dcv.primary", answer[0][:5000])
     parent.set_tag("dcv.verdict", primary_verdict(tables["headline"], primary))
@@ -271,15 +291,22 @@ def primary_verdict(headline: pl.DataFrame, patching: str) -> str:
     return f"across seeds: {row['verdict_seeds']}; these runs: {row['verdict_runs']}"
 
 
-def primary_metrics(headline: pl.DataFrame, patching: str) -> dict[str, float]:
-    """The primary endpoint as a handful of MLflow metrics (``primary/<name>``): the SFT - RL difference,
-    both CIs, p, the MDE, the runs per method it would need and n per method."""
+def primary_metrics(
+    headline: pl.DataFrame, patching: str, labels: tuple[str, str] = ("sft", "rl")
+) -> dict[str, float]:
+    """The primary endpoint as a handful of MLflow metrics (``primary/<name>``): the first - second
+    method's difference (``labels``: comparison.methods), both CIs, p, the MDE, the runs per method it
+    would need and n per method (``primary/n_runs_<label>``)."""
     row = _primary_row(headline, patching)
     if row is None:
         return {}
     names = ("mean", "ci_low", "ci_high", "seed_ci_low", "seed_ci_high", "p_value", "mde", "runs_needed")
     metrics = {f"primary/{n}": float(row[n]) for n in names if row[n] is not None and np.isfinite(row[n])}
-    return metrics | {"primary/n_runs_sft": row["n_runs_sft"], "primary/n_runs_rl": row["n_runs_rl"]}
+    first, second = labels
+    return metrics | {
+        f"primary/n_runs_{first}": row["n_runs_sft"],
+        f"primary/n_runs_{second}": row["n_runs_rl"],
+    }
 
 
 def preflight(cfg: ExperimentConfig) -> None:
@@ -289,7 +316,14 @@ def preflight(cfg: ExperimentConfig) -> None:
     from dcv.training.sweep import check_plan, plan_trials
 
     local_storage_root(cfg)  # an object-store root fails here: every stage reads and writes a local folder
-    check_plan(cfg, plan_trials(cfg))  # every trial's config; a sweep folder keeps the plan it started with
+    if cfg.external is not None:
+        from dcv.external import check_external
+
+        check_external(cfg)  # every listed checkpoint at the file level, each problem naming run and step
+    else:
+        check_plan(
+            cfg, plan_trials(cfg)
+        )  # every trial's config; a sweep folder keeps the plan it started with
     if cfg.benchmarks.tasks:
         from dcv.benchmarks import check_benchmarks
 
@@ -353,8 +387,17 @@ def _run_stages(
     finished("base", start, f": {cfg.model.name}")
 
     start = stage("sweep")
-    results = sweep_stage(cfg, storage, progress)
-    finished("sweep", start, f": {results.height} evaluated checkpoints")
+    if cfg.external is not None:
+        from dcv.external import run_external
+
+        # Runs trained elsewhere: their checkpoints are evaluated as a trial evaluates its own (dcv.external).
+        external = run_external(cfg, progress)
+        results = external.table
+        done = f"{external.stage.computed} evaluated, {external.stage.skipped} skipped"
+        finished("sweep", start, f": external runs, {results.height} checkpoints ({done})")
+    else:
+        results = sweep_stage(cfg, storage, progress)
+        finished("sweep", start, f": {results.height} evaluated checkpoints")
 
     start = stage("benchmarks")
     results, n_scores = benchmarks_stage(cfg, storage, results, progress)

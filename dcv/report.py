@@ -93,7 +93,8 @@ def _band(ax, frame: pl.DataFrame, y: str, keys: Sequence[str], label_of) -> Non
 
 
 def _lr_label(key) -> str:
-    return f"{key[0].upper()} lr {key[1]:g}"
+    # External runs may not say their learning rate (external.runs[].learning_rate: None).
+    return key[0].upper() if key[1] is None else f"{key[0].upper()} lr {key[1]:g}"
 
 
 def plot_adaptation(summary: pl.DataFrame, path: Path) -> Path:

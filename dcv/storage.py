@@ -70,6 +70,7 @@ WEIGHT_CHANGE_DIR, WEIGHT_CHANGE_FILE = (
     "weight_change",
     "weight_change.parquet",
 )  # models/<model>__<hash>.parquet
+EXTERNAL_DIR = "external"  # items/<run>_<step>__<hash>.parquet: external checkpoints' scores (dcv.external)
 ANALYSIS_DIR = "analysis"
 LOGS_DIR = "logs"
 
@@ -124,6 +125,10 @@ def calibration_dir(storage_root: Path) -> Path:
 
 def weight_change_dir(storage_root: Path) -> Path:
     return Path(storage_root) / WEIGHT_CHANGE_DIR
+
+
+def external_dir(storage_root: Path) -> Path:
+    return Path(storage_root) / EXTERNAL_DIR
 
 
 def analysis_dir(storage_root: Path) -> Path:

@@ -54,6 +54,7 @@ TIERS = {
         "dcv.circuits.weight_change",
         "dcv.benchmarks",
         "dcv.calibration",
+        "dcv.external",
         "dcv.training",
     ),
     "entry": ("dcv.experiment", "dcv.cli"),  # the ordered stages, and the commands
