@@ -68,7 +68,9 @@ def main() -> None:
             end = time.perf_counter()
             startups.append(timer.times[0] - start)
             totals.append(end - start)
-            print(f"{method} seed {seed}: start-up {startups[-1]:.1f} s, trial {totals[-1]:.1f} s", flush=True)
+            print(
+                f"{method} seed {seed}: start-up {startups[-1]:.1f} s, trial {totals[-1]:.1f} s", flush=True
+            )
         print(f"BENCH trial_startup_{method}_first_s {startups[0]:.1f}")
         if len(startups) > 1:
             print(f"BENCH trial_startup_{method}_later_s {statistics.fmean(startups[1:]):.1f}")

@@ -7,7 +7,14 @@ its RNG state) with ``ray.train.report``; Ray merges the parts into one checkpoi
 accuracy, probe scores, KL to base from `dcv.evaluation`) and reports those metrics with the train loss
 or mean reward since the previous checkpoint, and logs them to the trial's MLflow run. The checkpoint's
 ``dcv_checkpoint.json`` holds them too, with the per-item scores behind them (``item_scores``:
-``target/correct`` and ``probe/<name>/ld`` lists, for the analysis' bootstrap; never sent to MLflow).
+``target/correct`` and ``probe/<name>/ld`` lists, for the analysis' bootstrap; never sent to MLflow), and
+where they were computed (``evaluation``: the device, and when the process's evaluation kit was built).
+
+Rank 0 evaluates with its ``EvaluationKit`` (test items, probes, the base model, the base model's KL
+continuations) on Ray Train's device for the worker, built at the process's first evaluation and reused
+after it (``evaluation_kit``); the KL continuations are sampled once per storage root and kept beside the
+base scores (``kl_reference_file``), so only the first trial of a root samples them. Weights are saved in
+the model's dtype (``SavesInModelDtype``: bf16 stays bf16 under FSDP2, whose master weights are fp32).
 
 A restarted worker resumes from ``ray.train.get_checkpoint()``: the HF Trainer restores model, optimizer,
 scheduler, RNG and step from the merged folder. Only a trial's latest checkpoint keeps that resume state
