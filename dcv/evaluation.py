@@ -284,7 +284,8 @@ def sample_kl_reference(
 
 @torch.inference_mode()
 def _continuation_log_probs(model: PreTrainedModel, ref: KLReference, rows: slice) -> torch.Tensor:
-    """Log-probs [batch, completion_len, vocab] the model assigns to each continuation position."""
+    """Log-probs [batch, completion_len, vocab] the model assigns to each continuation position, on the
+    model's device."""
     n_new = ref.completion_mask.shape[1]
     mask = ref.attention_mask[rows].to(_device(model))
     logits = model(
@@ -293,19 +294,20 @@ def _continuation_log_probs(model: PreTrainedModel, ref: KLReference, rows: slic
         position_ids=position_ids_for(mask),
         logits_to_keep=n_new + 1,
     ).logits[:, :-1]  # position t predicts token t + 1
-    return torch.log_softmax(logits.float(), dim=-1).cpu()
+    return torch.log_softmax(logits.float(), dim=-1)
 
 
 def kl_to_base(
     base_model: PreTrainedModel, model: PreTrainedModel, ref: KLReference, batch_size: int
 ) -> float:
-    """Token-mean forward KL(base || model) over the base model's sampled continuations."""
+    """Token-mean forward KL(base || model) over the base model's sampled continuations, computed on the
+    base model's device (full-vocabulary log-probs never leave it: 5 GB per batch of the paper config)."""
     total, count = 0.0, 0.0
     for rows in _batches(ref.input_ids.shape[0], batch_size):
         base_lp = _continuation_log_probs(base_model, ref, rows)
-        model_lp = _continuation_log_probs(model, ref, rows)
+        model_lp = _continuation_log_probs(model, ref, rows).to(base_lp.device)
         kl = (base_lp.exp() * (base_lp - model_lp)).sum(-1)  # [batch, completion_len]
-        weight = ref.completion_mask[rows].float()
+        weight = ref.completion_mask[rows].to(kl.device).float()
         total += float((kl * weight).sum())
         count += float(weight.sum())
     return total / max(count, 1.0)

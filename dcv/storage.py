@@ -58,7 +58,8 @@ BASE_MODEL = "base"  # the model id of the base model in every table; checkpoint
 TRIALS_DIR = "trials"  # <trial>/checkpoint_*/: Ray Train checkpoints, HF folders
 SWEEPS_DIR = "sweeps"  # <sweep.name>/: Tune's experiment state
 RESULTS_DIR, RESULTS_FILE = "results", "checkpoints.parquet"  # one row per evaluated checkpoint
-BASE_SCORES_DIR = "base_scores"  # <hash>.json: the base model's step-0 scores, shared by trials
+# <hash>.json: the base model's step-0 scores, shared by trials; <hash>.kl_reference.json: its KL samples
+BASE_SCORES_DIR = "base_scores"
 BENCHMARKS_DIR, BENCHMARKS_FILE = "benchmarks", "benchmarks.parquet"
 PATCHING_DIR, EFFECTS_FILE = "patching", "effects.parquet"  # items/<item_id>.parquet: one work item each
 CMAP_FILE = "cmap.parquet"  # beside effects.parquet: cross-model patching, one row per head and direction

@@ -59,7 +59,7 @@ def test_item_means_are_the_metrics_exactly(scored):
 def test_base_scores_cache_keeps_item_scores_and_ignores_stale_files(tiny_config, tiny_model, tokenizer):
     kit = EvaluationKit.build(tiny_config, tokenizer)
     path = kit.base_scores_file()
-    path.parent.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)  # the kit wrote its KL reference there
     path.write_text(json.dumps({"target/accuracy": 0.5}))  # a file of the old shape: metrics only
     first = kit.evaluate_base(tiny_model)
     assert "kl_to_base" in first.metrics  # evaluated again, not the stale file's metrics

@@ -7,7 +7,14 @@ its RNG state) with ``ray.train.report``; Ray merges the parts into one checkpoi
 accuracy, probe scores, KL to base from `dcv.evaluation`) and reports those metrics with the train loss
 or mean reward since the previous checkpoint, and logs them to the trial's MLflow run. The checkpoint's
 ``dcv_checkpoint.json`` holds them too, with the per-item scores behind them (``item_scores``:
-``target/correct`` and ``probe/<name>/ld`` lists, for the analysis' bootstrap; never sent to MLflow).
+``target/correct`` and ``probe/<name>/ld`` lists, for the analysis' bootstrap; never sent to MLflow), and
+where they were computed (``evaluation``: the device, and when the process's evaluation kit was built).
+
+Rank 0 evaluates with its ``EvaluationKit`` (test items, probes, the base model, the base model's KL
+continuations) on Ray Train's device for the worker, built at the process's first evaluation and reused
+after it (``evaluation_kit``); the KL continuations are sampled once per storage root and kept beside the
+base scores (``kl_reference_file``), so only the first trial of a root samples them. Weights are saved in
+the model's dtype (``SavesInModelDtype``: bf16 stays bf16 under FSDP2, whose master weights are fp32).
 
 A restarted worker resumes from ``ray.train.get_checkpoint()``: the HF Trainer restores model, optimizer,
 scheduler, RNG and step from the merged folder. Only a trial's latest checkpoint keeps that resume state
@@ -42,7 +49,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from dcv.config import ExperimentConfig, RLConfig, SFTConfig
 from dcv.evaluation import KLReference, ModelScores, evaluate_model, sample_kl_reference
 from dcv.models import load_model
-from dcv.storage import atomic_path, base_scores_dir, content_hash, local_storage_root, read_json
+from dcv.storage import (
+    atomic_path,
+    base_scores_dir,
+    content_hash,
+    local_storage_root,
+    read_json,
+    set_aside,
+)
 from dcv.tasks import load_target_splits
 from dcv.tasks.items import ProbeSet, QAItem
 from dcv.tasks.probes import build_probes
@@ -52,11 +66,79 @@ from dcv.tracking import RunLogger
 METADATA_FILE = "dcv_checkpoint.json"
 # Bumped when the base scores file changes shape, so files written before are never read back.
 BASE_SCORES_FORMAT = 2  # 2: {"metrics", "item_scores"}; 1 (no key): metrics only
+KL_REFERENCE_FORMAT = 1  # {"input_ids", "attention_mask", "completion_mask"}: integer lists
+
+
+def evaluation_key(cfg: ExperimentConfig) -> dict:
+    """Everything that decides the base model's scores and KL reference: the key of their cached files
+    and of a worker's evaluation kit."""
+    return {
+        "model": cfg.model.model_dump(mode="json", exclude={"cache_dir"}),
+        "evaluation": cfg.evaluation.model_dump(mode="json"),
+        "target_task": cfg.target_task.model_dump(mode="json"),
+        "probes": [p.model_dump(mode="json") for p in cfg.probes],
+    }
+
+
+def kl_reference_file(cfg: ExperimentConfig) -> Path:
+    """Where the base model's KL continuations are kept, beside its scores: sampled by the first trial that
+    needs them and read back by the others (and by their later evaluations), so every trial of a storage
+    root measures KL on the same tokens."""
+    decides = {"format": KL_REFERENCE_FORMAT, **evaluation_key(cfg)}
+    return base_scores_dir(local_storage_root(cfg)) / f"{content_hash(decides, 16)}.kl_reference.json"
+
+
+def read_kl_reference(path: Path) -> KLReference | None:
+    """The KL reference kept at ``path``, or None when it is absent or invalid (then moved aside)."""
+    data = read_json(path, ("input_ids", "attention_mask", "completion_mask"))
+    if data is None:
+        return None
+    try:
+        ref = KLReference(
+            *(torch.tensor(data[k]) for k in ("input_ids", "attention_mask", "completion_mask"))
+        )
+    except (TypeError, ValueError) as exc:  # ragged or non-integer lists
+        set_aside(path, f"not a KL reference ({type(exc).__name__})")
+        return None
+    rows, width = ref.input_ids.shape if ref.input_ids.dim() == 2 else (-1, -1)
+    if (
+        ref.attention_mask.shape != (rows, width)
+        or ref.completion_mask.dim() != 2
+        or ref.completion_mask.shape[0] != rows
+        or ref.completion_mask.shape[1] > width
+    ):
+        set_aside(path, "a KL reference whose tensors do not fit together")
+        return None
+    return ref
+
+
+def kl_reference(
+    cfg: ExperimentConfig,
+    base_model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    test_items: list[QAItem],
+) -> KLReference:
+    """The base model's KL reference for ``cfg``: read back from ``kl_reference_file``, or sampled
+    (``sample_kl_reference``, on the base model's device) and written there."""
+    path = kl_reference_file(cfg)
+    reference = read_kl_reference(path)
+    if reference is not None:
+        return reference
+    reference = sample_kl_reference(base_model, tokenizer, test_items, cfg.evaluation)
+    data = {k: getattr(reference, k).tolist() for k in ("input_ids", "attention_mask", "completion_mask")}
+    # replace=False: a trial that finished sampling first wrote the same seeded continuations.
+    with atomic_path(path, replace=False) as tmp:
+        tmp.write_text(json.dumps(data))
+    # What the file holds, which another trial may have written first: every trial uses the same tokens.
+    return read_kl_reference(path) or reference
 
 
 @dataclass
 class EvaluationKit:
-    """What rank 0 needs to evaluate a checkpoint; built once per worker process."""
+    """What rank 0 needs to evaluate a checkpoint, on the trainer's device: the test items, the probes,
+    the base model (KL to it, and under FSDP the architecture of ``plain_model``) and its KL reference.
+
+    Built by ``evaluation_kit``: once per worker process, at its first evaluation."""
 
     cfg: ExperimentConfig
     tokenizer: PreTrainedTokenizerBase
@@ -64,26 +146,36 @@ class EvaluationKit:
     probes: list[ProbeSet]
     base_model: PreTrainedModel
     kl_reference: KLReference
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # The optimizer step at whose evaluation it was built (None: built outside training).
+    built_at_step: int | None = None
     # FSDP only: the plain model that holds the gathered weights (a copy of base_model, made once).
     _plain: PreTrainedModel | None = field(default=None, repr=False)
 
     @classmethod
-    def build(cls, cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> EvaluationKit:
+    def build(
+        cls,
+        cfg: ExperimentConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        device: torch.device | str = "cpu",
+        step: int | None = None,
+    ) -> EvaluationKit:
+        device = torch.device(device)
         _, test_items = load_target_splits(cfg.target_task)
-        base_model = load_model(cfg.model, tokenizer)
-        reference = sample_kl_reference(base_model, tokenizer, test_items, cfg.evaluation)
+        base_model = load_model(cfg.model, tokenizer).to(device)
+        reference = kl_reference(cfg, base_model, tokenizer, test_items)
+        # The reference's tensors live beside the models that read them (no copy per evaluation).
+        reference = KLReference(
+            reference.input_ids.to(device),
+            reference.attention_mask.to(device),
+            reference.completion_mask.to(device),
+        )
         probes = build_probes(cfg.probes, tokenizer, cfg.target_task)
-        return cls(cfg, tokenizer, test_items, probes, base_model, reference)
+        return cls(cfg, tokenizer, test_items, probes, base_model, reference, device, step)
 
     def base_scores_file(self) -> Path:
         """Where the base model's scores are kept, keyed by everything that decides them."""
-        decides = {
-            "format": BASE_SCORES_FORMAT,
-            "model": self.cfg.model.model_dump(mode="json", exclude={"cache_dir"}),
-            "evaluation": self.cfg.evaluation.model_dump(mode="json"),
-            "target_task": self.cfg.target_task.model_dump(mode="json"),
-            "probes": [p.model_dump(mode="json") for p in self.cfg.probes],
-        }
+        decides = {"format": BASE_SCORES_FORMAT, **evaluation_key(self.cfg)}
         return base_scores_dir(local_storage_root(self.cfg)) / f"{content_hash(decides, 16)}.json"
 
     def evaluate_base(self, model: PreTrainedModel) -> ModelScores:
@@ -99,8 +191,9 @@ class EvaluationKit:
         return scores
 
     def plain_model(self, state_dict: dict[str, torch.Tensor]) -> PreTrainedModel:
-        """A plain (unsharded) model holding ``state_dict``: the base model's architecture, which every
-        trial's policy shares (GRPO after SFT starts from an SFT checkpoint of the same base)."""
+        """A plain (unsharded) model holding ``state_dict``, on the kit's device: the base model's
+        architecture, which every trial's policy shares (GRPO after SFT starts from an SFT checkpoint of
+        the same base)."""
         if self._plain is None:
             self._plain = copy.deepcopy(self.base_model)
         self._plain.load_state_dict(state_dict, strict=True)  # casts to the base's dtype where they differ
@@ -123,6 +216,38 @@ class EvaluationKit:
             model.train(was_training)
 
 
+# This process's evaluation kit, under the key of what decides it (``evaluation_kit``).
+_KIT: dict[str, EvaluationKit] = {}
+_KIT_BUILDS = [0]  # kits this process has built
+
+
+def kits_built() -> int:
+    """How many evaluation kits this process has built (one per worker process, unless its config changes)."""
+    return _KIT_BUILDS[0]
+
+
+def evaluation_kit(
+    cfg: ExperimentConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    device: torch.device | str,
+    step: int | None = None,
+) -> EvaluationKit:
+    """This process's kit for ``cfg`` on ``device``: built at the first call, the same object after it,
+    across evaluations and across trials that Ray runs in this process, as long as nothing that decides
+    it changes (``evaluation_key``, the storage root, the device). Only the latest kit is kept: a kit
+    holds a base model, on the trainer's GPU where there is one. ``step``: the evaluation that asks."""
+    device = torch.device(device)
+    key = content_hash(
+        {**evaluation_key(cfg), "storage": str(local_storage_root(cfg)), "device": str(device)}
+    )
+    kit = _KIT.get(key)
+    if kit is None:
+        _KIT.clear()  # first, so the old kit's memory is free before the new one loads
+        kit = _KIT[key] = EvaluationKit.build(cfg, tokenizer, device, step)
+        _KIT_BUILDS[0] += 1
+    return kit
+
+
 def is_rank_zero() -> bool:
     return ray.train.get_context().get_world_rank() == 0
 
@@ -134,18 +259,28 @@ def train_metric_since(log_history: list[dict[str, Any]], key: str, after_step: 
 
 
 class EvaluatedCheckpoints(TrainerCallback):
-    """HF Trainer callback: on every save, evaluate (rank 0) and report the checkpoint to Ray Train."""
+    """HF Trainer callback: on every save, evaluate (rank 0) and report the checkpoint to Ray Train.
+
+    Rank 0 builds its evaluation kit (``evaluation_kit``, on Ray Train's device for this worker) at its
+    first evaluation, not before training: there every rank has passed the trainer's set-up collectives
+    and, under FSDP, the weights' gather, and the other ranks wait for rank 0 in ``ray.train.report``,
+    whose barrier is Ray Train's own and has no timeout (``RAY_TRAIN_COLLECTIVE_TIMEOUT_S`` unset), not in
+    a torch collective, which would fail after the process group's timeout (1,800 s).
+    """
 
     def __init__(
         self,
-        kit: EvaluationKit | None,
+        cfg: ExperimentConfig,
+        tokenizer: PreTrainedTokenizerBase,
         method: str,
         trial: str,
         train_metric: str,
         resuming: bool,
         log_run=None,
     ):
-        self.kit = kit  # None on ranks > 0
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.evaluates = is_rank_zero()  # rank 0 evaluates and writes the metadata; the others only report
         self.method = method
         self.trial = trial
         self.train_metric = train_metric  # "loss" for SFT, "reward" for GRPO
@@ -153,21 +288,34 @@ class EvaluatedCheckpoints(TrainerCallback):
         self.resuming = resuming
         self.log_run = log_run  # RunLogger on rank 0, None elsewhere
 
-    def whole_model(self, model: PreTrainedModel) -> PreTrainedModel | None:
+    def kit(self, step: int) -> EvaluationKit:
+        """Rank 0's evaluation kit, built at the first evaluation of this process (``step``)."""
+        from ray.train.torch import get_device
+
+        return evaluation_kit(self.cfg, self.tokenizer, get_device(), step)
+
+    def whole_model(self, model: PreTrainedModel, step: int) -> PreTrainedModel | None:
         """The model to evaluate and save: ``model`` itself, or under FSDP a plain copy on rank 0 of the
         weights gathered from every rank (so every rank must call this; ranks > 0 get None)."""
         if not is_sharded(model):
             return model
         state = full_state_dict(model)
-        return self.kit.plain_model(state) if self.kit is not None else None
+        return self.kit(step).plain_model(state) if self.evaluates else None
 
     def report(self, step: int, folder: Path, model: PreTrainedModel, extra: dict[str, float]) -> None:
         metrics: dict[str, float] = {"step": float(step), **extra}
-        if self.kit is not None:
-            from_base = step == 0 and (self.method == "sft" or self.kit.cfg.rl.init == "base")
-            scores = self.kit.evaluate_base(model) if from_base else self.kit.evaluate(model)
+        if self.evaluates:
+            kit = self.kit(step)
+            from_base = step == 0 and (self.method == "sft" or self.cfg.rl.init == "base")
+            scores = kit.evaluate_base(model) if from_base else kit.evaluate(model)
             metrics.update(scores.metrics)
             meta = {"step": step, "method": self.method, "trial": self.trial, "metrics": metrics}
+            # Where it was evaluated: the device, and the kit's reuse (built once per worker process).
+            meta["evaluation"] = {
+                "device": str(kit.device),
+                "kit_built_at_step": kit.built_at_step,
+                "kits_built_by_process": kits_built(),
+            }
             (folder / METADATA_FILE).write_text(json.dumps({**meta, "item_scores": scores.item_scores}))
         checkpoint = ray.train.Checkpoint.from_directory(str(folder))
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}")
@@ -180,12 +328,12 @@ class EvaluatedCheckpoints(TrainerCallback):
         if self.resuming:
             return
         # Step 0 is the base model: a weights-only checkpoint, evaluated like the others.
-        whole = self.whole_model(model)
+        whole = self.whole_model(model, 0)
         folder = Path(tempfile.mkdtemp(prefix="dcv-step0-"))
         try:
-            if self.kit is not None:
+            if self.evaluates:
                 whole.save_pretrained(folder)
-                self.kit.tokenizer.save_pretrained(folder)
+                self.tokenizer.save_pretrained(folder)
             self.report(0, folder, whole, {})
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -198,9 +346,41 @@ class EvaluatedCheckpoints(TrainerCallback):
         value = train_metric_since(state.log_history, self.train_metric, step - args.save_steps)
         if value is not None:
             extra[f"train/{self.train_metric}"] = value
-        self.report(step, folder, self.whole_model(model), extra)
+        self.report(step, folder, self.whole_model(model, step), extra)
         # Ray holds the persisted copy; the local one only costs disk.
         shutil.rmtree(folder, ignore_errors=True)
+
+
+class SavesInModelDtype:
+    """HF Trainer mixin: checkpoints hold the weights in the dtype the model was loaded in
+    (``model.dtype`` of the config), like step 0's, which the callback saves from the model itself.
+
+    Under FSDP2 with bf16, accelerate upcasts the parameters to fp32 master weights (``fsdp2_prepare_model``
+    in accelerate/utils/fsdp_utils.py, 1.15), so the Trainer's save of the gathered FULL_STATE_DICT would
+    write fp32 tensors, and ``save_pretrained`` would write the parameters' dtype, float32, into
+    config.json; lm-eval's ``dtype="auto"`` would then score step 0 in bf16 and later steps in fp32. The
+    resume state (accelerate's ``pytorch_model_fsdp*`` copy, optimizer) keeps the fp32 master weights.
+    """
+
+    def __init__(self, *args, save_dtype: torch.dtype, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.save_dtype = save_dtype
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if state_dict is not None:
+            state_dict = {
+                name: t.to(self.save_dtype) if t.is_floating_point() and t.dtype != self.save_dtype else t
+                for name, t in state_dict.items()
+            }
+        super()._save(output_dir, state_dict=state_dict)
+        folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        if self.args.should_save and (folder / "config.json").is_file():
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(folder)
+            if config.dtype != self.save_dtype:
+                config.dtype = self.save_dtype
+                config.save_pretrained(folder)
 
 
 def shared_trainer_args(

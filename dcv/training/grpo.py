@@ -25,12 +25,12 @@ from trl import GRPOConfig, GRPOTrainer
 
 from dcv.config import ExperimentConfig, RLConfig, parse_config
 from dcv.evaluation import chat_prompts
-from dcv.models import load_model_and_tokenizer
+from dcv.models import DTYPES, load_model_and_tokenizer
 from dcv.tasks import load_target_splits
 from dcv.tasks.answers import reward
 from dcv.training.checkpoints import (
     EvaluatedCheckpoints,
-    EvaluationKit,
+    SavesInModelDtype,
     check_sharded,
     distributed_args,
     full_state_dict,
@@ -141,6 +141,10 @@ def grpo_args(r: RLConfig) -> dict[str, Any]:
     }
 
 
+class DcvGRPOTrainer(SavesInModelDtype, SamplerCorrectedGRPOTrainer):
+    """dcv's GRPO trainer saving checkpoints in the model's dtype (bf16 under FSDP too)."""
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = parse_config(loop_config["config"])
     trial, seed = loop_config["trial"], loop_config["seed"]
@@ -164,12 +168,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         **distributed_args(cfg.rl.distributed, model),
     )
     keep_fsdp_on_cpu(args)
-    kit = EvaluationKit.build(cfg, tokenizer) if is_rank_zero() else None
     resume_from = restore_latest(output_dir)
+    # Rank 0 builds its evaluation kit at the first evaluation (EvaluatedCheckpoints), not here.
     callback = EvaluatedCheckpoints(
-        kit, "rl", trial, "reward", resuming=resume_from is not None, log_run=trial_logger(loop_config)
+        cfg,
+        tokenizer,
+        "rl",
+        trial,
+        "reward",
+        resuming=resume_from is not None,
+        log_run=trial_logger(loop_config),
     )
-    trainer = SamplerCorrectedGRPOTrainer(
+    trainer = DcvGRPOTrainer(
         model=model,
         reward_funcs=[make_reward(cfg.target_task.format_bonus)],
         args=args,
@@ -184,6 +194,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             publishes=is_rank_zero(),
             rank=ray.train.get_context().get_world_rank(),
         ),
+        save_dtype=DTYPES[cfg.model.dtype],
     )
     trainer = prepare_trainer(trainer)
     check_sharded(trainer, cfg.rl.distributed)

@@ -21,14 +21,13 @@ from ray.train.huggingface.transformers import prepare_trainer
 from trl import SFTConfig, SFTTrainer
 
 from dcv.config import parse_config
-from dcv.models import load_model_and_tokenizer
+from dcv.models import DTYPES, load_model_and_tokenizer
 from dcv.tasks import load_target_splits
 from dcv.training.checkpoints import (
     EvaluatedCheckpoints,
-    EvaluationKit,
+    SavesInModelDtype,
     check_sharded,
     distributed_args,
-    is_rank_zero,
     keep_fsdp_on_cpu,
     restore_latest,
     set_torch_threads,
@@ -36,6 +35,10 @@ from dcv.training.checkpoints import (
     trial_logger,
     worker_output_dir,
 )
+
+
+class DcvSFTTrainer(SavesInModelDtype, SFTTrainer):
+    """TRL's SFTTrainer saving checkpoints in the model's dtype (bf16 under FSDP too)."""
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -56,13 +59,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         **distributed_args(cfg.sft.distributed, model),
     )
     keep_fsdp_on_cpu(args)
-    kit = EvaluationKit.build(cfg, tokenizer) if is_rank_zero() else None
     resume_from = restore_latest(output_dir)
+    # Rank 0 builds its evaluation kit at the first evaluation (EvaluatedCheckpoints), not here.
     callback = EvaluatedCheckpoints(
-        kit, "sft", trial, "loss", resuming=resume_from is not None, log_run=trial_logger(loop_config)
+        cfg,
+        tokenizer,
+        "sft",
+        trial,
+        "loss",
+        resuming=resume_from is not None,
+        log_run=trial_logger(loop_config),
     )
-    trainer = SFTTrainer(
-        model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=[callback]
+    trainer = DcvSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        callbacks=[callback],
+        save_dtype=DTYPES[cfg.model.dtype],
     )
     trainer = prepare_trainer(trainer)
     check_sharded(trainer, cfg.sft.distributed)

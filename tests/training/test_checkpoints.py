@@ -88,3 +88,32 @@ def test_a_finished_trial_loses_all_resume_state_and_shares_the_base_weights(tmp
     assert not (step4 / "model.safetensors").samefile(base / "model.safetensors")
     assert (step4 / "model.safetensors").read_bytes() == b"trained wts!"
     assert trim_finished_trial(trial, base) == []  # nothing left to trim: a rerun changes nothing
+
+
+def test_checkpoints_keep_the_model_dtype_when_training_upcasts_it(tmp_path, tokenizer):
+    """FSDP2 with bf16 trains fp32 master weights (accelerate upcasts the parameters), so the Trainer's
+    save gets an fp32 state dict from an fp32 model: SavesInModelDtype still writes bf16 weights and
+    ``dtype: bfloat16`` in config.json, as step 0 has. (Under FSDP on Ray: tests/training/test_fsdp.py.)"""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import Trainer, TrainingArguments
+
+    from dcv.config import ModelConfig
+    from dcv.models import load_model
+    from dcv.training.checkpoints import SavesInModelDtype
+
+    class BF16Trainer(SavesInModelDtype, Trainer):
+        pass
+
+    model = load_model(ModelConfig(name="tiny", dtype="bfloat16"), tokenizer)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
+    trainer = BF16Trainer(model=model, args=args, save_dtype=torch.bfloat16)
+    model.float()  # what accelerate's fsdp2_prepare_model does to a bf16 model under mixed precision
+    state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    trainer._save(str(tmp_path / "checkpoint"), state_dict=state)
+    saved = load_file(str(tmp_path / "checkpoint" / "model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "checkpoint" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert all(torch.equal(saved[k], state[k].to(torch.bfloat16)) for k in saved)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from dcv.config import ModelConfig, parse_config
 from dcv.models import load_model
-from dcv.training.checkpoints import distributed_args, has_resume_state
+from dcv.training.checkpoints import METADATA_FILE, distributed_args, has_resume_state
 from dcv.training.trial import run_trial
 from tests.helpers import train_config_dict, train_with_a_kill
 
@@ -34,8 +34,14 @@ def test_fsdp_wraps_each_decoder_layer_of_any_family(tokenizer, architecture, la
     assert distributed_args("ddp", model) == {}
 
 
-def test_fsdp_sft_trial_saves_whole_weights_and_resumes(ray_cluster, tmp_path, tokenizer):
-    cfg = fsdp_config(tmp_path / "store", "sft", max_steps=6, eval_every=2)
+def test_fsdp_sft_trial_saves_whole_bf16_weights_evaluates_lazily_and_resumes(
+    ray_cluster, tmp_path, tokenizer
+):
+    """A bf16 model under FSDP2: accelerate trains fp32 master weights, and every checkpoint, step 0 and
+    the trained ones, still holds bf16 weights with ``dtype: bfloat16`` in its config."""
+    raw = train_config_dict(tmp_path / "store", workers=2, sft={"distributed": "fsdp", "max_steps": 6})
+    raw["model"]["dtype"] = "bfloat16"
+    cfg = parse_config(raw)
     # Killed once Ray Train has registered the step-2 checkpoint, so the restart resumes from a checkpoint.
     trial_dir, killed, result = train_with_a_kill(cfg, ray_cluster, after_step=2)
     # Killed mid-run, not after the last step. Step 4's checkpoint may already exist: the tiny model's
@@ -53,13 +59,16 @@ def test_fsdp_sft_trial_saves_whole_weights_and_resumes(ray_cluster, tmp_path, t
     assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == list(range(1, 7))
 
     # Every checkpoint holds whole weights under the HF names (a shard would be a fraction of dim 0, a
-    # wrapper would prefix the names), which load into a fresh tiny model; tied lm_head.weight is
+    # wrapper would prefix the names), in bf16, which load into a fresh tiny model; tied lm_head.weight is
     # saved once, as embed_tokens.
-    fresh = load_model(ModelConfig(name="tiny"), tokenizer)
+    fresh = load_model(ModelConfig(name="tiny", dtype="bfloat16"), tokenizer)
     expected = {k: v.clone() for k, v in fresh.state_dict().items()}  # the base, before any load below
-    weights = {r.step: load_file(str(Path(r.path) / "model.safetensors")) for r in records}
+    folders = {r.step: Path(r.path) for r in records}
+    weights = {step: load_file(str(folder / "model.safetensors")) for step, folder in folders.items()}
     for step, saved in weights.items():
         assert {k: v.shape for k, v in saved.items()} == {k: expected[k].shape for k in saved}, step
+        assert {v.dtype for v in saved.values()} == {torch.bfloat16}, step
+        assert json.loads((folders[step] / "config.json").read_text())["dtype"] == "bfloat16", step
         loaded = fresh.load_state_dict(saved, strict=False)
         assert not loaded.unexpected_keys and set(loaded.missing_keys) <= {"lm_head.weight"}, step
     # A finished trial keeps no resume state, accelerate's FSDP copy of the model included.
@@ -69,6 +78,19 @@ def test_fsdp_sft_trial_saves_whole_weights_and_resumes(ray_cluster, tmp_path, t
     assert all(torch.equal(weights[0][k], expected[k]) for k in weights[0])  # step 0 is the base model
     assert records[0].metrics["kl_to_base"] == pytest.approx(0.0, abs=1e-6)
     assert max(float((weights[6][k] - weights[0][k]).abs().max()) for k in weights[0]) > 0  # it trained
+
+    # Rank 0 evaluated on Ray Train's device for it, with one kit per worker process, built at the
+    # process's first evaluation (step 0, or the first step after the restart): after the trainer's set-up
+    # and the weights' gather, never before the first collective.
+    evaluation = {
+        step: json.loads((folder / METADATA_FILE).read_text())["evaluation"]
+        for step, folder in folders.items()
+    }
+    assert {e["device"] for e in evaluation.values()} == {"cpu"}
+    assert {e["kits_built_by_process"] for e in evaluation.values()} == {1}
+    assert evaluation[0]["kit_built_at_step"] == 0
+    restarted = [step for step, e in evaluation.items() if e["kit_built_at_step"] != 0]
+    assert restarted and {evaluation[step]["kit_built_at_step"] for step in restarted} == {restarted[0]}
 
 
 def test_fsdp_grpo_trial_publishes_whole_weights(ray_cluster, tmp_path):
