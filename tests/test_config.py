@@ -267,3 +267,14 @@ def test_dcv_validate_explain_prints_the_tree_and_plain_validate_one_line(capsys
     assert "with rl.loss_type=dr_grpo: ok" in out[0]
     assert "default dapo  config dr_grpo  # how token losses" in field_line(out[1:], "rl.loss_type")
     assert out[1:] == explain_config(load_config(DEMO_CONFIG, ["rl.loss_type=dr_grpo"]))
+
+
+def test_rollout_python_is_an_absolute_path(tmp_path):
+    from dcv.config import RolloutConfig
+
+    with pytest.raises(ValueError, match=r"python[\s\S]*'venv/bin/python' is not an absolute path"):
+        RolloutConfig(python="venv/bin/python")
+    assert RolloutConfig(python="~/dcv/.venv-vllm/bin/python").python == str(
+        Path("~/dcv/.venv-vllm/bin/python").expanduser()
+    )
+    assert RolloutConfig().python is None
