@@ -244,7 +244,7 @@ class VLLMRolloutBackend:
         # crosses into the engine process unchanged (tensors would arrive as lists).
         with tempfile.TemporaryDirectory(prefix="dcv-vllm-weights-") as folder:
             path = os.path.join(folder, "model.safetensors")
-            save_file({k: v.contiguous() for k, v in state_dict.items()}, path)
+            save_file(unshared(state_dict), path)
             self.llm.collective_rpc(_reload_in_vllm_worker, args=(path,))
         # The prefix cache holds keys and values computed with the old weights: drop it, as TRL's colocate
         # sync does.
@@ -267,6 +267,18 @@ class VLLMRolloutBackend:
         reference = sequence_logprobs(self.reference, self.check_ids)
         engine = self.sequence_logprobs(self.check_ids)
         self.last_check = compare_logprobs(reference, engine, LOGPROB_ATOL[self.dtype], version)
+
+
+def unshared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors as safetensors writes them: contiguous, and no two on one storage (it refuses shared
+    ones; a tied model's embedding and lm_head arrive as one tensor under two names)."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in state_dict.items():
+        storage = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if storage in seen else tensor.contiguous()
+        seen.add(storage)
+    return out
 
 
 def vllm_model_folder(cfg: ExperimentConfig) -> str:

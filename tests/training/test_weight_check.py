@@ -126,3 +126,19 @@ def test_sequence_logprobs_are_teacher_forced(tiny_model):
     with torch.inference_mode():
         full = tiny_model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
     assert logps == pytest.approx([full[i, ids[i + 1]].item() for i in range(3)])
+
+
+def test_tied_weights_are_written_once_each(tiny_model, tmp_path):
+    """A tied model's state dict holds one tensor under two names, which safetensors refuses to write; the
+    vllm backend's file gets a copy under the second name."""
+    from safetensors.torch import load_file, save_file
+
+    from dcv.training.rollout import unshared
+
+    state = tiny_model.state_dict()
+    assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
+    with pytest.raises(RuntimeError, match="share memory"):
+        save_file(state, str(tmp_path / "shared.safetensors"))
+    save_file(unshared(state), str(tmp_path / "model.safetensors"))
+    back = load_file(str(tmp_path / "model.safetensors"))
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
