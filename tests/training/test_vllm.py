@@ -20,9 +20,9 @@ from dcv.config import parse_config
 from dcv.models import load_model
 from dcv.training.grpo import grpo_args
 from dcv.training.importance import SamplerCorrectedGRPOTrainer
+from dcv.training.rollout import VLLMRolloutBackend, receive_weights
 from dcv.training.weight_check import LOGPROB_ATOL
 from tests.helpers import VLLM_ROLLOUT, VLLM_TINY, tiny_config_dict, vllm_python
-from tests.training.vllm_probe import VLLMProbe
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
@@ -44,15 +44,56 @@ def cfg(tmp_path_factory):
     return parse_config(raw)
 
 
+def probe_class():
+    """A Ray actor class holding the backend and the real `receive_weights`, plus two ways to make a publish
+    go wrong inside the actor (the engine loads other tensors than the learner sent, or none). Defined in a
+    function so that Ray sends it by value: the vLLM interpreter has neither pytest nor this module's
+    imports."""
+
+    class VLLMProbe:
+        def __init__(self, config):
+            self.backend = VLLMRolloutBackend(parse_config(config))
+
+        def receive(self, state, version, forward_check=True):
+            receive_weights(self.backend, state, version, forward_check)
+            return self.backend.last_check
+
+        def receive_altered(self, state, version, name, noise, forward_check):
+            """`receive_weights` of ``state`` while the engine loads it with ``name`` moved by seeded noise
+            of std ``noise`` (``name`` None: the engine loads nothing and keeps its old weights)."""
+            load = self.backend.load_weights
+            if name is None:
+                self.backend.load_weights = lambda state_dict: None
+            else:
+                wrong = dict(state)
+                generator = torch.Generator().manual_seed(7)
+                wrong[name] = state[name] + noise * torch.randn(state[name].shape, generator=generator)
+                self.backend.load_weights = lambda state_dict: load(wrong)
+            try:
+                receive_weights(self.backend, state, version, forward_check)
+            finally:
+                del self.backend.load_weights  # the class's method again
+            return self.backend.last_check
+
+        def generate(self, *args):
+            return self.backend.generate(*args)
+
+    return ray.remote(VLLMProbe)
+
+
 @pytest.fixture(scope="module")
 def probe(ray_cluster, cfg):
-    actor = VLLMProbe.options(
-        num_cpus=1,
-        runtime_env={
-            "py_executable": cfg.rl.rollout.python,
-            "env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-        },
-    ).remote(cfg.model_dump(mode="json"))
+    actor = (
+        probe_class()
+        .options(
+            num_cpus=1,
+            runtime_env={
+                "py_executable": cfg.rl.rollout.python,
+                "env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+            },
+        )
+        .remote(cfg.model_dump(mode="json"))
+    )
     yield actor
     ray.kill(actor)
 
