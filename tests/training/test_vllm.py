@@ -194,6 +194,7 @@ def test_truncated_importance_sampling_on_the_engines_logprobs(probe, learner, c
                 use_cpu=True,
                 report_to="none",
                 gradient_checkpointing=False,
+                bf16=False,  # TRL's configs default to bf16 autocast: the learner's forward in float32
                 **grpo_args(r),
             ),
             train_dataset=Dataset.from_list([{"prompt": "Hello there"}]),
