@@ -503,6 +503,7 @@ def check_vllm(
     check against HF; its mean log-prob difference is ``vllm_forward_check``); 16 samples for each of 4
     prompts (distinct completions within a prompt and over all); and the sampled tokens' log-probs against
     this process's HF forward on the same weights, in the run's dtype."""
+    import os
     import shutil
     import tempfile
 
@@ -537,7 +538,8 @@ def check_vllm(
         "gpu_memory_utilization": 0.3,
         "enforce_eager": True,  # a correctness check: no CUDA graph capture, no compile
         "kv_cache_gib": None if cuda else 1.0,
-        "python": python,
+        # absolute, not resolved: the venv's python is a link to the base interpreter
+        "python": os.path.abspath(os.path.expanduser(python)) if python else None,
     }
     cfg = parse_config(
         {
