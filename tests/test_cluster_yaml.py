@@ -91,8 +91,12 @@ def test_cluster_security_choices(cluster):
     # Storage and tracking reach every job through the environment that `ray start` passes on.
     assert "export DCV_STORAGE_ROOT=s3://" in setup and "export MLFLOW_TRACKING_URI=http://" in setup
     assert "mlflow/serve --auth" in head_start
-    # CUDA torch before dcv[gpu], so no dependency pulls another torch build.
-    assert setup.index("download.pytorch.org/whl/cu") < setup.index("-e ~/dcv'[gpu]'")
+    # Every install of dcv[gpu...] takes constraints-gpu.txt's versions, torch's among them (one source).
+    installs = [c for c in cluster["setup_commands"] + cluster["head_setup_commands"] if "-e ~/dcv'[gpu" in c]
+    assert len(installs) == 2 and all("-c ~/dcv/constraints-gpu.txt -e ~/dcv'[gpu" in c for c in installs)
+    assert "download.pytorch.org" not in setup
+    pins = (REPO / "constraints-gpu.txt").read_text()
+    assert re.search(r"^torch==2\.13\.0$", pins, re.M) and re.search(r"^vllm==0\.32\.0$", pins, re.M)
     # Passwords are only ever taken from variables, never written into the file.
     assigned = re.findall(r"PASSWORD=(\S+)", CLUSTER_YAML.read_text())
     assert assigned and all(value.startswith(("$", '"$', "%s")) for value in assigned), assigned

