@@ -129,7 +129,7 @@ def test_sampled_logprobs_are_hfs_on_the_published_weights(probe, learner, token
     check = ray.get(probe.receive.remote(weights(learner), 1))
     assert check is not None and check <= LOGPROB_ATOL["float32"]  # the forward check ran, and passed
     prompts = [tokenizer(text)["input_ids"] for text in ("One", "Two two two")]
-    completions, logprobs = ray.get(probe.generate.remote(prompts, 4, 6, TEMPERATURE, 0))
+    completions, logprobs = ray.get(probe.generate.remote(prompts, 4, 6, TEMPERATURE, [0, 1]))
     assert len(completions) == len(logprobs) == 8
     assert len({tuple(c) for c in completions}) > 2  # sampled, not one completion repeated
     worst = 0.0
@@ -176,7 +176,7 @@ def test_truncated_importance_sampling_on_the_engines_logprobs(probe, learner, c
         (prompt,) = set(prompts)  # one prompt, n rows
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         completions, lps = ray.get(
-            probe.generate.remote([ids], n, cfg.rl.max_completion_length, TEMPERATURE, 3)
+            probe.generate.remote([ids], n, cfg.rl.max_completion_length, TEMPERATURE, [3])
         )
         return {"prompt_ids": [ids] * n, "completion_ids": completions, "logprobs": lps}
 
