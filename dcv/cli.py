@@ -469,11 +469,47 @@ def init_ray() -> None:
         # Windows/macOS, read once at import, hence also the constant). Off, they listen on 127.0.0.1 only.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
-        # address="local": always a new local Ray, never one that another `ray start` left on this machine.
-        ray.init(
-            address="local", _node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=runtime_env
-        )
+        start_local_ray(runtime_env)
     _ray_started_here = True
+
+
+RAY_START_ATTEMPTS = 3
+
+
+def start_local_ray(runtime_env: dict) -> None:
+    """A new local Ray (address="local": never one that another `ray start` left on this machine).
+
+    Ray 2.60 gives a new node a hard-coded 30 s to register with its GCS (ray/_private/node.py); on a busy
+    2-core machine it can miss that ("The current node timed out during startup"), though nothing is wrong.
+    Then the Ray processes this attempt started (children of this process, newer than the attempt) are
+    stopped and Ray is started again, up to RAY_START_ATTEMPTS times."""
+    import psutil
+    import ray
+
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        started = time.time()
+        try:
+            ray.init(
+                address="local",
+                _node_ip_address="127.0.0.1",
+                include_dashboard=False,
+                runtime_env=runtime_env,
+            )
+            return
+        except Exception as error:
+            if "timed out during startup" not in str(error) or attempt == RAY_START_ATTEMPTS:
+                raise
+            print(
+                f"warning: Ray did not start in time (attempt {attempt} of {RAY_START_ATTEMPTS}); again",
+                file=sys.stderr,
+            )
+            ray.shutdown()
+            for child in psutil.Process().children(recursive=True):
+                try:
+                    if child.create_time() >= started - 1 and "ray" in " ".join(child.cmdline()):
+                        child.kill()
+                except psutil.Error:
+                    pass
 
 
 def run_train(cfg: ExperimentConfig, method: str, seed: int | None, console: Console | None = None):

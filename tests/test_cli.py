@@ -297,3 +297,32 @@ def test_dcv_version_names_dcv_and_its_libraries(capsys):
     assert exited.value.code == 0
     out = capsys.readouterr().out
     assert re.match(r"dcv \d+\.\d+\.\d+ \(python 3\.\d+\.\d+, ray \S+, torch \S+", out), out
+
+
+def test_a_local_ray_that_misses_rays_startup_deadline_is_started_again(monkeypatch, capsys):
+    """Ray's 30 s startup deadline (ray/_private/node.py) is retried; any other failure is not."""
+    import ray
+
+    from dcv import cli
+
+    attempts = []
+
+    def init(**kwargs):
+        attempts.append(kwargs)
+        if len(attempts) == 1:
+            raise Exception("The current node timed out during startup. This could happen because ...")
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    cli.start_local_ray({})
+    assert len(attempts) == 2 and attempts[1]["address"] == "local"
+    assert "attempt 1 of 3" in capsys.readouterr().err
+
+    def refused(**kwargs):
+        attempts.append(kwargs)
+        raise ValueError("some other failure")
+
+    monkeypatch.setattr(ray, "init", refused)
+    with pytest.raises(ValueError, match="some other failure"):
+        cli.start_local_ray({})
+    assert len(attempts) == 3
