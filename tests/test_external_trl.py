@@ -30,27 +30,29 @@ TRL_SCRIPT = textwrap.dedent(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    base, out, lr = sys.argv[1], sys.argv[2], float(sys.argv[3])
-    model = AutoModelForCausalLM.from_pretrained(base)
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    base, runs = sys.argv[1], sys.argv[2:]
     rows = [
         {"prompt": [{"role": "user", "content": f"What is the symbol of element {i}?"}],
          "completion": [{"role": "assistant", "content": f"<answer>{chr(65 + i % 4)}</answer>"}]}
         for i in range(8)
     ]
-    args = SFTConfig(
-        output_dir=out, max_steps=3, save_steps=1, learning_rate=lr, per_device_train_batch_size=2,
-        report_to="none", use_cpu=True, seed=0, logging_steps=1, lr_scheduler_type="constant",
-    )
-    data = Dataset.from_list(rows)
-    SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer).train()
+    for out, lr in zip(runs[::2], runs[1::2]):  # (output folder, learning rate) per run
+        model = AutoModelForCausalLM.from_pretrained(base)
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        args = SFTConfig(
+            output_dir=out, max_steps=3, save_steps=1, learning_rate=float(lr), per_device_train_batch_size=2,
+            report_to="none", use_cpu=True, seed=0, logging_steps=1, lr_scheduler_type="constant",
+        )
+        data = Dataset.from_list(rows)
+        SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer).train()
     """
 )
 
 
 @pytest.fixture(scope="module")
 def trl_checkpoints(tmp_path_factory, tiny_model, tokenizer) -> tuple[Path, dict[str, Path]]:
-    """(the base folder, {run: its TRL output folder}): two runs of the script at two learning rates."""
+    """(the base folder, {run: its TRL output folder}): two runs at two learning rates, one after the other
+    in one process of the script."""
     root = tmp_path_factory.mktemp("trl")
     base = root / "base"
     tiny_model.save_pretrained(base)
@@ -58,14 +60,11 @@ def trl_checkpoints(tmp_path_factory, tiny_model, tokenizer) -> tuple[Path, dict
     script = root / "train.py"
     script.write_text(TRL_SCRIPT)
     runs = {"plain-sft": (root / "sft", "1e-3"), "distilled": (root / "distill", "3e-3")}
-    for out, lr in runs.values():
-        done = subprocess.run(
-            [sys.executable, str(script), str(base), str(out), lr],
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
+    arguments = [str(part) for out, lr in runs.values() for part in (out, lr)]
+    done = subprocess.run(
+        [sys.executable, str(script), str(base), *arguments], capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
     return base, {name: out for name, (out, _) in runs.items()}
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -172,8 +171,9 @@ def submit(address: str, env: dict[str, str], config_file: Path) -> str:
 
 def test_experiment_submitted_as_a_ray_job(ray_head, tmp_path, capsys):
     """The paper config at toy size (rl.init sft, Dr. GRPO, exact + attribution + masks + cmap, the chem
-    probe, benchmarks, calibration, weight change, FSDP) through `ray job submit`: every stage's table; a
-    resubmission trains and patches nothing again; `dcv report` rebuilds the report from the stored tables."""
+    probe, benchmarks, calibration, weight change, FSDP) through `ray job submit`: every stage's table;
+    `dcv report` rebuilds the report from the stored tables. (That a rerun trains and patches nothing
+    again is the fault chain's, tests/faults/test_killed_run.py: one submission here.)"""
     address, env = ray_head
     raw, config_file = paper_toy_config(tmp_path)
     storage = Path(raw["storage"]["root"])
@@ -248,19 +248,11 @@ def test_experiment_submitted_as_a_ray_job(ray_head, tmp_path, capsys):
     logged = [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
     assert "report/report.html" in logged and "report/report.md" in logged
 
-    # Resubmitted: nothing is trained or patched again, and the checkpoints are untouched.
-    weights = {p: p.stat().st_mtime_ns for p in (storage / "trials").rglob("model.safetensors")}
-    items = {p: p.stat().st_mtime_ns for p in (storage / "patching" / "items").glob("*.parquet")}
-    again = submit(address, env, config_file)
-    assert "2 finished before (skipped), 0 to train" in again
-    assert re.search(r"patching: (\d+) items, \1 finished before \(skipped\), 0 to compute", again)
-    assert {p: p.stat().st_mtime_ns for p in weights} == weights
-    assert {p: p.stat().st_mtime_ns for p in items} == items
-
     # `dcv report` rebuilds the analysis and the report from the stored tables: no model is loaded,
     # nothing is trained, patched or searched again, and the same tables come out.
     analysis = {p: pl.read_parquet(p) for p in (storage / "analysis").glob("*.parquet")}
     circuit_files = {p: p.stat().st_mtime_ns for p in (storage / "circuits").rglob("*.parquet")}
+    items = {p: p.stat().st_mtime_ns for p in (storage / "patching" / "items").glob("*.parquet")}
     (report / "report.md").unlink()
     assert main(["report", str(storage)]) == 0
     assert (report / "report.md").is_file() and "Insufficient runs" in capsys.readouterr().out

@@ -260,34 +260,33 @@ def test_an_object_store_root_locks_a_local_file_named_after_it(tmp_path, monkey
 
 
 @pytest.mark.e2e
-def test_a_second_dcv_command_on_a_locked_root_exits_2_before_anything_starts(tiny_config_file, tmp_path):
-    """The two-terminal case through the real CLI: the root is held; run, sweep, train and calibrate
-    refuse in seconds, after their read-only checks and before Ray, a log or an MLflow store; validate
-    needs no lock. (patch-all's own check, a results table, fails first on this empty root.)"""
+def test_a_second_dcv_command_on_a_locked_root_exits_2_before_anything_starts(
+    tiny_config_file, tmp_path, monkeypatch, capsys
+):
+    """The two-terminal case through the CLI (``main`` in this process; the lock's holder is another
+    process): the root is held; run, sweep, train and calibrate refuse after their read-only checks and
+    before Ray, a log or an MLflow store; validate needs no lock. (patch-all's own check, a results table,
+    fails first on this empty root; the fault chain runs the same case as two `dcv run` processes.)"""
+    from dcv import cli
+
+    def no_ray() -> None:
+        raise AssertionError("Ray was started on a locked root")
+
+    monkeypatch.setattr(cli, "init_ray", no_ray)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     storage = tmp_path / "storage"
     holder = hold_lock(storage, f"dcv run {tiny_config_file}")
-    dcv = str(Path(PYTHON).with_name("dcv"))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     try:
         for command in (["run"], ["sweep"], ["train", "--method", "sft"], ["calibrate"]):
-            start = time.monotonic()
-            result = subprocess.run(
-                [dcv, command[0], str(tiny_config_file), *command[1:]],
-                capture_output=True,
-                text=True,
-                timeout=120,
-                env=env,
-            )
-            assert result.returncode == 2, result.stderr[-2000:]
+            capsys.readouterr()
+            assert cli.main([command[0], str(tiny_config_file), *command[1:]]) == 2
+            stderr = capsys.readouterr().err
             assert (
-                f"dcv {command[0]}: storage {storage.resolve()} is in use by pid {holder.pid} on "
-                in result.stderr
+                f"dcv {command[0]}: storage {storage.resolve()} is in use by pid {holder.pid} on " in stderr
             )
-            assert f"(command dcv run {tiny_config_file})" in result.stderr
-            assert time.monotonic() - start < 60
+            assert f"(command dcv run {tiny_config_file})" in stderr
         assert sorted(p.name for p in storage.iterdir()) == [LOCK_FILE, HOLDER_FILE]  # nothing else written
-        ok = subprocess.run([dcv, "validate", str(tiny_config_file)], capture_output=True, text=True, env=env)
-        assert ok.returncode == 0, ok.stderr
+        assert cli.main(["validate", str(tiny_config_file)]) == 0
     finally:
         os.killpg(holder.pid, signal.SIGKILL)
         holder.wait()

@@ -1,4 +1,5 @@
-"""Exact patching on the real SmolLM2-135M-Instruct equals the obvious per-head loop, on two probes."""
+"""Exact patching on the real SmolLM2-135M-Instruct equals the obvious per-head loop (on ioi: the loop costs
+~30 s a probe; both probes' items against the loop on the tiny model: tests/circuits/test_patching.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dcv.tasks.probes import build_probe
 from tests.helpers import bridge_of, naive_patched_deltas
 
 
-@pytest.mark.parametrize("probe", ["ioi", "capitals"])
+@pytest.mark.parametrize("probe", ["ioi"])
 def test_exact_equals_naive_loop_on_smollm2(smollm2, probe):
     model, tokenizer = smollm2
     items = build_probe(ProbeConfig(name=probe, n_items=4, seed=0), tokenizer, TargetTaskConfig()).items

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from dcv import tracking
+from dcv.cli import main
 from dcv.config import parse_config
 from dcv.training.checkpoints import has_resume_state
 from dcv.training.trial import (
@@ -23,7 +23,7 @@ from dcv.training.trial import (
     trial_name,
     trials_root,
 )
-from tests.helpers import DCV, train_config_dict, train_with_a_kill
+from tests.helpers import train_config_dict, train_with_a_kill
 
 
 def train_config(storage: Path, workers: int, **method_overrides):
@@ -135,7 +135,7 @@ def test_two_worker_ddp_trial_leaves_evaluated_checkpoints(ddp_trial, method):
 
 
 @pytest.mark.e2e  # and `dcv train` of the finished trial
-def test_rerunning_a_finished_trial_does_not_train(ddp_trial, tmp_path):
+def test_rerunning_a_finished_trial_does_not_train(ddp_trial, tmp_path, capsys, monkeypatch):
     cfg, first = ddp_trial("sft")  # finished by the two-worker test (or trained here, when run alone)
     store = Path(cfg.storage.root)
     trial_dir = trials_root(cfg) / trial_name(cfg, "sft", 0)
@@ -144,25 +144,15 @@ def test_rerunning_a_finished_trial_does_not_train(ddp_trial, tmp_path):
     assert again == first
     assert {p: p.stat().st_mtime_ns for p in trial_dir.rglob("*")} == stamps
     assert finished_trial(cfg, trial_name(cfg, "sft", 0)) == first
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     config_file = tmp_path / "train.yaml"
     config_file.write_text(yaml.safe_dump(train_config_dict(store, workers=2)))
-    result = subprocess.run(
-        [
-            DCV,
-            "train",
-            str(config_file),
-            "--method",
-            "sft",
-            "--seed",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "finished before; not retraining" in result.stdout
-    assert f"{first[-1].step:>6}" in result.stdout
+    capsys.readouterr()
+    # `dcv train` in this process: the session's Ray is connected, so the command uses it (dcv.cli.init_ray).
+    assert main(["train", str(config_file), "--method", "sft", "--seed", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "finished before; not retraining" in printed
+    assert f"{first[-1].step:>6}" in printed
     changed = train_config(store, workers=2, sft={"max_steps": 6})
     with pytest.raises(ValueError, match=r"different config \(sft.max_steps: 4 -> 6\)"):
         run_trial(changed, "sft", seed=0)
