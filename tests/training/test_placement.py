@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -111,7 +113,9 @@ def _learner_loop(loop_config: dict) -> None:
         time.sleep(1.0)  # the trial holds its GPUs a moment: an overlapping trial would be seen
         for actor in actors:
             ray.kill(actor)
-    ray.train.report(metrics)
+        # To a file, not ray.train.report: Ray Train v2's Result.metrics holds only metrics reported with
+        # a checkpoint (None here), which made this test fail on its first run (2026-12-07).
+        Path(loop_config["seen"]).write_text(json.dumps(metrics))
 
 
 def _cheap_rl_trial(tune_config: dict) -> None:
@@ -130,19 +134,25 @@ def _cheap_rl_trial(tune_config: dict) -> None:
     trial_cfg = spec.config(cfg)
     start = time.time()
     placement = get_current_placement_group()
+    seen = trials_root(trial_cfg) / f"{spec.name}.seen.json"
     trainer = TorchTrainer(
         _learner_loop,
-        train_loop_config={"config": config_to_dict(trial_cfg), "trial": spec.name, "placement": placement},
+        train_loop_config={
+            "config": config_to_dict(trial_cfg),
+            "trial": spec.name,
+            "placement": placement,
+            "seen": str(seen),
+        },
         scaling_config=learner_scaling(trial_cfg),
         torch_config=TorchConfig(backend="gloo"),  # logical GPUs: NCCL would need real ones
         run_config=RunConfig(name=spec.name, storage_path=str(trials_root(trial_cfg))),
     )
-    result = trainer.fit()
-    tune.report({**result.metrics, "start": start, "end": time.time(), "placement": placement.id.hex()})
+    trainer.fit()
+    tune.report(
+        {**json.loads(seen.read_text()), "start": start, "end": time.time(), "placement": placement.id.hex()}
+    )
 
 
-# Its test (two 6-GPU RL trials one after the other on 8 declared GPUs) failed on its first run, on
-# 2026-12-07 10:2x, and was taken out so that main stays green; the cause is not known yet (closing note).
 def run_two_rl_trials(storage: str) -> None:
     """In its own process (the test session's Ray declares no GPUs): Ray with 8 logical GPUs, then the
     sweep's Tuner over two 6-GPU RL trials; prints one JSON line per trial."""
@@ -167,3 +177,31 @@ def run_two_rl_trials(storage: str) -> None:
             print("TRIAL " + json.dumps({**row, **{k: r.metrics.get(k) for k in keys}}))
     finally:
         ray.shutdown()
+
+
+@pytest.mark.ray
+def test_two_six_gpu_rl_trials_run_one_after_the_other_on_eight_declared_gpus(tmp_path):
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",  # 4 worker processes start slowly on a shared CPU
+    }
+    code = (
+        f"from tests.training.test_placement import run_two_rl_trials; run_two_rl_trials({str(tmp_path)!r})"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    trials = [json.loads(line[6:]) for line in done.stdout.splitlines() if line.startswith("TRIAL ")]
+    assert sorted(t["name"] for t in trials) == ["rl-lr1e-06-seed0", "rl-lr1e-06-seed1"]
+    assert all(t["error"] == "" for t in trials), [t["error"] for t in trials]
+    first, second = sorted(trials, key=lambda t: t["start"])
+    assert first["end"] <= second["start"]  # one after the other: never both holding GPUs
+    for trial in trials:
+        learners = [gpu for ids in json.loads(trial["learner_gpus"]) for gpu in ids]
+        actors = json.loads(trial["actors"])
+        # Both actors ran in the trial's Tune placement group (its only GPU bundles are theirs).
+        assert [a["placement"] for a in actors] == [trial["placement"]] * 2
+        gpus = learners + [gpu for a in actors for gpu in a["gpus"]]
+        assert len(gpus) == 6 and len(set(gpus)) == 6  # 4 learners + 2 actors, no GPU shared
