@@ -144,8 +144,7 @@ def object_path(uri: str) -> ObjectPath:
     scheme, _, rest = uri.partition("://")
     key = rest.strip("/")
     if scheme == "s3":
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        endpoint, region = s3_options()
         fs = pafs.S3FileSystem(endpoint_override=endpoint, region=region)
     elif scheme in ("gs", "gcs"):
         fs = pafs.GcsFileSystem(retry_time_limit=datetime.timedelta(seconds=GCS_RETRY_S))
@@ -292,9 +291,14 @@ def s3_client():
     """A boto3 S3 client with the same endpoint and region as ``object_path``'s filesystem."""
     import boto3
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    endpoint, region = s3_options()
     return boto3.client("s3", endpoint_url=endpoint, region_name=region)
+
+
+def s3_options() -> tuple[str | None, str | None]:
+    """The S3 endpoint and region from the environment (None: the AWS default)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return endpoint, os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
 
 
 def _precondition_failed(exc: Exception) -> bool:

@@ -73,18 +73,19 @@ def test_the_lease_admits_one_live_holder_and_a_dead_ones_lease_is_taken_over(s3
     it is taken over, exactly the lease read (If-Match); the old holder then finds it lost, and its
     release does not delete the new holder's lease."""
     root = storage_path(s3_root)
-    first, second = Lease(root, lease_s=2.0), Lease(root, lease_s=2.0)
+    # lease_s 4: LastModified and the server's Date have 1 s resolution; the waits leave 1 s either side.
+    first, second = Lease(root, lease_s=4.0), Lease(root, lease_s=4.0)
     assert first.take("dcv run a.yaml") is None
     assert json.loads((root / LOCK_FILE).read_text())["command"] == "dcv run a.yaml"
     with pytest.raises(LeaseTaken) as taken:
         second.take("dcv run b.yaml")
     assert taken.value.holder["pid"] == os.getpid() and taken.value.holder["command"] == "dcv run a.yaml"
-    time.sleep(1.5)
-    assert first.renew()  # renewed: live for another lease_s
-    time.sleep(1.0)
+    time.sleep(2.5)
+    assert first.renew()
+    time.sleep(3.0)  # 5.5 s after the take: without the renewal the lease would be stale now
     with pytest.raises(LeaseTaken):
         second.take("dcv run b.yaml")
-    time.sleep(3.5)  # first stops renewing (as a killed holder does); LastModified has 1 s resolution
+    time.sleep(3.5)  # first stops renewing (as a killed holder does): 6.5 s since its last renewal
     stale = second.take("dcv run b.yaml")
     assert stale["command"] == "dcv run a.yaml"
     assert not first.renew() and first.lost
