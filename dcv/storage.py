@@ -288,8 +288,8 @@ def _uploaded(target: ObjectPath, replace: bool) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="dcv-upload-") as folder:
         tmp = Path(folder) / target.name
         yield tmp
-        if not replace and target.exists():
-            return
+        if not replace and target.exists():  # checked, then uploaded: two racing writers of the same
+            return  # work both upload, and the last one's object stays (whole)
         if tmp.is_dir():
             upload_folder(tmp, target)
         elif tmp.exists():
