@@ -198,7 +198,8 @@ class Lease:
     <its ETag>`` (a compare-and-swap), which moves its LastModified on. A lease whose LastModified is more
     than ``lease_s`` old, by the store's own clock (the response's Date header, so the machines' clocks do
     not matter), belongs to a holder that is gone (killed, crashed, its machine lost): ``take`` replaces it
-    with ``If-Match: <the stale ETag>``, so of two processes taking over the same stale lease one wins.
+    with ``If-Match: <the stale ETag>``, so of two processes taking over the same stale lease one wins,
+    and none wins over a renewal that came after its read (each renewal changes the ETag: ``renew``).
     ``release`` deletes it with ``If-Match``, so it never deletes another holder's lease.
 
     What it guarantees: at most one holder of a live lease at any time, across machines. What it cannot:
@@ -211,6 +212,7 @@ class Lease:
     lease_s: float = LEASE_S
     etag: str | None = None
     lost: bool = False
+    record: dict = field(default_factory=dict)  # what the lease object holds: who, and its renewal count
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
@@ -224,13 +226,14 @@ class Lease:
         from botocore.exceptions import ClientError
 
         client, (bucket, key) = s3_client(), self.bucket_key
-        me = {
+        self.record = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "command": command,
             "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "renewals": 0,
         }
-        body = json.dumps(me, indent=1).encode()
+        body = json.dumps(self.record, indent=1).encode()
         try:
             self.etag = client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")["ETag"]
             return None
@@ -251,12 +254,16 @@ class Lease:
         return holder
 
     def renew(self) -> bool:
-        """Rewrite the lease if it is still ours (If-Match); False (and ``lost``) when it is not."""
+        """Rewrite the lease if it is still ours (If-Match); False (and ``lost``) when it is not.
+
+        Each renewal counts itself in the body, so its ETag (the body's MD5) changes: a take-over whose
+        If-Match names the ETag it judged stale then fails if this renewal came in between."""
         from botocore.exceptions import ClientError
 
         client, (bucket, key) = s3_client(), self.bucket_key
+        self.record["renewals"] = self.record.get("renewals", 0) + 1
+        body = json.dumps(self.record, indent=1).encode()
         try:
-            body = client.get_object(Bucket=bucket, Key=key, IfMatch=self.etag)["Body"].read()
             self.etag = client.put_object(Bucket=bucket, Key=key, Body=body, IfMatch=self.etag)["ETag"]
             return True
         except ClientError as exc:

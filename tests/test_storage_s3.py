@@ -95,6 +95,31 @@ def test_the_lease_admits_one_live_holder_and_a_dead_ones_lease_is_taken_over(s3
     assert not (root / LOCK_FILE).exists()
 
 
+def test_a_take_over_loses_to_a_renewal_after_its_read_and_a_kept_lease_reports_its_loss(s3_root):
+    """The compare-and-swap under the take-over: a renewal changes the ETag, so a take-over that read the
+    lease before it fails; and ``keep``'s thread calls on_lost once the lease is gone."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    root = storage_path(s3_root)
+    holder = Lease(root, lease_s=0.6)
+    holder.take("dcv run a.yaml")
+    read = holder.etag  # what a contender judging the lease stale would have read
+    assert holder.renew() and holder.etag != read
+    client = boto3.client("s3")
+    bucket, key = holder.bucket_key
+    with pytest.raises(ClientError, match="PreconditionFailed"):
+        client.put_object(Bucket=bucket, Key=key, Body=b"{}", IfMatch=read)
+    lost: list[str] = []
+    holder.keep(lost.append)
+    client.delete_object(Bucket=bucket, Key=key)  # gone (an operator removed it, or a take-over)
+    deadline = time.monotonic() + 10
+    while not lost and time.monotonic() < deadline:
+        time.sleep(0.1)
+    holder.release()
+    assert lost == [f"storage {s3_root}: the lock was taken over by another process"] and holder.lost
+
+
 HOLD_THEN_TRY = """
 import sys, time
 from dcv.storage import StorageInUse, lock_storage
