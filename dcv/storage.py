@@ -258,7 +258,8 @@ def atomic_path(target: StoragePath, replace: bool = True) -> Iterator[Path]:
 
     On an object store (``target`` an ``ObjectPath``) the yielded path is a local temporary file (or
     folder), uploaded on success: a file as one object, which appears whole or not at all, so no rename
-    is needed (dcv.object_store); a folder object by object, so a reader may see part of it.
+    is needed (dcv.object_store); a folder object by object, so a reader may see part of it (and the
+    objects of an older folder that the new one lacks stay).
     """
     if isinstance(target, ObjectPath):
         with _uploaded(target, replace) as tmp:
