@@ -216,6 +216,7 @@ def test_validate_and_run_give_the_same_verdict_on_every_root(s3_root, tmp_path,
             assert code == 2 and phrase in str(run) and f"storage.root={root!r}" in str(run), (kind, run)
 
 
+@pytest.mark.e2e  # the whole `dcv report` command: analysis, figures, MLflow (about 25 s on 2 busy cores)
 def test_dcv_report_reads_and_writes_an_s3_root(s3_root, tmp_path, monkeypatch, capsys):
     """A run's stage tables on S3 (as its stages would leave them), then ``dcv report s3://...``: the
     analysis tables and the report land on S3, nothing under the working directory but MLflow's."""
