@@ -175,6 +175,67 @@ def upload_folder(local: Path, target: ObjectPath) -> None:
             upload(path, target / path.relative_to(local).as_posix())
 
 
+def download_folder(source: ObjectPath, cache: Path) -> Path:
+    """A node-local copy of the folder ``source`` under ``<cache>/storage/``, for readers that need local
+    files (a model loader). Keyed by the URI and the content: the listing of its objects (``_listing``:
+    name, size and, on S3, the ETag), so a folder rewritten under the same URI gets a new copy, and an
+    unchanged one is downloaded once per node (a later call reads the listing only). Each object's size
+    is checked against the listing; the copy is written under a temporary name and renamed, so a killed
+    download leaves no folder under the final name, and of two processes downloading at once the first
+    rename wins."""
+    import hashlib
+    import shutil
+    import uuid
+
+    listing = _listing(source)
+    if not listing:
+        raise FileNotFoundError(f"{source}: no objects under it")
+    digest = hashlib.sha256(json.dumps([str(source), listing]).encode()).hexdigest()[:16]
+    folder = Path(cache) / "storage" / f"{source.name}-{digest}"
+    if folder.is_dir():
+        return folder
+    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        for name, size, _ in listing:
+            local = tmp / name
+            local.parent.mkdir(parents=True, exist_ok=True)
+            with source.fs.open_input_stream(f"{source.key}/{name}") as f, open(local, "wb") as out:
+                shutil.copyfileobj(f, out)
+            if local.stat().st_size != size:
+                raise OSError(f"{source}/{name}: downloaded {local.stat().st_size} bytes of {size}")
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not folder.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _listing(source: ObjectPath) -> list[tuple[str, int, str]]:
+    """Every object under ``source``: (name below it, size, what identifies its content). On S3 that is
+    the ETag (an MD5 of the content, or of its parts for a multipart upload), which changes when the
+    content does; elsewhere pyarrow's modification time, which has the store's resolution (a rewrite of
+    the same size within it would keep the key)."""
+    if source.scheme == "s3":
+        bucket, _, prefix = source.key.partition("/")
+        pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/")
+        found = [
+            (o["Key"].removeprefix(f"{prefix}/"), o["Size"], o["ETag"])
+            for p in pages
+            for o in p.get("Contents", [])
+        ]
+        return sorted(found)
+    from pyarrow.fs import FileSelector
+
+    infos = source.fs.get_file_info(FileSelector(source.key, recursive=True, allow_not_found=True))
+    prefix = f"{source.key}/"
+    return sorted(
+        (i.path.removeprefix(prefix), i.size, str(i.mtime_ns)) for i in infos if i.type.name == "File"
+    )
+
+
 # The lock: a lease object.
 
 LEASE_S = 300.0  # a holder that has not renewed its lease for this long is taken to be gone

@@ -13,6 +13,12 @@ Three rules every stage follows through this module:
 - **One dcv command writes a root at a time** (``lock_storage``): see that function for what the lock
   promises and what it cannot.
 
+The root is a local folder or an object store (``s3://``, ``gs://``, what ``pyarrow.fs`` opens):
+``storage_path`` resolves it, and every function here takes a local ``Path`` or a
+``dcv.object_store.ObjectPath`` alike; how the three rules hold on an object store is in that module's
+docstring and docs/cluster.md "Storage roots" (``check_storage_root`` says which commands accept one).
+Being the one filesystem interface is why this module is over 600 lines.
+
 It is also the one storage layout (the "Layout" section below): every folder and file name under the
 root, the model ids every table shares (``base``, ``<trial>@<step>``), file slugs and the content hash
 that names cached work. No module imports a stage to find a name.
@@ -44,7 +50,16 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from dcv.object_store import LEASE_S, Lease, LeaseTaken, ObjectPath, object_path, upload, upload_folder
+from dcv.object_store import (
+    LEASE_S,
+    Lease,
+    LeaseTaken,
+    ObjectPath,
+    download_folder,
+    object_path,
+    upload,
+    upload_folder,
+)
 
 if TYPE_CHECKING:
     from dcv.config import ExperimentConfig
@@ -310,6 +325,28 @@ def local_folder(target: StoragePath) -> Iterator[Path]:
         upload_folder(Path(folder), target)
 
 
+def local_model_folder(folder: str | StoragePath) -> Path:
+    """An HF model folder on local disk, for loaders that need one (transformers, safetensors, lm-eval):
+    ``folder`` itself when it is local; on an object store its node-local copy under ``cache_dir()``,
+    downloaded once per node and keyed by URI and content (dcv.object_store.download_folder), then
+    checked with ``model_folder_problem``. A copy that is not a loadable model folder is removed (so a
+    fixed folder is fetched again) and is a ValueError naming the URI."""
+    path = as_path(folder)
+    if not isinstance(path, ObjectPath):
+        return path
+    local = download_folder(path, cache_dir())
+    problem = model_folder_problem(local)
+    if problem:
+        shutil.rmtree(local, ignore_errors=True)
+        raise ValueError(f"{path}: not a loadable model folder ({problem})")
+    return local
+
+
+def cache_dir() -> Path:
+    """dcv's node-local cache: ``$DCV_CACHE_DIR``, else ``~/.cache/dcv`` (as dcv.models.default_cache_dir)."""
+    return Path(os.environ.get("DCV_CACHE_DIR", Path.home() / ".cache" / "dcv")).expanduser()
+
+
 def write_parquet(frame: pl.DataFrame, target: StoragePath) -> StoragePath:
     """Write ``frame`` to ``target`` atomically. A full disk is an ``OSError`` naming ``target`` (polars
     reports it as a ComputeError "... (os error 28)"; callers look for the OS's error)."""
@@ -478,8 +515,7 @@ def lock_file(root: str | Path) -> Path:
     """The lock file of a storage root: ``<root>/dcv.lock``; for an object-store URI (``s3://...``), a
     file named after the URI in dcv's local cache (``$DCV_CACHE_DIR``, else ``~/.cache/dcv``)."""
     if isinstance(root, str) and "://" in root and not root.startswith("file://"):
-        cache = Path(os.environ.get("DCV_CACHE_DIR", Path.home() / ".cache" / "dcv")).expanduser()
-        return cache / "locks" / f"{hashlib.sha256(root.encode()).hexdigest()[:16]}.lock"
+        return cache_dir() / "locks" / f"{hashlib.sha256(root.encode()).hexdigest()[:16]}.lock"
     return Path(str(root).removeprefix("file://")).expanduser().resolve() / LOCK_FILE
 
 
@@ -569,9 +605,10 @@ def _lease_storage(root: ObjectPath, command: str, say: Callable[[str], None]) -
 
 
 def _describe(record: dict) -> str:
+    """A lease's holder record (pid, host, command, since; the renewal count left out) in words."""
     try:
-        return LockHolder(**record).describe()
-    except TypeError:
+        return LockHolder(*(record[k] for k in ("pid", "host", "command", "since"))).describe()
+    except KeyError:
         return f"an unknown holder ({record})"
 
 

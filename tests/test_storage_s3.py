@@ -13,10 +13,12 @@ import time
 
 import polars as pl
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from dcv.cli import main
 from dcv.config import config_to_dict, load_config, parse_config
-from dcv.object_store import Lease, LeaseTaken, ObjectPath
+from dcv.object_store import Lease, LeaseTaken, ObjectPath, upload
 from dcv.results import write_results
 from dcv.storage import (
     EFFECTS_FILE,
@@ -26,6 +28,7 @@ from dcv.storage import (
     SetAsideWarning,
     atomic_path,
     circuits_dir,
+    local_model_folder,
     patching_dir,
     read_json,
     read_parquet,
@@ -65,6 +68,32 @@ def test_a_failed_write_leaves_no_object(s3_root):
         pl.DataFrame({"a": [1]}).write_parquet(tmp)
         raise RuntimeError("killed mid-stage")
     assert not target.exists() and not target.parent.exists()
+
+
+def test_a_model_folder_on_s3_is_copied_once_per_node_keyed_by_content_and_checked(
+    s3_root, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("DCV_CACHE_DIR", str(tmp_path / "cache"))
+    source = storage_path(s3_root) / "trials" / "t" / "checkpoint_000004"
+    (source / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    save_file({"w": torch.arange(64, dtype=torch.float32)}, tmp_path / "model.safetensors")
+    upload(tmp_path / "model.safetensors", source / "model.safetensors")
+    local = local_model_folder(source)
+    assert local.is_relative_to(tmp_path / "cache" / "storage")
+    assert local.name.startswith("checkpoint_000004-")
+    assert (local / "model.safetensors").read_bytes() == (tmp_path / "model.safetensors").read_bytes()
+    inode = (local / "model.safetensors").stat().st_ino
+    assert local_model_folder(source) == local  # the copy is found: not downloaded again
+    assert (local / "model.safetensors").stat().st_ino == inode
+    assert local_model_folder(tmp_path) == tmp_path  # a local folder is itself
+    # Rewritten under the same URI: another key, another copy. Truncated: refused, and no copy kept.
+    save_file({"w": torch.zeros(64)}, tmp_path / "model.safetensors")
+    upload(tmp_path / "model.safetensors", source / "model.safetensors")
+    assert local_model_folder(source) != local
+    (source / "model.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes()[:100])
+    with pytest.raises(ValueError, match=rf"{source}: not a loadable model folder .*model\.safetensors"):
+        local_model_folder(source)
+    assert len(list((tmp_path / "cache" / "storage").iterdir())) == 2
 
 
 def test_the_lease_admits_one_live_holder_and_a_dead_ones_lease_is_taken_over(s3_root):
