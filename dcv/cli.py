@@ -71,7 +71,7 @@ from dcv.config import (
     load_config,
 )
 from dcv.console import Console
-from dcv.storage import is_remote_storage, local_storage_root, logs_dir
+from dcv.storage import check_storage_root, is_remote_storage, local_storage_root, logs_dir, storage_path
 
 EXIT_BAD_INPUT = 2  # also a storage root in use by another command (dcv.storage.StorageInUse)
 EXIT_FAILED = 1  # a failure a rerun recovers from (failure_reason); other failures end in a traceback
@@ -184,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     report = commands.add_parser("report", help="rebuild a run's report from its stored tables")
-    report.add_argument("run_dir", help="the run's storage.root (holds experiment_config.json)")
+    report.add_argument(
+        "run_dir", help="the run's storage.root, a folder or object-store URI (holds experiment_config.json)"
+    )
     return parser
 
 
@@ -269,7 +271,7 @@ COMMANDS: dict[str, Callable[..., object]] = {
     "plan": lambda args, cfg, model_cfg, console: run_plan(args, cfg, console),
     "run": lambda args, cfg, model_cfg, console: run_experiment_command(cfg, console),
     "calibrate": lambda args, cfg, model_cfg, console: run_calibrate(cfg, args.probes, console),
-    "report": lambda args, cfg, model_cfg, console: run_report(Path(args.run_dir)),
+    "report": lambda args, cfg, model_cfg, console: run_report(args.run_dir),
 }
 
 
@@ -305,6 +307,7 @@ def run_validate(args: argparse.Namespace, cfg: ExperimentConfig, console: Conso
     probes = ", ".join(p.name for p in cfg.probes)
     given = f" with {', '.join(overrides)}" if overrides else ""
     about = f"model {cfg.model.name}, target {cfg.target_task.name}, probes {probes}"
+    check_storage_root(cfg.storage.root)  # what dcv run's preflight checks of the root, in the same function
     if cfg.external is not None:
         # dcv run refuses these in its preflight: validate refuses exactly the same (file-level checks only).
         from dcv.external import check_external
@@ -686,13 +689,13 @@ def run_calibrate(cfg: ExperimentConfig, probes: list[str] | None, console: Cons
     return table
 
 
-def run_report(run_dir: Path):
+def run_report(run_dir: str | Path):
     from dcv import tracking
     from dcv.experiment import load_run_config, rebuild_report
 
     md, page, answer = rebuild_report(run_dir)
     cfg = load_run_config(run_dir)
-    print(_open_instructions(local_storage_root(cfg), page, tracking.resolve_tracking_uri(cfg)))
+    print(_open_instructions(storage_path(cfg.storage.root), page, tracking.resolve_tracking_uri(cfg)))
     print("\n" + "\n\n".join(answer))
     return md, page
 

@@ -955,6 +955,13 @@ class StorageConfig(Section):
         # Made absolute once, where the config is loaded: Ray Tune runs each trial in its own working
         # directory, where a relative folder would name another place.
         if "://" in root and not root.startswith("file://"):
+            # The config is logged to MLflow and shared: an object store's credentials and options come
+            # from the environment (dcv.object_store), never from the URI.
+            if "@" in root.partition("://")[2].split("/")[0] or "?" in root:
+                raise ValueError(
+                    f"{root!r} carries credentials or options; give <scheme>://<bucket>/<prefix> and set "
+                    "them in the environment (AWS_ACCESS_KEY_ID / AWS_PROFILE, AWS_ENDPOINT_URL, AWS_REGION)"
+                )
             return root
         return str(Path(root.removeprefix("file://")).expanduser().resolve())
 

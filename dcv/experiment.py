@@ -47,14 +47,18 @@ from dcv.storage import (
     EFFECTS_FILE,
     NOISE_FLOOR_FILE,
     WEIGHT_CHANGE_FILE,
+    StoragePath,
     atomic_path,
+    check_storage_root,
     circuits_dir,
+    local_folder,
     local_storage_root,
     model_folder_problem,
     patching_dir,
     read_json,
     read_parquet,
     set_aside,
+    storage_path,
     weight_change_dir,
 )
 
@@ -187,7 +191,7 @@ def _record(storage: Path, seconds: dict[str, float]) -> None:
         tmp.write_text(json.dumps(seconds, indent=1))
 
 
-def _about(cfg: ExperimentConfig, storage: Path, results: pl.DataFrame) -> list[str]:
+def _about(cfg: ExperimentConfig, storage: StoragePath, results: pl.DataFrame) -> list[str]:
     marker = storage / "base" / SOURCE_FILE
     source = json.loads(marker.read_text())["name"] if marker.is_file() else cfg.model.name
     trials = results.select("trial", "method").unique()
@@ -229,11 +233,12 @@ def _external_note(cfg: ExperimentConfig, results: pl.DataFrame) -> str:
     )
 
 
-def report_stage(cfg: ExperimentConfig, storage: Path, seconds: dict[str, float]):
+def report_stage(cfg: ExperimentConfig, storage: StoragePath, seconds: dict[str, float]):
     """Figures and report from the stored analysis tables, logged to the MLflow parent run: the report and
     figures as artifacts, the answer table as an MLflow table (``answer.json``, shown in the run's
     Artifacts and the experiment's evaluation view) and CSV, the primary endpoint and the stage times as
-    metrics, the primary verdict and the answer as tags (not one metric per cell of the headline)."""
+    metrics, the primary verdict and the answer as tags (not one metric per cell of the headline). On an
+    object-store root the report is built in a local folder and uploaded (dcv.storage.local_folder)."""
     from dcv.calibration import read_calibration
     from dcv.report import answer_paragraphs, answer_table, build_report
 
@@ -241,25 +246,27 @@ def report_stage(cfg: ExperimentConfig, storage: Path, seconds: dict[str, float]
     results = read_results(storage)
     calibration = read_calibration(storage)
     endpoint = cfg.analysis.primary.model_dump()
-    md, page, figures = build_report(
-        tables,
-        storage / "report",
-        f"dcv report: {cfg.name}",
-        _about(cfg, storage, results),
-        seconds,
-        calibration,
-        endpoint,
-    )
     parent = tracking.get_or_create_parent_run(cfg)
-    parent.log_artifact(md, artifact_path="report")
-    parent.log_artifact(page, artifact_path="report")
-    for figure in figures:
-        parent.log_artifact(figure, artifact_path="report/figures")
     primary = cfg.patching.methods[0]
-    table = answer_table(tables["headline"], primary, calibration, tables["base_circuits"])
-    if not table.is_empty():
-        parent.log_table(table, "answer.json")
-        parent.log_artifact(write_csv(table, storage / "report" / "answer.csv"), artifact_path="report")
+    with local_folder(storage / "report") as out:
+        md, page, figures = build_report(
+            tables,
+            out,
+            f"dcv report: {cfg.name}",
+            _about(cfg, storage, results),
+            seconds,
+            calibration,
+            endpoint,
+        )
+        parent.log_artifact(md, artifact_path="report")
+        parent.log_artifact(page, artifact_path="report")
+        for figure in figures:
+            parent.log_artifact(figure, artifact_path="report/figures")
+        table = answer_table(tables["headline"], primary, calibration, tables["base_circuits"])
+        if not table.is_empty():
+            parent.log_table(table, "answer.json")
+            parent.log_artifact(write_csv(table, out / "answer.csv"), artifact_path="report")
+    md, page = storage / "report" / md.relative_to(out), storage / "report" / page.relative_to(out)
     seconds_metrics = {f"stage_seconds/{name}": value for name, value in seconds.items()}
     parent.log_metrics(primary_metrics(tables["headline"], primary, cfg.comparison.methods) | seconds_metrics)
     parent.set_tag("dcv.compared", " vs ".join(cfg.comparison.methods))
@@ -315,7 +322,7 @@ def preflight(cfg: ExperimentConfig) -> None:
     storage.root. (``parse_config`` checked the config itself; these check it against the world.)"""
     from dcv.training.sweep import check_plan, plan_trials
 
-    local_storage_root(cfg)  # an object-store root fails here: every stage reads and writes a local folder
+    check_storage_root(cfg.storage.root)  # the root `dcv validate` checks: an object store is refused here
     if cfg.external is not None:
         from dcv.external import check_external
 
@@ -467,23 +474,25 @@ def read_cmap(cfg: ExperimentConfig, storage: Path) -> pl.DataFrame | None:
     return read_parquet(patching_dir(storage) / CMAP_FILE) if measured else None
 
 
-def load_run_config(run_dir: Path) -> ExperimentConfig:
+def load_run_config(run_dir: str | StoragePath) -> ExperimentConfig:
     """The config a ``dcv run`` stored in its storage folder, with that folder as its storage (a run that
-    was copied or moved reads and writes where it is now)."""
-    path = Path(run_dir) / CONFIG_FILE
+    was copied or moved reads and writes where it is now). ``run_dir`` may be an object-store URI."""
+    root = storage_path(run_dir)
+    path = root / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not a dcv run folder (run `dcv run CONFIG` first)")
     raw = json.loads(path.read_text())
-    raw["storage"] = {**raw.get("storage", {}), "root": str(Path(run_dir).expanduser().resolve())}
+    raw["storage"] = {**raw.get("storage", {}), "root": str(root)}
     return parse_config(raw, source=str(path))
 
 
-def rebuild_report(run_dir: Path) -> tuple[Path, Path, list[str]]:
+def rebuild_report(run_dir: str | StoragePath) -> tuple[StoragePath, StoragePath, list[str]]:
     """The analysis and the report again from a run's stored tables (``dcv report RUN_DIR``): no model is
     loaded, nothing is trained or patched. ``run_dir`` may be a copy of the run (its storage is used, not
-    the one the stored config names), so a trimmed results table gives the comparison it supports."""
+    the one the stored config names), so a trimmed results table gives the comparison it supports. It
+    reads and writes only through dcv.storage, so ``run_dir`` may be on an object store (``s3://...``)."""
     cfg = load_run_config(run_dir)
-    storage = local_storage_root(cfg)
+    storage = storage_path(cfg.storage.root)
     effects = read_parquet(patching_dir(storage) / EFFECTS_FILE)
     circuits = read_parquet(circuits_dir(storage) / CIRCUITS_FILE)
     if effects is not None and circuits is not None:

@@ -13,6 +13,12 @@ Three rules every stage follows through this module:
 - **One dcv command writes a root at a time** (``lock_storage``): see that function for what the lock
   promises and what it cannot.
 
+The root is a local folder or an object store (``s3://``, ``gs://``, what ``pyarrow.fs`` opens):
+``storage_path`` resolves it, and every function here takes a local ``Path`` or a
+``dcv.object_store.ObjectPath`` alike; how the three rules hold on an object store is in that module's
+docstring and docs/cluster.md "Storage roots" (``check_storage_root`` says which commands accept one).
+Being the one filesystem interface is why this module is over 600 lines.
+
 It is also the one storage layout (the "Layout" section below): every folder and file name under the
 root, the model ids every table shares (``base``, ``<trial>@<step>``), file slugs and the content hash
 that names cached work. No module imports a stage to find a name.
@@ -25,12 +31,14 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
 import socket
 import struct
+import tempfile
 import time
 import uuid
 import warnings
@@ -41,6 +49,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
+
+from dcv.object_store import (
+    LEASE_S,
+    Lease,
+    LeaseTaken,
+    ObjectPath,
+    download_folder,
+    object_path,
+    upload,
+    upload_folder,
+)
 
 if TYPE_CHECKING:
     from dcv.config import ExperimentConfig
@@ -76,68 +95,137 @@ ANALYSIS_DIR = "analysis"
 LOGS_DIR = "logs"
 
 
+# --- Where the root is: a local folder or an object store -----------------------------------------
+
+StoragePath = Path | ObjectPath  # a file or folder under the root: local, or on an object store
+
+# The stages of `dcv run` that read and write the root through this module (and so work on an object
+# store); the others still need a local or shared-POSIX root. tests/test_storage_s3.py checks that the
+# two lists together are dcv.experiment.STAGES.
+OBJECT_STORE_STAGES = ("analysis", "report")
+LOCAL_DISK_STAGES = ("base", "sweep", "benchmarks", "patching", "circuits", "weight_change", "calibration")
+STORAGE_ROOTS_DOC = 'docs/cluster.md "Storage roots"'
+
+
 def is_remote_storage(root: str) -> bool:
-    return "://" in root and not root.startswith("file://")
+    return "://" in str(root) and not str(root).startswith("file://")
+
+
+def storage_path(root: str | StoragePath) -> StoragePath:
+    """The root a ``storage.root`` string names: an absolute local folder (a path or ``file://``), or an
+    ``ObjectPath`` on the object store ``pyarrow.fs`` opens for its scheme (``s3://``, ``gs://``, ...;
+    options from the environment, dcv.object_store). A ValueError for a scheme pyarrow cannot open."""
+    if isinstance(root, ObjectPath):
+        return root
+    if not is_remote_storage(str(root)):
+        return Path(str(root).removeprefix("file://")).expanduser().resolve()
+    return object_path(str(root))
+
+
+def as_path(path: str | StoragePath) -> StoragePath:
+    """``path`` as a path: an ``ObjectPath`` (or object-store URI) stays on its store, anything else is
+    a local ``Path`` (relative stays relative, as ``Path(path)``)."""
+    if isinstance(path, ObjectPath):
+        return path
+    return object_path(str(path)) if is_remote_storage(str(path)) else Path(path)
 
 
 def local_storage_root(cfg: ExperimentConfig) -> Path:
-    """The storage folder as an absolute local path (object stores have none)."""
+    """The storage folder as an absolute local path, for the stages that need one (LOCAL_DISK_STAGES)."""
     if is_remote_storage(cfg.storage.root):
-        raise ValueError(f"storage.root={cfg.storage.root!r} is not a local folder")
-    return Path(cfg.storage.root.removeprefix("file://")).expanduser().resolve()
+        raise ValueError(
+            f"storage.root={cfg.storage.root!r} is not a local folder, and this command reads and writes "
+            f"one; see {STORAGE_ROOTS_DOC}"
+        )
+    return storage_path(cfg.storage.root)
 
 
-def trials_dir(storage_root: Path) -> Path:
-    return Path(storage_root) / TRIALS_DIR
+def check_storage_root(root: str) -> StoragePath:
+    """``storage.root`` as ``dcv run`` can use it, else a ValueError naming ``storage.root``: the one
+    check of the root that ``dcv validate`` and ``dcv run``'s preflight both make (so they agree).
+
+    A local folder (or ``file://``) is always usable. An object store must open (a scheme ``pyarrow.fs``
+    knows), answer (its endpoint reachable, the credentials accepted) and have its bucket; then it is
+    refused anyway while ``dcv run`` has stages that need a local folder (LOCAL_DISK_STAGES), naming
+    them. Reads only: nothing is written."""
+    if not is_remote_storage(root):
+        return storage_path(root)
+    try:
+        path = storage_path(root)
+    except ValueError as exc:
+        raise ValueError(
+            f"storage.root={root!r}: {exc}; use a local folder, file://, s3:// or gs:// ({STORAGE_ROOTS_DOC})"
+        ) from None
+    bucket = path.key.split("/")[0]
+    try:
+        found = path.fs.get_file_info(bucket).type.name != "NotFound"
+    except OSError as exc:
+        raise ValueError(
+            f"storage.root={root!r}: cannot reach the store ({str(exc).splitlines()[0][:300]}); check "
+            "the endpoint and credentials in the environment (AWS_ENDPOINT_URL, AWS_REGION, "
+            "AWS_ACCESS_KEY_ID / AWS_PROFILE; GOOGLE_APPLICATION_CREDENTIALS for gs://)"
+        ) from None
+    if not found:
+        raise ValueError(f"storage.root={root!r}: bucket {bucket!r} does not exist; create it first")
+    raise ValueError(
+        f"storage.root={root!r} is an object store: dcv run's stages {', '.join(LOCAL_DISK_STAGES)} still "
+        "read and write a local folder, so they need a local or shared-POSIX storage.root (an NFS or "
+        f"Lustre mount on every node); on an object store only `dcv report {root}` works so far "
+        f"({STORAGE_ROOTS_DOC})"
+    )
 
 
-def sweeps_dir(storage_root: Path) -> Path:
-    return Path(storage_root) / SWEEPS_DIR
+def trials_dir(storage_root: StoragePath) -> StoragePath:
+    return as_path(storage_root) / TRIALS_DIR
 
 
-def results_dir(storage_root: Path) -> Path:
-    return Path(storage_root) / RESULTS_DIR
+def sweeps_dir(storage_root: StoragePath) -> StoragePath:
+    return as_path(storage_root) / SWEEPS_DIR
 
 
-def base_scores_dir(storage_root: Path) -> Path:
-    return Path(storage_root) / BASE_SCORES_DIR
+def results_dir(storage_root: StoragePath) -> StoragePath:
+    return as_path(storage_root) / RESULTS_DIR
 
 
-def benchmarks_dir(storage_root: Path) -> Path:
-    return Path(storage_root) / BENCHMARKS_DIR
+def base_scores_dir(storage_root: StoragePath) -> StoragePath:
+    return as_path(storage_root) / BASE_SCORES_DIR
 
 
-def patching_dir(storage_root: Path) -> Path:
-    return Path(storage_root) / PATCHING_DIR
+def benchmarks_dir(storage_root: StoragePath) -> StoragePath:
+    return as_path(storage_root) / BENCHMARKS_DIR
 
 
-def items_dir(storage_root: Path) -> Path:
+def patching_dir(storage_root: StoragePath) -> StoragePath:
+    return as_path(storage_root) / PATCHING_DIR
+
+
+def items_dir(storage_root: StoragePath) -> StoragePath:
     """The patching stage's per-item files."""
     return patching_dir(storage_root) / "items"
 
 
-def circuits_dir(storage_root: Path) -> Path:
-    return Path(storage_root) / CIRCUITS_DIR
+def circuits_dir(storage_root: StoragePath) -> StoragePath:
+    return as_path(storage_root) / CIRCUITS_DIR
 
 
-def calibration_dir(storage_root: Path) -> Path:
-    return Path(storage_root) / CALIBRATION_DIR
+def calibration_dir(storage_root: StoragePath) -> StoragePath:
+    return as_path(storage_root) / CALIBRATION_DIR
 
 
-def weight_change_dir(storage_root: Path) -> Path:
-    return Path(storage_root) / WEIGHT_CHANGE_DIR
+def weight_change_dir(storage_root: StoragePath) -> StoragePath:
+    return as_path(storage_root) / WEIGHT_CHANGE_DIR
 
 
-def external_dir(storage_root: Path) -> Path:
-    return Path(storage_root) / EXTERNAL_DIR
+def external_dir(storage_root: StoragePath) -> StoragePath:
+    return as_path(storage_root) / EXTERNAL_DIR
 
 
-def analysis_dir(storage_root: Path) -> Path:
-    return Path(storage_root) / ANALYSIS_DIR
+def analysis_dir(storage_root: StoragePath) -> StoragePath:
+    return as_path(storage_root) / ANALYSIS_DIR
 
 
-def logs_dir(storage_root: Path) -> Path:
-    return Path(storage_root) / LOGS_DIR
+def logs_dir(storage_root: StoragePath) -> StoragePath:
+    return as_path(storage_root) / LOGS_DIR
 
 
 def model_id(trial: str, step: int) -> str:
@@ -176,13 +264,22 @@ def probe_key(cfg: ExperimentConfig, probe: str) -> dict:
 
 
 @contextmanager
-def atomic_path(target: Path, replace: bool = True) -> Iterator[Path]:
+def atomic_path(target: StoragePath, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling of ``target`` to write; on success it is renamed to ``target``.
 
     With ``replace=False`` an existing target wins (another process finished the same work first).
     A write that fails (an exception, a full disk: ``OSError`` ENOSPC or EFBIG) removes the temporary
     sibling and leaves ``target`` as it was.
+
+    On an object store (``target`` an ``ObjectPath``) the yielded path is a local temporary file (or
+    folder), uploaded on success: a file as one object, which appears whole or not at all, so no rename
+    is needed (dcv.object_store); a folder object by object, so a reader may see part of it (and the
+    objects of an older folder that the new one lacks stay).
     """
+    if isinstance(target, ObjectPath):
+        with _uploaded(target, replace) as tmp:
+            yield tmp
+        return
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -202,7 +299,55 @@ def atomic_path(target: Path, replace: bool = True) -> Iterator[Path]:
             tmp.unlink()
 
 
-def write_parquet(frame: pl.DataFrame, target: Path) -> Path:
+@contextmanager
+def _uploaded(target: ObjectPath, replace: bool) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="dcv-upload-") as folder:
+        tmp = Path(folder) / target.name
+        yield tmp
+        if not replace and target.exists():  # checked, then uploaded: two racing writers of the same
+            return  # work both upload, and the last one's object stays (whole)
+        if tmp.is_dir():
+            upload_folder(tmp, target)
+        elif tmp.exists():
+            upload(tmp, target)
+
+
+@contextmanager
+def local_folder(target: StoragePath) -> Iterator[Path]:
+    """A local folder to write ``target``'s files in: ``target`` itself when it is local (written in
+    place), else a temporary folder uploaded to it file by file when the block ends without an error (for
+    writers that need a local path: matplotlib, MLflow's log_artifact)."""
+    if not isinstance(target, ObjectPath):
+        yield Path(target)
+        return
+    with tempfile.TemporaryDirectory(prefix="dcv-folder-") as folder:
+        yield Path(folder)
+        upload_folder(Path(folder), target)
+
+
+def local_model_folder(folder: str | StoragePath) -> Path:
+    """An HF model folder on local disk, for loaders that need one (transformers, safetensors, lm-eval):
+    ``folder`` itself when it is local; on an object store its node-local copy under ``cache_dir()``,
+    downloaded once per node and keyed by URI and content (dcv.object_store.download_folder), then
+    checked with ``model_folder_problem``. A copy that is not a loadable model folder is removed (so a
+    fixed folder is fetched again) and is a ValueError naming the URI."""
+    path = as_path(folder)
+    if not isinstance(path, ObjectPath):
+        return path
+    local = download_folder(path, cache_dir())
+    problem = model_folder_problem(local)
+    if problem:
+        shutil.rmtree(local, ignore_errors=True)
+        raise ValueError(f"{path}: not a loadable model folder ({problem})")
+    return local
+
+
+def cache_dir() -> Path:
+    """dcv's node-local cache: ``$DCV_CACHE_DIR``, else ``~/.cache/dcv`` (as dcv.models.default_cache_dir)."""
+    return Path(os.environ.get("DCV_CACHE_DIR", Path.home() / ".cache" / "dcv")).expanduser()
+
+
+def write_parquet(frame: pl.DataFrame, target: StoragePath) -> StoragePath:
     """Write ``frame`` to ``target`` atomically. A full disk is an ``OSError`` naming ``target`` (polars
     reports it as a ComputeError "... (os error 28)"; callers look for the OS's error)."""
     with atomic_path(target) as tmp:
@@ -213,7 +358,7 @@ def write_parquet(frame: pl.DataFrame, target: Path) -> Path:
             if code is None:
                 raise
             raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(target)) from exc
-    return Path(target)
+    return as_path(target)
 
 
 # Validated reads.
@@ -223,11 +368,12 @@ class SetAsideWarning(UserWarning):
     """An invalid file was moved aside (``<name>.corrupt-<time>``); the work that made it is redone."""
 
 
-def set_aside(path: Path, reason: str) -> Path:
+def set_aside(path: StoragePath, reason: str) -> StoragePath:
     """Move ``path`` (file or folder) to ``<name>.corrupt-<YYYYmmdd-HHMMSS>`` beside it and warn once,
     naming both; returns the new path. The ``.corrupt-`` suffix comes after the whole name, so no glob
-    a stage uses (``*.parquet``, ``checkpoint_*/...``) matches the moved file."""
-    path = Path(path)
+    a stage uses (``*.parquet``, ``checkpoint_*/...``) matches the moved file. On an object store the
+    move is a copy and a delete (dcv.object_store)."""
+    path = as_path(path)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     moved = path.with_name(f"{path.name}{CORRUPT_MARK}{stamp}")
     n = 1
@@ -244,16 +390,19 @@ def set_aside(path: Path, reason: str) -> Path:
 _PARQUET_ERRORS = (OSError, pl.exceptions.PolarsError, pl.exceptions.PanicException)
 
 
-def read_parquet(path: Path, schema: dict | None = None, n_rows: int | None = None) -> pl.DataFrame | None:
+def read_parquet(
+    path: StoragePath, schema: dict | None = None, n_rows: int | None = None
+) -> pl.DataFrame | None:
     """The table at ``path``, or None when it is absent or invalid (a rerun then recomputes it).
 
     Invalid: unreadable (truncated, not parquet), or, when given, another ``schema`` (column names, order
     and types) or another row count than ``n_rows``. An invalid file is moved aside (``set_aside``)."""
-    path = Path(path)
+    path = as_path(path)
     if not path.is_file():
         return None
     try:
-        table = pl.read_parquet(path)
+        # An object is read whole, once: parquet's footer-first reads would be a request each.
+        table = pl.read_parquet(io.BytesIO(path.read_bytes()) if isinstance(path, ObjectPath) else path)
     except _PARQUET_ERRORS as exc:
         set_aside(path, f"unreadable parquet ({type(exc).__name__}: {str(exc)[:120]})")
         return None
@@ -267,12 +416,12 @@ def read_parquet(path: Path, schema: dict | None = None, n_rows: int | None = No
     return table
 
 
-def read_json(path: Path, keys: Sequence[str] = ()) -> Any | None:
+def read_json(path: StoragePath, keys: Sequence[str] = ()) -> Any | None:
     """The JSON value at ``path``, or None when it is absent or invalid (moved aside: ``set_aside``).
 
     Invalid: unreadable, not JSON (a truncated or overwritten marker), or, when ``keys`` are given, not an
     object holding all of them."""
-    path = Path(path)
+    path = as_path(path)
     if not path.is_file():
         return None
     try:
@@ -359,15 +508,14 @@ class LockHolder:
         return f"pid {self.pid} on {self.host} since {self.since} (command {self.command})"
 
 
-_held: dict[Path, int] = {}  # lock file -> its open descriptor, held until this process ends
+_held: dict[StoragePath, int | Lease] = {}  # lock file -> its descriptor (or S3 lease), held until exit
 
 
 def lock_file(root: str | Path) -> Path:
     """The lock file of a storage root: ``<root>/dcv.lock``; for an object-store URI (``s3://...``), a
     file named after the URI in dcv's local cache (``$DCV_CACHE_DIR``, else ``~/.cache/dcv``)."""
     if isinstance(root, str) and "://" in root and not root.startswith("file://"):
-        cache = Path(os.environ.get("DCV_CACHE_DIR", Path.home() / ".cache" / "dcv")).expanduser()
-        return cache / "locks" / f"{hashlib.sha256(root.encode()).hexdigest()[:16]}.lock"
+        return cache_dir() / "locks" / f"{hashlib.sha256(root.encode()).hexdigest()[:16]}.lock"
     return Path(str(root).removeprefix("file://")).expanduser().resolve() / LOCK_FILE
 
 
@@ -387,10 +535,17 @@ def lock_storage(root: str | Path, command: str, say: Callable[[str], None] = pr
     mounted with ``flock``); an NFS mount with ``nolock`` keeps locks per host. A filesystem that refuses
     locks (ENOLCK, some FUSE mounts) gets a warning through ``say`` and no lock.
 
-    What it cannot promise: an object-store root (``s3://``, ``gs://``) has no locks. There the lock is a
-    local file named after the URI, so a second command *on the same machine* is refused, but two
+    On S3 (``s3://``) the lock is a lease object, ``<root>/dcv.lock``, created with a conditional PUT and
+    renewed while the process lives (dcv.object_store.Lease): across machines, at most one live holder;
+    a holder that dies is taken over once its lease is ``LEASE_S`` old (``say`` names it). It cannot
+    fence a holder stalled past its lease (see Lease).
+
+    What it cannot promise: other object stores (``gs://``, ...) have no lock here yet. There the lock is
+    a local file named after the URI, so a second command *on the same machine* is refused, but two
     machines can write the same prefix at once; keep one writer per prefix by hand (one Ray job at a time).
     """
+    if str(root).startswith("s3://") or (isinstance(root, ObjectPath) and root.scheme == "s3"):
+        return _lease_storage(storage_path(root), command, say)
     path = lock_file(root)
     if path in _held:
         return path
@@ -422,6 +577,39 @@ def lock_storage(root: str | Path, command: str, say: Callable[[str], None] = pr
     _held[path] = fd
     atexit.register(_release, path)
     return path
+
+
+def _lease_storage(root: ObjectPath, command: str, say: Callable[[str], None]) -> ObjectPath:
+    """``lock_storage`` on S3: take the lease ``<root>/dcv.lock`` and renew it until this process ends."""
+    path = root / LOCK_FILE
+    if path in _held:
+        return path
+    lease = Lease(root)
+    try:
+        stale = lease.take(command)
+    except LeaseTaken as exc:
+        raise StorageInUse(
+            f"storage {root} is in use by {_describe(exc.holder)}; wait for it to end, or give this command "
+            f"another storage.root (--set storage.root=URI); a holder that died frees it {LEASE_S:.0f} s "
+            "after its last renewal"
+        ) from None
+    if stale is not None:
+        say(
+            f"storage {root}: taking over the lock of {_describe(stale)}, whose lease ran out (it ended "
+            "without releasing it)"
+        )
+    lease.keep(say)
+    _held[path] = lease
+    atexit.register(lease.release)
+    return path
+
+
+def _describe(record: dict) -> str:
+    """A lease's holder record (pid, host, command, since; the renewal count left out) in words."""
+    try:
+        return LockHolder(*(record[k] for k in ("pid", "host", "command", "since"))).describe()
+    except KeyError:
+        return f"an unknown holder ({record})"
 
 
 def _read_holder(path: Path, wait_s: float = 0.0) -> LockHolder | None:

@@ -3,6 +3,7 @@ test that changes weights copies them."""
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from dataclasses import dataclass
@@ -131,3 +132,37 @@ def tracking_server(_tracking_server) -> TrackingServer:
     if not _tracking_server.running():
         _tracking_server.start()
     return _tracking_server
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> str:
+    """A real S3 API on 127.0.0.1 (moto's server mode, as Ray's own storage tests use): its endpoint URL.
+    Started once per session in a thread of this process (about 1 s)."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_root(s3_server, monkeypatch) -> str:
+    """``s3://<a new bucket>/run`` on the session's S3 server, with the endpoint, region and (fake)
+    credentials in this process's environment, where dcv.object_store reads them and subprocesses
+    inherit them."""
+    import boto3
+
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    bucket = f"dcv-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/run"

@@ -205,6 +205,14 @@ def test_a_relative_storage_root_is_made_absolute_where_the_config_is_loaded(tmp
     assert load_config(DEMO_CONFIG, ["storage.root=s3://bucket/runs"]).storage.root == "s3://bucket/runs"
 
 
+def test_an_object_store_root_with_credentials_or_options_is_refused():
+    from dcv.config import ConfigError
+
+    for root in ("s3://KEY:SECRET@bucket/runs", "s3://bucket/runs?endpoint_override=x"):
+        with pytest.raises(ConfigError, match=r"storage\.root: .*carries credentials or options"):
+            load_config(DEMO_CONFIG, [f"storage.root={root}"])
+
+
 def test_calibration_probes_must_be_configured_probes(tmp_path):
     from dcv.config import ConfigError, parse_config
     from tests.helpers import tiny_config_dict

@@ -14,6 +14,7 @@ TIERS = {
     "pure": (
         "dcv",
         "dcv.config",
+        "dcv.object_store",
         "dcv.storage",
         "dcv.results",
         "dcv.tables",
@@ -64,6 +65,7 @@ STAGES = TIERS["stages"]
 # Lower layers may not import these higher ones.
 LOWER = (
     "dcv.config",
+    "dcv.object_store",
     "dcv.storage",
     "dcv.results",
     "dcv.tables",

@@ -234,10 +234,11 @@ def test_a_second_process_is_refused_at_once_and_a_killed_holders_lock_is_taken_
     assert again.returncode == 0 and "said:" not in again.stdout  # a clean exit leaves nothing to take over
 
 
-def test_an_object_store_root_locks_a_local_file_named_after_it(tmp_path, monkeypatch):
+def test_an_object_store_root_without_a_lease_locks_a_local_file_named_after_it(tmp_path, monkeypatch):
+    """gs:// (and any store but S3, whose lock is a lease: tests/test_storage_s3.py)."""
     monkeypatch.setenv("DCV_CACHE_DIR", str(tmp_path / "cache"))
     holder = subprocess.Popen(
-        [PYTHON, "-c", HOLD_LOCK, "s3://bucket/runs/demo", "dcv run s3.yaml"],
+        [PYTHON, "-c", HOLD_LOCK, "gs://bucket/runs/demo", "dcv run gs.yaml"],
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,
@@ -247,13 +248,13 @@ def test_an_object_store_root_locks_a_local_file_named_after_it(tmp_path, monkey
         assert holder.stdout.readline().strip() == "locked"
         assert len(list((tmp_path / "cache" / "locks").glob("*.lock"))) == 1
         refused = subprocess.run(
-            [PYTHON, "-c", TRY_LOCK, "s3://bucket/runs/demo", "dcv run other.yaml"],
+            [PYTHON, "-c", TRY_LOCK, "gs://bucket/runs/demo", "dcv run other.yaml"],
             capture_output=True,
             text=True,
             timeout=60,
             env={**os.environ, "DCV_CACHE_DIR": str(tmp_path / "cache")},
         )
-        assert refused.returncode == 2 and "storage s3://bucket/runs/demo is in use" in refused.stdout
+        assert refused.returncode == 2 and "storage gs://bucket/runs/demo is in use" in refused.stdout
     finally:
         os.killpg(holder.pid, signal.SIGKILL)
         holder.wait()
