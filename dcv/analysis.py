@@ -95,7 +95,7 @@ from dcv.matched import (
     probe_numbers,
     resample,
 )
-from dcv.metrics import ANSWER_METRICS, HEADLINE_METRICS, METRICS
+from dcv.metrics import ANSWER_METRICS, FIXED_METRICS, HEADLINE_METRICS, METRICS, NULLABLE_METRICS
 from dcv.predictors import (
     PREDICTORS_SCHEMA,
     WEIGHT_FUNCTION_SCHEMA,
@@ -129,21 +129,75 @@ NOISE_FLOOR_COLUMNS = ("noise_floor_preservation", "noise_floor_jaccard", "noise
 MATCHED_ON = {"accuracy": "target_accuracy", "kl": "kl_to_base"}  # the number each axis matches on
 TARGET_PROBE = "chem"  # the target task's own probe: reported on its own, never in prior-capability means
 TARGET_ITEMS = "target/item_correct"  # results-table column: per test item, 1 if answered correctly
-NULLABLE = (
-    *NOISE_FLOOR_COLUMNS,
+# Float columns of the checkpoints table that can be null: the metrics' (``dcv.metrics``), the noise floor's,
+# and the own circuit's F and the effect Spearman (null where the checkpoint lost the probe).
+NULLABLE = (*NOISE_FLOOR_COLUMNS, *NULLABLE_METRICS, "faithfulness", "effect_spearman")
+# The checkpoints and summary tables' column order; a metric of ``dcv.metrics`` not named here follows.
+CHECKPOINT_COLUMNS = (
+    "trial",
+    "training",
+    "init",
+    "learning_rate",
+    "seed",
+    "step",
+    "model",
+    "target_accuracy",
+    "kl_to_base",
+    "probe",
+    "patching",
+    "status",
+    "in_means",
+    "in_forgetting",
+    "probe_accuracy",
+    "probe_mean_ld",
+    "forgetting",
+    "forgetting_ld",
     "forgetting_bench",
     "weight_change",
     "cmap",
+    "gap",
+    "base_gap",  # masks: the real gap their lost rule reads (``_mask_gaps``), as ``gap`` is
+    "lost",
+    "circuit_size",
+    "faithfulness",
     "preservation",
     "jaccard",
+    "preservation_chance",  # E[P] and E[J] of a random head set of the checkpoint's circuit size
+    "jaccard_chance",
+    "effect_spearman",
+    "base_circuit_faithfulness",
     "circuit_vulnerability",
     "circuit_vulnerability_abs",
-    # null where the checkpoint lost the probe (each divides by its own gap) or P is not a number
-    "faithfulness",
-    "base_circuit_faithfulness",
-    "effect_spearman",
+    *NOISE_FLOOR_COLUMNS,
+    "within_noise_floor",
+    "preservation_above_chance",
+    "jaccard_above_chance",
+)
+SUMMARY_KEYS = ("trial", "training", "init", "learning_rate", "seed", "step", "model", "patching")
+SUMMARY_COLUMNS = (
+    *SUMMARY_KEYS,
+    "target_accuracy",
+    "kl_to_base",
+    "forgetting_bench",
+    "weight_change",
+    "cmap",
+    "forgetting",
+    "forgetting_ld",
+    "n_lost",
+    "n_probes_forgetting",
+    "preservation",
+    "jaccard",
     "preservation_chance",
     "jaccard_chance",
+    "base_circuit_faithfulness",
+    "circuit_vulnerability",
+    "circuit_vulnerability_abs",
+    "circuit_size",
+    "faithfulness",
+    *NOISE_FLOOR_COLUMNS,
+    "n_probes_circuits",
+    "preservation_above_chance",
+    "jaccard_above_chance",
 )
 # The seed paper's figures (Qwen2.5-3B-Instruct, 576 heads, learned masks), set beside ours (docs/method.md
 # "The seed paper's protocol and numbers").
@@ -398,7 +452,7 @@ def build_inputs(
             probes=parts,
             circuit=circuit,
             probe_scores={p: (row[f"probe/{p}/accuracy"], row[f"probe/{p}/mean_ld"]) for p in probes},
-            fixed={
+            fixed={  # every FIXED_METRICS entry (``_check_fixed``)
                 "forgetting_bench": _bench_forgetting(base_bench, row, bench),
                 "base_circuit_faithfulness": float(np.mean(faithful)) if faithful else nan,
                 "weight_change": _mean_change(weight_change, model),
@@ -407,21 +461,25 @@ def build_inputs(
                 "jaccard_chance": float(chance[:, 1].mean()) if kept else nan,
             },
         )
-    fixed = (
-        "forgetting_bench",
-        "base_circuit_faithfulness",
-        "weight_change",
-        "cmap",
-        "preservation_chance",
-        "jaccard_chance",
-    )
+    _check_fixed(points.values())
     circuit_rows = {p: own[(BASE_MODEL, p)] for p in probes}
     n_layers = int(effects.filter(pl.col("model") == BASE_MODEL)["layer"].max()) + 1
-    return Inputs(method, refs, Layout.build(refs, fixed), points, rows, competence, circuit_rows, n_layers)
+    layout = Layout.build(refs, FIXED_METRICS)
+    return Inputs(method, refs, layout, points, rows, competence, circuit_rows, n_layers)
 
 
-def _or_none(value: float) -> float | None:
-    return float(value) if np.isfinite(value) else None
+def _check_fixed(points) -> None:
+    """Every point has exactly the registry's fixed metrics (a new one is computed in ``build_inputs``)."""
+    for point in points:
+        if set(point.fixed) != set(FIXED_METRICS):
+            raise ValueError(
+                f"Point.fixed has {sorted(point.fixed)}, dcv.metrics.FIXED_METRICS {sorted(FIXED_METRICS)}: "
+                "compute every fixed metric in dcv.analysis.build_inputs"
+            )
+
+
+def _or_none(value: float | None) -> float | None:
+    return None if value is None or not np.isfinite(value) else float(value)
 
 
 def _mean_change(weight_change: dict[str, float] | None, model: str) -> float:
@@ -519,10 +577,14 @@ def checkpoint_table(
 
                 lost = bool(get("lost"))
                 status = probe_status(ref, data.competence[ref.name], data.circuits[ref.name], lost)
-                numbers_ok = status in ("ok", "below tau", "target probe")
                 nf = floor.get((ref.name, data.method), {})
-                # Lost is lost everywhere: no number divided by the checkpoint's own (vanished) gap.
-                chance = _chance(ref, own[key]["size"]) if numbers_ok else (None, None)
+                chance = _chance(ref, own[key]["size"])
+                # Per-probe values of the fixed metrics (``Point.fixed`` holds their means over probes).
+                fixed = {
+                    "base_circuit_faithfulness": own[key]["base_circuit_faithfulness"],
+                    "preservation_chance": chance[0],
+                    "jaccard_chance": chance[1],
+                }
                 rows.append(
                     {
                         "trial": row["trial"],
@@ -541,50 +603,64 @@ def checkpoint_table(
                         "in_forgetting": ref.in_forgetting,
                         "probe_accuracy": get("probe_accuracy"),
                         "probe_mean_ld": get("probe_mean_ld"),
-                        "forgetting": get("forgetting"),
-                        "forgetting_ld": get("forgetting_ld"),
-                        "forgetting_bench": point.fixed["forgetting_bench"],
-                        "weight_change": _or_none(point.fixed["weight_change"]),
-                        "cmap": _or_none(point.fixed["cmap"]),
                         "gap": get("gap"),
-                        # masks: the real gap their lost rule reads (``_mask_gaps``), as ``gap`` is
                         "base_gap": data.competence[ref.name].gap if ref.base.gap is None else ref.base.gap,
                         "lost": lost,
                         "circuit_size": own[key]["size"],
+                        # Lost is lost everywhere: no number divided by the checkpoint's own (vanished) gap.
                         "faithfulness": None if lost else own[key]["faithfulness"],
-                        "preservation": get("preservation") if numbers_ok else None,
-                        "jaccard": get("jaccard") if numbers_ok else None,
-                        # E[P] and E[J] of a random head set of the checkpoint's circuit size
-                        "preservation_chance": chance[0],
-                        "jaccard_chance": chance[1],
                         "effect_spearman": None
                         if lost
                         else effect_spearman(
                             base_effects[(ref.name, data.method)], _effects_frame(point, ref)
                         ),
-                        "base_circuit_faithfulness": None if lost else own[key]["base_circuit_faithfulness"],
-                        "circuit_vulnerability": get("circuit_vulnerability") if numbers_ok else None,
-                        "circuit_vulnerability_abs": get("circuit_vulnerability_abs")
-                        if ref.circuit.size
-                        else None,
                         "noise_floor_preservation": nf.get("preservation"),
                         "noise_floor_jaccard": nf.get("jaccard"),
                         "noise_floor_vulnerability": nf.get("circuit_vulnerability"),
+                        **_metric_cells(point, ref, lost, get, fixed),
                     }
                 )
     table = pl.DataFrame(rows, schema_overrides=dict.fromkeys(NULLABLE, pl.Float64), infer_schema_length=None)
-    return table.with_columns(
-        # Not distinguishable from base: the model keeps as much of the base circuit as the base keeps of
-        # itself on a resample of its own items (the noise floor's 5th percentile).
-        (pl.col("preservation") >= pl.col("noise_floor_preservation")).alias("within_noise_floor"),
-        *_above_chance(),
-    ).sort("trial", "step", "probe", "patching")
+    return (
+        table.with_columns(
+            # Not distinguishable from base: the model keeps as much of the base circuit as the base keeps of
+            # itself on a resample of its own items (the noise floor's 5th percentile).
+            (pl.col("preservation") >= pl.col("noise_floor_preservation")).alias("within_noise_floor"),
+            *_above_chance(),
+        )
+        .pipe(_ordered, CHECKPOINT_COLUMNS)
+        .sort("trial", "step", "probe", "patching")
+    )
+
+
+def _metric_cells(point: Point, ref: ProbeReference, lost: bool, get, fixed: dict) -> dict:
+    """A checkpoints row's metric columns (``dcv.metrics``) for one probe: per-probe numbers from its
+    parts (``get``) or ``fixed``'s per-probe values, null by each metric's lost rule; per-model numbers
+    from the point."""
+    cells = {}
+    for m in METRICS.values():
+        if m.source == "results" or m.counts:
+            continue  # the results row's own columns; a count's flag (``lost``) is a column of its own
+        if m.per == "model":
+            cells[m.name] = _or_none(point.fixed[m.name])
+        elif (m.lost_null and lost) or (m.needs_circuit and not ref.circuit.size):
+            cells[m.name] = None
+        else:
+            cells[m.name] = get(m.name) if m.source == "parts" else fixed[m.name]
+    return cells
+
+
+def _ordered(frame: pl.DataFrame, columns: Sequence[str]) -> pl.DataFrame:
+    """``frame`` with ``columns`` first, in that order, then any other column (a metric not placed)."""
+    return frame.select(*columns, *[c for c in frame.columns if c not in columns])
 
 
 def _above_chance() -> list[pl.Expr]:
-    """P and J minus their chance levels (null where either is)."""
+    """Each metric with a chance level minus it (P and J; null where either is)."""
     return [
-        (pl.col(m) - pl.col(f"{m}_chance")).alias(f"{m}_above_chance") for m in ("preservation", "jaccard")
+        (pl.col(m.name) - pl.col(m.chance)).alias(f"{m.name}_above_chance")
+        for m in METRICS.values()
+        if m.chance
     ]
 
 
@@ -617,46 +693,38 @@ def benchmark_table(results: pl.DataFrame) -> pl.DataFrame:
 def summary_table(checkpoints: pl.DataFrame) -> pl.DataFrame:
     """Per checkpoint and patching method, means over the probes in means (competent, circuit reached
     tau, prior capabilities only): lost probes count in ``n_lost`` and in forgetting, not in P, J or V."""
-    keys = ["trial", "training", "init", "learning_rate", "seed", "step", "model", "patching"]
-    first = ("target_accuracy", "kl_to_base", "forgetting_bench", "weight_change", "cmap")
-    means = (
-        "forgetting",
-        "forgetting_ld",
-        "preservation",
-        "jaccard",
-        "preservation_chance",  # null exactly where P is: the means are over the same probes
-        "jaccard_chance",
-        "base_circuit_faithfulness",
-        "circuit_vulnerability",
-        "circuit_vulnerability_abs",
-        "circuit_size",
-        "faithfulness",
-        *NOISE_FLOOR_COLUMNS,
-    )
+    keys = list(SUMMARY_KEYS)
+    first = [m.name for m in METRICS.values() if m.per == "model"]  # one number per checkpoint
+    per_probe = [m for m in METRICS.values() if m.per == "probe"]
+
+    def means(circuit: bool) -> list[pl.Expr]:
+        return [
+            pl.col(m.counts).sum().cast(pl.Int64).alias(m.name) if m.counts else pl.col(m.name).mean()
+            for m in per_probe
+            if m.circuit == circuit
+        ]
+
     every = checkpoints.group_by(keys, maintain_order=True).agg(*[pl.col(c).first() for c in first])
     forgetting = (
         checkpoints.filter(pl.col("in_forgetting"))
         .group_by(keys, maintain_order=True)
-        .agg(
-            pl.col("forgetting").mean(),
-            pl.col("forgetting_ld").mean(),
-            pl.col("lost").sum().cast(pl.Int64).alias("n_lost"),
-            pl.len().cast(pl.Int64).alias("n_probes_forgetting"),
-        )
+        .agg(*means(circuit=False), pl.len().cast(pl.Int64).alias("n_probes_forgetting"))
     )
     circuit = (
         checkpoints.filter(pl.col("in_means"))
         .group_by(keys, maintain_order=True)
         .agg(
-            *[pl.col(c).mean() for c in means if not c.startswith("forgetting")],
+            *means(circuit=True),
+            *[pl.col(c).mean() for c in ("circuit_size", "faithfulness", *NOISE_FLOOR_COLUMNS)],
             pl.len().cast(pl.Int64).alias("n_probes_circuits"),
         )
     )
-    counts = ("n_lost", "n_probes_forgetting", "n_probes_circuits")
+    counts = (*[m.name for m in per_probe if m.counts], "n_probes_forgetting", "n_probes_circuits")
     return (
         every.join(forgetting, on=keys, how="left")
         .join(circuit, on=keys, how="left")
         .with_columns(*[pl.col(c).fill_null(0) for c in counts], *_above_chance())
+        .pipe(_ordered, SUMMARY_COLUMNS)
         .sort("trial", "step", "patching")
     )
 
@@ -789,7 +857,7 @@ def matched_tables(
             at = inputs.layout.slices[metric].start
             if not np.isfinite([level.mean[m][at] for m in TRAINING_METHODS]).all():
                 continue  # no such number here (no benchmarks, no probe in means)
-            chance = METRICS[metric].chance if metric in METRICS else None
+            chance = METRICS[metric].chance
             for training in (*TRAINING_METHODS, "sft-rl"):
                 low, high, se, valid = (b[at] for b in bounds[training])
                 # The CI holds one value (e.g. no run lost a probe, or 95% of draws keep every circuit head):
