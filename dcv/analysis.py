@@ -132,15 +132,11 @@ TARGET_ITEMS = "target/item_correct"  # results-table column: per test item, 1 i
 # Float columns of the checkpoints table that can be null: the metrics' (``dcv.metrics``), the noise floor's,
 # and the own circuit's F and the effect Spearman (null where the checkpoint lost the probe).
 NULLABLE = (*NOISE_FLOOR_COLUMNS, *NULLABLE_METRICS, "faithfulness", "effect_spearman")
+# What names a checkpoint in the checkpoints and summary tables.
+CHECKPOINT_KEYS = ("trial", "training", "init", "learning_rate", "seed", "step", "model")
 # The checkpoints and summary tables' column order; a metric of ``dcv.metrics`` not named here follows.
 CHECKPOINT_COLUMNS = (
-    "trial",
-    "training",
-    "init",
-    "learning_rate",
-    "seed",
-    "step",
-    "model",
+    *CHECKPOINT_KEYS,
     "target_accuracy",
     "kl_to_base",
     "probe",
@@ -173,7 +169,7 @@ CHECKPOINT_COLUMNS = (
     "preservation_above_chance",
     "jaccard_above_chance",
 )
-SUMMARY_KEYS = ("trial", "training", "init", "learning_rate", "seed", "step", "model", "patching")
+SUMMARY_KEYS = (*CHECKPOINT_KEYS, "patching")
 SUMMARY_COLUMNS = (
     *SUMMARY_KEYS,
     "target_accuracy",
