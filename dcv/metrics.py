@@ -9,7 +9,7 @@ Where a metric's number comes from (``source``):
 - ``"parts"``: per probe from per-item parts (``dcv.matched.probe_numbers``), so item-resampled in every
   bootstrap draw, then averaged over probes per checkpoint (``counts``: summed, of a per-probe flag);
 - ``"fixed"``: one number per checkpoint with no per-item parts (``dcv.matched.Point.fixed``, set in
-  ``dcv.analysis.build_inputs``), never resampled; with ``per="probe"`` the checkpoints table has each
+  ``dcv.analysis.inputs.build_inputs``), never resampled; with ``per="probe"`` the checkpoints table has each
   probe's own value (computed there) and ``fixed`` holds their mean.
 
 Which probes a per-probe metric is averaged over: those in the means of P, J and V when ``circuit`` (it is

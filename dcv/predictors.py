@@ -39,7 +39,7 @@ bootstrap under-covers at two runs.
 
 Each predictor is one entry of a checkpoint's number vector (``dcv.matched.Layout``; ``steps`` the points'
 ``step``): a ``dcv.metrics.PREDICTORS`` record (``analysis.predictors`` names them). CMAP
-(``dcv.analysis.mean_cmap``: the mean |cmap_h|, direction ckpt_into_base, over base-circuit heads,
+(``dcv.analysis.inputs.mean_cmap``: the mean |cmap_h|, direction ckpt_into_base, over base-circuit heads,
 averaged over the probes in the means), KL and weight change are fixed per checkpoint and move only with
 the runs.
 

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
-from dcv.analysis import UNRESOLVED  # noqa: E402
+from dcv.analysis.headline import UNRESOLVED  # noqa: E402
 from dcv.detection import PRECISION, failing_metrics, plant_table, verdict_table  # noqa: E402
 from dcv.matched import MAX_RUNS_NEEDED, TRAINING_METHODS  # noqa: E402
 from dcv.metrics import HEADLINE_METRICS, METRICS, PREDICTORS, with_chance  # noqa: E402
@@ -573,7 +573,8 @@ def _interval(low, high) -> str:
 
 def representative_levels(headline: pl.DataFrame, patching: str) -> dict[str, float]:
     """Per axis, the level the answer states: the highest level both methods reach with enough runs (most
-    adaptation, most drift, latest step); the secondary family's levels (``dcv.analysis.stated_levels``)."""
+    adaptation, most drift, latest step); the secondary family's levels
+    (``dcv.analysis.headline.stated_levels``)."""
     used = headline.filter((pl.col("patching") == patching) & (pl.col("status") != "insufficient runs"))
     return {
         axis: float(rows["matched_at"].max())
