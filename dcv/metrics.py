@@ -51,11 +51,6 @@ class Metric:
     needs_circuit: bool = False
     counts: str | None = None  # a count over probes of this per-probe flag (``lost``), not a mean
 
-    @property
-    def nullable(self) -> bool:
-        """Null in the checkpoints table somewhere: by the lost rule, or not measured (fixed numbers)."""
-        return self.lost_null or self.needs_circuit or self.source == "fixed"
-
 
 # Circuit numbers of the base circuit's heads: null without a base circuit and where the probe is lost.
 _OWN_GAP = {"circuit": True, "lost_null": True, "needs_circuit": True}
@@ -121,8 +116,6 @@ MEAN_METRICS = tuple(m.name for m in METRICS.values() if m.source == "parts")
 FORGETTING_METRICS = tuple(m for m in MEAN_METRICS if not METRICS[m].circuit)
 # One number per checkpoint without per-item parts (``dcv.matched.Point.fixed``).
 FIXED_METRICS = tuple(m.name for m in METRICS.values() if m.source == "fixed")
-# Per-checkpoint columns that can be null (the checkpoints table's float columns with no value somewhere).
-NULLABLE_METRICS = tuple(m.name for m in METRICS.values() if m.nullable)
 
 
 def label(name: str) -> str:

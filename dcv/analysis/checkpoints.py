@@ -1,6 +1,7 @@
 """The per-checkpoint tables: ``base_circuits`` (with the competence guard), ``checkpoints`` (one row per
-trial, step, probe and patching method; columns CHECKPOINT_COLUMNS, its metric columns from
-``dcv.metrics``), ``summary`` (means over probes; SUMMARY_COLUMNS), ``benchmarks`` and ``after_sft``.
+trial, step, probe and patching method: CHECKPOINTS_SCHEMA, joins of the results rows, the probes and the
+checkpoints' numbers; its metric columns from ``dcv.metrics``), ``summary`` (means over probes;
+SUMMARY_COLUMNS), ``benchmarks`` and ``after_sft``.
 """
 
 from __future__ import annotations
@@ -13,56 +14,13 @@ from dcv.analysis.inputs import TARGET_PROBE, Analysis, Inputs, chance_levels, e
 from dcv.circuits.competence import Competence
 from dcv.circuits.vulnerability import effect_spearman
 from dcv.config import ExperimentConfig
-from dcv.matched import (
-    Point,
-    ProbeReference,
-    checkpoint_numbers,
-)
-from dcv.metrics import METRICS, NULLABLE_METRICS
+from dcv.matched import checkpoint_numbers
+from dcv.metrics import METRICS
 from dcv.storage import BASE_MODEL
 
 NOISE_FLOOR_COLUMNS = ("noise_floor_preservation", "noise_floor_jaccard", "noise_floor_vulnerability")
-# Float columns of the checkpoints table that can be null: the metrics' (``dcv.metrics``), the noise floor's,
-# and the own circuit's F and the effect Spearman (null where the checkpoint lost the probe).
-NULLABLE = (*NOISE_FLOOR_COLUMNS, *NULLABLE_METRICS, "faithfulness", "effect_spearman")
-# What names a checkpoint in the checkpoints and summary tables.
-CHECKPOINT_KEYS = ("trial", "training", "init", "learning_rate", "seed", "step", "model")
-# The checkpoints and summary tables' column order; a metric of ``dcv.metrics`` not named here follows.
-CHECKPOINT_COLUMNS = (
-    *CHECKPOINT_KEYS,
-    "target_accuracy",
-    "kl_to_base",
-    "probe",
-    "patching",
-    "status",
-    "in_means",
-    "in_forgetting",
-    "probe_accuracy",
-    "probe_mean_ld",
-    "forgetting",
-    "forgetting_ld",
-    "forgetting_bench",
-    "weight_change",
-    "cmap",
-    "gap",
-    "base_gap",  # masks: the real gap their lost rule reads (``_mask_gaps``), as ``gap`` is
-    "lost",
-    "circuit_size",
-    "faithfulness",
-    "preservation",
-    "jaccard",
-    "preservation_chance",  # E[P] and E[J] of a random head set of the checkpoint's circuit size
-    "jaccard_chance",
-    "effect_spearman",
-    "base_circuit_faithfulness",
-    "circuit_vulnerability",
-    "circuit_vulnerability_abs",
-    *NOISE_FLOOR_COLUMNS,
-    "within_noise_floor",
-    "preservation_above_chance",
-    "jaccard_above_chance",
-)
-SUMMARY_KEYS = (*CHECKPOINT_KEYS, "patching")
+# The summary table's column order; a metric of ``dcv.metrics`` not named here follows.
+SUMMARY_KEYS = ("trial", "training", "init", "learning_rate", "seed", "step", "model", "patching")
 SUMMARY_COLUMNS = (
     *SUMMARY_KEYS,
     "target_accuracy",
@@ -150,90 +108,80 @@ def _excluded_because(ref, competence: Competence, circuit: dict) -> str:
     return ""
 
 
-def probe_status(ref: ProbeReference, competence: Competence, circuit: dict, lost: bool) -> str:
-    """What a checkpoint's row for a probe holds: ok, lost, or why the probe is not in the means."""
-    if not competence.competent:
-        return "not competent"
-    if not ref.circuit.size:
-        return "empty circuit"
-    if lost:
-        return "lost"
-    if ref.name == TARGET_PROBE:
-        return "target probe"
-    return "ok" if circuit["reached_tau"] else "below tau"
+# The checkpoints table: one row per (trial, step, probe, patching method), these columns in this order;
+# a metric of ``dcv.metrics`` not named here follows them (Float64).
+CHECKPOINTS_SCHEMA = {
+    "trial": pl.String,
+    "training": pl.String,  # the results table's method (in the analysis' slots: sft | rl)
+    "init": pl.String,
+    "learning_rate": pl.Float64,
+    "seed": pl.Int64,
+    "step": pl.Int64,
+    "model": pl.String,
+    "target_accuracy": pl.Float64,
+    "kl_to_base": pl.Float64,
+    "probe": pl.String,
+    "patching": pl.String,
+    # ok | lost | below tau (circuit did not reach tau) | target probe | not competent | empty circuit
+    "status": pl.String,
+    "in_means": pl.Boolean,
+    "in_forgetting": pl.Boolean,
+    "probe_accuracy": pl.Float64,
+    "probe_mean_ld": pl.Float64,
+    "forgetting": pl.Float64,
+    "forgetting_ld": pl.Float64,
+    "forgetting_bench": pl.Float64,
+    "weight_change": pl.Float64,
+    "cmap": pl.Float64,
+    "gap": pl.Float64,
+    "base_gap": pl.Float64,  # masks: the real gap their lost rule reads (``_mask_gaps``), as ``gap`` is
+    "lost": pl.Boolean,
+    "circuit_size": pl.Int64,
+    "faithfulness": pl.Float64,  # the checkpoint's own circuit's F (null where lost)
+    "preservation": pl.Float64,
+    "jaccard": pl.Float64,
+    "preservation_chance": pl.Float64,  # E[P] and E[J] of a random head set of the checkpoint's circuit size
+    "jaccard_chance": pl.Float64,
+    "effect_spearman": pl.Float64,  # all heads' effects against the base's (null where lost)
+    "base_circuit_faithfulness": pl.Float64,
+    "circuit_vulnerability": pl.Float64,
+    "circuit_vulnerability_abs": pl.Float64,
+    "noise_floor_preservation": pl.Float64,
+    "noise_floor_jaccard": pl.Float64,
+    "noise_floor_vulnerability": pl.Float64,
+    "within_noise_floor": pl.Boolean,
+    "preservation_above_chance": pl.Float64,
+    "jaccard_above_chance": pl.Float64,
+}
 
 
 def checkpoint_table(
     cfg: ExperimentConfig, inputs: Sequence[Inputs], circuits: pl.DataFrame, noise_floor: pl.DataFrame
 ) -> pl.DataFrame:
-    """One row per (trial, step, probe, patching method): the probe's numbers over all items."""
-    floor = {
-        (r["probe"], r["method"]): r
-        for r in noise_floor.filter(pl.col("kind") == "bootstrap").iter_rows(named=True)
-    }
-    own = {(r["model"], r["probe"], r["method"]): r for r in circuits.iter_rows(named=True)}
-    base_effects = {}
-    rows = []
-    for data in inputs:
-        numbers = {k: checkpoint_numbers(p, data.refs, data.layout) for k, p in data.points.items()}
-        base = data.points[(BASE_MODEL, 0)]
-        for row in data.rows:
-            model, point = row["model"], data.points[(row["model"], row["step"])]
-            vector = numbers[(model, row["step"])]
-            for ref in data.refs:
-                key = (model, ref.name, data.method)
-                if (ref.name, data.method) not in base_effects:
-                    base_effects[(ref.name, data.method)] = effects_frame(base, ref)
-
-                def get(metric: str, ref=ref, vector=vector, layout=data.layout) -> float:
-                    return float(layout.scalar(vector, f"{ref.name}/{metric}"))
-
-                lost = bool(get("lost"))
-                status = probe_status(ref, data.competence[ref.name], data.circuits[ref.name], lost)
-                nf = floor.get((ref.name, data.method), {})
-                chance = chance_levels(ref, own[key]["size"])
-                # Per-probe values of the fixed metrics (``Point.fixed`` holds their means over probes).
-                fixed = {
-                    "base_circuit_faithfulness": own[key]["base_circuit_faithfulness"],
-                    "preservation_chance": chance[0],
-                    "jaccard_chance": chance[1],
-                }
-                rows.append(
-                    {
-                        "trial": row["trial"],
-                        "training": row["method"],
-                        "init": row["init"],
-                        "learning_rate": row["learning_rate"],
-                        "seed": row["seed"],
-                        "step": row["step"],
-                        "model": model,
-                        "target_accuracy": row["target/accuracy"],
-                        "kl_to_base": row.get("kl_to_base") or 0.0,
-                        "probe": ref.name,
-                        "patching": data.method,
-                        "status": status,
-                        "in_means": ref.in_means,
-                        "in_forgetting": ref.in_forgetting,
-                        "probe_accuracy": get("probe_accuracy"),
-                        "probe_mean_ld": get("probe_mean_ld"),
-                        "gap": get("gap"),
-                        "base_gap": data.competence[ref.name].gap if ref.base.gap is None else ref.base.gap,
-                        "lost": lost,
-                        "circuit_size": own[key]["size"],
-                        # Lost is lost everywhere: no number divided by the checkpoint's own (vanished) gap.
-                        "faithfulness": None if lost else own[key]["faithfulness"],
-                        "effect_spearman": None
-                        if lost
-                        else effect_spearman(
-                            base_effects[(ref.name, data.method)], effects_frame(point, ref)
-                        ),
-                        "noise_floor_preservation": nf.get("preservation"),
-                        "noise_floor_jaccard": nf.get("jaccard"),
-                        "noise_floor_vulnerability": nf.get("circuit_vulnerability"),
-                        **_metric_cells(point, ref, lost, get, fixed),
-                    }
-                )
-    table = pl.DataFrame(rows, schema_overrides=dict.fromkeys(NULLABLE, pl.Float64), infer_schema_length=None)
+    """CHECKPOINTS_SCHEMA: each results row (``_run_rows``) joined with its method's probes
+    (``_probe_rows``: the competence guard, the base circuit, the noise floor), the checkpoint's numbers
+    per probe (``_number_rows``) and its own circuit; then the status and the lost rule's nulls."""
+    if not inputs:
+        return pl.DataFrame(schema=CHECKPOINTS_SCHEMA)
+    keys = ["patching", "model", "step", "probe"]
+    own = circuits.select(
+        "model",
+        "probe",
+        pl.col("method").alias("patching"),
+        pl.col("size").cast(pl.Int64).alias("circuit_size"),
+        "faithfulness",
+        "base_circuit_faithfulness",
+    )
+    table = (
+        _run_rows(inputs[0].rows)
+        .join(_probe_rows(inputs, noise_floor), how="cross")
+        .join(_number_rows(inputs, own), on=keys, how="left")
+        .join(own, on=["model", "probe", "patching"], how="left")
+        .with_columns(_status().alias("status"), *_lost_rule())
+    )
+    metric_columns = [m.name for m in METRICS.values() if m.name in table.columns]
+    columns = [*CHECKPOINTS_SCHEMA, *(c for c in metric_columns if c not in CHECKPOINTS_SCHEMA)]
+    schema = {c: CHECKPOINTS_SCHEMA.get(c, pl.Float64) for c in columns}
     return (
         table.with_columns(
             # Not distinguishable from base: the model keeps as much of the base circuit as the base keeps of
@@ -241,26 +189,134 @@ def checkpoint_table(
             (pl.col("preservation") >= pl.col("noise_floor_preservation")).alias("within_noise_floor"),
             *_above_chance(),
         )
-        .pipe(_ordered, CHECKPOINT_COLUMNS)
+        .select([pl.col(c).cast(t) for c, t in schema.items()])
         .sort("trial", "step", "probe", "patching")
     )
 
 
-def _metric_cells(point: Point, ref: ProbeReference, lost: bool, get, fixed: dict) -> dict:
-    """A checkpoints row's metric columns (``dcv.metrics``) for one probe: per-probe numbers from its
-    parts (``get``) or ``fixed``'s per-probe values, null by each metric's lost rule; per-model numbers
-    from the point."""
-    cells = {}
+def _run_rows(rows: Sequence[dict]) -> pl.DataFrame:
+    """The results rows (every method's inputs hold the same): what names each checkpoint."""
+    return pl.DataFrame(
+        [
+            {
+                "trial": row["trial"],
+                "training": row["method"],
+                "init": row["init"],
+                "learning_rate": row["learning_rate"],
+                "seed": row["seed"],
+                "step": row["step"],
+                "model": row["model"],
+                "target_accuracy": row["target/accuracy"],
+                "kl_to_base": row.get("kl_to_base") or 0.0,
+            }
+            for row in rows
+        ],
+        infer_schema_length=None,
+    )
+
+
+def _probe_rows(inputs: Sequence[Inputs], noise_floor: pl.DataFrame) -> pl.DataFrame:
+    """Per (patching method, probe): the competence guard, the base circuit and its noise floor."""
+    rows = [
+        {
+            "patching": data.method,
+            "probe": ref.name,
+            "in_means": ref.in_means,
+            "in_forgetting": ref.in_forgetting,
+            "competent": data.competence[ref.name].competent,
+            "has_circuit": bool(ref.circuit.size),
+            "reached_tau": bool(data.circuits[ref.name]["reached_tau"]),
+            "base_gap": data.competence[ref.name].gap if ref.base.gap is None else ref.base.gap,
+        }
+        for data in inputs
+        for ref in data.refs
+    ]
+    floor = noise_floor.filter(pl.col("kind") == "bootstrap").select(
+        "probe",
+        pl.col("method").alias("patching"),
+        pl.col("preservation").alias("noise_floor_preservation"),
+        pl.col("jaccard").alias("noise_floor_jaccard"),
+        pl.col("circuit_vulnerability").alias("noise_floor_vulnerability"),
+    )
+    probes = pl.DataFrame(rows, schema_overrides={"base_gap": pl.Float64}, infer_schema_length=None)
+    return probes.join(floor, on=["probe", "patching"], how="left")
+
+
+def _number_rows(inputs: Sequence[Inputs], own: pl.DataFrame) -> pl.DataFrame:
+    """Per (patching method, model, step, probe): the probe's numbers over all items (the checkpoint
+    vector's), the model's fixed numbers, the effect Spearman and the chance levels of P and J."""
+    sizes = {
+        (m, p, k): n for m, p, k, n in own.select("model", "probe", "patching", "circuit_size").iter_rows()
+    }
+    per_probe = [
+        m.name for m in METRICS.values() if m.per == "probe" and m.source == "parts" and not m.counts
+    ]
+    per_model = [m.name for m in METRICS.values() if m.per == "model" and m.source == "fixed"]
+    rows = []
+    for data in inputs:
+        base = data.points[(BASE_MODEL, 0)]
+        base_effects = {ref.name: effects_frame(base, ref) for ref in data.refs}
+        for (model, step), point in data.points.items():
+            vector = checkpoint_numbers(point, data.refs, data.layout)
+            for ref in data.refs:
+
+                def get(name: str, ref=ref, vector=vector, layout=data.layout) -> float:
+                    return float(layout.scalar(vector, f"{ref.name}/{name}"))
+
+                lost = bool(get("lost"))
+                chance = chance_levels(ref, sizes[(model, ref.name, data.method)])
+                rows.append(
+                    {
+                        "patching": data.method,
+                        "model": model,
+                        "step": step,
+                        "probe": ref.name,
+                        "lost": lost,
+                        **{c: get(c) for c in ("probe_accuracy", "probe_mean_ld", "gap", *per_probe)},
+                        **{c: or_none(point.fixed[c]) for c in per_model},
+                        # Per-probe values of fixed metrics (``Point.fixed`` holds their means over probes).
+                        "preservation_chance": chance[0],
+                        "jaccard_chance": chance[1],
+                        "effect_spearman": None
+                        if lost
+                        else effect_spearman(base_effects[ref.name], effects_frame(point, ref)),
+                    }
+                )
+    nullable = ["preservation_chance", "jaccard_chance", "effect_spearman", *per_model]
+    return pl.DataFrame(rows, schema_overrides=dict.fromkeys(nullable, pl.Float64), infer_schema_length=None)
+
+
+def _status() -> pl.Expr:
+    """What a checkpoint's row for a probe holds: ok, lost, or why the probe is not in the means."""
+    return (
+        pl.when(~pl.col("competent"))
+        .then(pl.lit("not competent"))
+        .when(~pl.col("has_circuit"))
+        .then(pl.lit("empty circuit"))
+        .when(pl.col("lost"))
+        .then(pl.lit("lost"))
+        .when(pl.col("probe") == TARGET_PROBE)
+        .then(pl.lit("target probe"))
+        .when(pl.col("reached_tau"))
+        .then(pl.lit("ok"))
+        .otherwise(pl.lit("below tau"))
+    )
+
+
+def _lost_rule() -> list[pl.Expr]:
+    """Null where a number is not one (docs/method.md "Competence guard and the lost rule"): every
+    metric's by its record (``Metric.lost_null``, ``needs_circuit``), the own circuit's F where lost."""
+    out = [pl.when(~pl.col("lost")).then(pl.col("faithfulness")).alias("faithfulness")]
     for m in METRICS.values():
-        if m.source == "results" or m.counts:
-            continue  # the results row's own columns; a count's flag (``lost``) is a column of its own
-        if m.per == "model":
-            cells[m.name] = or_none(point.fixed[m.name])
-        elif (m.lost_null and lost) or (m.needs_circuit and not ref.circuit.size):
-            cells[m.name] = None
-        else:
-            cells[m.name] = get(m.name) if m.source == "parts" else fixed[m.name]
-    return cells
+        null = pl.lit(False)
+        if m.per == "model" or m.counts or not (m.lost_null or m.needs_circuit):
+            continue
+        if m.lost_null:
+            null = null | pl.col("lost")
+        if m.needs_circuit:
+            null = null | ~pl.col("has_circuit")
+        out.append(pl.when(~null).then(pl.col(m.name)).alias(m.name))
+    return out
 
 
 def _ordered(frame: pl.DataFrame, columns: Sequence[str]) -> pl.DataFrame:
