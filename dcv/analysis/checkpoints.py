@@ -308,9 +308,9 @@ def _lost_rule() -> list[pl.Expr]:
     metric's by its record (``Metric.lost_null``, ``needs_circuit``), the own circuit's F where lost."""
     out = [pl.when(~pl.col("lost")).then(pl.col("faithfulness")).alias("faithfulness")]
     for m in METRICS.values():
-        null = pl.lit(False)
         if m.per == "model" or m.counts or not (m.lost_null or m.needs_circuit):
             continue
+        null = pl.lit(False)
         if m.lost_null:
             null = null | pl.col("lost")
         if m.needs_circuit:
