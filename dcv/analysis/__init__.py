@@ -1,8 +1,10 @@
 """The analysis: from the results, patching and circuits tables to the numbers the report shows.
 
-Pure polars/numpy on stored tables (no model, no Ray), so ``dcv report`` can rebuild it all. Tables
-(``analyze`` returns them by name; ``write_analysis`` stores each as parquet and CSV under
-``<storage>/analysis/``):
+Pure polars/numpy on stored tables (no model, no Ray), so ``dcv report`` can rebuild it all. ``analyze``
+builds what every table reads once (``inputs``: probe references, points, the ``Analysis`` record), then
+each family module of this package (``FAMILIES``: checkpoints, noise_floor, headline, predictors, paper,
+cmap, weight_change, curves) builds its tables with its schema. Tables (``analyze`` returns them by name;
+``write_analysis`` stores each as parquet and CSV under ``<storage>/analysis/``):
 
 - ``base_circuits``: per probe and patching method, the base circuit (size out of all heads,
   faithfulness, whether it reached tau, its heads).
