@@ -27,7 +27,7 @@ from dcv.circuits.methods import (  # noqa: F401 (CMAP, CMAP_DIRECTIONS, MASK: r
     check_keys,
     patching_method,
 )
-from dcv.metrics import ANSWER_METRICS
+from dcv.metrics import ANSWER_METRICS, PREDICTORS
 
 # Head-effect methods are records of dcv.circuits.methods (kinds: ranking, mask, cross_model); MASK, CMAP and
 # CMAP_DIRECTIONS are re-exported from there. PATCHING_METHODS: the methods that rank heads by patching
@@ -40,18 +40,9 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
 
 BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny")
-# Candidate predictors of forgetting in the analysis' ``predictors`` table (dcv.predictors.PREDICTORS says
+# Candidate predictors of forgetting in the analysis' ``predictors`` table (dcv.metrics.PREDICTORS says
 # what each is); cmap has a value only where patching.methods has cmap.
-PREDICTOR_NAMES = (
-    "kl_to_base",
-    "weight_change",
-    "circuit_vulnerability",
-    "circuit_vulnerability_abs",
-    "one_minus_preservation",
-    "one_minus_jaccard",
-    "cmap",
-    "steps",
-)
+PREDICTOR_NAMES = tuple(PREDICTORS)
 RUN_NAME = r"^[A-Za-z0-9][\w.-]*$"  # names are used in MLflow filters and storage paths
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 METHOD_LABEL = r"^[a-z][a-z0-9_]*$"  # a training method's label (sft, rl, dpo, rlvr): in column names

@@ -46,26 +46,17 @@ from scipy import stats
 
 from dcv.circuits.competence import is_lost
 from dcv.circuits.vulnerability import interpolation_weights, vulnerability
+from dcv.metrics import FORGETTING_METRICS, MEAN_METRICS, METRICS
 
 TRAINING_METHODS = ("sft", "rl")
-# Means over the probes in means, per checkpoint; the order of the metric vector's first entries.
-MEAN_METRICS = (
-    "forgetting",
-    "forgetting_ld",
-    "preservation",
-    "jaccard",
-    "circuit_vulnerability",
-    "circuit_vulnerability_abs",
-    "n_lost",
-)
-FORGETTING_METRICS = ("forgetting", "forgetting_ld", "n_lost")  # over every competent prior probe
-# Per probe: its gap, whether it is lost, its scores, and every mean's own number.
+# Per probe: its gap, whether it is lost, its scores, and every mean's own number (a count's flag is
+# ``lost``).
 PROBE_METRICS = (
     "gap",
     "lost",
     "probe_accuracy",
     "probe_mean_ld",
-    *(m for m in MEAN_METRICS if m != "n_lost"),
+    *(m for m in MEAN_METRICS if not METRICS[m].counts),
 )
 # An item-level minimum detectable effect (one model against base over n items, n >> 30, where z is right):
 # (z_0.975 + z_0.8) standard errors. Across seeds the t of ``across_seeds`` stands in its place.
@@ -258,10 +249,10 @@ def checkpoint_numbers(
         out[layout.slices[f"{ref.name}/v_abs"]] = v_abs
         for metric in MEAN_METRICS:
             if ref.in_means or (ref.in_forgetting and metric in FORGETTING_METRICS):
-                in_means[metric].append(numbers["lost"] if metric == "n_lost" else numbers[metric])
+                in_means[metric].append(numbers[METRICS[metric].counts or metric])
     for metric, values in in_means.items():
         finite = [v for v in values if np.isfinite(v)]
-        if metric == "n_lost":
+        if METRICS[metric].counts:
             out[layout.slices[metric]] = float(sum(values))
         elif finite:
             out[layout.slices[metric]] = float(np.mean(finite))

@@ -38,8 +38,8 @@ of a method in the group there is no verdict ("not distinguishable at this power
 bootstrap under-covers at two runs.
 
 Each predictor is one entry of a checkpoint's number vector (``dcv.matched.Layout``; ``steps`` the points'
-``step``): a ``PREDICTORS`` entry and a name in ``dcv.config.PREDICTOR_NAMES``. CMAP
-(``dcv.analysis.mean_cmap``: the mean |cmap_h|, direction ckpt_into_base, over base-circuit heads,
+``step``): a ``dcv.metrics.PREDICTORS`` record (``analysis.predictors`` names them). CMAP
+(``dcv.analysis.inputs.mean_cmap``: the mean |cmap_h|, direction ckpt_into_base, over base-circuit heads,
 averaged over the probes in the means), KL and weight change are fixed per checkpoint and move only with
 the runs.
 
@@ -59,7 +59,6 @@ import numpy as np
 import polars as pl
 
 from dcv.matched import (
-    MEAN_METRICS,
     TRAINING_METHODS,
     Draw,
     Layout,
@@ -69,6 +68,7 @@ from dcv.matched import (
     interval,
     runs_by_method,
 )
+from dcv.metrics import MEAN_METRICS, PREDICTORS
 
 FIXED_EFFECT = "pooled (method effect)"
 # The fits, in the table's and the report's order: within each method first, then pooled with a method
@@ -83,45 +83,6 @@ NOT_DISTINGUISHABLE = "not distinguishable at this power"
 SPLIT_SEED = 1  # the item draws within each half behind split rows' CIs
 
 
-@dataclass(frozen=True)
-class Predictor:
-    label: str
-    entry: str  # the Layout entry it is read from ("step": the checkpoint's training step)
-    complement: bool  # the predictor is 1 - entry (damage grows with it)
-    needs: str  # what measures it (said where it was not measured)
-    short: str  # figure label
-    items: bool = False  # read from the probe items: meets item-based forgetting on disjoint items only
-
-
-PREDICTORS = {
-    "kl_to_base": Predictor(
-        "KL to base (target task)", "kl_to_base", False, "the results table's kl_to_base", "KL to base"
-    ),
-    "weight_change": Predictor(
-        "mean relative weight change of the heads",
-        "weight_change",
-        False,
-        "weight_change.enabled: true",
-        "weight change",
-    ),
-    "circuit_vulnerability": Predictor(
-        "V (relative)", "circuit_vulnerability", False, "a probe in the means", "V (relative)", True
-    ),
-    "circuit_vulnerability_abs": Predictor(
-        "V (absolute)", "circuit_vulnerability_abs", False, "a probe in the means", "V (absolute)", True
-    ),
-    "one_minus_preservation": Predictor("1 - P", "preservation", True, "a probe in the means", "1 - P", True),
-    "one_minus_jaccard": Predictor("1 - J", "jaccard", True, "a probe in the means", "1 - J", True),
-    "cmap": Predictor(
-        "mean |CMAP| over base-circuit heads (checkpoint into base)",
-        "cmap",
-        False,
-        "patching.methods with cmap",
-        "CMAP",
-        True,
-    ),
-    "steps": Predictor("training steps (baseline)", "step", False, "a fine-tuned checkpoint", "steps"),
-}
 TARGETS = {
     "forgetting": "forgetting (probe accuracy)",
     "forgetting_ld": "forgetting (mean LD)",

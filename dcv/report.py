@@ -15,16 +15,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
-from dcv.analysis import UNRESOLVED  # noqa: E402
+from dcv.analysis.headline import UNRESOLVED  # noqa: E402
 from dcv.detection import PRECISION, failing_metrics, plant_table, verdict_table  # noqa: E402
 from dcv.matched import MAX_RUNS_NEEDED, TRAINING_METHODS  # noqa: E402
-from dcv.metrics import METRICS  # noqa: E402
+from dcv.metrics import HEADLINE_METRICS, METRICS, PREDICTORS, with_chance  # noqa: E402
+from dcv.metrics import label as metric_label  # noqa: E402
 from dcv.predictors import (  # noqa: E402
     FIXED_EFFECT,
     GROUPS,
     MIN_VERDICT_RUNS,
     NOT_DISTINGUISHABLE,
-    PREDICTORS,
     RAZOR_R2,
     TARGETS,
 )
@@ -561,7 +561,6 @@ def dcv_point(rows: pl.DataFrame) -> pl.DataFrame:
 
 
 AXIS_NAMES = {"accuracy": "target accuracy", "kl": "KL to base", "step": "step"}
-METRIC_NAMES = {name: metric.label for name, metric in METRICS.items()}
 
 
 def _g(x: float) -> str:
@@ -574,7 +573,8 @@ def _interval(low, high) -> str:
 
 def representative_levels(headline: pl.DataFrame, patching: str) -> dict[str, float]:
     """Per axis, the level the answer states: the highest level both methods reach with enough runs (most
-    adaptation, most drift, latest step); the secondary family's levels (``dcv.analysis.stated_levels``)."""
+    adaptation, most drift, latest step); the secondary family's levels
+    (``dcv.analysis.headline.stated_levels``)."""
     used = headline.filter((pl.col("patching") == patching) & (pl.col("status") != "insufficient runs"))
     return {
         axis: float(rows["matched_at"].max())
@@ -609,8 +609,7 @@ def primary_sentence(
     rows = headline.filter((pl.col("patching") == patching) & (pl.col("role") == "primary"))
     if rows.is_empty():
         what = (
-            f"{METRIC_NAMES.get(primary['metric'], primary['metric'])} at matched "
-            f"{AXIS_NAMES[primary['axis']]}"
+            f"{metric_label(primary['metric'])} at matched {AXIS_NAMES[primary['axis']]}"
             if primary
             else "as configured"
         )
@@ -619,7 +618,7 @@ def primary_sentence(
             "each method (analysis.min_runs), so this experiment makes no primary SFT-vs-RL claim."
         )
     row = rows.row(0, named=True)
-    name = METRIC_NAMES.get(row["metric"], row["metric"])
+    name = metric_label(row["metric"])
     where = f"{AXIS_NAMES[row['matched_by']]} {_g(row['matched_at'])}"
     n = f"n = {row['n_runs_sft']} SFT and {row['n_runs_rl']} RL runs"
     if row["status"] == "no variation":
@@ -689,7 +688,7 @@ def answer_table(
         chance = [method.get(t, {}).get("chance") for t in TRAINING_METHODS]
         out.append(
             {
-                "metric": METRIC_NAMES.get(row["metric"], row["metric"]),
+                "metric": metric_label(row["metric"]),
                 "matched at": f"{AXIS_NAMES[row['matched_by']]} {_g(row['matched_at'])}",
                 "role": row["role"],
                 "SFT": _g(method["sft"]["mean"]) if "sft" in method else "-",
@@ -791,7 +790,7 @@ def answer_notes(
     failing = failing_metrics(calibration, in_means_probes(base_circuits, patching))
     for name, reason in (failing | excluded).items():
         how = reason if name in excluded else f"fails its positive control in this calibration ({reason})"
-        out.append(f"{METRIC_NAMES.get(name, name)} is not in the answer: it {how}.")
+        out.append(f"{metric_label(name)} is not in the answer: it {how}.")
     left_out = base_circuits.filter((pl.col("method") == patching) & ~pl.col("in_means"))
     for row in left_out.iter_rows(named=True):
         out.append(f"Probe {row['probe']} is left out of the means: {row['excluded_because']}.")
@@ -837,12 +836,12 @@ def detection_sentence(calibration: pl.DataFrame | None, headline: pl.DataFrame)
         rows = stated.filter((pl.col("status") == "ok") & (pl.col("mde") > 0))
         if rows.is_empty() and not stated.is_empty():
             parts.append(
-                f"{METRIC_NAMES[metric]} did not vary between runs or items at any matched level (every "
+                f"{metric_label(metric)} did not vary between runs or items at any matched level (every "
                 "model scored alike), so no minimum detectable difference can be given for it"
             )
         elif not rows.is_empty():
             parts.append(
-                f"SFT - RL differences in {METRIC_NAMES[metric]} below {_g(rows['mde'].min())}-"
+                f"SFT - RL differences in {metric_label(metric)} below {_g(rows['mde'].min())}-"
                 f"{_g(rows['mde'].max())} cannot be seen at these counts (80% power)"
             )
     return "; ".join(parts) + "."
@@ -856,7 +855,7 @@ def calibration_findings(calibration: pl.DataFrame) -> list[str]:
     for (probe,), rows in verdict_table(calibration).group_by("probe", maintain_order=True):
         rows = list(rows.iter_rows(named=True))
         found = [
-            f"{METRIC_NAMES.get(r['metric'], r['metric'])} from the top {r['min_detectable_k']} head(s) "
+            f"{metric_label(r['metric'])} from the top {r['min_detectable_k']} head(s) "
             + ("ablated" if r["min_detectable_alpha"] == 0 else f"scaled by {_g(r['min_detectable_alpha'])}")
             for r in rows
             if r["min_detectable_k"] is not None
@@ -868,9 +867,7 @@ def calibration_findings(calibration: pl.DataFrame) -> list[str]:
             else f"on {probe}, no planted damage up to {ks.max()} heads was detected by any metric"
         )
         separating = [
-            f"{METRIC_NAMES.get(r['metric'], r['metric'])} (k = {r['separates_at_k']})"
-            for r in rows
-            if r["separates_at_k"]
+            f"{metric_label(r['metric'])} (k = {r['separates_at_k']})" for r in rows if r["separates_at_k"]
         ]
         text += (
             "; circuit plants rank above random plants of the same size under " + ", ".join(separating)
@@ -878,7 +875,7 @@ def calibration_findings(calibration: pl.DataFrame) -> list[str]:
             else "; no metric ranks circuit plants above random plants of the same size"
         )
         failing = [
-            f"{METRIC_NAMES.get(r['metric'], r['metric'])}: {r['failure']}"
+            f"{metric_label(r['metric'])}: {r['failure']}"
             for r in rows
             if r["passes_positive_control"] is False
         ]
@@ -889,7 +886,7 @@ def calibration_findings(calibration: pl.DataFrame) -> list[str]:
     if not precision.is_empty():
         flagged = precision.filter(pl.col("flagged"))
         which = ", ".join(
-            f"{METRIC_NAMES.get(m, m)} on {p}" for p, m in flagged.select("probe", "metric").iter_rows()
+            f"{metric_label(m)} on {p}" for p, m in flagged.select("probe", "metric").iter_rows()
         )
         parts.append(
             "the base at numerical precision (its weights through bfloat16), the negative control, was "
@@ -1216,30 +1213,14 @@ def build_report(
         blocks += [("h2", "Heads with the largest |DCV| (the heatmaps' matching point)"), ("table", top)]
     blocks += [("h2", "Figures")] + [("img", p) for p in pngs + heatmaps]
     per_step = summary.select(
-        "trial",
-        "step",
-        "patching",
-        "target_accuracy",
-        "kl_to_base",
-        "forgetting",
-        "forgetting_ld",
-        "forgetting_bench",
-        "preservation",
-        "preservation_chance",
-        "preservation_above_chance",
-        "jaccard",
-        "jaccard_chance",
-        "jaccard_above_chance",
-        "noise_floor_preservation",
-        "circuit_vulnerability",
-        "circuit_vulnerability_abs",
-        "n_lost",
+        "trial", "step", "patching", *with_chance(HEADLINE_METRICS), "noise_floor_preservation"
     )
     blocks += [
         ("h2", "Every checkpoint (means over probes in means; lost probes counted)"),
         ("p", "*_chance: what a random head set of the checkpoint's circuit size would score by chance."),
         ("table", per_step),
     ]
+    circuit = [m.name for m in METRICS.values() if m.source == "parts" and m.circuit]  # P, J, V, V abs
     per_probe = checkpoints.filter(pl.col("step") > 0).select(
         "trial",
         "step",
@@ -1249,14 +1230,7 @@ def build_report(
         "probe_accuracy",
         "gap",
         "base_gap",
-        "preservation",
-        "preservation_chance",
-        "preservation_above_chance",
-        "jaccard",
-        "jaccard_chance",
-        "jaccard_above_chance",
-        "circuit_vulnerability",
-        "circuit_vulnerability_abs",
+        *with_chance(circuit),
     )
     blocks += [
         ("h2", "Every fine-tuned checkpoint per probe (status: ok, lost, below tau, ...)"),

@@ -8,7 +8,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from dcv.analysis import analyze, build_inputs
+from dcv.analysis import analyze
+from dcv.analysis.inputs import build_inputs
 from dcv.config import parse_config
 from dcv.report import build_report
 from tests.helpers import N_ITEMS, circuits_table, effects_table, results_table, tiny_config_dict

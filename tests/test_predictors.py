@@ -13,10 +13,10 @@ from dcv.analysis import analyze
 from dcv.circuits.weight_change import WEIGHT_CHANGE_SCHEMA
 from dcv.config import PREDICTOR_NAMES, ConfigError, parse_config
 from dcv.matched import Layout, Point, ProbeParts, ProbeReference, Run, checkpoint_numbers, resample
+from dcv.metrics import PREDICTORS
 from dcv.predictors import (
     FIXED_EFFECT,
     GROUPS,
-    PREDICTORS,
     fit,
     loro_r2,
     predictor_table,

@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 
 from dcv.circuits.methods import MASK_METHODS
-from dcv.circuits.vulnerability import effect_spearman
+from dcv.circuits.vulnerability import effect_spearman, spearman
 from dcv.config import ExperimentConfig
 from dcv.tables import Head
 
@@ -41,11 +41,6 @@ NOISE_FLOOR_SCHEMA = {
     "effect_spearman": pl.Float64,  # median Spearman of all heads' effects, base against resample
 }
 FLOOR_QUANTILE = 0.05
-
-
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = pl.Series(a).rank("average").to_numpy(), pl.Series(b).rank("average").to_numpy()
-    return float(np.corrcoef(ra, rb)[0, 1]) if np.ptp(ra) and np.ptp(rb) else float("nan")
 
 
 def bootstrap_floor(
@@ -70,7 +65,7 @@ def bootstrap_floor(
         e_base = base_effect[circuit]
         v = np.sign(e_base) * (e_base - effect[circuit]) / np.abs(e_base)
         out["circuit_vulnerability"][b] = float((weight * v).sum() / weight.sum())
-        out["spearman"][b] = _spearman(base_effect, effect)
+        out["spearman"][b] = spearman(base_effect, effect)
     return out
 
 
