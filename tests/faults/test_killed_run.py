@@ -140,6 +140,9 @@ def chain(tmp_path_factory, tracking_server) -> Chain:
         "item_stamps": stamps(item_files(storage)),
         "circuit_stamps": stamps(circuit_files(storage)),
         "bench_stamps": stamps(bench_files(storage)),
+        # The files of the trial finished before the sweep's kill, as the reruns left them (step 5 then
+        # retrains that trial, the SFT one).
+        "sweep_kill_stamps": stamps(out.finished_at_kill["sweep"]),
     }
     item = next(p for p in item_files(storage) if p.name.startswith("base__"))
     item.write_bytes(item.read_bytes()[: item.stat().st_size // 2])
@@ -185,7 +188,7 @@ def test_every_rerun_after_a_kill_takes_the_stale_lock_over(chain):
 def test_killed_in_the_sweep_the_rerun_does_not_retrain_the_finished_trial(chain):
     assert chain.unfinished_at_kill["sweep"] == 1  # killed with one trial done and one not
     finished = chain.finished_at_kill["sweep"]
-    assert finished and stamps(finished) == finished
+    assert finished and chain.before_damage["sweep_kill_stamps"] == finished
     assert "1 finished before (skipped), 1 to train" in chain.runs["patching"].stdout
     # The trials landed under the root resolved where the command ran ("store" in the config), not in Tune's
     # per-trial working dirs: the chain found them there.
