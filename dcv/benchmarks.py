@@ -215,9 +215,9 @@ def default_task_names() -> frozenset[str]:
     Indexing lm-eval's ~14,700 task YAMLs takes 12-14 s on a 2-core machine (measured); the names only
     change with the lm-eval version, so the list is kept in ``<dcv cache>/lm_eval/<version>-task-names.json``.
     """
-    from dcv.models import default_cache_dir
+    from dcv.storage import cache_dir
 
-    path = default_cache_dir() / "lm_eval" / f"{version('lm_eval')}-task-names.json"
+    path = cache_dir() / "lm_eval" / f"{version('lm_eval')}-task-names.json"
     try:
         return frozenset(json.loads(path.read_text()))
     except (OSError, ValueError):

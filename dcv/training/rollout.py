@@ -312,17 +312,16 @@ def vllm_model_folder(cfg: ExperimentConfig) -> str:
     written once per tiny shape, seed and dtype under the cache directory."""
     from dcv.models import (
         TINY_NAME,
-        default_cache_dir,
         load_model_and_tokenizer,
         resolve_model_source,
         save_model,
     )
-    from dcv.storage import content_hash
+    from dcv.storage import cache_dir, content_hash
 
     if cfg.model.name != TINY_NAME:
         return resolve_model_source(cfg.model)
     key = content_hash({"tiny": cfg.model.tiny.model_dump(mode="json"), "dtype": cfg.model.dtype})
-    folder = (cfg.model.cache_dir or default_cache_dir()) / "models" / f"tiny-{key}"
+    folder = (cfg.model.cache_dir or cache_dir()) / "models" / f"tiny-{key}"
     if not (folder / "config.json").is_file():
         save_model(*load_model_and_tokenizer(cfg.model), folder)
     return str(folder)
