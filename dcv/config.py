@@ -1091,13 +1091,20 @@ class ExternalConfig(Section):
 
 
 class ComparisonConfig(Section):
-    """Which two training methods the matched comparison sets against each other."""
+    """Which two training methods the matched comparison sets against each other (and, with external runs
+    of 3+ labels, whether every other pair is compared too)."""
 
     methods: tuple[str, str] = Field(
         ("sft", "rl"),
         description="the two method labels compared (first minus second, e.g. [dpo, rlvr]); the analysis "
         "tables keep their sft/rl column names for the first/second. With external runs of 3+ labels, the "
         "pair compared (the report says which); without external, sft and rl",
+    )
+    each_pair: bool = Field(
+        False,
+        description="external runs of 3+ labels only: also compare every pair of labels (in label order; "
+        "the chosen pair as `methods` orders it) in the analysis' pairs table, each pair's verdicts "
+        "Bonferroni-corrected for the number of pairs; the headline stays the pair `methods`",
     )
 
     @field_validator("methods")
@@ -1270,6 +1277,20 @@ class ExperimentConfig(Section):
             raise ValueError(
                 f"comparison: methods {pair}: no external run has label(s) {missing} (labels: {labels}); "
                 "set comparison.methods to two of them"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _each_pair_has_pairs(self) -> ExperimentConfig:
+        # With two labels the headline already is the only pair: a pairs table would repeat it.
+        if not self.comparison.each_pair:
+            return self
+        labels = [] if self.external is None else self.external.labels()
+        if len(labels) < 3:
+            where = "no external runs" if self.external is None else f"external run labels {labels}"
+            raise ValueError(
+                f"comparison.each_pair: true needs external runs with 3 or more method labels (got {where}); "
+                "with two the headline compares the only pair: remove comparison.each_pair"
             )
         return self
 

@@ -506,6 +506,12 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return adjusted
 
 
+def bonferroni(p_value: float, n_tests: int) -> float:
+    """``p_value`` adjusted for ``n_tests`` tests at once: a test at alpha / n_tests each keeps the chance of
+    any false positive among them at most alpha (the union bound), whatever their dependence."""
+    return min(1.0, n_tests * p_value)
+
+
 def interval(draws: np.ndarray, ci_level: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(low, high, standard error, valid draws) per column of [B, width] draws; NaN draws are left out."""
     alpha = (1 - ci_level) / 2

@@ -67,19 +67,30 @@ is meant to be at matched target accuracy, where the learning rate matters throu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
-from dcv.analysis import checkpoints, cmap, curves, headline, noise_floor, paper, predictors, weight_change
+from dcv.analysis import (
+    checkpoints,
+    cmap,
+    curves,
+    headline,
+    noise_floor,
+    pairs,
+    paper,
+    predictors,
+    weight_change,
+)
 from dcv.analysis.checkpoints import checkpoint_table, summary_table
 from dcv.analysis.headline import matched_tables, run_list
-from dcv.analysis.inputs import Analysis, build_inputs, comparison_slots
+from dcv.analysis.inputs import Analysis, Inputs, build_inputs, comparison_slots
 from dcv.analysis.noise_floor import noise_floor_table
 from dcv.analysis.weight_change import head_changes
 from dcv.circuits.methods import circuit_methods
 from dcv.config import ExperimentConfig
-from dcv.matched import resample
+from dcv.matched import Run, resample
 from dcv.storage import BASE_MODEL, analysis_dir, atomic_path, read_parquet, write_parquet
 
 TABLES = (
@@ -100,9 +111,82 @@ TABLES = (
     "faithfulness_areas",
     "faithfulness_curve_means",
     "faithfulness_area_means",
+    "pairs",
 )
 # The table families: each module's ``build`` gives its tables from the ``Analysis`` record.
-FAMILIES = (checkpoints, noise_floor, headline, predictors, paper, cmap, weight_change, curves)
+FAMILIES = (checkpoints, noise_floor, headline, pairs, predictors, paper, cmap, weight_change, curves)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """The stored tables ``analyze`` reads (None: that stage did not run), as dcv wrote them: every label."""
+
+    results: pl.DataFrame
+    effects: pl.DataFrame
+    circuits: pl.DataFrame
+    noise_floor: pl.DataFrame | None
+    weight_change: pl.DataFrame | None
+    cmap: pl.DataFrame | None
+
+
+@dataclass(frozen=True)
+class Compared:
+    """One pair of labels (comparison.methods) in the analysis' slots, and the matched comparison of each
+    circuit method: what the headline of that pair is built from."""
+
+    results: pl.DataFrame  # the pair's rows, its labels renamed to the slots (``comparison_slots``)
+    weight_change: pl.DataFrame | None  # likewise (None: the stage did not run)
+    changes: dict  # ``head_changes`` of the pair's weight-change rows
+    methods: list[str]  # the circuit methods (cmap has no inputs of its own)
+    inputs: list[Inputs]  # one per circuit method
+    floor: pl.DataFrame
+    checkpoints: pl.DataFrame
+    summary: pl.DataFrame
+    runs: list[list[Run]]  # per circuit method
+    draws: list  # per circuit method: the item bootstrap's draws (``dcv.matched.resample``)
+    headline: list[dict]  # every circuit method's headline rows
+    dcv_heads: list[pl.DataFrame]
+
+
+def compare_pair(cfg: ExperimentConfig, stored: Stored) -> Compared:
+    """The matched comparison of the pair ``cfg.comparison.methods``, every circuit method."""
+    results = comparison_slots(cfg, stored.results)
+    weight_change = stored.weight_change
+    if weight_change is not None and "method" in weight_change.columns:
+        weight_change = comparison_slots(cfg, weight_change)
+    changes = head_changes(weight_change)
+    means = {m: float(c.mean()) for m, c in changes.items()} if weight_change is not None else None
+    methods = circuit_methods(cfg.patching.methods)
+    inputs = [
+        build_inputs(cfg, results, stored.effects, stored.circuits, m, means, stored.cmap) for m in methods
+    ]
+    floor = noise_floor_table(cfg, inputs, stored.noise_floor)
+    checkpoint_rows = checkpoint_table(cfg, inputs, stored.circuits, floor)
+    summary = summary_table(checkpoint_rows)
+    all_runs, all_draws, rows, heads_frames = [], [], [], []
+    for data in inputs:
+        runs = run_list(data, summary)
+        # One set of bootstrap draws per patching method: the matched comparison and the predictors.
+        draws = resample(runs, data.refs, data.layout, cfg.circuits.n_bootstrap)
+        method_rows, frames = matched_tables(cfg, data, runs, draws)
+        all_runs.append(runs)
+        all_draws.append(draws)
+        rows += method_rows
+        heads_frames += frames
+    return Compared(
+        results,
+        weight_change,
+        changes,
+        methods,
+        inputs,
+        floor,
+        checkpoint_rows,
+        summary,
+        all_runs,
+        all_draws,
+        rows,
+        heads_frames,
+    )
 
 
 def analyze(
@@ -116,46 +200,33 @@ def analyze(
 ) -> dict[str, pl.DataFrame]:
     """Every analysis table (TABLES) from the stored results, effects, circuits, (masks') noise-floor,
     weight-change and CMAP tables (None: that stage did not run)."""
-    results = comparison_slots(cfg, results)
-    if weight_change is not None and "method" in weight_change.columns:
-        weight_change = comparison_slots(cfg, weight_change)
+    stored = Stored(results, effects, circuits, noise_floor, weight_change, cmap)
+    c = compare_pair(cfg, stored)
     heads = effects.filter(pl.col("model") == BASE_MODEL)
     shape = (int(heads["layer"].max()) + 1, int(heads["head"].max()) + 1)
-    changes = head_changes(weight_change)
-    means = {m: float(c.mean()) for m, c in changes.items()} if weight_change is not None else None
-    # cmap is a change measure against the base, not a circuit: no inputs of its own.
-    methods = circuit_methods(cfg.patching.methods)
-    inputs = [build_inputs(cfg, results, effects, circuits, m, means, cmap) for m in methods]
-    floor = noise_floor_table(cfg, inputs, noise_floor)
-    checkpoint_rows = checkpoint_table(cfg, inputs, circuits, floor)
-    summary = summary_table(checkpoint_rows)
-    rows, heads_frames, predictor_frames, weight_function = [], [], [], []
-    for data in inputs:
-        runs = run_list(data, summary)
-        # One set of bootstrap draws per patching method: the matched comparison and the predictors.
-        draws = resample(runs, data.refs, data.layout, cfg.circuits.n_bootstrap)
-        method_rows, frames = matched_tables(cfg, data, runs, draws)
-        rows += method_rows
-        heads_frames += frames
-        fits, weight_vs_function = predictors.method_tables(cfg, data, runs, draws, changes)
+    predictor_frames, weight_function = [], []
+    for data, runs, draws in zip(c.inputs, c.runs, c.draws, strict=True):
+        fits, weight_vs_function = predictors.method_tables(cfg, data, runs, draws, c.changes)
         predictor_frames.append(fits)
         weight_function.append(weight_vs_function)
+    pair_rows = pairs.pairs_rows(cfg, c.headline, lambda pair_cfg: compare_pair(pair_cfg, stored).headline)
     a = Analysis(
         cfg,
-        results,
+        c.results,
         circuits,
         shape,
-        methods,
-        inputs,
-        floor,
-        checkpoint_rows,
-        summary,
-        rows,
-        heads_frames,
+        c.methods,
+        c.inputs,
+        c.floor,
+        c.checkpoints,
+        c.summary,
+        c.headline,
+        c.dcv_heads,
         predictor_frames,
         weight_function,
-        weight_change,
+        c.weight_change,
         cmap,
+        pair_rows,
     )
     tables = {name: table for family in FAMILIES for name, table in family.build(a).items()}
     return {name: tables[name] for name in TABLES}

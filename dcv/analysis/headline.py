@@ -15,6 +15,7 @@ from dcv.matched import (
     TRAINING_METHODS,
     Run,
     across_seeds,
+    bonferroni,
     compare,
     grid,
     holm,
@@ -180,10 +181,12 @@ def stated_levels(rows: Sequence[dict]) -> dict[str, float]:
     return out
 
 
-def assign_roles(cfg: ExperimentConfig, rows: list[dict], alpha: float) -> list[dict]:
+def assign_roles(cfg: ExperimentConfig, rows: list[dict], alpha: float, n_pairs: int = 1) -> list[dict]:
     """Mark the primary endpoint (``analysis.primary``) and the secondary family (the other answer
     metrics at each axis's stated level), Holm-adjust the family's p-values (across seeds and these
-    runs alike) and give both levels' verdicts; every other row keeps role "other" and no verdict."""
+    runs alike) and give both levels' verdicts; every other row keeps role "other" and no verdict.
+    ``n_pairs``: the method pairs compared at once (``dcv.analysis.pairs``); each adjusted p is then
+    Bonferroni-multiplied by it, so each family holds its error rate across the pairs (1: the headline)."""
     primary = cfg.analysis.primary
     levels = stated_levels(rows)
     primary_level = primary.level if primary.level is not None else levels.get(primary.axis)
@@ -200,12 +203,13 @@ def assign_roles(cfg: ExperimentConfig, rows: list[dict], alpha: float) -> list[
     seeds = holm([1.0 if r["p_value"] is None else r["p_value"] for r in family])
     runs = holm([r["p_runs"] for r in family])
     for row, p_seeds, p_runs in zip(family, seeds, runs, strict=True):
-        row["p_adjusted"] = p_seeds
-        _verdicts(row, p_seeds, p_runs, alpha)
+        row["p_adjusted"] = bonferroni(p_seeds, n_pairs)
+        _verdicts(row, row["p_adjusted"], bonferroni(p_runs, n_pairs), alpha)
     for row in rows:
         if row.get("role") == "primary":
-            row["p_adjusted"] = row["p_value"]
-            _verdicts(row, 1.0 if row["p_value"] is None else row["p_value"], row["p_runs"], alpha)
+            p_seeds = None if row["p_value"] is None else bonferroni(row["p_value"], n_pairs)
+            row["p_adjusted"] = p_seeds
+            _verdicts(row, 1.0 if p_seeds is None else p_seeds, bonferroni(row["p_runs"], n_pairs), alpha)
     return rows
 
 

@@ -344,3 +344,4 @@ class Analysis:
     weight_vs_function: list[pl.DataFrame]
     weight_change: pl.DataFrame | None  # the weight-change stage's table (None: not run)
     cmap: pl.DataFrame | None  # the patching stage's CMAP table (None: not measured)
+    pairs: list[dict]  # the pairs table's rows (comparison.each_pair; else none)
