@@ -37,6 +37,7 @@ import polars as pl
 
 from dcv import tracking
 from dcv.analysis import analyze, read_analysis, write_analysis
+from dcv.analysis.pairs import label_pairs
 from dcv.circuits.methods import CROSS_MODEL_METHODS
 from dcv.config import ExperimentConfig, config_to_dict, parse_config
 from dcv.plan import plan_summary
@@ -224,6 +225,9 @@ def _external_note(cfg: ExperimentConfig, results: pl.DataFrame) -> str:
     labels = cfg.external.labels()
     others = [m for m in labels if m not in (first, second)]
     left_out = f"; runs labelled {', '.join(others)} are not compared" if others else ""
+    if cfg.comparison.each_pair:
+        n = len(label_pairs(cfg))
+        left_out = f"; every pair of labels also, in the pairs table ({n} pairs, Bonferroni-corrected)"
     slots = (
         "" if (first, second) == ("sft", "rl") else " (the tables' sft columns hold the first, rl the second)"
     )

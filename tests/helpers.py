@@ -590,16 +590,27 @@ HEADS = [(0, 0), (0, 1), (1, 0), (1, 1)]
 BASE_EFFECTS = [1.0, 0.5, 0.1, 0.0]
 BASE_CIRCUIT = [(0, 0), (0, 1)]
 STEPS = (0, 2, 4)
-# Target accuracy per step: SFT adapts faster than RL.
-ACCURACY = {"sft": (0.25, 0.5, 0.75), "rl": (0.25, 0.35, 0.45)}
-# Effects of every head are the base's times this factor: SFT loses 20% per 2 steps, RL 2.5%.
-SCALE = {"sft": (1.0, 0.8, 0.6), "rl": (1.0, 0.975, 0.95)}
+# Target accuracy per step: SFT adapts faster than RL. dpo: a third label, for comparisons of every pair
+# (tests/test_pairs.py); the tables hold it only when asked (``methods``).
+ACCURACY = {"sft": (0.25, 0.5, 0.75), "rl": (0.25, 0.35, 0.45), "dpo": (0.25, 0.45, 0.6)}
+# Effects of every head are the base's times this factor: SFT loses 20% per 2 steps, RL 2.5%, dpo 10%.
+SCALE = {"sft": (1.0, 0.8, 0.6), "rl": (1.0, 0.975, 0.95), "dpo": (1.0, 0.9, 0.8)}
+METHODS = ("sft", "rl")
 N_ITEMS = 4
 N_TEST = 20  # target test items: every accuracy above is a whole number of them
 # Per-item noise of the patching parts: the base model's pattern, and another one for fine-tuned models
 # (same mean), so the item bootstrap moves effects and V.
 BASE_NOISE = (-0.1, 0.1, -0.05, 0.05)
 TUNED_NOISE = (0.1, -0.05, 0.05, -0.1)
+
+
+def analysis_config_dict(storage: Path) -> dict:
+    """The config the hand-built tables are analysed with: the ioi probe alone, exact patching, 200 draws."""
+    raw = tiny_config_dict(storage)
+    raw["probes"] = [{"name": "ioi", "n_items": N_ITEMS}]
+    raw["patching"]["methods"] = ["exact"]
+    raw["circuits"].update(n_bootstrap=200)
+    return raw
 
 
 def correct(accuracy: float, seed: int) -> list[float]:
@@ -609,9 +620,9 @@ def correct(accuracy: float, seed: int) -> list[float]:
     return right[seed:] + right[:seed]
 
 
-def results_table() -> pl.DataFrame:
+def results_table(methods: tuple[str, ...] = METHODS) -> pl.DataFrame:
     rows = []
-    for method in ("sft", "rl"):
+    for method in methods:
         for seed in (0, 1):
             trial = f"{method}-seed{seed}"
             for i, step in enumerate(STEPS):
@@ -683,9 +694,9 @@ def effect_rows(model: str, trial: str, step: int, scale: float) -> list[dict]:
     return rows
 
 
-def effects_table() -> pl.DataFrame:
+def effects_table(methods: tuple[str, ...] = METHODS) -> pl.DataFrame:
     rows = effect_rows("base", "base", 0, 1.0)
-    for method in ("sft", "rl"):
+    for method in methods:
         for seed in (0, 1):
             for i, step in enumerate(STEPS[1:], start=1):
                 trial = f"{method}-seed{seed}"
@@ -693,7 +704,7 @@ def effects_table() -> pl.DataFrame:
     return pl.DataFrame(rows, schema=EFFECTS_SCHEMA)
 
 
-def circuits_table() -> pl.DataFrame:
+def circuits_table(methods: tuple[str, ...] = METHODS) -> pl.DataFrame:
     def row(model, trial, step, heads):
         return {
             "model": model,
@@ -710,7 +721,7 @@ def circuits_table() -> pl.DataFrame:
         }
 
     rows = [row("base", "base", 0, BASE_CIRCUIT)]
-    for method in ("sft", "rl"):
+    for method in methods:
         for seed in (0, 1):
             trial = f"{method}-seed{seed}"
             for step in STEPS[1:]:

@@ -17,21 +17,17 @@ from tests.helpers import (
     N_ITEMS,
     N_TEST,
     STEPS,
+    analysis_config_dict,
     circuits_table,
     correct,
     effect_rows,
     effects_table,
     results_table,
-    tiny_config_dict,
 )
 
 
 def config(tmp_path: Path):
-    raw = tiny_config_dict(tmp_path)
-    raw["probes"] = [{"name": "ioi", "n_items": N_ITEMS}]
-    raw["patching"]["methods"] = ["exact"]
-    raw["circuits"].update(n_bootstrap=200)
-    return parse_config(raw)
+    return parse_config(analysis_config_dict(tmp_path))
 
 
 @pytest.fixture(scope="module")
