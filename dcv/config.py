@@ -1098,7 +1098,8 @@ class ComparisonConfig(Section):
         ("sft", "rl"),
         description="the two method labels compared (first minus second, e.g. [dpo, rlvr]); the analysis "
         "tables keep their sft/rl column names for the first/second. With external runs of 3+ labels, the "
-        "pair compared (the report says which); without external, sft and rl",
+        "pair the headline compares (the report says which; each_pair: every pair too); without external, "
+        "sft and rl",
     )
     each_pair: bool = Field(
         False,

@@ -29,6 +29,9 @@ cmap, weight_change, curves) builds its tables with its schema. Tables (``analyz
   may claim"): these runs (item-bootstrap CI, runs held fixed) and across seeds (``dcv.matched.across_seeds``:
   Welch's t with the item variance folded in, its MDE and the runs per method an effect would need); ``role``
   marks the primary endpoint (``analysis.primary``) and the Holm-adjusted secondary family (``assign_roles``).
+- ``pairs``: with ``comparison.each_pair`` (external runs of 3+ labels), the headline of every pair of
+  labels (``first``, ``second``), each pair analysed as the chosen pair would be (``compare_pair``), its
+  verdicts Bonferroni-corrected for the number of pairs (``dcv.analysis.pairs``); empty otherwise.
 - ``noise_floor``: the base circuit against itself on bootstrap resamples of the probe items (masks: refits
   on resamples and with the next seed), ``dcv.circuits.noise_floor``; its floors of preservation and
   Jaccard (5th percentiles) stand beside every checkpoint's preservation (``noise_floor_*`` columns,
