@@ -159,6 +159,7 @@ def compare_pair(cfg: ExperimentConfig, stored: Stored) -> Compared:
         weight_change = comparison_slots(cfg, weight_change)
     changes = head_changes(weight_change)
     means = {m: float(c.mean()) for m, c in changes.items()} if weight_change is not None else None
+    # cmap is a change measure against the base, not a circuit: no inputs of its own.
     methods = circuit_methods(cfg.patching.methods)
     inputs = [
         build_inputs(cfg, results, stored.effects, stored.circuits, m, means, stored.cmap) for m in methods
