@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,7 +56,6 @@ class Chain:
     # What each killed stage had finished when it was killed (mtimes), to compare after the reruns.
     finished_at_kill: dict[str, dict[Path, int]] = field(default_factory=dict)
     unfinished_at_kill: dict[str, int] = field(default_factory=dict)  # trials left by the sweep's kill
-    server_gone_s: float = 0.0
     before_damage: dict[str, object] = field(default_factory=dict)
     damaged: dict[str, Path] = field(default_factory=dict)
 
@@ -122,9 +120,7 @@ def chain(tmp_path_factory, tracking_server) -> Chain:
     run = start("server")
     run.wait_for(lambda: run.saw("[5/9 circuits] started"), 600, "the circuits stage")
     tracking_server.kill()
-    gone = time.monotonic()
     run.finish(600)
-    out.server_gone_s = time.monotonic() - gone
     tracking_server.start()
 
     # 4: a run that finishes.
@@ -229,8 +225,12 @@ def test_a_tracking_server_gone_mid_run_stops_it_with_an_error_naming_the_server
         in run.stderr
     )
     assert "start the server again (mlflow/serve) and rerun the same command" in run.stderr
-    assert chain.server_gone_s < 120
     assert "[5/9 circuits] done in" in run.stdout  # the circuits it computed are kept for the rerun
+    # It stops at the first MLflow request after the kill (the analysis' artifacts; weight change and
+    # calibration are off in this config), once MLflow's retries (1 here) are spent: it neither carries on
+    # without tracking nor hangs waiting for the server.
+    assert "[8/9 analysis] started" in run.stdout and "[8/9 analysis] done in" not in run.stdout
+    assert "[9/9 report]" not in run.stdout
 
 
 def test_mlflow_holds_one_run_per_trial_and_stage(chain):
