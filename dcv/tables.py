@@ -13,8 +13,10 @@ from dcv.storage import BASE_MODEL
 
 Head = tuple[int, int]  # (layer, head within the layer)
 
-# The head-effect table of one patching run: one row per (model, probe, method, layer, head).
-EFFECT_SCHEMA = {
+# The head effects of one (model, probe, method), in memory, as ``dcv.circuits.patching.effects_table`` and
+# ``mask.mask_effects`` return them: one row per (layer, head). Never stored as is: the patching stage
+# (``dcv.circuits.pipeline.item_rows``) adds the checkpoint and per-item columns of EFFECTS_SCHEMA.
+HEAD_EFFECTS_SCHEMA = {
     "model": pl.String,
     "probe": pl.String,
     "method": pl.String,
@@ -23,9 +25,10 @@ EFFECT_SCHEMA = {
     "effect": pl.Float64,  # e_h = mean_i(LD_clean - LD_patched) / mean_i(LD_clean - LD_corrupt)
     "n_items": pl.Int32,
 }
-# The patching stage's table (``<storage>/patching/effects.parquet``): every model's effects.
+# The patching stage's table (``<storage>/patching/effects.parquet``): every model's head effects, with the
+# checkpoint they belong to and the per-item parts behind each effect.
 EFFECTS_SCHEMA = {
-    **EFFECT_SCHEMA,
+    **HEAD_EFFECTS_SCHEMA,
     "trial": pl.String,
     "step": pl.Int64,
     "checkpoint": pl.String,

@@ -17,7 +17,7 @@ m_h >= 0.5}. Only positions from the first clean/corrupted difference are run, a
 run's cached keys and values before it (there m_h z_clean + (1 - m_h) z_corrupt = z_clean whatever m_h),
 as in `dcv.circuits.circuit`.
 
-The result is the head-effect table (EFFECT_SCHEMA) with method ``mask`` and effect = the final m_h.
+The result is the head-effect table (HEAD_EFFECTS_SCHEMA) with method ``mask`` and effect = the final m_h.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from dcv.circuits.decoder import DecoderCache, Prefix, check_heads, hook_z_name,
 from dcv.circuits.methods import MASK
 from dcv.config import MaskConfig
 from dcv.evaluation import ContrastBatch, contrast_batches
-from dcv.tables import EFFECT_SCHEMA, Head
+from dcv.tables import HEAD_EFFECTS_SCHEMA, Head
 from dcv.tasks.items import ProbeItem
 
 
@@ -154,7 +154,7 @@ def mask_effects(
     heads: list[Head] | None = None,
     batch_size: int = 16,
 ) -> pl.DataFrame:
-    """Learned masks of ``heads`` (default: every head) as the EFFECT_SCHEMA table, method ``mask``.
+    """Learned masks of ``heads`` (default: every head) as the HEAD_EFFECTS_SCHEMA table, method ``mask``.
 
     effect = the final m_h in [0, 1]. The model is frozen for the call (its requires_grad flags are
     restored after) and its weights are never changed.
@@ -182,7 +182,7 @@ def mask_effects(
             "effect": masks.double().tolist(),
             "n_items": [len(items)] * len(heads),
         },
-        schema=EFFECT_SCHEMA,
+        schema=HEAD_EFFECTS_SCHEMA,
     )
 
 

@@ -49,7 +49,7 @@ from dcv.circuits.decoder import (
 )
 from dcv.circuits.methods import CMAP_DIRECTIONS
 from dcv.evaluation import ContrastBatch, contrast_batches
-from dcv.tables import EFFECT_SCHEMA, Head
+from dcv.tables import HEAD_EFFECTS_SCHEMA, Head
 from dcv.tasks.items import ProbeItem
 
 # The ranking methods ``item_effects`` computes (``dcv.circuits.methods`` registers them): a new one needs
@@ -276,7 +276,7 @@ def cmap_item_effects(
 
 
 def effects_table(effects: ItemEffects, model_id: str, probe: str, method: str) -> pl.DataFrame:
-    """The tidy head-effect table (EFFECT_SCHEMA) of one (model, probe, method)."""
+    """The tidy head-effect table (HEAD_EFFECTS_SCHEMA) of one (model, probe, method)."""
     values = effects.effects().tolist()
     return pl.DataFrame(
         {
@@ -288,7 +288,7 @@ def effects_table(effects: ItemEffects, model_id: str, probe: str, method: str) 
             "effect": values,
             "n_items": [effects.delta.shape[1]] * len(values),
         },
-        schema=EFFECT_SCHEMA,
+        schema=HEAD_EFFECTS_SCHEMA,
     )
 
 
@@ -318,6 +318,6 @@ def head_effects(
     head_chunk_size: int = 32,
     ig_steps: int = 8,
 ) -> pl.DataFrame:
-    """Head effects of ``model`` on a probe's items as the tidy EFFECT_SCHEMA table."""
+    """Head effects of ``model`` on a probe's items as the tidy HEAD_EFFECTS_SCHEMA table."""
     effects = item_effects(model, items, method, heads, batch_size, head_chunk_size, ig_steps)
     return effects_table(effects, model_id, probe, method)

@@ -7,7 +7,7 @@ from dcv.circuits.circuit import CIRCUIT_SCHEMA, circuit_table, faithfulness, ra
 from dcv.circuits.decoder import model_shape
 from dcv.circuits.patching import head_effects
 from dcv.config import CircuitsConfig
-from dcv.tables import EFFECT_SCHEMA
+from dcv.tables import HEAD_EFFECTS_SCHEMA
 
 
 def test_faithfulness_of_everything_and_nothing(tiny_model, ioi_items):
@@ -45,7 +45,7 @@ def test_rank_heads_by_magnitude():
             "effect": [0.1, -0.5, 0.3, 0.1],
             "n_items": [4] * 4,
         },
-        schema=EFFECT_SCHEMA,
+        schema=HEAD_EFFECTS_SCHEMA,
     )
     assert rank_heads(table) == [(0, 1), (1, 0), (0, 0), (1, 1)]
 

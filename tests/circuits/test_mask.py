@@ -10,7 +10,7 @@ from dcv.circuits.decoder import model_shape
 from dcv.circuits.mask import mask_circuit, mask_effects, temperature
 from dcv.circuits.patching import head_effects
 from dcv.config import CircuitsConfig, ConfigError, MaskConfig, parse_config
-from dcv.tables import EFFECT_SCHEMA
+from dcv.tables import HEAD_EFFECTS_SCHEMA
 from dcv.tasks.items import ProbeItem
 from tests.helpers import PLANTED, tiny_config_dict
 
@@ -47,7 +47,7 @@ def test_heads_outside_the_given_ones_stay_clean_and_are_not_reported(planted_mo
 def test_table_has_the_effect_schema_and_method_mask(planted_model, planted_items):
     cfg = MaskConfig(steps=5)
     table = mask_effects(planted_model, planted_items, cfg, "planted", "probe-x", batch_size=8)
-    assert table.schema == EFFECT_SCHEMA
+    assert table.schema == HEAD_EFFECTS_SCHEMA
     assert table.height == len(model_shape(planted_model).heads)
     assert (table["method"] == "mask").all() and (table["probe"] == "probe-x").all()
     assert (table["model"] == "planted").all() and (table["n_items"] == len(planted_items)).all()

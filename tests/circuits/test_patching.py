@@ -5,7 +5,7 @@ import torch
 
 from dcv.circuits.decoder import model_shape
 from dcv.circuits.patching import head_effects, item_effects, item_table
-from dcv.tables import EFFECT_SCHEMA
+from dcv.tables import HEAD_EFFECTS_SCHEMA
 from tests.helpers import bridge_of, naive_patched_deltas
 
 
@@ -51,7 +51,7 @@ def test_exact_equals_transformer_lens_patching_utility(tiny_model, tokenizer, i
 def test_effects_table_shape_and_values(tiny_model, ioi_items):
     table = head_effects(tiny_model, ioi_items, "tiny", "ioi", "exact", batch_size=4)
     shape = model_shape(tiny_model)
-    assert table.schema == EFFECT_SCHEMA
+    assert table.schema == HEAD_EFFECTS_SCHEMA
     assert table.height == shape.n_layers * shape.n_heads
     assert set(zip(table["layer"], table["head"], strict=True)) == set(shape.heads)
     assert (table["n_items"] == len(ioi_items)).all() and (table["probe"] == "ioi").all()
