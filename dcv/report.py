@@ -15,19 +15,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
-from dcv.analysis.headline import HIGHER, LOWER, UNRESOLVED  # noqa: E402
+from dcv import analysis  # noqa: E402
+from dcv.analysis.headline import UNRESOLVED, dcv_point  # noqa: E402
+from dcv.analysis.section import AXIS_NAMES, Block, Page, sig3  # noqa: E402
 from dcv.detection import PRECISION, failing_metrics, plant_table, verdict_table  # noqa: E402
 from dcv.matched import MAX_RUNS_NEEDED, TRAINING_METHODS  # noqa: E402
-from dcv.metrics import HEADLINE_METRICS, METRICS, PREDICTORS, with_chance  # noqa: E402
+from dcv.metrics import METRICS, PREDICTORS  # noqa: E402
 from dcv.metrics import label as metric_label  # noqa: E402
-from dcv.predictors import (  # noqa: E402
-    FIXED_EFFECT,
-    GROUPS,
-    MIN_VERDICT_RUNS,
-    NOT_DISTINGUISHABLE,
-    RAZOR_R2,
-    TARGETS,
-)
+from dcv.predictors import RAZOR_R2, TARGETS  # noqa: E402
 from dcv.storage import atomic_path  # noqa: E402
 
 
@@ -367,208 +362,8 @@ def plot_razor_pareto(checkpoints: pl.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
-def _ci(row: dict, value: str) -> str:
-    return f"{_g(row[value])} [{_g(row[f'{value}_ci_low'])}, {_g(row[f'{value}_ci_high'])}]"
-
-
-def _names(labels: list[str]) -> str:
-    return ", ".join(labels[:-1]) + (" and " if len(labels) > 1 else "") + labels[-1]
-
-
-def predictor_paragraphs(predictors: pl.DataFrame, patching: str) -> list[str]:
-    """The section's sentences, per forgetting measure: within each method first (the best R² with its
-    leave-one-run-out R² and n), then pooled with a method effect (the best, the ones not distinguishable
-    from it or below it, and what each adds to the method alone), then pooled without it, and the
-    steps-only baseline; then the pairs not reported because they read the same items, RL's Razor's R² of
-    KL beside ours, and what was not measured."""
-    rows = predictors.filter(pl.col("patching") == patching)
-    ok = rows.filter(pl.col("status") == "ok")
-    out = []
-    for target in TARGETS:
-        sentences = [_group_sentence(ok, target, training) for training in GROUPS]
-        if not any(sentences):
-            continue
-        text = f"{TARGETS[target]}. " + " ".join(s for s in sentences if s)
-        out.append(text + _steps_sentence(ok, target))
-    same = rows.filter(pl.col("status") == "same items")
-    for (note,), frame in same.group_by("note", maintain_order=True):
-        pairs = frame.unique(["predictor", "forgetting"], maintain_order=True)
-        labels = sorted({PREDICTORS[n].label for n in pairs["predictor"]})
-        targets = [TARGETS[t] for t in TARGETS if t in set(pairs["forgetting"])]
-        out.append(
-            f"Not reported (same items): {_names(labels)} against {_names(targets)}, {note}. A predictor "
-            "read from the items that measure the forgetting is the forgetting again (under a uniform "
-            "shrink of every LD, V absolute and forgetting as mean LD give R² = 1 by construction)."
-        )
-    kl = rows.filter(
-        (pl.col("predictor") == "kl_to_base") & (pl.col("training") == "pooled") & (pl.col("status") == "ok")
-    )
-    if not kl.is_empty():
-        parts = []
-        for row in kl.iter_rows(named=True):
-            if row["r2_ci_low"] <= RAZOR_R2 <= row["r2_ci_high"]:
-                where = f"its CI contains {RAZOR_R2}"
-            else:
-                where = (
-                    f"{'below' if row['r2_ci_high'] < RAZOR_R2 else 'above'} {RAZOR_R2} (the CI excludes it)"
-                )
-            parts.append(f"on {TARGETS[row['forgetting']]} R² = {_ci(row, 'r2')}, {where}")
-        out.append(
-            "RL's Razor (Shenfeld et al. 2025) finds forgetting tracks the forward KL to the base on the new "
-            f"task with R² about {RAZOR_R2} for LLMs (and rules out weight change), pooled over its runs; "
-            "here KL to base pooled without a method effect gives "
-            + "; ".join(parts)
-            + ". Our KL is measured on the target task's prompts as theirs, on far fewer and smaller models."
-        )
-    missing = sorted(set(rows.filter(pl.col("status") == "not measured")["predictor"].to_list()))
-    notes = [f"{PREDICTORS[n].label} (needs {PREDICTORS[n].needs})" for n in missing]
-    if "cmap" not in set(rows["predictor"].to_list()):
-        notes.append(f"{PREDICTORS['cmap'].label} (needs {PREDICTORS['cmap'].needs})")
-    if notes:
-        out.append("Not measured here: " + "; ".join(notes) + ".")
-    if ok.is_empty():
-        out.insert(0, "No predictor could be fitted: fewer than 3 fine-tuned checkpoints have both numbers.")
-    return out
-
-
-_GROUP_WORDS = {
-    "sft": "Within SFT",
-    "rl": "Within RL",
-    FIXED_EFFECT: "Pooled with a method effect, forgetting = a_method + b x",
-    "pooled": "Pooled without it, forgetting = a + b x (RL's Razor's fit)",
-}
-
-
-def _group_sentence(ok: pl.DataFrame, target: str, training: str) -> str:
-    """One group's sentence: its best predictor with CI, leave-one-run-out R² and n; pooled with the method
-    effect also the others against it and what each adds to the method alone."""
-    group = ok.filter((pl.col("forgetting") == target) & (pl.col("training") == training)).sort(
-        "r2", descending=True
-    )
-    if group.is_empty():
-        return ""
-    best = group.row(0, named=True)
-    n = f"n = {best['n_checkpoints']} fine-tuned checkpoints of {best['n_runs']} runs"
-    if training == FIXED_EFFECT:
-        n += f"; 95% CIs from the hierarchical bootstrap over runs and items, {best['n_resamples']} draws"
-    text = (
-        f"{_GROUP_WORDS[training]} ({n}): the highest R² is {PREDICTORS[best['predictor']].label}'s, "
-        f"{_ci(best, 'r2')} (leave-one-run-out {_g(best['r2_loro'])}, slope {_g(best['slope'])})"
-    )
-    if training != FIXED_EFFECT:
-        return text + "."
-    others = group.slice(1)
-    verdicts = others["versus_best"].to_list()
-    tied = [
-        PREDICTORS[n].label for n in others.filter(pl.col("versus_best") == NOT_DISTINGUISHABLE)["predictor"]
-    ]
-    below = [PREDICTORS[n].label for n in others.filter(pl.col("versus_best") == "below best")["predictor"]]
-    untested = [v for v in verdicts if v.startswith(f"{NOT_DISTINGUISHABLE} (")]
-    if tied:
-        verb = "is" if len(tied) == 1 else "are"
-        text += f"; {_names(tied)} {verb} not distinguishable from it at this power (the CI of the R² gap "
-        text += "in the same draws includes 0)"
-    if below:
-        verb = "predicts" if len(below) == 1 else "predict"
-        text += f"; {_names(below)} {verb} it less well (the gap's CI excludes 0)"
-    if untested:
-        text += (
-            f"; no predictor is ranked against it: {untested[0][len(NOT_DISTINGUISHABLE) + 2 : -1]}, and the "
-            f"run bootstrap under-covers below {MIN_VERDICT_RUNS} runs of a method"
-        )
-    adds = ", ".join(
-        f"{PREDICTORS[r['predictor']].short} {_g(r['r2'] - r['r2_method_only'])}"
-        for r in group.iter_rows(named=True)
-    )
-    return (
-        text
-        + f". The method alone gives R² {_g(best['r2_method_only'])}; beyond it each predictor adds {adds} "
-        "(one that only separates the methods adds nothing)."
-    )
-
-
-def _steps_sentence(ok: pl.DataFrame, target: str) -> str:
-    """The steps-only baseline per group, and the predictors no better than it with the method effect."""
-    rows = ok.filter(pl.col("forgetting") == target)
-    steps = {r["training"]: r for r in rows.filter(pl.col("predictor") == "steps").iter_rows(named=True)}
-    if not steps:
-        return ""
-    words = {
-        "sft": "within SFT",
-        "rl": "within RL",
-        FIXED_EFFECT: "with the method effect",
-        "pooled": "pooled",
-    }
-    values = ", ".join(f"{_g(r['r2'])} {words[t]}" for t, r in steps.items())
-    text = f" The steps-only baseline (how long the run trained) has R² {values}"
-    if FIXED_EFFECT in steps:
-        floor = steps[FIXED_EFFECT]["r2"]
-        fe = rows.filter((pl.col("training") == FIXED_EFFECT) & (pl.col("predictor") != "steps"))
-        weaker = [PREDICTORS[n].label for n in fe.filter(pl.col("r2") <= floor)["predictor"]]
-        text += (
-            f"; with the method effect {_names(weaker)} {'does' if len(weaker) == 1 else 'do'} no better"
-            if weaker
-            else "; every predictor does better with the method effect"
-        )
-    return text + "."
-
-
-def predictor_rows(predictors: pl.DataFrame, patching: str) -> pl.DataFrame:
-    """The predictors table as the report shows it, per forgetting measure: within each method first, then
-    pooled with the method effect, then pooled; one cell per number with its CI, n beside; "same items"
-    rows with their note and no numbers."""
-    rows = predictors.filter((pl.col("patching") == patching) & (pl.col("status") != "not measured"))
-    if rows.is_empty():
-        return pl.DataFrame()
-
-    def cell(v: str) -> pl.Expr:
-        # A CI that holds one value is printed as such, never as an interval (the headline's rule).
-        low, high, mean = pl.col(f"{v}_ci_low"), pl.col(f"{v}_ci_high"), pl.col(v).round_sig_figs(3)
-        interval = pl.format("{} [{}, {}]", mean, low.round_sig_figs(3), high.round_sig_figs(3))
-        return (
-            pl.when(low == high).then(pl.format("{} (no interval)", mean)).otherwise(interval).fill_null("-")
-        )
-
-    def number(v: str) -> pl.Expr:
-        return pl.col(v).round_sig_figs(3).cast(pl.String).fill_null("-")
-
-    order = {"forgetting": list(TARGETS), "training": list(GROUPS), "predictor": list(PREDICTORS)}
-    keys = [pl.col(c).replace_strict(v, list(range(len(v))), default=len(v)) for c, v in order.items()]
-    return rows.sort(keys).select(
-        "forgetting",
-        "training",
-        "predictor",
-        "status",
-        cell("r2").alias("R² [95% CI]"),
-        number("r2_method_only").alias("R² method alone"),
-        number("r2_loro").alias("R² leave-one-run-out"),
-        number("slope"),
-        cell("spearman").alias("Spearman [95% CI]"),
-        pl.col("versus_best").fill_null("-"),
-        pl.format("{} / {}", "n_checkpoints", "n_runs").alias("n (checkpoints / runs)"),
-        pl.col("note").fill_null(""),
-    )
-
-
-def dcv_point(rows: pl.DataFrame) -> pl.DataFrame:
-    """One matching point's DCV rows: the highest matched accuracy both methods reach with enough runs,
-    else the last matched step."""
-    for by in ("accuracy", "step", "kl"):
-        point = rows.filter(pl.col("by") == by)
-        if not point.is_empty():
-            return point.filter(pl.col("value") == point["value"].max())
-    return rows
-
-
-AXIS_NAMES = {"accuracy": "target accuracy", "kl": "KL to base", "step": "step"}
-
-
-def _g(x: float) -> str:
-    return f"{x:.3g}"
-
-
 def _interval(low, high) -> str:
-    return "-" if low is None or high is None else f"[{_g(low)}, {_g(high)}]"
+    return "-" if low is None or high is None else f"[{sig3(low)}, {sig3(high)}]"
 
 
 def representative_levels(headline: pl.DataFrame, patching: str) -> dict[str, float]:
@@ -619,13 +414,15 @@ def primary_sentence(
         )
     row = rows.row(0, named=True)
     name = metric_label(row["metric"])
-    where = f"{AXIS_NAMES[row['matched_by']]} {_g(row['matched_at'])}"
+    where = f"{AXIS_NAMES[row['matched_by']]} {sig3(row['matched_at'])}"
     n = f"n = {row['n_runs_sft']} SFT and {row['n_runs_rl']} RL runs"
     if row["status"] == "no variation":
-        return f"Primary endpoint, {name} at matched {where} ({n}): SFT - RL = {_g(row['mean'])}, every draw."
+        return (
+            f"Primary endpoint, {name} at matched {where} ({n}): SFT - RL = {sig3(row['mean'])}, every draw."
+        )
     seeds = (
-        f"across seeds (Welch t, df {_g(row['seed_df'])}): {row['verdict_seeds']} "
-        f"(p = {_g(row['p_value'])}, 95% CI {_interval(row['seed_ci_low'], row['seed_ci_high'])})"
+        f"across seeds (Welch t, df {sig3(row['seed_df'])}): {row['verdict_seeds']} "
+        f"(p = {sig3(row['p_value'])}, 95% CI {_interval(row['seed_ci_low'], row['seed_ci_high'])})"
     )
     if row["verdict_seeds"] == UNRESOLVED:
         seeds += f"; {_runs_needed(row)}"
@@ -689,18 +486,18 @@ def answer_table(
         out.append(
             {
                 "metric": metric_label(row["metric"]),
-                "matched at": f"{AXIS_NAMES[row['matched_by']]} {_g(row['matched_at'])}",
+                "matched at": f"{AXIS_NAMES[row['matched_by']]} {sig3(row['matched_at'])}",
                 "role": row["role"],
-                "SFT": _g(method["sft"]["mean"]) if "sft" in method else "-",
-                "RL": _g(method["rl"]["mean"]) if "rl" in method else "-",
+                "SFT": sig3(method["sft"]["mean"]) if "sft" in method else "-",
+                "RL": sig3(method["rl"]["mean"]) if "rl" in method else "-",
                 "SFT - RL": f"{row['mean']:+.3g}",
                 "these runs [95% CI]": _interval(row["ci_low"], row["ci_high"]),
                 "these runs": row["verdict_runs"] or "-",
                 "across seeds [95% CI]": _interval(row["seed_ci_low"], row["seed_ci_high"]),
-                "p": _g(row["p_adjusted"]) if row["p_adjusted"] is not None else "-",
+                "p": sig3(row["p_adjusted"]) if row["p_adjusted"] is not None else "-",
                 "across seeds": row["verdict_seeds"] or "-",
                 "n (SFT/RL)": f"{row['n_runs_sft']}/{row['n_runs_rl']}",
-                "chance (SFT/RL)": "-" if None in chance else f"{_g(chance[0])}/{_g(chance[1])}",
+                "chance (SFT/RL)": "-" if None in chance else f"{sig3(chance[0])}/{sig3(chance[1])}",
                 "above chance, these runs (SFT/RL)": "-"
                 if None in chance
                 else " / ".join(_above_chance(method[t]) for t in TRAINING_METHODS),
@@ -780,7 +577,7 @@ def answer_notes(
         for axis in levels:
             used = rows.filter((pl.col("matched_by") == axis) & (pl.col("status") != "insufficient runs"))
             short = rows.filter((pl.col("matched_by") == axis) & (pl.col("status") == "insufficient runs"))
-            levels_text = ", ".join(_g(v) for v in sorted(used["matched_at"].unique().to_list()))
+            levels_text = ", ".join(sig3(v) for v in sorted(used["matched_at"].unique().to_list()))
             out.append(
                 f"Levels of {AXIS_NAMES[axis]} used: {levels_text}"
                 + (f"; {short.height} more have insufficient runs" if short.height else "")
@@ -841,8 +638,8 @@ def detection_sentence(calibration: pl.DataFrame | None, headline: pl.DataFrame)
             )
         elif not rows.is_empty():
             parts.append(
-                f"SFT - RL differences in {metric_label(metric)} below {_g(rows['mde'].min())}-"
-                f"{_g(rows['mde'].max())} cannot be seen at these counts (80% power)"
+                f"SFT - RL differences in {metric_label(metric)} below {sig3(rows['mde'].min())}-"
+                f"{sig3(rows['mde'].max())} cannot be seen at these counts (80% power)"
             )
     return "; ".join(parts) + "."
 
@@ -856,7 +653,11 @@ def calibration_findings(calibration: pl.DataFrame) -> list[str]:
         rows = list(rows.iter_rows(named=True))
         found = [
             f"{metric_label(r['metric'])} from the top {r['min_detectable_k']} head(s) "
-            + ("ablated" if r["min_detectable_alpha"] == 0 else f"scaled by {_g(r['min_detectable_alpha'])}")
+            + (
+                "ablated"
+                if r["min_detectable_alpha"] == 0
+                else f"scaled by {sig3(r['min_detectable_alpha'])}"
+            )
             for r in rows
             if r["min_detectable_k"] is not None
         ]
@@ -896,73 +697,6 @@ def calibration_findings(calibration: pl.DataFrame) -> list[str]:
     return parts
 
 
-def pairs_blocks(pairs: pl.DataFrame, patching: str) -> list[tuple[str, object]]:
-    """The pairs table's section (comparison.each_pair): which pairs were compared, the correction, and
-    each pair's primary endpoint and secondary family; none when only the chosen pair was compared."""
-    rows = pairs.filter(pl.col("patching") == patching) if not pairs.is_empty() else pairs
-    if rows.is_empty():
-        return []
-    compared = [
-        f"{a} vs {b}" for a, b in rows.select("first", "second").unique(maintain_order=True).iter_rows()
-    ]
-    k = len(compared)
-    text = (
-        f"comparison.each_pair: every pair of method labels compared as the answer compares its pair, "
-        f"first minus second ({k} pairs: {', '.join(compared)}; {patching} patching). Bonferroni correction "
-        f"across the pairs: each pair's adjusted p (primary: raw; secondary: Holm within the pair) is "
-        f"multiplied by {k}, and a verdict needs it below alpha (1 - circuits.ci_level), so each pair is "
-        f"judged at alpha / {k}. Each pair's procedure keeps its false-positive rate at most alpha (checked "
-        f"by simulation, docs/method.md); by the union bound the chance of any false verdict across the {k} "
-        "pairs stays at most alpha. The answer above is the chosen pair (comparison.methods), uncorrected."
-    )
-    stated = rows.filter(pl.col("role").is_in(["primary", "secondary"]) & (pl.col("training") == "sft-rl"))
-    shown = set(stated.select(pl.concat_str("first", pl.lit(" vs "), "second")).to_series().to_list())
-    unmatched = [pair for pair in compared if pair not in shown]
-    if unmatched:
-        text += f" Not compared (no level reached by enough runs of both labels): {', '.join(unmatched)}."
-    out = []
-    # Pair by pair (as compared), each pair's primary endpoint first.
-    ordered = stated.with_columns(pl.concat_str("first", pl.lit(" vs "), "second").alias("pair"))
-    ordered = ordered.sort(
-        pl.col("pair").replace_strict(compared, list(range(k))), pl.col("role") != "primary"
-    )
-    for row in ordered.iter_rows(named=True):
-        # The verdicts name the sft slot: here the pair's first label.
-        named = {HIGHER: f"higher under {row['first']}", LOWER: f"lower under {row['first']}"}
-        out.append(
-            {
-                "pair": row["pair"],
-                "metric": metric_label(row["metric"]),
-                "matched at": f"{AXIS_NAMES[row['matched_by']]} {_g(row['matched_at'])}",
-                "role": row["role"],
-                "first - second": f"{row['mean']:+.3g}",
-                "p": _g(row["p_value"]) if row["p_value"] is not None else "-",
-                f"p (adjusted, x{k})": _g(row["p_adjusted"]) if row["p_adjusted"] is not None else "-",
-                "across seeds": named.get(row["verdict_seeds"], row["verdict_seeds"] or "-"),
-                "these runs": named.get(row["verdict_runs"], row["verdict_runs"] or "-"),
-                "n (first/second)": f"{row['n_runs_sft']}/{row['n_runs_rl']}",
-            }
-        )
-    return [
-        ("h2", "Every pair of method labels (Bonferroni across pairs)"),
-        ("p", text),
-        ("table", pl.DataFrame(out)),
-    ]
-
-
-def level_table(headline: pl.DataFrame, patching: str) -> pl.DataFrame:
-    """Every level of the matched grid: how many runs of each method reach it and whether it is used."""
-    return (
-        headline.filter(pl.col("patching") == patching)
-        .group_by("matched_by", "matched_at", maintain_order=True)
-        .agg(
-            pl.col("n_runs_sft").first(),
-            pl.col("n_runs_rl").first(),
-            (pl.col("status") == "insufficient runs").all().alias("insufficient runs"),
-        )
-    )
-
-
 def _cell_text(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -986,7 +720,7 @@ def _html_table(frame: pl.DataFrame) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def render(blocks: Sequence[tuple[str, object]], folder: Path, title: str) -> tuple[Path, Path]:
+def render(blocks: Sequence[Block], folder: Path, title: str) -> tuple[Path, Path]:
     """``report.md`` (figures beside it) and a self-contained ``report.html`` (figures embedded)."""
     md, body = [f"# {title}", ""], []
     for kind, value in blocks:
@@ -1020,16 +754,6 @@ def render(blocks: Sequence[tuple[str, object]], folder: Path, title: str) -> tu
     return md_path, html_path
 
 
-def curve_step(means: pl.DataFrame, patching: str) -> int | None:
-    """The last step at which every fine-tuning method has a faithfulness curve (probe "mean")."""
-    rows = means.filter(
-        (pl.col("patching") == patching) & (pl.col("probe") == "mean") & (pl.col("n_runs") > 0)
-    )
-    steps = [set(rows.filter(pl.col("training") == t)["step"].to_list()) for t in METHOD_COLORS]
-    common = set.intersection(*steps) - {0} if steps else set()
-    return max(common) if common else None
-
-
 def plot_faithfulness_curves(means: pl.DataFrame, patching: str, step: int, path: Path) -> Path:
     """F(C_k(base), M) over circuit size (fraction of heads, log axis) per fine-tuning method at one step
     (mean over runs of the mean over probes in means), the base model's curve beside them."""
@@ -1050,68 +774,10 @@ def plot_faithfulness_curves(means: pl.DataFrame, patching: str, step: int, path
     return _save(fig, path)
 
 
-def curve_lines(area_means: pl.DataFrame, patching: str, step: int) -> list[str]:
-    """One sentence: CPR and CMD of the base and of each method at ``step``, with n."""
-    rows = area_means.filter((pl.col("patching") == patching) & (pl.col("probe") == "mean"))
-    parts = []
-    for training, at in (("base", 0), *((t, step) for t in METHOD_COLORS)):
-        row = rows.filter((pl.col("training") == training) & (pl.col("step") == at))
-        if row.height and row["n_runs"][0]:
-            r = row.row(0, named=True)
-            name, n = ("base", "") if training == "base" else (training.upper(), f" (n = {r['n_runs']} runs)")
-            parts.append(f"{name} CPR {r['cpr']:.3g}, CMD {r['cmd']:.3g}{n}")
-    return [
-        f"Faithfulness curves of the base circuit's ranking ({patching}; MIB's CPR = area under F over the "
-        f"size fractions, higher is better; CMD = area of |1 - F|, lower is better; means over probes in "
-        f"means), at step {step}, the last step every method reached (plain means over runs, not at matched "
-        f"levels, no CI): " + "; ".join(parts) + "."
-    ]
-
-
-def chance_lines(paper: pl.DataFrame) -> list[str]:
-    """Per patching method, one sentence: each model's retention, its chance level and "above chance by
-    d" (percentage points), then the seed paper's the same way (docs/method.md "Chance level")."""
-
-    def part(name: str, retention, chance) -> str | None:
-        if retention is None or chance is None:
-            return None
-        return f"{name} {retention:.3g}% (chance {chance:.3g}%, above chance by {retention - chance:.3g} pp)"
-
-    lines = []
-    for row in paper.filter(pl.col("quantity") == "retention_pct").iter_rows(named=True):
-        ours = [
-            part(m if m == "base" else m.upper(), row[m], row.get(f"chance_{m}"))
-            for m in ("base", "sft", "rl")
-        ]
-        paper_parts = [
-            part(m.upper(), row[f"paper_{m}"], row.get(f"paper_chance_{m}")) for m in ("sft", "rl")
-        ]
-        ours, paper_parts = [p for p in ours if p], [p for p in paper_parts if p]
-        if not ours:
-            continue
-        text = f"Retention beside chance ({row['patching']}): " + "; ".join(ours) + "."
-        if paper_parts:
-            text += " The seed paper: " + "; ".join(paper_parts) + "."
-        lines.append(text)
-    return lines
-
-
-def build_report(
-    tables: dict[str, pl.DataFrame],
-    folder: Path,
-    title: str,
-    about: Sequence[str],
-    stage_seconds: dict,
-    calibration: pl.DataFrame | None = None,
-    primary_endpoint: dict | None = None,
-) -> tuple[Path, Path, list[Path]]:
-    """Every figure and the report (markdown + HTML) from the analysis tables, into ``folder``;
-    ``primary_endpoint``: analysis.primary (named where it could not be compared)."""
-    folder = Path(folder)
-    figures = folder / "figures"
+def draw_figures(tables: dict[str, pl.DataFrame], figures: Path, primary: str) -> list[Path]:
+    """Every figure of the report into ``figures``, in the order the Figures section shows them: the
+    primary patching method's curves and scatters, the faithfulness curves, then the heatmaps."""
     summary, checkpoints = tables["summary"], tables["checkpoints"]
-    patchings = checkpoints["patching"].unique().sort().to_list()
-    primary = patchings[0]
     main = summary.filter(pl.col("patching") == primary)
     main_checkpoints = checkpoints.filter(pl.col("patching") == primary)
     pngs = [
@@ -1131,22 +797,25 @@ def build_report(
         )
         if p is not None
     ]
-    base = tables["base_circuits"]
-    dcv_heads = tables["dcv_heads"]
-    heatmaps = []
-    weight_heads = tables["weight_change_heads"]
+    shown = analysis.curves.shown_curves(tables, primary)
+    if shown is not None:
+        means = tables["faithfulness_curve_means"]
+        pngs.append(plot_faithfulness_curves(means, *shown, figures / "faithfulness_curves.png"))
+    base, dcv_heads, weight_heads = (
+        tables["base_circuits"],
+        tables["dcv_heads"],
+        tables["weight_change_heads"],
+    )
     if not weight_heads.is_empty():
         shape = (int(base["n_layers"][0]), int(base["heads_per_layer"][0]))
         marked = circuit_heads_of(base, primary)
-        heatmaps.append(
-            plot_weight_change_heatmap(weight_heads, shape, marked, figures / "weight_change.png")
-        )
+        pngs.append(plot_weight_change_heatmap(weight_heads, shape, marked, figures / "weight_change.png"))
     if not dcv_heads.is_empty():
         shape = (int(base["n_layers"][0]), int(base["heads_per_layer"][0]))
         for (probe, patching), rows in dcv_heads.group_by("probe", "patching", maintain_order=True):
             point = dcv_point(rows)
             by, value = point["by"][0], point["value"][0]
-            heatmaps.append(
+            pngs.append(
                 plot_dcv_heatmap(
                     point,
                     shape,
@@ -1154,147 +823,89 @@ def build_report(
                     f"DCV = v(SFT) - v(RL), {probe} ({patching}), matched {by} = {value:.3g}",
                 )
             )
-    headline = tables["headline"]
-    blocks: list[tuple[str, object]] = [("h2", f"The answer: SFT vs RL (patching method {primary})")]
+    return pngs
+
+
+# The report's own sections: those that read more than one table family, or no analysis table.
+
+
+def answer_section(page: Page) -> list[Block]:
+    """The answer first: the primary endpoint's sentence, the answer table and its notes."""
+    headline, base, primary = page.tables["headline"], page.tables["base_circuits"], page.primary
+    blocks: list[Block] = [("h2", f"The answer: SFT vs RL (patching method {primary})")]
     if headline.filter(pl.col("patching") == primary).is_empty():
-        blocks += [
-            ("p", line) for line in answer_paragraphs(headline, base, primary, calibration, primary_endpoint)
-        ]
-    else:
-        blocks += [("p", primary_sentence(headline, primary, primary_endpoint, calibration, base))]
-        blocks += [("table", answer_table(headline, primary, calibration, base))]
-        blocks += [("p", line) for line in answer_notes(headline, base, primary, calibration)]
-    blocks += [("h2", "About this experiment")] + [("p", line) for line in about]
-    blocks += [
-        ("h2", "Matched grid: runs of each method at every level"),
-        ("table", level_table(headline, primary)),
+        lines = answer_paragraphs(headline, base, primary, page.calibration, page.primary_endpoint)
+        return blocks + [("p", line) for line in lines]
+    return [
+        *blocks,
+        ("p", primary_sentence(headline, primary, page.primary_endpoint, page.calibration, base)),
+        ("table", answer_table(headline, primary, page.calibration, base)),
+        *[("p", line) for line in answer_notes(headline, base, primary, page.calibration)],
     ]
-    blocks += pairs_blocks(tables.get("pairs", pl.DataFrame()), primary)
-    if calibration is not None and not calibration.is_empty():
-        blocks += [
-            ("h2", "Calibration: planted damage on the base model"),
-            ("table", plant_table(calibration)),
-            ("table", verdict_table(calibration)),
-        ]
-    blocks += [("h2", "Base circuits and the competence guard"), ("table", base)]
-    blocks += [
-        ("h2", "Beside the seed paper (paper_*: Qwen2.5-3B-Instruct, 576 heads, learned masks)"),
-        (
-            "p",
-            "Ours: the base model and the final checkpoint of every run (means over runs and probes); "
-            "retention = share of the base circuit's heads in the model's own circuit; faithfulness of "
-            "the model's own circuit. noise_floor_retention_pct: the base circuit against the base model's "
-            "circuit on bootstrap resamples of its probe items (5th percentile); retention above it is not "
-            "distinguishable from base. chance_*: the retention a random head set of the model's own "
-            "circuit size would score (|C(M)| / N heads); retention is read as above chance by d.",
-        ),
-        *[("p", line) for line in chance_lines(tables["paper"])],
-        ("table", tables["paper"]),
+
+
+def about_section(page: Page) -> list[Block]:
+    return [("h2", "About this experiment")] + [("p", line) for line in page.about]
+
+
+def calibration_section(page: Page) -> list[Block]:
+    if page.calibration is None or page.calibration.is_empty():
+        return []
+    return [
+        ("h2", "Calibration: planted damage on the base model"),
+        ("table", plant_table(page.calibration)),
+        ("table", verdict_table(page.calibration)),
     ]
-    if len(tables["benchmarks"].columns) > 4:
-        blocks += [("h2", "Standard benchmarks (lm-eval) of every checkpoint")]
-        blocks += [("table", tables["benchmarks"])]
-    if not tables["noise_floor"].is_empty():
-        blocks += [("h2", "Noise floor of circuit discovery (base model against itself)")]
-        blocks += [("table", tables["noise_floor"])]
-    if not tables["after_sft"].is_empty():
-        blocks += [
-            ("h2", "GRPO after SFT against its SFT start point"),
-            ("p", "restores_circuit: preservation above the SFT checkpoint it started from."),
-            ("table", tables["after_sft"]),
-        ]
-    blocks += [("h2", "Circuit vulnerability vs forgetting (Spearman over fine-tuned checkpoints)")]
-    blocks += [("table", tables["correlations"])]
-    blocks += [("h2", "What predicts forgetting")]
-    blocks += [("p", line) for line in predictor_paragraphs(tables["predictors"], primary)]
-    blocks += [
-        (
-            "p",
-            "R² of the least-squares line of forgetting on each predictor over every fine-tuned checkpoint "
-            "(predictors.png: the scatter; predictors_r2.png: ours beside RL's Razor's R² of KL for LLMs; "
-            "razor_pareto.png: target accuracy against prior score with each method's frontier). "
-            "versus_best: the R² gap to the group's best predictor in the same bootstrap draws; a gap "
-            "whose CI includes 0 is not distinguishable at this power. Many comparisons, no correction.",
-        ),
-        ("table", predictor_rows(tables["predictors"], primary)),
-    ]
-    weight_function = tables["weight_vs_function"].filter(pl.col("patching") == primary)
-    if not weight_function.is_empty():
-        blocks += [
-            ("h2", "Weight change against function change (Spearman of head weight change with v_h)"),
-            (
-                "p",
-                "Per base-circuit head: its relative Frobenius weight change against the base (q, k, v rows "
-                "and o columns; under GQA a k/v group's change is attributed to every head of the group) "
-                "beside v_h, the share of its base role it lost. pooled: every (head, checkpoint) pair of "
-                "the method. A head whose weights moved but whose function did not: change > 0, v_h ~ 0.",
-            ),
-            ("table", weight_function.sort("probe", "training", "trial", "step", nulls_last=True)),
-        ]
-    cmap_rows = tables.get("cmap", pl.DataFrame())
-    if cmap_rows.height:
-        blocks += [
-            ("h2", "Cross-model activation patching (cmap): did the heads' function change?"),
-            (
-                "p",
-                "Per checkpoint, probe and direction: mean |cmap_h| over the probe's base-circuit heads "
-                "(CI over resamples of its n_items probe items) and over every head cmap patched (n_heads: "
-                "all of them, or the base's top heads with patching.cmap_top_heads). cmap_h swaps head h's "
-                "output (after o_proj) between the base and the checkpoint on the clean prompts, over the "
-                "base's LD gap only, so a checkpoint whose behaviour shrank evenly still shows; 0 means the "
-                "head computes what the base's did. ckpt_into_base: the checkpoint's head in the base model; "
-                "base_into_ckpt: the base's head in the checkpoint.",
-            ),
-            ("table", cmap_rows.filter(pl.col("patching") == primary).drop("patching")),
-        ]
-    curve_means = tables.get("faithfulness_curve_means", pl.DataFrame())
-    curved = curve_means["patching"].unique().sort().to_list() if curve_means.height else []
-    curving = primary if primary in curved else (curved[0] if curved else None)
-    step = curve_step(curve_means, curving) if curving else None
-    if step is not None:
-        pngs.append(plot_faithfulness_curves(curve_means, curving, step, figures / "faithfulness_curves.png"))
-        blocks += [("h2", "Faithfulness curves: where the base circuit breaks (CPR, CMD)")]
-        blocks += [("p", line) for line in curve_lines(tables["faithfulness_area_means"], curving, step)]
-        blocks += [("table", tables["faithfulness_area_means"].filter(pl.col("patching") == curving))]
-    if not dcv_heads.is_empty():
-        points = [dcv_point(rows) for _, rows in dcv_heads.group_by("probe", "patching")]
-        top = (
-            pl.concat(points)
-            .sort(pl.col("dcv").abs(), descending=True)
-            .group_by("probe", "patching", maintain_order=True)
-            .head(5)
-            .sort("probe", "patching")
-        )
-        blocks += [("h2", "Heads with the largest |DCV| (the heatmaps' matching point)"), ("table", top)]
-    blocks += [("h2", "Figures")] + [("img", p) for p in pngs + heatmaps]
-    per_step = summary.select(
-        "trial", "step", "patching", *with_chance(HEADLINE_METRICS), "noise_floor_preservation"
-    )
-    blocks += [
-        ("h2", "Every checkpoint (means over probes in means; lost probes counted)"),
-        ("p", "*_chance: what a random head set of the checkpoint's circuit size would score by chance."),
-        ("table", per_step),
-    ]
-    circuit = [m.name for m in METRICS.values() if m.source == "parts" and m.circuit]  # P, J, V, V abs
-    per_probe = checkpoints.filter(pl.col("step") > 0).select(
-        "trial",
-        "step",
-        "patching",
-        "probe",
-        "status",
-        "probe_accuracy",
-        "gap",
-        "base_gap",
-        *with_chance(circuit),
-    )
-    blocks += [
-        ("h2", "Every fine-tuned checkpoint per probe (status: ok, lost, below tau, ...)"),
-        ("table", per_probe),
-    ]
-    if stage_seconds:
-        times = pl.DataFrame(
-            {"stage": list(stage_seconds), "seconds": [float(v) for v in stage_seconds.values()]}
-        )
-        blocks += [("h2", "Stage wall times (last run of each stage)"), ("table", times)]
-    md_path, html_path = render(blocks, folder, title)
-    return md_path, html_path, pngs + heatmaps
+
+
+def figures_section(page: Page) -> list[Block]:
+    return [("h2", "Figures")] + [("img", p) for p in page.figures]
+
+
+def stage_times_section(page: Page) -> list[Block]:
+    if not page.stage_seconds:
+        return []
+    seconds = page.stage_seconds
+    times = pl.DataFrame({"stage": list(seconds), "seconds": [float(v) for v in seconds.values()]})
+    return [("h2", "Stage wall times (last run of each stage)"), ("table", times)]
+
+
+# The report, top to bottom: each table family's sections (dcv.analysis) among the report's own.
+SECTIONS = (
+    answer_section,
+    about_section,
+    analysis.headline.grid_section,
+    analysis.pairs.section,
+    calibration_section,
+    analysis.checkpoints.base_circuits_section,
+    analysis.paper.section,
+    analysis.checkpoints.benchmarks_section,
+    analysis.noise_floor.section,
+    analysis.checkpoints.after_sft_section,
+    analysis.predictors.section,
+    analysis.cmap.section,
+    analysis.curves.section,
+    analysis.headline.top_heads_section,
+    figures_section,
+    analysis.checkpoints.every_checkpoint_section,
+    stage_times_section,
+)
+
+
+def build_report(
+    tables: dict[str, pl.DataFrame],
+    folder: Path,
+    title: str,
+    about: Sequence[str],
+    stage_seconds: dict,
+    calibration: pl.DataFrame | None = None,
+    primary_endpoint: dict | None = None,
+) -> tuple[Path, Path, list[Path]]:
+    """Every figure and the report (markdown + HTML) from the analysis tables, into ``folder``;
+    ``primary_endpoint``: analysis.primary (named where it could not be compared)."""
+    folder = Path(folder)
+    primary = tables["checkpoints"]["patching"].unique().sort().to_list()[0]
+    figures = draw_figures(tables, folder / "figures", primary)
+    page = Page(tables, primary, about, stage_seconds, calibration, primary_endpoint, figures)
+    md_path, html_path = render([block for section in SECTIONS for block in section(page)], folder, title)
+    return md_path, html_path, figures

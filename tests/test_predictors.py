@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 
 from dcv.analysis import analyze
+from dcv.analysis.predictors import predictor_paragraphs, predictor_rows
 from dcv.circuits.weight_change import WEIGHT_CHANGE_SCHEMA
 from dcv.config import PREDICTOR_NAMES, ConfigError, parse_config
 from dcv.matched import Layout, Point, ProbeParts, ProbeReference, Run, checkpoint_numbers, resample
@@ -22,7 +23,7 @@ from dcv.predictors import (
     predictor_table,
     weight_function_table,
 )
-from dcv.report import build_report, pareto_front, predictor_paragraphs, predictor_rows
+from dcv.report import build_report, pareto_front
 from dcv.results import build_results_table
 from dcv.tables import CIRCUITS_SCHEMA, EFFECTS_SCHEMA
 from tests.helpers import tiny_config_dict

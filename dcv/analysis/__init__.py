@@ -2,9 +2,11 @@
 
 Pure polars/numpy on stored tables (no model, no Ray), so ``dcv report`` can rebuild it all. ``analyze``
 builds what every table reads once (``inputs``: probe references, points, the ``Analysis`` record), then
-each family module of this package (``FAMILIES``: checkpoints, noise_floor, headline, predictors, paper,
-cmap, weight_change, curves) builds its tables with its schema. Tables (``analyze`` returns them by name;
-``write_analysis`` stores each as parquet and CSV under ``<storage>/analysis/``):
+each family module of this package (``FAMILIES``: checkpoints, noise_floor, headline, pairs, predictors,
+paper, cmap, weight_change, curves) builds its tables with its schema. Each family module also holds its
+tables' report section(s) (``section``: ``Page`` -> ``Block``s); ``dcv.report.SECTIONS`` orders them (the
+weight-change heads show only as a figure: that family has none). Tables (``analyze`` returns them by
+name; ``write_analysis`` stores each as parquet and CSV under ``<storage>/analysis/``):
 
 - ``base_circuits``: per probe and patching method, the base circuit (size out of all heads,
   faithfulness, whether it reached tau, its heads).

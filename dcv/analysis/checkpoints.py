@@ -1,7 +1,8 @@
 """The per-checkpoint tables: ``base_circuits`` (with the competence guard), ``checkpoints`` (one row per
 trial, step, probe and patching method: CHECKPOINTS_SCHEMA, joins of the results rows, the probes and the
 checkpoints' numbers; its metric columns from ``dcv.metrics``), ``summary`` (means over probes;
-SUMMARY_COLUMNS), ``benchmarks`` and ``after_sft``.
+SUMMARY_COLUMNS), ``benchmarks`` and ``after_sft``; their report sections (base circuits, benchmarks, GRPO
+after SFT, and every checkpoint at the report's end).
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from collections.abc import Sequence
 import polars as pl
 
 from dcv.analysis.inputs import TARGET_PROBE, Analysis, Inputs, chance_levels, effects_frame, or_none
+from dcv.analysis.section import Block, Page
 from dcv.circuits.competence import Competence
 from dcv.circuits.vulnerability import effect_spearman
 from dcv.config import ExperimentConfig
 from dcv.matched import checkpoint_numbers
-from dcv.metrics import METRICS
+from dcv.metrics import HEADLINE_METRICS, METRICS, with_chance
 from dcv.storage import BASE_MODEL
 
 NOISE_FLOOR_COLUMNS = ("noise_floor_preservation", "noise_floor_jaccard", "noise_floor_vulnerability")
@@ -409,3 +411,54 @@ def build(a: Analysis) -> dict[str, pl.DataFrame]:
         "after_sft": after_sft_table(a.summary),
         "benchmarks": benchmark_table(a.results),
     }
+
+
+def base_circuits_section(page: Page) -> list[Block]:
+    return [("h2", "Base circuits and the competence guard"), ("table", page.tables["base_circuits"])]
+
+
+def benchmarks_section(page: Page) -> list[Block]:
+    """The lm-eval scores, where a benchmark ran (the table's first four columns are its keys)."""
+    if len(page.tables["benchmarks"].columns) <= 4:
+        return []
+    return [("h2", "Standard benchmarks (lm-eval) of every checkpoint"), ("table", page.tables["benchmarks"])]
+
+
+def after_sft_section(page: Page) -> list[Block]:
+    if page.tables["after_sft"].is_empty():
+        return []
+    return [
+        ("h2", "GRPO after SFT against its SFT start point"),
+        ("p", "restores_circuit: preservation above the SFT checkpoint it started from."),
+        ("table", page.tables["after_sft"]),
+    ]
+
+
+def every_checkpoint_section(page: Page) -> list[Block]:
+    """Every checkpoint's means over probes, then every fine-tuned checkpoint per probe."""
+    per_step = page.tables["summary"].select(
+        "trial", "step", "patching", *with_chance(HEADLINE_METRICS), "noise_floor_preservation"
+    )
+    circuit = [m.name for m in METRICS.values() if m.source == "parts" and m.circuit]  # P, J, V, V abs
+    per_probe = (
+        page.tables["checkpoints"]
+        .filter(pl.col("step") > 0)
+        .select(
+            "trial",
+            "step",
+            "patching",
+            "probe",
+            "status",
+            "probe_accuracy",
+            "gap",
+            "base_gap",
+            *with_chance(circuit),
+        )
+    )
+    return [
+        ("h2", "Every checkpoint (means over probes in means; lost probes counted)"),
+        ("p", "*_chance: what a random head set of the checkpoint's circuit size would score by chance."),
+        ("table", per_step),
+        ("h2", "Every fine-tuned checkpoint per probe (status: ok, lost, below tau, ...)"),
+        ("table", per_probe),
+    ]

@@ -1,4 +1,5 @@
-"""The ``cmap`` table: mean |cmap_h| per circuit method, checkpoint, probe and direction."""
+"""The ``cmap`` table: mean |cmap_h| per circuit method, checkpoint, probe and direction; its report
+section (``section``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 import polars as pl
 
 from dcv.analysis.inputs import Analysis, or_none
+from dcv.analysis.section import Block, Page
 from dcv.config import ExperimentConfig
 from dcv.matched import interval
 from dcv.storage import BASE_MODEL
@@ -94,3 +96,24 @@ def cmap_table(
 
 def build(a: Analysis) -> dict[str, pl.DataFrame]:
     return {"cmap": cmap_table(a.cfg, a.results, a.circuits, a.methods, a.cmap)}
+
+
+def section(page: Page) -> list[Block]:
+    """The primary patching method's cmap rows and how to read them, with cmap in patching.methods."""
+    rows = page.tables.get("cmap", pl.DataFrame())
+    if not rows.height:
+        return []
+    return [
+        ("h2", "Cross-model activation patching (cmap): did the heads' function change?"),
+        (
+            "p",
+            "Per checkpoint, probe and direction: mean |cmap_h| over the probe's base-circuit heads "
+            "(CI over resamples of its n_items probe items) and over every head cmap patched (n_heads: "
+            "all of them, or the base's top heads with patching.cmap_top_heads). cmap_h swaps head h's "
+            "output (after o_proj) between the base and the checkpoint on the clean prompts, over the "
+            "base's LD gap only, so a checkpoint whose behaviour shrank evenly still shows; 0 means the "
+            "head computes what the base's did. ckpt_into_base: the checkpoint's head in the base model; "
+            "base_into_ckpt: the base's head in the checkpoint.",
+        ),
+        ("table", rows.filter(pl.col("patching") == page.primary).drop("patching")),
+    ]

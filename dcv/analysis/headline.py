@@ -1,5 +1,7 @@
 """The matched comparison's tables: ``headline`` (SFT vs RL per matched level and metric, both levels of
-claim, roles and Holm) and ``dcv_heads`` (DCV_h per base-circuit head).
+claim, roles and Holm) and ``dcv_heads`` (DCV_h per base-circuit head); their report sections, the
+matched grid (``grid_section``) and the heads with the largest |DCV| (``top_heads_section``). The answer,
+which reads the headline beside the base circuits and the calibration, is ``dcv.report``'s.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import numpy as np
 import polars as pl
 
 from dcv.analysis.inputs import Analysis, Inputs, effects_frame, or_none
+from dcv.analysis.section import Block, Page
 from dcv.config import ExperimentConfig
 from dcv.matched import (
     TRAINING_METHODS,
@@ -269,3 +272,50 @@ def build(a: Analysis) -> dict[str, pl.DataFrame]:
         "headline": pl.DataFrame(a.headline, schema=HEADLINE_SCHEMA),
         "dcv_heads": pl.concat(a.dcv_heads) if a.dcv_heads else pl.DataFrame(),
     }
+
+
+def grid_section(page: Page) -> list[Block]:
+    """Every level of the matched grid with the runs of each method that reach it."""
+    return [
+        ("h2", "Matched grid: runs of each method at every level"),
+        ("table", level_table(page.tables["headline"], page.primary)),
+    ]
+
+
+def top_heads_section(page: Page) -> list[Block]:
+    """The five heads of largest |DCV| per probe and patching method, at the heatmaps' matching point."""
+    dcv_heads = page.tables["dcv_heads"]
+    if dcv_heads.is_empty():
+        return []
+    points = [dcv_point(rows) for _, rows in dcv_heads.group_by("probe", "patching")]
+    top = (
+        pl.concat(points)
+        .sort(pl.col("dcv").abs(), descending=True)
+        .group_by("probe", "patching", maintain_order=True)
+        .head(5)
+        .sort("probe", "patching")
+    )
+    return [("h2", "Heads with the largest |DCV| (the heatmaps' matching point)"), ("table", top)]
+
+
+def level_table(headline: pl.DataFrame, patching: str) -> pl.DataFrame:
+    """Every level of the matched grid: how many runs of each method reach it and whether it is used."""
+    return (
+        headline.filter(pl.col("patching") == patching)
+        .group_by("matched_by", "matched_at", maintain_order=True)
+        .agg(
+            pl.col("n_runs_sft").first(),
+            pl.col("n_runs_rl").first(),
+            (pl.col("status") == "insufficient runs").all().alias("insufficient runs"),
+        )
+    )
+
+
+def dcv_point(rows: pl.DataFrame) -> pl.DataFrame:
+    """One matching point's DCV rows: the highest matched accuracy both methods reach with enough runs,
+    else the last matched step."""
+    for by in ("accuracy", "step", "kl"):
+        point = rows.filter(pl.col("by") == by)
+        if not point.is_empty():
+            return point.filter(pl.col("value") == point["value"].max())
+    return rows

@@ -1,4 +1,5 @@
-"""The ``noise_floor`` table: the base circuit against itself on resamples of the probe items."""
+"""The ``noise_floor`` table: the base circuit against itself on resamples of the probe items; its report
+section (``section``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Sequence
 import polars as pl
 
 from dcv.analysis.inputs import Analysis, Inputs
+from dcv.analysis.section import Block, Page
 from dcv.circuits.methods import patching_method
 from dcv.circuits.noise_floor import NOISE_FLOOR_SCHEMA, bootstrap_floor, floor_row
 from dcv.config import ExperimentConfig
@@ -40,3 +42,13 @@ def noise_floor_table(
 
 def build(a: Analysis) -> dict[str, pl.DataFrame]:
     return {"noise_floor": a.floor}
+
+
+def section(page: Page) -> list[Block]:
+    """The noise-floor table, where there is one."""
+    if page.tables["noise_floor"].is_empty():
+        return []
+    return [
+        ("h2", "Noise floor of circuit discovery (base model against itself)"),
+        ("table", page.tables["noise_floor"]),
+    ]

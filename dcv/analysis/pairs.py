@@ -13,6 +13,9 @@ false verdict grow towards k alpha, so every adjusted p of the table is multipli
 endpoints (and among their secondary families) stays at most alpha, whatever the dependence between pairs
 (they share runs: sft-dpo and sft-rlvr hold the same sft runs). The headline itself stays uncorrected: it
 is the one pair chosen before the data (comparison.methods).
+
+Its report section (``section``) says which pairs were compared and the correction, then every pair's
+primary endpoint and secondary family.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from collections.abc import Callable
 
 import polars as pl
 
-from dcv.analysis.headline import HEADLINE_SCHEMA, assign_roles
+from dcv.analysis.headline import HEADLINE_SCHEMA, HIGHER, LOWER, assign_roles
 from dcv.analysis.inputs import Analysis
+from dcv.analysis.section import AXIS_NAMES, Block, Page, sig3
 from dcv.config import ExperimentConfig
+from dcv.metrics import label as metric_label
 
 PAIRS_SCHEMA = {
     "first": pl.String,  # the pair's first label: the sft slot (training "sft"; sft-rl = first - second)
@@ -71,3 +76,58 @@ def pairs_rows(
 
 def build(a: Analysis) -> dict[str, pl.DataFrame]:
     return {"pairs": pl.DataFrame(a.pairs, schema=PAIRS_SCHEMA)}
+
+
+def section(page: Page) -> list[Block]:
+    """The pairs table's section (comparison.each_pair): which pairs were compared, the correction, and
+    each pair's primary endpoint and secondary family; none when only the chosen pair was compared."""
+    pairs, patching = page.tables.get("pairs", pl.DataFrame()), page.primary
+    rows = pairs.filter(pl.col("patching") == patching) if not pairs.is_empty() else pairs
+    if rows.is_empty():
+        return []
+    compared = [
+        f"{a} vs {b}" for a, b in rows.select("first", "second").unique(maintain_order=True).iter_rows()
+    ]
+    k = len(compared)
+    text = (
+        f"comparison.each_pair: every pair of method labels compared as the answer compares its pair, "
+        f"first minus second ({k} pairs: {', '.join(compared)}; {patching} patching). Bonferroni correction "
+        f"across the pairs: each pair's adjusted p (primary: raw; secondary: Holm within the pair) is "
+        f"multiplied by {k}, and a verdict needs it below alpha (1 - circuits.ci_level), so each pair is "
+        f"judged at alpha / {k}. Each pair's procedure keeps its false-positive rate at most alpha (checked "
+        f"by simulation, docs/method.md); by the union bound the chance of any false verdict across the {k} "
+        "pairs stays at most alpha. The answer above is the chosen pair (comparison.methods), uncorrected."
+    )
+    stated = rows.filter(pl.col("role").is_in(["primary", "secondary"]) & (pl.col("training") == "sft-rl"))
+    shown = set(stated.select(pl.concat_str("first", pl.lit(" vs "), "second")).to_series().to_list())
+    unmatched = [pair for pair in compared if pair not in shown]
+    if unmatched:
+        text += f" Not compared (no level reached by enough runs of both labels): {', '.join(unmatched)}."
+    out = []
+    # Pair by pair (as compared), each pair's primary endpoint first.
+    ordered = stated.with_columns(pl.concat_str("first", pl.lit(" vs "), "second").alias("pair"))
+    ordered = ordered.sort(
+        pl.col("pair").replace_strict(compared, list(range(k))), pl.col("role") != "primary"
+    )
+    for row in ordered.iter_rows(named=True):
+        # The verdicts name the sft slot: here the pair's first label.
+        named = {HIGHER: f"higher under {row['first']}", LOWER: f"lower under {row['first']}"}
+        out.append(
+            {
+                "pair": row["pair"],
+                "metric": metric_label(row["metric"]),
+                "matched at": f"{AXIS_NAMES[row['matched_by']]} {sig3(row['matched_at'])}",
+                "role": row["role"],
+                "first - second": f"{row['mean']:+.3g}",
+                "p": sig3(row["p_value"]) if row["p_value"] is not None else "-",
+                f"p (adjusted, x{k})": sig3(row["p_adjusted"]) if row["p_adjusted"] is not None else "-",
+                "across seeds": named.get(row["verdict_seeds"], row["verdict_seeds"] or "-"),
+                "these runs": named.get(row["verdict_runs"], row["verdict_runs"] or "-"),
+                "n (first/second)": f"{row['n_runs_sft']}/{row['n_runs_rl']}",
+            }
+        )
+    return [
+        ("h2", "Every pair of method labels (Bonferroni across pairs)"),
+        ("p", text),
+        ("table", pl.DataFrame(out)),
+    ]

@@ -1,10 +1,12 @@
-"""The ``paper`` table: ours beside the seed paper's figures."""
+"""The ``paper`` table: ours beside the seed paper's figures; its report section (``section``), with each
+model's retention beside its chance level."""
 
 from __future__ import annotations
 
 import polars as pl
 
 from dcv.analysis.inputs import Analysis
+from dcv.analysis.section import Block, Page
 from dcv.matched import TRAINING_METHODS
 from dcv.storage import BASE_MODEL
 
@@ -86,3 +88,49 @@ def paper_table(summary: pl.DataFrame) -> pl.DataFrame:
 
 def build(a: Analysis) -> dict[str, pl.DataFrame]:
     return {"paper": paper_table(a.summary)}
+
+
+def section(page: Page) -> list[Block]:
+    """The paper table, read: what ours are, the noise floor and chance levels beside them."""
+    return [
+        ("h2", "Beside the seed paper (paper_*: Qwen2.5-3B-Instruct, 576 heads, learned masks)"),
+        (
+            "p",
+            "Ours: the base model and the final checkpoint of every run (means over runs and probes); "
+            "retention = share of the base circuit's heads in the model's own circuit; faithfulness of "
+            "the model's own circuit. noise_floor_retention_pct: the base circuit against the base model's "
+            "circuit on bootstrap resamples of its probe items (5th percentile); retention above it is not "
+            "distinguishable from base. chance_*: the retention a random head set of the model's own "
+            "circuit size would score (|C(M)| / N heads); retention is read as above chance by d.",
+        ),
+        *[("p", line) for line in chance_lines(page.tables["paper"])],
+        ("table", page.tables["paper"]),
+    ]
+
+
+def chance_lines(paper: pl.DataFrame) -> list[str]:
+    """Per patching method, one sentence: each model's retention, its chance level and "above chance by
+    d" (percentage points), then the seed paper's the same way (docs/method.md "Chance level")."""
+
+    def part(name: str, retention, chance) -> str | None:
+        if retention is None or chance is None:
+            return None
+        return f"{name} {retention:.3g}% (chance {chance:.3g}%, above chance by {retention - chance:.3g} pp)"
+
+    lines = []
+    for row in paper.filter(pl.col("quantity") == "retention_pct").iter_rows(named=True):
+        ours = [
+            part(m if m == "base" else m.upper(), row[m], row.get(f"chance_{m}"))
+            for m in ("base", "sft", "rl")
+        ]
+        paper_parts = [
+            part(m.upper(), row[f"paper_{m}"], row.get(f"paper_chance_{m}")) for m in ("sft", "rl")
+        ]
+        ours, paper_parts = [p for p in ours if p], [p for p in paper_parts if p]
+        if not ours:
+            continue
+        text = f"Retention beside chance ({row['patching']}): " + "; ".join(ours) + "."
+        if paper_parts:
+            text += " The seed paper: " + "; ".join(paper_parts) + "."
+        lines.append(text)
+    return lines
