@@ -53,6 +53,7 @@ from dcv.storage import (
     checkpoint_model,
     content_hash,
     file_slug,
+    local_model_folder,
     write_parquet,
 )
 
@@ -426,7 +427,7 @@ def benchmark_file(cfg: BenchmarksConfig, storage_root: Path, model: str, checkp
 def benchmark_item(worker, item: dict, context: None) -> pl.DataFrame:
     """The stage's compute (``dcv.stages``): one model's scores, SCORES_SCHEMA rows. lm-eval loads the
     checkpoint folder itself, so the actor's model cache is not used."""
-    scores = run_benchmarks(Path(item["checkpoint"]), worker.cfg.benchmarks, worker.device)
+    scores = run_benchmarks(local_model_folder(item["checkpoint"]), worker.cfg.benchmarks, worker.device)
     rows = [
         {"model": item["model"], "trial": item["trial"], "step": item["step"], "metric": m, "value": v}
         for m, v in scores.items()

@@ -71,7 +71,7 @@ from dcv.config import (
     load_config,
 )
 from dcv.console import Console
-from dcv.storage import check_storage_root, is_remote_storage, local_storage_root, logs_dir, storage_path
+from dcv.storage import check_storage_root, is_remote_storage, logs_dir, storage_path, storage_root
 
 EXIT_BAD_INPUT = 2  # also a storage root in use by another command (dcv.storage.StorageInUse)
 EXIT_FAILED = 1  # a failure a rerun recovers from (failure_reason); other failures end in a traceback
@@ -421,7 +421,7 @@ def start_ray(cfg: ExperimentConfig, console: Console, command: str) -> None:
     if is_remote_storage(cfg.storage.root):
         log_dir = Path.cwd() / "dcv-logs"  # an object-store root has no local folder to hold the log
     else:
-        log_dir = logs_dir(local_storage_root(cfg))
+        log_dir = logs_dir(storage_root(cfg))
     console.start_log(log_dir, command)
     init_ray()
     if not console.verbose:
@@ -559,7 +559,7 @@ def run_patch_all(cfg: ExperimentConfig, probes: list[str] | None, console: Cons
     from dcv.results import read_results
 
     _quiet_transformers()
-    build_work_items(cfg, read_results(local_storage_root(cfg)), probes)  # bad input: before Ray
+    build_work_items(cfg, read_results(storage_root(cfg)), probes)  # bad input: before Ray
     tracking.check_tracking_server(tracking.resolve_tracking_uri(cfg))
     console = console or Console()
     start_ray(cfg, console, "patch-all")
@@ -597,7 +597,7 @@ def run_sweep_command(cfg: ExperimentConfig, console: Console | None = None):
     columns = [c for c in ("trial", "step", "target/accuracy", "kl_to_base") if c in table.columns]
     with pl.Config(tbl_rows=40, tbl_width_chars=120):
         console.line(str(table.select(columns)))
-    console.line(f"results: {results_dir(local_storage_root(cfg)) / RESULTS_FILE}")
+    console.line(f"results: {results_dir(storage_root(cfg)) / RESULTS_FILE}")
     _name_log(console)
     return table
 
@@ -661,7 +661,7 @@ def run_calibrate(cfg: ExperimentConfig, probes: list[str] | None, console: Cons
 
     _quiet_transformers()
     select_probes(cfg, probes)  # an unknown probe fails before anything starts
-    storage = local_storage_root(cfg)
+    storage = storage_root(cfg)
     console = console or Console()
     start_ray(cfg, console, "calibrate")
     start = time.perf_counter()
@@ -771,7 +771,7 @@ def patch_work(cfg: ExperimentConfig, model_cfg: ModelConfig, probe: str, method
 
     model = BASE_MODEL if model_cfg == cfg.model else model_cfg.name
     shape = model_head_grid(model_cfg)
-    return model_items(cfg, local_storage_root(cfg), (model, model, 0, model_cfg.name), shape, probe, method)
+    return model_items(cfg, storage_root(cfg), (model, model, 0, model_cfg.name), shape, probe, method)
 
 
 def circuit_outputs(cfg: ExperimentConfig, model_cfg: ModelConfig, probe: str, method: str) -> Path:
@@ -781,7 +781,7 @@ def circuit_outputs(cfg: ExperimentConfig, model_cfg: ModelConfig, probe: str, m
 
     digest = content_hash([item["item_id"] for item in patch_work(cfg, model_cfg, probe, method)])
     name = f"{file_slug(model_cfg.name)}__{probe}__{method}__{digest}"
-    return circuits_dir(local_storage_root(cfg)) / "cli" / name
+    return circuits_dir(storage_root(cfg)) / "cli" / name
 
 
 def run_patch(cfg: ExperimentConfig, model_cfg: ModelConfig, probe: str, method: str, top: int):

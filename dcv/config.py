@@ -126,7 +126,9 @@ class TinyModelConfig(Section):
 
 
 class ModelConfig(Section):
-    name: str = Field(description="smollm2-135m-instruct | tiny | a local HF folder | a hub id")
+    name: str = Field(
+        description="smollm2-135m-instruct | tiny | a local HF folder | a hub id | an object-store folder URI"
+    )
     revision: str | None = Field(None, description="hub revision (hub ids only)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32",
@@ -142,8 +144,8 @@ class ModelConfig(Section):
     @field_validator("name")
     @classmethod
     def _known_source(cls, name: str) -> str:
-        if name in BUILTIN_MODELS:
-            return name
+        if name in BUILTIN_MODELS or re.match(r"^[a-z][a-z0-9+.-]*://", name):
+            return name  # an object-store folder (the base snapshot under an s3:// root): checked at load
         if is_local_path(name):
             if not (Path(name).expanduser() / "config.json").is_file():
                 raise ValueError(

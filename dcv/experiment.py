@@ -53,13 +53,13 @@ from dcv.storage import (
     check_storage_root,
     circuits_dir,
     local_folder,
-    local_storage_root,
     model_folder_problem,
     patching_dir,
     read_json,
     read_parquet,
     set_aside,
     storage_path,
+    storage_root,
     weight_change_dir,
 )
 
@@ -361,7 +361,7 @@ def run_experiment(
     (stage_line or progress)(plan_summary(cfg, cfg.name))
     if connect is not None:
         connect()
-    storage = local_storage_root(cfg)
+    storage = storage_root(cfg)
     seconds: dict[str, float] = {}
     parent = tracking.get_or_create_parent_run(cfg)
     parent.restart()  # a rerun continues the same parent run; it ends FINISHED (or FAILED) with the run

@@ -45,8 +45,9 @@ from dcv.storage import (
     content_hash,
     external_dir,
     file_slug,
-    local_storage_root,
+    is_remote_storage,
     model_folder_problem,
+    storage_root,
 )
 
 Progress = Callable[[str], None]
@@ -106,8 +107,8 @@ def base_folder(cfg: ExperimentConfig) -> tuple[Path | None, str]:
     from dcv.models import BUILTIN_MODELS, resolve_model_source
 
     name = cfg.model.name
-    if name in BUILTIN_MODELS or is_local_path(name):
-        return Path(resolve_model_source(cfg.model)), ""
+    if name in BUILTIN_MODELS or is_local_path(name) or is_remote_storage(name):
+        return Path(resolve_model_source(cfg.model)), ""  # the base snapshot on an object store: its copy
     folder = hub_snapshot(name, cfg.model.revision or "main", cfg.external.hub_cache)
     if folder is None:
         return None, (
@@ -294,7 +295,7 @@ def run_external(cfg: ExperimentConfig, progress: Progress = print) -> ExternalR
     to its MLflow child run (tags dcv.method = its label). ``cfg`` is the experiment's after the base
     stage: its model.name is the base snapshot, step 0 of a run from the base. Needs a connected Ray."""
     planned = check_external(cfg)
-    storage = local_storage_root(cfg)
+    storage = storage_root(cfg)
     planned = [p if p.folder else _with_folder(p, cfg.model.name) for p in planned]
     work = plan_work(cfg, planned, storage)
     stage = Stage("external", cfg, work, ITEM_SCHEMA, evaluate_checkpoint, patching_resources(cfg))

@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from dcv.config import BUILTIN_MODELS, ModelConfig, TinyModelConfig, is_local_path
-from dcv.storage import atomic_path
+from dcv.storage import StoragePath, as_path, atomic_path, is_remote_storage, local_model_folder
 from dcv.storage import cache_dir as dcv_cache_dir
 
 SMOLLM2_NAME, TINY_NAME = BUILTIN_MODELS
@@ -125,6 +125,8 @@ def resolve_model_source(cfg: ModelConfig) -> str:
     """The string ``from_pretrained`` gets: a local folder (converted if needed) or a hub id."""
     if cfg.name in (SMOLLM2_NAME, TINY_NAME):
         return str(convert_smollm2(cfg.cache_dir))
+    if is_remote_storage(cfg.name):  # a folder under an object-store root: its node-local copy
+        return str(local_model_folder(cfg.name))
     if is_local_path(cfg.name):
         folder = Path(cfg.name).expanduser()
         if not (folder / "config.json").is_file():
@@ -168,12 +170,15 @@ def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrai
     return load_model(cfg, tokenizer), tokenizer
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> Path:
-    """Write an HF folder atomically (temporary name, then rename); an existing folder is replaced."""
-    with atomic_path(Path(folder)) as tmp:
+def save_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | StoragePath
+) -> StoragePath:
+    """Write an HF folder atomically (temporary name, then rename; on an object store, uploaded when
+    whole: dcv.storage.atomic_path); an existing folder is replaced."""
+    with atomic_path(as_path(folder)) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    return Path(folder)
+    return as_path(folder)
 
 
 def model_head_grid(model_cfg: ModelConfig) -> tuple[int, int]:

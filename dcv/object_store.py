@@ -122,8 +122,17 @@ class ObjectPath:
         self.fs.delete_file(self.key)
 
     def rename(self, target: ObjectPath) -> ObjectPath:
-        """A copy then a delete (an object store has no rename): not atomic."""
-        self.fs.move(self.key, target.key)
+        """A copy then a delete (an object store has no rename): not atomic. A folder (a prefix) moves
+        object by object."""
+        if self._type() == "File":
+            self.fs.move(self.key, target.key)
+            return target
+        from pyarrow.fs import FileSelector
+
+        for info in self.fs.get_file_info(FileSelector(self.key, recursive=True)):
+            if info.type.name == "File":
+                self.fs.copy_file(info.path, target.key + info.path.removeprefix(self.key))
+        self.fs.delete_dir(self.key)
         return target
 
     def iterdir(self) -> Iterator[ObjectPath]:
@@ -225,6 +234,7 @@ def _listing(source: ObjectPath) -> list[tuple[str, int, str]]:
             (o["Key"].removeprefix(f"{prefix}/"), o["Size"], o["ETag"])
             for p in pages
             for o in p.get("Contents", [])
+            if not o["Key"].endswith("/")  # a folder marker (pyarrow's create_dir, Ray's uploads): no file
         ]
         return sorted(found)
     from pyarrow.fs import FileSelector
@@ -258,7 +268,8 @@ class Lease:
     (pid, host, command, since). While held, a thread rewrites it every ``lease_s / 3`` with ``If-Match:
     <its ETag>`` (a compare-and-swap), which moves its LastModified on. A lease whose LastModified is more
     than ``lease_s`` old, by the store's own clock (the response's Date header, so the machines' clocks do
-    not matter), belongs to a holder that is gone (killed, crashed, its machine lost): ``take`` replaces it
+    not matter), belongs to a holder that is gone (killed, crashed, its machine lost), and so does one
+    whose holder ran on this machine under a pid that no longer runs (``_died_here``): ``take`` replaces it
     with ``If-Match: <the stale ETag>``, so of two processes taking over the same stale lease one wins,
     and none wins over a renewal that came after its read (each renewal changes the ETag: ``renew``).
     ``release`` deletes it with ``If-Match``, so it never deletes another holder's lease.
@@ -304,7 +315,7 @@ class Lease:
         got = client.get_object(Bucket=bucket, Key=key)
         holder = _holder_record(got["Body"].read())
         now = parsedate_to_datetime(got["ResponseMetadata"]["HTTPHeaders"]["date"])
-        if (now - got["LastModified"]).total_seconds() <= self.lease_s:
+        if (now - got["LastModified"]).total_seconds() <= self.lease_s and not _died_here(holder):
             raise LeaseTaken(holder)
         try:  # stale: replace exactly the lease read, or lose to whoever replaced it first
             self.etag = client.put_object(Bucket=bucket, Key=key, Body=body, IfMatch=got["ETag"])["ETag"]
@@ -375,6 +386,21 @@ def _precondition_failed(exc: Exception) -> bool:
 
 def _not_found(exc: Exception) -> bool:
     return getattr(exc, "response", {}).get("Error", {}).get("Code") in ("NoSuchKey", "404")
+
+
+def _died_here(holder: dict) -> bool:
+    """The holder ran on this machine and its process is gone: a kill or crash here (the common case: a
+    rerun after Ctrl-C or SIGKILL) is taken over at once rather than after ``lease_s``. A holder on
+    another machine is judged by its lease's age alone."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def _holder_record(body: bytes) -> dict:

@@ -29,8 +29,8 @@ null in rows whose checkpoint has none (runs from before they were kept); absent
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
@@ -38,6 +38,8 @@ import polars as pl
 from dcv.storage import (
     BASE_MODEL,
     RESULTS_FILE,
+    StoragePath,
+    as_path,
     atomic_path,
     checkpoint_model,
     read_parquet,
@@ -91,7 +93,7 @@ def build_results_table(rows: Iterable[Mapping[str, Any]]) -> pl.DataFrame:
     return table.sort("trial", "step")
 
 
-def write_results(table: pl.DataFrame, storage_root: Path) -> Path:
+def write_results(table: pl.DataFrame, storage_root: StoragePath) -> StoragePath:
     """Write the table as parquet and CSV (each atomically); returns the parquet path. CSV has no list
     type: it leaves the per-item columns out (the parquet holds them)."""
     folder = results_dir(storage_root)
@@ -101,7 +103,7 @@ def write_results(table: pl.DataFrame, storage_root: Path) -> Path:
     return path
 
 
-def read_results(storage_root: Path) -> pl.DataFrame:
+def read_results(storage_root: StoragePath) -> pl.DataFrame:
     """The sweep's results table; a clear error when the sweep has not written it yet."""
     path = results_dir(storage_root) / RESULTS_FILE
     table = read_parquet(path)
@@ -132,7 +134,7 @@ def list_models(cfg: ExperimentConfig, results: pl.DataFrame) -> pl.DataFrame:
         if step == 0:
             trial, step = model.rsplit("@", 1)[0], int(model.rsplit("@", 1)[1])
             listed.append(model)
-        folder = Path(checkpoint).expanduser()
+        folder = as_path(os.path.expanduser(checkpoint))  # a local folder or one on an object store
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(
                 f"results table row trial={trial!r} step={step}: checkpoint={checkpoint!r} is not an HF "

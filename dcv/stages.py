@@ -33,7 +33,7 @@ from typing import Any
 import polars as pl
 
 from dcv.config import ExperimentConfig, parse_config
-from dcv.storage import BASE_MODEL, read_parquet, write_parquet
+from dcv.storage import BASE_MODEL, as_path, read_parquet, write_parquet
 
 Progress = Callable[[str], None]
 Compute = Callable[["StageWorker", dict, Any], pl.DataFrame]
@@ -96,7 +96,7 @@ def check_resources(stage: str, resources: Resources, cluster: dict[str, float])
 def read_item(stage: Stage, item: dict) -> pl.DataFrame | None:
     """A finished item's rows, or None (absent, or invalid and moved aside)."""
     n_rows = item["n_rows"]
-    return read_parquet(Path(item["path"]), stage.schema, None if n_rows is None else int(n_rows))
+    return read_parquet(as_path(item["path"]), stage.schema, None if n_rows is None else int(n_rows))
 
 
 def split_done(stage: Stage) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -172,7 +172,7 @@ class StageWorker:
             item = {key: _plain(values[i]) for key, values in batch.items()}
             start, loads = time.perf_counter(), self.loads
             table = self.compute(self, item, self.context)
-            write_parquet(table, Path(item["path"]))
+            write_parquet(table, as_path(item["path"]))
             out["item_id"].append(item["item_id"])
             out["rows"].append(table.height)
             out["seconds"].append(time.perf_counter() - start)

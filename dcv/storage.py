@@ -99,11 +99,6 @@ LOGS_DIR = "logs"
 
 StoragePath = Path | ObjectPath  # a file or folder under the root: local, or on an object store
 
-# The stages of `dcv run` that read and write the root through this module (and so work on an object
-# store); the others still need a local or shared-POSIX root. tests/test_storage_s3.py checks that the
-# two lists together are dcv.experiment.STAGES.
-OBJECT_STORE_STAGES = ("analysis", "report")
-LOCAL_DISK_STAGES = ("base", "sweep", "benchmarks", "patching", "circuits", "weight_change", "calibration")
 STORAGE_ROOTS_DOC = 'docs/cluster.md "Storage roots"'
 
 
@@ -130,14 +125,35 @@ def as_path(path: str | StoragePath) -> StoragePath:
     return object_path(str(path)) if is_remote_storage(str(path)) else Path(path)
 
 
-def local_storage_root(cfg: ExperimentConfig) -> Path:
-    """The storage folder as an absolute local path, for the stages that need one (LOCAL_DISK_STAGES)."""
-    if is_remote_storage(cfg.storage.root):
-        raise ValueError(
-            f"storage.root={cfg.storage.root!r} is not a local folder, and this command reads and writes "
-            f"one; see {STORAGE_ROOTS_DOC}"
-        )
+def storage_root(cfg: ExperimentConfig) -> StoragePath:
+    """The storage root of ``cfg``: an absolute local folder or an ``ObjectPath`` (``storage_path``)."""
     return storage_path(cfg.storage.root)
+
+
+def ray_storage(folder: StoragePath) -> dict[str, Any]:
+    """``storage_path`` (and ``storage_filesystem``) for Ray Train's and Tune's ``RunConfig``: Ray persists
+    checkpoints and experiment state under ``folder`` itself, on a local disk or through the object
+    store's ``pyarrow.fs`` filesystem (the one dcv opened, so its endpoint and region are Ray's too)."""
+    if isinstance(folder, ObjectPath):
+        return {"storage_path": folder.key, "storage_filesystem": folder.fs}
+    return {"storage_path": str(folder)}
+
+
+def checkpoint_path(checkpoint: Any) -> StoragePath:
+    """Where a ``ray.train.Checkpoint`` lives, as a dcv path: its ``path`` is a key of its ``filesystem``
+    (a local path, or ``bucket/prefix/...`` on an object store)."""
+    scheme = checkpoint.filesystem.type_name
+    if scheme == "local":
+        return Path(checkpoint.path)
+    return ObjectPath("gs" if scheme == "gcs" else scheme, checkpoint.path.strip("/"), checkpoint.filesystem)
+
+
+def remove(path: StoragePath) -> None:
+    """Delete a file or a folder (every object under the prefix, on an object store)."""
+    if isinstance(path, ObjectPath):
+        path.fs.delete_dir(path.key) if path.is_dir() else path.unlink()
+    else:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def check_storage_root(root: str) -> StoragePath:
@@ -145,9 +161,8 @@ def check_storage_root(root: str) -> StoragePath:
     check of the root that ``dcv validate`` and ``dcv run``'s preflight both make (so they agree).
 
     A local folder (or ``file://``) is always usable. An object store must open (a scheme ``pyarrow.fs``
-    knows), answer (its endpoint reachable, the credentials accepted) and have its bucket; then it is
-    refused anyway while ``dcv run`` has stages that need a local folder (LOCAL_DISK_STAGES), naming
-    them. Reads only: nothing is written."""
+    knows), answer (its endpoint reachable, the credentials accepted) and have its bucket. Reads only:
+    nothing is written."""
     if not is_remote_storage(root):
         return storage_path(root)
     try:
@@ -167,12 +182,7 @@ def check_storage_root(root: str) -> StoragePath:
         ) from None
     if not found:
         raise ValueError(f"storage.root={root!r}: bucket {bucket!r} does not exist; create it first")
-    raise ValueError(
-        f"storage.root={root!r} is an object store: dcv run's stages {', '.join(LOCAL_DISK_STAGES)} still "
-        "read and write a local folder, so they need a local or shared-POSIX storage.root (an NFS or "
-        f"Lustre mount on every node); on an object store only `dcv report {root}` works so far "
-        f"({STORAGE_ROOTS_DOC})"
-    )
+    return path
 
 
 def trials_dir(storage_root: StoragePath) -> StoragePath:
@@ -442,12 +452,16 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on the header's size
 
 
-def safetensors_problem(path: Path) -> str | None:
+def safetensors_problem(path: StoragePath) -> str | None:
     """What is wrong with a ``.safetensors`` file, or None: its header (8-byte length, then JSON) must
-    parse, and the file must be as long as the header says (a truncated copy fails here)."""
+    parse, and the file must be as long as the header says (a truncated copy fails here). On an object
+    store only the header is read (a ranged read), as on a local disk."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        if isinstance(path, ObjectPath):
+            size, opened = path.fs.get_file_info(path.key).size, path.fs.open_input_file(path.key)
+        else:
+            size, opened = path.stat().st_size, open(path, "rb")
+        with opened as f:
             (length,) = struct.unpack("<Q", f.read(8))
             if length > _MAX_HEADER or 8 + length > size:
                 return f"{path.name}: header length {length} does not fit the file ({size} bytes)"
@@ -462,11 +476,11 @@ def safetensors_problem(path: Path) -> str | None:
     return None
 
 
-def model_folder_problem(folder: Path) -> str | None:
-    """What is wrong with an HF model folder, or None: ``config.json`` parses, and the weights are there
-    with loadable headers (``model.safetensors``, the shards of ``model.safetensors.index.json``, or a
-    ``pytorch_model.bin``). Cheap: reads headers, never the tensors."""
-    folder = Path(folder)
+def model_folder_problem(folder: str | StoragePath) -> str | None:
+    """What is wrong with an HF model folder (local or on an object store), or None: ``config.json``
+    parses, and the weights are there with loadable headers (``model.safetensors``, the shards of
+    ``model.safetensors.index.json``, or a ``pytorch_model.bin``). Cheap: reads headers, never the tensors."""
+    folder = as_path(folder)
     try:
         json.loads((folder / "config.json").read_bytes())
     except (OSError, ValueError) as exc:
@@ -537,8 +551,9 @@ def lock_storage(root: str | Path, command: str, say: Callable[[str], None] = pr
 
     On S3 (``s3://``) the lock is a lease object, ``<root>/dcv.lock``, created with a conditional PUT and
     renewed while the process lives (dcv.object_store.Lease): across machines, at most one live holder;
-    a holder that dies is taken over once its lease is ``LEASE_S`` old (``say`` names it). It cannot
-    fence a holder stalled past its lease (see Lease).
+    a holder that dies is taken over once its lease is ``LEASE_S`` old, or at once when it ran on this
+    machine and its pid is gone (``say`` names it). It cannot fence a holder stalled past its lease
+    (see Lease).
 
     What it cannot promise: other object stores (``gs://``, ...) have no lock here yet. There the lock is
     a local file named after the URI, so a second command *on the same machine* is refused, but two
@@ -595,8 +610,8 @@ def _lease_storage(root: ObjectPath, command: str, say: Callable[[str], None]) -
         ) from None
     if stale is not None:
         say(
-            f"storage {root}: taking over the lock of {_describe(stale)}, whose lease ran out (it ended "
-            "without releasing it)"
+            f"storage {root}: taking over the lock of {_describe(stale)}, which ended without releasing it "
+            "(its process is gone from this machine, or its lease ran out)"
         )
     lease.keep(say)
     _held[path] = lease

@@ -33,7 +33,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from dcv.config import ExperimentConfig, config_to_dict
-from dcv.storage import is_remote_storage, local_storage_root
+from dcv.object_store import ObjectPath
+from dcv.storage import StoragePath, as_path, is_remote_storage, storage_root
 
 PARENT_TAG = "dcv.parent"
 EXPERIMENT_TAG = "dcv.experiment"
@@ -42,7 +43,7 @@ LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"  # how the MLflow UI finds a run
 
 
 def default_tracking_uri(cfg: ExperimentConfig) -> str:
-    return f"sqlite:///{local_storage_root(cfg) / 'mlflow.db'}"
+    return f"sqlite:///{storage_root(cfg) / 'mlflow.db'}"
 
 
 def resolve_tracking_uri(cfg: ExperimentConfig) -> str:
@@ -54,7 +55,7 @@ def resolve_tracking_uri(cfg: ExperimentConfig) -> str:
             f"tracking.uri: storage.root={cfg.storage.root!r} is an object store, which cannot hold the "
             "default SQLite database; set tracking.uri or MLFLOW_TRACKING_URI to a tracking server"
         )
-    local_storage_root(cfg).mkdir(parents=True, exist_ok=True)
+    storage_root(cfg).mkdir(parents=True, exist_ok=True)
     return default_tracking_uri(cfg)
 
 
@@ -95,8 +96,16 @@ class RunLogger:
         for start in range(0, len(batch), 100):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(self.run_id, params=batch[start : start + 100])
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+    def log_artifact(self, path: str | StoragePath, artifact_path: str | None = None) -> None:
+        """Log a file; one under an object-store root is read from there (MLflow logs local files)."""
+        path = as_path(path)
+        if not isinstance(path, ObjectPath):
+            self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+            return
+        with tempfile.TemporaryDirectory(prefix="dcv-artifact-") as folder:
+            local = Path(folder) / path.name
+            local.write_bytes(path.read_bytes())
+            self.client.log_artifact(self.run_id, str(local), artifact_path=artifact_path)
 
     def log_table(self, table: pl.DataFrame, artifact_file: str) -> None:
         """``table`` as an MLflow table (JSON, orient "split", the run's ``mlflow.loggedArtifacts`` tag), as
@@ -136,7 +145,7 @@ def _experiment_id(cfg: ExperimentConfig, client: MlflowClient, uri: str) -> str
     artifact_location = None
     if not is_remote_storage(cfg.storage.root) and uri == default_tracking_uri(cfg):
         # With the default SQLite store, keep artifacts in storage (MLflow's default is ./mlruns in the cwd).
-        artifact_location = (local_storage_root(cfg) / "mlartifacts").as_uri()
+        artifact_location = (storage_root(cfg) / "mlartifacts").as_uri()
     try:
         return client.create_experiment(name, artifact_location=artifact_location)
     except MlflowException:

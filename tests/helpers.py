@@ -4,9 +4,11 @@ conftest (tests/test_layout.py checks this)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -729,3 +731,35 @@ def circuits_table(methods: tuple[str, ...] = METHODS) -> pl.DataFrame:
                 heads = [(0, 0), (1, 0)] if method == "sft" and step == 4 else BASE_CIRCUIT
                 rows.append(row(f"{trial}@{step}", trial, step, heads))
     return pl.DataFrame(rows, schema=CIRCUITS_SCHEMA)
+
+
+def stop_ray_head(temp_dir: Path) -> None:
+    """Stop the Ray whose processes name ``temp_dir`` (its ``--temp-dir``) only: `ray stop` would kill every
+    Ray on the machine, this session's too."""
+    head = [p for p in psutil.process_iter(["cmdline"]) if str(temp_dir) in " ".join(p.info["cmdline"] or [])]
+    stop_processes({c for p in head for c in _with_children(p)})
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop_process_tree(pid: int) -> None:
+    """Stop a process and every process under it (a `ray start --block` and its node's processes)."""
+    with contextlib.suppress(psutil.Error):
+        stop_processes(set(_with_children(psutil.Process(pid))))
+
+
+def stop_processes(processes: set[psutil.Process]) -> None:
+    """SIGTERM, then SIGKILL what is left after 20 s."""
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(list(processes), timeout=20)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+
+
+def _with_children(process: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [process, *process.children(recursive=True)]
+    except psutil.Error:
+        return [process]

@@ -16,6 +16,8 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from dcv.object_store import ObjectPath
+from dcv.storage import storage_path
 from tests.helpers import REPO
 
 CLUSTER_YAML = REPO / "cluster.yaml"
@@ -90,6 +92,10 @@ def test_cluster_security_choices(cluster):
     assert "~/.ray/auth_token" in cluster["cluster_synced_files"]
     # Storage and tracking reach every job through the environment that `ray start` passes on.
     assert "export DCV_STORAGE_ROOT=s3://" in setup and "export MLFLOW_TRACKING_URI=http://" in setup
+    # The root is an object store that dcv run takes (no disk shared by the nodes), in the cluster's region.
+    root = re.search(r"export DCV_STORAGE_ROOT=(\S+)", setup).group(1)
+    assert isinstance(storage_path(root), ObjectPath) and storage_path(root).scheme == "s3"
+    assert f"export AWS_REGION={cluster['provider']['region']}" in setup
     assert "mlflow/serve --auth" in head_start
     # Every install of dcv[gpu...] takes constraints-gpu.txt's versions, torch's among them (one source).
     installs = [c for c in cluster["setup_commands"] + cluster["head_setup_commands"] if "-e ~/dcv'[gpu" in c]

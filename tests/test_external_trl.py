@@ -17,7 +17,7 @@ from dcv.config import parse_config
 from dcv.experiment import prepare_base, run_experiment
 from dcv.external import run_external
 from dcv.results import read_results
-from dcv.storage import local_storage_root
+from dcv.storage import storage_root
 from tests.helpers import tiny_run_config_dict
 
 pytestmark = [pytest.mark.ray]
@@ -106,7 +106,7 @@ def test_trl_checkpoints_measured_under_their_labels_and_resumed(trl_checkpoints
         ("plain-sft", "sft", 2),
     ]
     # Step 0 of both runs is the base snapshot: one model, patched once.
-    assert set(results.filter(pl.col("step") == 0)["checkpoint"]) == {str(local_storage_root(cfg) / "base")}
+    assert set(results.filter(pl.col("step") == 0)["checkpoint"]) == {str(storage_root(cfg) / "base")}
     assert results["kl_to_base"].drop_nulls().len() == 6
     assert results.filter(pl.col("step") == 0)["kl_to_base"].abs().max() < 1e-6
     assert results.filter(pl.col("step") == 2)["kl_to_base"].min() > 0  # training moved the weights
@@ -114,7 +114,7 @@ def test_trl_checkpoints_measured_under_their_labels_and_resumed(trl_checkpoints
     from dcv.models import load_model, load_tokenizer
     from dcv.training.checkpoints import EvaluationKit
 
-    based = prepare_base(cfg, local_storage_root(cfg))
+    based = prepare_base(cfg, storage_root(cfg))
     kit = EvaluationKit.build(based, load_tokenizer(based.model))
     folder = str(runs["distilled"] / "checkpoint-2")
     direct = kit.evaluate(load_model(based.model.model_copy(update={"name": folder})))

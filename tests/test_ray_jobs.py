@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -13,7 +11,6 @@ import uuid
 from pathlib import Path
 
 import polars as pl
-import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -36,6 +33,7 @@ from tests.helpers import (
     REPO,
     free_port,
     paper_toy_overrides,
+    stop_ray_head,
     write_sciknoweval_layout,
 )
 
@@ -110,27 +108,6 @@ def wait_for_job_agent(address: str, env: dict[str, str], timeout_s: float = 180
         assert "No available agent" in probe.stderr, probe.stderr[-3000:]
         assert time.monotonic() < deadline, "the Ray head's job agent never came up"
         time.sleep(1)
-
-
-def stop_ray_head(temp_dir: Path) -> None:
-    """Stop this head only: `ray stop` would kill every Ray on the machine, this session's too."""
-    head = [p for p in psutil.process_iter(["cmdline"]) if str(temp_dir) in " ".join(p.info["cmdline"] or [])]
-    processes = {c for p in head for c in _with_children(p)}
-    for process in processes:
-        with contextlib.suppress(psutil.Error):
-            process.terminate()
-    _, alive = psutil.wait_procs(list(processes), timeout=20)
-    for process in alive:
-        with contextlib.suppress(psutil.Error):
-            process.kill()
-    shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _with_children(process: psutil.Process) -> list[psutil.Process]:
-    try:
-        return [process, *process.children(recursive=True)]
-    except psutil.Error:
-        return [process]
 
 
 def test_job_submission_without_the_token_is_refused(ray_head):

@@ -14,6 +14,7 @@ import time
 import polars as pl
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from dcv.cli import main
@@ -22,20 +23,32 @@ from dcv.object_store import Lease, LeaseTaken, ObjectPath, upload
 from dcv.results import write_results
 from dcv.storage import (
     EFFECTS_FILE,
-    LOCAL_DISK_STAGES,
     LOCK_FILE,
-    OBJECT_STORE_STAGES,
+    RESULTS_FILE,
     SetAsideWarning,
+    analysis_dir,
     atomic_path,
     circuits_dir,
     local_model_folder,
+    model_folder_problem,
     patching_dir,
     read_json,
     read_parquet,
+    results_dir,
     storage_path,
+    trials_dir,
     write_parquet,
 )
-from tests.helpers import circuits_table, effects_table, results_table, tiny_config_dict
+from dcv.training.sweep import plan_trials
+from tests.helpers import (
+    DcvRun,
+    circuits_table,
+    effects_table,
+    fault_env,
+    results_table,
+    tiny_config_dict,
+    tiny_run_config_dict,
+)
 
 PYTHON = sys.executable
 
@@ -78,7 +91,11 @@ def test_a_model_folder_on_s3_is_copied_once_per_node_keyed_by_content_and_check
     (source / "config.json").write_text(json.dumps({"model_type": "llama"}))
     save_file({"w": torch.arange(64, dtype=torch.float32)}, tmp_path / "model.safetensors")
     upload(tmp_path / "model.safetensors", source / "model.safetensors")
+    # Ray Train's uploads (pyarrow's create_dir) leave "folder/" marker objects: they are no files.
+    source.fs.create_dir(source.key)
+    assert model_folder_problem(source) is None  # checked on the store, headers only
     local = local_model_folder(source)
+    assert sorted(p.name for p in local.iterdir()) == ["config.json", "model.safetensors"]
     assert local.is_relative_to(tmp_path / "cache" / "storage")
     assert local.name.startswith("checkpoint_000004-")
     assert (local / "model.safetensors").read_bytes() == (tmp_path / "model.safetensors").read_bytes()
@@ -91,6 +108,7 @@ def test_a_model_folder_on_s3_is_copied_once_per_node_keyed_by_content_and_check
     upload(tmp_path / "model.safetensors", source / "model.safetensors")
     assert local_model_folder(source) != local
     (source / "model.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes()[:100])
+    assert "model.safetensors: truncated" in model_folder_problem(source)
     with pytest.raises(ValueError, match=rf"{source}: not a loadable model folder .*model\.safetensors"):
         local_model_folder(source)
     assert len(list((tmp_path / "cache" / "storage").iterdir())) == 2
@@ -183,14 +201,17 @@ def test_a_second_command_on_a_locked_s3_root_is_refused_naming_the_holder(s3_ro
     finally:
         os.killpg(holder.pid, signal.SIGKILL)
         holder.wait()
-    # Killed: its lease stays until it is LEASE_S old (the Lease test above shows the take-over).
+    # Killed: its lease stays (a holder on another machine is judged by the lease's age, LEASE_S: the Lease
+    # test above); a rerun on this machine sees that the holder's pid is gone and takes it over at once.
     assert json.loads((storage_path(s3_root) / LOCK_FILE).read_text())["pid"] == holder.pid
-
-
-def test_the_stages_on_an_object_store_and_on_a_local_disk_are_every_stage():
-    from dcv.experiment import STAGES
-
-    assert sorted(OBJECT_STORE_STAGES + LOCAL_DISK_STAGES) == sorted(STAGES)
+    rerun = subprocess.run(
+        [PYTHON, "-c", HOLD_THEN_TRY, s3_root, "dcv run s3.yaml", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert rerun.returncode == 0 and rerun.stdout.strip().endswith("locked"), rerun.stdout + rerun.stderr
+    assert f"taking over the lock of pid {holder.pid} on " in rerun.stdout
 
 
 # dcv validate == dcv run on storage roots.
@@ -203,7 +224,7 @@ def roots(s3_root: str, tmp_path) -> dict[str, tuple[str, str | None]]:
         str(tmp_path / "local"): ("a local folder", None),
         f"file://{tmp_path}/file-uri": ("file://", None),
         "relative/run": ("a relative folder (made absolute where the config loads)", None),
-        s3_root: ("S3, reachable", "is an object store: dcv run's stages base, sweep"),
+        s3_root: ("S3, reachable", None),
         f"s3://missing-{bucket}/run": ("S3, no such bucket", "does not exist"),
         "foo://bucket/run": ("an unknown scheme", "pyarrow.fs cannot open foo://"),
         "abfs://container/run": ("Azure without an account", "pyarrow.fs cannot open abfs://"),
@@ -272,3 +293,43 @@ def test_dcv_report_reads_and_writes_an_s3_root(s3_root, tmp_path, monkeypatch, 
     assert [p.name for p in (root / "report" / "figures").glob("*.png")]
     assert read_parquet(root / "analysis" / "headline.parquet").height > 0
     assert not (tmp_path / "s3:").exists()
+
+
+@pytest.mark.e2e  # two `dcv run` processes of the tiny experiment (every stage) on S3, a kill between them
+def test_dcv_run_on_an_s3_root_resumes_after_a_kill_and_logs_to_the_tracking_server(
+    s3_root, tracking_server, tmp_path
+):
+    """The tiny experiment with ``storage.root=s3://...``: killed (SIGKILL, its Ray with it) once its SFT
+    trial has finished, then run again: the rerun takes over the dead run's lease, does not train the
+    finished trial again, and ends with every table and the report on S3, checkpoints included (Ray
+    Train's storage), nothing under the working directory, and the artifacts on the tracking server."""
+    raw = tiny_run_config_dict(tmp_path / "unused", tracking_uri=tracking_server.uri)
+    raw["storage"] = {"root": s3_root}
+    raw["tracking"]["experiment_name"] = f"s3-{s3_root.split('/')[2]}"
+    config = tmp_path / "s3.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    work = tmp_path / "cwd"
+    work.mkdir()
+    env = fault_env(**tracking_server.credentials, DCV_CACHE_DIR=str(tmp_path / "cache"))
+    root = storage_path(s3_root)
+    sft, rl = (spec.name for spec in plan_trials(parse_config(raw)))
+    first = DcvRun(["run", str(config)], cwd=work, env=env, log=tmp_path / "first.stderr")
+    first.wait_for((trials_dir(root) / sft / "trial.json").is_file, 1200, f"trial {sft} finished")
+    first.kill()
+    assert not (trials_dir(root) / rl / "trial.json").exists()
+
+    second = DcvRun(["run", str(config)], cwd=work, env=env, log=tmp_path / "second.stderr")
+    assert second.finish(1800) == 0, second.output()
+    assert f"taking over the lock of pid {first.proc.pid} on " in second.stderr, second.output()  # a warning
+    assert second.saw("sweep: 2 trials, 1 finished before (skipped), 1 to train"), second.output()
+
+    results = read_parquet(results_dir(root) / RESULTS_FILE)
+    assert sorted(set(results["trial"])) == sorted([sft, rl])
+    for checkpoint in results["checkpoint"]:  # Ray Train persisted them on S3; each a loadable model
+        assert checkpoint.startswith(f"{s3_root}/trials/") and model_folder_problem(checkpoint) is None
+    analysis = sorted(p.name for p in analysis_dir(root).glob("*.parquet"))
+    assert "headline.parquet" in analysis and "checkpoints.parquet" in analysis, analysis
+    assert (root / "report" / "report.html").is_file()
+    assert [p.name for p in work.iterdir()] == ["dcv-logs"]  # the logs only: no folder named "s3:"
+    served = {p.name for p in (tracking_server.data / "artifacts").rglob("*.parquet")}
+    assert {"headline.parquet", "checkpoints.parquet"} <= served, served

@@ -66,10 +66,10 @@ from dcv.storage import (
     content_hash,
     file_slug,
     items_dir,
-    local_storage_root,
     patching_dir,
     probe_key,
     read_parquet,
+    storage_root,
     write_parquet,
 )
 from dcv.tables import CMAP_SCHEMA, EFFECTS_SCHEMA
@@ -181,7 +181,7 @@ def build_work_items(
     """The work grid (WORK_SCHEMA), sorted by checkpoint, then probe, method and head range."""
     probe_names = select_probes(cfg, probes)
     models = list_models(cfg, results)
-    storage = local_storage_root(cfg)
+    storage = storage_root(cfg)
     rows = []
     for model, trial, step, checkpoint in models.iter_rows():
         model_cfg = cfg.model if model == BASE_MODEL else cfg.model.model_copy(update={"name": checkpoint})
@@ -213,7 +213,7 @@ def cmap_on_top_heads(cfg: ExperimentConfig, cmap_work: pl.DataFrame, effects: p
     n = cfg.patching.cmap_top_heads
     if n is None or cmap_work.is_empty():
         return cmap_work
-    storage = local_storage_root(cfg)
+    storage = storage_root(cfg)
     base = effects.filter(pl.col("model") == BASE_MODEL)
     methods = circuit_methods(cfg.patching.methods)
     top: dict[str, list[int]] = {}
@@ -389,7 +389,7 @@ def run_pipeline(
 
     if not ray.is_initialized():
         raise RuntimeError("run_pipeline needs a connected Ray (ray.init); dcv patch-all connects one")
-    storage = local_storage_root(cfg)
+    storage = storage_root(cfg)
     work = build_work_items(cfg, read_results(storage), probes) if work is None else work
     check_resources("patching", patching_resources(cfg), ray.cluster_resources())
     cross_model = pl.col("method").is_in(CROSS_MODEL_METHODS)

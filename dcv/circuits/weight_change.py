@@ -55,6 +55,8 @@ from dcv.storage import (
     WEIGHT_FILES,
     content_hash,
     file_slug,
+    is_remote_storage,
+    local_model_folder,
     weight_change_dir,
     write_parquet,
 )
@@ -232,6 +234,8 @@ def load_attention(cfg: ExperimentConfig, model: str, checkpoint: str) -> Attent
     """A model's attention tensors: read from its HF folder, or (``model.name: tiny``, a hub id) from
     the loaded model."""
     folder = Path(checkpoint).expanduser()
+    if is_remote_storage(checkpoint):  # under an object-store root: read its node-local copy
+        folder = local_model_folder(checkpoint)
     if (folder / "config.json").is_file():
         return _cached_folder(str(folder.resolve())) if model == BASE_MODEL else read_attention(folder)
     from dcv.stages import load_stage_model

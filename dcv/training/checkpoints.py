@@ -50,12 +50,16 @@ from dcv.config import ExperimentConfig, RLConfig, SFTConfig
 from dcv.evaluation import KLReference, ModelScores, evaluate_model, sample_kl_reference
 from dcv.models import load_model
 from dcv.storage import (
+    StoragePath,
+    as_path,
     atomic_path,
     base_scores_dir,
+    checkpoint_path,
     content_hash,
-    local_storage_root,
     read_json,
+    remove,
     set_aside,
+    storage_root,
 )
 from dcv.tasks import load_target_splits
 from dcv.tasks.items import ProbeSet, QAItem
@@ -64,6 +68,8 @@ from dcv.tracking import RunLogger
 
 # Inside each checkpoint folder: step, method, trial, metrics, item_scores.
 METADATA_FILE = "dcv_checkpoint.json"
+# Ray Train's checkpoint folders (checkpoint_000012), not its checkpoint_manager_snapshot.json beside them.
+CHECKPOINT_FOLDERS = "checkpoint_[0-9]*"
 # Bumped when the base scores file changes shape, so files written before are never read back.
 BASE_SCORES_FORMAT = 2  # 2: {"metrics", "item_scores"}; 1 (no key): metrics only
 KL_REFERENCE_FORMAT = 1  # {"input_ids", "attention_mask", "completion_mask"}: integer lists
@@ -85,7 +91,7 @@ def kl_reference_file(cfg: ExperimentConfig) -> Path:
     needs them and read back by the others (and by their later evaluations), so every trial of a storage
     root measures KL on the same tokens."""
     decides = {"format": KL_REFERENCE_FORMAT, **evaluation_key(cfg)}
-    return base_scores_dir(local_storage_root(cfg)) / f"{content_hash(decides, 16)}.kl_reference.json"
+    return base_scores_dir(storage_root(cfg)) / f"{content_hash(decides, 16)}.kl_reference.json"
 
 
 def read_kl_reference(path: Path) -> KLReference | None:
@@ -176,7 +182,7 @@ class EvaluationKit:
     def base_scores_file(self) -> Path:
         """Where the base model's scores are kept, keyed by everything that decides them."""
         decides = {"format": BASE_SCORES_FORMAT, **evaluation_key(self.cfg)}
-        return base_scores_dir(local_storage_root(self.cfg)) / f"{content_hash(decides, 16)}.json"
+        return base_scores_dir(storage_root(self.cfg)) / f"{content_hash(decides, 16)}.json"
 
     def evaluate_base(self, model: PreTrainedModel) -> ModelScores:
         """Step 0's scores: the base model's, the same in every trial that starts from it, so evaluated
@@ -237,9 +243,7 @@ def evaluation_kit(
     it changes (``evaluation_key``, the storage root, the device). Only the latest kit is kept: a kit
     holds a base model, on the trainer's GPU where there is one. ``step``: the evaluation that asks."""
     device = torch.device(device)
-    key = content_hash(
-        {**evaluation_key(cfg), "storage": str(local_storage_root(cfg)), "device": str(device)}
-    )
+    key = content_hash({**evaluation_key(cfg), "storage": str(storage_root(cfg)), "device": str(device)})
     kit = _KIT.get(key)
     if kit is None:
         _KIT.clear()  # first, so the old kit's memory is free before the new one loads
@@ -542,55 +546,57 @@ OPTIMIZER_STATE = ("optimizer.pt", "optimizer.bin", "optimizer_*")
 RESUME_STATE = (*OPTIMIZER_STATE, "pytorch_model_fsdp*", "scheduler.pt", "scaler.pt", "rng_state*.pth")
 
 
-def has_resume_state(folder: Path) -> bool:
-    return any(any(Path(folder).glob(pattern)) for pattern in OPTIMIZER_STATE)
+def has_resume_state(folder: str | StoragePath) -> bool:
+    return any(any(as_path(folder).glob(pattern)) for pattern in OPTIMIZER_STATE)
 
 
-def checkpoint_step(folder: Path) -> int | None:
+def checkpoint_step(folder: str | StoragePath) -> int | None:
     """The step in a Ray checkpoint folder's name (``checkpoint_000012``); None for other names."""
-    prefix, _, digits = Path(folder).name.partition("_")
+    prefix, _, digits = as_path(folder).name.partition("_")
     return int(digits) if prefix == "checkpoint" and digits.isdigit() else None
 
 
-def keep_resume_state_only_in(latest: Path) -> list[Path]:
+def keep_resume_state_only_in(latest: str | StoragePath) -> list[StoragePath]:
     """Delete the resume state of the checkpoints before ``latest`` in its trial folder; the deleted paths.
 
     Nothing is deleted unless ``latest`` holds resume state itself, so the trial always keeps one
     resumable checkpoint. Folders of later steps are left alone: they can only be a killed attempt's
     partial upload, which the resumed run overwrites (and may be writing now).
     """
-    latest = Path(latest)
+    latest = as_path(latest)
     step = checkpoint_step(latest)
     if step is None or not has_resume_state(latest):
         return []
     deleted = []
-    for folder in latest.parent.glob("checkpoint_*"):
+    for folder in latest.parent.glob(CHECKPOINT_FOLDERS):
         older = checkpoint_step(folder)
         if older is None or older >= step:
             continue
         for pattern in RESUME_STATE:
             for path in folder.glob(pattern):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                remove(path)
                 deleted.append(path)
     return deleted
 
 
-def trim_finished_trial(trial_dir: Path, base_folder: Path | None) -> list[Path]:
+def trim_finished_trial(trial_dir: StoragePath, base_folder: StoragePath | None) -> list[StoragePath]:
     """Disk a finished trial (its ``trial.json`` written) no longer needs; the paths trimmed.
 
     Nothing resumes a finished trial, so its latest checkpoint's resume state goes too (AdamW's state is
     1.08 GB for SmolLM2). A checkpoint's weights that are byte-identical to the base snapshot's (step 0
     of a trial started from the base: 0.54 GB per trial) become a hard link to that file, so a folder
-    still holds its own complete model and ``du`` counts the bytes once.
+    still holds its own complete model and ``du`` counts the bytes once. An object store has no links:
+    there step 0 keeps its own copy.
     """
     import filecmp
 
     trimmed = []
-    base_weights = Path(base_folder) / "model.safetensors" if base_folder is not None else None
-    for folder in sorted(Path(trial_dir).glob("checkpoint_*")):
+    local = isinstance(base_folder, Path)
+    base_weights = base_folder / "model.safetensors" if local else None
+    for folder in sorted(as_path(trial_dir).glob(CHECKPOINT_FOLDERS), key=str):
         for pattern in RESUME_STATE:
             for path in folder.glob(pattern):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                remove(path)
                 trimmed.append(path)
         weights = folder / "model.safetensors"
         if base_weights is None or not base_weights.is_file() or not weights.is_file():
@@ -620,7 +626,7 @@ class KeepResumeStateInLatest(ray.train.UserCallback):
         if checkpoint is None:
             return
         try:
-            keep_resume_state_only_in(Path(checkpoint.path))
+            keep_resume_state_only_in(checkpoint_path(checkpoint))
         except OSError as error:  # only disk is lost; run_trial sweeps again when the trial ends
             warnings.warn(f"{checkpoint.path}: could not delete older resume state: {error}", stacklevel=2)
 

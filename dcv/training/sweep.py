@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -39,7 +38,7 @@ from dcv.config import (
     trial_resource_needs,
 )
 from dcv.results import build_results_table, write_results
-from dcv.storage import atomic_path, local_storage_root, read_json, set_aside, sweeps_dir
+from dcv.storage import StoragePath, atomic_path, ray_storage, read_json, set_aside, storage_root, sweeps_dir
 from dcv.training.rollout import rollout_bundles
 from dcv.training.trial import (
     finished_trial,
@@ -74,8 +73,8 @@ def check_plan(cfg: ExperimentConfig, specs: list[TrialSpec]) -> None:
             )
 
 
-def sweep_dir(cfg: ExperimentConfig) -> Path:
-    return sweeps_dir(local_storage_root(cfg)) / cfg.sweep.name
+def sweep_dir(cfg: ExperimentConfig) -> StoragePath:
+    return sweeps_dir(storage_root(cfg)) / cfg.sweep.name
 
 
 def repair_sweep(cfg: ExperimentConfig, specs: list[TrialSpec]) -> list[str]:
@@ -93,7 +92,7 @@ def repair_sweep(cfg: ExperimentConfig, specs: list[TrialSpec]) -> list[str]:
     return repaired
 
 
-def tune_dir(cfg: ExperimentConfig, phase: int) -> Path:
+def tune_dir(cfg: ExperimentConfig, phase: int) -> StoragePath:
     """Tune's experiment folder of a phase: ``sweeps/<sweep.name>``, ``sweeps/<sweep.name>-after-sft``."""
     name = cfg.sweep.name if phase == 0 else f"{cfg.sweep.name}-after-sft"
     return sweep_dir(cfg).parent / name
@@ -192,8 +191,12 @@ def build_tuner(
     trainable = tune.with_resources(trainable, trial_placement)
     folder = tune_dir(cfg, phase)
     name = folder.name
-    if tune.Tuner.can_restore(str(folder)):
-        return tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True)
+    where = ray_storage(folder)  # on an object store: Tune's key and filesystem
+    fs = {"storage_filesystem": where["storage_filesystem"]} if "storage_filesystem" in where else {}
+    if tune.Tuner.can_restore(where["storage_path"], **fs):
+        return tune.Tuner.restore(
+            where["storage_path"], trainable, resume_unfinished=True, resume_errored=True, **fs
+        )
     scheduler = None
     if cfg.sweep.scheduler == "asha":
         scheduler = ASHAScheduler(metric="target/accuracy", mode="max", time_attr="step")
@@ -208,7 +211,7 @@ def build_tuner(
             scheduler=scheduler,
             trial_dirname_creator=lambda trial: trial.config["spec"]["name"],
         ),
-        run_config=tune.RunConfig(name=name, storage_path=str(folder.parent), verbose=1),
+        run_config=tune.RunConfig(name=name, **ray_storage(folder.parent), verbose=1),
     )
 
 
@@ -247,7 +250,7 @@ def run_sweep(cfg: ExperimentConfig) -> pl.DataFrame:
     for phase, phase_specs in enumerate(sweep_phases(cfg, specs)):
         results = build_tuner(cfg, phase_specs, phase).fit()
         table = collect_results(cfg, specs)
-        path = write_results(table, local_storage_root(cfg))
+        path = write_results(table, storage_root(cfg))
         parent.log_artifact(path, artifact_path="results")
         parent.log_artifact(path.with_suffix(".csv"), artifact_path="results")
         unfinished = len(results) - results.num_terminated - results.num_errors

@@ -13,7 +13,6 @@ import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -24,18 +23,22 @@ from dcv import tracking
 from dcv.config import ExperimentConfig, config_to_dict
 from dcv.storage import (
     CORRUPT_MARK,
+    StoragePath,
+    as_path,
     atomic_path,
     benchmarks_dir,
     circuits_dir,
     file_slug,
     items_dir,
-    local_storage_root,
     model_folder_problem,
+    ray_storage,
     read_json,
     set_aside,
+    storage_root,
     trials_dir,
 )
 from dcv.training.checkpoints import (
+    CHECKPOINT_FOLDERS,
     METADATA_FILE,
     KeepResumeStateInLatest,
     keep_resume_state_only_in,
@@ -94,16 +97,16 @@ def trial_name(cfg: ExperimentConfig, method: str, seed: int) -> str:
     return f"{method}-lr{learning_rate(cfg, method):g}-seed{seed}"
 
 
-def trials_root(cfg: ExperimentConfig) -> Path:
-    return trials_dir(local_storage_root(cfg))
+def trials_root(cfg: ExperimentConfig) -> StoragePath:
+    return trials_dir(storage_root(cfg))
 
 
-def list_checkpoints(trial_dir: Path) -> list[CheckpointRecord]:
+def list_checkpoints(trial_dir: str | StoragePath) -> list[CheckpointRecord]:
     """Evaluated checkpoints of a trial folder, by step (each folder's metadata names its step). A folder
     that fails ``checkpoint_problem`` (a copy Ray had not finished persisting when it was killed) is left
     out with a warning: it is no evaluated checkpoint."""
     records = []
-    for meta in sorted(Path(trial_dir).glob(f"checkpoint_*/{METADATA_FILE}")):
+    for meta in _checkpoint_markers(as_path(trial_dir)):
         problem = checkpoint_problem(meta.parent)
         if problem:
             warnings.warn(f"{meta.parent}: {problem}; left out of the trial's checkpoints", stacklevel=2)
@@ -114,12 +117,18 @@ def list_checkpoints(trial_dir: Path) -> list[CheckpointRecord]:
     return sorted(records, key=lambda r: r.step)
 
 
-def checkpoint_problem(folder: Path, step: int | None = None) -> str | None:
+def _checkpoint_markers(trial_dir: StoragePath) -> list[StoragePath]:
+    """``checkpoint_*/<METADATA_FILE>`` under a trial folder (two levels: an ``ObjectPath`` globs one)."""
+    folders = trial_dir.glob(CHECKPOINT_FOLDERS) if trial_dir.is_dir() else []
+    return sorted((f / METADATA_FILE for f in folders), key=str)
+
+
+def checkpoint_problem(folder: str | StoragePath, step: int | None = None) -> str | None:
     """What is wrong with an evaluated checkpoint folder, or None. Its marker (``dcv_checkpoint.json``)
     parses and names its step and metrics; the step is the one in the folder's name
     (``checkpoint_<step:06d>``), in ``trainer_state.json`` where there is one, and ``step`` when given;
     and the model folder has its config and loadable weights (``dcv.storage.model_folder_problem``)."""
-    folder = Path(folder)
+    folder = as_path(folder)
     try:
         meta = json.loads((folder / METADATA_FILE).read_bytes())
         marked = int(meta["step"])
@@ -156,9 +165,9 @@ def _finished_or_problem(cfg: ExperimentConfig, name: str) -> tuple[list[Checkpo
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return None, f"{TRIAL_FILE}: unreadable or incomplete ({type(exc).__name__})"
     for record in records:
-        problem = checkpoint_problem(Path(record.path), record.step)
+        problem = checkpoint_problem(record.path, record.step)
         if problem:
-            return None, f"checkpoint {Path(record.path).name}: {problem}"
+            return None, f"checkpoint {as_path(record.path).name}: {problem}"
     return records, ""
 
 
@@ -188,7 +197,7 @@ def forget_outputs(cfg: ExperimentConfig, name: str) -> None:
     checkpoints share. Their names start with the model id ``<trial>@<step>`` as a file slug."""
     import re
 
-    storage = local_storage_root(cfg)
+    storage = storage_root(cfg)
     own = re.compile(rf"{re.escape(file_slug(name))}_\d+__")
     for folder in (items_dir(storage), circuits_dir(storage) / "models", benchmarks_dir(storage) / "models"):
         for path in sorted(folder.glob("*")) if folder.is_dir() else []:
@@ -196,9 +205,9 @@ def forget_outputs(cfg: ExperimentConfig, name: str) -> None:
                 set_aside(path, f"made from trial {name}'s checkpoints, which are trained again")
 
 
-def trial_init(trial_dir: Path) -> str:
+def trial_init(trial_dir: StoragePath) -> str:
     """Where a trial started ("base" or "sft:<trial>@<step>"); "base" for folders from before it was kept."""
-    path = Path(trial_dir) / TRIAL_FILE
+    path = as_path(trial_dir) / TRIAL_FILE
     if path.is_file():
         return json.loads(path.read_text()).get("init", "base")
     return "base"
@@ -232,7 +241,7 @@ def training_config(cfg: ExperimentConfig) -> dict:
     return {k: v for k, v in config_to_dict(cfg).items() if k not in NOT_TRAINING}
 
 
-def check_trial_config(cfg: ExperimentConfig, trial_dir: Path) -> None:
+def check_trial_config(cfg: ExperimentConfig, trial_dir: StoragePath) -> None:
     """Refuse to resume or reuse a trial folder that was started with a different training config."""
     started = read_json(trial_dir / TRIAL_CONFIG_FILE)  # an unreadable one is moved aside, then rewritten
     if started is None:
@@ -312,7 +321,7 @@ def run_trial(
         scaling_config=learner_scaling(cfg),
         run_config=RunConfig(
             name=name,
-            storage_path=str(trials_root(cfg)),
+            **ray_storage(trials_root(cfg)),
             failure_config=FailureConfig(max_failures=cfg.resources.max_failures),
             # Every evaluated checkpoint is kept (later stages read them all); only the latest keeps its
             # optimizer, scheduler and RNG state.
@@ -329,7 +338,7 @@ def run_trial(
     if records:
         # Again, for resume state the callback missed (a controller that died between a checkpoint's
         # registration and its callback, or an earlier attempt of this trial).
-        keep_resume_state_only_in(Path(records[-1].path))
+        keep_resume_state_only_in(records[-1].path)
     with atomic_path(trial_dir / TRIAL_FILE) as tmp:
         tmp.write_text(
             json.dumps(
@@ -346,7 +355,7 @@ def run_trial(
         )
     # Finished: nothing resumes it; step 0's weights become a hard link to the experiment's base snapshot
     # (dcv run's <storage>/base/; never to a model folder outside the storage).
-    snapshot = local_storage_root(cfg) / "base"
-    trim_finished_trial(trial_dir, snapshot if Path(cfg.model.name) == snapshot else None)
+    snapshot = storage_root(cfg) / "base"
+    trim_finished_trial(trial_dir, snapshot if cfg.model.name == str(snapshot) else None)
     run.finish()
     return records

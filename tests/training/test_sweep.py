@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from dcv import tracking
 from dcv.config import ConfigError, parse_config
 from dcv.results import KEY_COLUMNS, read_results
-from dcv.storage import checkpoint_model, local_storage_root
+from dcv.storage import checkpoint_model, storage_root
 from dcv.training.sweep import check_plan, concurrent_trials, plan_trials, run_sweep, sweep_phases
 from dcv.training.trial import start_point, trials_root
 from tests.helpers import sweep_config_dict
@@ -85,7 +85,7 @@ def test_sweep_chains_rl_after_sft(ray_cluster, tmp_path):
     assert [s.name for s in specs] == ["sft-lr1e-05-seed0", "rl-lr1e-06-seed0-after-sft"]
     expected = {(s.name, step) for s in specs for step in (0, 2)}
     assert set(zip(table["trial"], table["step"], strict=True)) == expected and table.height == len(expected)
-    assert read_results(local_storage_root(cfg)).equals(table)
+    assert read_results(storage_root(cfg)).equals(table)
     assert list(table.columns[: len(KEY_COLUMNS)]) == list(KEY_COLUMNS)
     sft, rl = (table.filter(pl.col("method") == m).sort("step") for m in ("sft", "rl"))
     assert (sft["init"] == "base").all() and (rl["init"] == "sft:sft-lr1e-05-seed0@2").all()
