@@ -14,7 +14,6 @@ import time
 import polars as pl
 import pytest
 import torch
-import yaml
 from safetensors.torch import save_file
 
 from dcv.cli import main
@@ -24,9 +23,7 @@ from dcv.results import write_results
 from dcv.storage import (
     EFFECTS_FILE,
     LOCK_FILE,
-    RESULTS_FILE,
     SetAsideWarning,
-    analysis_dir,
     atomic_path,
     circuits_dir,
     local_model_folder,
@@ -34,20 +31,14 @@ from dcv.storage import (
     patching_dir,
     read_json,
     read_parquet,
-    results_dir,
     storage_path,
-    trials_dir,
     write_parquet,
 )
-from dcv.training.sweep import plan_trials
 from tests.helpers import (
-    DcvRun,
     circuits_table,
     effects_table,
-    fault_env,
     results_table,
     tiny_config_dict,
-    tiny_run_config_dict,
 )
 
 PYTHON = sys.executable
@@ -293,43 +284,3 @@ def test_dcv_report_reads_and_writes_an_s3_root(s3_root, tmp_path, monkeypatch, 
     assert [p.name for p in (root / "report" / "figures").glob("*.png")]
     assert read_parquet(root / "analysis" / "headline.parquet").height > 0
     assert not (tmp_path / "s3:").exists()
-
-
-@pytest.mark.e2e  # two `dcv run` processes of the tiny experiment (every stage) on S3, a kill between them
-def test_dcv_run_on_an_s3_root_resumes_after_a_kill_and_logs_to_the_tracking_server(
-    s3_root, tracking_server, tmp_path
-):
-    """The tiny experiment with ``storage.root=s3://...``: killed (SIGKILL, its Ray with it) once its SFT
-    trial has finished, then run again: the rerun takes over the dead run's lease, does not train the
-    finished trial again, and ends with every table and the report on S3, checkpoints included (Ray
-    Train's storage), nothing under the working directory, and the artifacts on the tracking server."""
-    raw = tiny_run_config_dict(tmp_path / "unused", tracking_uri=tracking_server.uri)
-    raw["storage"] = {"root": s3_root}
-    raw["tracking"]["experiment_name"] = f"s3-{s3_root.split('/')[2]}"
-    config = tmp_path / "s3.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    work = tmp_path / "cwd"
-    work.mkdir()
-    env = fault_env(**tracking_server.credentials, DCV_CACHE_DIR=str(tmp_path / "cache"))
-    root = storage_path(s3_root)
-    sft, rl = (spec.name for spec in plan_trials(parse_config(raw)))
-    first = DcvRun(["run", str(config)], cwd=work, env=env, log=tmp_path / "first.stderr")
-    first.wait_for((trials_dir(root) / sft / "trial.json").is_file, 1200, f"trial {sft} finished")
-    first.kill()
-    assert not (trials_dir(root) / rl / "trial.json").exists()
-
-    second = DcvRun(["run", str(config)], cwd=work, env=env, log=tmp_path / "second.stderr")
-    assert second.finish(1800) == 0, second.output()
-    assert f"taking over the lock of pid {first.proc.pid} on " in second.stderr, second.output()  # a warning
-    assert second.saw("sweep: 2 trials, 1 finished before (skipped), 1 to train"), second.output()
-
-    results = read_parquet(results_dir(root) / RESULTS_FILE)
-    assert sorted(set(results["trial"])) == sorted([sft, rl])
-    for checkpoint in results["checkpoint"]:  # Ray Train persisted them on S3; each a loadable model
-        assert checkpoint.startswith(f"{s3_root}/trials/") and model_folder_problem(checkpoint) is None
-    analysis = sorted(p.name for p in analysis_dir(root).glob("*.parquet"))
-    assert "headline.parquet" in analysis and "checkpoints.parquet" in analysis, analysis
-    assert (root / "report" / "report.html").is_file()
-    assert [p.name for p in work.iterdir()] == ["dcv-logs"]  # the logs only: no folder named "s3:"
-    served = {p.name for p in (tracking_server.data / "artifacts").rglob("*.parquet")}
-    assert {"headline.parquet", "checkpoints.parquet"} <= served, served
