@@ -278,6 +278,12 @@ def n_models(trials: list[Trial]) -> int:
     return 1 + sum(len(eval_steps(*_steps(t))) - 1 for t in trials)
 
 
+def n_external_models(cfg: ExperimentConfig) -> int:
+    """Models the patching and circuits stages see with external runs: the base and every listed
+    checkpoint after step 0 (step 0 is the base, or the checkpoint the run continued from)."""
+    return 1 + sum(1 for r in cfg.external.runs for ckpt in r.checkpoints if ckpt.step > 0)
+
+
 def _steps(t: Trial) -> tuple[int, int]:
     m = t.cfg.sft if t.method == "sft" else t.cfg.rl
     return m.max_steps, m.eval_every
@@ -342,8 +348,9 @@ class Costs:
         self.gpu = cfg.resources.use_gpu  # GPU configs hold GPUs; CPU configs hold cores
         self.gb = shape.params * BYTES[cfg.model.dtype] / 1e9
         self.heads = shape.layers * shape.heads
-        self.trials = plan_trials(cfg)
-        self.models = n_models(self.trials)
+        # External runs are evaluated, not trained (dcv.external): no trials, their checkpoints the models.
+        self.trials = plan_trials(cfg) if cfg.external is None else []
+        self.models = n_models(self.trials) if cfg.external is None else n_external_models(cfg)
 
     def forward(self, tokens: float, devices: float = 1.0) -> float:
         return 2 * self.shape.params * tokens / (self.dev.forward_flops * devices)
@@ -453,6 +460,9 @@ def sweep_stage(c: Costs) -> StagePlan:
     """Trials on as many slots as ``sweep.max_concurrent_trials`` and the cluster allow for the largest
     trial (dcv.training.sweep.concurrent_trials), greedily in the sweep's order; phase 2 (GRPO after SFT)
     waits for phase 1, as dcv.training.sweep runs them."""
+    if c.cfg.external is not None:  # listed checkpoints scored on the actor pool (dcv.external)
+        n = c.models  # one item per distinct folder: the base (every run's step 0 from it) and each listed
+        return c.pool("sweep", f"external runs: {n} models scored, none trained", n * c.evaluate(c.cfg, 1), n)
     trials, asha = c.trials, c.cfg.sweep.scheduler == "asha"
     largest = max(trial_devices(t, c.gpu) for t in trials)
     have = c.cluster.gpus if c.gpu else c.cluster.cpus

@@ -733,6 +733,46 @@ def circuits_table(methods: tuple[str, ...] = METHODS) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=CIRCUITS_SCHEMA)
 
 
+def agent_ports() -> list[str]:
+    """`ray start` flags for the ports a node's agents take by default (the same on every node): fresh
+    ones, so that another Ray on this machine (the session's, a second node) never contends for one; a
+    second dashboard agent on 52365 never registers ("No available agent")."""
+    return [
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+    ]
+
+
+def start_ray_head(
+    temp_dir: Path, env: dict[str, str], num_cpus: int, gcs_port: int, dashboard_port: int
+) -> None:
+    """`ray start --head` as a cluster's head starts (loopback, its own ``temp_dir``, token auth from
+    ``env``), on fresh ports; stop it with ``stop_ray_head(temp_dir)``."""
+    started = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("ray")),
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs_port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            f"--ray-client-server-port={free_port()}",
+            *agent_ports(),
+            f"--num-cpus={num_cpus}",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert started.returncode == 0, started.stderr[-3000:]
+
+
 def stop_ray_head(temp_dir: Path) -> None:
     """Stop the Ray whose processes name ``temp_dir`` (its ``--temp-dir``) only: `ray stop` would kill every
     Ray on the machine, this session's too."""

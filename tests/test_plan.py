@@ -58,6 +58,29 @@ def test_doubling_the_seeds_doubles_the_sweep_work():
     assert two.wall_s == pytest.approx(2 * one.wall_s)  # the same 2 slots, twice the trials each
 
 
+def test_external_runs_are_priced_as_scored_checkpoints_not_as_trained_trials(tmp_path):
+    """With external runs the sweep stage scores the listed checkpoints (dcv.external): no trial, no
+    learner; the circuit stages see the base and every listed checkpoint after step 0."""
+    raw = tiny_config_dict(tmp_path / "store")
+    folders = {f"{run}-{step}": str(tmp_path) for run in ("sft", "rl") for step in (0, 2, 4)}
+    raw["external"] = {
+        "runs": [
+            {
+                "run": run,
+                "method": run,
+                "checkpoints": [{"step": s, "path": folders[f"{run}-{s}"]} for s in (2, 4)],
+            }
+            for run in ("sft", "rl")
+        ]
+    }
+    external = build_plan(parse_config(raw), TWO_CORES)
+    trained = build_plan(parse_config(tiny_config_dict(tmp_path / "store")), TWO_CORES)
+    sweep = external.stage("sweep")
+    assert sweep.work == "external runs: 5 models scored, none trained"
+    assert 0 < sweep.device_s < trained.stage("sweep").device_s
+    assert external.stage("patching").work.startswith("5 models x ")
+
+
 def test_adding_a_probe_adds_its_patching_work():
     raw = yaml.safe_load(DEMO.read_text())
     before = build_plan(parse_config(raw), TWO_CORES)

@@ -33,6 +33,7 @@ from tests.helpers import (
     REPO,
     free_port,
     paper_toy_overrides,
+    start_ray_head,
     stop_ray_head,
     write_sciknoweval_layout,
 )
@@ -58,32 +59,7 @@ def ray_head(tmp_path_factory):
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",  # the job's `python` is this venv's
     )
     dashboard_port = free_port()
-    started = subprocess.run(
-        [
-            RAY,
-            "start",
-            "--head",
-            "--node-ip-address=127.0.0.1",
-            f"--port={free_port()}",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard_port}",
-            # Every fixed default port elsewhere too: this session's own Ray (conftest) already holds
-            # 52365 for its dashboard agent, and a second agent on it never registers ("No available agent").
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-            f"--ray-client-server-port={free_port()}",
-            "--num-cpus=4",
-            f"--temp-dir={temp_dir}",
-            "--disable-usage-stats",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert started.returncode == 0, started.stderr[-3000:]
+    start_ray_head(temp_dir, env, num_cpus=4, gcs_port=free_port(), dashboard_port=dashboard_port)
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         wait_for_job_agent(address, env)

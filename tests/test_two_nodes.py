@@ -33,7 +33,16 @@ from dcv.config import parse_config
 from dcv.results import read_results
 from dcv.storage import analysis_dir, model_folder_problem, storage_path, trials_dir
 from dcv.training.sweep import plan_trials
-from tests.helpers import DcvRun, fault_env, free_port, stop_process_tree, stop_ray_head, tiny_run_config_dict
+from tests.helpers import (
+    DcvRun,
+    agent_ports,
+    fault_env,
+    free_port,
+    start_ray_head,
+    stop_process_tree,
+    stop_ray_head,
+    tiny_run_config_dict,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]  # a Ray head and a second node of its own, two `dcv run`
 
@@ -53,17 +62,6 @@ class TwoNodes:
     worker_node: str  # the second node's id
 
 
-def agent_ports() -> list[str]:
-    """Ports a node's agents take by default (the same on every node): fresh ones, so two nodes (and
-    another Ray of this session) on one machine never contend for one."""
-    return [
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}",
-        f"--metrics-export-port={free_port()}",
-    ]
-
-
 @pytest.fixture
 def two_nodes(s3_root, tracking_server, tmp_path):
     """A head with no CPUs (its own temp dir under /tmp) and a second node with 4 CPUs behind a private
@@ -79,27 +77,7 @@ def two_nodes(s3_root, tracking_server, tmp_path):
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex, DCV_CACHE_DIR=str(tmp_path / "cache"))
     env.update(tracking_server.credentials)
     gcs_port, dashboard_port = free_port(), free_port()
-    head = subprocess.run(
-        [
-            RAY,
-            "start",
-            "--head",
-            "--node-ip-address=127.0.0.1",
-            f"--port={gcs_port}",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard_port}",
-            f"--ray-client-server-port={free_port()}",
-            *agent_ports(),
-            "--num-cpus=0",
-            f"--temp-dir={temp_dir}",
-            "--disable-usage-stats",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert head.returncode == 0, head.stderr[-3000:]
+    start_ray_head(temp_dir, env, num_cpus=0, gcs_port=gcs_port, dashboard_port=dashboard_port)
     worker = subprocess.Popen(
         [
             "unshare",
