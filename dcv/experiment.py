@@ -211,7 +211,8 @@ def _about(cfg: ExperimentConfig, storage: StoragePath, results: pl.DataFrame) -
         "v_h, "
         "relative (e_M divided by the checkpoint's own gap) and absolute (divided by the base model's gap). "
         "A checkpoint whose gap fell below probes[].lost_fraction of the base gap has lost the behaviour "
-        "('lost'): counted as forgetting, never as relative numbers. DCV_h = v_h(SFT) - v_h(RL). CIs: "
+        "('lost'): counted as forgetting, never as relative numbers. "
+        f"DCV_h = v_h({first.upper()}) - v_h({second.upper()}). CIs: "
         "these runs: bootstrap over probe items and target test items, runs held fixed (the match is redone "
         "in each draw); across seeds: Welch's t on the runs' values with the item variance folded in.",
     ]
@@ -261,12 +262,15 @@ def report_stage(cfg: ExperimentConfig, storage: StoragePath, seconds: dict[str,
             seconds,
             calibration,
             endpoint,
+            cfg.comparison.methods,
         )
         parent.log_artifact(md, artifact_path="report")
         parent.log_artifact(page, artifact_path="report")
         for figure in figures:
             parent.log_artifact(figure, artifact_path="report/figures")
-        table = answer_table(tables["headline"], primary, calibration, tables["base_circuits"])
+        table = answer_table(
+            tables["headline"], primary, calibration, tables["base_circuits"], cfg.comparison.methods
+        )
         if not table.is_empty():
             parent.log_table(table, "answer.json")
             parent.log_artifact(write_csv(table, out / "answer.csv"), artifact_path="report")
@@ -274,7 +278,9 @@ def report_stage(cfg: ExperimentConfig, storage: StoragePath, seconds: dict[str,
     seconds_metrics = {f"stage_seconds/{name}": value for name, value in seconds.items()}
     parent.log_metrics(primary_metrics(tables["headline"], primary, cfg.comparison.methods) | seconds_metrics)
     parent.set_tag("dcv.compared", " vs ".join(cfg.comparison.methods))
-    answer = answer_paragraphs(tables["headline"], tables["base_circuits"], primary, calibration, endpoint)
+    answer = answer_paragraphs(
+        tables["headline"], tables["base_circuits"], primary, calibration, endpoint, cfg.comparison.methods
+    )
     parent.set_tag("dcv.primary", answer[0][:5000])
     parent.set_tag("dcv.verdict", primary_verdict(tables["headline"], primary))
     parent.set_tag("dcv.answer", "\n\n".join(answer)[:5000])

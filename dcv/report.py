@@ -17,7 +17,7 @@ import polars as pl  # noqa: E402
 
 from dcv import analysis  # noqa: E402
 from dcv.analysis.headline import UNRESOLVED, dcv_point  # noqa: E402
-from dcv.analysis.section import AXIS_NAMES, Block, Page, sig3  # noqa: E402
+from dcv.analysis.section import AXIS_NAMES, DEFAULT_LABELS, Block, Labels, Page, shown, sig3  # noqa: E402
 from dcv.detection import PRECISION, failing_metrics, plant_table, verdict_table  # noqa: E402
 from dcv.matched import MAX_RUNS_NEEDED, TRAINING_METHODS  # noqa: E402
 from dcv.metrics import METRICS, PREDICTORS  # noqa: E402
@@ -197,12 +197,17 @@ def circuit_heads_of(base_circuits: pl.DataFrame, patching: str) -> list[tuple[i
 
 
 def plot_weight_change_heatmap(
-    heads: pl.DataFrame, shape: tuple[int, int], marked: Sequence[tuple[int, int]], path: Path
+    heads: pl.DataFrame,
+    shape: tuple[int, int],
+    marked: Sequence[tuple[int, int]],
+    path: Path,
+    labels: Labels = DEFAULT_LABELS,
 ) -> Path:
     """Each head's relative weight change (``weight_change_heads``) at each method's last step, mean over
-    runs, and SFT - RL; the base-circuit heads in the means get a box (the DCV heatmaps' heads)."""
+    runs, and the first method's less the second's; the base-circuit heads in the means get a box (the
+    DCV heatmaps' heads)."""
     grids, titles = [], []
-    for training in ("sft", "rl"):
+    for training, label in zip(("sft", "rl"), shown(labels), strict=True):
         rows = heads.filter(pl.col("training") == training)
         if rows.is_empty():
             continue
@@ -213,10 +218,10 @@ def plot_weight_change_heatmap(
         ):
             grid[layer, head] = v
         grids.append(grid)
-        titles.append(f"{training.upper()} step {step}: ||dW||/||W|| per head")
+        titles.append(f"{label} step {step}: ||dW||/||W|| per head")
     if len(grids) == 2:
         grids.append(grids[0] - grids[1])
-        titles.append("SFT - RL")
+        titles.append(" - ".join(shown(labels)))
     fig, axes = plt.subplots(
         1, len(grids), figsize=(1.5 + 3.2 * len(grids), max(2.6, 1.2 + 0.2 * shape[0])), squeeze=False
     )
@@ -398,9 +403,11 @@ def primary_sentence(
     primary: dict | None = None,
     calibration: pl.DataFrame | None = None,
     base_circuits: pl.DataFrame | None = None,
+    labels: Labels = DEFAULT_LABELS,
 ) -> str:
     """The answer's first sentence: the primary endpoint's verdict at both levels of claim, with n (and,
     where its metric fails its positive control in ``calibration``, that it does)."""
+    a, b = shown(labels)
     rows = headline.filter((pl.col("patching") == patching) & (pl.col("role") == "primary"))
     if rows.is_empty():
         what = (
@@ -410,15 +417,15 @@ def primary_sentence(
         )
         return (
             f"Primary endpoint ({what}): not compared: no level of that axis is reached by enough runs of "
-            "each method (analysis.min_runs), so this experiment makes no primary SFT-vs-RL claim."
+            f"each method (analysis.min_runs), so this experiment makes no primary {a}-vs-{b} claim."
         )
     row = rows.row(0, named=True)
     name = metric_label(row["metric"])
     where = f"{AXIS_NAMES[row['matched_by']]} {sig3(row['matched_at'])}"
-    n = f"n = {row['n_runs_sft']} SFT and {row['n_runs_rl']} RL runs"
+    n = f"n = {row['n_runs_sft']} {a} and {row['n_runs_rl']} {b} runs"
     if row["status"] == "no variation":
         return (
-            f"Primary endpoint, {name} at matched {where} ({n}): SFT - RL = {sig3(row['mean'])}, every draw."
+            f"Primary endpoint, {name} at matched {where} ({n}): {a} - {b} = {sig3(row['mean'])}, every draw."
         )
     seeds = (
         f"across seeds (Welch t, df {sig3(row['seed_df'])}): {row['verdict_seeds']} "
@@ -430,7 +437,7 @@ def primary_sentence(
         f"in these runs (item bootstrap): {row['verdict_runs']} "
         f"(95% CI {_interval(row['ci_low'], row['ci_high'])})"
     )
-    lead = f"Primary endpoint, {name} at matched {where} ({n}): SFT - RL = {row['mean']:+.3g}"
+    lead = f"Primary endpoint, {name} at matched {where} ({n}): {a} - {b} = {row['mean']:+.3g}"
     failing = failing_metrics(calibration, in_means_probes(base_circuits, patching)).get(row["metric"])
     caveat = f" Its metric fails its positive control in this calibration: {failing}." if failing else ""
     return f"{lead}; {seeds}; {runs}.{caveat}"
@@ -449,6 +456,7 @@ def answer_table(
     patching: str,
     calibration: pl.DataFrame | None = None,
     base_circuits: pl.DataFrame | None = None,
+    labels: Labels = DEFAULT_LABELS,
 ) -> pl.DataFrame:
     """The answer as a table: the primary endpoint and the secondary family, metric x axis: SFT, RL,
     SFT - RL with both levels' CIs and verdicts, Holm-adjusted p, n per method, the chance level and how
@@ -468,6 +476,7 @@ def answer_table(
     )
     if diffs.is_empty():
         return pl.DataFrame()
+    a, b = shown(labels)
     keys = ["matched_by", "matched_at", "metric"]
     per_method = rows.filter(pl.col("training").is_in(["sft", "rl"])).select(
         *keys, "training", "mean", "chance", "ci_low", "ci_high"
@@ -488,17 +497,17 @@ def answer_table(
                 "metric": metric_label(row["metric"]),
                 "matched at": f"{AXIS_NAMES[row['matched_by']]} {sig3(row['matched_at'])}",
                 "role": row["role"],
-                "SFT": sig3(method["sft"]["mean"]) if "sft" in method else "-",
-                "RL": sig3(method["rl"]["mean"]) if "rl" in method else "-",
-                "SFT - RL": f"{row['mean']:+.3g}",
+                a: sig3(method["sft"]["mean"]) if "sft" in method else "-",
+                b: sig3(method["rl"]["mean"]) if "rl" in method else "-",
+                f"{a} - {b}": f"{row['mean']:+.3g}",
                 "these runs [95% CI]": _interval(row["ci_low"], row["ci_high"]),
                 "these runs": row["verdict_runs"] or "-",
                 "across seeds [95% CI]": _interval(row["seed_ci_low"], row["seed_ci_high"]),
                 "p": sig3(row["p_adjusted"]) if row["p_adjusted"] is not None else "-",
                 "across seeds": row["verdict_seeds"] or "-",
-                "n (SFT/RL)": f"{row['n_runs_sft']}/{row['n_runs_rl']}",
-                "chance (SFT/RL)": "-" if None in chance else f"{sig3(chance[0])}/{sig3(chance[1])}",
-                "above chance, these runs (SFT/RL)": "-"
+                f"n ({a}/{b})": f"{row['n_runs_sft']}/{row['n_runs_rl']}",
+                f"chance ({a}/{b})": "-" if None in chance else f"{sig3(chance[0])}/{sig3(chance[1])}",
+                f"above chance, these runs ({a}/{b})": "-"
                 if None in chance
                 else " / ".join(_above_chance(method[t]) for t in TRAINING_METHODS),
             }
@@ -527,10 +536,15 @@ def text_table(frame: pl.DataFrame) -> str:
 
 
 def answer_notes(
-    headline: pl.DataFrame, base_circuits: pl.DataFrame, patching: str, calibration: pl.DataFrame | None
+    headline: pl.DataFrame,
+    base_circuits: pl.DataFrame,
+    patching: str,
+    calibration: pl.DataFrame | None,
+    labels: Labels = DEFAULT_LABELS,
 ) -> list[str]:
     """What the answer rests on: the counts, how to read the two levels of claim, the multiplicity rule,
     the levels used, what was left out, and what the experiment can detect."""
+    a, b = shown(labels)
     rows = headline.filter(pl.col("patching") == patching)
     items = rows.row(0, named=True)
     per_probe = items.get("probe_items")
@@ -547,8 +561,8 @@ def answer_notes(
         best = rows.select(pl.col("n_runs_sft").max(), pl.col("n_runs_rl").max()).row(0)
         out.append(
             "Insufficient runs: no level of target accuracy, KL to base or step is reached by at least 2 "
-            f"runs of each method (at best {best[0]} SFT and {best[1]} RL runs reach a level), so this "
-            f"experiment makes no SFT-vs-RL claim ({patching} patching; {counts})."
+            f"runs of each method (at best {best[0]} {a} and {best[1]} {b} runs reach a level), so this "
+            f"experiment makes no {a}-vs-{b} claim ({patching} patching; {counts})."
         )
     else:
         stated = rows.filter(
@@ -557,9 +571,9 @@ def answer_notes(
         n_sft, n_rl = (_span(sorted(set(stated[c].to_list()))) for c in ("n_runs_sft", "n_runs_rl"))
         reached = rows.filter(pl.col("start_reached") > 0)
         out.append(
-            f"How to read it: {n_sft} SFT and {n_rl} RL runs, {counts} ({patching} patching). 'These runs' "
+            f"How to read it: {n_sft} {a} and {n_rl} {b} runs, {counts} ({patching} patching). 'These runs' "
             "holds the trained checkpoints fixed: its CI (item bootstrap over probe and target items) says "
-            "what these models did, at any number of runs. 'Across seeds' is the claim about SFT and RL in "
+            f"what these models did, at any number of runs. 'Across seeds' is the claim about {a} and {b} in "
             "general: Welch's t on the runs' values with the item variance folded in, whose false-positive "
             "rate is at most 5% at 2, 3 and 5 runs per method (bench/null_calibration.py). The primary "
             "endpoint's p is unadjusted; the secondary rows (every other answer metric at each axis's "
@@ -591,7 +605,7 @@ def answer_notes(
     left_out = base_circuits.filter((pl.col("method") == patching) & ~pl.col("in_means"))
     for row in left_out.iter_rows(named=True):
         out.append(f"Probe {row['probe']} is left out of the means: {row['excluded_because']}.")
-    out.append("What this experiment can detect: " + detection_sentence(calibration, rows))
+    out.append("What this experiment can detect: " + detection_sentence(calibration, rows, labels))
     return out
 
 
@@ -601,6 +615,7 @@ def answer_paragraphs(
     patching: str,
     calibration: pl.DataFrame | None,
     primary: dict | None = None,
+    labels: Labels = DEFAULT_LABELS,
 ) -> list[str]:
     """The report's first section as text: the primary endpoint's verdict in one sentence, the answer
     table (fixed-width), then the notes (``answer_notes``). ``primary``: analysis.primary, for saying
@@ -608,16 +623,19 @@ def answer_paragraphs(
     rows = headline.filter(pl.col("patching") == patching)
     if rows.is_empty():
         return ["No matched comparison: the results hold no fine-tuned run of one of the methods."]
-    table = text_table(answer_table(headline, patching, calibration, base_circuits))
+    table = text_table(answer_table(headline, patching, calibration, base_circuits, labels))
     return [
-        primary_sentence(headline, patching, primary, calibration, base_circuits),
+        primary_sentence(headline, patching, primary, calibration, base_circuits, labels),
         *([table] if table else []),
-        *answer_notes(headline, base_circuits, patching, calibration),
+        *answer_notes(headline, base_circuits, patching, calibration, labels),
     ]
 
 
-def detection_sentence(calibration: pl.DataFrame | None, headline: pl.DataFrame) -> str:
+def detection_sentence(
+    calibration: pl.DataFrame | None, headline: pl.DataFrame, labels: Labels = DEFAULT_LABELS
+) -> str:
     """The calibration's minimum detectable damage and the headline's minimum detectable differences."""
+    a, b = shown(labels)
     parts = []
     if calibration is None:
         parts.append("no planted-damage calibration was run (calibration.enabled: false, or `dcv calibrate`)")
@@ -638,7 +656,7 @@ def detection_sentence(calibration: pl.DataFrame | None, headline: pl.DataFrame)
             )
         elif not rows.is_empty():
             parts.append(
-                f"SFT - RL differences in {metric_label(metric)} below {sig3(rows['mde'].min())}-"
+                f"{a} - {b} differences in {metric_label(metric)} below {sig3(rows['mde'].min())}-"
                 f"{sig3(rows['mde'].max())} cannot be seen at these counts (80% power)"
             )
     return "; ".join(parts) + "."
@@ -774,9 +792,13 @@ def plot_faithfulness_curves(means: pl.DataFrame, patching: str, step: int, path
     return _save(fig, path)
 
 
-def draw_figures(tables: dict[str, pl.DataFrame], figures: Path, primary: str) -> list[Path]:
+def draw_figures(
+    tables: dict[str, pl.DataFrame], figures: Path, primary: str, labels: Labels = DEFAULT_LABELS
+) -> list[Path]:
     """Every figure of the report into ``figures``, in the order the Figures section shows them: the
-    primary patching method's curves and scatters, the faithfulness curves, then the heatmaps."""
+    primary patching method's curves and scatters, the faithfulness curves, then the heatmaps (titled with
+    the compared ``labels``)."""
+    a, b = shown(labels)
     summary, checkpoints = tables["summary"], tables["checkpoints"]
     main = summary.filter(pl.col("patching") == primary)
     main_checkpoints = checkpoints.filter(pl.col("patching") == primary)
@@ -797,10 +819,10 @@ def draw_figures(tables: dict[str, pl.DataFrame], figures: Path, primary: str) -
         )
         if p is not None
     ]
-    shown = analysis.curves.shown_curves(tables, primary)
-    if shown is not None:
+    curves = analysis.curves.shown_curves(tables, primary)
+    if curves is not None:
         means = tables["faithfulness_curve_means"]
-        pngs.append(plot_faithfulness_curves(means, *shown, figures / "faithfulness_curves.png"))
+        pngs.append(plot_faithfulness_curves(means, *curves, figures / "faithfulness_curves.png"))
     base, dcv_heads, weight_heads = (
         tables["base_circuits"],
         tables["dcv_heads"],
@@ -809,7 +831,9 @@ def draw_figures(tables: dict[str, pl.DataFrame], figures: Path, primary: str) -
     if not weight_heads.is_empty():
         shape = (int(base["n_layers"][0]), int(base["heads_per_layer"][0]))
         marked = circuit_heads_of(base, primary)
-        pngs.append(plot_weight_change_heatmap(weight_heads, shape, marked, figures / "weight_change.png"))
+        pngs.append(
+            plot_weight_change_heatmap(weight_heads, shape, marked, figures / "weight_change.png", labels)
+        )
     if not dcv_heads.is_empty():
         shape = (int(base["n_layers"][0]), int(base["heads_per_layer"][0]))
         for (probe, patching), rows in dcv_heads.group_by("probe", "patching", maintain_order=True):
@@ -820,7 +844,7 @@ def draw_figures(tables: dict[str, pl.DataFrame], figures: Path, primary: str) -
                     point,
                     shape,
                     figures / f"dcv_{probe}_{patching}.png",
-                    f"DCV = v(SFT) - v(RL), {probe} ({patching}), matched {by} = {value:.3g}",
+                    f"DCV = v({a}) - v({b}), {probe} ({patching}), matched {by} = {value:.3g}",
                 )
             )
     return pngs
@@ -832,15 +856,17 @@ def draw_figures(tables: dict[str, pl.DataFrame], figures: Path, primary: str) -
 def answer_section(page: Page) -> list[Block]:
     """The answer first: the primary endpoint's sentence, the answer table and its notes."""
     headline, base, primary = page.tables["headline"], page.tables["base_circuits"], page.primary
-    blocks: list[Block] = [("h2", f"The answer: SFT vs RL (patching method {primary})")]
+    labels = page.labels
+    a, b = shown(labels)
+    blocks: list[Block] = [("h2", f"The answer: {a} vs {b} (patching method {primary})")]
     if headline.filter(pl.col("patching") == primary).is_empty():
-        lines = answer_paragraphs(headline, base, primary, page.calibration, page.primary_endpoint)
+        lines = answer_paragraphs(headline, base, primary, page.calibration, page.primary_endpoint, labels)
         return blocks + [("p", line) for line in lines]
     return [
         *blocks,
-        ("p", primary_sentence(headline, primary, page.primary_endpoint, page.calibration, base)),
-        ("table", answer_table(headline, primary, page.calibration, base)),
-        *[("p", line) for line in answer_notes(headline, base, primary, page.calibration)],
+        ("p", primary_sentence(headline, primary, page.primary_endpoint, page.calibration, base, labels)),
+        ("table", answer_table(headline, primary, page.calibration, base, labels)),
+        *[("p", line) for line in answer_notes(headline, base, primary, page.calibration, labels)],
     ]
 
 
@@ -900,12 +926,14 @@ def build_report(
     stage_seconds: dict,
     calibration: pl.DataFrame | None = None,
     primary_endpoint: dict | None = None,
+    labels: Labels = DEFAULT_LABELS,
 ) -> tuple[Path, Path, list[Path]]:
     """Every figure and the report (markdown + HTML) from the analysis tables, into ``folder``;
-    ``primary_endpoint``: analysis.primary (named where it could not be compared)."""
+    ``primary_endpoint``: analysis.primary (named where it could not be compared); ``labels``: the two
+    method labels compared (comparison.methods), as the prose names the tables' sft and rl slots."""
     folder = Path(folder)
     primary = tables["checkpoints"]["patching"].unique().sort().to_list()[0]
-    figures = draw_figures(tables, folder / "figures", primary)
-    page = Page(tables, primary, about, stage_seconds, calibration, primary_endpoint, figures)
+    figures = draw_figures(tables, folder / "figures", primary, labels)
+    page = Page(tables, primary, about, stage_seconds, calibration, primary_endpoint, figures, tuple(labels))
     md_path, html_path = render([block for section in SECTIONS for block in section(page)], folder, title)
     return md_path, html_path, figures

@@ -179,3 +179,20 @@ def test_each_pair_needs_three_labels_and_says_which_field(tmp_path):
     path = tmp_path / "two.yaml"
     path.write_text(yaml.safe_dump(cases["external run labels ['sft', 'rl']"]))
     assert main(["validate", str(path)]) == 2
+
+
+def test_the_report_and_the_answer_name_the_compared_labels(tmp_path):
+    """comparison.methods [dpo, sft]: the answer and its table name DPO and SFT (the
+    tables' sft and rl slots), never RL."""
+    from dcv.report import answer_paragraphs
+
+    tables = analyzed(pairs_config(tmp_path, methods=["dpo", "sft"]))
+    md, _, _ = build_report(tables, tmp_path / "report", "t", ["about"], {}, labels=("dpo", "sft"))
+    text = md.read_text()
+    answer = text.split("\n## ")[1]
+    assert answer.startswith("The answer: DPO vs SFT (patching method ")
+    assert "DPO - SFT = " in answer and "| DPO | SFT | DPO - SFT |" in answer and "n (DPO/SFT)" in answer
+    paragraphs = answer_paragraphs(
+        tables["headline"], tables["base_circuits"], "exact", None, None, ("dpo", "sft")
+    )
+    assert not any("RL" in p.replace("RL's Razor", "") for p in paragraphs), paragraphs

@@ -15,6 +15,8 @@ from pathlib import Path
 import polars as pl
 
 Block = tuple[str, object]  # ("h2" | "p", text), ("table", frame) or ("img", a figure's path)
+Labels = tuple[str, str]  # the two method labels compared (comparison.methods): the sft and rl slots
+DEFAULT_LABELS: Labels = ("sft", "rl")
 
 AXIS_NAMES = {"accuracy": "target accuracy", "kl": "KL to base", "step": "step"}
 
@@ -30,6 +32,12 @@ class Page:
     calibration: pl.DataFrame | None  # the calibration stage's table (None: not run)
     primary_endpoint: dict | None  # analysis.primary, named where it could not be compared
     figures: list[Path]  # every figure drawn, in the order the Figures section shows them
+    labels: Labels = DEFAULT_LABELS  # what the prose calls the tables' sft and rl slots
+
+
+def shown(labels: Labels) -> tuple[str, str]:
+    """The two labels as the report's prose writes them: "SFT", "RL"; "DPO", "RLVR"."""
+    return labels[0].upper(), labels[1].upper()
 
 
 def sig3(x: float) -> str:
