@@ -28,6 +28,7 @@ from dcv.circuits.methods import (  # noqa: F401 (CMAP, CMAP_DIRECTIONS, MASK: r
     patching_method,
 )
 from dcv.metrics import ANSWER_METRICS, PREDICTORS
+from dcv.storage import is_remote_storage
 
 # Head-effect methods are records of dcv.circuits.methods (kinds: ranking, mask, cross_model); MASK, CMAP and
 # CMAP_DIRECTIONS are re-exported from there. PATCHING_METHODS: the methods that rank heads by patching
@@ -144,7 +145,7 @@ class ModelConfig(Section):
     @field_validator("name")
     @classmethod
     def _known_source(cls, name: str) -> str:
-        if name in BUILTIN_MODELS or re.match(r"^[a-z][a-z0-9+.-]*://", name):
+        if name in BUILTIN_MODELS or is_remote_storage(name):
             return name  # an object-store folder (the base snapshot under an s3:// root): checked at load
         if is_local_path(name):
             if not (Path(name).expanduser() / "config.json").is_file():

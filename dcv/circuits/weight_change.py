@@ -37,6 +37,7 @@ assembled table is ``<storage>/weight_change/weight_change.parquet``. ``dcv.anal
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -55,7 +56,6 @@ from dcv.storage import (
     WEIGHT_FILES,
     content_hash,
     file_slug,
-    is_remote_storage,
     local_model_folder,
     weight_change_dir,
     write_parquet,
@@ -233,9 +233,8 @@ def _cached_folder(folder: str) -> Attention:
 def load_attention(cfg: ExperimentConfig, model: str, checkpoint: str) -> Attention:
     """A model's attention tensors: read from its HF folder, or (``model.name: tiny``, a hub id) from
     the loaded model."""
-    folder = Path(checkpoint).expanduser()
-    if is_remote_storage(checkpoint):  # under an object-store root: read its node-local copy
-        folder = local_model_folder(checkpoint)
+    # A folder on an object store is read from its node-local copy; a local one is itself.
+    folder = local_model_folder(os.path.expanduser(checkpoint))
     if (folder / "config.json").is_file():
         return _cached_folder(str(folder.resolve())) if model == BASE_MODEL else read_attention(folder)
     from dcv.stages import load_stage_model
