@@ -191,12 +191,10 @@ def build_tuner(
     trainable = tune.with_resources(trainable, trial_placement)
     folder = tune_dir(cfg, phase)
     name = folder.name
-    where = ray_storage(folder)  # on an object store: Tune's key and filesystem
-    fs = {"storage_filesystem": where["storage_filesystem"]} if "storage_filesystem" in where else {}
-    if tune.Tuner.can_restore(where["storage_path"], **fs):
-        return tune.Tuner.restore(
-            where["storage_path"], trainable, resume_unfinished=True, resume_errored=True, **fs
-        )
+    fs = ray_storage(folder)  # on an object store: Tune's key and filesystem
+    path = fs.pop("storage_path")
+    if tune.Tuner.can_restore(path, **fs):
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, **fs)
     scheduler = None
     if cfg.sweep.scheduler == "asha":
         scheduler = ASHAScheduler(metric="target/accuracy", mode="max", time_attr="step")
