@@ -16,7 +16,8 @@ from dcv.results import build_results_table, read_results, write_results
 from dcv.storage import results_dir
 from dcv.tasks import load_target_splits
 from dcv.tasks.probes import build_probe
-from dcv.training.checkpoints import METADATA_FILE, EvaluationKit
+from dcv.training.checkpoint_folders import METADATA_FILE
+from dcv.training.checkpoints import EvaluationKit
 from dcv.training.sweep import TrialSpec, collect_results
 from dcv.training.trial import list_checkpoints, trials_root
 from tests.helpers import results_row

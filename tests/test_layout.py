@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "dcv"
 # Every dcv module is in one tier; a new module must be placed (test_every_module_is_in_one_tier).
 TIERS = {
@@ -232,3 +234,31 @@ def test_test_modules_import_no_other_test_module():
         for n in ast.walk(ast.parse((TESTS / "conftest.py").read_text()))
         if isinstance(n, ast.ImportFrom)
     }
+
+
+# What a Ray process of a trial imports before the trial can start, by process: Ray Train's controller
+# unpickles the run config's callbacks, every Tune trial process imports the trainable's module. Neither
+# trains, so neither needs torch's model stack: each import of transformers, TRL or dcv's training loop
+# there cost about 5-10 s of CPU per trial on 2 cores (2026-12-07; docs/development.md "Tests").
+STARTUP_IMPORTS = {
+    "Train controller": "dcv.training.checkpoint_folders",
+    "Tune trial": "dcv.training.sweep",
+}
+TRAINING_STACK = (
+    "transformers",
+    "trl",
+    "datasets",
+    "dcv.training.checkpoints",
+    "dcv.evaluation",
+    "dcv.models",
+)
+
+
+@pytest.mark.parametrize("process", sorted(STARTUP_IMPORTS))
+def test_a_trials_driver_processes_do_not_load_the_training_stack(process):
+    code = (
+        f"import sys\nimport {STARTUP_IMPORTS[process]}\n"
+        f"print('\\n'.join(m for m in {TRAINING_STACK!r} if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.split() == [], process

@@ -18,9 +18,8 @@ the model's dtype (``SavesInModelDtype``: bf16 stays bf16 under FSDP2, whose mas
 
 A restarted worker resumes from ``ray.train.get_checkpoint()``: the HF Trainer restores model, optimizer,
 scheduler, RNG and step from the merged folder. Only a trial's latest checkpoint keeps that resume state
-(``RESUME_STATE``; AdamW's is twice the fp32 weights): ``KeepResumeStateInLatest`` deletes the older
-ones' once Ray has registered a newer checkpoint that has its own, and ``trim_finished_trial`` the
-latest's once the trial has finished (and hard-links step 0's weights to the base snapshot). Analysis
+(AdamW's is twice the fp32 weights): `dcv.training.checkpoint_folders` deletes the older ones' once Ray
+has registered a newer checkpoint that has its own, and the latest's once the trial has finished. Analysis
 reads only the weights, tokenizer and ``dcv_checkpoint.json``, which every evaluated checkpoint keeps.
 
 Under FSDP (``sft.distributed`` / ``rl.distributed: fsdp``) each rank holds a shard of every weight, and a
@@ -37,7 +36,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,14 +48,10 @@ from dcv.config import ExperimentConfig, RLConfig, SFTConfig
 from dcv.evaluation import KLReference, ModelScores, evaluate_model, sample_kl_reference
 from dcv.models import load_model
 from dcv.storage import (
-    StoragePath,
-    as_path,
     atomic_path,
     base_scores_dir,
-    checkpoint_path,
     content_hash,
     read_json,
-    remove,
     set_aside,
     storage_root,
 )
@@ -65,11 +59,8 @@ from dcv.tasks import load_target_splits
 from dcv.tasks.items import ProbeSet, QAItem
 from dcv.tasks.probes import build_probes
 from dcv.tracking import RunLogger
+from dcv.training.checkpoint_folders import METADATA_FILE, has_resume_state
 
-# Inside each checkpoint folder: step, method, trial, metrics, item_scores.
-METADATA_FILE = "dcv_checkpoint.json"
-# Ray Train's checkpoint folders (checkpoint_000012), not its checkpoint_manager_snapshot.json beside them.
-CHECKPOINT_FOLDERS = "checkpoint_[0-9]*"
 # Bumped when the base scores file changes shape, so files written before are never read back.
 BASE_SCORES_FORMAT = 2  # 2: {"metrics", "item_scores"}; 1 (no key): metrics only
 KL_REFERENCE_FORMAT = 1  # {"input_ids", "attention_mask", "completion_mask"}: integer lists
@@ -535,100 +526,6 @@ def restore_latest(output_dir: Path) -> str | None:
         target = output_dir / f"checkpoint-{step}"
         shutil.copytree(folder, target, dirs_exist_ok=True)
     return str(target)
-
-
-# What a checkpoint holds only so that training can resume from it: HF Trainer's _save_checkpoint writes
-# the optimizer (optimizer.pt; FSDP: optimizer.bin or optimizer_<n>/ shards), LR scheduler, grad scaler
-# and each rank's RNG state beside the weights; under FSDP also accelerate's copy of the model that it
-# resumes from (pytorch_model_fsdp.bin, or pytorch_model_fsdp_<n>/ shards). Weights, tokenizer,
-# trainer_state.json (the log history) and dcv_checkpoint.json stay in every checkpoint.
-OPTIMIZER_STATE = ("optimizer.pt", "optimizer.bin", "optimizer_*")
-RESUME_STATE = (*OPTIMIZER_STATE, "pytorch_model_fsdp*", "scheduler.pt", "scaler.pt", "rng_state*.pth")
-
-
-def has_resume_state(folder: str | StoragePath) -> bool:
-    return any(any(as_path(folder).glob(pattern)) for pattern in OPTIMIZER_STATE)
-
-
-def checkpoint_step(folder: str | StoragePath) -> int | None:
-    """The step in a Ray checkpoint folder's name (``checkpoint_000012``); None for other names."""
-    prefix, _, digits = as_path(folder).name.partition("_")
-    return int(digits) if prefix == "checkpoint" and digits.isdigit() else None
-
-
-def keep_resume_state_only_in(latest: str | StoragePath) -> list[StoragePath]:
-    """Delete the resume state of the checkpoints before ``latest`` in its trial folder; the deleted paths.
-
-    Nothing is deleted unless ``latest`` holds resume state itself, so the trial always keeps one
-    resumable checkpoint. Folders of later steps are left alone: they can only be a killed attempt's
-    partial upload, which the resumed run overwrites (and may be writing now).
-    """
-    latest = as_path(latest)
-    step = checkpoint_step(latest)
-    if step is None or not has_resume_state(latest):
-        return []
-    deleted = []
-    for folder in latest.parent.glob(CHECKPOINT_FOLDERS):
-        older = checkpoint_step(folder)
-        if older is None or older >= step:
-            continue
-        for pattern in RESUME_STATE:
-            for path in folder.glob(pattern):
-                remove(path)
-                deleted.append(path)
-    return deleted
-
-
-def trim_finished_trial(trial_dir: StoragePath, base_folder: StoragePath | None) -> list[StoragePath]:
-    """Disk a finished trial (its ``trial.json`` written) no longer needs; the paths trimmed.
-
-    Nothing resumes a finished trial, so its latest checkpoint's resume state goes too (AdamW's state is
-    1.08 GB for SmolLM2). A checkpoint's weights that are byte-identical to the base snapshot's (step 0
-    of a trial started from the base: 0.54 GB per trial) become a hard link to that file, so a folder
-    still holds its own complete model and ``du`` counts the bytes once. An object store has no links:
-    there step 0 keeps its own copy.
-    """
-    import filecmp
-
-    trimmed = []
-    local = isinstance(base_folder, Path)
-    base_weights = base_folder / "model.safetensors" if local else None
-    for folder in sorted(as_path(trial_dir).glob(CHECKPOINT_FOLDERS), key=str):
-        for pattern in RESUME_STATE:
-            for path in folder.glob(pattern):
-                remove(path)
-                trimmed.append(path)
-        weights = folder / "model.safetensors"
-        if base_weights is None or not base_weights.is_file() or not weights.is_file():
-            continue
-        if os.path.samefile(weights, base_weights) or weights.stat().st_size != base_weights.stat().st_size:
-            continue
-        if filecmp.cmp(weights, base_weights, shallow=False):
-            link = weights.with_name(weights.name + ".link")
-            link.unlink(missing_ok=True)
-            os.link(base_weights, link)
-            os.replace(link, weights)  # atomic: the folder never lacks its weights
-            trimmed.append(weights)
-    return trimmed
-
-
-class KeepResumeStateInLatest(ray.train.UserCallback):
-    """Ray Train callback: once a checkpoint is registered, the older ones lose their resume state.
-
-    It runs on the Train controller after Ray has made the new checkpoint the one every restart resumes
-    from: the workers' (default, synchronous) upload has finished before their report reaches the
-    controller, and the controller's CheckpointManager, the first report callback, has registered it and
-    written the snapshot a rerun reads before user callbacks run (ray/train/v2/_internal/execution/
-    controller/controller.py, checkpoint/checkpoint_manager.py; ray 2.60).
-    """
-
-    def after_report(self, run_context, metrics, checkpoint):
-        if checkpoint is None:
-            return
-        try:
-            keep_resume_state_only_in(checkpoint_path(checkpoint))
-        except OSError as error:  # only disk is lost; run_trial sweeps again when the trial ends
-            warnings.warn(f"{checkpoint.path}: could not delete older resume state: {error}", stacklevel=2)
 
 
 def worker_output_dir(trial: str) -> Path:

@@ -37,7 +37,7 @@ from dcv.storage import (
     storage_root,
     trials_dir,
 )
-from dcv.training.checkpoints import (
+from dcv.training.checkpoint_folders import (
     CHECKPOINT_FOLDERS,
     METADATA_FILE,
     KeepResumeStateInLatest,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import ray.train
 
-from dcv.training.checkpoints import (
+from dcv.training.checkpoint_folders import (
     METADATA_FILE,
     KeepResumeStateInLatest,
     checkpoint_step,

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from dcv.config import ModelConfig, parse_config
 from dcv.models import load_model
-from dcv.training.checkpoints import METADATA_FILE, distributed_args, has_resume_state
+from dcv.training.checkpoint_folders import METADATA_FILE, has_resume_state
+from dcv.training.checkpoints import distributed_args
 from dcv.training.trial import run_trial
 from tests.helpers import train_config_dict, train_with_a_kill
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from dcv import tracking
 from dcv.cli import main
 from dcv.config import parse_config
-from dcv.training.checkpoints import has_resume_state
+from dcv.training.checkpoint_folders import has_resume_state
 from dcv.training.trial import (
     TRIAL_FILE,
     finished_trial,

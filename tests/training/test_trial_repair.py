@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from dcv import tracking
 from dcv.storage import SetAsideWarning
-from dcv.training.checkpoints import METADATA_FILE
+from dcv.training.checkpoint_folders import METADATA_FILE
 from dcv.training.sweep import plan_trials, repair_sweep, tune_dir
 from dcv.training.trial import (
     TRIAL_FILE,
