@@ -272,7 +272,7 @@ def test_ray_jobs_name_the_config_with_dash_dash_config(tiny_config_file, capsys
 def test_ray_job_scripts_forward_to_their_command(tmp_path, monkeypatch, capsys, script, command, error):
     """Each script as `ray job submit` runs it (from the repository root, as `python SCRIPT` or `python -m`;
     here in this process, as __main__): the command's own checks fail fast with its exit code and message,
-    before Ray starts. tests/test_ray_jobs.py runs ray_jobs/experiment.py as a real job."""
+    before Ray starts. tests/test_two_nodes.py runs ray_jobs/experiment.py as a real job."""
     raw = tiny_config_dict(tmp_path / "storage")
     raw["tracking"]["uri"] = f"http://127.0.0.1:{free_port()}"  # down: run and sweep stop there
     config = tmp_path / "tiny.yaml"

@@ -3,7 +3,7 @@ hardware, never the protocol: a tiny random Qwen2 (same family as the paper mode
 head ratio scaled to 8:1), a local folder in SciKnowEval's hub layout (Chemistry L3, as the config asks), hf
 rollouts on CPU in place of vLLM, local benchmark files in place of the hub's, a few items and steps.
 Everything else (rl.init sft, Dr. GRPO, masks, the chem probe, calibration, benchmarks, FSDP) is the file's
-own. The toy twin runs end to end as a Ray job in tests/test_ray_jobs.py."""
+own. The toy twin runs end to end as a Ray job in tests/test_two_nodes.py."""
 
 from __future__ import annotations
 
