@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dcv.circuits.patching import head_effects  # noqa: E402
 from dcv.circuits.pipeline import build_work_items, item_heads, run_pipeline  # noqa: E402
-from dcv.config import ModelConfig, parse_config  # noqa: E402
+from dcv.config import RANKING_METHODS, ModelConfig, parse_config  # noqa: E402
 from dcv.models import load_model, load_tokenizer, resolve_model_source, save_model  # noqa: E402
 from dcv.results import build_results_table, write_results  # noqa: E402
 from dcv.storage import items_dir  # noqa: E402
@@ -127,7 +127,7 @@ def timed_pipeline(cfg) -> tuple[int, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--method", default="attribution", choices=("exact", "attribution", "ig"))
+    parser.add_argument("--method", default="attribution", choices=RANKING_METHODS)
     parser.add_argument("--probe-items", type=int, default=8)
     parser.add_argument("--chunk", type=int, default=45)
     parser.add_argument("--probes", default="ioi", help="comma-separated probe names")

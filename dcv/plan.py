@@ -42,6 +42,7 @@ from pathlib import Path
 import yaml
 
 from dcv import trials
+from dcv.circuits.methods import Passes, patching_method
 from dcv.config import (
     CMAP,
     MASK,
@@ -509,32 +510,24 @@ def benchmarks_stage(c: Costs) -> StagePlan:
 
 
 def patching_seconds(c: Costs, models: int, probes: list[ProbeConfig], methods: list[str]) -> float:
-    """Head effects of ``models`` models on ``probes`` by ``methods`` (dcv.circuits.patching), at one device.
-    Every method but cmap caches a clean and a corrupted forward of every item. Exact: then per head a
-    forward of the positions after the first difference from the head's layer on (half the model on
-    average); attribution: one backward; ig: ig_steps forward-backward passes; mask: circuits.mask.steps
-    forward-backward passes of one batch, after the first difference. The model is frozen, so a backward
-    computes activation gradients only: about one forward (training's is two). cmap
-    (checkpoints only, from position 0): about 4 x exact per head (its description in dcv.config), on
-    every head or patching.cmap_top_heads."""
+    """Head effects of ``models`` models on ``probes`` by ``methods`` (dcv.circuits.patching), at one device:
+    each method's ``cost`` (its record in dcv.circuits.methods) after a clean and a corrupted forward of
+    every item; a cross-model method (cmap) caches none and runs on every model but the base."""
     cfg = c.cfg
     total = 0.0
     for probe in probes:
-        full = c.forward(probe.n_items * PROBE_TOKENS[probe.name])  # one forward of every item
-        after = c.forward(probe.n_items * PATCHED_TOKENS[probe.name])  # from the first difference on
-        batch = min(cfg.patching.batch_size, probe.n_items) / probe.n_items
-        for method in methods:
-            if method == CMAP:
-                heads = min(cfg.patching.cmap_top_heads or c.heads, c.heads)
-                total += (models - 1) * full * heads * 0.5 * 4
-                continue
-            seconds = {
-                "exact": after * c.heads * 0.5,
-                "attribution": full,
-                "ig": 2 * full * cfg.patching.ig_steps,
-                MASK: 2 * after * cfg.circuits.mask.steps * batch,
-            }[method]
-            total += models * (2 * full + seconds)
+        passes = Passes(
+            full=c.forward(probe.n_items * PROBE_TOKENS[probe.name]),  # one forward of every item
+            after=c.forward(probe.n_items * PATCHED_TOKENS[probe.name]),  # from the first difference on
+            heads=c.heads,
+            batch_share=min(cfg.patching.batch_size, probe.n_items) / probe.n_items,
+        )
+        for method in map(patching_method, methods):
+            seconds = method.cost(passes, cfg)
+            if method.cross_model:
+                total += (models - 1) * seconds
+            else:
+                total += models * (2 * passes.full + seconds)
     return total
 
 

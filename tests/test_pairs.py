@@ -148,9 +148,9 @@ def test_a_p_between_alpha_over_the_pairs_and_alpha_gets_no_verdict(tmp_path):
 def test_the_report_names_the_pairs_and_the_correction(each_pair, chosen_only, tmp_path):
     md, _, _ = build_report(each_pair, tmp_path / "each", "t", ["about"], {})
     section = md.read_text().split("## Every pair of method labels")[1].split("\n## ")[0]
-    assert "3 pairs: sft vs rl, sft vs dpo, rl vs dpo" in section
+    assert "3 pairs: SFT vs RL, SFT vs DPO, RL vs DPO" in section
     assert "Bonferroni" in section and "union bound" in section and "multiplied by 3" in section
-    assert "| sft vs dpo |" in section and "p (adjusted, x3)" in section
+    assert "| SFT vs DPO |" in section and "p (adjusted, x3)" in section
     md, _, _ = build_report(chosen_only, tmp_path / "chosen", "t", ["about"], {})
     assert "Every pair of method labels" not in md.read_text()
 

@@ -7,12 +7,15 @@ import re
 import pytest
 import yaml
 
+from dcv.circuits.methods import METHODS
 from dcv.cli import main
-from dcv.config import load_config, parse_config
+from dcv.config import PROBE_NAMES, load_config, parse_config
 from dcv.experiment import STAGES  # the stages dcv run has: the plan prices each
 from dcv.plan import (
     CPU_CORE,
     H100,
+    PATCHED_TOKENS,
+    PROBE_TOKENS,
     Cluster,
     Costs,
     build_plan,
@@ -96,6 +99,16 @@ def test_adding_a_probe_adds_its_patching_work():
     assert after.stage("patching").device_s - before.stage("patching").device_s == pytest.approx(added)
     assert after.stage("patching").wall_s - before.stage("patching").wall_s == pytest.approx(added / 2)
     assert after.stage("circuits").device_s > before.stage("circuits").device_s
+
+
+def test_every_probe_and_every_registered_method_is_priced():
+    """A probe or method the plan cannot price would stop `dcv plan` and `dcv run` with a KeyError
+    (docs/development.md, the probe and method recipes)."""
+    assert set(PROBE_TOKENS) == set(PATCHED_TOKENS) == set(PROBE_NAMES)
+    cfg = load_config(DEMO)
+    costs = Costs(cfg, model_shape(cfg), CPU_CORE, TWO_CORES)
+    for method in METHODS:
+        assert patching_seconds(costs, 9, list(cfg.probes), [method]) > 0, method
 
 
 def test_an_rl_trial_holds_its_rollout_actors_gpus_with_its_learners():

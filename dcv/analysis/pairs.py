@@ -27,7 +27,7 @@ import polars as pl
 
 from dcv.analysis.headline import HEADLINE_SCHEMA, HIGHER, LOWER, assign_roles
 from dcv.analysis.inputs import Analysis
-from dcv.analysis.section import AXIS_NAMES, Block, Page, sig3
+from dcv.analysis.section import AXIS_NAMES, Block, Page, shown, sig3
 from dcv.config import ExperimentConfig
 from dcv.metrics import label as metric_label
 
@@ -78,6 +78,11 @@ def build(a: Analysis) -> dict[str, pl.DataFrame]:
     return {"pairs": pl.DataFrame(a.pairs, schema=PAIRS_SCHEMA)}
 
 
+def pair_name(first: str, second: str) -> str:
+    """A pair as the report's prose writes it: "DPO vs SFT"."""
+    return " vs ".join(shown((first, second)))
+
+
 def section(page: Page) -> list[Block]:
     """The pairs table's section (comparison.each_pair): which pairs were compared, the correction, and
     each pair's primary endpoint and secondary family; none when only the chosen pair was compared."""
@@ -86,7 +91,7 @@ def section(page: Page) -> list[Block]:
     if rows.is_empty():
         return []
     compared = [
-        f"{a} vs {b}" for a, b in rows.select("first", "second").unique(maintain_order=True).iter_rows()
+        pair_name(a, b) for a, b in rows.select("first", "second").unique(maintain_order=True).iter_rows()
     ]
     k = len(compared)
     text = (
@@ -99,19 +104,21 @@ def section(page: Page) -> list[Block]:
         "pairs stays at most alpha. The answer above is the chosen pair (comparison.methods), uncorrected."
     )
     stated = rows.filter(pl.col("role").is_in(["primary", "secondary"]) & (pl.col("training") == "sft-rl"))
-    shown = set(stated.select(pl.concat_str("first", pl.lit(" vs "), "second")).to_series().to_list())
-    unmatched = [pair for pair in compared if pair not in shown]
+    reported = {pair_name(a, b) for a, b in stated.select("first", "second").iter_rows()}
+    unmatched = [pair for pair in compared if pair not in reported]
     if unmatched:
         text += f" Not compared (no level reached by enough runs of both labels): {', '.join(unmatched)}."
     out = []
     # Pair by pair (as compared), each pair's primary endpoint first.
-    ordered = stated.with_columns(pl.concat_str("first", pl.lit(" vs "), "second").alias("pair"))
+    names = [pair_name(a, b) for a, b in stated.select("first", "second").iter_rows()]
+    ordered = stated.with_columns(pl.Series("pair", names, dtype=pl.String))
     ordered = ordered.sort(
         pl.col("pair").replace_strict(compared, list(range(k))), pl.col("role") != "primary"
     )
     for row in ordered.iter_rows(named=True):
         # The verdicts name the sft slot: here the pair's first label.
-        named = {HIGHER: f"higher under {row['first']}", LOWER: f"lower under {row['first']}"}
+        first = shown((row["first"], row["second"]))[0]
+        named = {HIGHER: f"higher under {first}", LOWER: f"lower under {first}"}
         out.append(
             {
                 "pair": row["pair"],

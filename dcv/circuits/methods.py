@@ -23,6 +23,9 @@ changed setting never reuses a stale item. A record must declare them (``keys={}
 constants hashed too: change one when the method's definition changes, so stored items of the old
 definition are not reused.
 
+``cost`` is what ``dcv plan`` (and so ``dcv run``'s first line) prices the method at, per model and probe,
+in the plan's units (``Passes``); a record must have one, so a new method is never left unpriced.
+
 This module is pure (no torch, no config import: ``dcv.config`` reads it); ``compute`` names the compute
 function by import path, loaded only where an item is computed.
 """
@@ -54,6 +57,16 @@ UNKEYED = {"model": {"cache_dir"}}
 
 
 @dataclass(frozen=True)
+class Passes:
+    """What ``dcv.plan.patching_seconds`` prices a method in, for one model and probe at one device."""
+
+    full: float  # seconds of one forward of every item, whole prompts
+    after: float  # the same from each item's first clean/corrupted difference on (a prefix-cached pass)
+    heads: int  # the model's attention heads
+    batch_share: float  # one minibatch of patching.batch_size items as a share of the probe's items
+
+
+@dataclass(frozen=True)
 class PatchingMethod:
     name: str  # its name in ``patching.methods`` and the tables' ``method`` column
     kind: Kind
@@ -63,6 +76,11 @@ class PatchingMethod:
     # "module:function" with the signature ``(base, model, items, item, cfg) -> rows`` (base: the base
     # model beside ``model`` for a cross-model method, else None); imported only when an item is computed.
     compute: str = field(kw_only=True)
+    # Seconds of its compute for one model and probe, ``(passes, cfg) -> float``, beyond the clean and
+    # corrupted forwards a ranking or mask method caches first (dcv.plan adds those; a cross-model method
+    # caches none and runs on every checkpoint but the base). A backward of the frozen model costs about
+    # one forward (activation gradients only).
+    cost: Callable[[Passes, Any], float] = field(kw_only=True)
     fixed: Mapping[str, str] = field(default_factory=dict, kw_only=True)  # constants in the hash
     about: str = field(default="", kw_only=True)  # what it measures, in a few words
 
@@ -81,6 +99,8 @@ class PatchingMethod:
         module, _, function = self.compute.partition(":")
         if not module or not function:
             raise ValueError(f"{where}: compute {self.compute!r} must be 'module:function'")
+        if not callable(self.cost):
+            raise TypeError(f"{where}: cost must be a function (passes, cfg) -> seconds (got {self.cost!r})")
 
     @property
     def ranks_heads(self) -> bool:
@@ -151,13 +171,30 @@ CMAP_DIRECTIONS = ("ckpt_into_base", "base_into_ckpt")  # cmap's two rows per he
 
 METHODS: dict[str, PatchingMethod] = build_registry(
     (
-        PatchingMethod("exact", "ranking", keys={}, compute=PATCH, about="exact activation patching"),
-        PatchingMethod("attribution", "ranking", keys={}, compute=PATCH, about="attribution (first order)"),
+        PatchingMethod(
+            "exact",
+            "ranking",
+            keys={},
+            compute=PATCH,
+            # Per head a forward of the positions after the first difference, from the head's layer on
+            # (half the model on average).
+            cost=lambda p, cfg: p.after * p.heads * 0.5,
+            about="exact activation patching",
+        ),
+        PatchingMethod(
+            "attribution",
+            "ranking",
+            keys={},
+            compute=PATCH,
+            cost=lambda p, cfg: p.full,  # one backward
+            about="attribution (first order)",
+        ),
         PatchingMethod(
             "ig",
             "ranking",
             keys={"ig_steps": "patching.ig_steps"},
             compute=PATCH,
+            cost=lambda p, cfg: 2 * p.full * cfg.patching.ig_steps,  # ig_steps forward-backward passes
             about="integrated gradients",
         ),
         PatchingMethod(
@@ -167,6 +204,8 @@ METHODS: dict[str, PatchingMethod] = build_registry(
             # stale items reused, before 2026-12-07).
             keys={"mask": "circuits.mask", "batch_size": "patching.batch_size"},
             compute="dcv.circuits.pipeline:compute_mask_item",
+            # circuits.mask.steps forward-backward passes of one minibatch, after the first difference.
+            cost=lambda p, cfg: 2 * p.after * cfg.circuits.mask.steps * p.batch_share,
             about="learned masks",
         ),
         PatchingMethod(
@@ -175,6 +214,9 @@ METHODS: dict[str, PatchingMethod] = build_registry(
             # cmap's numbers also depend on the base model it is patched against.
             keys={"base": ("model.name", "model")},
             compute="dcv.circuits.pipeline:compute_cmap_item",
+            # Per checkpoint, about 4 x exact per head from position 0 (its description in dcv.config), on
+            # every head or patching.cmap_top_heads.
+            cost=lambda p, cfg: p.full * min(cfg.patching.cmap_top_heads or p.heads, p.heads) * 0.5 * 4,
             # cmap swapped hook_z until 2026-12-02; a stored item of that definition must not be reused.
             fixed={"hook": "hook_attn_out"},
             about="cross-model activation patching",

@@ -20,7 +20,7 @@ The assembled table (``run_pipeline``; written to ``<storage>/patching/effects.p
 (model, probe, method, layer, head), ``dcv.tables.EFFECTS_SCHEMA``:
 
     model       str    "base" or "<trial>@<step>"
-    probe       str    probe name (ioi, capitals, greater_than, induction, chem)
+    probe       str    probe name (one of dcv.config.PROBE_NAMES)
     method      str    exact, attribution, ig (patching) or mask (learned masks: effect = m_h)
     layer       i32    the head's layer
     head        i32    the head's index in its layer

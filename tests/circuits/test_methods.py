@@ -122,20 +122,30 @@ def test_item_ids_are_those_stored_before_the_registry(cfg):
                 assert build_item_id(*args) == legacy_item_id(*args)
 
 
-def test_a_record_must_declare_its_keys_and_name_real_settings():
+def test_a_record_must_declare_its_keys_and_its_cost_and_name_real_settings():
     compute = "dcv.circuits.pipeline:compute_patched_item"
+
+    def cost(passes, cfg):
+        return passes.full
+
     with pytest.raises(TypeError, match="keys"):
-        PatchingMethod("new", "ranking", compute=compute)  # type: ignore[call-arg]
-    typo = PatchingMethod("new", "ranking", keys={"steps": "patching.ig_stepz"}, compute=compute)
+        PatchingMethod("new", "ranking", compute=compute, cost=cost)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="cost"):  # unpriced, `dcv plan` and `dcv run` would fail
+        PatchingMethod("new", "ranking", keys={}, compute=compute)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="cost must be a function"):
+        PatchingMethod("new", "ranking", keys={}, compute=compute, cost=1.0)  # type: ignore[arg-type]
+    typo = PatchingMethod("new", "ranking", keys={"steps": "patching.ig_stepz"}, compute=compute, cost=cost)
     with pytest.raises(ValueError, match=r"'new': key 'steps' names 'patching.ig_stepz'"):
         check_keys(ExperimentConfig, [typo])
     check_keys(ExperimentConfig, [replace(typo, keys={"steps": "patching.ig_steps"})])
     with pytest.raises(ValueError, match="overwrite"):
-        PatchingMethod("new", "ranking", keys={"heads": "patching.ig_steps"}, compute=compute)
+        PatchingMethod("new", "ranking", keys={"heads": "patching.ig_steps"}, compute=compute, cost=cost)
     with pytest.raises(ValueError, match="kind 'ranked' is unknown"):
-        PatchingMethod("new", "ranked", keys={}, compute=compute)  # type: ignore[arg-type]
+        PatchingMethod("new", "ranked", keys={}, compute=compute, cost=cost)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="module:function"):
-        PatchingMethod("new", "ranking", keys={}, compute="dcv.circuits.pipeline.compute_patched_item")
+        PatchingMethod(
+            "new", "ranking", keys={}, compute="dcv.circuits.pipeline.compute_patched_item", cost=cost
+        )
     with pytest.raises(ValueError, match="registered twice"):
         build_registry([typo, typo])
 
