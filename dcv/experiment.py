@@ -244,8 +244,9 @@ def report_stage(cfg: ExperimentConfig, storage: StoragePath, seconds: dict[str,
     Artifacts and the experiment's evaluation view) and CSV, the primary endpoint and the stage times as
     metrics, the primary verdict and the answer as tags (not one metric per cell of the headline). On an
     object-store root the report is built in a local folder and uploaded (dcv.storage.local_folder)."""
+    from dcv.analysis.answer import answer_paragraphs, answer_table
     from dcv.calibration import read_calibration
-    from dcv.report import answer_paragraphs, answer_table, build_report
+    from dcv.report import build_report
 
     tables = read_analysis(storage)
     results = read_results(storage)

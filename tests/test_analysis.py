@@ -8,8 +8,9 @@ import polars as pl
 import pytest
 
 from dcv.analysis import analyze, read_analysis, write_analysis
+from dcv.analysis.answer import answer_table
 from dcv.config import parse_config
-from dcv.report import answer_table, build_report
+from dcv.report import build_report
 from dcv.results import build_results_table
 from dcv.tables import CIRCUITS_SCHEMA, EFFECTS_SCHEMA
 from tests.helpers import (
@@ -375,7 +376,7 @@ def test_report_from_stored_tables(tables, tmp_path):
 
 def test_the_answer_names_each_probes_items_when_they_differ(tables):
     """One count is printed only when every probe has it: 16 of 4 probes at 32 is no n for the other 3."""
-    from dcv.report import answer_paragraphs
+    from dcv.analysis.answer import answer_paragraphs
 
     headline = tables["headline"].with_columns(
         pl.lit(16).alias("n_probe_items"), pl.lit("ioi 32, capitals 32, induction 16").alias("probe_items")
@@ -397,8 +398,8 @@ def test_the_parent_run_gets_the_answer_as_one_table_and_a_few_metrics(tables, t
 
     from mlflow.tracking import MlflowClient
 
+    from dcv.analysis.answer import answer_table
     from dcv.experiment import primary_metrics, primary_verdict
-    from dcv.report import answer_table
     from dcv.tracking import RunLogger
 
     metrics = primary_metrics(tables["headline"], "exact")
@@ -538,7 +539,7 @@ def headline_frame(rows: list[dict]) -> pl.DataFrame:
 
 def test_the_notes_give_the_runs_of_the_levels_the_answer_states():
     """Not the table's first row: a level with too few runs (1 SFT, 0 RL) comes first in it."""
-    from dcv.report import answer_notes
+    from dcv.analysis.answer import answer_notes
 
     rows = headline_frame(
         [
@@ -577,7 +578,7 @@ def test_the_notes_give_the_runs_of_the_levels_the_answer_states():
 
 def test_a_metric_that_never_varied_gets_no_minimum_detectable_difference():
     """An MDE of 0 (every model right on every item in every draw) is no detection limit: said so."""
-    from dcv.report import detection_sentence
+    from dcv.analysis.answer import detection_sentence
 
     headline = headline_frame(
         [

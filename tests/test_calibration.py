@@ -308,7 +308,7 @@ def test_a_scalar_alpha_is_read_as_alphas_with_a_warning(tmp_path):
 
 
 def test_the_report_states_curves_verdicts_separation_and_false_positives(graded):
-    from dcv.report import calibration_findings
+    from dcv.analysis.answer import calibration_findings
 
     probe, precision = calibration_findings(graded)
     assert probe.startswith(

@@ -184,7 +184,7 @@ def test_each_pair_needs_three_labels_and_says_which_field(tmp_path):
 def test_the_report_and_the_answer_name_the_compared_labels(tmp_path):
     """comparison.methods [dpo, sft]: the answer and its table name DPO and SFT (the
     tables' sft and rl slots), never RL."""
-    from dcv.report import answer_paragraphs
+    from dcv.analysis.answer import answer_paragraphs
 
     tables = analyzed(pairs_config(tmp_path, methods=["dpo", "sft"]))
     md, _, _ = build_report(tables, tmp_path / "report", "t", ["about"], {}, labels=("dpo", "sft"))

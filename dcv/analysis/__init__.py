@@ -4,8 +4,10 @@ Pure polars/numpy on stored tables (no model, no Ray), so ``dcv report`` can reb
 builds what every table reads once (``inputs``: probe references, points, the ``Analysis`` record), then
 each family module of this package (``FAMILIES``: checkpoints, noise_floor, headline, pairs, predictors,
 paper, cmap, weight_change, curves) builds its tables with its schema. Each family module also holds its
-tables' report section(s) (``section``: ``Page`` -> ``Block``s); ``dcv.report.SECTIONS`` orders them (the
-weight-change heads show only as a figure: that family has none). Tables (``analyze`` returns them by
+tables' report section(s) (``section``: ``Page`` -> ``Block``s); ``answer`` holds the report's first
+section, the answer's prose, read from the headline, base-circuit and calibration tables (also printed by
+``dcv run`` and logged to MLflow); ``dcv.report.SECTIONS`` orders them (the weight-change heads show only as
+a figure: that family has none). Tables (``analyze`` returns them by
 name; ``write_analysis`` stores each as parquet and CSV under ``<storage>/analysis/``):
 
 - ``base_circuits``: per probe and patching method, the base circuit (size out of all heads,
