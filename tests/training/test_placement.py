@@ -2,9 +2,9 @@
 sweep runs only as many trials as fit together (in sweep.cluster_resources, or the cluster).
 
 The Ray test runs the real Tuner (`build_tuner`: `trial_placement`, `concurrent_trials`) on a local Ray
-that declares 6 GPUs it does not have (``num_gpus=6``: logical resources; no CUDA call is made). Its
+that declares 8 GPUs it does not have (``num_gpus=8``: logical resources; no CUDA call is made). Its
 trainable is a cheap stand-in for `train_trial`: a real Ray Train `TorchTrainer` with the trial's
-`learner_scaling` (2 learners x 1 GPU; gloo, because NCCL would need the GPUs) whose rank 0 starts the
+`learner_scaling` (4 learners x 1 GPU; gloo, because NCCL would need the GPUs) whose rank 0 starts the
 trial's 2 rollout actors with `rollout_actor_options` (1 GPU each) into the Tune trial's placement group,
 as `RolloutPool` does. A real GRPO trial would also load models and, with ``use_gpu``, ask HF and Ray
 Train for CUDA (``checkpoints.shared_trainer_args``: nccl, ``use_cpu`` False); the stand-in keeps the
@@ -43,10 +43,10 @@ class Probe:
         }
 
 
-def gpu_sweep_dict(storage: Path, learners: int = 4, **sweep) -> dict:
-    """Two RL trials (one rate, two seeds) of ``learners`` + 2 rollout actors, one GPU each: 6 GPUs at 4."""
+def gpu_sweep_dict(storage: Path, **sweep) -> dict:
+    """Two RL trials (one rate, two seeds) of 4 learners + 2 rollout actors, one GPU each: 6 GPUs."""
     raw = sweep_config_dict(storage, methods=["rl"], rl_learning_rates=[1e-6], seeds=[0, 1], **sweep)
-    raw["resources"].update(num_workers=learners, use_gpu=True, cpus_per_worker=0.1, gpus_per_worker=1)
+    raw["resources"].update(num_workers=4, use_gpu=True, cpus_per_worker=0.1, gpus_per_worker=1)
     raw["rl"]["rollout"] = {"backend": "hf", "num_actors": 2, "num_cpus": 0.1, "num_gpus": 1}
     return raw
 
@@ -86,7 +86,7 @@ def test_concurrency_comes_from_the_declared_cluster_and_never_from_a_guess(tmp_
         parse_config(raw)
 
 
-# --- the Ray test: two 4-GPU RL trials on 6 declared GPUs --------------------------------------------------
+# --- the Ray test: two 6-GPU RL trials on 8 declared GPUs --------------------------------------------------
 
 
 def _learner_loop(loop_config: dict) -> None:
@@ -154,19 +154,17 @@ def _cheap_rl_trial(tune_config: dict) -> None:
 
 
 def run_two_rl_trials(storage: str) -> None:
-    """In its own process (the test session's Ray declares no GPUs): Ray with 6 logical GPUs, then the
-    sweep's Tuner over two 4-GPU RL trials (2 learners, 2 rollout actors: two learners are as many as
-    prove that they get GPUs of their own, and each learner is a process that 2 cores start slowly);
-    prints one JSON line per trial."""
+    """In its own process (the test session's Ray declares no GPUs): Ray with 8 logical GPUs, then the
+    sweep's Tuner over two 6-GPU RL trials; prints one JSON line per trial."""
     from dcv.training.sweep import build_tuner
     from dcv.training.trial import runtime_env_vars
 
-    cfg = parse_config(gpu_sweep_dict(Path(storage), learners=2, max_concurrent_trials=2))
+    cfg = parse_config(gpu_sweep_dict(Path(storage), max_concurrent_trials=2))
     specs = plan_trials(cfg)
     ray.init(
         address="local",
         num_cpus=2,
-        num_gpus=6,  # declared, not detected: this machine has none, and nothing here calls CUDA
+        num_gpus=8,  # declared, not detected: this machine has none, and nothing here calls CUDA
         _node_ip_address="127.0.0.1",
         include_dashboard=False,
         runtime_env={"env_vars": runtime_env_vars(dict(os.environ))},
@@ -182,11 +180,11 @@ def run_two_rl_trials(storage: str) -> None:
 
 
 @pytest.mark.ray
-def test_two_four_gpu_rl_trials_run_one_after_the_other_on_six_declared_gpus(tmp_path):
+def test_two_six_gpu_rl_trials_run_one_after_the_other_on_eight_declared_gpus(tmp_path):
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
-        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",  # worker processes start slowly on a shared CPU
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",  # 4 worker processes start slowly on a shared CPU
     }
     code = (
         f"from tests.training.test_placement import run_two_rl_trials; run_two_rl_trials({str(tmp_path)!r})"
@@ -206,4 +204,4 @@ def test_two_four_gpu_rl_trials_run_one_after_the_other_on_six_declared_gpus(tmp
         # Both actors ran in the trial's Tune placement group (its only GPU bundles are theirs).
         assert [a["placement"] for a in actors] == [trial["placement"]] * 2
         gpus = learners + [gpu for a in actors for gpu in a["gpus"]]
-        assert len(learners) == 2 and len(gpus) == 4 and len(set(gpus)) == 4  # 2 + 2, no GPU shared
+        assert len(gpus) == 6 and len(set(gpus)) == 6  # 4 learners + 2 actors, no GPU shared
