@@ -33,13 +33,19 @@ DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 class ReportTimes(ray.train.UserCallback):
-    """Driver-side: when the Train controller registered each reported checkpoint."""
+    """When the Train controller registered each reported checkpoint (wall-clock seconds), appended to a
+    file: the callback runs on the controller, a process of its own, so an attribute set there never
+    reaches the driver (the first version kept a list and failed on its first run, 2026-12-07)."""
 
-    def __init__(self) -> None:
-        self.times: list[float] = []
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
 
     def after_report(self, run_context, metrics, checkpoint):
-        self.times.append(time.perf_counter())
+        with open(self.path, "a") as out:
+            out.write(f"{time.time()}\n")
+
+    def times(self) -> list[float]:
+        return [float(line) for line in Path(self.path).read_text().split()]
 
 
 def main() -> None:
@@ -62,11 +68,11 @@ def main() -> None:
     for method in args.methods:
         startups, totals = [], []
         for seed in args.seeds:
-            timer = ReportTimes()
-            start = time.perf_counter()
+            timer = ReportTimes(Path(raw["storage"]["root"]) / f"report-times-{method}-{seed}.txt")
+            start = time.time()
             run_trial(cfg, method, seed, callbacks=[timer])
-            end = time.perf_counter()
-            startups.append(timer.times[0] - start)
+            end = time.time()
+            startups.append(timer.times()[0] - start)
             totals.append(end - start)
             print(
                 f"{method} seed {seed}: start-up {startups[-1]:.1f} s, trial {totals[-1]:.1f} s", flush=True
