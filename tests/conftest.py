@@ -14,7 +14,14 @@ import torch
 import yaml
 
 from dcv.config import ExperimentConfig, ModelConfig, load_config
-from tests.helpers import DcvRun, TrackingServer, fault_env, tiny_config_dict, tiny_run_config_dict
+from tests.helpers import (
+    S3_SETTINGS,
+    DcvRun,
+    TrackingServer,
+    fault_env,
+    tiny_config_dict,
+    tiny_run_config_dict,
+)
 
 # One intra-op thread in this process and in every process it starts (`dcv`, `ray start`, their workers),
 # unless OMP_NUM_THREADS is set. On 2 cores that other work also uses, torch's 2 OpenMP threads spin-wait
@@ -160,9 +167,9 @@ def s3_root(s3_server, monkeypatch) -> str:
     for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    for name, value in S3_SETTINGS.items():
+        monkeypatch.setenv(name, value)
     bucket = f"dcv-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    client = boto3.client("s3", endpoint_url=s3_server, region_name=S3_SETTINGS["AWS_REGION"])
+    client.create_bucket(Bucket=bucket)
     return f"s3://{bucket}/run"

@@ -745,6 +745,11 @@ def agent_ports() -> list[str]:
     ]
 
 
+# The fake credentials and region of the session's S3 server (moto accepts any): tests/conftest.py's s3_root
+# sets them in the test process, tests/test_two_nodes.py in its Ray nodes' environment.
+S3_SETTINGS = {"AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+
+
 def start_ray_head(
     temp_dir: Path, env: dict[str, str], num_cpus: int, gcs_port: int, dashboard_port: int
 ) -> None:

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from dcv.training.checkpoint_folders import KeepResumeStateInLatest
+from dcv.training.sweep import train_trial
+
 PACKAGE = Path(__file__).resolve().parents[1] / "dcv"
 # Every dcv module is in one tier; a new module must be placed (test_every_module_is_in_one_tier).
 TIERS = {
@@ -239,10 +242,11 @@ def test_test_modules_import_no_other_test_module():
 # What a Ray process of a trial imports before the trial can start, by process: Ray Train's controller
 # unpickles the run config's callbacks, every Tune trial process imports the trainable's module. Neither
 # trains, so neither needs torch's model stack: each import of transformers, TRL or dcv's training loop
-# there cost about 5-10 s of CPU per trial on 2 cores (2026-12-07; docs/development.md "Tests").
+# there cost about 5-10 s of CPU per trial on 2 cores (2026-12-07; bench/startup_imports.py).
+# The modules are read off the objects Ray pickles, so a callback or trainable moved elsewhere is followed.
 STARTUP_IMPORTS = {
-    "Train controller": "dcv.training.checkpoint_folders",
-    "Tune trial": "dcv.training.sweep",
+    "Train controller": KeepResumeStateInLatest.__module__,
+    "Tune trial": train_trial.__module__,
 }
 TRAINING_STACK = (
     "transformers",

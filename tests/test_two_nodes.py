@@ -52,6 +52,7 @@ from dcv.training.sweep import plan_trials
 from tests.helpers import (
     PAPER_CONFIG,
     REPO,
+    S3_SETTINGS,
     DcvRun,
     agent_ports,
     fault_env,
@@ -75,9 +76,6 @@ RAY = str(Path(sys.executable).with_name("ray"))
 PLACED = ("RayTrainWorker", "RolloutActor", "MapWorker(MapBatches(StageWorker))")
 # Inside `unshare --mount`: a fresh tmpfs over /tmp, then the command that follows.
 PRIVATE_TMP = ("sh", "-c", 'mount -t tmpfs tmpfs /tmp && exec "$@"', "sh")
-
-# What tests/conftest.py's s3_root sets in this process: the nodes need the same (but the endpoint's port).
-S3_SETTINGS = {"AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 
 
 @dataclass(frozen=True)
