@@ -30,17 +30,20 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
 
 from dcv.cli import main
 from dcv.config import apply_overrides, parse_config
 from dcv.experiment import STAGES
-from dcv.results import read_results
+from dcv.results import KEY_COLUMNS, read_results
 from dcv.storage import (
     WEIGHT_CHANGE_FILE,
     analysis_dir,
     calibration_dir,
+    checkpoint_model,
     circuits_dir,
     model_folder_problem,
     patching_dir,
@@ -252,12 +255,34 @@ def shared_folder():
     shutil.rmtree(shared, ignore_errors=True)
 
 
+def assert_rl_continues_from_sfts_last_checkpoint(checkpoints: pl.DataFrame) -> None:
+    """rl.init sft (the seed paper's protocol): the GRPO trial starts from the SFT trial's last checkpoint, so
+    its step 0 holds the same weights and scores; SFT itself started from the base model and moved."""
+    names = sorted(checkpoints["trial"].unique())
+    assert names == ["rl-lr1e-06-seed0-after-sft", "sft-lr1e-05-seed0"]
+    assert set(zip(checkpoints["trial"], checkpoints["step"], strict=True)) == {
+        (n, s) for n in names for s in (0, 2)
+    }
+    sft, rl = (checkpoints.filter(pl.col("method") == m).sort("step") for m in ("sft", "rl"))
+    assert (sft["init"] == "base").all() and (rl["init"] == "sft:sft-lr1e-05-seed0@2").all()
+    assert sft["kl_to_base"][0] == pytest.approx(0.0, abs=1e-6) and sft["kl_to_base"][1] > 0
+    start, last_sft = (
+        load_file(Path(p) / "model.safetensors") for p in (rl["checkpoint"][0], sft["checkpoint"][1])
+    )
+    assert start.keys() == last_sft.keys() and all(torch.equal(start[k], last_sft[k]) for k in start)
+    assert rl["kl_to_base"][0] == pytest.approx(sft["kl_to_base"][1], rel=1e-5)
+    assert rl["target/accuracy"][0] == sft["target/accuracy"][1]
+    assert rl.filter(pl.col("step") > 0)["train/reward"].is_not_null().all()
+    assert checkpoint_model("rl-lr1e-06-seed0-after-sft", 0, rl["init"][0]) == "sft-lr1e-05-seed0@2"
+
+
 def test_experiment_submitted_as_a_ray_job(two_nodes, shared_folder, capsys):
     """The paper config at toy size (rl.init sft, Dr. GRPO, exact + attribution + masks + cmap, the chem
     probe, benchmarks, calibration, weight change, FSDP) through `ray job submit`, on the two nodes with its
     storage root (MLflow in SQLite under it, written by the driver and the trial workers alike) and its
-    data folder on a path both see: every stage's table, every actor on the second node; `dcv report`
-    rebuilds the report from the stored tables. (That a rerun trains and patches nothing again is the
+    data folder on a path both see: every stage's table, every actor on the second node, the GRPO trial
+    started from the SFT trial's last checkpoint (same weights, same scores, its MLflow run saying so);
+    `dcv report` rebuilds the report from the stored tables. (That a rerun trains and patches nothing again is the
     fault chain's, tests/faults/test_killed_run.py: one submission here.)"""
     raw, config_file = paper_toy_config(shared_folder)
     storage = Path(raw["storage"]["root"])
@@ -270,6 +295,8 @@ def test_experiment_submitted_as_a_ray_job(two_nodes, shared_folder, capsys):
 
     checkpoints = read_results(storage)
     assert set(checkpoints["method"]) == {"sft", "rl"}
+    assert list(checkpoints.columns[: len(KEY_COLUMNS)]) == list(KEY_COLUMNS)
+    assert_rl_continues_from_sfts_last_checkpoint(checkpoints)
     assert json.loads(next((storage / "trials").rglob("config.json")).read_text())["model_type"] == "qwen2"
     effects = pl.read_parquet(patching_dir(storage) / "effects.parquet")
     assert set(effects["method"]) == {"exact", "attribution", "mask"}
@@ -325,7 +352,13 @@ def test_experiment_submitted_as_a_ray_job(two_nodes, shared_folder, capsys):
     assert stages == ["parent", "patch", "train", "train", "weight_change"]
     trained = [r for r in runs if r.data.tags.get("dcv.stage") == "train"]
     assert all("bench/dcv_winogrande/acc" in r.data.metrics for r in trained)
+    assert all(r.info.status == "FINISHED" for r in trained)
+    rl_run = next(r for r in trained if r.data.tags["dcv.method"] == "rl")
+    assert rl_run.data.params["trial.init"] == "sft:sft-lr1e-05-seed0@2"
     parent = next(r for r in runs if "dcv.stage" not in r.data.tags)
+    assert {r.data.tags["mlflow.parentRunId"] for r in trained} == {parent.info.run_id}
+    results = {a.path for a in client.list_artifacts(parent.info.run_id, "results")}
+    assert results == {"results/checkpoints.parquet", "results/checkpoints.csv"}
     # The parent run ends FINISHED with the report's answer and the primary endpoint's verdict (one run per
     # method here: not compared, so no primary metrics and no answer table); no metric per headline cell.
     assert parent.info.status == "FINISHED" and parent.data.tags["dcv.answer"]
