@@ -282,8 +282,8 @@ def test_experiment_submitted_as_a_ray_job(two_nodes, shared_folder, capsys):
     storage root (MLflow in SQLite under it, written by the driver and the trial workers alike) and its
     data folder on a path both see: every stage's table, every actor on the second node, the GRPO trial
     started from the SFT trial's last checkpoint (same weights, same scores, its MLflow run saying so);
-    `dcv report` rebuilds the report from the stored tables. (That a rerun trains and patches nothing again is the
-    fault chain's, tests/faults/test_killed_run.py: one submission here.)"""
+    `dcv report` rebuilds the report from the stored tables. (That a rerun trains and patches nothing
+    again is the fault chain's, tests/faults/test_killed_run.py: one submission here.)"""
     raw, config_file = paper_toy_config(shared_folder)
     storage = Path(raw["storage"]["root"])
     output = submit(two_nodes.dashboard, two_nodes.env, config_file)
