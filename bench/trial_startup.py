@@ -121,7 +121,6 @@ def main() -> None:
     sampler = ProcessCpu()
     if args.processes:
         sampler.thread.start()
-    n_trials = 0
     for method in args.methods:
         startups, totals = [], []
         for seed in args.seeds:
@@ -129,7 +128,6 @@ def main() -> None:
             start = time.time()
             run_trial(cfg, method, seed, callbacks=[timer])
             end = time.time()
-            n_trials += 1
             startups.append(timer.times()[0] - start)
             totals.append(end - start)
             print(
@@ -143,10 +141,12 @@ def main() -> None:
         time.sleep(2 * sampler.interval_s)  # a last reading of the last trial's processes
         sampler.stopped.set()
         sampler.thread.join()
+        n_trials = len(args.methods) * len(args.seeds)
         cpu = {kind: seconds / n_trials for kind, seconds in sampler.per_kind().items()}
-        for kind, seconds in sorted(cpu.items(), key=lambda item: -item[1]):
+        ranked = sorted(cpu.items(), key=lambda item: -item[1])
+        for kind, seconds in ranked:
             print(f"BENCH trial_process_cpu_s_{kind} {seconds:.1f}")
-        for kind, seconds in sorted(cpu.items(), key=lambda item: -item[1]):
+        for kind, seconds in ranked:
             if WORKER_KIND in cpu and kind != WORKER_KIND:
                 print(f"BENCH trial_process_cpu_ratio_{kind} {seconds / cpu[WORKER_KIND]:.2f}")
 

@@ -255,16 +255,16 @@ def shared_folder():
     shutil.rmtree(shared, ignore_errors=True)
 
 
-def assert_rl_continues_from_sfts_last_checkpoint(checkpoints: pl.DataFrame) -> None:
+def assert_rl_continues_from_sfts_last_checkpoint(
+    checkpoints: pl.DataFrame, sft_name: str, rl_name: str
+) -> None:
     """rl.init sft (the seed paper's protocol): the GRPO trial starts from the SFT trial's last checkpoint, so
     its step 0 holds the same weights and scores; SFT itself started from the base model and moved."""
-    names = sorted(checkpoints["trial"].unique())
-    assert names == ["rl-lr1e-06-seed0-after-sft", "sft-lr1e-05-seed0"]
-    assert set(zip(checkpoints["trial"], checkpoints["step"], strict=True)) == {
-        (n, s) for n in names for s in (0, 2)
-    }
-    sft, rl = (checkpoints.filter(pl.col("method") == m).sort("step") for m in ("sft", "rl"))
-    assert (sft["init"] == "base").all() and (rl["init"] == "sft:sft-lr1e-05-seed0@2").all()
+    pairs = set(zip(checkpoints["trial"], checkpoints["step"], strict=True))
+    assert pairs == {(name, step) for name in (sft_name, rl_name) for step in (0, 2)}
+    sft, rl = (checkpoints.filter(pl.col("trial") == name).sort("step") for name in (sft_name, rl_name))
+    started_from = f"sft:{sft_name}@2"
+    assert (sft["init"] == "base").all() and (rl["init"] == started_from).all()
     assert sft["kl_to_base"][0] == pytest.approx(0.0, abs=1e-6) and sft["kl_to_base"][1] > 0
     start, last_sft = (
         load_file(Path(p) / "model.safetensors") for p in (rl["checkpoint"][0], sft["checkpoint"][1])
@@ -273,7 +273,7 @@ def assert_rl_continues_from_sfts_last_checkpoint(checkpoints: pl.DataFrame) -> 
     assert rl["kl_to_base"][0] == pytest.approx(sft["kl_to_base"][1], rel=1e-5)
     assert rl["target/accuracy"][0] == sft["target/accuracy"][1]
     assert rl.filter(pl.col("step") > 0)["train/reward"].is_not_null().all()
-    assert checkpoint_model("rl-lr1e-06-seed0-after-sft", 0, rl["init"][0]) == "sft-lr1e-05-seed0@2"
+    assert checkpoint_model(rl_name, 0, started_from) == f"{sft_name}@2"  # patched once, as SFT's model
 
 
 def test_experiment_submitted_as_a_ray_job(two_nodes, shared_folder, capsys):
@@ -296,7 +296,8 @@ def test_experiment_submitted_as_a_ray_job(two_nodes, shared_folder, capsys):
     checkpoints = read_results(storage)
     assert set(checkpoints["method"]) == {"sft", "rl"}
     assert list(checkpoints.columns[: len(KEY_COLUMNS)]) == list(KEY_COLUMNS)
-    assert_rl_continues_from_sfts_last_checkpoint(checkpoints)
+    sft_name, rl_name = (spec.name for spec in plan_trials(parse_config(raw)))
+    assert_rl_continues_from_sfts_last_checkpoint(checkpoints, sft_name, rl_name)
     assert json.loads(next((storage / "trials").rglob("config.json")).read_text())["model_type"] == "qwen2"
     effects = pl.read_parquet(patching_dir(storage) / "effects.parquet")
     assert set(effects["method"]) == {"exact", "attribution", "mask"}
@@ -324,7 +325,6 @@ def test_experiment_submitted_as_a_ray_job(two_nodes, shared_folder, capsys):
     assert {"adaptation.png", "forgetting.png", "pareto.png", "preservation.png"} <= set(figures)
     assert not any(name.startswith("dcv_") for name in figures)
     assert page.count("data:image/png;base64,") == len(figures)
-    assert sorted(checkpoints["trial"].unique()) == sorted(s.name for s in plan_trials(parse_config(raw)))
     summary = pl.read_parquet(storage / "analysis" / "summary.parquet")
     # One row per evaluated checkpoint and patching method.
     assert summary.height == checkpoints.height * summary["patching"].n_unique()
@@ -354,7 +354,7 @@ def test_experiment_submitted_as_a_ray_job(two_nodes, shared_folder, capsys):
     assert all("bench/dcv_winogrande/acc" in r.data.metrics for r in trained)
     assert all(r.info.status == "FINISHED" for r in trained)
     rl_run = next(r for r in trained if r.data.tags["dcv.method"] == "rl")
-    assert rl_run.data.params["trial.init"] == "sft:sft-lr1e-05-seed0@2"
+    assert rl_run.data.params["trial.init"] == f"sft:{sft_name}@2"
     parent = next(r for r in runs if "dcv.stage" not in r.data.tags)
     assert {r.data.tags["mlflow.parentRunId"] for r in trained} == {parent.info.run_id}
     results = {a.path for a in client.list_artifacts(parent.info.run_id, "results")}
